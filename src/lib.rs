@@ -1,0 +1,16 @@
+//! BatchAgent core: the scheduler, the tool pool, the backends and their stream parsers, structured
+//! output, the journal and the engine simulator. Python bindings live in `python` (feature `python`).
+
+pub mod backends;
+pub mod conversation;
+pub mod output;
+pub mod prefix;
+pub mod scheduler;
+pub mod sim;
+pub mod spec;
+pub mod store;
+pub mod stream;
+pub mod tools;
+
+#[cfg(feature = "python")]
+mod python;

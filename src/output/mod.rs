@@ -1,0 +1,1 @@
+//! Structured output: JSON extraction and repair from model text, JSON Schema validation.

@@ -1,0 +1,1 @@
+//! Token-block hashing and shared-prefix detection.

@@ -1,0 +1,1 @@
+//! The engine simulator: wire protocols over a model of a continuous-batching GPU engine.

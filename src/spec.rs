@@ -1,0 +1,1 @@
+//! The batch specification, validated once, up front.

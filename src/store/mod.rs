@@ -1,0 +1,1 @@
+//! Durable state: the SQLite journal, JSONL sinks and input readers.

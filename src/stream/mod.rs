@@ -1,0 +1,2 @@
+//! Incremental stream parsers: SSE, NDJSON, the AWS event-stream framing, and tool-call delta
+//! assembly.
