@@ -153,3 +153,7 @@ pub trait Backend: Send + Sync {
         events: Option<mpsc::UnboundedSender<StreamEvent>>,
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>>;
 }
+
+pub mod connect;
+pub mod fleet;
+pub mod metrics;
