@@ -144,8 +144,8 @@ impl Future for Acquire {
             // Polled after completion: behave like a fused future that never resolves again.
             Stage::Done => Poll::Pending,
             Stage::Unpolled => {
-                let ahead = state.waiters.first_key_value().is_some_and(|(best, _)| *best < this.key);
-                if state.in_use < state.capacity && !ahead {
+                // Every release and resize grants waiters first, so a free slot means nobody waits.
+                if state.in_use < state.capacity {
                     state.in_use += 1;
                     drop(state);
                     this.stage = Stage::Done;
