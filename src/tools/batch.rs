@@ -39,23 +39,41 @@ impl<T: Send + 'static> Batcher<T> {
             return Some(std::mem::take(&mut window.items));
         }
         if window.items.len() == 1 {
-            let generation = window.generation;
-            let state = Arc::clone(&self.state);
+            let timer = WindowTimer { state: Arc::clone(&self.state), generation: window.generation };
             let wait = self.window;
             handle.spawn(async move {
                 tokio::time::sleep(wait).await;
-                let items = {
-                    let mut window = state.lock().unwrap_or_else(PoisonError::into_inner);
-                    if window.generation != generation || window.items.is_empty() {
-                        return;
-                    }
-                    window.generation += 1;
-                    std::mem::take(&mut window.items)
-                };
-                flush(items);
+                if let Some(items) = timer.close() {
+                    flush(items);
+                }
             });
         }
         None
+    }
+}
+
+/// Closes one window. If its task is dropped before the window closes (the runtime shut down),
+/// the window's items are dropped with it rather than left in the collector, where nothing would
+/// ever take them.
+struct WindowTimer<T> {
+    state: Arc<Mutex<Window<T>>>,
+    generation: u64,
+}
+
+impl<T> WindowTimer<T> {
+    fn close(&self) -> Option<Vec<T>> {
+        let mut window = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if window.generation != self.generation || window.items.is_empty() {
+            return None;
+        }
+        window.generation += 1;
+        Some(std::mem::take(&mut window.items))
+    }
+}
+
+impl<T> Drop for WindowTimer<T> {
+    fn drop(&mut self) {
+        drop(self.close());
     }
 }
 
@@ -73,6 +91,17 @@ mod tests {
 
     fn taken(flushed: &Flushed) -> Vec<Vec<u32>> {
         std::mem::take(&mut *flushed.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    #[test]
+    fn a_window_whose_timer_never_runs_releases_its_items() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap_or_else(|e| panic!("{e}"));
+        let item = Arc::new(());
+        let b = Batcher::new(Duration::from_secs(60), 10);
+        let _ = b.push(Arc::clone(&item), rt.handle(), |_| {});
+        assert_eq!(Arc::strong_count(&item), 2);
+        drop(rt);
+        assert_eq!(Arc::strong_count(&item), 1);
     }
 
     #[tokio::test(start_paused = true)]

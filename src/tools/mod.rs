@@ -27,7 +27,7 @@ pub struct ToolConfig {
     pub cache_ttl: Option<Duration>,
     /// LRU bound on cached results of this tool.
     pub cache_max_entries: usize,
-    /// Executions of this tool at once; `Some(0)` is read as 1.
+    /// Executions of this tool at once (a batch call counts as one); `Some(0)` is read as 1.
     pub max_concurrency: Option<usize>,
     /// Executions started per second: a token bucket holding `max(1, rate)` tokens, so up to one
     /// second's worth may start back to back, then they are spaced `1/rate` apart. Non-positive or

@@ -132,8 +132,14 @@ impl ToolPool {
         Self { tools, unknown: AtomicU64::new(0) }
     }
 
-    /// Calls tool `name` with the model's raw JSON `arguments`. The execution runs in a task of its
-    /// own on the current tokio runtime; dropping this future only stops waiting for it.
+    /// Calls tool `name` with the model's raw JSON `arguments`.
+    ///
+    /// The arguments are canonicalised ([`canonical_arguments`]) and `(name, canonical)` is the key:
+    /// identical calls in flight share one execution and its outcome, error included; a cacheable
+    /// tool's successes are then served from cache until TTL or LRU eviction, errors never are.
+    /// The execution runs in a task of its own on the current tokio runtime, so dropping this
+    /// future, or a timeout around it, only stops this caller waiting: the other waiters and the
+    /// cache still get the result.
     pub async fn call(&self, name: &str, arguments: &str) -> Result<Arc<str>, ToolError> {
         let Some(tool) = self.tools.get(name) else {
             bump(&self.unknown, 1);
