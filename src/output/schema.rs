@@ -869,3 +869,369 @@ fn number_rules(map: &Map<String, Value>, pointer: &str, rules: &mut Rules) -> R
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use serde_json::{json, Value};
+
+    use super::{describe, CompiledSchema, Violation};
+    use crate::output::SchemaError;
+
+    fn schema(value: Value) -> CompiledSchema {
+        CompiledSchema::compile(&value).unwrap()
+    }
+
+    fn errors(schema: &CompiledSchema, instance: Value) -> Vec<(String, String)> {
+        match schema.validate(&instance) {
+            Ok(()) => Vec::new(),
+            Err(found) => found.into_iter().map(|v| (v.path, v.message)).collect(),
+        }
+    }
+
+    fn one(path: &str, message: &str) -> Vec<(String, String)> {
+        vec![(path.to_owned(), message.to_owned())]
+    }
+
+    fn compile_error(value: Value) -> SchemaError {
+        CompiledSchema::compile(&value).unwrap_err()
+    }
+
+    #[test]
+    fn compiled_schema_is_shareable() {
+        fn assert_send_sync<T: Send + Sync>(_: &T) {}
+        let shared = Arc::new(schema(json!({"type": "string"})));
+        assert_send_sync(&shared);
+    }
+
+    #[test]
+    fn type_keyword() {
+        let s = schema(json!({"type": "integer"}));
+        assert!(s.validate(&json!(3)).is_ok());
+        assert!(s.validate(&json!(-3)).is_ok());
+        assert!(s.validate(&json!(1.0)).is_ok(), "1.0 is an integer in JSON Schema");
+        assert_eq!(errors(&s, json!(1.5)), one("", "expected integer, got number 1.5"));
+        assert_eq!(errors(&s, json!("high")), one("", "expected integer, got string \"high\""));
+        let s = schema(json!({"type": "number"}));
+        assert!(s.validate(&json!(3)).is_ok());
+        assert_eq!(errors(&s, json!(null)), one("", "expected number, got null"));
+        let s = schema(json!({"type": ["string", "null"]}));
+        assert!(s.validate(&json!(null)).is_ok());
+        assert!(s.validate(&json!("x")).is_ok());
+        assert_eq!(errors(&s, json!([1])), one("", "expected string or null, got array of 1 item"));
+        let s = schema(json!({"type": ["boolean", "object", "array"]}));
+        assert_eq!(errors(&s, json!(0)), one("", "expected boolean, object or array, got integer 0"));
+    }
+
+    #[test]
+    fn long_strings_are_shortened_in_messages() {
+        let s = schema(json!({"type": "integer"}));
+        let message = &errors(&s, json!("x".repeat(500)))[0].1;
+        assert!(message.len() < 100 && message.ends_with("...") && message.contains("xxxx"), "{message}");
+    }
+
+    #[test]
+    fn properties_and_required() {
+        let s = schema(json!({
+            "type": "object",
+            "properties": {"bugs": {"type": "array", "items": {"type": "string"}}, "severity": {"type": "integer"}},
+            "required": ["bugs", "severity"]
+        }));
+        assert!(s.validate(&json!({"bugs": ["a"], "severity": 2, "extra": true})).is_ok());
+        assert_eq!(errors(&s, json!({"bugs": []})), one("", "missing required property 'severity'"));
+        assert_eq!(
+            errors(&s, json!({"bugs": ["a", "b", 3], "severity": "high"})),
+            vec![
+                ("/bugs/2".to_owned(), "expected string, got integer 3".to_owned()),
+                ("/severity".to_owned(), "expected integer, got string \"high\"".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn property_names_are_escaped_in_paths() {
+        let s = schema(json!({"properties": {"a/b": {"type": "string"}, "c~d": {"type": "string"}}}));
+        let found = errors(&s, json!({"a/b": 1, "c~d": 2}));
+        assert_eq!(found.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), ["/a~1b", "/c~0d"]);
+    }
+
+    #[test]
+    fn additional_properties() {
+        let s = schema(json!({"properties": {"a": {}, "b": {}}, "additionalProperties": false}));
+        assert!(s.validate(&json!({"a": 1})).is_ok());
+        assert_eq!(errors(&s, json!({"a": 1, "zz": 2})), one("", "unexpected property 'zz'; allowed properties: a, b"));
+        let s = schema(json!({"type": "object", "additionalProperties": {"type": "integer"}}));
+        assert!(s.validate(&json!({"x": 1, "y": 2})).is_ok());
+        assert_eq!(errors(&s, json!({"x": 1, "y": "2"})), one("/y", "expected integer, got string \"2\""));
+        let s = schema(json!({"additionalProperties": true}));
+        assert!(s.validate(&json!({"x": 1})).is_ok());
+    }
+
+    #[test]
+    fn pattern_properties_lift_additional_properties() {
+        let s = schema(json!({"patternProperties": {"^x": {}}, "additionalProperties": false}));
+        assert!(s.validate(&json!({"xa": 1})).is_ok());
+    }
+
+    #[test]
+    fn min_and_max_properties() {
+        let s = schema(json!({"minProperties": 1, "maxProperties": 2}));
+        assert_eq!(errors(&s, json!({})), one("", "expected at least 1 property, got 0"));
+        assert_eq!(errors(&s, json!({"a": 1, "b": 2, "c": 3})), one("", "expected at most 2 properties, got 3"));
+        assert!(s.validate(&json!({"a": 1})).is_ok());
+    }
+
+    #[test]
+    fn items_and_prefix_items() {
+        let s = schema(json!({"prefixItems": [{"type": "integer"}, {"type": "string"}], "items": {"type": "boolean"}}));
+        assert!(s.validate(&json!([1, "a", true, false])).is_ok());
+        assert!(s.validate(&json!([1])).is_ok());
+        assert_eq!(errors(&s, json!(["a", "a", 1])), vec![
+            ("/0".to_owned(), "expected integer, got string \"a\"".to_owned()),
+            ("/2".to_owned(), "expected boolean, got integer 1".to_owned()),
+        ]);
+        let s = schema(json!({"prefixItems": [{"type": "integer"}], "items": false}));
+        assert_eq!(errors(&s, json!([1, 2])), one("/1", "no value is allowed here"));
+        let draft7 = schema(json!({"items": [{"type": "integer"}], "additionalItems": {"type": "string"}}));
+        assert!(draft7.validate(&json!([1, "a"])).is_ok());
+        assert_eq!(errors(&draft7, json!([1, 2])), one("/1", "expected string, got integer 2"));
+    }
+
+    #[test]
+    fn min_max_items() {
+        let s = schema(json!({"minItems": 2, "maxItems": 3}));
+        assert_eq!(errors(&s, json!([1])), one("", "expected at least 2 items, got 1"));
+        assert_eq!(errors(&s, json!([1, 2, 3, 4])), one("", "expected at most 3 items, got 4"));
+        assert!(s.validate(&json!([1, 2])).is_ok());
+    }
+
+    #[test]
+    fn unique_items_compares_as_json_schema_does() {
+        let s = schema(json!({"uniqueItems": true}));
+        assert!(s.validate(&json!([1, 2, "1", [1], {"a": 1}, {"a": 2}])).is_ok());
+        assert_eq!(errors(&s, json!([1, 2, 1.0])), one("", "items 0 and 2 are equal; items must be unique"));
+        assert_eq!(errors(&s, json!([{"a": 1, "b": [2]}, {"b": [2.0], "a": 1}])).len(), 1);
+        assert!(schema(json!({"uniqueItems": false})).validate(&json!([1, 1])).is_ok());
+    }
+
+    #[test]
+    fn enum_and_const() {
+        let s = schema(json!({"enum": ["low", "medium", "high"]}));
+        assert!(s.validate(&json!("low")).is_ok());
+        assert_eq!(errors(&s, json!("urgent")), one("", "expected one of \"low\", \"medium\", \"high\", got string \"urgent\""));
+        let s = schema(json!({"enum": [1, [1, 2]]}));
+        assert!(s.validate(&json!(1.0)).is_ok());
+        assert!(s.validate(&json!([1.0, 2])).is_ok());
+        let s = schema(json!({"const": "cat"}));
+        assert!(s.validate(&json!("cat")).is_ok());
+        assert_eq!(errors(&s, json!("dog")), one("", "expected \"cat\", got string \"dog\""));
+    }
+
+    #[test]
+    fn string_length_counts_characters() {
+        let s = schema(json!({"minLength": 2, "maxLength": 3}));
+        assert!(s.validate(&json!("日本語")).is_ok(), "3 characters, 9 bytes");
+        assert_eq!(errors(&s, json!("a")), one("", "expected at least 2 characters, got 1"));
+        assert_eq!(errors(&s, json!("abcd")), one("", "expected at most 3 characters, got 4"));
+        assert!(s.validate(&json!(5)).is_ok(), "length applies to strings only");
+    }
+
+    #[test]
+    fn pattern_and_format_are_not_checked_here() {
+        let s = schema(json!({"type": "string", "pattern": "^[a-z]+$", "format": "email"}));
+        assert!(s.validate(&json!("NOT AN EMAIL 123")).is_ok());
+    }
+
+    #[test]
+    fn numeric_bounds() {
+        let s = schema(json!({"minimum": 0, "maximum": 10}));
+        assert!(s.validate(&json!(0)).is_ok());
+        assert!(s.validate(&json!(10.0)).is_ok());
+        assert_eq!(errors(&s, json!(-1)), one("", "expected a number >= 0, got -1"));
+        assert_eq!(errors(&s, json!(10.5)), one("", "expected a number <= 10, got 10.5"));
+        let s = schema(json!({"exclusiveMinimum": 0, "exclusiveMaximum": 1.5}));
+        assert!(s.validate(&json!(1)).is_ok());
+        assert_eq!(errors(&s, json!(0)), one("", "expected a number > 0, got 0"));
+        assert_eq!(errors(&s, json!(1.5)), one("", "expected a number < 1.5, got 1.5"));
+        let draft4 = schema(json!({"minimum": 0, "exclusiveMinimum": true, "maximum": 5, "exclusiveMaximum": false}));
+        assert_eq!(errors(&draft4, json!(0)), one("", "expected a number > 0, got 0"));
+        assert!(draft4.validate(&json!(5)).is_ok());
+        assert!(s.validate(&json!("text")).is_ok(), "bounds apply to numbers only");
+    }
+
+    #[test]
+    fn multiple_of() {
+        let s = schema(json!({"multipleOf": 5}));
+        assert!(s.validate(&json!(-15)).is_ok());
+        assert!(s.validate(&json!(10.0)).is_ok());
+        assert_eq!(errors(&s, json!(7)), one("", "expected a number that is a multiple of 5, got 7"));
+        let s = schema(json!({"multipleOf": 0.1}));
+        assert!(s.validate(&json!(0.3)).is_ok());
+        assert!(s.validate(&json!(2)).is_ok());
+        assert_eq!(errors(&s, json!(0.35)).len(), 1);
+    }
+
+    #[test]
+    fn any_of_reports_the_alternative_that_fits() {
+        let s = schema(json!({
+            "anyOf": [
+                {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+                {"type": "null"}
+            ]
+        }));
+        assert!(s.validate(&json!(null)).is_ok());
+        assert!(s.validate(&json!({"n": 1})).is_ok());
+        assert_eq!(errors(&s, json!({"n": "1"})), one("/n", "expected integer, got string \"1\""));
+        assert_eq!(errors(&s, json!(3)), one("", "expected object or null, got integer 3"));
+    }
+
+    #[test]
+    fn any_of_with_several_fitting_alternatives() {
+        let s = schema(json!({"anyOf": [{"type": "integer", "minimum": 10}, {"type": "number", "maximum": 1}]}));
+        assert!(s.validate(&json!(12)).is_ok());
+        assert!(s.validate(&json!(0.5)).is_ok());
+        let found = errors(&s, json!(5));
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            found[0].1,
+            "matches none of the 2 allowed alternatives; alternative 1: expected a number >= 10, got 5; \
+             alternative 2: expected a number <= 1, got 5"
+        );
+    }
+
+    #[test]
+    fn one_of() {
+        let s = schema(json!({"oneOf": [{"type": "integer"}, {"type": "number", "minimum": 2}]}));
+        assert!(s.validate(&json!(1)).is_ok());
+        assert!(s.validate(&json!(2.5)).is_ok());
+        assert_eq!(errors(&s, json!(3)), one("", "matches alternatives 0, 1 of 'oneOf', but must match exactly one"));
+        assert_eq!(errors(&s, json!("x")), one("", "expected number, got string \"x\""));
+    }
+
+    #[test]
+    fn all_of_and_not() {
+        let s = schema(json!({"allOf": [{"minimum": 1}, {"maximum": 3}], "not": {"const": 2}}));
+        assert!(s.validate(&json!(1)).is_ok());
+        assert_eq!(errors(&s, json!(2)), one("", "must not match the schema given in 'not'"));
+        assert_eq!(errors(&s, json!(4)), one("", "expected a number <= 3, got 4"));
+    }
+
+    #[test]
+    fn if_then_else() {
+        let s = schema(json!({
+            "if": {"properties": {"kind": {"const": "file"}}},
+            "then": {"required": ["path"]},
+            "else": {"required": ["url"]}
+        }));
+        assert!(s.validate(&json!({"kind": "file", "path": "a"})).is_ok());
+        assert!(s.validate(&json!({"kind": "web", "url": "a"})).is_ok());
+        assert_eq!(errors(&s, json!({"kind": "file"})), one("", "missing required property 'path'"));
+        assert_eq!(errors(&s, json!({"kind": "web"})), one("", "missing required property 'url'"));
+    }
+
+    #[test]
+    fn boolean_schemas() {
+        assert!(schema(json!(true)).validate(&json!({"anything": 1})).is_ok());
+        assert_eq!(errors(&schema(json!(false)), json!(1)), one("", "no value is allowed here"));
+    }
+
+    #[test]
+    fn unknown_keywords_and_annotations_are_ignored() {
+        let s = schema(json!({"type": "string", "title": "T", "description": "d", "default": 3, "examples": [1], "x-custom": {}}));
+        assert!(s.validate(&json!("x")).is_ok());
+    }
+
+    #[test]
+    fn recursive_model_through_defs() {
+        let s = schema(json!({
+            "$defs": {
+                "Node": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "children": {"type": "array", "items": {"$ref": "#/$defs/Node"}}
+                    },
+                    "required": ["name"]
+                }
+            },
+            "$ref": "#/$defs/Node"
+        }));
+        assert!(s.validate(&json!({"name": "a", "children": [{"name": "b", "children": [{"name": "c"}]}]})).is_ok());
+        assert_eq!(
+            errors(&s, json!({"name": "a", "children": [{"name": "b", "children": [{"name": 3}]}]})),
+            one("/children/0/children/0/name", "expected string, got integer 3")
+        );
+    }
+
+    #[test]
+    fn root_and_definitions_references() {
+        let s = schema(json!({
+            "type": "object",
+            "properties": {"next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}, "v": {"$ref": "#/definitions/V"}},
+            "definitions": {"V": {"type": "integer"}}
+        }));
+        assert!(s.validate(&json!({"v": 1, "next": {"v": 2, "next": null}})).is_ok());
+        assert_eq!(errors(&s, json!({"next": {"v": "x"}})), one("/next/v", "expected integer, got string \"x\""));
+    }
+
+    #[test]
+    fn percent_encoded_and_escaped_references() {
+        let s = schema(json!({"$defs": {"a b": {"type": "integer"}, "c/d": {"type": "string"}},
+            "properties": {"x": {"$ref": "#/$defs/a%20b"}, "y": {"$ref": "#/$defs/c~1d"}}}));
+        assert_eq!(errors(&s, json!({"x": "1", "y": 1})).len(), 2);
+    }
+
+    #[test]
+    fn describe_gives_one_line_per_violation() {
+        let violations = vec![
+            Violation { path: "/bugs/2".to_owned(), message: "expected string, got integer 3".to_owned() },
+            Violation { path: String::new(), message: "missing required property 'severity'".to_owned() },
+        ];
+        assert_eq!(
+            describe(&violations),
+            "/bugs/2: expected string, got integer 3\n(root): missing required property 'severity'"
+        );
+        assert_eq!(describe(&[]), "");
+    }
+
+    #[test]
+    fn invalid_schemas_name_the_pointer() {
+        let err = compile_error(json!({"properties": {"a": {"required": "x"}}}));
+        assert_eq!(err.to_string(), "schema keyword at '#/properties/a/required' must be an array of strings, got string \"x\"");
+        assert!(matches!(compile_error(json!({"properties": {"a": 3}})),
+            SchemaError::NotASchema { pointer, found: "number" } if pointer == "/properties/a"));
+        assert!(matches!(compile_error(json!({"type": "float"})),
+            SchemaError::UnknownType { pointer, name } if pointer == "/type" && name == "float"));
+        assert!(matches!(compile_error(json!({"items": {"minItems": -1}})),
+            SchemaError::InvalidKeyword { pointer, .. } if pointer == "/items/minItems"));
+        assert!(matches!(compile_error(json!({"anyOf": []})), SchemaError::InvalidKeyword { pointer, .. } if pointer == "/anyOf"));
+        assert!(matches!(compile_error(json!({"multipleOf": 0})), SchemaError::InvalidKeyword { .. }));
+        assert!(matches!(compile_error(json!({"uniqueItems": "yes"})), SchemaError::InvalidKeyword { .. }));
+        assert!(matches!(compile_error(json!({"pattern": 1})), SchemaError::InvalidKeyword { .. }));
+        assert!(matches!(compile_error(json!({"enum": "a"})), SchemaError::InvalidKeyword { .. }));
+        assert!(matches!(compile_error(json!({"$defs": {"A": {"type": 1}}})),
+            SchemaError::InvalidKeyword { pointer, .. } if pointer == "/$defs/A/type"));
+        assert!(matches!(compile_error(json!(3)), SchemaError::NotASchema { pointer, .. } if pointer.is_empty()));
+    }
+
+    #[test]
+    fn bad_references_are_errors() {
+        assert!(matches!(compile_error(json!({"$ref": "#/$defs/Missing"})),
+            SchemaError::UnresolvedRef { pointer, reference } if pointer == "/$ref" && reference == "#/$defs/Missing"));
+        assert!(matches!(compile_error(json!({"$ref": "other.json#/a"})), SchemaError::UnsupportedRef { .. }));
+        assert!(matches!(compile_error(json!({"$ref": "#anchor"})), SchemaError::UnsupportedRef { .. }));
+        assert!(matches!(compile_error(json!({"$ref": 5})), SchemaError::InvalidKeyword { .. }));
+    }
+
+    #[test]
+    fn references_that_never_descend_are_rejected() {
+        assert!(matches!(compile_error(json!({"$ref": "#"})), SchemaError::Cycle { .. }));
+        let mutual = json!({"$defs": {"A": {"anyOf": [{"$ref": "#/$defs/B"}]}, "B": {"allOf": [{"$ref": "#/$defs/A"}]}},
+            "$ref": "#/$defs/A"});
+        assert!(matches!(compile_error(mutual), SchemaError::Cycle { .. }));
+        assert!(matches!(compile_error(json!({"not": {"$ref": "#"}})), SchemaError::Cycle { .. }));
+    }
+}
