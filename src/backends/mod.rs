@@ -153,3 +153,8 @@ pub trait Backend: Send + Sync {
         events: Option<mpsc::UnboundedSender<StreamEvent>>,
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>>;
 }
+
+pub mod http;
+pub mod ollama;
+pub mod openai;
+pub mod url;
