@@ -156,4 +156,8 @@ pub trait Backend: Send + Sync {
 
 pub mod connect;
 pub mod fleet;
+pub mod http;
 pub mod metrics;
+pub mod ollama;
+pub mod openai;
+pub mod url;

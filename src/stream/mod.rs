@@ -1,2 +1,6 @@
 //! Incremental stream parsers: SSE, NDJSON, the AWS event-stream framing, and tool-call delta
 //! assembly.
+
+pub mod ndjson;
+pub mod openai;
+pub mod sse;
