@@ -1,2 +1,4 @@
 //! Incremental stream parsers: SSE, NDJSON, the AWS event-stream framing, and tool-call delta
 //! assembly.
+
+pub mod eventstream;
