@@ -153,3 +153,6 @@ pub trait Backend: Send + Sync {
         events: Option<mpsc::UnboundedSender<StreamEvent>>,
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>>;
 }
+
+pub mod aws_credentials;
+pub mod sigv4;
