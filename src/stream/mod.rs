@@ -2,3 +2,6 @@
 //! assembly.
 
 pub mod eventstream;
+pub mod ndjson;
+pub mod openai;
+pub mod sse;
