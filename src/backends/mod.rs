@@ -156,3 +156,4 @@ pub trait Backend: Send + Sync {
 
 pub mod aws_credentials;
 pub mod sigv4;
+pub mod bedrock;
