@@ -161,3 +161,6 @@ pub mod metrics;
 pub mod ollama;
 pub mod openai;
 pub mod url;
+pub mod aws_credentials;
+pub mod sigv4;
+pub mod bedrock;
