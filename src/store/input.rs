@@ -266,12 +266,11 @@ impl InputReader {
                 Ok(false) => return None,
                 Err(e) => return Some(Err(e)),
             }
-            let text = trim_ascii(&self.buf);
-            if text.is_empty() {
+            if trim_ascii(&self.buf).is_empty() {
                 continue;
             }
             let index = self.next_index();
-            let record = match serde_json::from_slice::<Value>(text) {
+            let record = match serde_json::from_slice::<Value>(trim_ascii(&self.buf)) {
                 Ok(Value::Object(fields)) => Ok(InputRecord { line: self.line, index, fields }),
                 Ok(other) => Err(self.bad_line(
                     self.line,

@@ -125,6 +125,17 @@ impl Journal {
     /// unless `force`, which adopts the new fingerprint. A path that cannot be written fails here,
     /// naming the path and the operating system's reason, before any request is sent.
     pub fn open(path: &Path, fingerprint: &str, force: bool) -> Result<Journal, JournalError> {
+        Self::open_with(path, fingerprint, force, &|_| Ok(()))
+    }
+
+    /// `open`, with `configure` applied to the writer's connection before it starts (tests use it
+    /// to cap the file size and so stand in for a full disk).
+    fn open_with(
+        path: &Path,
+        fingerprint: &str,
+        force: bool,
+        configure: &dyn Fn(&Connection) -> rusqlite::Result<()>,
+    ) -> Result<Journal, JournalError> {
         let open_err = |reason: String| JournalError::Open { path: path.to_path_buf(), reason };
         // SQLite reports every failure to create a file as "unable to open database file"; opening
         // it ourselves first gets the OS reason (not a directory, no such directory, read-only fs).
@@ -157,6 +168,7 @@ impl Journal {
         let reader = connect(path).map_err(|e| open_err(e.to_string()))?;
         reader.pragma_update(None, "query_only", true).map_err(|e| open_err(e.to_string()))?;
 
+        configure(&conn).map_err(|e| open_err(e.to_string()))?;
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
         let writer = {
@@ -559,6 +571,31 @@ mod tests {
         assert_eq!(j.checkpoint("a", 0), None);
         let stats = j.stats();
         assert_eq!((stats.jobs_started, stats.turns_written, stats.jobs_finished), (1, 2, 1));
+    }
+
+    #[test]
+    fn write_failures_are_counted_and_returned_by_flush() {
+        let path = temp("full");
+        drop(Journal::open(&path, "fp", false).unwrap());
+        // A page cap at the current size makes every growing write fail with SQLITE_FULL, as a
+        // full disk would.
+        let cap = |c: &Connection| {
+            let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            c.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
+        };
+        let j = Journal::open_with(&path, "fp", false, &cap).unwrap();
+        let big = "x".repeat(64 * 1024);
+        assert!(j.record_result("a", 0, &big));
+        let err = j.flush().unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, JournalError::Write { count: 1, .. }), "{message}");
+        assert!(message.contains("full"), "{message}");
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        let stats = j.stats();
+        assert_eq!(stats.write_errors, 1);
+        assert_eq!(stats.jobs_finished, 0);
+        assert!(stats.first_write_error.is_some());
+        assert!(j.flush().is_err(), "the error stays");
     }
 
     #[test]
