@@ -1,0 +1,539 @@
+//! Automatic prefix caching over fixed-size KV blocks, as vLLM v1 does it.
+//!
+//! A full block of a prompt is named by a chained hash: its parent block's hash and its own token ids,
+//! so a block can only hit when the whole prefix before it matches. The cache holds `capacity` physical
+//! blocks. A running sequence holds its blocks (shared cached blocks are reference-counted); a block is
+//! offered to other sequences only once its prefill has run (`mark_computed`), so concurrent first
+//! arrivals of one prefix all miss. Released full blocks stay cached, unreferenced, and are evicted
+//! least-recently-released first, a sequence's tail blocks before its head (vLLM frees in reverse
+//! order for that reason), when new blocks are needed.
+
+use std::collections::hash_map::Entry as MapEntry;
+use std::collections::{HashMap, VecDeque};
+
+/// Parent hash of a prompt's first block.
+const ROOT_HASH: u64 = 0x9e37_79b9_7f4a_7c15;
+const FNV64_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// Chained hashes of the full `block_size`-token blocks of `tokens` (a trailing partial block has none).
+pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
+    if block_size == 0 {
+        return Vec::new();
+    }
+    let mut parent = ROOT_HASH;
+    tokens
+        .chunks_exact(block_size)
+        .map(|block| {
+            parent = hash_block(parent, block);
+            parent
+        })
+        .collect()
+}
+
+fn hash_block(parent: u64, block: &[u32]) -> u64 {
+    let mut h = parent ^ 0xcbf2_9ce4_8422_2325;
+    for &t in block {
+        for b in t.to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(FNV64_PRIME);
+        }
+    }
+    // A final avalanche (splitmix64) so hashes of blocks that differ in one token differ widely.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrefixCacheError {
+    #[error("no KV space: {needed} blocks needed, {available} can be freed (capacity {capacity})")]
+    NoSpace { needed: usize, available: usize, capacity: usize },
+    #[error("sequence {0} already holds blocks")]
+    AlreadyAllocated(u64),
+    #[error("sequence {0} holds no blocks")]
+    UnknownSequence(u64),
+}
+
+/// What `allocate` gave a sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allocation {
+    /// Leading prompt blocks found computed in the cache (their tokens need no prefill).
+    pub hit_blocks: usize,
+}
+
+/// Counters since the cache was made, in the units of vLLM's metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CacheStats {
+    /// Prompt tokens looked up (`vllm:prefix_cache_queries`).
+    pub query_tokens: u64,
+    /// Prompt tokens found computed (`vllm:prefix_cache_hits`).
+    pub hit_tokens: u64,
+    /// Cached blocks evicted to make room.
+    pub evictions: u64,
+    /// Blocks held by running sequences over capacity (`vllm:kv_cache_usage_perc`, as a fraction).
+    pub usage: f64,
+    /// Blocks held by running sequences.
+    pub used_blocks: usize,
+    /// Unreferenced blocks kept for reuse.
+    pub cached_free_blocks: usize,
+}
+
+#[derive(Debug)]
+struct Block {
+    refs: u32,
+    computed: bool,
+    /// Set each time the block becomes unreferenced; an LRU entry with another stamp is stale.
+    stamp: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// A block registered under this hash (a hit, or one this sequence computes for others).
+    Shared(u64),
+    /// A block no one else can use: partial, decode, or a duplicate of a block another sequence is
+    /// still computing.
+    Private,
+}
+
+#[derive(Debug, Default)]
+struct SeqBlocks {
+    hashes: Vec<u64>,
+    held: Vec<Held>,
+    /// Leading blocks already marked computed.
+    computed_blocks: usize,
+}
+
+#[derive(Debug)]
+pub struct PrefixCache {
+    capacity: usize,
+    block_size: usize,
+    caching: bool,
+    blocks: HashMap<u64, Block>,
+    seqs: HashMap<u64, SeqBlocks>,
+    /// Unreferenced cached blocks, oldest first, with lazy deletion (see `Block::stamp`).
+    lru: VecDeque<(u64, u64)>,
+    next_stamp: u64,
+    /// Registered blocks with refs > 0.
+    referenced: usize,
+    /// Registered blocks with refs == 0 (evictable).
+    unreferenced: usize,
+    private: usize,
+    stats: CacheStats,
+}
+
+impl PrefixCache {
+    pub fn new(capacity_blocks: usize, block_size: usize) -> Self {
+        Self {
+            capacity: capacity_blocks,
+            block_size: block_size.max(1),
+            caching: true,
+            blocks: HashMap::new(),
+            seqs: HashMap::new(),
+            lru: VecDeque::new(),
+            next_stamp: 0,
+            referenced: 0,
+            unreferenced: 0,
+            private: 0,
+            stats: CacheStats::default(),
+        }
+    }
+
+    /// The same KV allocator with prefix caching off (vLLM `--no-enable-prefix-caching`): nothing hits
+    /// and released blocks are freed at once.
+    pub fn without_caching(capacity_blocks: usize, block_size: usize) -> Self {
+        Self { caching: false, ..Self::new(capacity_blocks, block_size) }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Blocks needed to hold `tokens` tokens.
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block_size)
+    }
+
+    /// Number of leading blocks of `hashes` that are cached and computed.
+    pub fn lookup(&self, hashes: &[u64]) -> usize {
+        if !self.caching {
+            return 0;
+        }
+        hashes.iter().take_while(|h| self.blocks.get(h).is_some_and(|b| b.computed)).count()
+    }
+
+    /// Blocks that are free or could be freed by eviction.
+    pub fn available(&self) -> usize {
+        self.capacity - self.referenced - self.private
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let used = self.referenced + self.private;
+        CacheStats {
+            usage: if self.capacity == 0 { 0.0 } else { used as f64 / self.capacity as f64 },
+            used_blocks: used,
+            cached_free_blocks: self.unreferenced,
+            ..self.stats
+        }
+    }
+
+    /// Gives sequence `seq` blocks for its first `blocks_needed` blocks. Its prompt of `prompt_len`
+    /// tokens has full-block hashes `hashes`; leading cached blocks are reused, but never the whole
+    /// prompt: the last prompt token is always computed so the step produces logits (as in vLLM).
+    /// Nothing changes on error.
+    pub fn allocate(
+        &mut self,
+        seq: u64,
+        prompt_len: usize,
+        hashes: &[u64],
+        blocks_needed: usize,
+    ) -> Result<Allocation, PrefixCacheError> {
+        if self.seqs.contains_key(&seq) {
+            return Err(PrefixCacheError::AlreadyAllocated(seq));
+        }
+        let max_hit = (prompt_len.saturating_sub(1) / self.block_size).min(hashes.len());
+        let hit_blocks = self.lookup(&hashes[..max_hit]);
+        // Unreferenced hits leave the evictable pool when pinned, so they cannot pay for new blocks.
+        let unref_hits = hashes[..hit_blocks].iter().filter(|h| self.blocks.get(h).is_some_and(|b| b.refs == 0)).count();
+        let new_blocks = blocks_needed.saturating_sub(hit_blocks);
+        let available = self.available() - unref_hits;
+        if new_blocks > available {
+            return Err(PrefixCacheError::NoSpace { needed: new_blocks, available, capacity: self.capacity });
+        }
+        let mut entry = SeqBlocks {
+            hashes: hashes.to_vec(),
+            held: Vec::with_capacity(blocks_needed.max(hit_blocks)),
+            computed_blocks: hit_blocks,
+        };
+        for &h in &hashes[..hit_blocks] {
+            if let Some(b) = self.blocks.get_mut(&h) {
+                if b.refs == 0 {
+                    self.unreferenced -= 1;
+                    self.referenced += 1;
+                }
+                b.refs += 1;
+            }
+            entry.held.push(Held::Shared(h));
+        }
+        self.stats.query_tokens += prompt_len as u64;
+        self.stats.hit_tokens += (hit_blocks * self.block_size) as u64;
+        self.extend(&mut entry, blocks_needed);
+        self.seqs.insert(seq, entry);
+        Ok(Allocation { hit_blocks })
+    }
+
+    /// Grows sequence `seq` to `blocks_needed` blocks (a new prefill chunk, or decode crossing into a
+    /// new block). Nothing changes on error.
+    pub fn grow(&mut self, seq: u64, blocks_needed: usize) -> Result<(), PrefixCacheError> {
+        let mut entry = self.seqs.remove(&seq).ok_or(PrefixCacheError::UnknownSequence(seq))?;
+        let new_blocks = blocks_needed.saturating_sub(entry.held.len());
+        let available = self.available();
+        if new_blocks > available {
+            self.seqs.insert(seq, entry);
+            return Err(PrefixCacheError::NoSpace { needed: new_blocks, available, capacity: self.capacity });
+        }
+        self.extend(&mut entry, blocks_needed);
+        self.seqs.insert(seq, entry);
+        Ok(())
+    }
+
+    /// Blocks held by `seq`, if it holds any.
+    pub fn held_blocks(&self, seq: u64) -> Option<usize> {
+        self.seqs.get(&seq).map(|s| s.held.len())
+    }
+
+    /// Adds blocks up to `blocks_needed`; the caller has checked there is room.
+    fn extend(&mut self, entry: &mut SeqBlocks, blocks_needed: usize) {
+        while entry.held.len() < blocks_needed {
+            let i = entry.held.len();
+            if self.referenced + self.private + self.unreferenced >= self.capacity {
+                self.evict_one();
+            }
+            let held = match entry.hashes.get(i) {
+                Some(&h) if self.caching => match self.blocks.entry(h) {
+                    MapEntry::Vacant(v) => {
+                        v.insert(Block { refs: 1, computed: false, stamp: 0 });
+                        self.referenced += 1;
+                        Held::Shared(h)
+                    }
+                    // Another sequence holds or computed this block after a miss earlier in our
+                    // prompt; we compute our own copy, as vLLM does.
+                    MapEntry::Occupied(_) => {
+                        self.private += 1;
+                        Held::Private
+                    }
+                },
+                _ => {
+                    self.private += 1;
+                    Held::Private
+                }
+            };
+            entry.held.push(held);
+        }
+    }
+
+    fn evict_one(&mut self) {
+        while let Some((h, stamp)) = self.lru.pop_front() {
+            if let MapEntry::Occupied(o) = self.blocks.entry(h) {
+                let b = o.get();
+                if b.refs == 0 && b.stamp == stamp {
+                    o.remove();
+                    self.unreferenced -= 1;
+                    self.stats.evictions += 1;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Records that the first `computed_tokens` tokens of `seq` have their KV computed; the full
+    /// prompt blocks among them become hits for later lookups.
+    pub fn mark_computed(&mut self, seq: u64, computed_tokens: usize) {
+        let Some(entry) = self.seqs.get_mut(&seq) else { return };
+        let upto = (computed_tokens / self.block_size).min(entry.held.len());
+        while entry.computed_blocks < upto {
+            if let Held::Shared(h) = entry.held[entry.computed_blocks] {
+                if let Some(b) = self.blocks.get_mut(&h) {
+                    b.computed = true;
+                }
+            }
+            entry.computed_blocks += 1;
+        }
+    }
+
+    /// Unpins all blocks of `seq`. Computed full prompt blocks stay cached until evicted; the rest
+    /// are freed. Returns the number of blocks it held.
+    pub fn release(&mut self, seq: u64) -> usize {
+        let Some(entry) = self.seqs.remove(&seq) else { return 0 };
+        for held in entry.held.iter().rev() {
+            match *held {
+                Held::Private => self.private -= 1,
+                Held::Shared(h) => {
+                    let MapEntry::Occupied(mut o) = self.blocks.entry(h) else { continue };
+                    let b = o.get_mut();
+                    b.refs -= 1;
+                    if b.refs > 0 {
+                        continue;
+                    }
+                    self.referenced -= 1;
+                    if b.computed && self.caching {
+                        self.next_stamp += 1;
+                        b.stamp = self.next_stamp;
+                        self.lru.push_back((h, self.next_stamp));
+                        self.unreferenced += 1;
+                    } else {
+                        o.remove();
+                    }
+                }
+            }
+        }
+        // Stale LRU entries pile up when cached blocks are re-pinned without eviction; keep the
+        // queue within a constant factor of the live entries.
+        if self.lru.len() > 2 * self.unreferenced + 1024 {
+            let blocks = &self.blocks;
+            self.lru.retain(|&(h, stamp)| blocks.get(&h).is_some_and(|b| b.refs == 0 && b.stamp == stamp));
+        }
+        entry.held.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn toks(seed: u32, n: usize) -> Vec<u32> {
+        (0..n as u32).map(|i| seed.wrapping_mul(1_000_003).wrapping_add(i)).collect()
+    }
+
+    #[test]
+    fn a_released_prompt_hits_the_second_time() {
+        let mut c = PrefixCache::new(100, 16);
+        let p = toks(1, 100);
+        let h = block_hashes(&p, 16);
+        assert_eq!(h.len(), 6);
+        assert_eq!(c.allocate(1, 100, &h, 7).unwrap().hit_blocks, 0);
+        c.mark_computed(1, 100);
+        c.release(1);
+        assert_eq!(c.stats().used_blocks, 0);
+        assert_eq!(c.stats().cached_free_blocks, 6);
+        assert_eq!(c.allocate(2, 100, &h, 7).unwrap().hit_blocks, 6);
+        let s = c.stats();
+        assert_eq!((s.query_tokens, s.hit_tokens), (200, 96));
+    }
+
+    #[test]
+    fn blocks_are_hits_only_once_computed() {
+        let mut c = PrefixCache::new(100, 16);
+        let h = block_hashes(&toks(1, 64), 16);
+        c.allocate(1, 64, &h, 4).unwrap();
+        assert_eq!(c.allocate(2, 64, &h, 4).unwrap().hit_blocks, 0);
+        c.mark_computed(1, 40);
+        assert_eq!(c.lookup(&h), 2);
+    }
+
+    #[test]
+    fn the_whole_prompt_never_hits() {
+        let mut c = PrefixCache::new(100, 16);
+        let h = block_hashes(&toks(1, 32), 16);
+        c.allocate(1, 32, &h, 2).unwrap();
+        c.mark_computed(1, 32);
+        c.release(1);
+        assert_eq!(c.allocate(2, 32, &h, 2).unwrap().hit_blocks, 1);
+    }
+
+    #[test]
+    fn no_space_changes_nothing() {
+        let mut c = PrefixCache::new(4, 16);
+        let h = block_hashes(&toks(1, 48), 16);
+        c.allocate(1, 48, &h, 3).unwrap();
+        let before = c.stats();
+        let err = c.allocate(2, 48, &block_hashes(&toks(2, 48), 16), 3).unwrap_err();
+        assert_eq!(err, PrefixCacheError::NoSpace { needed: 3, available: 1, capacity: 4 });
+        assert_eq!(c.stats(), before);
+        assert!(c.grow(1, 5).is_err());
+        assert_eq!(c.held_blocks(1), Some(3));
+    }
+
+    #[test]
+    fn tail_blocks_are_evicted_before_head_blocks() {
+        let mut c = PrefixCache::new(4, 16);
+        let h = block_hashes(&toks(1, 64), 16);
+        c.allocate(1, 65, &h, 4).unwrap();
+        c.mark_computed(1, 64);
+        c.release(1);
+        // Two new blocks evict the last two blocks of the released prompt.
+        c.allocate(2, 32, &block_hashes(&toks(2, 32), 16), 2).unwrap();
+        assert_eq!(c.lookup(&h), 2);
+        assert_eq!(c.stats().evictions, 2);
+    }
+
+    #[test]
+    fn disabled_caching_never_hits() {
+        let mut c = PrefixCache::without_caching(10, 16);
+        let h = block_hashes(&toks(1, 64), 16);
+        c.allocate(1, 64, &h, 4).unwrap();
+        c.mark_computed(1, 64);
+        c.release(1);
+        assert_eq!(c.allocate(2, 64, &h, 4).unwrap().hit_blocks, 0);
+        assert_eq!(c.stats().cached_free_blocks, 0);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Allocate { seq: u8, prompt: u8, len: u8, extra: u8 },
+        Compute { seq: u8, tokens: u16 },
+        Grow { seq: u8, extra: u8 },
+        Release { seq: u8 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..8u8, 0..4u8, 1..120u8, 0..3u8).prop_map(|(seq, prompt, len, extra)| Op::Allocate {
+                seq,
+                prompt,
+                len,
+                extra
+            }),
+            (0..8u8, 0..200u16).prop_map(|(seq, tokens)| Op::Compute { seq, tokens }),
+            (0..8u8, 0..3u8).prop_map(|(seq, extra)| Op::Grow { seq, extra }),
+            (0..8u8).prop_map(|seq| Op::Release { seq }),
+        ]
+    }
+
+    /// Prompts share prefixes: prompt `p` is the first `len` tokens of a stream that depends on `p`
+    /// only after token 40, so different prompts share their first 2 blocks.
+    fn prompt_tokens(p: u8, len: usize) -> Vec<u32> {
+        (0..len as u32).map(|i| if i < 40 { i } else { i * 7 + u32::from(p) * 100_000 }).collect()
+    }
+
+    proptest! {
+        #[test]
+        fn invariants_hold_under_any_operations(ops in prop::collection::vec(op(), 1..80), cap in 1..24usize) {
+            let mut c = PrefixCache::new(cap, 16);
+            let mut live: HashMap<u64, (Vec<u64>, usize)> = HashMap::new();
+            for op in ops {
+                match op {
+                    Op::Allocate { seq, prompt, len, extra } => {
+                        let seq = u64::from(seq);
+                        let tokens = prompt_tokens(prompt, usize::from(len));
+                        let h = block_hashes(&tokens, 16);
+                        let need = c.blocks_for(tokens.len()) + usize::from(extra);
+                        let before = c.stats();
+                        match c.allocate(seq, tokens.len(), &h, need) {
+                            Ok(a) => {
+                                prop_assert!(!live.contains_key(&seq));
+                                prop_assert!(a.hit_blocks * 16 < tokens.len());
+                                live.insert(seq, (h.clone(), need.max(a.hit_blocks)));
+                                let after = c.stats();
+                                prop_assert!(after.hit_tokens - before.hit_tokens <= after.query_tokens - before.query_tokens);
+                            }
+                            Err(_) => prop_assert_eq!(c.stats(), before),
+                        }
+                    }
+                    Op::Compute { seq, tokens } => c.mark_computed(u64::from(seq), usize::from(tokens)),
+                    Op::Grow { seq, extra } => {
+                        let seq = u64::from(seq);
+                        if let Some((_, n)) = live.get_mut(&seq) {
+                            if c.grow(seq, *n + usize::from(extra)).is_ok() {
+                                *n += usize::from(extra);
+                            }
+                        } else {
+                            prop_assert!(c.grow(seq, 1).is_err());
+                        }
+                    }
+                    Op::Release { seq } => {
+                        let seq = u64::from(seq);
+                        let held = c.release(seq);
+                        prop_assert_eq!(held, live.remove(&seq).map_or(0, |(_, n)| n));
+                    }
+                }
+                let s = c.stats();
+                prop_assert!(s.used_blocks + s.cached_free_blocks <= cap);
+                prop_assert_eq!(s.used_blocks, live.values().map(|(_, n)| *n).sum::<usize>() - shared_overlap(&c, &live));
+                // Pinned blocks are never evicted: every registered block a live sequence holds is
+                // still in the map.
+                for (seq, _) in &live {
+                    for held in &c.seqs[seq].held {
+                        if let Held::Shared(h) = held {
+                            prop_assert!(c.blocks.get(h).is_some_and(|b| b.refs > 0));
+                        }
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn a_block_hits_only_if_its_whole_prefix_matches(
+            a in prop::collection::vec(0..4u32, 16..80),
+            b in prop::collection::vec(0..4u32, 16..80),
+        ) {
+            let ha = block_hashes(&a, 16);
+            let hb = block_hashes(&b, 16);
+            for (i, (x, y)) in ha.iter().zip(&hb).enumerate() {
+                let same_prefix = a[..16 * (i + 1)] == b[..16 * (i + 1)];
+                prop_assert_eq!(x == y, same_prefix);
+            }
+        }
+    }
+
+    /// Blocks counted more than once in the per-sequence totals because several sequences share them.
+    fn shared_overlap(c: &PrefixCache, live: &HashMap<u64, (Vec<u64>, usize)>) -> usize {
+        let mut refs: HashMap<u64, usize> = HashMap::new();
+        for seq in live.keys() {
+            for held in &c.seqs[seq].held {
+                if let Held::Shared(h) = held {
+                    *refs.entry(*h).or_default() += 1;
+                }
+            }
+        }
+        refs.values().map(|n| n - 1).sum()
+    }
+}
