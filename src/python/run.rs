@@ -1,10 +1,17 @@
 //! `Run`: one batch run driven from Python. Rust owns scheduling; Python is asked, in batches, to
-//! run tool callables and pydantic validators, and is handed finished results in batches. One
-//! `next_events()` await (one event-loop wake-up, one GIL acquisition) serves everything that
-//! became ready since the last one.
+//! run tool callables and pydantic validators, and is handed finished results in batches.
+//!
+//! Tokio threads never take the GIL. When work for Python appears they write one byte to a socket
+//! whose other end the asyncio loop watches (`loop.add_reader(run.wake_fd())`); the loop's callback
+//! then takes everything that became ready since the last wake-up with one `take_events()` call.
+//! One wake-up, one GIL acquisition, many items; and no Rust thread is ever blocked on (or torn
+//! down by) the interpreter, not even at interpreter shutdown.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::io::Write as _;
+use std::os::fd::AsRawFd as _;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +19,7 @@ use futures_util::future::BoxFuture;
 use pyo3::prelude::*;
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::backends::connect::{connect, ConnectOptions, Connected};
@@ -35,14 +42,18 @@ struct Outbox {
     batch_calls: Vec<(u64, String, Vec<String>)>,
     validations: Vec<(u64, String, String)>,
     results: Vec<JobResult>,
+    /// Free places in the dispatch window since the last take: Python may feed this many inputs.
+    credit: usize,
     done: bool,
 }
 
 /// State shared between the Python-facing handle, the tool bridge and the run task.
-#[derive(Default)]
 struct Shared {
     outbox: Mutex<Outbox>,
-    ready: Notify,
+    /// Set when a wake-up byte is on its way and the loop has not taken the events since.
+    signalled: AtomicBool,
+    wake_tx: UnixStream,
+    wake_rx: UnixStream,
     next_id: AtomicU64,
     tools: Mutex<HashMap<u64, Reply<String>>>,
     batches: Mutex<HashMap<u64, Reply<Vec<Result<String, String>>>>>,
@@ -50,12 +61,30 @@ struct Shared {
 }
 
 impl Shared {
+    fn new() -> std::io::Result<Self> {
+        let (wake_tx, wake_rx) = UnixStream::pair()?;
+        wake_tx.set_nonblocking(true)?;
+        wake_rx.set_nonblocking(true)?;
+        Ok(Self {
+            outbox: Mutex::new(Outbox::default()),
+            signalled: AtomicBool::new(false),
+            wake_tx,
+            wake_rx,
+            next_id: AtomicU64::new(0),
+            tools: Mutex::default(),
+            batches: Mutex::default(),
+            validations: Mutex::default(),
+        })
+    }
+
     fn post(&self, f: impl FnOnce(&mut Outbox)) {
         if let Ok(mut outbox) = self.outbox.lock() {
             f(&mut outbox);
         }
-        // notify_one stores a permit when nobody waits, so a post between two awaits is not lost.
-        self.ready.notify_one();
+        if !self.signalled.swap(true, SeqCst) {
+            // WouldBlock means the socket already holds unread wake-ups: the loop will come.
+            let _ = (&self.wake_tx).write(&[1]);
+        }
     }
 
     fn ask<T: Send + 'static>(
@@ -175,7 +204,7 @@ struct RunOptions {
 }
 
 struct Running {
-    jobs: Option<mpsc::Sender<Job>>,
+    jobs: Option<mpsc::UnboundedSender<Job>>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -189,9 +218,7 @@ pub struct PyRun {
     _connected: Connected,
 }
 
-fn runtime() -> &'static tokio::runtime::Runtime {
-    pyo3_async_runtimes::tokio::get_runtime()
-}
+use crate::python::runtime;
 
 #[pymethods]
 impl PyRun {
@@ -223,15 +250,15 @@ impl PyRun {
         let urls = options.backends;
         let connect_options = ConnectOptions { api_key: options.api_key, ..ConnectOptions::default() };
         let connected = py
-            .allow_threads(|| runtime().block_on(connect(&urls, &connect_options)))
+            .allow_threads(|| runtime().map(|rt| rt.block_on(connect(&urls, &connect_options))))?
             .map_err(|e| backend_error(&e))?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::new().map_err(|e| RunError::new_err(format!("wake-up socket: {e}")))?);
         let constrained = RunContext::use_constrained(&spec, connected.backend.capabilities().json_schema);
         let system = RunContext::system_message(&spec, constrained);
         let limit = AdaptiveLimit::new(spec.max_inflight, 1, spec.max_inflight);
         let ctx = Arc::new(RunContext {
             slots: PrioritySemaphore::new(spec.max_inflight, Duration::from_millis(250)),
-            limit: Mutex::new(limit),
+            limit,
             retry: RetryPolicy { max_attempts: spec.max_attempts, base: Duration::from_millis(250), max_delay: Duration::from_secs(30) },
             tools: Arc::new(ToolPool::new(configs, Arc::new(PyTools(shared.clone())))),
             backend: connected.backend.clone(),
@@ -251,7 +278,7 @@ impl PyRun {
             cancelled: AtomicBool::new(false),
             _connected: connected,
         };
-        run.start();
+        run.start()?;
         Ok(run)
     }
 
@@ -265,22 +292,28 @@ impl PyRun {
         Ok(())
     }
 
-    /// Hands inputs `(id, index, json object)` to the run; resolves once the run has taken them all
-    /// (the dispatch window applies back-pressure here, so inputs are consumed lazily).
-    fn feed<'py>(&self, py: Python<'py>, items: Vec<(String, u64, String)>) -> PyResult<Bound<'py, PyAny>> {
-        let sender = self.lock_running()?.jobs.clone().ok_or_else(|| RunError::new_err("the run's input is closed"))?;
-        let mut jobs = Vec::with_capacity(items.len());
+    /// Hands inputs `(id, index, json object)` to the run. Feed no more than the credit
+    /// `take_events()` grants (the first time: `window`), so inputs are consumed lazily.
+    fn feed(&self, items: Vec<(String, u64, String)>) -> PyResult<()> {
+        let running = self.lock_running()?;
+        let sender = running.jobs.as_ref().ok_or_else(|| RunError::new_err("the run's input is closed"))?;
         for (id, index, json) in items {
-            jobs.push(Job { id, index, input: parse_input(index, &json)?, resume: None });
+            let job = Job { id, index, input: parse_input(index, &json)?, resume: None };
+            sender.send(job).map_err(|_| RunError::new_err("the run stopped before taking all inputs"))?;
         }
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            for job in jobs {
-                if sender.send(job).await.is_err() {
-                    return Err(RunError::new_err("the run stopped before taking all inputs"));
-                }
-            }
-            Ok(())
-        })
+        Ok(())
+    }
+
+    /// Live agents at once; the first feed may hand over this many inputs.
+    #[getter]
+    fn window(&self) -> usize {
+        self.ctx.spec.window
+    }
+
+    /// The file descriptor to watch for readability (`loop.add_reader`): readable means
+    /// `take_events()` has something. Read and discard its bytes before calling `take_events()`.
+    fn wake_fd(&self) -> i32 {
+        self.shared.wake_rx.as_raw_fd()
     }
 
     /// No more inputs: the run finishes once the jobs it has are done.
@@ -289,39 +322,27 @@ impl PyRun {
         Ok(())
     }
 
-    /// Waits for work for Python: `(tool_calls, batch_calls, validations, results_json, done)`.
-    /// `results_json` is one JSON array of the results that finished.
-    fn next_events<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let shared = self.shared.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            loop {
-                let taken = {
-                    let mut outbox = shared.outbox.lock().map_err(|_| RunError::new_err("run state poisoned"))?;
-                    let empty = outbox.tool_calls.is_empty()
-                        && outbox.batch_calls.is_empty()
-                        && outbox.validations.is_empty()
-                        && outbox.results.is_empty();
-                    if empty && !outbox.done {
-                        None
-                    } else {
-                        let outbox = &mut *outbox;
-                        let results = serde_json::to_string(&outbox.results).map_err(|e| RunError::new_err(e.to_string()))?;
-                        outbox.results.clear();
-                        Some((
-                            std::mem::take(&mut outbox.tool_calls),
-                            std::mem::take(&mut outbox.batch_calls),
-                            std::mem::take(&mut outbox.validations),
-                            results,
-                            outbox.done && empty,
-                        ))
-                    }
-                };
-                match taken {
-                    Some(events) => return Ok(events),
-                    None => shared.ready.notified().await,
-                }
-            }
-        })
+    /// Everything that became ready: `(tool_calls, batch_calls, validations, results_json, credit,
+    /// done)`. `results_json` is one JSON array of finished results; `credit` is how many more
+    /// inputs the run can take; `done` means the run is over and nothing more will come.
+    #[allow(clippy::type_complexity)]
+    fn take_events(&self) -> PyResult<(Vec<(u64, String, String)>, Vec<(u64, String, Vec<String>)>, Vec<(u64, String, String)>, String, usize, bool)> {
+        // Drain the wake-up bytes and clear the flag first: a post that races with this take
+        // sends a fresh byte, so nothing is left behind without a wake-up.
+        let mut sink = [0u8; 256];
+        while matches!(std::io::Read::read(&mut &self.shared.wake_rx, &mut sink), Ok(n) if n > 0) {}
+        self.shared.signalled.store(false, SeqCst);
+        let mut outbox = self.shared.outbox.lock().map_err(|_| RunError::new_err("run state poisoned"))?;
+        let results = serde_json::to_string(&outbox.results).map_err(|e| RunError::new_err(e.to_string()))?;
+        outbox.results.clear();
+        Ok((
+            std::mem::take(&mut outbox.tool_calls),
+            std::mem::take(&mut outbox.batch_calls),
+            std::mem::take(&mut outbox.validations),
+            results,
+            std::mem::take(&mut outbox.credit),
+            outbox.done,
+        ))
     }
 
     /// Answers for tool calls: `(call id, ok, text)`; text is the result, or the error message.
@@ -350,10 +371,15 @@ impl PyRun {
     fn stats_json(&self) -> PyResult<String> {
         let stats = self.ctx.stats.snapshot();
         let tools = self.ctx.tools.stats();
+        let counts = |c: &crate::tools::ToolCounts| {
+            serde_json::json!({"requests": c.requests, "executions": c.executions, "cache_hits": c.cache_hits,
+                               "coalesced": c.coalesced, "errors": c.errors, "timeouts": c.timeouts, "batches": c.batches})
+        };
+        let mut tool_json = counts(&tools.total);
+        tool_json["per_tool"] = tools.per_tool.iter().map(|(name, c)| (name.clone(), counts(c))).collect();
         let value = serde_json::json!({
             "run": stats,
-            "tools": {"requests": tools.requests, "executions": tools.executions, "cache_hits": tools.cache_hits,
-                      "coalesced": tools.coalesced, "errors": tools.errors, "timeouts": tools.timeouts},
+            "tools": tool_json,
             "max_inflight": self.ctx.slots.capacity(),
             "backend": self.ctx.backend.name(),
         });
@@ -380,12 +406,12 @@ impl PyRun {
 }
 
 impl PyRun {
-    fn start(&self) {
-        let (jobs_tx, jobs_rx) = mpsc::channel(256);
+    fn start(&self) -> PyResult<()> {
+        let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
         let (results_tx, mut results_rx) = mpsc::unbounded_channel::<JobResult>();
         let ctx = self.ctx.clone();
         let shared = self.shared.clone();
-        let task = runtime().spawn(async move {
+        let task = runtime()?.spawn(async move {
             let forward = {
                 let shared = shared.clone();
                 tokio::spawn(async move {
@@ -394,7 +420,10 @@ impl PyRun {
                         while let Ok(more) = results_rx.try_recv() {
                             batch.push(more);
                         }
-                        shared.post(|outbox| outbox.results.append(&mut batch));
+                        shared.post(|outbox| {
+                            outbox.credit += batch.len();
+                            outbox.results.append(&mut batch);
+                        });
                     }
                 })
             };
@@ -402,10 +431,10 @@ impl PyRun {
             let _ = forward.await;
             shared.post(|outbox| outbox.done = true);
         });
-        if let Ok(mut running) = self.running.lock() {
-            running.jobs = Some(jobs_tx);
-            running.task = Some(task);
-        }
+        let mut running = self.lock_running()?;
+        running.jobs = Some(jobs_tx);
+        running.task = Some(task);
+        Ok(())
     }
 
     fn lock_running(&self) -> PyResult<std::sync::MutexGuard<'_, Running>> {

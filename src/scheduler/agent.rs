@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
@@ -92,7 +92,7 @@ pub struct RunContext {
     pub backend: Arc<dyn Backend>,
     pub tools: Arc<ToolPool>,
     pub slots: Arc<PrioritySemaphore>,
-    pub limit: Mutex<AdaptiveLimit>,
+    pub limit: AdaptiveLimit,
     pub retry: RetryPolicy,
     pub schema: Option<Arc<CompiledSchema>>,
     pub validator: Option<Arc<dyn OutputValidator>>,
@@ -139,7 +139,7 @@ impl RunContext {
 
 #[derive(Debug)]
 enum Failure {
-    Backend(BackendError, u32),
+    Backend(BackendError),
     MaxTurns,
     Validation(String),
     Template(String),
@@ -162,7 +162,7 @@ pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
     let outcome = match ctx.spec.agent_timeout {
         Some(limit) => match tokio::time::timeout(limit, agent.run(&job)).await {
             Ok(outcome) => outcome,
-            Err(_) => Err(Failure::Backend(BackendError::Timeout(limit), 0)),
+            Err(_) => Err(Failure::Backend(BackendError::Timeout(limit))),
         },
         None => agent.run(&job).await,
     };
@@ -193,7 +193,7 @@ pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
         Err(failure) => {
             let attempts = agent.state.attempts;
             let error = match failure {
-                Failure::Backend(e, _) => JobError { kind: e.kind().into(), message: e.to_string(), retryable: e.retryable(), attempts },
+                Failure::Backend(e) => JobError { kind: e.kind().into(), message: e.to_string(), retryable: e.retryable(), attempts },
                 Failure::MaxTurns => JobError {
                     kind: "max_turns".into(),
                     message: format!("no final answer within max_turns={}", ctx.spec.max_turns),
@@ -318,22 +318,20 @@ impl Agent<'_> {
                     }
                     self.state.usage += response.usage;
                     ctx.stats.add_usage(&response.usage);
-                    if let Ok(mut limit) = ctx.limit.lock() {
-                        limit.on_success();
-                        ctx.slots.set_capacity(limit.current());
+                    if ctx.limit.on_success() {
+                        ctx.slots.set_capacity(ctx.limit.current());
                     }
                     return Ok((response, early));
                 }
                 Err(error) => {
                     if error.is_throttle() {
                         ctx.stats.throttled.fetch_add(1, Relaxed);
-                        if let Ok(mut limit) = ctx.limit.lock() {
-                            limit.on_throttle();
-                            ctx.slots.set_capacity(limit.current());
+                        if ctx.limit.on_throttle() {
+                            ctx.slots.set_capacity(ctx.limit.current());
                         }
                     }
                     if !error.retryable() || attempt >= ctx.spec.max_attempts {
-                        return Err(Failure::Backend(error, attempt));
+                        return Err(Failure::Backend(error));
                     }
                     ctx.stats.retries.fetch_add(1, Relaxed);
                     let delay = ctx.retry.delay(attempt, error.retry_after(), self.rng.next_f64());
