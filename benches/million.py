@@ -85,18 +85,18 @@ def main() -> int:
         inputs = work / "prompts.jsonl"
         t0 = time.perf_counter()
         generate(inputs, args.n)
-        print(
-            f"generated {args.n:,} prompts in {time.perf_counter() - t0:.1f} s ({inputs.stat().st_size >> 20} MiB)"
-        )
+        size_mib = inputs.stat().st_size >> 20
+        print(f"generated {args.n:,} prompts in {time.perf_counter() - t0:.1f} s ({size_mib} MiB)")
         for stale in ("results.jsonl", "results.jsonl.journal.sqlite", "report.json"):
             (work / stale).unlink(missing_ok=True)
 
         sim, url = start_simulator(args.output_tokens)
         try:
+            backend = "vllm://" + url.removeprefix("http://")
             command = [
-                sys.executable, "-m", "batchagent_rs.cli", "run", str(inputs), "-o", str(work / "results.jsonl"),
-                "-m", "sim-model", "-c", str(args.max_inflight), "--backend", "vllm://" + url.removeprefix("http://"),
-                "--quiet", "--report", str(work / "report.json"),
+                sys.executable, "-m", "batchagent_rs.cli", "run", str(inputs),
+                "-o", str(work / "results.jsonl"), "-m", "sim-model", "-c", str(args.max_inflight),
+                "--backend", backend, "--quiet", "--report", str(work / "report.json"),
             ]  # fmt: skip
             if not args.cache:
                 command.append("--no-cache")

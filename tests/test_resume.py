@@ -153,8 +153,9 @@ def test_crash_inside_a_python_tool_then_resume(tmp_path: Path) -> None:
     with sim.start(time_scale=TIME_SCALE, seed=4, tool_rounds=1, distinct_args=1_000_000) as server:
         backend = "vllm://" + server.url.removeprefix("http://")
         args = command(
-            "in.jsonl", "-o", "out.jsonl", "--task", "Research {topic}, then answer.", "--tools", "crashtools:lookup",
-            "-m", "sim-model", "-c", "32", "--backend", backend, "--journal", "run.sqlite", "--no-cache", "--quiet",
+            "in.jsonl", "-o", "out.jsonl", "--task", "Research {topic}, then answer.",
+            "--tools", "crashtools:lookup", "-m", "sim-model", "-c", "32", "--backend", backend,
+            "--journal", "run.sqlite", "--no-cache", "--quiet",
         )  # fmt: skip
         first = subprocess.run(
             args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False

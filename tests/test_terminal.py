@@ -62,10 +62,11 @@ def terminal(tmp_path: Path) -> Iterator[Callable[[str], Pane]]:
         name = "run"
         python = shlex.quote(sys.executable)
         # Keep the pane open after the command so its last screen can be read.
-        script = f"cd {shlex.quote(str(tmp_path))} && {python} -m batchagent_rs.cli run {args}; echo EXIT=$?; sleep 600"
+        folder = shlex.quote(str(tmp_path))
+        script = f"cd {folder} && {python} -m batchagent_rs.cli run {args}; echo EXIT=$?; sleep 600"
         subprocess.run(
-            ["tmux", "-L", socket, "-f", "/dev/null", "new-session", "-d", "-s", name, "-x", str(WIDTH), "-y", str(HEIGHT),
-             "bash", "--norc", "--noprofile", "-c", script],
+            ["tmux", "-L", socket, "-f", "/dev/null", "new-session", "-d", "-s", name,
+             "-x", str(WIDTH), "-y", str(HEIGHT), "bash", "--norc", "--noprofile", "-c", script],
             env=env,
             check=True,
             timeout=10,
