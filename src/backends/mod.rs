@@ -154,6 +154,7 @@ pub trait Backend: Send + Sync {
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>>;
 }
 
+pub mod cached;
 pub mod connect;
 pub mod fleet;
 pub mod http;
