@@ -199,7 +199,8 @@ impl PrefixCache {
         let max_hit = (prompt_len.saturating_sub(1) / self.block_size).min(hashes.len());
         let hit_blocks = self.lookup(&hashes[..max_hit]);
         // Unreferenced hits leave the evictable pool when pinned, so they cannot pay for new blocks.
-        let unref_hits = hashes[..hit_blocks].iter().filter(|h| self.blocks.get(h).is_some_and(|b| b.refs == 0)).count();
+        let unref_hits =
+            hashes[..hit_blocks].iter().filter(|h| self.blocks.get(h).is_some_and(|b| b.refs == 0)).count();
         let new_blocks = blocks_needed.saturating_sub(hit_blocks);
         let available = self.available() - unref_hits;
         if new_blocks > available {
