@@ -163,7 +163,10 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("profile", &self.profile.name).field("time_scale", &self.time_scale).finish()
+        f.debug_struct("Engine")
+            .field("profile", &self.profile.name)
+            .field("time_scale", &self.time_scale)
+            .finish_non_exhaustive()
     }
 }
 

@@ -468,15 +468,14 @@ mod tests {
                         let h = block_hashes(&tokens, 16);
                         let need = c.blocks_for(tokens.len()) + usize::from(extra);
                         let before = c.stats();
-                        match c.allocate(seq, tokens.len(), &h, need) {
-                            Ok(a) => {
-                                prop_assert!(!live.contains_key(&seq));
-                                prop_assert!(a.hit_blocks * 16 < tokens.len());
-                                live.insert(seq, (h.clone(), need.max(a.hit_blocks)));
-                                let after = c.stats();
-                                prop_assert!(after.hit_tokens - before.hit_tokens <= after.query_tokens - before.query_tokens);
-                            }
-                            Err(_) => prop_assert_eq!(c.stats(), before),
+                        if let Ok(a) = c.allocate(seq, tokens.len(), &h, need) {
+                            prop_assert!(!live.contains_key(&seq));
+                            prop_assert!(a.hit_blocks * 16 < tokens.len());
+                            live.insert(seq, (h.clone(), need.max(a.hit_blocks)));
+                            let after = c.stats();
+                            prop_assert!(after.hit_tokens - before.hit_tokens <= after.query_tokens - before.query_tokens);
+                        } else {
+                            prop_assert_eq!(c.stats(), before);
                         }
                     }
                     Op::Compute { seq, tokens } => c.mark_computed(u64::from(seq), usize::from(tokens)),
@@ -501,7 +500,7 @@ mod tests {
                 prop_assert_eq!(s.used_blocks, live.values().map(|(_, n)| *n).sum::<usize>() - shared_overlap(&c, &live));
                 // Pinned blocks are never evicted: every registered block a live sequence holds is
                 // still in the map.
-                for (seq, _) in &live {
+                for seq in live.keys() {
                     for held in &c.seqs[seq].held {
                         if let Held::Shared(h) = held {
                             prop_assert!(c.blocks.get(h).is_some_and(|b| b.refs > 0));
