@@ -13,10 +13,8 @@ pub enum SimError {
     InvalidValue { key: String, value: String, reason: String },
     #[error("not a sim:// URL: `{0}`")]
     NotSimUrl(String),
-    #[error("unknown engine profile `{0}` (built-in: {1})")]
-    UnknownProfile(String, String),
-    #[error("cannot read engine profile `{path}`: {reason}")]
-    ProfileFile { path: String, reason: String },
+    #[error(transparent)]
+    Profile(#[from] super::profile::ProfileError),
     #[error("fault rates add up to {0}, more than 1 (fault_429 + fault_500 + fault_503 + fault_reset + fault_truncate + fault_malformed)")]
     FaultRatesTooHigh(f64),
     #[error("cannot bind {addr}: {source}")]

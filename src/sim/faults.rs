@@ -143,7 +143,13 @@ mod tests {
     use super::*;
 
     fn cfg() -> FaultConfig {
-        FaultConfig { fault_429: 0.1, fault_500: 0.05, fault_reset: 0.2, slow_first_byte: 0.3, ..FaultConfig::default() }
+        FaultConfig {
+            fault_429: 0.1,
+            fault_500: 0.05,
+            fault_reset: 0.2,
+            slow_first_byte: 0.3,
+            ..FaultConfig::default()
+        }
     }
 
     #[test]
@@ -159,7 +165,10 @@ mod tests {
         let slow = decisions.iter().filter(|d| d.slow_first_byte.is_some()).count() as f64 / f64::from(n);
         assert!((slow - 0.3).abs() < 0.03);
         let counts = f.injected();
-        assert_eq!(counts["reset"].as_u64().unwrap() as usize, decisions.iter().filter(|d| d.fault == Some(Fault::Reset)).count());
+        assert_eq!(
+            counts["reset"].as_u64().unwrap() as usize,
+            decisions.iter().filter(|d| d.fault == Some(Fault::Reset)).count()
+        );
     }
 
     #[test]
