@@ -15,6 +15,8 @@ pub enum SimError {
     NotSimUrl(String),
     #[error(transparent)]
     Profile(#[from] super::profile::ProfileError),
+    #[error(transparent)]
+    Engine(#[from] super::engine::EngineError),
     #[error("fault rates add up to {0}, more than 1 (fault_429 + fault_500 + fault_503 + fault_reset + fault_truncate + fault_malformed)")]
     FaultRatesTooHigh(f64),
     #[error("cannot bind {addr}: {source}")]

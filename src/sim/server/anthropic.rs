@@ -270,7 +270,10 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, _headers: Heade
         return r;
     }
     let prompt = render_chatml(&parsed.req.messages, &parsed.req.tools);
-    let mut g = generate(&state, &parsed.req, &behaviour, &prompt, Some(parsed.max_tokens));
+    let mut g = match generate(&state, &parsed.req, &behaviour, &prompt, Some(parsed.max_tokens)) {
+        Ok(g) => g,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", &e),
+    };
     let (creation, read) = parsed.breakpoints.last().map_or((0, 0), |_| {
         let (c, r) = state.prompt_cache.account(&parsed.breakpoints, state.config.cache_min_tokens as usize);
         (c.min(g.prompt_tokens), r.min(g.prompt_tokens - c.min(g.prompt_tokens)))
@@ -366,6 +369,8 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, _headers: Heade
                         return;
                     }
                     EngineEvent::Started { .. } => {}
+                    // Ruled out before submitting (see `generate`).
+                    EngineEvent::Rejected { .. } => return,
                 }
                 let opened = !frames.is_empty() && !pinged && next_index > 0;
                 for frame in frames {

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 
-use super::super::engine::EngineMetrics;
+use super::super::engine::{EngineMetrics, TTFT_BUCKETS};
 use super::{bytes_response, AppState};
 
 pub(crate) async fn handler(State(state): State<Arc<AppState>>) -> Response {
@@ -69,10 +69,11 @@ pub(crate) fn render(
     }
     let name = "vllm:time_to_first_token_seconds";
     family(&mut out, name, "histogram", "Histogram of time to first token in seconds.");
-    for (le, count) in &m.ttft_buckets {
-        let _ = writeln!(out, "{name}_bucket{{le=\"{}\",{label}}} {count}", float(*le));
+    let bounds = TTFT_BUCKETS.iter().copied().chain(std::iter::once(f64::INFINITY));
+    for (le, count) in bounds.zip(m.ttft.cumulative()) {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{}\",{label}}} {count}", float(le));
     }
-    let _ = writeln!(out, "{name}_sum{{{label}}} {}", float(m.ttft_sum));
-    let _ = writeln!(out, "{name}_count{{{label}}} {}", m.ttft_count);
+    let _ = writeln!(out, "{name}_sum{{{label}}} {}", float(m.ttft.sum));
+    let _ = writeln!(out, "{name}_count{{{label}}} {}", m.ttft.count);
     out
 }

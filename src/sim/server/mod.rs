@@ -63,7 +63,7 @@ impl SimServer {
             .await
             .map_err(|source| SimError::Bind { addr: addr.clone(), source })?;
         let local = listener.local_addr().map_err(|source| SimError::Bind { addr, source })?;
-        let engine = Engine::start(profile, config.time_scale);
+        let engine = Engine::start(profile, config.time_scale)?;
         let state = Arc::new(AppState {
             faults: Faults::new(config.faults.clone(), config.seed),
             stats: Stats::new(config.ttft_window),
@@ -281,22 +281,34 @@ pub(crate) struct Finish {
 }
 
 /// Decide the reply and submit the prompt. `prompt` is the engine's view: the rendered chat, or a
-/// raw completion prompt.
+/// raw completion prompt. An error (the text of a 400) when the request can never fit the KV cache.
 pub(crate) fn generate(
     state: &AppState,
     req: &AgentRequest,
     behaviour: &BehaviourConfig,
     prompt: &str,
     max_tokens: Option<u32>,
-) -> Generation {
+) -> Result<Generation, String> {
     let reply = behaviour::reply(behaviour, state.config.seed, req);
     let pieces = behaviour::pieces(&reply);
     let max_new = max_tokens.map_or(pieces.len(), |m| pieces.len().min(m as usize));
     let tokens = tokenizer::tokenize(prompt);
     let prompt_tokens = tokens.len();
     // Every request produces at least one token on a real engine; an empty reply is one EOS token.
-    let events = state.engine.submit(EngineRequest { prompt: tokens, max_new_tokens: max_new.max(1) });
-    Generation { reply, pieces, max_new, prompt_tokens, events }
+    let max_new_tokens = max_new.max(1);
+    let profile = state.engine.profile();
+    let capacity = profile.kv_capacity_blocks() * profile.block_size;
+    if prompt_tokens == 0 {
+        return Err("The prompt is empty.".to_owned());
+    }
+    if prompt_tokens + max_new_tokens > capacity {
+        return Err(format!(
+            "This model's maximum context length is {capacity} tokens. However, you requested {} tokens ({prompt_tokens} in the messages, {max_new_tokens} in the completion). Please reduce the length of the messages or completion.",
+            prompt_tokens + max_new_tokens
+        ));
+    }
+    let events = state.engine.submit(EngineRequest { prompt: tokens, max_new_tokens });
+    Ok(Generation { reply, pieces, max_new, prompt_tokens, events })
 }
 
 /// Wait for the call to finish; `None` if the engine stopped first.

@@ -123,7 +123,10 @@ pub(crate) async fn chat(State(state): State<Arc<AppState>>, _headers: HeaderMap
         return r;
     }
     let prompt = render_chatml(&req.messages, &req.tools);
-    let mut g = generate(&state, &req, &behaviour, &prompt, num_predict);
+    let mut g = match generate(&state, &req, &behaviour, &prompt, num_predict) {
+        Ok(g) => g,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
     let model = state.config.model.clone();
     if body.get("stream").and_then(Value::as_bool).unwrap_or(true) {
         let (mut sink, stream_body) = FrameSink::new(&decision, g.pieces.len() + 2);
@@ -152,6 +155,7 @@ pub(crate) async fn chat(State(state): State<Arc<AppState>>, _headers: HeaderMap
                         return;
                     }
                     EngineEvent::Started { .. } => continue,
+                    EngineEvent::Rejected { .. } => return,
                 };
                 if !sink.send(line(frame)).await {
                     return;

@@ -238,7 +238,10 @@ async fn chat_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Response {
         return r;
     }
     let prompt = render_chatml(&req.messages, &req.tools);
-    let mut g = generate(&state, &req, &behaviour, &prompt, max);
+    let mut g = match generate(&state, &req, &behaviour, &prompt, max) {
+        Ok(g) => g,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e, Some("messages")),
+    };
     let id = format!("chatcmpl-{rid}");
     let created = unix_now();
     let model = state.config.model.clone();
@@ -295,6 +298,8 @@ async fn chat_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Response {
                         return;
                     }
                     EngineEvent::Started { .. } => {}
+                    // Ruled out before submitting (see `generate`).
+                    EngineEvent::Rejected { .. } => return,
                 }
             }
         });
@@ -362,13 +367,17 @@ async fn completions_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Respo
     if let Some(r) = http_fault(&state, &decision, fault_shape).await {
         return r;
     }
-    let mut gens: Vec<Generation> = prompts
+    let gens: Result<Vec<Generation>, String> = prompts
         .iter()
         .map(|p| {
             let req = AgentRequest { messages: vec![Message::user(p.clone())], ..AgentRequest::default() };
             generate(&state, &req, &behaviour, p, max)
         })
         .collect();
+    let mut gens = match gens {
+        Ok(g) => g,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e, Some("prompt")),
+    };
     let id = format!("cmpl-{rid}");
     let created = unix_now();
     let model = state.config.model.clone();
@@ -418,6 +427,7 @@ async fn completions_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Respo
                         chunk(i, "", Some(reasons[i]))
                     }
                     EngineEvent::Started { .. } => continue,
+                    EngineEvent::Rejected { .. } => return,
                 };
                 if !sink.send(sse_data(&frame)).await {
                     return;

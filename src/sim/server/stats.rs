@@ -131,6 +131,10 @@ impl Stats {
                 "waiting": engine.waiting,
                 "kv_usage": engine.kv_usage,
                 "steps": engine.steps,
+                "preemptions": engine.preemptions,
+                "requests_rejected": engine.requests_rejected,
+                "requests_aborted": engine.requests_aborted,
+                "sim_time_seconds": engine.sim_time.as_secs_f64(),
             },
             "ttft_seconds": {
                 "recent": inner.ttft.iter().copied().collect::<Vec<f64>>(),
