@@ -30,7 +30,7 @@ pub struct AgentRequest {
     pub messages: Vec<Message>,
     pub tools: Vec<ToolDef>,
     pub tool_choice: ToolChoice,
-    /// `response_format: json_schema` (OpenAI) or `format: {schema}` (Ollama).
+    /// `response_format: json_schema` (`OpenAI`) or `format: {schema}` (Ollama).
     pub response_schema: Option<Value>,
     /// `response_format: json_object` / `format: "json"`: any JSON object will do.
     pub json_mode: bool,

@@ -161,7 +161,7 @@ mod tests {
         assert!((share(Fault::RateLimited) - 0.1).abs() < 0.02);
         assert!((share(Fault::Internal) - 0.05).abs() < 0.015);
         assert!((share(Fault::Reset) - 0.2).abs() < 0.03);
-        assert_eq!(share(Fault::Malformed), 0.0);
+        assert!(decisions.iter().all(|d| d.fault != Some(Fault::Malformed)));
         let slow = decisions.iter().filter(|d| d.slow_first_byte.is_some()).count() as f64 / f64::from(n);
         assert!((slow - 0.3).abs() < 0.03);
         let counts = f.injected();

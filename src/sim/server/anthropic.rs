@@ -93,6 +93,7 @@ fn block_text(content: Option<&Value>) -> String {
     }
 }
 
+#[derive(Debug)]
 struct Parsed {
     req: AgentRequest,
     max_tokens: u32,
@@ -280,7 +281,7 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, _headers: Heade
     });
     state.stats.record_prompt_cache(creation, read);
     let input_tokens = g.prompt_tokens - creation - read;
-    let id = format!("msg_{:024x}", state.stats.next_id() as u128 ^ u128::from(hash_bytes(&raw)) << 32);
+    let id = format!("msg_{:024x}", u128::from(state.stats.next_id()) ^ (u128::from(hash_bytes(&raw)) << 32));
     let model = state.config.model.clone();
     let usage = move |output: usize| {
         json!({"input_tokens": input_tokens, "cache_creation_input_tokens": creation,

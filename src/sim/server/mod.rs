@@ -1,7 +1,7 @@
-//! The simulator's HTTP server: OpenAI (as vLLM serves it), Anthropic and Ollama protocols over one
+//! The simulator's HTTP server: `OpenAI` (as vLLM serves it), Anthropic and Ollama protocols over one
 //! engine model, plus `/metrics` (vLLM names) and `/sim/stats`.
 //!
-//! Every protocol translates its request into an [`AgentRequest`], renders it into one ChatML prompt
+//! Every protocol translates its request into an [`AgentRequest`], renders it into one `ChatML` prompt
 //! (Qwen's template, tools in the system block) and tokenizes that, so a system prompt shared by
 //! requests of any protocol is a shared token prefix for the engine's prefix cache.
 
@@ -196,7 +196,7 @@ pub(crate) fn request_id(headers: &HeaderMap, state: &AppState) -> String {
         .map_or_else(|| format!("{:032x}", state.stats.next_id()), str::to_owned)
 }
 
-/// Qwen2.5's ChatML template: tools in the system block, tool calls as `<tool_call>` JSON, tool
+/// Qwen2.5's `ChatML` template: tools in the system block, tool calls as `<tool_call>` JSON, tool
 /// results as `<tool_response>` in a user turn; ends with the open assistant turn.
 pub(crate) fn render_chatml(messages: &[Message], tools: &[ToolDef]) -> String {
     let mut out = String::with_capacity(256 + messages.iter().map(|m| m.content.len() + 32).sum::<usize>());
@@ -337,11 +337,11 @@ pub(crate) fn on_event(state: &AppState, event: &EngineEvent) -> Option<Finish> 
 pub(crate) fn partial_text(generation: &Generation) -> String {
     let mut raw = generation.reply.content.clone();
     for call in &generation.reply.tool_calls {
-        raw.push_str(&format!(
-            "<tool_call>\n{{\"name\": {}, \"arguments\": {}}}\n</tool_call>",
-            Value::String(call.name.clone()),
-            call.arguments
-        ));
+        raw.push_str("<tool_call>\n{\"name\": ");
+        raw.push_str(&Value::String(call.name.clone()).to_string());
+        raw.push_str(", \"arguments\": ");
+        raw.push_str(&call.arguments);
+        raw.push_str("}\n</tool_call>");
     }
     tokenizer::pieces(&raw).into_iter().take(generation.max_new).collect()
 }
@@ -492,7 +492,8 @@ pub(crate) fn request_behaviour(state: &AppState, body: &Value) -> Result<Behavi
     }
 }
 
-/// Tools in OpenAI's shape (`{"type": "function", "function": {...}}`), as OpenAI and Ollama send them.
+/// Tools in the `OpenAI` shape (`{"type": "function", "function": {...}}`), as `OpenAI` and Ollama
+/// clients send them.
 pub(crate) fn openai_tools(body: &Value) -> Result<Vec<ToolDef>, String> {
     let Some(tools) = body.get("tools").filter(|t| !t.is_null()) else { return Ok(Vec::new()) };
     let tools = tools.as_array().ok_or("`tools` must be an array")?;
@@ -519,7 +520,7 @@ pub(crate) fn openai_tools(body: &Value) -> Result<Vec<ToolDef>, String> {
 pub(crate) fn rfc3339_now() -> String {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = now.as_secs();
-    let days = (secs / 86_400) as i64;
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
     let rem = secs % 86_400;
     // Civil date from days since the epoch (Howard Hinnant's algorithm).
     let z = days + 719_468;

@@ -93,7 +93,7 @@ fn call_json(call: &ToolCall) -> Value {
     json!({"function": {"name": call.name, "arguments": arguments}})
 }
 
-fn final_fields(model: &str, g: &Generation, f: &Finish, message: Value) -> Value {
+fn final_fields(model: &str, g: &Generation, f: &Finish, message: &Value) -> Value {
     let ns = |d: std::time::Duration| d.as_nanos() as u64;
     json!({
         "model": model, "created_at": rfc3339_now(), "message": message,
@@ -150,7 +150,7 @@ pub(crate) async fn chat(State(state): State<Arc<AppState>>, _headers: HeaderMap
                     EngineEvent::Finished { .. } => {
                         let Some(f) = on_event(&state, &event) else { return };
                         state.stats.record_reason(if g.truncated() { "length" } else { "stop" });
-                        let last = final_fields(&model, &g, &f, json!({"role": "assistant", "content": ""}));
+                        let last = final_fields(&model, &g, &f, &json!({"role": "assistant", "content": ""}));
                         sink.send(line(last)).await;
                         return;
                     }
@@ -174,7 +174,7 @@ pub(crate) async fn chat(State(state): State<Arc<AppState>>, _headers: HeaderMap
         let calls: Vec<Value> = g.reply.tool_calls.iter().map(call_json).collect();
         json!({"role": "assistant", "content": g.reply.content, "tool_calls": calls})
     };
-    faulty_body(&decision, StatusCode::OK, &final_fields(&model, &g, &f, message))
+    faulty_body(&decision, StatusCode::OK, &final_fields(&model, &g, &f, &message))
 }
 
 pub(crate) async fn tags(State(state): State<Arc<AppState>>) -> Response {

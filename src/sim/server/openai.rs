@@ -52,16 +52,16 @@ fn with_request_id(mut response: Response, rid: &str) -> Response {
     response
 }
 
-/// Common checks: `model` names the served model, `n` is 1.
-fn check_common(state: &AppState, body: &Value) -> Result<(), Response> {
+/// Common checks: `model` names the served model, `n` is 1; the error response if not.
+fn check_common(state: &AppState, body: &Value) -> Option<Response> {
     let model = body.get("model").and_then(Value::as_str).unwrap_or_default();
     if model != state.config.model {
-        return Err(error(StatusCode::NOT_FOUND, &format!("The model `{model}` does not exist."), Some("model")));
+        return Some(error(StatusCode::NOT_FOUND, &format!("The model `{model}` does not exist."), Some("model")));
     }
     match body.get("n") {
-        None | Some(Value::Null) => Ok(()),
-        Some(n) if n.as_u64() == Some(1) => Ok(()),
-        Some(n) => Err(error(
+        None | Some(Value::Null) => None,
+        Some(n) if n.as_u64() == Some(1) => None,
+        Some(n) => Some(error(
             StatusCode::BAD_REQUEST,
             &format!("n = {n} is not supported by this server: only n = 1."),
             Some("n"),
@@ -213,7 +213,7 @@ async fn chat_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Response {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e, None),
     };
-    if let Err(r) = check_common(&state, &body) {
+    if let Some(r) = check_common(&state, &body) {
         return r;
     }
     let parsed = (|| -> Result<_, String> {
@@ -342,7 +342,7 @@ async fn completions_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Respo
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e, None),
     };
-    if let Err(r) = check_common(&state, &body) {
+    if let Some(r) = check_common(&state, &body) {
         return r;
     }
     let prompts: Vec<String> = match body.get("prompt") {
