@@ -1,1 +1,334 @@
-//! The batch specification, validated once, up front.
+//! The batch specification, validated once, up front: a task template that fails fast on a missing
+//! variable, limits with sane defaults, and the settings that decide how a job travels.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::conversation::ToolDef;
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("task template: {message} at character {position}")]
+    Template { position: usize, message: String },
+    #[error("input {index}: template variable '{variable}' is missing (the input has: {available})")]
+    MissingVariable { index: u64, variable: String, available: String },
+    #[error("input {index}: {message}")]
+    BadInput { index: u64, message: String },
+    #[error("invalid setting '{field}': {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Variable(String),
+}
+
+/// A task template in Python `str.format` syntax: `{name}` is replaced by the input's field, `{{` and
+/// `}}` are literal braces. Strings are inserted as they are, other JSON values as compact JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+impl Template {
+    pub fn parse(source: &str) -> Result<Self, SpecError> {
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut chars = source.char_indices().peekable();
+        while let Some((position, c)) = chars.next() {
+            match c {
+                '{' if chars.peek().map(|&(_, n)| n) == Some('{') => {
+                    chars.next();
+                    literal.push('{');
+                }
+                '}' if chars.peek().map(|&(_, n)| n) == Some('}') => {
+                    chars.next();
+                    literal.push('}');
+                }
+                '{' => {
+                    let mut name = String::new();
+                    loop {
+                        match chars.next() {
+                            Some((_, '}')) => break,
+                            Some((_, c)) if c == '{' => {
+                                return Err(SpecError::Template { position, message: "'{' inside a field".into() })
+                            }
+                            Some((_, c)) => name.push(c),
+                            None => {
+                                return Err(SpecError::Template { position, message: "unclosed '{'".into() })
+                            }
+                        }
+                    }
+                    let name = name.trim();
+                    if name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_') {
+                        return Err(SpecError::Template {
+                            position,
+                            message: format!(
+                                "field '{{{name}}}' must be a plain name (letters, digits, '_'); write '{{{{' for a literal brace"
+                            ),
+                        });
+                    }
+                    if !literal.is_empty() {
+                        parts.push(Part::Literal(std::mem::take(&mut literal)));
+                    }
+                    parts.push(Part::Variable(name.to_owned()));
+                }
+                '}' => {
+                    return Err(SpecError::Template {
+                        position,
+                        message: "single '}' (write '}}' for a literal brace)".into(),
+                    })
+                }
+                c => literal.push(c),
+            }
+        }
+        if !literal.is_empty() {
+            parts.push(Part::Literal(literal));
+        }
+        Ok(Self { parts })
+    }
+
+    /// The variables the template uses, in order of first use.
+    pub fn variables(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for part in &self.parts {
+            if let Part::Variable(name) = part {
+                if !out.contains(&name.as_str()) {
+                    out.push(name);
+                }
+            }
+        }
+        out
+    }
+
+    pub fn render(&self, index: u64, input: &Map<String, Value>) -> Result<String, SpecError> {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(text) => out.push_str(text),
+                Part::Variable(name) => match input.get(name) {
+                    Some(Value::String(s)) => out.push_str(s),
+                    Some(other) => {
+                        let _ = write!(out, "{other}");
+                    }
+                    None => return Err(missing_variable(index, name, input)),
+                },
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cold]
+fn missing_variable(index: u64, variable: &str, input: &Map<String, Value>) -> SpecError {
+    let mut available: Vec<&str> = input.keys().map(String::as_str).collect();
+    available.sort_unstable();
+    SpecError::MissingVariable {
+        index,
+        variable: variable.to_owned(),
+        available: if available.is_empty() { "no fields".into() } else { available.join(", ") },
+    }
+}
+
+/// How the requested output schema reaches the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SchemaMode {
+    /// Constrained decoding where the backend supports it, otherwise the schema in the prompt.
+    #[default]
+    Auto,
+    /// Always in the prompt, never constrained decoding.
+    Prompt,
+}
+
+/// Everything a run needs to know that is the same for every job. Built from JSON by the Python
+/// layer (`BatchSpec::from_json`), validated there once.
+#[derive(Debug, Clone)]
+pub struct BatchSpec {
+    pub model: String,
+    pub system: Option<String>,
+    pub task: Template,
+    pub tools: Arc<Vec<ToolDef>>,
+    pub output_schema: Option<Arc<Value>>,
+    pub schema_mode: SchemaMode,
+    pub max_turns: u32,
+    pub max_inflight: usize,
+    /// Live agents at once (memory bound); jobs beyond it wait unread in the input.
+    pub window: usize,
+    /// Attempts per model call for retryable failures (429, 5xx, timeouts, resets).
+    pub max_attempts: u32,
+    /// Extra answers allowed when the output fails validation.
+    pub validation_retries: u32,
+    pub call_timeout: Duration,
+    pub agent_timeout: Option<Duration>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f64>,
+    pub stream: bool,
+    /// Warm the engine's prefix cache with one request before fanning out.
+    pub warm_prefix: bool,
+    /// Send Dynamo agent hints.
+    pub agent_hints: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    model: String,
+    #[serde(default)]
+    system: Option<String>,
+    task: String,
+    #[serde(default)]
+    tools: Vec<ToolDef>,
+    #[serde(default)]
+    output_schema: Option<Value>,
+    #[serde(default)]
+    schema_mode: SchemaMode,
+    #[serde(default = "default_max_turns")]
+    max_turns: u32,
+    #[serde(default = "default_max_inflight")]
+    max_inflight: usize,
+    #[serde(default)]
+    window: Option<usize>,
+    #[serde(default = "default_max_attempts")]
+    max_attempts: u32,
+    #[serde(default = "default_validation_retries")]
+    validation_retries: u32,
+    #[serde(default = "default_call_timeout")]
+    call_timeout: f64,
+    #[serde(default)]
+    agent_timeout: Option<f64>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default = "default_true")]
+    stream: bool,
+    #[serde(default = "default_true")]
+    warm_prefix: bool,
+    #[serde(default)]
+    agent_hints: bool,
+}
+
+fn default_max_turns() -> u32 {
+    8
+}
+fn default_max_inflight() -> usize {
+    64
+}
+fn default_max_attempts() -> u32 {
+    6
+}
+fn default_validation_retries() -> u32 {
+    2
+}
+fn default_call_timeout() -> f64 {
+    600.0
+}
+fn default_true() -> bool {
+    true
+}
+
+fn seconds(field: &'static str, value: f64) -> Result<Duration, SpecError> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| SpecError::Invalid { field, message: format!("{value} is not a positive number of seconds") })
+}
+
+impl BatchSpec {
+    pub fn from_json(text: &str) -> Result<Self, SpecError> {
+        let raw: RawSpec =
+            serde_json::from_str(text).map_err(|e| SpecError::Invalid { field: "spec", message: e.to_string() })?;
+        if raw.model.trim().is_empty() {
+            return Err(SpecError::Invalid { field: "model", message: "must not be empty".into() });
+        }
+        if raw.max_turns == 0 {
+            return Err(SpecError::Invalid { field: "max_turns", message: "must be at least 1".into() });
+        }
+        if raw.max_inflight == 0 {
+            return Err(SpecError::Invalid { field: "max_inflight", message: "must be at least 1".into() });
+        }
+        if raw.max_attempts == 0 {
+            return Err(SpecError::Invalid { field: "max_attempts", message: "must be at least 1".into() });
+        }
+        let window = raw.window.unwrap_or_else(|| (raw.max_inflight * 4).max(256));
+        if window == 0 {
+            return Err(SpecError::Invalid { field: "window", message: "must be at least 1".into() });
+        }
+        let mut names = std::collections::HashSet::new();
+        for tool in &raw.tools {
+            if !names.insert(tool.name.as_str()) {
+                return Err(SpecError::Invalid { field: "tools", message: format!("tool '{}' is defined twice", tool.name) });
+            }
+        }
+        Ok(Self {
+            model: raw.model,
+            system: raw.system.filter(|s| !s.is_empty()),
+            task: Template::parse(&raw.task)?,
+            tools: Arc::new(raw.tools),
+            output_schema: raw.output_schema.map(Arc::new),
+            schema_mode: raw.schema_mode,
+            max_turns: raw.max_turns,
+            max_inflight: raw.max_inflight,
+            window,
+            max_attempts: raw.max_attempts,
+            validation_retries: raw.validation_retries,
+            call_timeout: seconds("call_timeout", raw.call_timeout)?,
+            agent_timeout: raw.agent_timeout.map(|s| seconds("agent_timeout", s)).transpose()?,
+            max_tokens: raw.max_tokens,
+            temperature: raw.temperature,
+            stream: raw.stream,
+            warm_prefix: raw.warm_prefix,
+            agent_hints: raw.agent_hints,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+
+    fn map(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn renders_strings_and_json_values() {
+        let t = Template::parse("Review {path} ({n} lines) {{literal}}").unwrap();
+        assert_eq!(t.render(0, &map(json!({"path": "a.py", "n": 3}))).unwrap(), "Review a.py (3 lines) {literal}");
+        assert_eq!(t.variables(), vec!["path", "n"]);
+    }
+
+    #[test]
+    fn missing_variable_names_input_and_variable() {
+        let t = Template::parse("Review {path}").unwrap();
+        let err = t.render(7, &map(json!({"file": "a.py"}))).unwrap_err();
+        assert_eq!(err.to_string(), "input 7: template variable 'path' is missing (the input has: file)");
+    }
+
+    #[test]
+    fn malformed_templates_are_rejected_with_position() {
+        assert!(matches!(Template::parse("a {b"), Err(SpecError::Template { position: 2, .. })));
+        assert!(matches!(Template::parse("a } b"), Err(SpecError::Template { position: 2, .. })));
+        assert!(matches!(Template::parse("{a.b}"), Err(SpecError::Template { .. })));
+        assert!(matches!(Template::parse("{}"), Err(SpecError::Template { .. })));
+    }
+
+    #[test]
+    fn spec_defaults_and_validation() {
+        let spec = BatchSpec::from_json(r#"{"model": "m", "task": "do {x}"}"#).unwrap();
+        assert_eq!(spec.max_turns, 8);
+        assert_eq!(spec.window, 256);
+        let err = BatchSpec::from_json(r#"{"model": "m", "task": "t", "max_turns": 0}"#).unwrap_err();
+        assert!(err.to_string().contains("max_turns"));
+        let err = BatchSpec::from_json(r#"{"model": "m", "task": "t", "bogus": 1}"#).unwrap_err();
+        assert!(err.to_string().contains("bogus"));
+    }
+}

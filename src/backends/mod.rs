@@ -153,3 +153,14 @@ pub trait Backend: Send + Sync {
         events: Option<mpsc::UnboundedSender<StreamEvent>>,
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>>;
 }
+
+pub mod connect;
+pub mod fleet;
+pub mod http;
+pub mod metrics;
+pub mod ollama;
+pub mod openai;
+pub mod url;
+pub mod aws_credentials;
+pub mod sigv4;
+pub mod bedrock;

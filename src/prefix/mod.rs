@@ -1,1 +1,114 @@
-//! Token-block hashing and shared-prefix detection.
+//! Shared-prefix identity: which requests start with the same tokens, so the fleet can send them
+//! to the endpoint that already holds that prefix in its KV cache.
+//!
+//! The key covers what every request of a job family starts with: the system prompt and the tool
+//! definitions (engines render tools into the prompt ahead of the conversation). Session-variant
+//! preamble lines at the top of a system prompt (`x-anthropic-billing-header: ...`,
+//! `x-amz-...: ...`: per-session headers some harnesses inject) change every session but not the
+//! work, so they are stripped before hashing unless the caller keeps them.
+
+use crate::conversation::{Message, Role, ToolDef};
+
+/// FNV-1a, 64-bit: stable across processes and versions (routing keys may be logged and compared).
+#[derive(Clone, Copy)]
+struct Fnv(u64);
+
+impl Fnv {
+    const fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_sep(&mut self) {
+        self.write(&[0xff]);
+    }
+}
+
+/// Is this line a session-variant header line (`x-something: value`)?
+fn is_session_header(line: &str) -> bool {
+    let Some((name, _)) = line.split_once(':') else { return false };
+    let name = name.trim();
+    name.len() > 2
+        && name[..2].eq_ignore_ascii_case("x-")
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The system prompt without its leading session-variant header lines (and the blank line that
+/// usually follows them).
+pub fn strip_session_preamble(system: &str) -> &str {
+    let mut rest = system;
+    loop {
+        let (line, tail) = rest.split_once('\n').unwrap_or((rest, ""));
+        if is_session_header(line.trim_end_matches('\r')) {
+            rest = tail;
+        } else {
+            break;
+        }
+    }
+    if rest.len() < system.len() {
+        rest.trim_start_matches(['\r', '\n'])
+    } else {
+        system
+    }
+}
+
+/// The routing key of a request's shared prefix, or `None` when it has no system prompt and no
+/// tools (nothing shared to route by).
+pub fn prefix_key(messages: &[Message], tools: &[ToolDef], keep_session_headers: bool) -> Option<u64> {
+    let system = messages.iter().take_while(|m| m.role == Role::System).map(|m| m.content.as_str());
+    let mut h = Fnv::new();
+    let mut any = false;
+    for text in system {
+        let text = if keep_session_headers { text } else { strip_session_preamble(text) };
+        h.write(text.as_bytes());
+        h.write_sep();
+        any = true;
+    }
+    for tool in tools {
+        h.write(tool.name.as_bytes());
+        h.write_sep();
+        h.write(tool.description.as_bytes());
+        h.write_sep();
+        h.write(tool.parameters.to_string().as_bytes());
+        h.write_sep();
+        any = true;
+    }
+    any.then_some(h.0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn session_headers_are_stripped_before_hashing() {
+        let a = [Message::system("x-anthropic-billing-header: cc_version=1; session=aaa\nYou review code."), Message::user("a")];
+        let b = [Message::system("x-anthropic-billing-header: cc_version=1; session=bbb\nYou review code."), Message::user("b")];
+        assert_eq!(prefix_key(&a, &[], false), prefix_key(&b, &[], false));
+        assert_ne!(prefix_key(&a, &[], true), prefix_key(&b, &[], true));
+        assert_eq!(strip_session_preamble("x-amz-trace: 1\nX-Foo: 2\n\nbody\nx-not: stripped"), "body\nx-not: stripped");
+    }
+
+    #[test]
+    fn different_system_prompts_or_tools_differ() {
+        let a = [Message::system("one")];
+        let b = [Message::system("two")];
+        assert_ne!(prefix_key(&a, &[], false), prefix_key(&b, &[], false));
+        let tool = ToolDef { name: "t".into(), description: String::new(), parameters: serde_json::json!({}) };
+        assert_ne!(prefix_key(&a, &[], false), prefix_key(&a, std::slice::from_ref(&tool), false));
+        assert_eq!(prefix_key(&[Message::user("u")], &[], false), None);
+    }
+
+    #[test]
+    fn ordinary_first_lines_are_kept() {
+        assert_eq!(strip_session_preamble("Note: be brief\nx-a: b"), "Note: be brief\nx-a: b");
+        assert_eq!(strip_session_preamble("x-: nothing"), "x-: nothing");
+    }
+}

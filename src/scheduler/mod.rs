@@ -1,2 +1,13 @@
 //! Scheduling: the priority semaphore that bounds in-flight model calls, adaptive limits, retries,
 //! and the agent loop that drives each job through its turns.
+
+pub mod agent;
+pub mod aimd;
+pub mod retry;
+pub mod run;
+pub mod semaphore;
+pub mod stats;
+
+pub use aimd::AdaptiveLimit;
+pub use retry::{RetryPolicy, SplitMix64};
+pub use semaphore::{Acquire, Permit, PrioritySemaphore};

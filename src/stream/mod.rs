@@ -1,2 +1,8 @@
 //! Incremental stream parsers: SSE, NDJSON, the AWS event-stream framing, and tool-call delta
 //! assembly.
+
+pub mod anthropic;
+pub mod eventstream;
+pub mod ndjson;
+pub mod openai;
+pub mod sse;

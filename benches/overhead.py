@@ -1,0 +1,231 @@
+"""Client CPU cost per agent-turn: BatchAgent vs the hand-written `openai` SDK loop.
+
+Workload: N agents x 2 turns (one call of a trivial Python tool, then a JSON answer validated by
+pydantic), against the simulator at zero model latency, running in its own process so that only
+the client's CPU is counted. Each client runs in a fresh child process that reports its own
+user+sys CPU time (getrusage) for the run. Writes JSON; prints a table.
+
+    python benches/overhead.py --agents 2000 10000 --out bench-results/overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pydantic
+
+SYSTEM = "You answer questions about keys. Look the key up with the tool, then answer in JSON."
+TASK = "What is stored under key {key}?"
+
+
+class Answer(pydantic.BaseModel):
+    key: str
+    value: str
+    found: bool
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _inputs(n: int) -> list[dict[str, Any]]:
+    return [{"key": f"k{i}"} for i in range(n)]
+
+
+def child_batchagent(url: str, n: int, inflight: int, stream: bool) -> dict[str, Any]:
+    from batchagent_rs import Batch, tool
+
+    @tool
+    def lookup(key: str) -> str:
+        """Look a key up."""
+        return key.upper()
+
+    batch = Batch(
+        TASK,
+        system=SYSTEM,
+        tools=[lookup],
+        output=Answer,
+        model="sim-model",
+        backend="vllm://" + url.removeprefix("http://"),
+        max_inflight=inflight,
+        max_turns=4,
+        stream=stream,
+        warm_prefix=False,
+    )
+    items = _inputs(n)
+    cpu0, t0 = _cpu(), time.perf_counter()
+    results = batch.run(items)
+    cpu, wall = _cpu() - cpu0, time.perf_counter() - t0
+    ok = sum(r.ok for r in results)
+    turns = sum(r.turns for r in results)
+    return {"ok": ok, "agent_turns": turns, "cpu_s": cpu, "wall_s": wall}
+
+
+def child_baseline(url: str, n: int, inflight: int, stream: bool) -> dict[str, Any]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=3)
+    schema = json.dumps(Answer.model_json_schema(), separators=(",", ":"))
+    system = f"{SYSTEM}\n\nReply with only JSON matching this JSON Schema:\n```json\n{schema}\n```"
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "lookup",
+                "description": "Look a key up.",
+                "parameters": {"type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"]},
+            },
+        }
+    ]
+
+    def lookup(key: str) -> str:
+        return key.upper()
+
+    async def agent(item: dict[str, Any], sem: asyncio.Semaphore) -> tuple[bool, int]:
+        messages: list[Any] = [{"role": "system", "content": system}, {"role": "user", "content": TASK.format(**item)}]
+        for turn in range(1, 5):
+            async with sem:
+                if stream:
+                    text, calls = "", {}
+                    chunks = await client.chat.completions.create(
+                        model="sim-model", messages=messages, tools=tools, stream=True  # type: ignore[arg-type]
+                    )
+                    async for chunk in chunks:
+                        if not chunk.choices:
+                            continue
+                        d = chunk.choices[0].delta
+                        text += d.content or ""
+                        for tc in d.tool_calls or []:
+                            e = calls.setdefault(tc.index, {"id": "", "name": "", "arguments": ""})
+                            e["id"] = tc.id or e["id"]
+                            if tc.function:
+                                e["name"] = tc.function.name or e["name"]
+                                e["arguments"] += tc.function.arguments or ""
+                    tool_calls = [calls[i] for i in sorted(calls)]
+                else:
+                    resp = await client.chat.completions.create(model="sim-model", messages=messages, tools=tools)  # type: ignore[arg-type]
+                    msg = resp.choices[0].message
+                    text = msg.content or ""
+                    tool_calls = [
+                        {"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+                        for c in msg.tool_calls or []
+                        if c.type == "function"
+                    ]
+            if not tool_calls:
+                Answer.model_validate_json(text[text.find("{") : text.rfind("}") + 1])
+                return True, turn
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": text or None,
+                    "tool_calls": [
+                        {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                        for c in tool_calls
+                    ],
+                }
+            )
+            for c in tool_calls:
+                messages.append({"role": "tool", "tool_call_id": c["id"], "content": lookup(**json.loads(c["arguments"]))})
+        return False, 4
+
+    async def main() -> list[tuple[bool, int]]:
+        sem = asyncio.Semaphore(inflight)
+        try:
+            return await asyncio.gather(*(agent(item, sem) for item in _inputs(n)))
+        finally:
+            await client.close()
+
+    cpu0, t0 = _cpu(), time.perf_counter()
+    outcomes = asyncio.run(main())
+    cpu, wall = _cpu() - cpu0, time.perf_counter() - t0
+    return {"ok": sum(o for o, _ in outcomes), "agent_turns": sum(t for _, t in outcomes), "cpu_s": cpu, "wall_s": wall}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_sim() -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchagent_rs.cli", "sim", "serve", "--port", str(port), "--time-scale", "0",
+         "--tool-rounds", "1", "--distinct-args", "1000000000", "--output-tokens", "fixed:16"],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()  # "simulator listening on ..."
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _run_child(kind: str, url: str, n: int, inflight: int, stream: bool) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", kind, "--url", url, "--agents", str(n), "--max-inflight", str(inflight)]
+        + (["--stream"] if stream else []),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--agents", type=int, nargs="+", default=[2000, 10000])
+    p.add_argument("--max-inflight", type=int, default=256)
+    p.add_argument("--stream", action="store_true", help="streamed model calls on both sides")
+    p.add_argument("--out", default="bench-results/overhead.json")
+    p.add_argument("--child", choices=["batchagent", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--url", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        fn = child_batchagent if args.child == "batchagent" else child_baseline
+        print(json.dumps(fn(args.url, args.agents[0], args.max_inflight, args.stream)))
+        return
+
+    rows = []
+    for n in args.agents:
+        row: dict[str, Any] = {"agents": n}
+        for kind in ("batchagent", "baseline"):
+            proc, url = _start_sim()
+            try:
+                m = _run_child(kind, url, n, args.max_inflight, args.stream)
+            finally:
+                proc.terminate()
+                proc.wait()
+            m["cpu_us_per_agent_turn"] = m["cpu_s"] / max(m["agent_turns"], 1) * 1e6
+            row[kind] = m
+        row["ratio"] = row["baseline"]["cpu_us_per_agent_turn"] / row["batchagent"]["cpu_us_per_agent_turn"]
+        rows.append(row)
+        print(
+            f"N={n:>6}  batchagent {row['batchagent']['cpu_us_per_agent_turn']:8.1f} us/agent-turn "
+            f"({row['batchagent']['ok']} ok)  baseline {row['baseline']['cpu_us_per_agent_turn']:8.1f} us/agent-turn "
+            f"({row['baseline']['ok']} ok)  ratio {row['ratio']:.1f}x",
+            flush=True,
+        )
+    result = {
+        "benchmark": "overhead",
+        "stream": args.stream,
+        "max_inflight": args.max_inflight,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""BatchAgent: run large batches of LLM agent work as fast as the inference backends allow."""
+
+from ._core import (
+    BackendTimeout,
+    BackendUnavailable,
+    InputError,
+    JournalError,
+    RunError,
+    SchemaError,
+    __version__,
+)
+from .batch import Batch, BatchAgent, ErrorInfo, Result, RunReport, Usage
+from .tools import Tool, tool
+
+__all__ = [
+    "BackendTimeout",
+    "BackendUnavailable",
+    "Batch",
+    "BatchAgent",
+    "ErrorInfo",
+    "InputError",
+    "JournalError",
+    "Result",
+    "RunError",
+    "RunReport",
+    "SchemaError",
+    "Tool",
+    "Usage",
+    "__version__",
+    "tool",
+]

@@ -1,0 +1,51 @@
+"""The native core of BatchAgent (Rust). Private: import from `batchagent_rs`."""
+
+from typing import Any
+
+__version__: str
+
+class SchemaError(ValueError):
+    """An output schema, tool signature or setting is invalid."""
+
+class InputError(ValueError):
+    """An input cannot be used: a missing template variable, a malformed line."""
+
+class BackendUnavailable(ConnectionError):
+    """The backend cannot be reached or refused the configuration."""
+
+class BackendTimeout(TimeoutError):
+    """The backend did not answer in time."""
+
+class JournalError(OSError):
+    """The journal, cache or output file cannot be used."""
+
+class RunError(RuntimeError):
+    """The run cannot continue."""
+
+class Run:
+    """One batch run. Created from the spec and options as JSON; starts at once and waits for inputs."""
+
+    def __new__(cls, spec_json: str, options_json: str) -> Run: ...
+    def check_inputs(self, items: list[tuple[int, str]]) -> None:
+        """Render the task for `(index, input json)` pairs; raises `InputError` on the first bad one."""
+    def feed(self, items: list[tuple[str, int, str]]) -> Any:
+        """Awaitable: hand `(id, index, input json)` to the run; resolves when all are taken."""
+    def close_input(self) -> None:
+        """No more inputs."""
+    def next_events(
+        self,
+    ) -> Any:
+        """Awaitable of `(tool_calls, batch_calls, validations, results_json, done)`."""
+    def complete_tools(self, items: list[tuple[int, bool, str]]) -> None:
+        """Answers `(call id, ok, text)` for tool calls."""
+    def complete_batches(self, items: list[tuple[int, bool, list[tuple[bool, str]], str]]) -> None:
+        """Answers `(batch id, ok, [(ok, text)], error)` for batch tool calls."""
+    def complete_validations(self, items: list[tuple[int, bool, str]]) -> None:
+        """Answers `(validation id, ok, error message)`."""
+    def stats_json(self) -> str:
+        """Counters so far, as JSON."""
+    def cancel(self) -> None:
+        """Stop every agent now."""
+    @property
+    def sim_url(self) -> str | None:
+        """Base URL of the embedded simulator when the backend is `sim://`."""

@@ -1,0 +1,587 @@
+"""`Batch`: run one task over many inputs. Scheduling, HTTP and parsing happen in the Rust core;
+this module turns Python objects into a spec, answers the core's tool and validation requests in
+batches, and hands back `Result` objects."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydantic
+
+from . import _core
+from .tools import Tool, encode_result
+
+__all__ = ["Batch", "BatchAgent", "ErrorInfo", "Result", "RunReport", "Usage"]
+
+log = logging.getLogger("batchagent")
+
+_FEED_CHUNK = 256
+# Sync tools whose calls take less than this on average run as one thread-pool job per batch of
+# calls; slower ones get a thread each so a slow tool never serialises a batch.
+_FAST_TOOL_SECONDS = 0.0005
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    cache_creation_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    kind: str
+    message: str
+    retryable: bool
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of one input: `ok` with `output`, or not ok with `error`."""
+
+    id: str
+    index: int
+    ok: bool
+    output: Any
+    error: ErrorInfo | None
+    usage: Usage
+    turns: int
+    tool_calls: int
+    attempts: int
+    ttft: float | None
+    total: float
+    text: str | None = None
+    repaired: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        output = self.output
+        if isinstance(output, pydantic.BaseModel):
+            output = output.model_dump(mode="json")
+        return {
+            "id": self.id,
+            "index": self.index,
+            "ok": self.ok,
+            "output": output,
+            "error": None if self.error is None else vars(self.error),
+            "usage": vars(self.usage),
+            "turns": self.turns,
+            "tool_calls": self.tool_calls,
+            "attempts": self.attempts,
+            "ttft": self.ttft,
+            "total": self.total,
+        }
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """Aggregates of a run."""
+
+    jobs: int
+    ok: int
+    failed: int
+    wall_seconds: float
+    agents_per_second: float
+    model_calls: int
+    retries: int
+    throttled: int
+    validation_retries: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    cache_hit_rate: float
+    tool_requests: int
+    tool_executions: int
+    tool_cache_hits: int
+    tools_started_early: int
+    errors_by_kind: dict[str, int]
+    ttft: dict[str, float | None]
+    latency: dict[str, float | None]
+    backend: str
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in vars(self).items() if k != "raw"}
+        return data
+
+    def table(self) -> str:
+        def ms(v: float | None) -> str:
+            return "-" if v is None else f"{v * 1000:.0f} ms"
+
+        rows = [
+            ("jobs", f"{self.jobs} ({self.ok} ok, {self.failed} failed)"),
+            ("wall time", f"{self.wall_seconds:.2f} s"),
+            ("agents/s", f"{self.agents_per_second:.1f}"),
+            ("model calls", f"{self.model_calls} ({self.retries} retries, {self.throttled} throttled)"),
+            ("tokens", f"{self.prompt_tokens} prompt ({self.cached_tokens} cached), {self.completion_tokens} completion"),
+            ("prefix cache hit rate", f"{self.cache_hit_rate:.1%}"),
+            (
+                "tool calls",
+                f"{self.tool_requests} requested, {self.tool_executions} executed, {self.tool_cache_hits} from cache",
+            ),
+            ("TTFT p50 / p95 / p99", f"{ms(self.ttft.get('p50'))} / {ms(self.ttft.get('p95'))} / {ms(self.ttft.get('p99'))}"),
+            ("job latency p50 / p95", f"{ms(self.latency.get('p50'))} / {ms(self.latency.get('p95'))}"),
+        ]
+        if self.errors_by_kind:
+            rows.append(("errors", ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_kind.items()))))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+    @classmethod
+    def from_stats(cls, stats: dict[str, Any], wall: float) -> RunReport:
+        run = stats["run"]
+        tools = stats["tools"]
+        done = run["jobs_ok"] + run["jobs_failed"]
+        prompt = run["prompt_tokens"]
+
+        def summary(s: dict[str, Any]) -> dict[str, float | None]:
+            return {k: s[k] for k in ("mean", "p50", "p90", "p95", "p99", "max")}
+
+        return cls(
+            jobs=done,
+            ok=run["jobs_ok"],
+            failed=run["jobs_failed"],
+            wall_seconds=wall,
+            agents_per_second=done / wall if wall > 0 else 0.0,
+            model_calls=run["model_calls"],
+            retries=run["retries"],
+            throttled=run["throttled"],
+            validation_retries=run["validation_retries"],
+            prompt_tokens=prompt,
+            cached_tokens=run["cached_tokens"],
+            completion_tokens=run["completion_tokens"],
+            cache_hit_rate=run["cached_tokens"] / prompt if prompt else 0.0,
+            tool_requests=tools["requests"],
+            tool_executions=tools["executions"],
+            tool_cache_hits=tools["cache_hits"],
+            tools_started_early=run["tools_started_early"],
+            errors_by_kind=dict(run["errors_by_kind"]),
+            ttft=summary(run["ttft"]),
+            latency=summary(run["job_latency"]),
+            backend=stats["backend"],
+            raw=stats,
+        )
+
+
+OnResult = Callable[[Result], Any]
+
+
+class Batch:
+    """One task, many inputs. Inputs are dicts whose fields fill the `task` template (`{name}`)."""
+
+    def __init__(
+        self,
+        task: str,
+        *,
+        system: str | None = None,
+        tools: Sequence[Tool] = (),
+        output: type[pydantic.BaseModel] | dict[str, Any] | None = None,
+        model: str = "sim-model",
+        backend: str | Sequence[str] = "sim://",
+        max_inflight: int = 64,
+        max_turns: int = 8,
+        window: int | None = None,
+        max_attempts: int = 6,
+        validation_retries: int = 2,
+        call_timeout: float = 600.0,
+        agent_timeout: float | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        stream: bool = True,
+        warm_prefix: bool = True,
+        schema_mode: str = "auto",
+        on_result: OnResult | None = None,
+        api_key: str | None = None,
+        seed: int = 0,
+        tool_threads: int = 64,
+    ) -> None:
+        for t in tools:
+            if not isinstance(t, Tool):
+                raise TypeError(f"tools: {t!r} is not a tool; decorate it with @batchagent_rs.tool")
+        self._tools = {t.name: t for t in tools}
+        if len(self._tools) != len(tools):
+            raise _core.SchemaError("tools: two tools have the same name")
+        self._model_type: type[pydantic.BaseModel] | None = None
+        schema: dict[str, Any] | None
+        if output is None:
+            schema = None
+        elif isinstance(output, type) and issubclass(output, pydantic.BaseModel):
+            self._model_type = output
+            try:
+                schema = output.model_json_schema()
+            except pydantic.PydanticUserError as exc:
+                raise _core.SchemaError(f"output: {exc}") from exc
+        elif isinstance(output, dict):
+            schema = output
+        else:
+            raise TypeError("output must be a pydantic model class, a JSON Schema dict, or None")
+        self._spec = {
+            "model": model,
+            "system": system,
+            "task": task,
+            "tools": [t.definition() for t in tools],
+            "output_schema": schema,
+            "schema_mode": schema_mode,
+            "max_turns": max_turns,
+            "max_inflight": max_inflight,
+            "window": window,
+            "max_attempts": max_attempts,
+            "validation_retries": validation_retries,
+            "call_timeout": call_timeout,
+            "agent_timeout": agent_timeout,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "stream": stream,
+            "warm_prefix": warm_prefix,
+        }
+        backends = [backend] if isinstance(backend, str) else list(backend)
+        self._options = {
+            "backends": backends,
+            "tools": [t.options() for t in tools],
+            "python_validation": self._model_type is not None,
+            "seed": seed,
+            "api_key": api_key,
+        }
+        self._on_result = on_result
+        self._tool_threads = tool_threads
+        self._last_stats: dict[str, Any] | None = None
+        self._last_wall = 0.0
+        self._run: _core.Run | None = None
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def run(self, inputs: Iterable[dict[str, Any]]) -> list[Result]:
+        """Run every input; returns results in input order. Not for use inside a running event loop."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.arun(inputs))
+        raise RuntimeError("Batch.run() was called from a running event loop; use `await batch.arun(...)`")
+
+    async def arun(self, inputs: Iterable[dict[str, Any]]) -> list[Result]:
+        """Run every input; returns results in input order."""
+        results = [r async for r in self.stream(inputs)]
+        results.sort(key=lambda r: r.index)
+        return results
+
+    async def stream(self, inputs: Iterable[dict[str, Any]]) -> AsyncIterator[Result]:
+        """Yield results in completion order. Cancelling the iteration cancels the run."""
+        driver = _Driver(self, inputs)
+        async for result in driver.results():
+            yield result
+
+    def report(self) -> RunReport:
+        """Aggregates of the last (or current) run."""
+        stats = self._last_stats
+        if self._run is not None:
+            stats = json.loads(self._run.stats_json())
+        if stats is None:
+            raise RuntimeError("report(): nothing has run yet")
+        return RunReport.from_stats(stats, self._last_wall)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The settings sent to the core (for inspection and journaling)."""
+        return dict(self._spec)
+
+
+class BatchAgent:
+    """One-call form: `BatchAgent.run(task=..., inputs=..., tools=..., output_schema=..., backend=...)`."""
+
+    @staticmethod
+    def run(
+        *,
+        task: str,
+        inputs: Iterable[dict[str, Any]],
+        output_schema: type[pydantic.BaseModel] | dict[str, Any] | None = None,
+        **options: Any,
+    ) -> list[Result]:
+        return Batch(task, output=output_schema, **options).run(inputs)
+
+    @staticmethod
+    async def arun(
+        *,
+        task: str,
+        inputs: Iterable[dict[str, Any]],
+        output_schema: type[pydantic.BaseModel] | dict[str, Any] | None = None,
+        **options: Any,
+    ) -> list[Result]:
+        return await Batch(task, output=output_schema, **options).arun(inputs)
+
+
+def _input_json(index: int, item: Any) -> tuple[str, str]:
+    if not isinstance(item, dict):
+        raise _core.InputError(f"input {index}: expected a dict, got {type(item).__name__}")
+    try:
+        text = json.dumps(item, default=str, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise _core.InputError(f"input {index}: cannot be encoded as JSON: {exc}") from exc
+    job_id = item.get("id")
+    return (str(job_id) if job_id is not None else str(index)), text
+
+
+class _Driver:
+    """Answers the core's requests for one run and turns its results into `Result` objects."""
+
+    def __init__(self, batch: Batch, inputs: Iterable[dict[str, Any]]) -> None:
+        self.batch = batch
+        self.inputs = inputs
+        self.tools = batch._tools
+        self.model_type = batch._model_type
+        self.validated: dict[str, pydantic.BaseModel] = {}
+        self.tool_time: dict[str, tuple[int, float]] = {}
+        self.done_calls: list[tuple[int, bool, str]] = []
+        self.flush_scheduled = False
+        self.background: set[asyncio.Future[Any]] = set()
+        self.executor: ThreadPoolExecutor | None = None
+
+    async def results(self) -> AsyncIterator[Result]:
+        batch = self.batch
+        checked: list[tuple[str, int, str]] | None = None
+        if isinstance(self.inputs, Sequence):
+            checked = [(job_id, i, text) for i, (job_id, text) in enumerate(_input_json(i, x) for i, x in enumerate(self.inputs))]
+        run = _core.Run(json.dumps(batch._spec), json.dumps(batch._options))
+        if checked is not None:
+            run.check_inputs([(i, text) for _, i, text in checked])
+        batch._run = run
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        feeder = loop.create_task(self._feed(run, checked))
+        finished = False
+        try:
+            while True:
+                tool_calls, batch_calls, validations, results_json, done = await run.next_events()
+                if tool_calls:
+                    self._dispatch_tools(run, loop, tool_calls)
+                if batch_calls:
+                    for call in batch_calls:
+                        self._track(loop.create_task(self._run_batch(run, *call)))
+                if validations:
+                    run.complete_validations([self._validate(*v) for v in validations])
+                if results_json != "[]":
+                    for raw in json.loads(results_json):
+                        result = self._result(raw)
+                        self._deliver(result)
+                        yield result
+                if done:
+                    finished = True
+                    break
+            if feeder.done() and feeder.exception() is not None:
+                raise feeder.exception()  # type: ignore[misc]
+        finally:
+            if not finished:
+                run.cancel()
+            feeder.cancel()
+            for task in list(self.background):
+                task.cancel()
+            if self.executor is not None:
+                self.executor.shutdown(wait=False, cancel_futures=True)
+            batch._last_stats = json.loads(run.stats_json())
+            batch._last_wall = time.perf_counter() - started
+            batch._run = None
+
+    async def _feed(self, run: _core.Run, checked: list[tuple[str, int, str]] | None) -> None:
+        try:
+            if checked is not None:
+                for start in range(0, len(checked), _FEED_CHUNK):
+                    await run.feed(checked[start : start + _FEED_CHUNK])
+            else:
+                chunk: list[tuple[str, int, str]] = []
+                for index, item in enumerate(self.inputs):
+                    job_id, text = _input_json(index, item)
+                    chunk.append((job_id, index, text))
+                    if len(chunk) >= _FEED_CHUNK:
+                        await run.feed(chunk)
+                        chunk = []
+                if chunk:
+                    await run.feed(chunk)
+        finally:
+            run.close_input()
+
+    # -- tools ----------------------------------------------------------------------------------
+
+    def _track(self, task: asyncio.Future[Any]) -> None:
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def _finish_call(self, call_id: int, ok: bool, text: str) -> None:
+        self.done_calls.append((call_id, ok, text))
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_calls)
+
+    def _flush_calls(self) -> None:
+        self.flush_scheduled = False
+        calls, self.done_calls = self.done_calls, []
+        run = self.batch._run
+        if run is not None and calls:
+            run.complete_tools(calls)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(self.batch._tool_threads, thread_name_prefix="batchagent-tool")
+        return self.executor
+
+    def _dispatch_tools(self, run: _core.Run, loop: asyncio.AbstractEventLoop, calls: list[tuple[int, str, str]]) -> None:
+        fast: list[tuple[int, Tool, str]] = []
+        for call_id, name, arguments in calls:
+            t = self.tools.get(name)
+            if t is None:  # the core only asks for registered tools
+                self._finish_call(call_id, False, f"unknown tool '{name}'")
+            elif t.is_async:
+                self._track(loop.create_task(self._call_async(t, call_id, arguments)))
+            elif self._is_fast(name):
+                fast.append((call_id, t, arguments))
+            else:
+                fut = loop.run_in_executor(self._pool(), self._call_sync, t, call_id, arguments)
+                fut.add_done_callback(self._sync_done)
+                self._track(fut)
+        if fast:
+            fut = loop.run_in_executor(self._pool(), self._call_sync_many, fast)
+            fut.add_done_callback(self._sync_many_done)
+            self._track(fut)
+
+    def _is_fast(self, name: str) -> bool:
+        count, total = self.tool_time.get(name, (0, 0.0))
+        return count >= 8 and total / count < _FAST_TOOL_SECONDS
+
+    def _timed(self, t: Tool, arguments: str) -> tuple[bool, str]:
+        started = time.perf_counter()
+        try:
+            kwargs = t.parse_arguments(arguments)
+        except pydantic.ValidationError as exc:
+            return False, f"invalid arguments for {t.name}: {exc.errors(include_url=False)}"
+        try:
+            value = t.fn(**kwargs)
+            return True, encode_result(value)
+        except Exception as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+        finally:
+            count, total = self.tool_time.get(t.name, (0, 0.0))
+            self.tool_time[t.name] = (count + 1, total + time.perf_counter() - started)
+
+    def _call_sync(self, t: Tool, call_id: int, arguments: str) -> tuple[int, bool, str]:
+        ok, text = self._timed(t, arguments)
+        return call_id, ok, text
+
+    def _call_sync_many(self, calls: list[tuple[int, Tool, str]]) -> list[tuple[int, bool, str]]:
+        return [self._call_sync(t, call_id, arguments) for call_id, t, arguments in calls]
+
+    def _sync_done(self, fut: asyncio.Future[tuple[int, bool, str]]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self._finish_call(*fut.result())
+
+    def _sync_many_done(self, fut: asyncio.Future[list[tuple[int, bool, str]]]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            for item in fut.result():
+                self._finish_call(*item)
+
+    async def _call_async(self, t: Tool, call_id: int, arguments: str) -> None:
+        try:
+            kwargs = t.parse_arguments(arguments)
+        except pydantic.ValidationError as exc:
+            self._finish_call(call_id, False, f"invalid arguments for {t.name}: {exc.errors(include_url=False)}")
+            return
+        try:
+            value = await t.fn(**kwargs)
+            self._finish_call(call_id, True, encode_result(value))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._finish_call(call_id, False, f"{type(exc).__name__}: {exc}")
+
+    async def _run_batch(self, run: _core.Run, batch_id: int, name: str, arguments: list[str]) -> None:
+        t = self.tools[name]
+        handler = t.batch_handler
+        assert handler is not None
+        try:
+            parsed = [t.parse_arguments(a) for a in arguments]
+            if inspect.iscoroutinefunction(handler):
+                values = await handler(parsed)
+            else:
+                values = await asyncio.get_running_loop().run_in_executor(self._pool(), handler, parsed)
+            values = list(values)
+            if len(values) != len(arguments):
+                raise ValueError(f"batch handler of {name} returned {len(values)} results for {len(arguments)} calls")
+            run.complete_batches([(batch_id, True, [(True, encode_result(v)) for v in values], "")])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            run.complete_batches([(batch_id, False, [], f"{type(exc).__name__}: {exc}")])
+
+    # -- validation and results -----------------------------------------------------------------
+
+    def _validate(self, validation_id: int, job_id: str, text: str) -> tuple[int, bool, str]:
+        assert self.model_type is not None
+        try:
+            self.validated[job_id] = self.model_type.model_validate_json(text)
+            return validation_id, True, ""
+        except pydantic.ValidationError as exc:
+            return validation_id, False, _describe_validation(exc)
+
+    def _result(self, raw: dict[str, Any]) -> Result:
+        output: Any = raw.get("output")
+        if raw["ok"]:
+            if self.model_type is not None:
+                instance = self.validated.pop(raw["id"], None)
+                output = instance if instance is not None else self.model_type.model_validate(output)
+            elif output is None:
+                output = raw.get("text")
+        error = raw.get("error")
+        return Result(
+            id=raw["id"],
+            index=raw["index"],
+            ok=raw["ok"],
+            output=output,
+            error=None if error is None else ErrorInfo(**error),
+            usage=Usage(**raw["usage"]),
+            turns=raw["turns"],
+            tool_calls=raw["tool_calls"],
+            attempts=raw["attempts"],
+            ttft=raw.get("ttft_s"),
+            total=raw["total_s"],
+            text=raw.get("text"),
+            repaired=raw.get("repaired", False),
+        )
+
+    def _deliver(self, result: Result) -> None:
+        callback = self.batch._on_result
+        if callback is None:
+            return
+        try:
+            value = callback(result)
+        except Exception:
+            log.exception("on_result raised for input %s; the run goes on", result.index)
+            return
+        if inspect.isawaitable(value):
+            self._track(asyncio.ensure_future(_logged(value, result.index)))
+
+
+async def _logged(awaitable: Awaitable[Any], index: int) -> None:
+    try:
+        await awaitable
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("on_result raised for input %s; the run goes on", index)
+
+
+def _describe_validation(exc: pydantic.ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        location = "/".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{location}: {err['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,165 @@
+"""`@tool`: turns a Python function into a tool the model can call.
+
+The JSON Schema of the arguments comes from the signature (through pydantic), the description from
+the docstring. Arguments from the model are validated before the function runs; a validation error
+or an exception raised by the function becomes an error message the model sees.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, overload
+
+import pydantic
+
+__all__ = ["Tool", "tool"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ToolDefinitionError(ValueError):
+    """A function cannot be a tool: a parameter without annotation, `*args`, an unsupported type."""
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A callable offered to the model. Calling it calls the function directly."""
+
+    fn: Callable[..., Any]
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    arguments_model: type[pydantic.BaseModel]
+    cache: bool = False
+    cache_ttl: float | None = None
+    cache_max_entries: int = 10_000
+    max_concurrency: int | None = None
+    rate_limit: float | None = None
+    timeout: float | None = None
+    batch_handler: Callable[[list[dict[str, Any]]], Any] | None = None
+    batch_window: float = 0.01
+    batch_max: int = 64
+    is_async: bool = field(default=False)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def definition(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "parameters": self.parameters}
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "cache": self.cache,
+            "cache_ttl": self.cache_ttl,
+            "cache_max_entries": self.cache_max_entries,
+            "max_concurrency": self.max_concurrency,
+            "rate_limit": self.rate_limit,
+            "timeout": self.timeout,
+            "batch_window": self.batch_window if self.batch_handler is not None else None,
+            "batch_max": self.batch_max,
+        }
+
+    def parse_arguments(self, arguments_json: str) -> dict[str, Any]:
+        """Validate the model's arguments; raises `pydantic.ValidationError`."""
+        model = self.arguments_model.model_validate_json(arguments_json)
+        return {name: getattr(model, name) for name in self.arguments_model.model_fields}
+
+
+def encode_result(value: Any) -> str:
+    """A tool's return value as the text the model sees."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, pydantic.BaseModel):
+        return value.model_dump_json()
+    return json.dumps(value, default=str, ensure_ascii=False)
+
+
+def _arguments_model(fn: Callable[..., Any], name: str) -> type[pydantic.BaseModel]:
+    try:
+        signature = inspect.signature(fn)
+        hints = inspect.get_annotations(fn, eval_str=True)
+    except (TypeError, ValueError, NameError) as exc:
+        raise ToolDefinitionError(f"tool '{name}': cannot read the signature: {exc}") from exc
+    fields: dict[str, Any] = {}
+    for param in signature.parameters.values():
+        if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            raise ToolDefinitionError(
+                f"tool '{name}': parameter '{param.name}': *args and **kwargs cannot be described to a model"
+            )
+        if param.name not in hints:
+            raise ToolDefinitionError(f"tool '{name}': parameter '{param.name}' needs a type annotation")
+        default = ... if param.default is inspect.Parameter.empty else param.default
+        fields[param.name] = (hints[param.name], default)
+    try:
+        return pydantic.create_model(f"{name}_arguments", **fields)
+    except (pydantic.PydanticSchemaGenerationError, TypeError) as exc:
+        raise ToolDefinitionError(f"tool '{name}': {exc}") from exc
+
+
+def _description(fn: Callable[..., Any]) -> str:
+    doc = inspect.getdoc(fn) or ""
+    return doc.split("\n\n", 1)[0].strip()
+
+
+def _make_tool(fn: Callable[..., Any], **options: Any) -> Tool:
+    name = options.pop("name", None) or fn.__name__
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise ToolDefinitionError(f"tool name '{name}' must be letters, digits, '_' or '-'")
+    description = options.pop("description", None) or _description(fn)
+    model = _arguments_model(fn, name)
+    try:
+        parameters = model.model_json_schema()
+    except pydantic.PydanticInvalidForJsonSchema as exc:
+        raise ToolDefinitionError(f"tool '{name}': {exc}") from exc
+    parameters.pop("title", None)
+    return Tool(
+        fn=fn,
+        name=name,
+        description=description,
+        parameters=parameters,
+        arguments_model=model,
+        is_async=inspect.iscoroutinefunction(fn),
+        **options,
+    )
+
+
+@overload
+def tool(fn: Callable[..., Any], /) -> Tool: ...
+@overload
+def tool(
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    cache: bool = False,
+    cache_ttl: float | None = None,
+    cache_max_entries: int = 10_000,
+    max_concurrency: int | None = None,
+    rate_limit: float | None = None,
+    timeout: float | None = None,
+    batch_handler: Callable[[list[dict[str, Any]]], Sequence[Any] | Awaitable[Sequence[Any]]] | None = None,
+    batch_window: float = 0.01,
+    batch_max: int = 64,
+) -> Callable[[Callable[..., Any]], Tool]: ...
+
+
+def tool(fn: Callable[..., Any] | None = None, /, **options: Any) -> Tool | Callable[[Callable[..., Any]], Tool]:
+    """Declare a tool. Sync functions run in a thread pool, async ones on the caller's event loop.
+
+    - `cache=True`: identical calls (same arguments) are served from a cache (`cache_ttl` seconds,
+      `cache_max_entries` LRU bound). Without it identical calls still share one execution while
+      in flight.
+    - `max_concurrency`, `rate_limit` (calls per second), `timeout` (seconds) bound executions.
+    - `batch_handler`: calls arriving within `batch_window` seconds go to one call of this function
+      with the list of argument dicts; it returns one result per argument set, in order.
+    """
+    if fn is not None:
+        return _make_tool(fn)
+
+    def wrap(inner: Callable[..., Any]) -> Tool:
+        return _make_tool(inner, **options)
+
+    return wrap

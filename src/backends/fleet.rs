@@ -1,0 +1,251 @@
+//! Several endpoints behind one [`Backend`]: least-outstanding-requests routing with prefix
+//! affinity, routing by served model, health checks, failover of in-flight calls, and an adaptive
+//! concurrency limit per endpoint.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
+use crate::prefix::prefix_key;
+use crate::scheduler::aimd::AdaptiveLimit;
+
+/// One member of a fleet as `connect` builds it.
+pub struct Member {
+    pub backend: Arc<dyn Backend>,
+    /// GET this URL: 2xx means the endpoint is up.
+    pub health_url: String,
+    /// GET this URL for the OpenAI-style model list (`{"data": [{"id": ...}]}`), if the server has one.
+    pub models_url: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    /// Affinity yields to the least-loaded endpoint once the preferred one has this many more
+    /// calls outstanding: a warm cache is not worth an unbounded queue.
+    pub affinity_slack: usize,
+    pub keep_session_headers: bool,
+    pub probe_interval: Duration,
+    /// Upper bound of one endpoint's adaptive concurrency limit.
+    pub max_per_endpoint: usize,
+}
+
+impl Default for FleetOptions {
+    fn default() -> Self {
+        Self { affinity_slack: 8, keep_session_headers: false, probe_interval: Duration::from_secs(1), max_per_endpoint: 1024 }
+    }
+}
+
+struct Endpoint {
+    backend: Arc<dyn Backend>,
+    health_url: String,
+    outstanding: AtomicUsize,
+    up: AtomicBool,
+    limit: AdaptiveLimit,
+    models: Mutex<Vec<String>>,
+    served: AtomicU64,
+    failovers: AtomicU64,
+}
+
+/// Per-endpoint figures for reports.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct EndpointStats {
+    pub name: String,
+    pub up: bool,
+    pub outstanding: usize,
+    pub served: u64,
+    pub failovers: u64,
+    pub limit: usize,
+}
+
+pub struct Fleet {
+    name: String,
+    endpoints: Arc<Vec<Endpoint>>,
+    affinity: Mutex<HashMap<u64, usize>>,
+    options: FleetOptions,
+    capabilities: Capabilities,
+    prober: JoinHandle<()>,
+}
+
+/// Prefix keys remembered; beyond this the map is cleared (new arrivals re-learn their endpoint).
+const MAX_AFFINITY_KEYS: usize = 100_000;
+
+impl Fleet {
+    /// Builds the fleet, reads each endpoint's model list (best effort) and starts the prober on
+    /// the current tokio runtime.
+    pub async fn new(members: Vec<Member>, options: FleetOptions) -> Result<Self, BackendError> {
+        if members.is_empty() {
+            return Err(BackendError::Config("a fleet needs at least one endpoint".into()));
+        }
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| BackendError::Config(format!("HTTP client: {e}")))?;
+        let mut endpoints = Vec::with_capacity(members.len());
+        let mut capabilities = members[0].backend.capabilities();
+        for member in members {
+            let caps = member.backend.capabilities();
+            capabilities = intersect(capabilities, caps);
+            let models = match &member.models_url {
+                Some(url) => fetch_models(&client, url).await.unwrap_or_default(),
+                None => Vec::new(),
+            };
+            endpoints.push(Endpoint {
+                backend: member.backend,
+                health_url: member.health_url,
+                outstanding: AtomicUsize::new(0),
+                up: AtomicBool::new(true),
+                limit: AdaptiveLimit::new(options.max_per_endpoint, 1, options.max_per_endpoint),
+                models: Mutex::new(models),
+                served: AtomicU64::new(0),
+                failovers: AtomicU64::new(0),
+            });
+        }
+        let name = format!("fleet[{}]", endpoints.iter().map(|e| e.backend.name()).collect::<Vec<_>>().join(", "));
+        let endpoints = Arc::new(endpoints);
+        let prober = tokio::spawn(probe_loop(endpoints.clone(), client, options.probe_interval));
+        Ok(Self { name, endpoints, affinity: Mutex::new(HashMap::new()), options, capabilities, prober })
+    }
+
+    pub fn endpoint_stats(&self) -> Vec<EndpointStats> {
+        self.endpoints
+            .iter()
+            .map(|e| EndpointStats {
+                name: e.backend.name().to_owned(),
+                up: e.up.load(Relaxed),
+                outstanding: e.outstanding.load(Relaxed),
+                served: e.served.load(Relaxed),
+                failovers: e.failovers.load(Relaxed),
+                limit: e.limit.current(),
+            })
+            .collect()
+    }
+
+    /// Chooses an endpoint: among the live ones serving `model` that were not tried yet, the one
+    /// holding the prefix unless it is overloaded, else the least outstanding (relative to its limit).
+    fn pick(&self, model: &str, key: Option<u64>, tried: &[usize]) -> Option<usize> {
+        let serves = |e: &Endpoint| e.models.lock().map(|m| m.is_empty() || m.iter().any(|x| x == model)).unwrap_or(true);
+        let any_serves = self.endpoints.iter().any(|e| e.models.lock().map(|m| m.iter().any(|x| x == model)).unwrap_or(false));
+        let candidates: Vec<usize> = (0..self.endpoints.len())
+            .filter(|i| !tried.contains(i))
+            .filter(|&i| self.endpoints[i].up.load(Relaxed))
+            .filter(|&i| !any_serves || serves(&self.endpoints[i]))
+            .collect();
+        let load = |i: usize| {
+            let e = &self.endpoints[i];
+            e.outstanding.load(Relaxed) as f64 / e.limit.current().max(1) as f64
+        };
+        let least = candidates.iter().copied().min_by(|&a, &b| load(a).total_cmp(&load(b)))?;
+        let Some(key) = key else { return Some(least) };
+        let mut affinity = self.affinity.lock().ok()?;
+        if let Some(&preferred) = affinity.get(&key) {
+            if candidates.contains(&preferred) {
+                let p = &self.endpoints[preferred];
+                let l = &self.endpoints[least];
+                let outstanding = p.outstanding.load(Relaxed);
+                if outstanding < p.limit.current() && outstanding <= l.outstanding.load(Relaxed) + self.options.affinity_slack {
+                    return Some(preferred);
+                }
+                return Some(least);
+            }
+        }
+        if affinity.len() >= MAX_AFFINITY_KEYS {
+            affinity.clear();
+        }
+        affinity.insert(key, least);
+        Some(least)
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.prober.abort();
+    }
+}
+
+/// Failures that say "this endpoint is gone", as opposed to "this request failed".
+fn endpoint_failed(error: &BackendError) -> bool {
+    matches!(error, BackendError::Connection(_))
+}
+
+impl Backend for Fleet {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.capabilities
+    }
+
+    fn chat(&self, request: ChatRequest, events: Option<mpsc::UnboundedSender<StreamEvent>>) -> BoxFuture<'_, Result<ChatResponse, BackendError>> {
+        Box::pin(async move {
+            let key = prefix_key(&request.messages, &request.tools, self.options.keep_session_headers);
+            let mut tried = Vec::new();
+            let mut last_error = None;
+            while let Some(i) = self.pick(&request.model, key, &tried) {
+                let endpoint = &self.endpoints[i];
+                endpoint.outstanding.fetch_add(1, Relaxed);
+                let outcome = endpoint.backend.chat(request.clone(), events.clone()).await;
+                endpoint.outstanding.fetch_sub(1, Relaxed);
+                match outcome {
+                    Ok(response) => {
+                        endpoint.served.fetch_add(1, Relaxed);
+                        endpoint.limit.on_success();
+                        return Ok(response);
+                    }
+                    Err(error) if endpoint_failed(&error) => {
+                        // Out until the prober sees it answer again; the call moves on at once.
+                        endpoint.up.store(false, Relaxed);
+                        endpoint.failovers.fetch_add(1, Relaxed);
+                        tried.push(i);
+                        last_error = Some(error);
+                    }
+                    Err(error) => {
+                        if error.is_throttle() {
+                            endpoint.limit.on_throttle();
+                        }
+                        return Err(error);
+                    }
+                }
+            }
+            Err(last_error.unwrap_or_else(|| BackendError::Connection(format!("no live endpoint serves model '{}'", request.model))))
+        })
+    }
+}
+
+async fn probe_loop(endpoints: Arc<Vec<Endpoint>>, client: reqwest::Client, interval: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        for endpoint in endpoints.iter().filter(|e| !e.up.load(Relaxed)) {
+            if let Ok(response) = client.get(&endpoint.health_url).send().await {
+                if response.status().is_success() {
+                    endpoint.up.store(true, Relaxed);
+                }
+            }
+        }
+    }
+}
+
+async fn fetch_models(client: &reqwest::Client, url: &str) -> Option<Vec<String>> {
+    let bytes = client.get(url).send().await.ok()?.bytes().await.ok()?;
+    let body: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let ids = body.get("data")?.as_array()?.iter().filter_map(|m| m.get("id")?.as_str().map(str::to_owned)).collect();
+    Some(ids)
+}
+
+fn intersect(a: Capabilities, b: Capabilities) -> Capabilities {
+    Capabilities {
+        streaming: a.streaming && b.streaming,
+        tools: a.tools && b.tools,
+        json_schema: a.json_schema && b.json_schema,
+        prompt_caching: a.prompt_caching && b.prompt_caching,
+        metrics: a.metrics && b.metrics,
+        agent_hints: a.agent_hints && b.agent_hints,
+        batch_generation: a.batch_generation && b.batch_generation,
+    }
+}

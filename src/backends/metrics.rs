@@ -1,0 +1,182 @@
+//! Engine metrics from a Prometheus `/metrics` endpoint (vLLM and SGLang names): queue depth,
+//! running requests, prefix-cache hit rate and KV-cache usage, polled in the background. The
+//! scheduler can hold new model calls while the engine's queue is above a ceiling (back-pressure):
+//! requests queued inside the engine only add latency and cannot be re-prioritised there.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// One reading of an engine's metrics. Missing metrics are `None`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct EngineMetrics {
+    pub waiting: Option<f64>,
+    pub running: Option<f64>,
+    /// Fraction of the KV cache in use, 0..1.
+    pub kv_usage: Option<f64>,
+    /// Cumulative prefix-cache figures in tokens (vLLM); SGLang reports only the rate.
+    pub prefix_queries: Option<f64>,
+    pub prefix_hits: Option<f64>,
+    pub prefix_hit_rate: Option<f64>,
+}
+
+/// Parses Prometheus text exposition. Sums a metric over its label sets (several models or
+/// engines behind one endpoint add up).
+pub fn parse(text: &str) -> EngineMetrics {
+    let mut m = EngineMetrics::default();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        // "name{labels} value [timestamp]": label values may hold spaces, so split after the '}'.
+        let (name, rest) = match line.find('{') {
+            Some(open) => match line[open..].find('}') {
+                Some(close) => (&line[..open], &line[open + close + 1..]),
+                None => continue,
+            },
+            None => line.split_once(char::is_whitespace).unwrap_or((line, "")),
+        };
+        let Some(Ok(value)) = rest.split_whitespace().next().map(str::parse::<f64>) else { continue };
+        let slot = match name {
+            "vllm:num_requests_waiting" | "sglang:num_queue_reqs" => &mut m.waiting,
+            "vllm:num_requests_running" | "sglang:num_running_reqs" => &mut m.running,
+            "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" | "sglang:token_usage" => &mut m.kv_usage,
+            "vllm:prefix_cache_queries_total" | "vllm:prefix_cache_queries" | "vllm:gpu_prefix_cache_queries_total" => {
+                &mut m.prefix_queries
+            }
+            "vllm:prefix_cache_hits_total" | "vllm:prefix_cache_hits" | "vllm:gpu_prefix_cache_hits_total" => &mut m.prefix_hits,
+            "sglang:cache_hit_rate" => &mut m.prefix_hit_rate,
+            _ => continue,
+        };
+        if name == "vllm:gpu_cache_usage_perc" && m.kv_usage.is_some() {
+            // vLLM exports both names for one figure; count it once.
+            continue;
+        }
+        *slot = Some(slot.unwrap_or(0.0) + value);
+    }
+    if m.prefix_hit_rate.is_none() {
+        if let (Some(q), Some(h)) = (m.prefix_queries, m.prefix_hits) {
+            m.prefix_hit_rate = (q > 0.0).then(|| h / q);
+        }
+    }
+    m
+}
+
+/// Polls a `/metrics` URL in the background; the latest reading is always at hand.
+pub struct MetricsWatcher {
+    latest: watch::Receiver<Option<(Instant, EngineMetrics)>>,
+    errors: Arc<Mutex<Option<String>>>,
+    task: JoinHandle<()>,
+}
+
+impl MetricsWatcher {
+    pub fn start(url: String, interval: Duration) -> Self {
+        let (tx, rx) = watch::channel(None);
+        let errors = Arc::new(Mutex::new(None));
+        let last_error = errors.clone();
+        let task = tokio::spawn(async move {
+            let Ok(client) = reqwest::Client::builder().timeout(Duration::from_secs(5)).build() else { return };
+            loop {
+                match scrape(&client, &url).await {
+                    Ok(metrics) => {
+                        let _ = tx.send(Some((Instant::now(), metrics)));
+                    }
+                    Err(e) => {
+                        if let Ok(mut slot) = last_error.lock() {
+                            *slot = Some(e);
+                        }
+                    }
+                }
+                tokio::time::sleep(interval).await;
+            }
+        });
+        Self { latest: rx, errors, task }
+    }
+
+    pub fn latest(&self) -> Option<EngineMetrics> {
+        self.latest.borrow().as_ref().map(|(_, m)| m.clone())
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.errors.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Waits while the engine's queue is above `ceiling`. A stale or missing reading (the endpoint
+    /// stopped answering) never blocks: back-pressure must not turn into a stall.
+    pub async fn wait_for_room(&self, ceiling: f64) {
+        let mut rx = self.latest.clone();
+        loop {
+            let blocked = match rx.borrow_and_update().as_ref() {
+                Some((at, m)) => at.elapsed() < Duration::from_secs(5) && m.waiting.is_some_and(|w| w > ceiling),
+                None => false,
+            };
+            if !blocked {
+                return;
+            }
+            if tokio::time::timeout(Duration::from_secs(5), rx.changed()).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for MetricsWatcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn scrape(client: &reqwest::Client, url: &str) -> Result<EngineMetrics, String> {
+    let response = client.get(url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!("GET {url}: HTTP {}", response.status().as_u16()));
+    }
+    let body = response.bytes().await.map_err(|e| format!("GET {url}: {e}"))?;
+    Ok(parse(&String::from_utf8_lossy(&body)))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const VLLM: &str = r#"# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="qwen"} 12.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="qwen"} 7.0
+vllm:kv_cache_usage_perc{engine="0",model_name="qwen"} 0.25
+vllm:gpu_cache_usage_perc{engine="0",model_name="qwen"} 0.25
+# TYPE vllm:prefix_cache_queries counter
+vllm:prefix_cache_queries_total{engine="0",model_name="qwen"} 4000.0
+vllm:prefix_cache_hits_total{engine="0",model_name="qwen"} 3000.0
+vllm:time_to_first_token_seconds_bucket{le="0.001",model_name="qwen"} 0.0
+"#;
+
+    const SGLANG: &str = "sglang:num_running_reqs{model_name=\"m\"} 3\nsglang:num_queue_reqs{model_name=\"m\"} 9\nsglang:token_usage{model_name=\"m\"} 0.5\nsglang:cache_hit_rate{model_name=\"m\"} 0.8\n";
+
+    #[test]
+    fn reads_vllm_names() {
+        let m = parse(VLLM);
+        assert_eq!(m.running, Some(12.0));
+        assert_eq!(m.waiting, Some(7.0));
+        assert_eq!(m.kv_usage, Some(0.25));
+        assert_eq!(m.prefix_hit_rate, Some(0.75));
+    }
+
+    #[test]
+    fn reads_sglang_names() {
+        let m = parse(SGLANG);
+        assert_eq!((m.running, m.waiting, m.kv_usage, m.prefix_hit_rate), (Some(3.0), Some(9.0), Some(0.5), Some(0.8)));
+    }
+
+    #[test]
+    fn sums_over_label_sets_and_skips_timestamps() {
+        let m = parse("vllm:num_requests_waiting{model_name=\"a\"} 2\nvllm:num_requests_waiting{model_name=\"b\"} 3 1700000000000\n");
+        assert_eq!(m.waiting, Some(5.0));
+    }
+}

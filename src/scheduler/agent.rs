@@ -1,0 +1,414 @@
+//! One job's life: render, then turns of (model call -> tool calls) until a final answer, which is
+//! extracted, repaired and validated. A model call holds an inference slot only while it is in
+//! flight; tool waits, backoff sleeps and validation hold none.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::backends::{AgentHints, Backend, BackendError, ChatRequest, ChatResponse, StreamEvent};
+use crate::conversation::{Message, ToolCall, Usage};
+use crate::output::{describe, extract_json, CompiledSchema};
+use crate::scheduler::aimd::AdaptiveLimit;
+use crate::scheduler::retry::{RetryPolicy, SplitMix64};
+use crate::scheduler::semaphore::PrioritySemaphore;
+use crate::scheduler::stats::RunStats;
+use crate::spec::{BatchSpec, SchemaMode};
+use crate::tools::{ToolError, ToolPool};
+
+/// The Python side of output validation (pydantic, custom validators). Receives the JSON text that
+/// passed the JSON Schema check; `Err` is a message fed back to the model.
+pub trait OutputValidator: Send + Sync {
+    fn validate(&self, job_id: &str, json: String) -> BoxFuture<'static, Result<(), String>>;
+}
+
+/// Persists a job's conversation after each completed turn so a resumed run restarts it there.
+pub trait TurnSink: Send + Sync {
+    fn turn_done(&self, job_id: &str, state: &AgentState);
+}
+
+/// One input to run.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: String,
+    pub index: u64,
+    pub input: Map<String, Value>,
+    /// A durable state from an earlier run of this job (resume).
+    pub resume: Option<AgentState>,
+}
+
+/// What survives a crash: the conversation so far and the counters that go into the result.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AgentState {
+    pub messages: Vec<Message>,
+    pub turns: u32,
+    pub tool_calls: u32,
+    pub usage: Usage,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobError {
+    pub kind: String,
+    pub message: String,
+    /// The failure was of a kind that is retried (429, 5xx, reset, timeout) and the attempts ran out.
+    pub retryable: bool,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobResult {
+    pub id: String,
+    pub index: u64,
+    pub ok: bool,
+    /// The validated JSON output (when a schema was given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// The model's final text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobError>,
+    pub usage: Usage,
+    pub turns: u32,
+    pub tool_calls: u32,
+    /// Model-call attempts, retries included.
+    pub attempts: u32,
+    pub repaired: bool,
+    pub ttft_s: Option<f64>,
+    pub total_s: f64,
+}
+
+/// Everything the agents of one run share.
+pub struct RunContext {
+    pub spec: Arc<BatchSpec>,
+    pub backend: Arc<dyn Backend>,
+    pub tools: Arc<ToolPool>,
+    pub slots: Arc<PrioritySemaphore>,
+    pub limit: Mutex<AdaptiveLimit>,
+    pub retry: RetryPolicy,
+    pub schema: Option<Arc<CompiledSchema>>,
+    pub validator: Option<Arc<dyn OutputValidator>>,
+    pub turn_sink: Option<Arc<dyn TurnSink>>,
+    pub stats: Arc<RunStats>,
+    /// The system message every job starts with (schema instructions included), built once.
+    pub system: Option<Message>,
+    /// Ask the backend for constrained decoding of the final answer.
+    pub constrained: bool,
+    pub seed: u64,
+}
+
+impl RunContext {
+    /// Decides once how the schema reaches the model and builds the shared system message.
+    pub fn system_message(spec: &BatchSpec, constrained: bool) -> Option<Message> {
+        let mut system = spec.system.clone().unwrap_or_default();
+        if let (Some(schema), false) = (&spec.output_schema, constrained) {
+            let compact = schema.to_string();
+            let pretty = serde_json::to_string_pretty(schema.as_ref()).unwrap_or_default();
+            // Never twice: a caller whose system prompt already carries the schema keeps it as is.
+            if !system.contains(&compact) && !system.contains(&pretty) {
+                if !system.is_empty() {
+                    system.push_str("\n\n");
+                }
+                system.push_str(
+                    "When you give your final answer, reply with only a JSON value that conforms to this JSON Schema:\n```json\n",
+                );
+                system.push_str(&compact);
+                system.push_str("\n```");
+            }
+        }
+        (!system.is_empty()).then(|| Message::system(system))
+    }
+
+    /// Constrained decoding applies to every turn of a request it is set on, which would stop a
+    /// tool-using agent from calling tools; so with tools the schema goes into the prompt instead.
+    pub fn use_constrained(spec: &BatchSpec, backend_supports: bool) -> bool {
+        spec.output_schema.is_some()
+            && backend_supports
+            && spec.schema_mode == SchemaMode::Auto
+            && spec.tools.is_empty()
+    }
+}
+
+#[derive(Debug)]
+enum Failure {
+    Backend(BackendError, u32),
+    MaxTurns,
+    Validation(String),
+    Template(String),
+}
+
+struct Agent<'a> {
+    ctx: &'a RunContext,
+    job_id: &'a str,
+    state: AgentState,
+    ttft: Option<Duration>,
+    repaired: bool,
+    rng: SplitMix64,
+}
+
+pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
+    let started = Instant::now();
+    ctx.stats.jobs_started.fetch_add(1, Relaxed);
+    let rng = SplitMix64::new(ctx.seed ^ job.index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut agent = Agent { ctx: &ctx, job_id: &job.id, state: AgentState::default(), ttft: None, repaired: false, rng };
+    let outcome = match ctx.spec.agent_timeout {
+        Some(limit) => match tokio::time::timeout(limit, agent.run(&job)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(Failure::Backend(BackendError::Timeout(limit), 0)),
+        },
+        None => agent.run(&job).await,
+    };
+    let elapsed = started.elapsed();
+    ctx.stats.job_latency.record(elapsed);
+    let mut result = JobResult {
+        id: job.id.clone(),
+        index: job.index,
+        ok: false,
+        output: None,
+        text: None,
+        error: None,
+        usage: agent.state.usage,
+        turns: agent.state.turns,
+        tool_calls: agent.state.tool_calls,
+        attempts: agent.state.attempts,
+        repaired: agent.repaired,
+        ttft_s: agent.ttft.map(|d| d.as_secs_f64()),
+        total_s: elapsed.as_secs_f64(),
+    };
+    match outcome {
+        Ok((text, output)) => {
+            ctx.stats.jobs_ok.fetch_add(1, Relaxed);
+            result.ok = true;
+            result.text = Some(text);
+            result.output = output;
+        }
+        Err(failure) => {
+            let attempts = agent.state.attempts;
+            let error = match failure {
+                Failure::Backend(e, _) => JobError { kind: e.kind().into(), message: e.to_string(), retryable: e.retryable(), attempts },
+                Failure::MaxTurns => JobError {
+                    kind: "max_turns".into(),
+                    message: format!("no final answer within max_turns={}", ctx.spec.max_turns),
+                    retryable: false,
+                    attempts,
+                },
+                Failure::Validation(message) => JobError { kind: "validation".into(), message, retryable: false, attempts },
+                Failure::Template(message) => JobError { kind: "bad_input".into(), message, retryable: false, attempts },
+            };
+            ctx.stats.jobs_failed.fetch_add(1, Relaxed);
+            ctx.stats.count_error(&error.kind);
+            result.error = Some(error);
+        }
+    }
+    result
+}
+
+impl Agent<'_> {
+    async fn run(&mut self, job: &Job) -> Result<(String, Option<Value>), Failure> {
+        let ctx = self.ctx;
+        if let Some(state) = &job.resume {
+            self.state = state.clone();
+        } else {
+            let prompt = ctx.spec.task.render(job.index, &job.input).map_err(|e| Failure::Template(e.to_string()))?;
+            self.state.messages.extend(ctx.system.iter().cloned());
+            self.state.messages.push(Message::user(prompt));
+        }
+        // Validation retries replace the failed attempt: the conversation is `base` plus at most one
+        // (bad answer, feedback) pair, so it never grows without bound.
+        let mut validation_failures = 0u32;
+        let mut base_len: Option<usize> = None;
+        while self.state.turns < ctx.spec.max_turns {
+            let response = self.model_call().await?;
+            self.state.turns += 1;
+            if response.0.tool_calls.is_empty() {
+                let text = response.0.content;
+                let Some(schema) = &ctx.schema else { return Ok((text, None)) };
+                match self.check_output(schema, &text).await {
+                    Ok(value) => return Ok((text, Some(value))),
+                    Err(feedback) => {
+                        validation_failures += 1;
+                        if validation_failures > ctx.spec.validation_retries {
+                            return Err(Failure::Validation(feedback));
+                        }
+                        ctx.stats.validation_retries.fetch_add(1, Relaxed);
+                        let base = *base_len.get_or_insert(self.state.messages.len());
+                        self.state.messages.truncate(base);
+                        self.state.messages.push(Message::assistant(text, Vec::new()));
+                        self.state.messages.push(Message::user(format!(
+                            "Your answer was not valid: {feedback}\nReply again with only the corrected JSON."
+                        )));
+                        // A validation retry is not a turn of the agent's work.
+                        self.state.turns -= 1;
+                        continue;
+                    }
+                }
+            }
+            let (response, early) = response;
+            self.run_tools(response, early).await;
+            if let Some(sink) = &ctx.turn_sink {
+                sink.turn_done(self.job_id, &self.state);
+            }
+        }
+        Err(Failure::MaxTurns)
+    }
+
+    /// Extract (and repair) JSON, check it against the schema, then run the Python validator.
+    async fn check_output(&mut self, schema: &CompiledSchema, text: &str) -> Result<Value, String> {
+        let extracted = extract_json(text).map_err(|e| format!("no JSON value found ({e})"))?;
+        if let Err(violations) = schema.validate(&extracted.value) {
+            return Err(describe(&violations));
+        }
+        if extracted.repaired {
+            self.repaired = true;
+            self.ctx.stats.repaired_outputs.fetch_add(1, Relaxed);
+        }
+        if let Some(validator) = &self.ctx.validator {
+            validator.validate(self.job_id, extracted.value.to_string()).await?;
+        }
+        Ok(extracted.value)
+    }
+
+    /// One model call with retries. The slot is taken per attempt and released before any backoff.
+    async fn model_call(&mut self) -> Result<(ChatResponse, HashMap<String, JoinHandle<Result<Arc<str>, ToolError>>>), Failure> {
+        let ctx = self.ctx;
+        let remaining = ctx.spec.max_turns.saturating_sub(self.state.turns);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            self.state.attempts += 1;
+            let request = ChatRequest {
+                model: ctx.spec.model.clone(),
+                messages: Arc::new(self.state.messages.clone()),
+                tools: ctx.spec.tools.clone(),
+                tool_choice: None,
+                response_schema: if ctx.constrained { ctx.spec.output_schema.clone() } else { None },
+                max_tokens: ctx.spec.max_tokens,
+                temperature: ctx.spec.temperature,
+                request_id: format!("{}-t{}-a{}", self.job_id, self.state.turns, attempt),
+                stream: ctx.spec.stream,
+                hints: ctx.spec.agent_hints.then(|| AgentHints {
+                    priority: -i64::from(remaining),
+                    remaining_turns: remaining,
+                    expected_output_tokens: ctx.spec.max_tokens,
+                }),
+            };
+            // Agents nearer completion go first (fewer remaining turns = lower urgency value);
+            // the semaphore's aging keeps fresh agents from starving.
+            let permit = ctx.slots.acquire(remaining).await;
+            ctx.stats.model_calls.fetch_add(1, Relaxed);
+            ctx.stats.model_calls_in_flight.fetch_add(1, Relaxed);
+            let started = Instant::now();
+            let outcome = self.streamed_call(request).await;
+            ctx.stats.model_calls_in_flight.fetch_sub(1, Relaxed);
+            drop(permit);
+            match outcome {
+                Ok((response, early)) => {
+                    ctx.stats.model_latency.record(started.elapsed());
+                    if let Some(ttft) = response.ttft {
+                        ctx.stats.ttft.record(ttft);
+                        self.ttft.get_or_insert(ttft);
+                    }
+                    self.state.usage += response.usage;
+                    ctx.stats.add_usage(&response.usage);
+                    if let Ok(mut limit) = ctx.limit.lock() {
+                        limit.on_success();
+                        ctx.slots.set_capacity(limit.current());
+                    }
+                    return Ok((response, early));
+                }
+                Err(error) => {
+                    if error.is_throttle() {
+                        ctx.stats.throttled.fetch_add(1, Relaxed);
+                        if let Ok(mut limit) = ctx.limit.lock() {
+                            limit.on_throttle();
+                            ctx.slots.set_capacity(limit.current());
+                        }
+                    }
+                    if !error.retryable() || attempt >= ctx.spec.max_attempts {
+                        return Err(Failure::Backend(error, attempt));
+                    }
+                    ctx.stats.retries.fetch_add(1, Relaxed);
+                    let delay = ctx.retry.delay(attempt, error.retry_after(), self.rng.next_f64());
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// The call itself, starting each tool call as soon as its arguments are complete in the stream.
+    async fn streamed_call(
+        &self,
+        request: ChatRequest,
+    ) -> Result<(ChatResponse, HashMap<String, JoinHandle<Result<Arc<str>, ToolError>>>), BackendError> {
+        let ctx = self.ctx;
+        let timeout = ctx.spec.call_timeout;
+        let mut early = HashMap::new();
+        if !request.stream || ctx.spec.tools.is_empty() {
+            let response = tokio::time::timeout(timeout, ctx.backend.chat(request, None))
+                .await
+                .map_err(|_| BackendError::Timeout(timeout))??;
+            return Ok((response, early));
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let call = tokio::time::timeout(timeout, ctx.backend.chat(request, Some(tx)));
+        tokio::pin!(call);
+        let response = loop {
+            tokio::select! {
+                outcome = &mut call => break outcome.map_err(|_| BackendError::Timeout(timeout))??,
+                Some(event) = rx.recv() => self.start_early(event, &mut early),
+            }
+        };
+        while let Ok(event) = rx.try_recv() {
+            self.start_early(event, &mut early);
+        }
+        Ok((response, early))
+    }
+
+    fn start_early(&self, event: StreamEvent, early: &mut HashMap<String, JoinHandle<Result<Arc<str>, ToolError>>>) {
+        if let StreamEvent::ToolCallReady(call) = event {
+            if self.ctx.tools.has_tool(&call.name) && !early.contains_key(&call.id) {
+                self.ctx.stats.tools_started_early.fetch_add(1, Relaxed);
+                early.insert(call.id.clone(), spawn_tool(&self.ctx.tools, &call));
+            }
+        }
+    }
+
+    /// Runs every tool call of a turn concurrently (reusing those started from the stream) and
+    /// appends the assistant turn and the results, errors included, for the model to see.
+    async fn run_tools(&mut self, response: ChatResponse, mut early: HashMap<String, JoinHandle<Result<Arc<str>, ToolError>>>) {
+        let calls = response.tool_calls;
+        self.ctx.stats.tool_calls.fetch_add(calls.len() as u64, Relaxed);
+        self.state.tool_calls += calls.len() as u32;
+        let handles: Vec<_> = calls
+            .iter()
+            .map(|call| early.remove(&call.id).unwrap_or_else(|| spawn_tool(&self.ctx.tools, call)))
+            .collect();
+        let mut results = Vec::with_capacity(calls.len());
+        for handle in handles {
+            results.push(match handle.await {
+                Ok(Ok(text)) => text.to_string(),
+                Ok(Err(error)) => format!("Error: {error}"),
+                Err(join) => format!("Error: the tool call was interrupted ({join})"),
+            });
+        }
+        self.state.messages.push(Message::assistant(response.content, calls.clone()));
+        for (call, text) in calls.iter().zip(results) {
+            self.state.messages.push(Message::tool_result(call, text));
+        }
+    }
+}
+
+fn spawn_tool(pool: &Arc<ToolPool>, call: &ToolCall) -> JoinHandle<Result<Arc<str>, ToolError>> {
+    let pool = pool.clone();
+    let name = call.name.clone();
+    let arguments = call.arguments.clone();
+    tokio::spawn(async move { pool.call(&name, &arguments).await })
+}

@@ -1,0 +1,202 @@
+//! Run-wide counters and latency histograms: lock-free on the hot path, flat in memory however many
+//! jobs a run has.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::conversation::Usage;
+
+/// Log-bucketed histogram: buckets grow by 2%, so any percentile is within 1% of the truth, from
+/// 1 microsecond to about 2 days, in a fixed 1,200 counters.
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+const GROWTH: f64 = 1.02;
+const BUCKETS: usize = 1200;
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self { buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(), count: AtomicU64::new(0), sum_us: AtomicU64::new(0) }
+    }
+}
+
+impl Histogram {
+    pub fn record(&self, value: Duration) {
+        let us = value.as_secs_f64() * 1e6;
+        let bucket = if us <= 1.0 { 0 } else { ((us.ln() / GROWTH.ln()) as usize + 1).min(BUCKETS - 1) };
+        self.buckets[bucket].fetch_add(1, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us as u64, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// The value (in seconds) below which a fraction `q` of the samples fall; `None` when empty.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let count = self.count();
+        if count == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            seen += bucket.load(Relaxed);
+            if seen >= rank {
+                // Midpoint of the bucket [GROWTH^(i-1), GROWTH^i).
+                let upper = GROWTH.powi(i as i32);
+                let lower = if i == 0 { 0.0 } else { GROWTH.powi(i as i32 - 1) };
+                return Some((lower + upper) / 2.0 / 1e6);
+            }
+        }
+        None
+    }
+
+    pub fn mean(&self) -> Option<f64> {
+        let count = self.count();
+        (count > 0).then(|| self.sum_us.load(Relaxed) as f64 / count as f64 / 1e6)
+    }
+
+    fn summary(&self) -> LatencySummary {
+        LatencySummary {
+            count: self.count(),
+            mean: self.mean(),
+            p50: self.quantile(0.5),
+            p90: self.quantile(0.9),
+            p95: self.quantile(0.95),
+            p99: self.quantile(0.99),
+            max: self.quantile(1.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub mean: Option<f64>,
+    pub p50: Option<f64>,
+    pub p90: Option<f64>,
+    pub p95: Option<f64>,
+    pub p99: Option<f64>,
+    pub max: Option<f64>,
+}
+
+#[derive(Debug, Default)]
+pub struct RunStats {
+    pub jobs_started: AtomicU64,
+    pub jobs_ok: AtomicU64,
+    pub jobs_failed: AtomicU64,
+    pub jobs_skipped: AtomicU64,
+    pub model_calls: AtomicU64,
+    pub model_calls_in_flight: AtomicU64,
+    pub retries: AtomicU64,
+    pub throttled: AtomicU64,
+    pub validation_retries: AtomicU64,
+    pub repaired_outputs: AtomicU64,
+    pub tool_calls: AtomicU64,
+    pub tools_started_early: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub cached_tokens: AtomicU64,
+    pub completion_tokens: AtomicU64,
+    pub ttft: Histogram,
+    pub model_latency: Histogram,
+    pub job_latency: Histogram,
+    errors: Mutex<Vec<(String, u64)>>,
+}
+
+impl RunStats {
+    pub fn add_usage(&self, usage: &Usage) {
+        self.prompt_tokens.fetch_add(usage.prompt_tokens, Relaxed);
+        self.cached_tokens.fetch_add(usage.cached_tokens, Relaxed);
+        self.completion_tokens.fetch_add(usage.completion_tokens, Relaxed);
+    }
+
+    #[cold]
+    pub fn count_error(&self, kind: &str) {
+        let Ok(mut errors) = self.errors.lock() else { return };
+        if let Some(entry) = errors.iter_mut().find(|(k, _)| k == kind) {
+            entry.1 += 1;
+        } else {
+            errors.push((kind.to_owned(), 1));
+        }
+    }
+
+    pub fn errors_by_kind(&self) -> Vec<(String, u64)> {
+        self.errors.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            jobs_started: self.jobs_started.load(Relaxed),
+            jobs_ok: self.jobs_ok.load(Relaxed),
+            jobs_failed: self.jobs_failed.load(Relaxed),
+            jobs_skipped: self.jobs_skipped.load(Relaxed),
+            model_calls: self.model_calls.load(Relaxed),
+            model_calls_in_flight: self.model_calls_in_flight.load(Relaxed),
+            retries: self.retries.load(Relaxed),
+            throttled: self.throttled.load(Relaxed),
+            validation_retries: self.validation_retries.load(Relaxed),
+            repaired_outputs: self.repaired_outputs.load(Relaxed),
+            tool_calls: self.tool_calls.load(Relaxed),
+            tools_started_early: self.tools_started_early.load(Relaxed),
+            prompt_tokens: self.prompt_tokens.load(Relaxed),
+            cached_tokens: self.cached_tokens.load(Relaxed),
+            completion_tokens: self.completion_tokens.load(Relaxed),
+            ttft: self.ttft.summary(),
+            model_latency: self.model_latency.summary(),
+            job_latency: self.job_latency.summary(),
+            errors_by_kind: self.errors_by_kind(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StatsSnapshot {
+    pub jobs_started: u64,
+    pub jobs_ok: u64,
+    pub jobs_failed: u64,
+    pub jobs_skipped: u64,
+    pub model_calls: u64,
+    pub model_calls_in_flight: u64,
+    pub retries: u64,
+    pub throttled: u64,
+    pub validation_retries: u64,
+    pub repaired_outputs: u64,
+    pub tool_calls: u64,
+    pub tools_started_early: u64,
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub completion_tokens: u64,
+    pub ttft: LatencySummary,
+    pub model_latency: LatencySummary,
+    pub job_latency: LatencySummary,
+    pub errors_by_kind: Vec<(String, u64)>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn quantiles_are_within_two_percent() {
+        let h = Histogram::default();
+        for ms in 1..=1000u64 {
+            h.record(Duration::from_millis(ms));
+        }
+        let p50 = h.quantile(0.5).unwrap();
+        let p99 = h.quantile(0.99).unwrap();
+        assert!((p50 - 0.5).abs() / 0.5 < 0.02, "p50 {p50}");
+        assert!((p99 - 0.99).abs() / 0.99 < 0.02, "p99 {p99}");
+        assert!((h.mean().unwrap() - 0.5005).abs() < 0.001);
+        assert_eq!(Histogram::default().quantile(0.5), None);
+    }
+}

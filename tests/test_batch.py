@@ -1,0 +1,247 @@
+"""End-to-end tests of the Batch API against the embedded simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import pydantic
+import pytest
+
+from batchagent_rs import Batch, BatchAgent, InputError, Result, SchemaError, sim, tool
+from batchagent_rs.tools import ToolDefinitionError
+
+FAST = "time_scale=0&seed=3"
+
+
+class Review(pydantic.BaseModel):
+    bugs: list[str]
+    severity: int
+
+
+def make_reader(calls: list[str] | None = None, delay: float = 0.0) -> Any:
+    @tool(cache=False)
+    async def read_file(path: str) -> str:
+        """Read a file."""
+        if calls is not None:
+            calls.append(path)
+        if delay:
+            await asyncio.sleep(delay)
+        return f"contents of {path}"
+
+    return read_file
+
+
+def inputs(n: int) -> list[dict[str, Any]]:
+    return [{"path": f"src/file_{i}.py"} for i in range(n)]
+
+
+def test_multi_turn_tool_agents_return_pydantic_outputs() -> None:
+    calls: list[str] = []
+    batch = Batch(
+        "Review {path} for bugs.",
+        system="You are a careful reviewer.",
+        tools=[make_reader(calls)],
+        output=Review,
+        backend=f"sim://?{FAST}&tool_rounds=2",
+        max_inflight=8,
+        max_turns=4,
+    )
+    results = batch.run(inputs(20))
+    assert [r.index for r in results] == list(range(20))
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    assert all(isinstance(r.output, Review) for r in results)
+    assert all(r.turns == 3 and r.tool_calls == 2 for r in results)
+    assert all(r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0 for r in results)
+    report = batch.report()
+    assert report.ok == 20 and report.failed == 0
+    assert report.tool_requests == 40
+    assert len(calls) == report.tool_executions
+
+
+def test_identical_tool_calls_coalesce_while_in_flight() -> None:
+    calls: list[str] = []
+    batch = Batch(
+        "Review {path}.",
+        tools=[make_reader(calls, delay=0.3)],
+        backend=f"sim://?{FAST}&tool_rounds=1&distinct_args=4",
+        max_inflight=64,
+    )
+    results = batch.run(inputs(60))
+    assert all(r.ok for r in results)
+    # 60 agents reach the tool within the same 300 ms; 4 distinct argument values -> at most 4 runs.
+    assert 1 <= len(calls) <= 4
+    assert len(set(calls)) == len(calls)
+    assert batch.report().tool_requests == 60
+
+
+def test_inference_slot_is_released_during_tool_waits() -> None:
+    # With max_inflight=1, if a slot were held while a tool runs, only one agent could ever be
+    # inside the tool and the barrier below would never open.
+    n = 4
+    barrier = threading.Barrier(n, timeout=20)
+
+    @tool
+    def wait_for_everyone(path: str) -> str:
+        """Wait until every agent is here."""
+        barrier.wait()
+        return "ok"
+
+    batch = Batch(
+        "Review {path}.",
+        tools=[wait_for_everyone],
+        backend=f"sim://?{FAST}&tool_rounds=1&distinct_args=1000",
+        max_inflight=1,
+    )
+    results = batch.run(inputs(n))
+    assert all(r.ok for r in results), [r.error for r in results]
+
+
+def test_faults_every_job_ends_with_a_result() -> None:
+    batch = Batch(
+        "Review {path}.",
+        tools=[make_reader()],
+        output=Review,
+        backend=f"sim://?{FAST}&tool_rounds=1&fault_429=0.15&retry_after=0&fault_500=0.1&fault_503=0.05&fault_reset=0.1",
+        max_inflight=16,
+        max_attempts=3,
+    )
+    results = batch.run(inputs(150))
+    assert sorted(r.index for r in results) == list(range(150))
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        assert r.error is not None and r.error.retryable and r.error.attempts >= 3, r.error
+    report = batch.report()
+    assert report.retries > 0
+    assert report.ok + report.failed == 150
+
+
+def test_bad_json_answers_are_repaired_or_retried() -> None:
+    batch = Batch(
+        "Review {path}.",
+        output=Review,
+        backend=f"sim://?{FAST}&invalid_json_rate=0.3&prose_json_rate=0.3&fenced_json_rate=0.2&truncated_json_rate=0.1",
+        validation_retries=4,
+    )
+    results = batch.run(inputs(80))
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    assert all(isinstance(r.output, Review) for r in results)
+    report = batch.report()
+    assert report.validation_retries > 0
+    assert any(r.repaired for r in results)
+
+
+def test_custom_pydantic_validator_failures_are_fed_back() -> None:
+    seen: list[int] = []
+
+    class Strict(pydantic.BaseModel):
+        bugs: list[str]
+        severity: int
+
+        @pydantic.field_validator("severity")
+        @classmethod
+        def odd_only(cls, v: int) -> int:
+            seen.append(v)
+            if v % 2 == 0:
+                raise ValueError("severity must be odd")
+            return v
+
+    batch = Batch("Review {path}.", output=Strict, backend=f"sim://?{FAST}", validation_retries=8)
+    results = batch.run(inputs(30))
+    for r in results:
+        if r.ok:
+            assert r.output.severity % 2 == 1
+        else:
+            assert r.error is not None and r.error.kind == "validation"
+            assert "severity must be odd" in r.error.message
+    assert any(v % 2 == 0 for v in seen), "the simulator never produced an even severity"
+    assert batch.report().validation_retries > 0
+
+
+def test_on_result_raising_does_not_stop_the_run(caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[int] = []
+
+    def callback(r: Result) -> None:
+        seen.append(r.index)
+        if r.index % 3 == 0:
+            raise RuntimeError("callback failed")
+
+    with caplog.at_level(logging.ERROR, logger="batchagent"):
+        results = Batch("Say hi to {path}.", backend=f"sim://?{FAST}", on_result=callback).run(inputs(12))
+    assert len(results) == 12 and all(r.ok for r in results)
+    assert sorted(seen) == list(range(12))
+    assert sum("callback failed" in rec.exc_text for rec in caplog.records if rec.exc_text) == 4
+
+
+def test_async_on_result_and_stream_in_completion_order() -> None:
+    got: list[int] = []
+
+    async def callback(r: Result) -> None:
+        await asyncio.sleep(0)
+        got.append(r.index)
+
+    async def main() -> list[Result]:
+        batch = Batch("Say hi to {path}.", backend=f"sim://?{FAST}", on_result=callback)
+        return [r async for r in batch.stream(iter(inputs(10)))]
+
+    results = asyncio.run(main())
+    assert sorted(r.index for r in results) == list(range(10))
+
+
+def test_missing_template_variable_fails_before_any_request() -> None:
+    with sim.start(time_scale=0) as server:
+        batch = Batch("Review {path} at {commit}.", backend="vllm://" + server.url.removeprefix("http://"))
+        with pytest.raises(InputError, match=r"input 1: template variable 'commit' is missing"):
+            batch.run([{"path": "a", "commit": "x"}, {"path": "b"}])
+        assert server.stats()["requests"]["total"] == 0
+
+
+def test_invalid_tool_signature_names_the_parameter() -> None:
+    with pytest.raises(ToolDefinitionError, match="parameter 'path' needs a type annotation"):
+
+        @tool
+        def bad(path):  # type: ignore[no-untyped-def]
+            return path
+
+
+def test_invalid_output_schema_names_the_problem() -> None:
+    with pytest.raises(SchemaError, match="output schema"):
+        Batch("t {x}", output={"type": "object", "required": "x"}, backend=f"sim://?{FAST}")
+
+
+def test_ids_from_inputs_and_one_call_form() -> None:
+    results = BatchAgent.run(
+        task="Say hi to {name}.",
+        inputs=[{"id": f"user-{i}", "name": str(i)} for i in range(5)],
+        backend=f"sim://?{FAST}",
+    )
+    assert [r.id for r in results] == [f"user-{i}" for i in range(5)]
+    assert all(isinstance(r.output, str) and r.output for r in results)
+
+
+def test_cancelling_a_stream_cancels_the_run() -> None:
+    async def main() -> int:
+        batch = Batch(
+            "Review {path}.",
+            tools=[make_reader(delay=0.05)],
+            backend="sim://?time_scale=0.05&tool_rounds=2",
+            max_inflight=4,
+        )
+        got = 0
+        async for _ in batch.stream(inputs(200)):
+            got += 1
+            if got == 5:
+                break
+        return got
+
+    assert asyncio.run(asyncio.wait_for(main(), 30)) == 5
+
+
+def test_run_refuses_a_running_loop() -> None:
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="arun"):
+            Batch("x {path}", backend=f"sim://?{FAST}").run(inputs(1))
+
+    asyncio.run(main())
