@@ -5,6 +5,7 @@ use pyo3::prelude::*;
 
 mod errors;
 mod run;
+mod sim;
 
 #[pymodule]
 #[pyo3(name = "_core")]
@@ -12,5 +13,6 @@ fn core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
     m.add_class::<run::PyRun>()?;
+    sim::register(m)?;
     Ok(())
 }

@@ -11,6 +11,9 @@ use super::super::config::SimConfig;
 use super::super::engine::EngineMetrics;
 use super::super::faults::Faults;
 
+/// Routes that are calls to the model.
+const MODEL_ROUTES: [&str; 4] = ["/v1/chat/completions", "/v1/completions", "/v1/messages", "/api/chat"];
+
 #[derive(Default)]
 struct Inner {
     /// route -> HTTP status -> count
@@ -94,6 +97,19 @@ impl Stats {
                 (route.clone(), json!({"total": total, "by_status": by_status}))
             })
             .collect();
+        // Model calls only: probes of /health, /metrics or /v1/models are not requests to the model.
+        let mut requests_by_status: BTreeMap<u16, u64> = BTreeMap::new();
+        for (route, statuses) in &inner.by_route {
+            if MODEL_ROUTES.contains(&route.as_str()) {
+                for (status, n) in statuses {
+                    *requests_by_status.entry(*status).or_insert(0) += n;
+                }
+            }
+        }
+        let requests = json!({
+            "total": requests_by_status.values().sum::<u64>(),
+            "by_status": requests_by_status.iter().map(|(s, n)| (s.to_string(), Value::from(*n))).collect::<serde_json::Map<String, Value>>(),
+        });
         let mut sorted: Vec<f64> = inner.ttft.iter().copied().collect();
         sorted.sort_by(f64::total_cmp);
         let pct = |p: f64| -> Value {
@@ -110,6 +126,7 @@ impl Stats {
             "profile": config.profile,
             "seed": config.seed,
             "time_scale": config.time_scale,
+            "requests": requests,
             "routes": routes,
             "requests_finished": inner.finished,
             "finish_reasons": inner.finish_reasons,
