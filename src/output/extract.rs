@@ -91,7 +91,7 @@ fn fenced_blocks(text: &str) -> Vec<(usize, &str)> {
 }
 
 /// Where a fenced block's content ends and scanning resumes. A closing fence belongs at the start
-/// of a line; that rule keeps a "```" inside a JSON string from ending the block. Models also close
+/// of a line; that rule keeps a fence inside a JSON string from ending the block. Models also close
 /// fences at the end of a line, which is the fallback.
 fn closing_fence(text: &str, content_start: usize) -> (usize, usize) {
     let rest = text.get(content_start..).unwrap_or_default();
@@ -191,7 +191,10 @@ mod tests {
     #[test]
     fn fenced_block_with_mistakes_is_repaired() {
         let text = "```json\n{'a': 1, 'b': [True, None],}\n```";
-        assert_eq!(extract_json(text).unwrap(), Extracted { value: json!({"a": 1, "b": [true, null]}), repaired: true });
+        assert_eq!(
+            extract_json(text).unwrap(),
+            Extracted { value: json!({"a": 1, "b": [true, null]}), repaired: true }
+        );
     }
 
     #[test]

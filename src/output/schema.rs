@@ -126,7 +126,8 @@ pub fn describe(violations: &[Violation]) -> String {
 impl CompiledSchema {
     /// Compile once, up front: an invalid schema is an error naming the JSON pointer of the bad part.
     pub fn compile(schema: &Value) -> Result<Self, SchemaError> {
-        let mut compiler = Compiler { root: schema, nodes: Vec::new(), pointers: Vec::new(), by_pointer: HashMap::new() };
+        let mut compiler =
+            Compiler { root: schema, nodes: Vec::new(), pointers: Vec::new(), by_pointer: HashMap::new() };
         let root = compiler.compile(schema, String::new())?;
         if let Some(node) = find_cycle(&compiler.nodes) {
             return Err(SchemaError::Cycle { pointer: compiler.pointers.swap_remove(node) });
@@ -702,14 +703,17 @@ impl<'a> Compiler<'a> {
     }
 
     fn schema_map(&mut self, value: &'a Value, pointer: &str) -> Result<Vec<(String, NodeId)>, SchemaError> {
-        let Value::Object(map) = value else { return Err(invalid(pointer.to_owned(), "must be an object of schemas", value)) };
+        let Value::Object(map) = value else {
+            return Err(invalid(pointer.to_owned(), "must be an object of schemas", value));
+        };
         map.iter()
             .map(|(name, sub)| Ok((name.clone(), self.compile(sub, format!("{pointer}/{}", escape_pointer(name)))?)))
             .collect()
     }
 
     fn reference(&mut self, reference: &str, pointer: &str) -> Result<NodeId, SchemaError> {
-        let unsupported = || SchemaError::UnsupportedRef { pointer: pointer.to_owned(), reference: reference.to_owned() };
+        let unsupported =
+            || SchemaError::UnsupportedRef { pointer: pointer.to_owned(), reference: reference.to_owned() };
         let fragment = reference.strip_prefix('#').ok_or_else(unsupported)?;
         if !(fragment.is_empty() || fragment.starts_with('/')) {
             return Err(unsupported());
@@ -759,7 +763,9 @@ impl<'a> Compiler<'a> {
             rules.enumeration = Some(allowed.clone());
         }
         rules.constant = map.get("const").cloned();
-        for (keyword, slot) in [("allOf", &mut rules.all_of), ("anyOf", &mut rules.any_of), ("oneOf", &mut rules.one_of)] {
+        for (keyword, slot) in
+            [("allOf", &mut rules.all_of), ("anyOf", &mut rules.any_of), ("oneOf", &mut rules.one_of)]
+        {
             if let Some(value) = map.get(keyword) {
                 *slot = self.schema_list(value, &at(keyword))?;
             }
@@ -773,7 +779,12 @@ impl<'a> Compiler<'a> {
         Ok(rules)
     }
 
-    fn object_rules(&mut self, map: &'a Map<String, Value>, pointer: &str, rules: &mut Rules) -> Result<(), SchemaError> {
+    fn object_rules(
+        &mut self,
+        map: &'a Map<String, Value>,
+        pointer: &str,
+        rules: &mut Rules,
+    ) -> Result<(), SchemaError> {
         let at = |keyword: &str| format!("{pointer}/{keyword}");
         if let Some(value) = map.get("properties") {
             rules.properties = self.schema_map(value, &at("properties"))?;
@@ -790,7 +801,8 @@ impl<'a> Compiler<'a> {
             self.schema_map(value, &at("patternProperties"))?;
             rules.has_pattern_properties = true;
         }
-        for (keyword, slot) in [("minProperties", &mut rules.min_properties), ("maxProperties", &mut rules.max_properties)]
+        for (keyword, slot) in
+            [("minProperties", &mut rules.min_properties), ("maxProperties", &mut rules.max_properties)]
         {
             if let Some(value) = map.get(keyword) {
                 *slot = Some(count(value, at(keyword))?);
@@ -799,7 +811,12 @@ impl<'a> Compiler<'a> {
         Ok(())
     }
 
-    fn array_rules(&mut self, map: &'a Map<String, Value>, pointer: &str, rules: &mut Rules) -> Result<(), SchemaError> {
+    fn array_rules(
+        &mut self,
+        map: &'a Map<String, Value>,
+        pointer: &str,
+        rules: &mut Rules,
+    ) -> Result<(), SchemaError> {
         let at = |keyword: &str| format!("{pointer}/{keyword}");
         if let Some(value) = map.get("prefixItems") {
             rules.prefix_items = self.schema_list(value, &at("prefixItems"))?;
@@ -821,7 +838,8 @@ impl<'a> Compiler<'a> {
             }
         }
         if let Some(value) = map.get("uniqueItems") {
-            rules.unique_items = value.as_bool().ok_or_else(|| invalid(at("uniqueItems"), "must be a boolean", value))?;
+            rules.unique_items =
+                value.as_bool().ok_or_else(|| invalid(at("uniqueItems"), "must be a boolean", value))?;
         }
         Ok(())
     }
@@ -829,7 +847,9 @@ impl<'a> Compiler<'a> {
 
 fn parse_types(value: &Value, pointer: &str) -> Result<u8, SchemaError> {
     let one = |name: &Value| -> Result<u8, SchemaError> {
-        let Value::String(name) = name else { return Err(invalid(pointer.to_owned(), "must be a type name or an array of them", name)) };
+        let Value::String(name) = name else {
+            return Err(invalid(pointer.to_owned(), "must be a type name or an array of them", name));
+        };
         TYPE_NAMES
             .iter()
             .find(|(_, known)| known == name)
@@ -872,7 +892,7 @@ fn number_rules(map: &Map<String, Value>, pointer: &str, rules: &mut Rules) -> R
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::needless_pass_by_value)]
 
     use std::sync::Arc;
 
@@ -989,10 +1009,13 @@ mod tests {
         let s = schema(json!({"prefixItems": [{"type": "integer"}, {"type": "string"}], "items": {"type": "boolean"}}));
         assert!(s.validate(&json!([1, "a", true, false])).is_ok());
         assert!(s.validate(&json!([1])).is_ok());
-        assert_eq!(errors(&s, json!(["a", "a", 1])), vec![
-            ("/0".to_owned(), "expected integer, got string \"a\"".to_owned()),
-            ("/2".to_owned(), "expected boolean, got integer 1".to_owned()),
-        ]);
+        assert_eq!(
+            errors(&s, json!(["a", "a", 1])),
+            vec![
+                ("/0".to_owned(), "expected integer, got string \"a\"".to_owned()),
+                ("/2".to_owned(), "expected boolean, got integer 1".to_owned()),
+            ]
+        );
         let s = schema(json!({"prefixItems": [{"type": "integer"}], "items": false}));
         assert_eq!(errors(&s, json!([1, 2])), one("/1", "no value is allowed here"));
         let draft7 = schema(json!({"items": [{"type": "integer"}], "additionalItems": {"type": "string"}}));
@@ -1021,7 +1044,10 @@ mod tests {
     fn enum_and_const() {
         let s = schema(json!({"enum": ["low", "medium", "high"]}));
         assert!(s.validate(&json!("low")).is_ok());
-        assert_eq!(errors(&s, json!("urgent")), one("", "expected one of \"low\", \"medium\", \"high\", got string \"urgent\""));
+        assert_eq!(
+            errors(&s, json!("urgent")),
+            one("", "expected one of \"low\", \"medium\", \"high\", got string \"urgent\"")
+        );
         let s = schema(json!({"enum": [1, [1, 2]]}));
         assert!(s.validate(&json!(1.0)).is_ok());
         assert!(s.validate(&json!([1.0, 2])).is_ok());
@@ -1140,7 +1166,9 @@ mod tests {
 
     #[test]
     fn unknown_keywords_and_annotations_are_ignored() {
-        let s = schema(json!({"type": "string", "title": "T", "description": "d", "default": 3, "examples": [1], "x-custom": {}}));
+        let s = schema(
+            json!({"type": "string", "title": "T", "description": "d", "default": 3, "examples": [1], "x-custom": {}}),
+        );
         assert!(s.validate(&json!("x")).is_ok());
     }
 
@@ -1200,14 +1228,19 @@ mod tests {
     #[test]
     fn invalid_schemas_name_the_pointer() {
         let err = compile_error(json!({"properties": {"a": {"required": "x"}}}));
-        assert_eq!(err.to_string(), "schema keyword at '#/properties/a/required' must be an array of strings, got string \"x\"");
+        assert_eq!(
+            err.to_string(),
+            "schema keyword at '#/properties/a/required' must be an array of strings, got string \"x\""
+        );
         assert!(matches!(compile_error(json!({"properties": {"a": 3}})),
             SchemaError::NotASchema { pointer, found: "number" } if pointer == "/properties/a"));
         assert!(matches!(compile_error(json!({"type": "float"})),
             SchemaError::UnknownType { pointer, name } if pointer == "/type" && name == "float"));
         assert!(matches!(compile_error(json!({"items": {"minItems": -1}})),
             SchemaError::InvalidKeyword { pointer, .. } if pointer == "/items/minItems"));
-        assert!(matches!(compile_error(json!({"anyOf": []})), SchemaError::InvalidKeyword { pointer, .. } if pointer == "/anyOf"));
+        assert!(
+            matches!(compile_error(json!({"anyOf": []})), SchemaError::InvalidKeyword { pointer, .. } if pointer == "/anyOf")
+        );
         assert!(matches!(compile_error(json!({"multipleOf": 0})), SchemaError::InvalidKeyword { .. }));
         assert!(matches!(compile_error(json!({"uniqueItems": "yes"})), SchemaError::InvalidKeyword { .. }));
         assert!(matches!(compile_error(json!({"pattern": 1})), SchemaError::InvalidKeyword { .. }));
