@@ -73,6 +73,10 @@ fn fenced_blocks(text: &str) -> Vec<(usize, &str)> {
     let mut from = 0;
     while let Some(found) = text.get(from..).and_then(|rest| rest.find("```")) {
         let open = from + found + 3;
+        if !at_line_start(text, from + found) {
+            from = open;
+            continue;
+        }
         let rest = text.get(open..).unwrap_or_default();
         let tag_len = rest.bytes().take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'+' | b'-')).count();
         let content_start = open + tag_len;
@@ -88,6 +92,14 @@ fn fenced_blocks(text: &str) -> Vec<(usize, &str)> {
     }
     tagged.extend(bare);
     tagged
+}
+
+/// An opening fence must start its line, as in Markdown. Serialised JSON never has a line that
+/// starts inside a string, so a fence inside a JSON string is never taken for one; an inline fence
+/// after prose is still found by the prose scan.
+fn at_line_start(text: &str, at: usize) -> bool {
+    let before = text.get(..at).unwrap_or_default().trim_end_matches([' ', '\t']);
+    before.is_empty() || before.ends_with('\n')
 }
 
 /// Where a fenced block's content ends and scanning resumes. A closing fence belongs at the start

@@ -319,7 +319,9 @@ impl CompiledSchema {
         path: &str,
         out: &mut Vec<Violation>,
     ) {
-        let fitting: Vec<usize> = (0..branches.len()).filter(|&i| self.admits_type(branches[i], instance)).collect();
+        let fitting: Vec<usize> = (0..branches.len())
+            .filter(|&i| self.admits_type(branches[i], instance) && !self.tag_differs(branches[i], instance))
+            .collect();
         if let [only] = fitting[..] {
             out.append(&mut failures[only]);
             return;
@@ -351,6 +353,24 @@ impl CompiledSchema {
                     && rules.reference.is_none_or(|target| self.admits_type(target, instance))
             }
         }
+    }
+
+    /// Whether the instance has a property whose value differs from the one the schema fixes with
+    /// `const` (or a one-value `enum`): the tag of a tagged union, pydantic's `Literal` field. A
+    /// branch with another tag is not the one the model meant, whatever else fails in it.
+    fn tag_differs(&self, node: NodeId, instance: &Value) -> bool {
+        let (Node::Rules(rules), Value::Object(map)) = (&self.nodes[node], instance) else { return false };
+        rules.reference.is_some_and(|target| self.tag_differs(target, instance))
+            || rules.properties.iter().any(|(name, sub)| {
+                let tag = match &self.nodes[*sub] {
+                    Node::Rules(tag) => tag.constant.as_ref().or(match tag.enumeration.as_deref() {
+                        Some([only]) => Some(only),
+                        _ => None,
+                    }),
+                    Node::Any | Node::Never => None,
+                };
+                tag.zip(map.get(name)).is_some_and(|(tag, value)| !json_eq(tag, value))
+            })
     }
 
     /// The types a schema declares (following `$ref`); `None` when it accepts any type.
