@@ -293,7 +293,7 @@ impl CompiledSchema {
         for (i, &branch) in branches.iter().enumerate() {
             let found = self.violations(branch, instance, path);
             if found.is_empty() {
-                matched.push(i.to_string());
+                matched.push((i + 1).to_string());
             } else {
                 failures.push(found);
             }
@@ -1153,7 +1153,7 @@ mod tests {
         let s = schema(json!({"oneOf": [{"type": "integer"}, {"type": "number", "minimum": 2}]}));
         assert!(s.validate(&json!(1)).is_ok());
         assert!(s.validate(&json!(2.5)).is_ok());
-        assert_eq!(errors(&s, json!(3)), one("", "matches alternatives 0, 1 of 'oneOf', but must match exactly one"));
+        assert_eq!(errors(&s, json!(3)), one("", "matches alternatives 1, 2 of 'oneOf', but must match exactly one"));
         assert_eq!(errors(&s, json!("x")), one("", "expected number, got string \"x\""));
     }
 
