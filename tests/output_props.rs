@@ -5,7 +5,7 @@ use batchagent::output::{describe, extract_json, repair_json, CompiledSchema, Ex
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 
-/// Floats with few significant digits: serde_json's default float parser is exact for these, so a
+/// Floats with few significant digits: the default float parser of `serde_json` is exact for these, so a
 /// round trip through text gives back the same `f64`.
 fn float() -> impl Strategy<Value = f64> {
     (-(1i32 << 20)..(1i32 << 20), 0u32..6).prop_map(|(m, e)| f64::from(m) / f64::from(1u32 << e))
