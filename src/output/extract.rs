@@ -18,8 +18,8 @@ pub struct Extracted {
 }
 
 /// Find the JSON value a model meant in its answer: the whole text if it parses; else a ```json (or
-/// bare ```) fenced block; else the first balanced {...} or [...] in prose; each candidate is
-/// repaired if it does not parse. Returns the value and whether repair was needed.
+/// bare ```) fenced block; else the longest balanced {...} or [...] in prose (so a citation such as
+/// [1] before the answer is passed over); each candidate is repaired if it does not parse. Returns the value and whether repair was needed.
 pub fn extract_json(text: &str) -> Result<Extracted, ExtractError> {
     let trimmed = text.trim();
     if trimmed.is_empty() {
@@ -41,13 +41,29 @@ pub fn extract_json(text: &str) -> Result<Extracted, ExtractError> {
             return Ok(found);
         }
     }
+    // The longest value in prose, not the first: answers cite sources ("as [1] shows") before the
+    // JSON, and a truncated answer ends in the value it was writing.
     let bytes = text.as_bytes();
-    let openers = bytes.iter().enumerate().filter(|(_, b)| matches!(b, b'{' | b'['));
-    for (start, _) in openers.take(MAX_PROSE_CANDIDATES) {
+    let mut best: Option<(usize, Extracted)> = None;
+    let mut from = 0;
+    for _ in 0..MAX_PROSE_CANDIDATES {
+        let Some(start) = bytes.get(from..).and_then(|rest| rest.iter().position(|b| matches!(b, b'{' | b'['))) else {
+            break;
+        };
+        let start = from + start;
         let end = balanced_end(bytes, start).unwrap_or(bytes.len());
-        if let Some(found) = text.get(start..end).and_then(|candidate| attempt(start, candidate)) {
-            return Ok(found);
+        match text.get(start..end).and_then(|candidate| attempt(start, candidate)) {
+            Some(found) => {
+                if best.as_ref().is_none_or(|(len, _)| end - start > *len) {
+                    best = Some((end - start, found));
+                }
+                from = end;
+            }
+            None => from = start + 1,
         }
+    }
+    if let Some((_, found)) = best {
+        return Ok(found);
     }
     Err(first_failure.unwrap_or(ExtractError::NotFound))
 }
@@ -233,6 +249,14 @@ mod tests {
     fn truncated_json_in_prose() {
         let found = extract_json("Result: {\"a\": [1, 2, {\"b\": tru").unwrap();
         assert_eq!(found, Extracted { value: json!({"a": [1, 2, {"b": true}]}), repaired: true });
+    }
+
+    #[test]
+    fn citations_before_the_json_are_passed_over() {
+        let text = "Based on [1] and [2], the result is {\"sources\": [1, 2], \"ok\": true}. See also [3].";
+        assert_eq!(extract_json(text).unwrap(), clean(json!({"sources": [1, 2], "ok": true})));
+        let truncated = extract_json("Per [1]: {\"a\": [1, 2, {\"b\": tru").unwrap();
+        assert_eq!(truncated, Extracted { value: json!({"a": [1, 2, {"b": true}]}), repaired: true });
     }
 
     #[test]
