@@ -18,8 +18,9 @@ pub struct Extracted {
 }
 
 /// Find the JSON value a model meant in its answer: the whole text if it parses; else a ```json (or
-/// bare ```) fenced block; else the longest balanced {...} or [...] in prose (so a citation such as
-/// [1] before the answer is passed over); each candidate is repaired if it does not parse. Returns the value and whether repair was needed.
+/// bare ```) fenced block; else the longest balanced `{...}` or `[...]` in prose (so a citation
+/// such as `[1]` before the answer is passed over); each candidate is repaired if it does not parse. Returns
+/// the value and whether repair was needed.
 pub fn extract_json(text: &str) -> Result<Extracted, ExtractError> {
     let trimmed = text.trim();
     if trimmed.is_empty() {

@@ -506,6 +506,7 @@ fn type_list(types: u8) -> String {
 fn one_of_values(allowed: &[Value]) -> String {
     const LISTED: usize = 12;
     match allowed {
+        [] => "nothing (the schema's 'enum' is empty)".to_owned(),
         [only] => only.to_string(),
         _ if allowed.len() <= LISTED => {
             let shown: Vec<String> = allowed.iter().map(Value::to_string).collect();
@@ -662,13 +663,9 @@ fn json_type_name(value: &Value) -> &'static str {
 }
 
 fn count(value: &Value, pointer: String) -> Result<u64, SchemaError> {
-    match value {
-        Value::Number(n) if n.as_u64().is_some() => Ok(n.as_u64().unwrap_or_default()),
-        Value::Number(n) if n.as_f64().is_some_and(|f| f >= 0.0 && f.fract() == 0.0) => {
-            Ok(n.as_f64().unwrap_or_default() as u64)
-        }
-        other => Err(invalid(pointer, "must be a non-negative integer", other)),
-    }
+    // `2.0` is a valid count: JSON Schema compares numbers by value.
+    let whole = || value.as_f64().filter(|f| *f >= 0.0 && f.fract() == 0.0 && *f <= u64::MAX as f64).map(|f| f as u64);
+    value.as_u64().or_else(whole).ok_or_else(|| invalid(pointer, "must be a non-negative integer", value))
 }
 
 fn number(value: &Value, pointer: String) -> Result<f64, SchemaError> {
@@ -1071,6 +1068,11 @@ mod tests {
         let s = schema(json!({"enum": [1, [1, 2]]}));
         assert!(s.validate(&json!(1.0)).is_ok());
         assert!(s.validate(&json!([1.0, 2])).is_ok());
+        assert_eq!(
+            errors(&schema(json!({"enum": []})), json!(1)),
+            one("", "expected nothing (the schema's 'enum' is empty), got integer 1")
+        );
+        assert!(schema(json!({"minItems": 2.0})).validate(&json!([1, 2])).is_ok());
         let s = schema(json!({"const": "cat"}));
         assert!(s.validate(&json!("cat")).is_ok());
         assert_eq!(errors(&s, json!("dog")), one("", "expected \"cat\", got string \"dog\""));
