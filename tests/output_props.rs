@@ -60,6 +60,48 @@ fn clean(value: Value) -> Extracted {
     Extracted { value, repaired: false }
 }
 
+/// The value as a model imitating Python writes it: single quotes, `True`/`False`/`None`, a
+/// trailing comma in every container.
+fn python_literal(value: &Value, out: &mut String) {
+    match value {
+        Value::Null => out.push_str("None"),
+        Value::Bool(true) => out.push_str("True"),
+        Value::Bool(false) => out.push_str("False"),
+        Value::Number(n) => out.push_str(&n.to_string()),
+        Value::String(s) => {
+            out.push('\'');
+            for c in s.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '\'' => out.push_str("\\'"),
+                    '\n' => out.push_str("\\n"),
+                    c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+                    c => out.push(c),
+                }
+            }
+            out.push('\'');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for item in items {
+                python_literal(item, out);
+                out.push_str(", ");
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            out.push('{');
+            for (key, item) in map {
+                python_literal(&Value::String(key.clone()), out);
+                out.push_str(": ");
+                python_literal(item, out);
+                out.push_str(", ");
+            }
+            out.push('}');
+        }
+    }
+}
+
 fn char_boundaries(text: &str) -> impl Iterator<Item = usize> + '_ {
     (1..text.len()).filter(|&i| text.is_char_boundary(i))
 }
@@ -95,6 +137,19 @@ proptest! {
     }
 
     #[test]
+    fn python_literal_is_repaired_to_the_value(v in json_value()) {
+        let mut text = String::new();
+        python_literal(&v, &mut text);
+        let repaired = repair_json(&text);
+        prop_assert!(repaired.is_some(), "no repair for {text:?}");
+        prop_assert_eq!(serde_json::from_str::<Value>(&repaired.unwrap()).unwrap(), v.clone());
+        if v.is_object() || v.is_array() {
+            let in_prose = extract_json(&format!("Here you go: {text} Anything else?")).unwrap();
+            prop_assert_eq!(in_prose.value, v);
+        }
+    }
+
+    #[test]
     fn repair_never_panics_and_its_output_parses(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
         let text = String::from_utf8_lossy(&bytes);
         if let Some(out) = repair_json(&text) {
@@ -123,6 +178,16 @@ proptest! {
             prop_assert!(repaired.is_some(), "no repair for {:?}", &json[..end]);
             let value: Value = serde_json::from_str(&repaired.unwrap()).unwrap();
             prop_assert!(value.is_object());
+        }
+    }
+
+    #[test]
+    fn every_truncation_of_a_python_literal_repairs_to_json(v in json_object()) {
+        let mut text = String::new();
+        python_literal(&v, &mut text);
+        for end in char_boundaries(&text) {
+            let repaired = repair_json(&text[..end]);
+            prop_assert!(repaired.is_some(), "no repair for {:?}", &text[..end]);
         }
     }
 

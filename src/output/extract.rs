@@ -19,8 +19,8 @@ pub struct Extracted {
 
 /// Find the JSON value a model meant in its answer: the whole text if it parses; else a ```json (or
 /// bare ```) fenced block; else the longest balanced `{...}` or `[...]` in prose (so a citation
-/// such as `[1]` before the answer is passed over); each candidate is repaired if it does not parse. Returns
-/// the value and whether repair was needed.
+/// such as `[1]` before the answer is passed over); each candidate is repaired if it does not
+/// parse. Returns the value and whether repair was needed.
 pub fn extract_json(text: &str) -> Result<Extracted, ExtractError> {
     let trimmed = text.trim();
     if trimmed.is_empty() {
@@ -215,6 +215,12 @@ mod tests {
     fn fence_inside_a_json_string_does_not_end_the_block() {
         let text = "```json\n{\"code\": \"```rust\\nfn main() {}\\n```\"}\n```";
         assert_eq!(extract_json(text).unwrap(), clean(json!({"code": "```rust\nfn main() {}\n```"})));
+    }
+
+    #[test]
+    fn fence_marker_inside_json_in_prose_is_not_a_fence() {
+        assert_eq!(extract_json("[\"```\"],").unwrap(), clean(json!(["```"])));
+        assert_eq!(extract_json("Result: {\"a\": \"```json\"} ok").unwrap(), clean(json!({"a": "```json"})));
     }
 
     #[test]
