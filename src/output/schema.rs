@@ -1,12 +1,16 @@
 //! JSON Schema validation, compiled once per batch and shared by every job.
 //!
-//! Covers what pydantic v2's `model_json_schema()` emits and the usual hand-written schemas (draft
-//! 2020-12 keywords, with draft-4..7 forms of `items`/`additionalItems` and boolean
-//! `exclusiveMinimum`/`exclusiveMaximum`). Two keywords need regular expressions and are left out
-//! rather than half done: `pattern` is checked by pydantic on the Python side, and where
+//! Covers what pydantic v2's `model_json_schema()` emits and the usual hand-written schemas: the
+//! draft 2020-12 assertions and applicators (`type`, `enum`, `const`, numeric and length bounds,
+//! `properties`, `required`, `additionalProperties`, `propertyNames`, `dependentRequired`,
+//! `prefixItems`, `items`, `contains`, `uniqueItems`, `allOf`/`anyOf`/`oneOf`/`not`,
+//! `if`/`then`/`else`, local `$ref`), plus the draft 4..7 forms of `items`/`additionalItems` and of
+//! boolean `exclusiveMinimum`/`exclusiveMaximum`. Two keywords need regular expressions and are
+//! left out rather than half done: `pattern` is checked by pydantic on the Python side, and where
 //! `patternProperties` is present `additionalProperties` is not enforced (a property might match a
-//! pattern). `format`, `title`, `description`, `default`, `examples` are annotations; unknown
-//! keywords are ignored, as the specification says.
+//! pattern). `format`, `title`, `description`, `default`, `examples` are annotations; other unknown
+//! keywords (`dependentSchemas`, `unevaluatedProperties`, ...) are ignored, as the specification
+//! says of keywords a validator does not know.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -56,6 +60,8 @@ struct Rules {
     required: Vec<String>,
     additional_properties: Option<NodeId>,
     has_pattern_properties: bool,
+    property_names: Option<NodeId>,
+    dependent_required: Vec<(String, Vec<String>)>,
     min_properties: Option<u64>,
     max_properties: Option<u64>,
     prefix_items: Vec<NodeId>,
@@ -64,6 +70,9 @@ struct Rules {
     min_items: Option<u64>,
     max_items: Option<u64>,
     unique_items: bool,
+    contains: Option<NodeId>,
+    min_contains: Option<u64>,
+    max_contains: Option<u64>,
     min_length: Option<u64>,
     max_length: Option<u64>,
     minimum: Option<f64>,
@@ -237,6 +246,21 @@ impl CompiledSchema {
                 }
             }
         }
+        if let Some(names) = rules.property_names {
+            for key in map.keys() {
+                let found = self.violations(names, &Value::String(key.clone()), path);
+                if let Some(first) = found.first() {
+                    out.push(violation(path, format!("property name '{key}' is not allowed: {}", first.message)));
+                }
+            }
+        }
+        for (name, needed) in &rules.dependent_required {
+            if map.contains_key(name) {
+                for other in needed.iter().filter(|other| !map.contains_key(*other)) {
+                    out.push(violation(path, format!("missing property '{other}', required when '{name}' is present")));
+                }
+            }
+        }
         let count = map.len() as u64;
         if let Some(min) = rules.min_properties.filter(|&min| count < min) {
             out.push(violation(path, format!("expected at least {min} {}, got {count}", plural(min, "property"))));
@@ -261,6 +285,21 @@ impl CompiledSchema {
         }
         if let Some(max) = rules.max_items.filter(|&max| count > max) {
             out.push(violation(path, format!("expected at most {max} {}, got {count}", plural(max, "item"))));
+        }
+        if let Some(contains) = rules.contains {
+            let matching = items.iter().filter(|item| self.violations(contains, item, path).is_empty()).count() as u64;
+            if let Some(min) = Some(rules.min_contains.unwrap_or(1)).filter(|&min| matching < min) {
+                out.push(violation(
+                    path,
+                    format!("expected at least {min} {} matching 'contains', got {matching}", plural(min, "item")),
+                ));
+            }
+            if let Some(max) = rules.max_contains.filter(|&max| matching > max) {
+                out.push(violation(
+                    path,
+                    format!("expected at most {max} {} matching 'contains', got {matching}", plural(max, "item")),
+                ));
+            }
         }
         if rules.unique_items {
             let mut seen: HashMap<String, usize> = HashMap::with_capacity(items.len());
@@ -814,6 +853,21 @@ impl<'a> Compiler<'a> {
         if let Some(value) = map.get("additionalProperties") {
             rules.additional_properties = Some(self.compile(value, at("additionalProperties"))?);
         }
+        if let Some(value) = map.get("propertyNames") {
+            rules.property_names = Some(self.compile(value, at("propertyNames"))?);
+        }
+        if let Some(value) = map.get("dependentRequired") {
+            let expected = "must be an object of arrays of property names";
+            let Value::Object(dependencies) = value else {
+                return Err(invalid(at("dependentRequired"), expected, value));
+            };
+            for (name, needed) in dependencies {
+                let names =
+                    needed.as_array().and_then(|list| list.iter().map(|v| v.as_str().map(str::to_owned)).collect());
+                let pointer = format!("{}/{}", at("dependentRequired"), escape_pointer(name));
+                rules.dependent_required.push((name.clone(), names.ok_or_else(|| invalid(pointer, expected, needed))?));
+            }
+        }
         if let Some(value) = map.get("patternProperties") {
             self.schema_map(value, &at("patternProperties"))?;
             rules.has_pattern_properties = true;
@@ -849,7 +903,15 @@ impl<'a> Compiler<'a> {
             Some(value) => rules.items = Some(self.compile(value, at("items"))?),
             None => {}
         }
-        for (keyword, slot) in [("minItems", &mut rules.min_items), ("maxItems", &mut rules.max_items)] {
+        if let Some(value) = map.get("contains") {
+            rules.contains = Some(self.compile(value, at("contains"))?);
+        }
+        for (keyword, slot) in [
+            ("minItems", &mut rules.min_items),
+            ("maxItems", &mut rules.max_items),
+            ("minContains", &mut rules.min_contains),
+            ("maxContains", &mut rules.max_contains),
+        ] {
             if let Some(value) = map.get(keyword) {
                 *slot = Some(count(value, at(keyword))?);
             }
@@ -1055,6 +1117,35 @@ mod tests {
         assert_eq!(errors(&s, json!([1, 2, 1.0])), one("", "items 0 and 2 are equal; items must be unique"));
         assert_eq!(errors(&s, json!([{"a": 1, "b": [2]}, {"b": [2.0], "a": 1}])).len(), 1);
         assert!(schema(json!({"uniqueItems": false})).validate(&json!([1, 1])).is_ok());
+    }
+
+    #[test]
+    fn contains() {
+        let s = schema(json!({"contains": {"type": "integer"}}));
+        assert!(s.validate(&json!(["a", 1])).is_ok());
+        assert_eq!(errors(&s, json!(["a"])), one("", "expected at least 1 item matching 'contains', got 0"));
+        let s = schema(json!({"contains": {"const": 1}, "minContains": 2, "maxContains": 3}));
+        assert!(s.validate(&json!([1, 1, 2])).is_ok());
+        assert_eq!(errors(&s, json!([1, 2])), one("", "expected at least 2 items matching 'contains', got 1"));
+        assert_eq!(errors(&s, json!([1, 1, 1, 1])), one("", "expected at most 3 items matching 'contains', got 4"));
+        assert!(schema(json!({"contains": false, "minContains": 0})).validate(&json!([1])).is_ok());
+    }
+
+    #[test]
+    fn property_names_and_dependent_required() {
+        let s = schema(json!({"propertyNames": {"maxLength": 7}, "dependentRequired": {"card": ["billing"]}}));
+        assert!(s.validate(&json!({"name": 1})).is_ok());
+        assert!(s.validate(&json!({"card": 1, "billing": 2})).is_ok());
+        assert_eq!(
+            errors(&s, json!({"card": 1})),
+            one("", "missing property 'billing', required when 'card' is present")
+        );
+        assert_eq!(
+            errors(&s, json!({"too_long": 1})),
+            one("", "property name 'too_long' is not allowed: expected at most 7 characters, got 8")
+        );
+        assert!(matches!(compile_error(json!({"dependentRequired": {"a": "b"}})),
+            SchemaError::InvalidKeyword { pointer, .. } if pointer == "/dependentRequired/a"));
     }
 
     #[test]
