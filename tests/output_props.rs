@@ -1,6 +1,8 @@
 //! Structured output against generated JSON and against schemas as pydantic v2 emits them.
 #![allow(clippy::unwrap_used, clippy::needless_pass_by_value)]
 
+use std::fmt::Write as _;
+
 use batchagent::output::{describe, extract_json, repair_json, CompiledSchema, Extracted};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
@@ -75,7 +77,9 @@ fn python_literal(value: &Value, out: &mut String) {
                     '\\' => out.push_str("\\\\"),
                     '\'' => out.push_str("\\'"),
                     '\n' => out.push_str("\\n"),
-                    c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+                    c if u32::from(c) < 0x20 => {
+                        let _ = write!(out, "\\u{:04x}", u32::from(c));
+                    }
                     c => out.push(c),
                 }
             }
