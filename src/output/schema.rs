@@ -41,6 +41,10 @@ const TYPE_NAMES: [(u8, &str); 7] = [
     (NULL, "null"),
 ];
 
+/// Validation recurses along the instance; a value nested this deep is refused up front so that a
+/// pathological one cannot overflow a worker thread's stack. `serde_json` parses no deeper than 128.
+const MAX_DEPTH: usize = 128;
+
 /// Longest string shown in full inside a message; a model needs to recognise its value, not reread it.
 const SHOWN_STRING_CHARS: usize = 60;
 
@@ -147,6 +151,9 @@ impl CompiledSchema {
     /// All violations, each with the instance path (JSON pointer, e.g. /bugs/2) and a message a
     /// model can act on ("expected integer, got string \"high\"", "missing required property 'severity'").
     pub fn validate(&self, instance: &Value) -> Result<(), Vec<Violation>> {
+        if exceeds_depth(instance, MAX_DEPTH) {
+            return Err(vec![violation("", format!("the value is nested deeper than {MAX_DEPTH} levels"))]);
+        }
         let mut violations = Vec::new();
         self.check(self.root, instance, &mut String::new(), &mut violations);
         if violations.is_empty() {
@@ -472,6 +479,22 @@ fn is_multiple(number: &Number, value: f64, divisor: f64) -> bool {
     }
     let quotient = value / divisor;
     quotient.is_finite() && (quotient - quotient.round()).abs() <= 1e-9 * quotient.abs().max(1.0)
+}
+
+fn exceeds_depth(value: &Value, max: usize) -> bool {
+    let mut pending = vec![(value, 0)];
+    while let Some((value, depth)) = pending.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match value {
+            Value::Array(items) => Box::new(items.iter()),
+            Value::Object(map) => Box::new(map.values()),
+            _ => continue,
+        };
+        if depth >= max {
+            return true;
+        }
+        pending.extend(children.map(|child| (child, depth + 1)));
+    }
+    false
 }
 
 fn violation(path: &str, message: String) -> Violation {
@@ -1323,6 +1346,27 @@ mod tests {
         let s = schema(json!({"$defs": {"a b": {"type": "integer"}, "c/d": {"type": "string"}},
             "properties": {"x": {"$ref": "#/$defs/a%20b"}, "y": {"$ref": "#/$defs/c~1d"}}}));
         assert_eq!(errors(&s, json!({"x": "1", "y": 1})).len(), 2);
+    }
+
+    #[test]
+    fn deep_instances_are_refused_without_overflowing() {
+        let s = schema(
+            json!({"$defs": {"L": {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/L"}}, {"type": "integer"}]}},
+            "$ref": "#/$defs/L"}),
+        );
+        let nest = |depth: usize| (0..depth).fold(json!(1), |inner, _| json!([inner]));
+        // A worker thread's stack, as tokio gives it.
+        let handle = std::thread::Builder::new().stack_size(2 << 20).spawn(move || {
+            let at_limit = s.validate(&nest(127)).is_ok();
+            let too_deep = s.validate(&nest(1_000)).unwrap_err();
+            (at_limit, too_deep)
+        });
+        let (at_limit, too_deep) = handle.unwrap().join().unwrap();
+        assert!(at_limit);
+        assert_eq!(
+            too_deep,
+            vec![Violation { path: String::new(), message: "the value is nested deeper than 128 levels".to_owned() }]
+        );
     }
 
     #[test]
