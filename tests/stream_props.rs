@@ -183,7 +183,7 @@ fn a_stream_without_finish_or_done_is_a_retryable_protocol_error() {
         assert!(err.retryable());
     }
     let mut p = SseParser::new();
-    p.feed(text[..cut + 20].as_bytes());
+    p.feed(&text.as_bytes()[..cut + 20]);
     assert_eq!(p.finish(), StreamEnd::Truncated);
 }
 
