@@ -1,5 +1,5 @@
 //! Stream parsing throughput on one core, in bytes of wire data per second: the SSE framing alone,
-//! SSE plus OpenAI chunk assembly (JSON decoding of every chunk), and NDJSON line splitting.
+//! SSE plus `OpenAI` chunk assembly (JSON decoding of every chunk), and NDJSON line splitting.
 //! The body is fed in 16 KiB pieces, as it comes off a socket.
 //!
 //! `cargo bench --bench stream`
