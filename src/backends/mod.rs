@@ -154,6 +154,12 @@ pub trait Backend: Send + Sync {
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>>;
 }
 
+pub mod http;
+pub mod ollama;
+pub mod openai;
+pub mod url;
+
+pub mod anthropic;
 pub mod aws_credentials;
-pub mod sigv4;
 pub mod bedrock;
+pub mod sigv4;

@@ -1,6 +1,6 @@
-//! OpenAI chat-completion chunks -> deltas -> one assembled turn, with the quirks of the servers
+//! `OpenAI` chat-completion chunks -> deltas -> one assembled turn, with the quirks of the servers
 //! that speak the format: `content: null`, content as a list of parts, legacy `choices[].text`,
-//! tool-call deltas by `index` (SGLang sends `arguments` as a JSON object instead of a string),
+//! tool-call deltas by `index` (`SGLang` sends `arguments` as a JSON object instead of a string),
 //! usage only in the final chunk or not at all, `prompt_tokens_details: null`, `[DONE]`, an error
 //! object in the middle of a stream, and NVIDIA Dynamo's `tool_call_dispatch` events.
 //!
@@ -67,7 +67,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Content<'a> {
     }
 }
 
-/// Tool-call `arguments`: a JSON text (the OpenAI format) or, from SGLang, the JSON value itself.
+/// Tool-call `arguments`: a JSON text (the `OpenAI` format) or, from `SGLang`, the JSON value itself.
 #[derive(Debug, Default)]
 struct Arguments<'a>(Option<Cow<'a, str>>);
 
@@ -216,11 +216,18 @@ pub struct ChatStreamAssembler {
     first_token: bool,
     /// Ids already announced through Dynamo `tool_call_dispatch`.
     dispatched: HashSet<String>,
+    /// Skip `TextDelta` events (nobody listens): saves a copy of every delta.
+    quiet_text: bool,
 }
 
 impl ChatStreamAssembler {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An assembler that emits `FirstToken` and `ToolCallReady` but no `TextDelta` events.
+    pub fn without_text_deltas() -> Self {
+        Self { quiet_text: true, ..Self::default() }
     }
 
     /// `[DONE]` was received.
@@ -292,7 +299,9 @@ impl ChatStreamAssembler {
         }
         self.mark_first_token(out);
         self.content.push_str(text);
-        out.push(StreamEvent::TextDelta(text.to_owned()));
+        if !self.quiet_text {
+            out.push(StreamEvent::TextDelta(text.to_owned()));
+        }
     }
 
     fn mark_first_token(&mut self, out: &mut Vec<StreamEvent>) {
@@ -402,7 +411,7 @@ impl ChatStreamAssembler {
     }
 }
 
-/// Maps servers' finish reasons onto OpenAI's words. A turn with tool calls that says `stop` (some
+/// Maps servers' finish reasons onto `OpenAI`'s words. A turn with tool calls that says `stop` (some
 /// servers' tool parsers do) is reported as `tool_calls`, which is what the turn did.
 pub fn normalise_finish_reason(reason: Option<&str>, has_tool_calls: bool) -> String {
     let reason = match reason {

@@ -1,0 +1,355 @@
+//! The HTTP layer every HTTP backend shares: one pooled keep-alive reqwest client per backend,
+//! timeouts, the mapping of HTTP statuses and transport failures onto [`BackendError`], and
+//! redaction of the API key from everything that can reach a log.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use serde_json::Value;
+
+use super::url::BackendOptions;
+use super::BackendError;
+
+/// Longest server message kept in an error.
+pub const MAX_ERROR_MESSAGE: usize = 500;
+/// Most bytes of an error body read before giving up on the rest.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// An API key. Its `Debug` never shows the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey([redacted])")
+    }
+}
+
+/// How the key is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthStyle {
+    /// `Authorization: Bearer <key>` (`OpenAI` and everything compatible with it).
+    Bearer,
+    /// The key as the value of a named header (Anthropic's `x-api-key`).
+    Header(&'static str),
+}
+
+/// A pooled client bound to one server.
+#[derive(Clone)]
+pub struct HttpClient {
+    client: reqwest::Client,
+    base_url: String,
+    headers: HeaderMap,
+    secret: Option<ApiKey>,
+    request_timeout: Duration,
+}
+
+impl fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpClient")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.secret.as_ref().map(|_| "[redacted]"))
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpClient {
+    /// `base_url` is joined with the paths given to [`post`](Self::post); a trailing `/` is dropped.
+    pub fn new(
+        base_url: &str,
+        options: &BackendOptions,
+        key: Option<ApiKey>,
+        auth: AuthStyle,
+    ) -> Result<Self, BackendError> {
+        let mut headers = HeaderMap::new();
+        for (name, value) in &options.extra_headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| BackendError::Config(format!("extra header name {name:?} is not a valid HTTP header")))?;
+            let mut value = HeaderValue::from_str(value)
+                .map_err(|_| BackendError::Config(format!("extra header {name} has a value that is not valid")))?;
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+        if let Some(key) = &key {
+            let (name, text) = match auth {
+                AuthStyle::Bearer => (AUTHORIZATION, format!("Bearer {}", key.expose())),
+                AuthStyle::Header(name) => (HeaderName::from_static(name), key.expose().to_owned()),
+            };
+            let mut value = HeaderValue::from_str(&text)
+                .map_err(|_| BackendError::Config("the API key contains characters not allowed in a header".into()))?;
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(options.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .tcp_nodelay(true)
+            .tcp_keepalive(Duration::from_secs(30))
+            .build()
+            .map_err(|e| BackendError::Config(format!("cannot build the HTTP client: {}", error_chain(&e))))?;
+        Ok(Self {
+            client,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            headers,
+            secret: key.filter(|k| !k.expose().is_empty()),
+            request_timeout: options.request_timeout,
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    pub fn has_key(&self) -> bool {
+        self.secret.is_some()
+    }
+
+    /// Starts a JSON POST to `base_url + path` with the auth and extra headers.
+    pub fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
+        self.client
+            .post(format!("{}{path}", self.base_url))
+            .headers(self.headers.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .body(serde_json::to_vec(body).unwrap_or_default())
+    }
+
+    /// Starts a GET to `base_url + path` with the auth and extra headers.
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.get(format!("{}{path}", self.base_url)).headers(self.headers.clone())
+    }
+
+    /// Sends the request; a non-2xx answer becomes the matching [`BackendError`].
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, BackendError> {
+        let response = request.send().await.map_err(|e| self.transport_error(&e))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let retry_after = response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let body = self.read_error_body(response).await;
+        Err(self.redact_error(status_error(status.as_u16(), retry_after.as_deref(), &body, SystemTime::now())))
+    }
+
+    /// The next piece of a response body; `None` at its end. A failed read is a connection error.
+    pub async fn next_chunk(&self, response: &mut reqwest::Response) -> Result<Option<Bytes>, BackendError> {
+        response.chunk().await.map_err(|e| self.transport_error(&e))
+    }
+
+    /// The whole body of a successful response.
+    pub async fn read_body(&self, response: reqwest::Response) -> Result<Bytes, BackendError> {
+        response.bytes().await.map_err(|e| self.transport_error(&e))
+    }
+
+    async fn read_error_body(&self, mut response: reqwest::Response) -> Vec<u8> {
+        let mut body = Vec::new();
+        while body.len() < MAX_ERROR_BODY {
+            match response.chunk().await {
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        body
+    }
+
+    /// A reqwest failure as a [`BackendError`], never carrying the URL's query or the key.
+    #[cold]
+    pub fn transport_error(&self, err: &reqwest::Error) -> BackendError {
+        let message = self.redact(&error_chain(err));
+        if err.is_timeout() {
+            BackendError::Timeout(self.request_timeout)
+        } else if err.is_builder() {
+            BackendError::Config(message)
+        } else {
+            BackendError::Connection(message)
+        }
+    }
+
+    /// Removes the API key from a text that may have come from a server or a library.
+    pub fn redact(&self, text: &str) -> String {
+        match &self.secret {
+            Some(key) => text.replace(key.expose(), "[redacted]"),
+            None => text.to_owned(),
+        }
+    }
+
+    #[cold]
+    pub fn redact_error(&self, err: BackendError) -> BackendError {
+        if self.secret.is_none() {
+            return err;
+        }
+        match err {
+            BackendError::Server { status, message } => BackendError::Server { status, message: self.redact(&message) },
+            BackendError::Rejected { status, message } => {
+                BackendError::Rejected { status, message: self.redact(&message) }
+            }
+            BackendError::Auth { status, message } => BackendError::Auth { status, message: self.redact(&message) },
+            BackendError::Overloaded(m) => BackendError::Overloaded(self.redact(&m)),
+            BackendError::Connection(m) => BackendError::Connection(self.redact(&m)),
+            BackendError::Protocol(m) => BackendError::Protocol(self.redact(&m)),
+            BackendError::Config(m) => BackendError::Config(self.redact(&m)),
+            other @ (BackendError::RateLimited { .. } | BackendError::Timeout(_)) => other,
+        }
+    }
+}
+
+/// The error text with its causes ("error sending request: connection refused"), without the URL.
+fn error_chain(err: &reqwest::Error) -> String {
+    use std::error::Error as _;
+    let mut text = strip_url(err);
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn strip_url(err: &reqwest::Error) -> String {
+    // reqwest prints "... for url (<url>)"; the URL can carry a query with credentials.
+    let text = err.to_string();
+    match text.find(" for url (") {
+        Some(i) => text[..i].to_owned(),
+        None => text,
+    }
+}
+
+/// Maps an HTTP error status onto a [`BackendError`].
+///
+/// 503 with a `Retry-After` is reported as `RateLimited` (status 503) so the delay the server asked
+/// for reaches the scheduler; without one it is `Overloaded`.
+pub fn status_error(status: u16, retry_after: Option<&str>, body: &[u8], now: SystemTime) -> BackendError {
+    let retry_after = retry_after.and_then(|v| parse_retry_after(v, now));
+    match status {
+        429 => BackendError::RateLimited { status, retry_after },
+        503 if retry_after.is_some() => BackendError::RateLimited { status, retry_after },
+        503 => BackendError::Overloaded(body_message(body, status)),
+        401 | 403 => BackendError::Auth { status, message: body_message(body, status) },
+        500..=599 => BackendError::Server { status, message: body_message(body, status) },
+        _ => BackendError::Rejected { status, message: body_message(body, status) },
+    }
+}
+
+/// `Retry-After` as delay-seconds or an HTTP-date (RFC 9110 10.2.3). A date in the past means now.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    // Not in the RFC, but some proxies send fractional seconds.
+    if let Ok(secs) = value.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// The human part of an error body: `error.message`, `message`, `detail` or `error` (as servers
+/// variously put it), else the body text; clipped to [`MAX_ERROR_MESSAGE`] characters.
+pub fn body_message(body: &[u8], status: u16) -> String {
+    let text = String::from_utf8_lossy(body);
+    let from_json = serde_json::from_slice::<Value>(body).ok().and_then(|v| {
+        let pick = |v: &Value| -> Option<String> {
+            match v {
+                Value::String(s) => Some(s.clone()),
+                Value::Null => None,
+                other => Some(other.to_string()),
+            }
+        };
+        v.get("error")
+            .and_then(|e| e.get("message").and_then(pick).or_else(|| e.as_str().map(str::to_owned)))
+            .or_else(|| v.get("message").and_then(pick))
+            .or_else(|| v.get("detail").and_then(pick))
+    });
+    let message = from_json.unwrap_or_else(|| text.trim().to_owned());
+    if message.is_empty() {
+        return format!("HTTP {status} with an empty body");
+    }
+    clip_chars(&message, MAX_ERROR_MESSAGE)
+}
+
+fn clip_chars(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn retry_after_seconds_and_http_date() {
+        assert_eq!(parse_retry_after("7", at(0)), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("0.5", at(0)), Some(Duration::from_millis(500)));
+        // 784111777 = Sun, 06 Nov 1994 08:49:37 GMT (the RFC's example date).
+        let date = "Sun, 06 Nov 1994 08:49:37 GMT";
+        assert_eq!(parse_retry_after(date, at(784_111_777 - 30)), Some(Duration::from_secs(30)));
+        assert_eq!(parse_retry_after(date, at(784_111_777 + 30)), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", at(0)), None);
+    }
+
+    #[test]
+    fn statuses_map_to_kinds() {
+        let now = at(0);
+        assert_eq!(
+            status_error(429, Some("2"), b"", now),
+            BackendError::RateLimited { status: 429, retry_after: Some(Duration::from_secs(2)) }
+        );
+        assert!(matches!(status_error(503, None, b"busy", now), BackendError::Overloaded(m) if m == "busy"));
+        assert!(matches!(status_error(503, Some("1"), b"", now), BackendError::RateLimited { status: 503, .. }));
+        assert!(matches!(status_error(502, None, b"", now), BackendError::Server { status: 502, .. }));
+        assert!(matches!(status_error(401, None, b"", now), BackendError::Auth { status: 401, .. }));
+        let rejected = status_error(400, None, br#"{"error":{"message":"max_tokens too large"}}"#, now);
+        assert_eq!(rejected, BackendError::Rejected { status: 400, message: "max_tokens too large".into() });
+        assert!(!rejected.retryable());
+    }
+
+    #[test]
+    fn body_messages_in_the_shapes_servers_use() {
+        assert_eq!(body_message(br#"{"error":"model not found"}"#, 404), "model not found");
+        assert_eq!(body_message(br#"{"detail":"Not Found"}"#, 404), "Not Found");
+        assert_eq!(body_message(br#"{"message":"m","code":1}"#, 400), "m");
+        assert_eq!(body_message(b"", 400), "HTTP 400 with an empty body");
+        let long = "\u{e9}".repeat(2000);
+        let clipped = body_message(long.as_bytes(), 400);
+        assert_eq!(clipped.chars().count(), MAX_ERROR_MESSAGE + 3);
+    }
+
+    #[test]
+    fn key_never_shows_in_debug_or_errors() {
+        let options = BackendOptions { api_key: Some("sk-secret".into()), ..BackendOptions::default() };
+        let client =
+            HttpClient::new("http://127.0.0.1:1", &options, Some(ApiKey::new("sk-secret")), AuthStyle::Bearer).unwrap();
+        assert!(!format!("{client:?}").contains("sk-secret"));
+        let err = client.redact_error(BackendError::Auth { status: 401, message: "bad key sk-secret".into() });
+        assert!(!err.to_string().contains("sk-secret"));
+    }
+}

@@ -1,0 +1,396 @@
+//! The `OpenAI`-compatible chat backend: one implementation, with the per-server differences
+//! (flavours) in request building and capabilities. vLLM, `SGLang`, NVIDIA Dynamo, Ollama's `/v1`
+//! endpoint, llama.cpp server, the `OpenAI` API and the simulator all speak it.
+
+use std::time::Instant;
+
+use futures_util::future::BoxFuture;
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+
+use super::http::{ApiKey, AuthStyle, HttpClient};
+use super::url::BackendOptions;
+use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
+use crate::conversation::{Message, Role, ToolDef, Usage};
+use crate::stream::openai::{parse_chat_completion, parse_completions, ChatStreamAssembler};
+use crate::stream::sse::SseParser;
+
+/// Which server sits behind the `OpenAI`-compatible API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Flavour {
+    OpenAi,
+    Vllm,
+    Sglang,
+    Dynamo,
+    /// Ollama's `OpenAI`-compatible endpoint (`/v1`).
+    Ollama,
+    LlamaCpp,
+    /// The built-in simulator, which answers as vLLM does.
+    Sim,
+    /// Any other server that claims `OpenAI` compatibility: only the common subset is used.
+    Generic,
+}
+
+impl Flavour {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::OpenAi => "openai",
+            Self::Vllm => "vllm",
+            Self::Sglang => "sglang",
+            Self::Dynamo => "dynamo",
+            Self::Ollama => "ollama-openai",
+            Self::LlamaCpp => "llamacpp",
+            Self::Sim => "sim",
+            Self::Generic => "openai-compatible",
+        }
+    }
+
+    /// What the server supports. `agent_hints` is whether the caller enabled Dynamo hints.
+    pub fn capabilities(self, agent_hints: bool) -> Capabilities {
+        use Flavour::{Dynamo, Generic, LlamaCpp, Ollama, OpenAi, Sglang, Sim, Vllm};
+        if self == Generic {
+            // An unknown server may reject fields it does not know; promise only the common subset.
+            return Capabilities { streaming: true, tools: true, ..Capabilities::default() };
+        }
+        Capabilities {
+            streaming: true,
+            tools: true,
+            json_schema: matches!(self, OpenAi | Vllm | Sglang | Sim | LlamaCpp | Ollama),
+            prompt_caching: false,
+            metrics: matches!(self, Vllm | Sglang | Sim | Dynamo),
+            agent_hints: agent_hints && self == Dynamo,
+            batch_generation: matches!(self, Vllm | Sglang | Sim | LlamaCpp),
+        }
+    }
+
+    fn sends_request_id(self) -> bool {
+        matches!(self, Self::Vllm | Self::Sim)
+    }
+}
+
+pub struct OpenAiBackend {
+    flavour: Flavour,
+    name: String,
+    http: HttpClient,
+    agent_hints: bool,
+}
+
+impl std::fmt::Debug for OpenAiBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiBackend")
+            .field("flavour", &self.flavour)
+            .field("name", &self.name)
+            .field("http", &self.http)
+            .field("agent_hints", &self.agent_hints)
+            .finish()
+    }
+}
+
+impl OpenAiBackend {
+    /// `base_url` is the server (`http://host:8000`, `/v1` is added) or the API root when it has a
+    /// path (`https://api.openai.com/v1`, `http://host/custom/v1`, used as given).
+    pub fn new(flavour: Flavour, base_url: &str, options: &BackendOptions) -> Result<Self, BackendError> {
+        let base_url = base_url.trim_end_matches('/');
+        let after_scheme = base_url.split_once("://").map_or(base_url, |(_, rest)| rest);
+        let api_base = if after_scheme.contains('/') { base_url.to_owned() } else { format!("{base_url}/v1") };
+        let key = options.api_key.clone().filter(|k| !k.is_empty()).map(ApiKey::new);
+        let http = HttpClient::new(&api_base, options, key, AuthStyle::Bearer)?;
+        Ok(Self { flavour, name: format!("{} {api_base}", flavour.label()), http, agent_hints: options.agent_hints })
+    }
+
+    pub fn flavour(&self) -> Flavour {
+        self.flavour
+    }
+
+    /// The JSON body of a `/chat/completions` request.
+    pub fn request_body(&self, request: &ChatRequest) -> Value {
+        let caps = self.capabilities();
+        let mut body = Map::new();
+        body.insert("model".into(), Value::String(request.model.clone()));
+        body.insert("messages".into(), Value::Array(request.messages.iter().map(message_json).collect()));
+        if !request.tools.is_empty() {
+            body.insert("tools".into(), Value::Array(request.tools.iter().map(tool_json).collect()));
+        }
+        if let Some(choice) = &request.tool_choice {
+            body.insert("tool_choice".into(), choice.clone());
+        }
+        if let (Some(schema), true) = (&request.response_schema, caps.json_schema) {
+            body.insert(
+                "response_format".into(),
+                json!({"type": "json_schema", "json_schema": {"name": "output", "schema": **schema, "strict": true}}),
+            );
+        }
+        if let Some(max) = request.max_tokens {
+            // OpenAI deprecated `max_tokens` for chat and its reasoning models reject it.
+            let key = if self.flavour == Flavour::OpenAi { "max_completion_tokens" } else { "max_tokens" };
+            body.insert(key.into(), Value::from(max));
+        }
+        if let Some(t) = request.temperature {
+            body.insert("temperature".into(), Value::from(t));
+        }
+        if request.stream {
+            body.insert("stream".into(), Value::Bool(true));
+            body.insert("stream_options".into(), json!({"include_usage": true}));
+        }
+        if let (Some(hints), true) = (&request.hints, caps.agent_hints) {
+            // Field names from Dynamo's agent-hints request schema: `priority`, `osl` (expected
+            // output tokens) and `speculative_prefill` (warm the next turn's prefix).
+            let mut agent_hints = Map::new();
+            agent_hints.insert("priority".into(), Value::from(hints.priority));
+            if let Some(osl) = hints.expected_output_tokens {
+                agent_hints.insert("osl".into(), Value::from(osl));
+            }
+            agent_hints.insert("speculative_prefill".into(), Value::Bool(hints.remaining_turns > 0));
+            body.insert("nvext".into(), json!({ "agent_hints": agent_hints }));
+        }
+        Value::Object(body)
+    }
+
+    /// Several prompts in one `/completions` request; one (text, usage) per prompt, in order.
+    /// Usage is reported for the whole request: it goes with the first prompt.
+    pub async fn complete_batch(
+        &self,
+        model: &str,
+        prompts: &[String],
+        max_tokens: Option<u32>,
+    ) -> Result<Vec<(String, Usage)>, BackendError> {
+        if !self.capabilities().batch_generation {
+            return Err(BackendError::Config(format!("{} does not take a list of prompts", self.name)));
+        }
+        if prompts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut body = json!({"model": model, "prompt": prompts, "stream": false});
+        if let Some(max) = max_tokens {
+            body["max_tokens"] = Value::from(max);
+        }
+        let timeout = self.http.request_timeout();
+        let call = async {
+            let response = self.http.send(self.http.post("/completions", &body)).await?;
+            let bytes = self.http.read_body(response).await?;
+            let text = std::str::from_utf8(&bytes)
+                .map_err(|e| BackendError::Protocol(format!("completions body is not UTF-8: {e}")))?;
+            parse_completions(text, prompts.len()).map_err(|e| self.http.redact_error(e))
+        };
+        tokio::time::timeout(timeout, call).await.unwrap_or(Err(BackendError::Timeout(timeout)))
+    }
+
+    async fn chat_inner(
+        &self,
+        request: ChatRequest,
+        events: Option<mpsc::UnboundedSender<StreamEvent>>,
+    ) -> Result<ChatResponse, BackendError> {
+        let body = self.request_body(&request);
+        let mut builder = self.http.post("/chat/completions", &body);
+        if self.flavour.sends_request_id() && !request.request_id.is_empty() {
+            builder = builder.header("X-Request-Id", &request.request_id);
+        }
+        let started = Instant::now();
+        let mut response = self.http.send(builder).await?;
+        let is_json = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        // A server may answer a streamed request with one JSON body (an error, or stream ignored).
+        if !request.stream || is_json {
+            let bytes = self.http.read_body(response).await?;
+            let text = std::str::from_utf8(&bytes)
+                .map_err(|e| BackendError::Protocol(format!("chat completion body is not UTF-8: {e}")))?;
+            let response = parse_chat_completion(text).map_err(|e| self.http.redact_error(e))?;
+            if let Some(tx) = &events {
+                replay_events(&response, tx);
+            }
+            return Ok(response);
+        }
+        let mut sse = SseParser::new();
+        let mut assembler =
+            if events.is_some() { ChatStreamAssembler::new() } else { ChatStreamAssembler::without_text_deltas() };
+        let mut out = Vec::new();
+        let mut ttft = None;
+        let mut failure = None;
+        while let Some(chunk) = self.http.next_chunk(&mut response).await? {
+            sse.feed_with(&chunk, |event| {
+                if failure.is_none() {
+                    if let Err(e) = assembler.push_event(&event, &mut out) {
+                        failure = Some(e);
+                    }
+                }
+            });
+            for event in out.drain(..) {
+                if ttft.is_none() && event == StreamEvent::FirstToken {
+                    ttft = Some(started.elapsed());
+                }
+                if let Some(tx) = &events {
+                    // A receiver that went away only means nobody is listening any more.
+                    let _ = tx.send(event);
+                }
+            }
+            if let Some(e) = failure {
+                return Err(self.http.redact_error(e));
+            }
+        }
+        let mut response = assembler.finish(sse.finish())?;
+        response.ttft = ttft;
+        Ok(response)
+    }
+}
+
+/// Sends the events a streamed answer would have produced, for a body that came whole.
+pub(crate) fn replay_events(response: &ChatResponse, tx: &mpsc::UnboundedSender<StreamEvent>) {
+    if !response.content.is_empty() || !response.tool_calls.is_empty() {
+        let _ = tx.send(StreamEvent::FirstToken);
+    }
+    if !response.content.is_empty() {
+        let _ = tx.send(StreamEvent::TextDelta(response.content.clone()));
+    }
+    for call in &response.tool_calls {
+        let _ = tx.send(StreamEvent::ToolCallReady(call.clone()));
+    }
+}
+
+impl Backend for OpenAiBackend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.flavour.capabilities(self.agent_hints)
+    }
+
+    fn chat(
+        &self,
+        request: ChatRequest,
+        events: Option<mpsc::UnboundedSender<StreamEvent>>,
+    ) -> BoxFuture<'_, Result<ChatResponse, BackendError>> {
+        Box::pin(async move {
+            let timeout = self.http.request_timeout();
+            tokio::time::timeout(timeout, self.chat_inner(request, events))
+                .await
+                .unwrap_or(Err(BackendError::Timeout(timeout)))
+        })
+    }
+}
+
+pub(crate) fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::System => "system",
+        Role::User => "user",
+        Role::Assistant => "assistant",
+        Role::Tool => "tool",
+    }
+}
+
+fn message_json(message: &Message) -> Value {
+    let mut m = Map::new();
+    m.insert("role".into(), Value::from(role_name(message.role)));
+    // Always a string, even next to tool calls: some servers reject `content: null` in requests.
+    m.insert("content".into(), Value::String(message.content.clone()));
+    if message.role == Role::Assistant && !message.tool_calls.is_empty() {
+        let calls = message
+            .tool_calls
+            .iter()
+            .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+            .collect();
+        m.insert("tool_calls".into(), Value::Array(calls));
+    }
+    if message.role == Role::Tool {
+        if let Some(id) = &message.tool_call_id {
+            m.insert("tool_call_id".into(), Value::String(id.clone()));
+        }
+    }
+    Value::Object(m)
+}
+
+pub(crate) fn tool_json(tool: &ToolDef) -> Value {
+    json!({
+        "type": "function",
+        "function": {"name": tool.name, "description": tool.description, "parameters": tool.parameters},
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::backends::AgentHints;
+    use crate::conversation::ToolCall;
+
+    fn request() -> ChatRequest {
+        let call = ToolCall { id: "c1".into(), name: "read".into(), arguments: "{\"p\":1}".into() };
+        ChatRequest {
+            model: "m".into(),
+            messages: Arc::new(vec![
+                Message::system("s"),
+                Message::user("u"),
+                Message::assistant("", vec![call.clone()]),
+                Message::tool_result(&call, "r"),
+            ]),
+            tools: Arc::new(vec![ToolDef {
+                name: "read".into(),
+                description: "d".into(),
+                parameters: json!({"type": "object"}),
+            }]),
+            tool_choice: None,
+            response_schema: Some(Arc::new(json!({"type": "object"}))),
+            max_tokens: Some(64),
+            temperature: Some(0.0),
+            request_id: "job-1-t0-a0".into(),
+            stream: true,
+            hints: Some(AgentHints { priority: 3, remaining_turns: 1, expected_output_tokens: Some(200) }),
+        }
+    }
+
+    fn backend(flavour: Flavour, hints: bool) -> OpenAiBackend {
+        let options = BackendOptions { agent_hints: hints, ..BackendOptions::default() };
+        OpenAiBackend::new(flavour, "http://127.0.0.1:1", &options).unwrap()
+    }
+
+    #[test]
+    fn vllm_body_has_the_openai_shape() {
+        let body = backend(Flavour::Vllm, false).request_body(&request());
+        assert_eq!(body["messages"][2]["tool_calls"][0]["type"], "function");
+        assert_eq!(body["messages"][2]["tool_calls"][0]["function"]["arguments"], "{\"p\":1}");
+        assert_eq!(body["messages"][2]["content"], "");
+        assert_eq!(body["messages"][3], json!({"role": "tool", "content": "r", "tool_call_id": "c1"}));
+        assert_eq!(body["tools"][0]["function"]["name"], "read");
+        assert_eq!(body["response_format"]["json_schema"]["name"], "output");
+        assert_eq!(body["response_format"]["json_schema"]["strict"], true);
+        assert_eq!(body["max_tokens"], 64);
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        assert!(body.get("nvext").is_none());
+    }
+
+    #[test]
+    fn openai_uses_max_completion_tokens() {
+        let body = backend(Flavour::OpenAi, false).request_body(&request());
+        assert_eq!(body["max_completion_tokens"], 64);
+        assert!(body.get("max_tokens").is_none());
+    }
+
+    #[test]
+    fn dynamo_hints_only_when_enabled() {
+        let body = backend(Flavour::Dynamo, true).request_body(&request());
+        assert_eq!(body["nvext"]["agent_hints"], json!({"priority": 3, "osl": 200, "speculative_prefill": true}));
+        assert!(body.get("response_format").is_none(), "dynamo is not promised json_schema");
+        assert!(backend(Flavour::Dynamo, false).request_body(&request()).get("nvext").is_none());
+    }
+
+    #[test]
+    fn api_base_gets_v1_only_without_a_path() {
+        assert_eq!(backend(Flavour::Vllm, false).name(), "vllm http://127.0.0.1:1/v1");
+        let b = OpenAiBackend::new(Flavour::OpenAi, "https://api.openai.com/v1", &BackendOptions::default()).unwrap();
+        assert_eq!(b.name(), "openai https://api.openai.com/v1");
+    }
+
+    #[test]
+    fn capabilities_per_flavour() {
+        assert!(Flavour::Sglang.capabilities(false).batch_generation);
+        assert!(!Flavour::OpenAi.capabilities(false).batch_generation);
+        assert!(Flavour::Dynamo.capabilities(false).metrics);
+        assert!(!Flavour::Generic.capabilities(true).json_schema);
+        assert!(Flavour::Ollama.capabilities(false).json_schema);
+    }
+}
