@@ -145,9 +145,8 @@ fn sse(body: Body) -> Response {
 }
 
 fn error_response(status: u16, kind: &str, message: &str) -> Response {
-    let mut b = Response::builder()
-        .status(StatusCode::from_u16(status).unwrap())
-        .header("content-type", "application/json");
+    let mut b =
+        Response::builder().status(StatusCode::from_u16(status).unwrap()).header("content-type", "application/json");
     if status == 429 {
         b = b.header("retry-after", "7");
     }
@@ -155,18 +154,17 @@ fn error_response(status: u16, kind: &str, message: &str) -> Response {
 }
 
 /// Bytes in small pieces, so events and UTF-8 characters straddle network reads.
-fn trickle(bytes: Vec<u8>) -> Body {
-    let chunks: Vec<Result<Bytes, std::io::Error>> =
-        bytes.chunks(7).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+fn trickle(bytes: &[u8]) -> Body {
+    let chunks: Vec<Result<Bytes, std::io::Error>> = bytes.chunks(7).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
     Body::from_stream(futures_util::stream::iter(chunks))
 }
 
-async fn handler(state: State, headers: HeaderMap, body: Bytes) -> Response {
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+fn handler(state: &State, headers: HeaderMap, body: &[u8]) -> Response {
+    let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     state.seen.lock().unwrap().push((headers, body.clone()));
     match body["model"].as_str().unwrap_or("") {
-        "text" => sse(trickle(fixture("text.sse").into_bytes())),
-        "tool" => sse(trickle(fixture("tool_use.sse").into_bytes())),
+        "text" => sse(trickle(fixture("text.sse").as_bytes())),
+        "tool" => sse(trickle(fixture("tool_use.sse").as_bytes())),
         "tool-gated" => {
             // Everything up to the end of the first tool_use block, then hold the rest back until
             // the test has seen that call announced.
@@ -187,7 +185,7 @@ async fn handler(state: State, headers: HeaderMap, body: Bytes) -> Response {
             });
             sse(Body::from_stream(stream))
         }
-        "overloaded-stream" => sse(trickle(fixture("overloaded.sse").into_bytes())),
+        "overloaded-stream" => sse(trickle(fixture("overloaded.sse").as_bytes())),
         "cut" => {
             let bytes = fixture("tool_use.sse").into_bytes();
             sse(Body::from(bytes[..bytes.len() * 2 / 3].to_vec()))
@@ -213,8 +211,13 @@ async fn handler(state: State, headers: HeaderMap, body: Bytes) -> Response {
 async fn server() -> (String, State) {
     let state = State::default();
     let s = state.clone();
-    let app = Router::new()
-        .route("/v1/messages", post(move |headers: HeaderMap, body: Bytes| handler(s.clone(), headers, body)));
+    let app = Router::new().route(
+        "/v1/messages",
+        post(move |headers: HeaderMap, body: Bytes| {
+            let response = handler(&s, headers, &body);
+            async move { response }
+        }),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });

@@ -1,6 +1,6 @@
-//! The Bedrock backend against a local axum server speaking Converse JSON and a ConverseStream
+//! The Bedrock backend against a local axum server speaking `Converse` JSON and a `ConverseStream`
 //! event-stream body (built with our encoder), over real loopback HTTP. The server re-derives the
-//! SigV4 signature from what it received, so a request that would not verify fails the test.
+//! `SigV4` signature from what it received, so a request that would not verify fails the test.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::{Arc, Mutex};
@@ -48,7 +48,7 @@ fn exception(kind: &str, message: &str) -> Vec<u8> {
         .unwrap()
 }
 
-/// A ConverseStream turn: text, then a tool call whose input arrives in three fragments.
+/// A `ConverseStream` turn: text, then a tool call whose input arrives in three fragments.
 fn tool_stream() -> Vec<u8> {
     let mut b = Vec::new();
     b.extend(event("messageStart", &json!({"role": "assistant"})));
@@ -72,9 +72,9 @@ fn tool_stream() -> Vec<u8> {
 }
 
 /// Chunks cut at awkward places (inside preludes, headers and payloads).
-fn chunked(bytes: Vec<u8>) -> Body {
+fn chunked(bytes: &[u8]) -> Body {
     let mut chunks = Vec::new();
-    let mut rest = &bytes[..];
+    let mut rest = bytes;
     let mut step = 1;
     while !rest.is_empty() {
         let n = step.min(rest.len());
@@ -85,14 +85,17 @@ fn chunked(bytes: Vec<u8>) -> Body {
     Body::from_stream(futures_util::stream::iter(chunks))
 }
 
-async fn handler(log: Log, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+fn handler(log: &Log, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Response {
     let path = uri.path().to_owned();
-    let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let parsed: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     log.lock().unwrap().push(Seen { path: path.clone(), headers: headers.clone(), body: parsed });
-    if !signature_verifies(&path, &headers, &body) {
+    if !signature_verifies(&path, headers, body) {
         return Response::builder()
             .status(StatusCode::FORBIDDEN)
-            .header("x-amzn-ErrorType", "InvalidSignatureException:http://internal.amazon.com/coral/com.amazon.coral.service/")
+            .header(
+                "x-amzn-ErrorType",
+                "InvalidSignatureException:http://internal.amazon.com/coral/com.amazon.coral.service/",
+            )
             .body(Body::from(r#"{"message":"The request signature we calculated does not match"}"#))
             .unwrap();
     }
@@ -110,23 +113,26 @@ async fn handler(log: Log, uri: Uri, headers: HeaderMap, body: Bytes) -> Respons
         ("invalid", _) => Response::builder()
             .status(StatusCode::BAD_REQUEST)
             .header("x-amzn-ErrorType", "ValidationException:http://internal.amazon.com/coral/com.amazon.bedrock/")
-            .body(Body::from(r#"{"message":"The model returned the following errors: messages: roles must alternate"}"#))
+            .body(Body::from(
+                r#"{"message":"The model returned the following errors: messages: roles must alternate"}"#,
+            ))
             .unwrap(),
         ("stream-throttled", true) => {
             let mut b = event("messageStart", &json!({"role": "assistant"}));
             b.extend(event("contentBlockDelta", &json!({"contentBlockIndex": 0, "delta": {"text": "Hi"}})));
             b.extend(exception("throttlingException", "Too many tokens, please wait before trying again."));
-            eventstream(chunked(b))
+            eventstream(chunked(&b))
         }
-        ("stream-unavailable", true) => {
-            eventstream(chunked(exception("serviceUnavailableException", "Bedrock is unable to process your request.")))
-        }
+        ("stream-unavailable", true) => eventstream(chunked(&exception(
+            "serviceUnavailableException",
+            "Bedrock is unable to process your request.",
+        ))),
         ("stream-cut", true) => {
             let mut b = tool_stream();
             b.truncate(b.len() / 2);
-            eventstream(chunked(b))
+            eventstream(chunked(&b))
         }
-        (_, true) => eventstream(chunked(tool_stream())),
+        (_, true) => eventstream(chunked(&tool_stream())),
         (_, false) => Response::builder()
             .header("content-type", "application/json")
             .body(Body::from(
@@ -176,7 +182,10 @@ async fn server() -> (String, Log) {
     let l = log.clone();
     let app = Router::new().route(
         "/model/{model}/{op}",
-        post(move |uri: Uri, headers: HeaderMap, body: Bytes| handler(l.clone(), uri, headers, body)),
+        post(move |uri: Uri, headers: HeaderMap, body: Bytes| {
+            let response = handler(&l, &uri, &headers, &body);
+            async move { response }
+        }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -217,11 +226,8 @@ async fn converse_stream_with_tool_call_signed_with_session_token() {
     let resp = backend.chat(request(MODEL, true), Some(tx)).await.unwrap();
 
     assert_eq!(resp.content, "Let me search é.");
-    let call = ToolCall {
-        id: "tooluse_1".into(),
-        name: "search".into(),
-        arguments: "{\"q\": \"rust eventstream\"}".into(),
-    };
+    let call =
+        ToolCall { id: "tooluse_1".into(), name: "search".into(), arguments: "{\"q\": \"rust eventstream\"}".into() };
     assert_eq!(resp.tool_calls, vec![call.clone()]);
     assert_eq!(resp.finish_reason, "tool_calls");
     assert_eq!(
@@ -241,7 +247,9 @@ async fn converse_stream_with_tool_call_signed_with_session_token() {
     assert_eq!(seen.path, "/model/anthropic.claude-3-7-sonnet-20250219-v1%3A0/converse-stream");
     let auth = seen.headers["authorization"].to_str().unwrap();
     assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/"), "{auth}");
-    assert!(auth.contains("/us-east-1/bedrock/aws4_request, SignedHeaders=content-type;host;x-amz-date;x-amz-security-token, Signature="));
+    assert!(auth.contains(
+        "/us-east-1/bedrock/aws4_request, SignedHeaders=content-type;host;x-amz-date;x-amz-security-token, Signature="
+    ));
     assert_eq!(seen.headers["x-amz-security-token"], "session-token-value");
     assert_eq!(seen.headers["x-amz-date"].len(), 16);
     assert_eq!(seen.headers["accept"], "application/vnd.amazon.eventstream");
@@ -287,7 +295,10 @@ async fn throttling_maps_to_rate_limited() {
     assert!(matches!(err, BackendError::Overloaded(_)), "{err:?}");
 
     let err = backend.chat(request("invalid", false), None).await.unwrap_err();
-    assert!(matches!(&err, BackendError::Rejected { status: 400, message } if message.contains("alternate")), "{err:?}");
+    assert!(
+        matches!(&err, BackendError::Rejected { status: 400, message } if message.contains("alternate")),
+        "{err:?}"
+    );
     assert!(!err.retryable());
 }
 

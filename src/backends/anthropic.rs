@@ -43,7 +43,11 @@ pub struct AnthropicBackend {
 
 impl fmt::Debug for AnthropicBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AnthropicBackend").field("http", &self.http).field("settings", &self.settings).finish()
+        f.debug_struct("AnthropicBackend")
+            .field("name", &self.name)
+            .field("http", &self.http)
+            .field("settings", &self.settings)
+            .finish()
     }
 }
 
@@ -64,9 +68,7 @@ impl AnthropicBackend {
             .or_else(|| options.api_key.clone())
             .or_else(|| std::env::var(API_KEY_ENV).ok())
             .filter(|k| !k.is_empty())
-            .ok_or_else(|| {
-                BackendError::Config(format!("no Anthropic API key: pass api_key or set {API_KEY_ENV}"))
-            })?;
+            .ok_or_else(|| BackendError::Config(format!("no Anthropic API key: pass api_key or set {API_KEY_ENV}")))?;
         let mut options = options.clone();
         if !options.extra_headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("anthropic-version")) {
             options.extra_headers.push(("anthropic-version".to_owned(), API_VERSION.to_owned()));
@@ -174,7 +176,11 @@ impl Backend for AnthropicBackend {
 /// The Messages request body: system prompt as top-level text blocks, tool calls as `tool_use`
 /// blocks, tool results as `tool_result` blocks in user turns (consecutive ones merged, since the
 /// API wants user and assistant turns to alternate).
-pub fn messages_body(request: &ChatRequest, prompt_caching: bool, default_max_tokens: u32) -> Result<Value, BackendError> {
+pub fn messages_body(
+    request: &ChatRequest,
+    prompt_caching: bool,
+    default_max_tokens: u32,
+) -> Result<Value, BackendError> {
     let mut system: Vec<Value> = Vec::new();
     let mut turns: Vec<(Role, Vec<Value>)> = Vec::new();
     for (i, m) in request.messages.iter().enumerate() {
@@ -208,9 +214,10 @@ pub fn messages_body(request: &ChatRequest, prompt_caching: bool, default_max_to
                 }
             }
             Role::Tool => {
-                let id = m.tool_call_id.as_deref().ok_or_else(|| {
-                    BackendError::Config(format!("messages[{i}]: tool message without tool_call_id"))
-                })?;
+                let id = m
+                    .tool_call_id
+                    .as_deref()
+                    .ok_or_else(|| BackendError::Config(format!("messages[{i}]: tool message without tool_call_id")))?;
                 push_blocks(
                     &mut turns,
                     Role::User,

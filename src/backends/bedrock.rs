@@ -1,4 +1,4 @@
-//! AWS Bedrock Runtime, `Converse` and `ConverseStream`: JSON requests signed with SigV4; the
+//! AWS Bedrock Runtime, `Converse` and `ConverseStream`: JSON requests signed with `SigV4`; the
 //! streamed answer is an AWS event stream (`application/vnd.amazon.eventstream`) whose messages
 //! carry one JSON event each.
 
@@ -24,7 +24,7 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 /// Model families whose Converse API takes `cachePoint` blocks (Bedrock user guide, "Prompt
 /// caching"): Claude 3.7 Sonnet, Claude 3.5 Haiku, the Claude 4 family and Amazon Nova. Claude 3.5
 /// Sonnet v2 is left out on purpose: caching there was a closed preview, and a `cachePoint` sent by an
-/// account without it fails the whole request with a ValidationException.
+/// account without it fails the whole request with a `ValidationException`.
 const PROMPT_CACHING_MODELS: &[&str] = &[
     "anthropic.claude-3-7-sonnet",
     "anthropic.claude-3-5-haiku",
@@ -41,9 +41,7 @@ const PROMPT_CACHING_MODELS: &[&str] = &[
 /// `us.anthropic.claude-3-7-sonnet-20250219-v1:0`) is on the prompt-caching allow-list.
 pub fn supports_prompt_caching(model_id: &str) -> bool {
     let base = match model_id.split_once('.') {
-        Some((prefix, rest)) if matches!(prefix, "us" | "eu" | "apac" | "jp" | "au" | "ca" | "us-gov" | "global") => {
-            rest
-        }
+        Some(("us" | "eu" | "apac" | "jp" | "au" | "ca" | "us-gov" | "global", rest)) => rest,
         _ => model_id,
     };
     PROMPT_CACHING_MODELS.iter().any(|p| base.starts_with(p))
@@ -175,7 +173,8 @@ impl BedrockBackend {
             &SigningScope { region: &self.region, service: SERVICE, amz_date: &amz_date },
         );
         let mut headers = HeaderMap::new();
-        for (name, value) in to_sign.iter().chain(std::iter::once(&("authorization".to_owned(), signature.authorization)))
+        for (name, value) in
+            to_sign.iter().chain(std::iter::once(&("authorization".to_owned(), signature.authorization)))
         {
             if name == "host" {
                 continue;
@@ -300,8 +299,12 @@ impl Backend for BedrockBackend {
     }
 }
 
-/// The Converse / ConverseStream request body.
-pub fn converse_body(request: &ChatRequest, prompt_caching: bool, default_max_tokens: u32) -> Result<Value, BackendError> {
+/// The `Converse` / `ConverseStream` request body.
+pub fn converse_body(
+    request: &ChatRequest,
+    prompt_caching: bool,
+    default_max_tokens: u32,
+) -> Result<Value, BackendError> {
     let mut system = Vec::new();
     let mut messages: Vec<(Role, Vec<Value>)> = Vec::new();
     let mut has_tool_blocks = false;
@@ -441,7 +444,7 @@ fn tool_choice(choice: &Value) -> Result<Option<Value>, BackendError> {
     }
 }
 
-/// Converse `stopReason` in OpenAI's words.
+/// Converse `stopReason` in `OpenAI`'s words.
 pub fn map_stop_reason(reason: Option<&str>) -> String {
     match reason {
         Some("end_turn" | "stop_sequence") | None => "stop",
@@ -453,6 +456,8 @@ pub fn map_stop_reason(reason: Option<&str>) -> String {
     .to_owned()
 }
 
+// Field names are the wire's.
+#[allow(clippy::struct_field_names)]
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct UsageWire {
@@ -506,7 +511,9 @@ pub fn parse_converse(body: &[u8]) -> Result<ChatResponse, BackendError> {
             let id = tu.get("toolUseId").and_then(Value::as_str);
             let name = tu.get("name").and_then(Value::as_str);
             let (Some(id), Some(name)) = (id, name) else {
-                return Err(BackendError::Protocol(format!("output.message.content[{i}].toolUse has no toolUseId or name")));
+                return Err(BackendError::Protocol(format!(
+                    "output.message.content[{i}].toolUse has no toolUseId or name"
+                )));
             };
             let arguments = tu.get("input").map_or_else(|| "{}".to_owned(), Value::to_string);
             tool_calls.push(ToolCall { id: id.to_owned(), name: name.to_owned(), arguments });
@@ -576,7 +583,12 @@ impl ConverseStreamAssembler {
                     let field = |k: &str| tu.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
                     self.set_block(
                         index,
-                        StreamBlock::Tool { id: field("toolUseId"), name: field("name"), input: String::new(), announced: false },
+                        StreamBlock::Tool {
+                            id: field("toolUseId"),
+                            name: field("name"),
+                            input: String::new(),
+                            announced: false,
+                        },
                     );
                 }
             }
@@ -821,7 +833,8 @@ mod tests {
         assert_eq!(body["toolConfig"]["toolChoice"], json!({"tool":{"name":"search"}}));
         assert!(body.get("system").is_none());
         let call = ToolCall { id: "t1".into(), name: "search".into(), arguments: "{}".into() };
-        let history = vec![Message::user("hi"), Message::assistant("", vec![call.clone()]), Message::tool_result(&call, "r")];
+        let history =
+            vec![Message::user("hi"), Message::assistant("", vec![call.clone()]), Message::tool_result(&call, "r")];
         let body = converse_body(&request(history, Some(json!("none"))), false, 10).unwrap();
         assert!(body["toolConfig"].get("toolChoice").is_none(), "Bedrock needs toolConfig once tool blocks exist");
         assert_eq!(body["toolConfig"]["tools"][0]["toolSpec"]["name"], "search");

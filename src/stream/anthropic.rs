@@ -9,7 +9,7 @@ use crate::backends::{BackendError, ChatResponse, StreamEvent};
 use crate::conversation::{ToolCall, Usage};
 use crate::stream::sse::{SseEvent, StreamEnd};
 
-/// Anthropic's `stop_reason` in OpenAI's words.
+/// Anthropic's `stop_reason` in `OpenAI`'s words.
 pub fn map_stop_reason(reason: Option<&str>) -> String {
     match reason {
         Some("end_turn" | "stop_sequence") | None => "stop",
@@ -55,6 +55,8 @@ fn clip(s: &str, max: usize) -> String {
     format!("{}...", &s[..end])
 }
 
+// Field names are the wire's.
+#[allow(clippy::struct_field_names)]
 #[derive(Debug, Default, Deserialize)]
 struct UsageWire {
     input_tokens: Option<u64>,
@@ -349,9 +351,8 @@ pub fn parse_message(body: &str) -> Result<ChatResponse, BackendError> {
         #[serde(default)]
         error: Option<Value>,
     }
-    let m: MessageWire = serde_json::from_str(body).map_err(|e| {
-        BackendError::Protocol(format!("malformed Anthropic message body ({e}): {}", clip(body, 200)))
-    })?;
+    let m: MessageWire = serde_json::from_str(body)
+        .map_err(|e| BackendError::Protocol(format!("malformed Anthropic message body ({e}): {}", clip(body, 200))))?;
     if m.kind.as_deref() == Some("error") || m.error.is_some() {
         let whole: Value = serde_json::from_str(body).unwrap_or(Value::Null);
         return Err(error_from_object(&whole, None));
