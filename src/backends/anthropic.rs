@@ -102,7 +102,11 @@ impl AnthropicBackend {
             return Ok(response);
         }
         let mut sse = SseParser::new();
-        let mut assembler = AnthropicStreamAssembler::new();
+        let mut assembler = if events.is_some() {
+            AnthropicStreamAssembler::new()
+        } else {
+            AnthropicStreamAssembler::without_text_deltas()
+        };
         let mut out = Vec::new();
         let mut ttft = None;
         let mut failure = None;

@@ -218,7 +218,11 @@ impl BedrockBackend {
             return Ok(resp);
         }
         let mut decoder = EventStreamDecoder::new();
-        let mut assembler = ConverseStreamAssembler::new();
+        let mut assembler = if events.is_some() {
+            ConverseStreamAssembler::new()
+        } else {
+            ConverseStreamAssembler::without_text_deltas()
+        };
         let mut messages = Vec::new();
         let mut out = Vec::new();
         let mut ttft = None;
@@ -543,11 +547,18 @@ pub struct ConverseStreamAssembler {
     stop_reason: Option<String>,
     stopped: bool,
     first_token: bool,
+    /// Nobody listens to `TextDelta`s: skip building them (one allocation per event).
+    no_text_deltas: bool,
 }
 
 impl ConverseStreamAssembler {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An assembler that sends no [`StreamEvent::TextDelta`]s (the text still accumulates).
+    pub fn without_text_deltas() -> Self {
+        Self { no_text_deltas: true, ..Self::default() }
     }
 
     /// One event-stream message: an event (`:message-type` event), or a modelled exception / an
@@ -602,7 +613,9 @@ impl ConverseStreamAssembler {
                     if !text.is_empty() {
                         self.mark_first_token(out);
                         self.content.push_str(text);
-                        out.push(StreamEvent::TextDelta(text.to_owned()));
+                        if !self.no_text_deltas {
+                            out.push(StreamEvent::TextDelta(text.to_owned()));
+                        }
                     }
                 } else if let Some(fragment) = delta.pointer("/toolUse/input").and_then(Value::as_str) {
                     match self.blocks.get_mut(index) {
