@@ -269,9 +269,15 @@ async fn converse_stream_with_tool_call_signed_with_session_token() {
 async fn converse_non_streamed_without_token_or_cache_points() {
     let (url, log) = server().await;
     let backend = BedrockBackend::new("us-east-1", credentials(false), Some(&url)).unwrap();
-    let resp = backend.chat(request("meta.llama3-70b-instruct-v1:0", false), None).await.unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let resp = backend.chat(request("meta.llama3-70b-instruct-v1:0", false), Some(tx)).await.unwrap();
     assert_eq!(resp.content, "Here you go.");
     assert_eq!(resp.tool_calls[0].arguments, "{\"q\":\"x\"}");
+    let mut events = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        events.push(e);
+    }
+    assert_eq!(events.last(), Some(&StreamEvent::ToolCallReady(resp.tool_calls[0].clone())));
     assert_eq!(resp.usage.prompt_tokens, 5);
     let seen = log.lock().unwrap()[0].clone();
     assert!(seen.path.ends_with("/converse"));

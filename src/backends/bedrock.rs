@@ -12,7 +12,9 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use super::aws_credentials::{self, AwsCredentials};
+use super::openai::replay_events;
 use super::sigv4::{self, SignableRequest, SigningScope};
+use super::url::BackendOptions;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
 use crate::conversation::{Message, Role, ToolCall, Usage};
 use crate::stream::eventstream::{EventStreamDecoder, Message as EventMessage};
@@ -66,6 +68,13 @@ impl Default for BedrockOptions {
             default_max_tokens: 4096,
             prompt_caching: None,
         }
+    }
+}
+
+impl From<&BackendOptions> for BedrockOptions {
+    /// The timeouts; Bedrock takes no API key or extra headers (requests are signed).
+    fn from(options: &BackendOptions) -> Self {
+        Self { request_timeout: options.request_timeout, connect_timeout: options.connect_timeout, ..Self::default() }
     }
 }
 
@@ -136,12 +145,16 @@ impl BedrockBackend {
 
     /// Credentials (and the region, if `region` is `None`) from the environment and the shared
     /// AWS files; see [`aws_credentials::load`].
-    pub fn from_environment(region: Option<&str>, profile: Option<&str>) -> Result<Self, BackendError> {
+    pub fn from_environment(
+        region: Option<&str>,
+        profile: Option<&str>,
+        options: BedrockOptions,
+    ) -> Result<Self, BackendError> {
         let found = aws_credentials::load(profile).map_err(|e| BackendError::Config(e.to_string()))?;
         let region = region.map(str::to_owned).or(found.region).ok_or_else(|| {
             BackendError::Config("no AWS region: use bedrock://<region>, or set AWS_REGION".to_owned())
         })?;
-        Self::new(&region, found.credentials, None)
+        Self::with_options(&region, found.credentials, None, options)
     }
 
     pub fn region(&self) -> &str {
@@ -213,8 +226,10 @@ impl BedrockBackend {
         }
         if !request.stream {
             let body = response.bytes().await.map_err(|e| self.transport_error(&e))?;
-            let mut resp = parse_converse(&body)?;
-            resp.ttft = Some(started.elapsed());
+            let resp = parse_converse(&body)?;
+            if let Some(tx) = &events {
+                replay_events(&resp, tx);
+            }
             return Ok(resp);
         }
         let mut decoder = EventStreamDecoder::new();
