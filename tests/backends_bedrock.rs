@@ -3,6 +3,7 @@
 //! `SigV4` signature from what it received, so a request that would not verify fails the test.
 #![allow(clippy::unwrap_used)]
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use axum::body::{Body, Bytes};
@@ -11,11 +12,12 @@ use axum::response::Response;
 use axum::routing::post;
 use axum::Router;
 use batchagent::backends::aws_credentials::AwsCredentials;
-use batchagent::backends::bedrock::BedrockBackend;
+use batchagent::backends::bedrock::{BedrockBackend, ConverseStreamAssembler};
 use batchagent::backends::sigv4::{self, SignableRequest, SigningScope};
 use batchagent::backends::{Backend, BackendError, ChatRequest, StreamEvent};
 use batchagent::conversation::{Message, ToolCall, ToolDef, Usage};
-use batchagent::stream::eventstream::Message as Frame;
+use batchagent::stream::eventstream::{EventStreamDecoder, Message as Frame};
+use proptest::prelude::*;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -48,27 +50,28 @@ fn exception(kind: &str, message: &str) -> Vec<u8> {
         .unwrap()
 }
 
-/// A `ConverseStream` turn: text, then a tool call whose input arrives in three fragments.
-fn tool_stream() -> Vec<u8> {
+fn fixture(name: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bedrock").join(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// A `ConverseStream` body from a `.jsonl` transcript (one event or exception per line).
+fn stream_body(name: &str) -> Vec<u8> {
     let mut b = Vec::new();
-    b.extend(event("messageStart", &json!({"role": "assistant"})));
-    b.extend(event("contentBlockDelta", &json!({"contentBlockIndex": 0, "delta": {"text": "Let me "}})));
-    b.extend(event("contentBlockDelta", &json!({"contentBlockIndex": 0, "delta": {"text": "search é."}})));
-    b.extend(event("contentBlockStop", &json!({"contentBlockIndex": 0})));
-    b.extend(event(
-        "contentBlockStart",
-        &json!({"contentBlockIndex": 1, "start": {"toolUse": {"toolUseId": "tooluse_1", "name": "search"}}}),
-    ));
-    for frag in ["{\"q\":", " \"rust", " eventstream\"}"] {
-        b.extend(event("contentBlockDelta", &json!({"contentBlockIndex": 1, "delta": {"toolUse": {"input": frag}}})));
+    for line in fixture(name).lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line).unwrap();
+        match (v["event"].as_str(), v["exception"].as_str()) {
+            (Some(kind), _) => b.extend(event(kind, &v["payload"])),
+            (_, Some(kind)) => b.extend(exception(kind, v["payload"]["message"].as_str().unwrap())),
+            _ => panic!("{name}: line without event or exception: {line}"),
+        }
     }
-    b.extend(event("contentBlockStop", &json!({"contentBlockIndex": 1})));
-    b.extend(event("messageStop", &json!({"stopReason": "tool_use"})));
-    b.extend(event(
-        "metadata",
-        &json!({"usage": {"inputTokens": 12, "outputTokens": 30, "totalTokens": 1142, "cacheReadInputTokens": 1000, "cacheWriteInputTokens": 100}, "metrics": {"latencyMs": 812}}),
-    ));
     b
+}
+
+/// The transcript's turn: text, then a tool call whose input arrives in three fragments.
+fn tool_stream() -> Vec<u8> {
+    stream_body("converse_stream_tool_use.jsonl")
 }
 
 /// Chunks cut at awkward places (inside preludes, headers and payloads).
@@ -117,12 +120,7 @@ fn handler(log: &Log, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Response {
                 r#"{"message":"The model returned the following errors: messages: roles must alternate"}"#,
             ))
             .unwrap(),
-        ("stream-throttled", true) => {
-            let mut b = event("messageStart", &json!({"role": "assistant"}));
-            b.extend(event("contentBlockDelta", &json!({"contentBlockIndex": 0, "delta": {"text": "Hi"}})));
-            b.extend(exception("throttlingException", "Too many tokens, please wait before trying again."));
-            eventstream(chunked(&b))
-        }
+        ("stream-throttled", true) => eventstream(chunked(&stream_body("converse_stream_throttled.jsonl"))),
         ("stream-unavailable", true) => eventstream(chunked(&exception(
             "serviceUnavailableException",
             "Bedrock is unable to process your request.",
@@ -135,18 +133,7 @@ fn handler(log: &Log, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Response {
         (_, true) => eventstream(chunked(&tool_stream())),
         (_, false) => Response::builder()
             .header("content-type", "application/json")
-            .body(Body::from(
-                json!({
-                    "output": {"message": {"role": "assistant", "content": [
-                        {"text": "Here you go."},
-                        {"toolUse": {"toolUseId": "tooluse_9", "name": "search", "input": {"q": "x"}}}
-                    ]}},
-                    "stopReason": "tool_use",
-                    "usage": {"inputTokens": 5, "outputTokens": 7, "totalTokens": 12},
-                    "metrics": {"latencyMs": 100}
-                })
-                .to_string(),
-            ))
+            .body(Body::from(fixture("converse_tool_use.json")))
             .unwrap(),
     }
 }
@@ -226,8 +213,11 @@ async fn converse_stream_with_tool_call_signed_with_session_token() {
     let resp = backend.chat(request(MODEL, true), Some(tx)).await.unwrap();
 
     assert_eq!(resp.content, "Let me search é.");
-    let call =
-        ToolCall { id: "tooluse_1".into(), name: "search".into(), arguments: "{\"q\": \"rust eventstream\"}".into() };
+    let call = ToolCall {
+        id: "tooluse_kZJMlvQmRJ6eAyJE5GIl7Q".into(),
+        name: "search".into(),
+        arguments: "{\"q\": \"rust eventstream\"}".into(),
+    };
     assert_eq!(resp.tool_calls, vec![call.clone()]);
     assert_eq!(resp.finish_reason, "tool_calls");
     assert_eq!(
@@ -321,4 +311,49 @@ async fn cut_stream_is_retryable_and_wrong_secret_is_auth() {
     let err = backend.chat(request(MODEL, true), None).await.unwrap_err();
     assert!(matches!(err, BackendError::Auth { status: 403, .. }), "{err:?}");
     assert!(!format!("{err} {backend:?}").contains("not-the-secret"));
+}
+
+type Outcome = (Vec<StreamEvent>, Result<batchagent::backends::ChatResponse, BackendError>);
+
+fn decode_split(bytes: &[u8], cuts: &[usize]) -> Outcome {
+    let mut decoder = EventStreamDecoder::new();
+    let mut asm = ConverseStreamAssembler::new();
+    let mut events = Vec::new();
+    let mut start = 0;
+    for &end in cuts.iter().chain(std::iter::once(&bytes.len())) {
+        let messages = match decoder.feed(&bytes[start..end]) {
+            Ok(m) => m,
+            Err(e) => return (events, Err(BackendError::Protocol(e.to_string()))),
+        };
+        for m in &messages {
+            if let Err(e) = asm.push_message(m, &mut events) {
+                return (events, Err(e));
+            }
+        }
+        start = end;
+    }
+    (events, asm.finish(decoder.finish().is_err()))
+}
+
+proptest! {
+    #[test]
+    fn every_split_of_a_converse_stream_gives_the_same_turn(
+        throttled in any::<bool>(),
+        cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..24),
+    ) {
+        let bytes = stream_body(if throttled { "converse_stream_throttled.jsonl" } else { "converse_stream_tool_use.jsonl" });
+        let mut points: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+        points.sort_unstable();
+        let (events, result) = decode_split(&bytes, &points);
+        let (whole_events, whole) = decode_split(&bytes, &[]);
+        prop_assert_eq!(&events, &whole_events);
+        prop_assert_eq!(&result, &whole);
+        if throttled {
+            let throttle = matches!(result, Err(BackendError::RateLimited { .. }));
+            prop_assert!(throttle);
+        } else {
+            prop_assert_eq!(result.unwrap().content, "Let me search é.");
+            prop_assert_eq!(events.len(), 4, "FirstToken, two text deltas, one ToolCallReady");
+        }
+    }
 }
