@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, StatusCode, Uri};
@@ -111,6 +112,7 @@ fn handler(log: &Log, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Response {
         ("throttled", _) => Response::builder()
             .status(StatusCode::TOO_MANY_REQUESTS)
             .header("x-amzn-ErrorType", "ThrottlingException:http://internal.amazon.com/coral/com.amazon.bedrock/")
+            .header("retry-after", "2")
             .body(Body::from(r#"{"message":"Too many requests, please wait before trying again."}"#))
             .unwrap(),
         ("invalid", _) => Response::builder()
@@ -281,7 +283,7 @@ async fn throttling_maps_to_rate_limited() {
     let (url, _) = server().await;
     let backend = BedrockBackend::new("us-east-1", credentials(false), Some(&url)).unwrap();
     let err = backend.chat(request("throttled", true), None).await.unwrap_err();
-    assert!(matches!(err, BackendError::RateLimited { status: 429, .. }), "{err:?}");
+    assert_eq!(err, BackendError::RateLimited { status: 429, retry_after: Some(Duration::from_secs(2)) });
     assert!(err.is_throttle());
 
     let err = backend.chat(request("stream-throttled", true), None).await.unwrap_err();

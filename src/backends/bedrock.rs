@@ -12,6 +12,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use super::aws_credentials::{self, AwsCredentials};
+use super::http::parse_retry_after;
 use super::openai::replay_events;
 use super::sigv4::{self, SignableRequest, SigningScope};
 use super::url::BackendOptions;
@@ -765,12 +766,8 @@ async fn http_error(mut response: reqwest::Response) -> BackendError {
     let status = response.status().as_u16();
     let headers = response.headers();
     let kind = headers.get("x-amzn-errortype").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let retry_after = headers
-        .get(RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(|s| Duration::from_secs_f64(s.min(86_400.0)));
+    let retry_after =
+        headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| parse_retry_after(v, SystemTime::now()));
     let mut body = Vec::new();
     while body.len() < MAX_ERROR_BODY {
         match response.chunk().await {
