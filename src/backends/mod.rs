@@ -165,3 +165,5 @@ pub mod url;
 pub mod aws_credentials;
 pub mod sigv4;
 pub mod bedrock;
+
+pub mod anthropic;
