@@ -154,6 +154,7 @@ pub trait Backend: Send + Sync {
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>>;
 }
 
+pub mod cached;
 pub mod connect;
 pub mod fleet;
 pub mod http;
@@ -164,3 +165,5 @@ pub mod url;
 pub mod aws_credentials;
 pub mod sigv4;
 pub mod bedrock;
+
+pub mod anthropic;

@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 
 mod errors;
 mod run;
+mod sim;
 
 static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
 
@@ -29,5 +30,6 @@ fn core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
     m.add_class::<run::PyRun>()?;
+    sim::register(m)?;
     Ok(())
 }

@@ -30,7 +30,7 @@ pub struct AgentRequest {
     pub messages: Vec<Message>,
     pub tools: Vec<ToolDef>,
     pub tool_choice: ToolChoice,
-    /// `response_format: json_schema` (OpenAI) or `format: {schema}` (Ollama).
+    /// `response_format: json_schema` (`OpenAI`) or `format: {schema}` (Ollama).
     pub response_schema: Option<Value>,
     /// `response_format: json_object` / `format: "json"`: any JSON object will do.
     pub json_mode: bool,
@@ -109,7 +109,8 @@ pub fn reply(cfg: &BehaviourConfig, seed: u64, req: &AgentRequest) -> Reply {
 /// (`<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`) whose tokens a real server counts
 /// as completion tokens but streams only as name + argument fragments.
 pub fn pieces(reply: &Reply) -> Vec<Piece> {
-    let mut out: Vec<Piece> = tokenizer::pieces(&reply.content).into_iter().map(|p| Piece::Text(p.to_owned())).collect();
+    let mut out: Vec<Piece> =
+        tokenizer::pieces(&reply.content).into_iter().map(|p| Piece::Text(p.to_owned())).collect();
     for (i, call) in reply.tool_calls.iter().enumerate() {
         let head = format!("<tool_call>\n{{\"name\": {}, \"arguments\": ", Value::String(call.name.clone()));
         let head_len = tokenizer::count(&head);
@@ -206,9 +207,38 @@ fn json_answer(cfg: &BehaviourConfig, schema: &Value, draw: &mut Draw) -> String
 }
 
 const WORDS: &[&str] = &[
-    "the", "model", "reviewed", "input", "and", "found", "that", "result", "is", "consistent", "with", "expected",
-    "behaviour", "of", "system", "under", "load", "a", "summary", "follows", "data", "shows", "clear", "trend",
-    "in", "each", "case", "report", "notes", "further", "work", "needed",
+    "the",
+    "model",
+    "reviewed",
+    "input",
+    "and",
+    "found",
+    "that",
+    "result",
+    "is",
+    "consistent",
+    "with",
+    "expected",
+    "behaviour",
+    "of",
+    "system",
+    "under",
+    "load",
+    "a",
+    "summary",
+    "follows",
+    "data",
+    "shows",
+    "clear",
+    "trend",
+    "in",
+    "each",
+    "case",
+    "report",
+    "notes",
+    "further",
+    "work",
+    "needed",
 ];
 
 fn text_answer(cfg: &BehaviourConfig, draw: &mut Draw) -> String {
@@ -321,7 +351,8 @@ mod tests {
     #[test]
     fn schema_in_prompt_is_answered_with_valid_json() {
         let schema = json!({"type": "object", "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 5}}, "required": ["score"]});
-        for text in [format!("Rate it.\nJSON Schema: {schema}\nThanks"), format!("Rate it.\n```json\n{schema:#}\n```")] {
+        for text in [format!("Rate it.\nJSON Schema: {schema}\nThanks"), format!("Rate it.\n```json\n{schema:#}\n```")]
+        {
             let req = AgentRequest { messages: vec![Message::user(text)], ..AgentRequest::default() };
             let r = reply(&BehaviourConfig::default(), 3, &req);
             let v: Value = serde_json::from_str(&r.content).unwrap();
@@ -333,7 +364,11 @@ mod tests {
     fn json_defects_follow_their_rates() {
         let schema = json!({"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "integer"}}, "required": ["a", "b"]});
         let cfg = BehaviourConfig { fenced_json_rate: 1.0, ..BehaviourConfig::default() };
-        let req = AgentRequest { messages: vec![Message::user("go")], response_schema: Some(schema.clone()), ..AgentRequest::default() };
+        let req = AgentRequest {
+            messages: vec![Message::user("go")],
+            response_schema: Some(schema.clone()),
+            ..AgentRequest::default()
+        };
         let fenced = reply(&cfg, 0, &req).content;
         assert!(fenced.starts_with("```json\n") && fenced.ends_with("\n```"));
         let cfg = BehaviourConfig { truncated_json_rate: 1.0, ..BehaviourConfig::default() };
@@ -356,14 +391,19 @@ mod tests {
         let p = pieces(&r);
         let start = p.iter().position(|x| *x == Piece::CallStart(0)).unwrap();
         assert!(p[..start].iter().all(|x| *x == Piece::Silent));
-        let args: String = p.iter().filter_map(|x| if let Piece::CallArgs(0, s) = x { Some(s.as_str()) } else { None }).collect();
+        let args: String =
+            p.iter().filter_map(|x| if let Piece::CallArgs(0, s) = x { Some(s.as_str()) } else { None }).collect();
         assert_eq!(args, r.tool_calls[0].arguments);
     }
 
     #[test]
     fn overrides_apply_and_unknown_keys_fail() {
-        let cfg = with_overrides(&BehaviourConfig::default(), &json!({"tool_rounds": 3, "output_tokens": "fixed:5"})).unwrap();
+        let cfg = with_overrides(&BehaviourConfig::default(), &json!({"tool_rounds": 3, "output_tokens": "fixed:5"}))
+            .unwrap();
         assert_eq!((cfg.tool_rounds, cfg.output_tokens), (3, OutputLen::Fixed(5)));
-        assert!(with_overrides(&BehaviourConfig::default(), &json!({"bogus": 1})).unwrap_err().to_string().contains("bogus"));
+        assert!(with_overrides(&BehaviourConfig::default(), &json!({"bogus": 1}))
+            .unwrap_err()
+            .to_string()
+            .contains("bogus"));
     }
 }

@@ -13,10 +13,10 @@ pub enum SimError {
     InvalidValue { key: String, value: String, reason: String },
     #[error("not a sim:// URL: `{0}`")]
     NotSimUrl(String),
-    #[error("unknown engine profile `{0}` (built-in: {1})")]
-    UnknownProfile(String, String),
-    #[error("cannot read engine profile `{path}`: {reason}")]
-    ProfileFile { path: String, reason: String },
+    #[error(transparent)]
+    Profile(#[from] super::profile::ProfileError),
+    #[error(transparent)]
+    Engine(#[from] super::engine::EngineError),
     #[error("fault rates add up to {0}, more than 1 (fault_429 + fault_500 + fault_503 + fault_reset + fault_truncate + fault_malformed)")]
     FaultRatesTooHigh(f64),
     #[error("cannot bind {addr}: {source}")]
@@ -58,8 +58,7 @@ impl OutputLen {
         let int = |s: &str| s.trim().parse::<u32>().map_err(|_| bad("expected a whole number of tokens"));
         let float = |s: &str| s.trim().parse::<f64>().map_err(|_| bad("expected a number"));
         match parts.as_slice() {
-            ["fixed", n] => Ok(Self::Fixed(int(n)?)),
-            [n] => Ok(Self::Fixed(int(n)?)),
+            ["fixed", n] | [n] => Ok(Self::Fixed(int(n)?)),
             ["uniform", a, b] => {
                 let (a, b) = (int(a)?, int(b)?);
                 if a > b {
@@ -271,9 +270,9 @@ impl SimConfig {
         let key = key.trim_start_matches("--").replace('-', "_");
         let key = key.as_str();
         match key {
-            "host" => self.host = value.to_owned(),
+            "host" => value.clone_into(&mut self.host),
             "port" => self.port = parse_num(key, value)?,
-            "profile" => self.profile = value.to_owned(),
+            "profile" => value.clone_into(&mut self.profile),
             "time_scale" => {
                 let scale: f64 = parse_num(key, value)?;
                 if !scale.is_finite() || scale < 0.0 {
@@ -282,7 +281,7 @@ impl SimConfig {
                 self.time_scale = scale;
             }
             "seed" => self.seed = parse_num(key, value)?,
-            "model" => self.model = value.to_owned(),
+            "model" => value.clone_into(&mut self.model),
             "prefix_caching" => self.prefix_caching = parse_bool(key, value)?,
             "cache_min_tokens" => self.cache_min_tokens = parse_num(key, value)?,
             "ttft_window" => {

@@ -1,4 +1,4 @@
-//! Deterministic pseudo-random draws. Hand-written (FNV-1a, SplitMix64) rather than `std`'s hasher,
+//! Deterministic pseudo-random draws. Hand-written (FNV-1a, `SplitMix64`) rather than `std`'s hasher,
 //! whose output may change between Rust releases: a seed must replay the same run on any toolchain.
 
 /// 64-bit FNV-1a of `bytes`.
@@ -11,7 +11,7 @@ pub fn hash_bytes(bytes: &[u8]) -> u64 {
     h
 }
 
-/// Combine two hashes (SplitMix64 finaliser over their sum), order-sensitive.
+/// Combine two hashes (`SplitMix64` finaliser over their sum), order-sensitive.
 pub fn mix(a: u64, b: u64) -> u64 {
     let mut z = a.rotate_left(23) ^ b.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -19,7 +19,7 @@ pub fn mix(a: u64, b: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// A SplitMix64 stream.
+/// A `SplitMix64` stream.
 #[derive(Debug, Clone)]
 pub struct Draw(u64);
 

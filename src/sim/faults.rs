@@ -143,7 +143,13 @@ mod tests {
     use super::*;
 
     fn cfg() -> FaultConfig {
-        FaultConfig { fault_429: 0.1, fault_500: 0.05, fault_reset: 0.2, slow_first_byte: 0.3, ..FaultConfig::default() }
+        FaultConfig {
+            fault_429: 0.1,
+            fault_500: 0.05,
+            fault_reset: 0.2,
+            slow_first_byte: 0.3,
+            ..FaultConfig::default()
+        }
     }
 
     #[test]
@@ -155,11 +161,14 @@ mod tests {
         assert!((share(Fault::RateLimited) - 0.1).abs() < 0.02);
         assert!((share(Fault::Internal) - 0.05).abs() < 0.015);
         assert!((share(Fault::Reset) - 0.2).abs() < 0.03);
-        assert_eq!(share(Fault::Malformed), 0.0);
+        assert!(decisions.iter().all(|d| d.fault != Some(Fault::Malformed)));
         let slow = decisions.iter().filter(|d| d.slow_first_byte.is_some()).count() as f64 / f64::from(n);
         assert!((slow - 0.3).abs() < 0.03);
         let counts = f.injected();
-        assert_eq!(counts["reset"].as_u64().unwrap() as usize, decisions.iter().filter(|d| d.fault == Some(Fault::Reset)).count());
+        assert_eq!(
+            counts["reset"].as_u64().unwrap() as usize,
+            decisions.iter().filter(|d| d.fault == Some(Fault::Reset)).count()
+        );
     }
 
     #[test]

@@ -199,7 +199,8 @@ impl PrefixCache {
         let max_hit = (prompt_len.saturating_sub(1) / self.block_size).min(hashes.len());
         let hit_blocks = self.lookup(&hashes[..max_hit]);
         // Unreferenced hits leave the evictable pool when pinned, so they cannot pay for new blocks.
-        let unref_hits = hashes[..hit_blocks].iter().filter(|h| self.blocks.get(h).is_some_and(|b| b.refs == 0)).count();
+        let unref_hits =
+            hashes[..hit_blocks].iter().filter(|h| self.blocks.get(h).is_some_and(|b| b.refs == 0)).count();
         let new_blocks = blocks_needed.saturating_sub(hit_blocks);
         let available = self.available() - unref_hits;
         if new_blocks > available {
@@ -467,15 +468,14 @@ mod tests {
                         let h = block_hashes(&tokens, 16);
                         let need = c.blocks_for(tokens.len()) + usize::from(extra);
                         let before = c.stats();
-                        match c.allocate(seq, tokens.len(), &h, need) {
-                            Ok(a) => {
-                                prop_assert!(!live.contains_key(&seq));
-                                prop_assert!(a.hit_blocks * 16 < tokens.len());
-                                live.insert(seq, (h.clone(), need.max(a.hit_blocks)));
-                                let after = c.stats();
-                                prop_assert!(after.hit_tokens - before.hit_tokens <= after.query_tokens - before.query_tokens);
-                            }
-                            Err(_) => prop_assert_eq!(c.stats(), before),
+                        if let Ok(a) = c.allocate(seq, tokens.len(), &h, need) {
+                            prop_assert!(!live.contains_key(&seq));
+                            prop_assert!(a.hit_blocks * 16 < tokens.len());
+                            live.insert(seq, (h.clone(), need.max(a.hit_blocks)));
+                            let after = c.stats();
+                            prop_assert!(after.hit_tokens - before.hit_tokens <= after.query_tokens - before.query_tokens);
+                        } else {
+                            prop_assert_eq!(c.stats(), before);
                         }
                     }
                     Op::Compute { seq, tokens } => c.mark_computed(u64::from(seq), usize::from(tokens)),
@@ -500,7 +500,7 @@ mod tests {
                 prop_assert_eq!(s.used_blocks, live.values().map(|(_, n)| *n).sum::<usize>() - shared_overlap(&c, &live));
                 // Pinned blocks are never evicted: every registered block a live sequence holds is
                 // still in the map.
-                for (seq, _) in &live {
+                for seq in live.keys() {
                     for held in &c.seqs[seq].held {
                         if let Held::Shared(h) = held {
                             prop_assert!(c.blocks.get(h).is_some_and(|b| b.refs > 0));

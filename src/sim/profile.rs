@@ -148,7 +148,13 @@ impl Profile {
             max_num_batched_tokens: 512,
             kv_capacity_tokens: 4096,
             enable_prefix_caching: true,
-            step: StepModel { base_us: 1000.0, prefill_token_us: 1.0, prefill_attn_ns: 0.0, decode_seq_us: 10.0, kv_read_ns: 0.0 },
+            step: StepModel {
+                base_us: 1000.0,
+                prefill_token_us: 1.0,
+                prefill_attn_ns: 0.0,
+                decode_seq_us: 10.0,
+                kv_read_ns: 0.0,
+            },
             calibration: serde_json::json!({"method": "fixed constants for tests"}),
         }
     }
@@ -159,7 +165,8 @@ impl Profile {
     }
 
     pub fn validate(&self) -> Result<(), ProfileError> {
-        let invalid = |field: &'static str, reason: String| ProfileError::Invalid { name: self.name.clone(), field, reason };
+        let invalid =
+            |field: &'static str, reason: String| ProfileError::Invalid { name: self.name.clone(), field, reason };
         for (field, value) in [
             ("block_size", self.block_size),
             ("max_num_seqs", self.max_num_seqs),
@@ -212,13 +219,20 @@ mod tests {
     fn the_small_model_steps_faster() {
         let big = Profile::builtin("h100-qwen2.5-7b").unwrap();
         let small = Profile::builtin("h100-qwen2.5-0.5b").unwrap();
-        let load = StepLoad { prefill_tokens: 2048, prefill_attn: 2048 * 2048, decode_seqs: 32, kv_tokens_read: 32 * 1000 };
+        let load =
+            StepLoad { prefill_tokens: 2048, prefill_attn: 2048 * 2048, decode_seqs: 32, kv_tokens_read: 32 * 1000 };
         assert!(small.step.step_time(&load) < big.step.step_time(&load));
     }
 
     #[test]
     fn step_time_follows_the_formula() {
-        let m = StepModel { base_us: 100.0, prefill_token_us: 2.0, prefill_attn_ns: 1.0, decode_seq_us: 5.0, kv_read_ns: 10.0 };
+        let m = StepModel {
+            base_us: 100.0,
+            prefill_token_us: 2.0,
+            prefill_attn_ns: 1.0,
+            decode_seq_us: 5.0,
+            kv_read_ns: 10.0,
+        };
         let load = StepLoad { prefill_tokens: 10, prefill_attn: 3000, decode_seqs: 4, kv_tokens_read: 500 };
         // 100 + 20 + 3 + 20 + 5 us
         assert_eq!(m.step_time(&load), Duration::from_micros(148));

@@ -82,7 +82,7 @@ fn wrong_type_for(schema: &Value) -> Option<Value> {
         ("boolean", Value::Bool(true)),
         ("array", Value::Array(Vec::new())),
     ];
-    candidates.into_iter().find(|(t, _)| !types.contains(t) && !(*t == "object" && types.is_empty())).map(|(_, v)| v)
+    candidates.into_iter().find(|(t, _)| !types.contains(t)).map(|(_, v)| v)
 }
 
 /// Follow `$ref`s (JSON pointers into the root document) until a schema without one.
@@ -269,7 +269,7 @@ impl Generator<'_> {
             return Value::from(lo);
         }
         let span = (last - first) as u64 + 1;
-        Value::from((first + self.draw.below(span) as i64) * step)
+        Value::from((first + i64::try_from(self.draw.below(span)).unwrap_or(0)) * step)
     }
 
     fn number(&mut self, obj: &Map<String, Value>) -> Value {
@@ -300,7 +300,7 @@ impl Generator<'_> {
         let mut x = ((lo + (hi - lo) * self.draw.unit()) * 100.0).round() / 100.0;
         let outside = x < lo || x > hi || ex_lo.is_some_and(|e| x <= e) || ex_hi.is_some_and(|e| x >= e);
         if outside {
-            x = (lo + hi) / 2.0;
+            x = f64::midpoint(lo, hi);
         }
         Number::from_f64(x).map_or(Value::Null, Value::Number)
     }
