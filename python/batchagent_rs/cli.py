@@ -354,6 +354,7 @@ class _View:
 
     def __init__(self, mode: str, total: int | None, output: str) -> None:
         self.mode = mode
+        self.closed = False
         self.progress: Progress | None = None
         self.dashboard: Dashboard | None = None
         handler: logging.Handler
@@ -386,6 +387,9 @@ class _View:
             self.progress.update(stats)
 
     def close(self, stats: dict[str, Any] | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
         if self.dashboard is not None:
             if stats is not None:
                 self.dashboard.update(stats, force=True)

@@ -117,7 +117,7 @@ class Dashboard:
         title: str = "BatchAgent",
         stream: TextIO | None = None,
         refresh: float = 0.25,
-        recent: int = 8,
+        recent: int = 50,
     ) -> None:
         self.total = total
         self.output = output
