@@ -10,6 +10,7 @@
 
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// Parent hash of a prompt's first block.
 const ROOT_HASH: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -45,6 +46,30 @@ fn hash_block(parent: u64, block: &[u32]) -> u64 {
     h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
     h ^ (h >> 31)
 }
+
+/// Hasher for `u64` keys that are already hashes or sequence numbers: one multiply (Fibonacci
+/// hashing) spreads them over the high bits the hash table probes with, far cheaper than SipHash on
+/// the engine's hot path.
+#[derive(Default)]
+struct U64Hasher(u64);
+
+impl Hasher for U64Hasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type U64Map<V> = HashMap<u64, V, BuildHasherDefault<U64Hasher>>;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PrefixCacheError {
@@ -110,8 +135,8 @@ pub struct PrefixCache {
     capacity: usize,
     block_size: usize,
     caching: bool,
-    blocks: HashMap<u64, Block>,
-    seqs: HashMap<u64, SeqBlocks>,
+    blocks: U64Map<Block>,
+    seqs: U64Map<SeqBlocks>,
     /// Unreferenced cached blocks, oldest first, with lazy deletion (see `Block::stamp`).
     lru: VecDeque<(u64, u64)>,
     next_stamp: u64,
@@ -129,8 +154,8 @@ impl PrefixCache {
             capacity: capacity_blocks,
             block_size: block_size.max(1),
             caching: true,
-            blocks: HashMap::new(),
-            seqs: HashMap::new(),
+            blocks: U64Map::default(),
+            seqs: U64Map::default(),
             lru: VecDeque::new(),
             next_stamp: 0,
             referenced: 0,
