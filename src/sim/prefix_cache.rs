@@ -5,9 +5,9 @@
 //! blocks. A running sequence holds its blocks (shared cached blocks are reference-counted); a block is
 //! offered to other sequences only once its prefill has run (`mark_computed`), so concurrent first
 //! arrivals of one prefix all miss. Released full blocks (the prompt's, and the output's when the
-//! caller knows its tokens) stay cached, unreferenced, and are evicted
-//! least-recently-released first, a sequence's tail blocks before its head (vLLM frees in reverse
-//! order for that reason), when new blocks are needed.
+//! caller knows its tokens) stay cached, unreferenced, and are evicted least-recently-released first,
+//! a sequence's tail blocks before its head (vLLM frees in reverse order for that reason), when new
+//! blocks are needed.
 
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, VecDeque};
@@ -55,7 +55,7 @@ fn hash_block(parent: u64, block: &[u32]) -> u64 {
 }
 
 /// Hasher for `u64` keys that are already hashes or sequence numbers: one multiply (Fibonacci
-/// hashing) spreads them over the high bits the hash table probes with, far cheaper than SipHash on
+/// hashing) spreads them over the high bits the hash table probes with, far cheaper than `SipHash` on
 /// the engine's hot path.
 #[derive(Default)]
 struct U64Hasher(u64);
