@@ -9,6 +9,7 @@ import inspect
 import itertools
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -208,6 +209,9 @@ class Batch:
         api_key: str | None = None,
         seed: int = 0,
         tool_threads: int = 64,
+        journal: str | os.PathLike[str] | None = None,
+        journal_force: bool = False,
+        response_cache: str | os.PathLike[str] | None = None,
     ) -> None:
         for t in tools:
             if not isinstance(t, Tool):
@@ -255,6 +259,9 @@ class Batch:
             "python_validation": self._model_type is not None,
             "seed": seed,
             "api_key": api_key,
+            "journal": None if journal is None else os.fspath(journal),
+            "journal_force": journal_force,
+            "response_cache": None if response_cache is None else os.fspath(response_cache),
         }
         self._on_result = on_result
         self._tool_threads = tool_threads
@@ -280,9 +287,52 @@ class Batch:
 
     async def stream(self, inputs: Iterable[dict[str, Any]]) -> AsyncIterator[Result]:
         """Yield results in completion order. Cancelling the iteration cancels the run."""
-        driver = _Driver(self, inputs)
+        driver = _Driver(self, inputs, self._options, None, 0.0)
         async for result in driver.results():
             yield result
+
+    def run_file(
+        self,
+        input: str | os.PathLike[str],
+        output: str | os.PathLike[str],
+        *,
+        input_format: str = "auto",
+        skip_bad_lines: bool = False,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        progress_interval: float = 0.2,
+    ) -> RunReport:
+        """Run every record of an input file (JSONL, CSV, or text with one prompt per line) and
+        write one JSON line per result to `output`, all inside the core: memory stays flat however
+        large the file. With `journal=` set on the batch, a re-run resumes where the last one stopped."""
+        return asyncio.run(
+            self.arun_file(
+                input,
+                output,
+                input_format=input_format,
+                skip_bad_lines=skip_bad_lines,
+                on_progress=on_progress,
+                progress_interval=progress_interval,
+            )
+        )
+
+    async def arun_file(
+        self,
+        input: str | os.PathLike[str],
+        output: str | os.PathLike[str],
+        *,
+        input_format: str = "auto",
+        skip_bad_lines: bool = False,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        progress_interval: float = 0.2,
+    ) -> RunReport:
+        options = dict(self._options)
+        options["input"] = {"path": os.fspath(input), "format": input_format, "skip_bad_lines": skip_bad_lines}
+        options["output"] = os.fspath(output)
+        options["deliver_results"] = False
+        driver = _Driver(self, None, options, on_progress, progress_interval)
+        async for _ in driver.results():
+            pass
+        return self.report()
 
     def report(self) -> RunReport:
         """Aggregates of the last (or current) run."""
@@ -337,9 +387,19 @@ def _input_json(index: int, item: Any) -> tuple[str, str]:
 class _Driver:
     """Answers the core's requests for one run and turns its results into `Result` objects."""
 
-    def __init__(self, batch: Batch, inputs: Iterable[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        batch: Batch,
+        inputs: Iterable[dict[str, Any]] | None,
+        options: dict[str, Any],
+        on_progress: Callable[[dict[str, Any]], None] | None,
+        progress_interval: float,
+    ) -> None:
         self.batch = batch
         self.inputs = inputs
+        self.options = options
+        self.on_progress = on_progress
+        self.progress_interval = progress_interval
         self.tools = batch._tools
         self.model_type = batch._model_type
         self.validated: dict[str, pydantic.BaseModel] = {}
@@ -356,11 +416,14 @@ class _Driver:
         if isinstance(self.inputs, Sequence):
             # A list can be checked whole before anything is sent.
             pending = [(job_id, i, text) for i, (job_id, text) in enumerate(_input_json(i, x) for i, x in enumerate(self.inputs))]
-        run = _core.Run(json.dumps(batch._spec), json.dumps(batch._options))
+        run = _core.Run(json.dumps(batch._spec), json.dumps(self.options))
         if pending is not None:
             run.check_inputs([(i, text) for _, i, text in pending])
         self.run = run
-        self.source = iter(pending) if pending is not None else enumerate(self.inputs)
+        if pending is not None:
+            self.source = iter(pending)
+        elif self.inputs is not None:
+            self.source = enumerate(self.inputs)
         self.checked = pending is not None
         self.queue: asyncio.Queue[list[Result] | None] = asyncio.Queue()
         self.failure: BaseException | None = None
@@ -369,6 +432,7 @@ class _Driver:
         loop = asyncio.get_running_loop()
         fd = run.wake_fd()
         finished = False
+        ticker = loop.create_task(self._tick()) if self.on_progress is not None else None
         try:
             self._feed(run.window)
             loop.add_reader(fd, self._on_wake)
@@ -381,7 +445,12 @@ class _Driver:
             if self.failure is not None:
                 raise self.failure
             finished = True
+            error = run.error()
+            if error is not None:
+                raise _core.JournalError(error)
         finally:
+            if ticker is not None:
+                ticker.cancel()
             loop.remove_reader(fd)
             if not finished:
                 run.cancel()
@@ -392,6 +461,15 @@ class _Driver:
             batch._last_stats = json.loads(run.stats_json())
             batch._last_wall = time.perf_counter() - started
             batch._run = None
+
+    async def _tick(self) -> None:
+        assert self.on_progress is not None
+        while True:
+            await asyncio.sleep(self.progress_interval)
+            try:
+                self.on_progress(json.loads(self.run.stats_json()))
+            except Exception:
+                log.exception("on_progress raised; the run goes on")
 
     def _feed(self, credit: int) -> None:
         """Hand the run up to `credit` more inputs (the dispatch window's free places)."""

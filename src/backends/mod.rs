@@ -155,15 +155,14 @@ pub trait Backend: Send + Sync {
 }
 
 pub mod cached;
+pub mod anthropic;
+pub mod aws_credentials;
+pub mod bedrock;
 pub mod connect;
 pub mod fleet;
 pub mod http;
 pub mod metrics;
 pub mod ollama;
 pub mod openai;
-pub mod url;
-pub mod aws_credentials;
 pub mod sigv4;
-pub mod bedrock;
-
-pub mod anthropic;
+pub mod url;

@@ -22,9 +22,16 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use std::path::PathBuf;
+
+use crate::backends::cached::CachedBackend;
 use crate::backends::connect::{connect, ConnectOptions, Connected};
+use crate::scheduler::agent::TurnSink;
+use crate::scheduler::durable::{fingerprint, Durability, JournalTurns};
+use crate::scheduler::feed::{feed_file, prescan};
+use crate::store::{InputFormat, ResponseCache};
 use crate::output::CompiledSchema;
-use crate::python::errors::{backend_error, spec_error, InputError, RunError, SchemaError};
+use crate::python::errors::{backend_error, spec_error, InputError, JournalError, RunError, SchemaError};
 use crate::scheduler::agent::{Job, JobResult, OutputValidator, RunContext};
 use crate::scheduler::aimd::AdaptiveLimit;
 use crate::scheduler::retry::RetryPolicy;
@@ -201,10 +208,39 @@ struct RunOptions {
     seed: u64,
     #[serde(default)]
     api_key: Option<String>,
+    #[serde(default)]
+    journal: Option<PathBuf>,
+    #[serde(default)]
+    journal_force: bool,
+    /// Results are written here (JSONL) by the core.
+    #[serde(default)]
+    output: Option<PathBuf>,
+    /// Inputs are read from this file by the core instead of being fed from Python.
+    #[serde(default)]
+    input: Option<FileInput>,
+    /// Hand finished results to Python (`take_events`); off when only the output file matters.
+    #[serde(default = "default_true")]
+    deliver_results: bool,
+    #[serde(default)]
+    response_cache: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileInput {
+    path: PathBuf,
+    #[serde(default)]
+    format: Option<String>,
+    #[serde(default)]
+    skip_bad_lines: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 struct Running {
-    jobs: Option<mpsc::UnboundedSender<Job>>,
+    jobs: Option<mpsc::Sender<Job>>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -214,8 +250,14 @@ pub struct PyRun {
     ctx: Arc<RunContext>,
     running: Mutex<Running>,
     cancelled: AtomicBool,
+    durable: Arc<Durability>,
+    input: Option<(PathBuf, InputFormat)>,
+    input_total: Option<u64>,
+    deliver: bool,
+    /// The first error that makes the run's output incomplete (a failed journal or output write).
+    fatal: Arc<Mutex<Option<String>>>,
     /// Keeps an embedded simulator alive for as long as the run.
-    _connected: Connected,
+    connected: Connected,
 }
 
 use crate::python::runtime;
@@ -247,11 +289,36 @@ impl PyRun {
                 return Err(SchemaError::new_err(format!("tool '{}' has a definition but no callable", def.name)));
             }
         }
+        // Everything that can fail on the user's files fails here, before any request.
+        let durable = Durability::open(
+            options.journal.as_deref(),
+            &fingerprint(spec_json),
+            options.journal_force,
+            options.output.as_deref(),
+        )
+        .map_err(|e| JournalError::new_err(e.to_string()))?;
+        let mut input = None;
+        let mut input_total = None;
+        if let Some(file) = &options.input {
+            let format = match &file.format {
+                Some(name) => name.parse::<InputFormat>().map_err(|e| InputError::new_err(e.to_string()))?,
+                None => InputFormat::Auto,
+            };
+            let total = py
+                .allow_threads(|| prescan(&file.path, format, &spec.task, file.skip_bad_lines))
+                .map_err(|e| InputError::new_err(e.to_string()))?;
+            input = Some((file.path.clone(), format));
+            input_total = Some(total);
+        }
         let urls = options.backends;
         let connect_options = ConnectOptions { api_key: options.api_key, ..ConnectOptions::default() };
-        let connected = py
+        let mut connected = py
             .allow_threads(|| runtime().map(|rt| rt.block_on(connect(&urls, &connect_options))))?
             .map_err(|e| backend_error(&e))?;
+        if let Some(path) = &options.response_cache {
+            let cache = ResponseCache::open(path).map_err(|e| JournalError::new_err(e.to_string()))?;
+            connected.backend = Arc::new(CachedBackend::new(connected.backend, Arc::new(cache)));
+        }
         let shared = Arc::new(Shared::new().map_err(|e| RunError::new_err(format!("wake-up socket: {e}")))?);
         let constrained = RunContext::use_constrained(&spec, connected.backend.capabilities().json_schema);
         let system = RunContext::system_message(&spec, constrained);
@@ -264,7 +331,7 @@ impl PyRun {
             backend: connected.backend.clone(),
             schema,
             validator: options.python_validation.then(|| Arc::new(PyValidator(shared.clone())) as Arc<dyn OutputValidator>),
-            turn_sink: None,
+            turn_sink: durable.journal().map(|j| Arc::new(JournalTurns(j.clone())) as Arc<dyn TurnSink>),
             stats: Arc::new(RunStats::default()),
             system,
             constrained,
@@ -276,7 +343,12 @@ impl PyRun {
             ctx,
             running: Mutex::new(Running { jobs: None, task: None }),
             cancelled: AtomicBool::new(false),
-            _connected: connected,
+            durable: Arc::new(durable),
+            input,
+            input_total,
+            deliver: options.deliver_results,
+            fatal: Arc::new(Mutex::new(None)),
+            connected,
         };
         run.start()?;
         Ok(run)
@@ -297,9 +369,22 @@ impl PyRun {
     fn feed(&self, items: Vec<(String, u64, String)>) -> PyResult<()> {
         let running = self.lock_running()?;
         let sender = running.jobs.as_ref().ok_or_else(|| RunError::new_err("the run's input is closed"))?;
+        let mut skipped = 0;
         for (id, index, json) in items {
             let job = Job { id, index, input: parse_input(index, &json)?, resume: None };
-            sender.send(job).map_err(|_| RunError::new_err("the run stopped before taking all inputs"))?;
+            let Some(job) = self.durable.prepare(job, &json) else {
+                skipped += 1;
+                continue;
+            };
+            sender.try_send(job).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => RunError::new_err("more inputs fed than the run's credit allows"),
+                mpsc::error::TrySendError::Closed(_) => RunError::new_err("the run stopped before taking all inputs"),
+            })?;
+        }
+        if skipped > 0 {
+            // Finished in an earlier run: their places in the window are free at once.
+            self.ctx.stats.jobs_skipped.fetch_add(skipped as u64, Relaxed);
+            self.shared.post(|outbox| outbox.credit += skipped);
         }
         Ok(())
     }
@@ -381,6 +466,8 @@ impl PyRun {
             "run": stats,
             "tools": tool_json,
             "max_inflight": self.ctx.slots.capacity(),
+            "input_total": self.input_total,
+            "previously_finished": self.durable.previously_finished,
             "backend": self.ctx.backend.name(),
         });
         Ok(value.to_string())
@@ -401,38 +488,70 @@ impl PyRun {
     /// The base URL of the embedded simulator when the backend is `sim://`.
     #[getter]
     fn sim_url(&self) -> Option<String> {
-        self._connected.sim.as_ref().map(crate::sim::SimServer::url)
+        self.connected.sim.as_ref().map(crate::sim::SimServer::url)
+    }
+
+    /// Why the run's output is incomplete, if it is (a journal or output file that failed).
+    fn error(&self) -> Option<String> {
+        self.fatal.lock().ok().and_then(|f| f.clone())
     }
 }
 
 impl PyRun {
     fn start(&self) -> PyResult<()> {
-        let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
+        let runtime = runtime()?;
+        let (jobs_tx, jobs_rx) = mpsc::channel(self.ctx.spec.window.max(1));
         let (results_tx, mut results_rx) = mpsc::unbounded_channel::<JobResult>();
         let ctx = self.ctx.clone();
         let shared = self.shared.clone();
-        let task = runtime()?.spawn(async move {
-            let forward = {
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    while let Some(result) = results_rx.recv().await {
-                        let mut batch = vec![result];
-                        while let Ok(more) = results_rx.try_recv() {
-                            batch.push(more);
-                        }
-                        shared.post(|outbox| {
-                            outbox.credit += batch.len();
-                            outbox.results.append(&mut batch);
-                        });
+        let durable = self.durable.clone();
+        let fatal = self.fatal.clone();
+        let deliver = self.deliver;
+        let forward = runtime.spawn(async move {
+            while let Some(result) = results_rx.recv().await {
+                let mut batch = vec![result];
+                while let Ok(more) = results_rx.try_recv() {
+                    batch.push(more);
+                }
+                let freed = batch.len();
+                batch.retain(|r| match durable.finish(r) {
+                    Ok(new) => new,
+                    Err(e) => {
+                        record_fatal(&fatal, e.to_string());
+                        true
                     }
-                })
-            };
-            run_all(ctx, jobs_rx, results_tx).await;
-            let _ = forward.await;
+                });
+                shared.post(|outbox| {
+                    outbox.credit += freed;
+                    if deliver {
+                        outbox.results.append(&mut batch);
+                    }
+                });
+            }
+            if let Err(e) = durable.flush() {
+                record_fatal(&fatal, e.to_string());
+            }
             shared.post(|outbox| outbox.done = true);
         });
         let mut running = self.lock_running()?;
-        running.jobs = Some(jobs_tx);
+        if let Some((path, format)) = self.input.clone() {
+            let durable = self.durable.clone();
+            let stats = self.ctx.stats.clone();
+            let results = results_tx.clone();
+            let fatal = self.fatal.clone();
+            runtime.spawn_blocking(move || {
+                if let Err(e) = feed_file(&path, format, &durable, &stats, &jobs_tx, &results) {
+                    record_fatal(&fatal, e.to_string());
+                }
+            });
+        } else {
+            running.jobs = Some(jobs_tx);
+        }
+        let task = runtime.spawn(async move {
+            run_all(ctx, jobs_rx, results_tx).await;
+            // The forwarder ends when the last sender (run_all's and the file feeder's) is gone.
+            let _ = forward.await;
+        });
         running.task = Some(task);
         Ok(())
     }
@@ -449,6 +568,12 @@ impl Drop for PyRun {
                 task.abort();
             }
         }
+    }
+}
+
+fn record_fatal(slot: &Mutex<Option<String>>, message: String) {
+    if let Ok(mut slot) = slot.lock() {
+        slot.get_or_insert(message);
     }
 }
 

@@ -14,7 +14,7 @@ use crate::scheduler::agent::{run_job, Job, JobResult, RunContext};
 /// System prompts shorter than this (about 250 tokens) are not worth a warm-up request.
 const WARM_UP_MIN_CHARS: usize = 1000;
 
-pub async fn run_all(ctx: Arc<RunContext>, mut jobs: mpsc::UnboundedReceiver<Job>, results: mpsc::UnboundedSender<JobResult>) {
+pub async fn run_all(ctx: Arc<RunContext>, mut jobs: mpsc::Receiver<Job>, results: mpsc::UnboundedSender<JobResult>) {
     let window = Arc::new(Semaphore::new(ctx.spec.window));
     let mut tasks = JoinSet::new();
     let mut warmed = !ctx.spec.warm_prefix;
