@@ -38,6 +38,11 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def answer(result: dict[str, Any]) -> Any:
+    """A result line's answer: the validated output, or the text when there is no schema."""
+    return result["output"] if result.get("output") is not None else result.get("text")
+
+
 def write_prompts(path: Path, n: int) -> Path:
     path.write_text("".join(f"Summarise item number {i} in one sentence.\n" for i in range(n)))
     return path
@@ -83,7 +88,7 @@ def test_the_one_liner_writes_one_result_per_prompt(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     results = read_results(tmp_path / "results.jsonl")
     assert sorted(r["index"] for r in results) == list(range(40))
-    assert all(r["ok"] and isinstance(r["output"], str) and r["output"] for r in results)
+    assert all(r["ok"] and isinstance(answer(r), str) and answer(r) for r in results)
     assert len({r["id"] for r in results}) == 40
     # Off a terminal: the final progress line on stderr, the report table on stdout.
     assert "ok 40 failed 0" in proc.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import json
 import logging
@@ -327,44 +326,28 @@ def check_backends(backends: Sequence[str]) -> None:
         raise UsageError("; ".join(problems))
 
 
-def count_inputs(path: str) -> int | None:
-    """How many records an input holds, for the ETA; None where it cannot be told cheaply."""
-    lower = path.lower()
-    try:
-        if lower.endswith((".csv", ".tsv")):
-            with open(path, encoding="utf-8", newline="") as fh:
-                dialect = "excel-tab" if lower.endswith(".tsv") else "excel"
-                rows = sum(1 for row in csv.reader(fh, dialect=dialect) if row)
-            return max(rows - 1, 0)
-        if lower.endswith(".parquet"):
-            return None
-        with open(path, "rb") as fh:
-            return sum(1 for line in fh if line.strip())
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return None
-
-
-def _display_total(stats: dict[str, Any], counted: int | None) -> int | None:
-    total = stats.get("run", {}).get("jobs_total")
-    return int(total) if isinstance(total, int) and total > 0 else counted
+def _display_total(stats: dict[str, Any]) -> int | None:
+    total = stats.get("input_total")
+    return total if isinstance(total, int) and total > 0 else None
 
 
 class _View:
     """The progress display for one run: a bar, the dashboard, log lines, or nothing."""
 
-    def __init__(self, mode: str, total: int | None, output: str) -> None:
+    def __init__(self, mode: str, output: str) -> None:
         self.mode = mode
         self.closed = False
+        self.jobs_started = 0
         self.progress: Progress | None = None
         self.dashboard: Dashboard | None = None
         handler: logging.Handler
         if mode == "dashboard":
-            self.dashboard = Dashboard(total, output=output, title=f"batchagent run -> {output}")
+            self.dashboard = Dashboard(None, output=output, title=f"batchagent run -> {output}")
             handler = DashboardLogHandler(self.dashboard)
         elif mode == "quiet":
             handler = logging.StreamHandler(sys.stderr)
         else:
-            self.progress = Progress(total, stream=sys.stderr, label="batchagent")
+            self.progress = Progress(None, stream=sys.stderr, label="batchagent")
             handler = BarLogHandler(self.progress)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         self.handler = handler
@@ -381,9 +364,14 @@ class _View:
         self.close(None)
 
     def update(self, stats: dict[str, Any]) -> None:
+        self.jobs_started = max(self.jobs_started, int(stats["run"]["jobs_started"]))
+        # The core counts the input in a first pass; the total arrives with the stats.
+        total = _display_total(stats)
         if self.dashboard is not None:
+            self.dashboard.total = total
             self.dashboard.update(stats)
         elif self.progress is not None:
+            self.progress.total = total
             self.progress.update(stats)
 
     def close(self, stats: dict[str, Any] | None) -> None:
@@ -392,10 +380,12 @@ class _View:
         self.closed = True
         if self.dashboard is not None:
             if stats is not None:
+                self.dashboard.total = _display_total(stats)
                 self.dashboard.update(stats, force=True)
             self.dashboard.close()
         elif self.progress is not None:
             if stats is not None:
+                self.progress.total = _display_total(stats)
                 self.progress.close(stats)
             else:
                 self.progress.clear()
@@ -409,6 +399,17 @@ class _View:
             self.handler = fallback
         self.dashboard = None
         self.progress = None
+
+
+def _remove_new_files(journal: str | None, output: str | None) -> None:
+    paths = [] if journal is None else [journal, journal + "-wal", journal + "-shm", journal + "-journal"]
+    if output is not None and os.path.isfile(output) and os.path.getsize(output) == 0:
+        paths.append(output)
+    for path in paths:
+        try:
+            os.remove(path)
+        except OSError:
+            continue
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -492,37 +493,31 @@ def _run(args: argparse.Namespace) -> int:
             backend=backends,
             max_inflight=int(settings.get("max_inflight") or 64),
             max_turns=int(settings.get("max_turns") or 8),
+            journal=journal,
+            response_cache=cache,
         )
     except (SchemaError, TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
 
-    total = count_inputs(input_path)
     quiet = bool(settings.get("quiet"))
     mode = "quiet" if quiet else "dashboard" if settings.get("dashboard") and sys.stderr.isatty() else "bar"
     if settings.get("dashboard") and mode == "bar":
         print(
             "batchagent: --dashboard needs a terminal on stderr; showing log lines instead", file=sys.stderr
         )
+    output_existed = os.path.exists(output)
     previous = signal.signal(signal.SIGTERM, _interrupt)
-    view = _View(mode, total, output)
+    view = _View(mode, output)
     report: RunReport | None = None
     started = time.time()
     try:
         with view:
-
-            def on_progress(stats: dict[str, Any]) -> None:
-                if view.progress is not None:
-                    view.progress.total = _display_total(stats, total)
-                view.update(stats)
-
             report = batch.run_file(
                 input_path,
                 output,
                 input_format="auto",
                 skip_bad_lines=bool(settings.get("skip_bad_lines")),
-                journal=journal,
-                response_cache=cache,
-                on_progress=on_progress,
+                on_progress=view.update,
                 progress_interval=0.2,
             )
             view.close(report.raw)
@@ -536,6 +531,9 @@ def _run(args: argparse.Namespace) -> int:
         return 130
     except (InputError, JournalError, SchemaError, BackendUnavailable, BackendTimeout, RunError) as exc:
         view.close(None)
+        if view.jobs_started == 0:
+            # Refused before any job ran: leave no empty journal behind that would ask for --resume.
+            _remove_new_files(journal if not journal_exists else None, output if not output_existed else None)
         raise UsageError(str(exc)) from exc
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -196,6 +196,8 @@ class Dashboard:
         if now - t0 >= 1.0:
             self.tokens_per_s = (c["tokens"] - k0) / (now - t0)
             self.tokens = (now, c["tokens"])
+        elif t0 == self.started and elapsed > 0:
+            self.tokens_per_s = c["tokens"] / elapsed
         lines = self.boxes.box(self.title, self._progress_rows(c, elapsed), width)
         half = width // 2
         engine = self._engine_rows(stats)
@@ -325,6 +327,8 @@ class Dashboard:
         timing = f"{float(total):6.2f}s" if isinstance(total, int | float) else "     - "
         if item.get("ok"):
             output = item.get("output")
+            if output is None:
+                output = item.get("text")
             text = output if isinstance(output, str) else json.dumps(output, ensure_ascii=False)
             text = " ".join(str(text).split())
             return f"{_GREEN}ok{_RESET}   {ident:<16} {item.get('turns', '-')} turns {timing}  {text}"

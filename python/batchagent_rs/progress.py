@@ -81,6 +81,9 @@ class Progress:
         if now - t0 >= 1.0:
             self.tokens_per_s = (c["tokens"] - k0) / (now - t0)
             self.last_tokens = (now, c["tokens"])
+        elif t0 == self.started and elapsed > 0:
+            # Less than a second in: the average so far.
+            self.tokens_per_s = c["tokens"] / elapsed
         parts = [self.label] if self.label else []
         if self.total:
             done = min(c["done"], self.total)
