@@ -182,7 +182,8 @@ def test_crash_inside_a_python_tool_then_resume(tmp_path: Path) -> None:
     assert all(r["tool_calls"] == 1 for r in results)
     # Two model calls per job; jobs finished before the crash cost nothing the second time.
     assert sent_after <= 2 * (n - done_before) + 2 * 32, (sent_after, done_before)
-    assert sent_after < 2 * n
+    # Jobs whose tool turn was journaled before the crash resume from it: fewer than two calls each.
+    assert sent_after < 2 * (n - done_before), (sent_after, done_before)
 
 
 def test_journal_on_an_unwritable_path_fails_before_any_request(tmp_path: Path) -> None:
