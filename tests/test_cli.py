@@ -184,6 +184,27 @@ def test_schema_and_tools_from_modules(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "r.json").read_text())["tool_requests"] == 10
 
 
+def test_response_cache_is_on_by_default(tmp_path: Path) -> None:
+    write_prompts(tmp_path / "p.txt", 25)
+    with sim.start(time_scale=0, seed=3) as server:
+        backend = "vllm://" + server.url.removeprefix("http://")
+
+        def run(name: str, *extra: str) -> int:
+            before = int(server.stats()["requests"]["total"])
+            proc = run_cli(
+                "p.txt", "-o", f"{name}.jsonl", "-m", "sim-model", "--backend", backend, *extra, cwd=tmp_path
+            )
+            assert proc.returncode == 0, proc.stderr
+            assert len(read_results(tmp_path / f"{name}.jsonl")) == 25
+            return int(server.stats()["requests"]["total"]) - before
+
+        assert run("first") == 25
+        # A new run of the same prompts (another output and journal) is answered from the cache.
+        assert run("second") == 0
+        assert run("third", "--no-cache") == 25
+        assert (tmp_path / ".cache" / "batchagent" / "responses.sqlite").exists()
+
+
 def test_json_schema_file(tmp_path: Path) -> None:
     schema = {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}
     (tmp_path / "schema.json").write_text(json.dumps(schema))

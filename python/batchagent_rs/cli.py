@@ -546,10 +546,16 @@ def _run(args: argparse.Namespace) -> int:
         completion_tokens=report.completion_tokens,
         overrides=prices,
     )
+    skipped = int(report.raw.get("run", {}).get("jobs_skipped", 0))
     if not quiet:
         print(
             f"\nbatchagent run report ({output})\n{report.table()}\n"
-            f"{'estimated cost'.ljust(21)}  {cost.describe()}"
+            + (
+                f"{'finished earlier'.ljust(21)}  {skipped} (in the journal, not sent again)\n"
+                if skipped
+                else ""
+            )
+            + f"{'estimated cost'.ljust(21)}  {cost.describe()}"
         )
     if settings.get("report"):
         data = {
@@ -561,6 +567,7 @@ def _run(args: argparse.Namespace) -> int:
             "output": output,
             "journal": journal,
             "resumed": resume,
+            "finished_earlier": skipped,
             "started_at": started,
         }
         try:

@@ -223,7 +223,8 @@ class Dashboard:
             frac = done / self.total
             bar_width = 40
             filled = int(frac * bar_width)
-            eta = (self.total - done) / rate if rate > 0 else float("inf")
+            remaining = self.total - done
+            eta = 0.0 if remaining <= 0 else remaining / rate if rate > 0 else float("inf")
             first = (
                 f"[{_GREEN}{'#' * filled}{_RESET}{'-' * (bar_width - filled)}] {done}/{self.total} {frac:.0%}"
                 f"   elapsed {fmt_duration(elapsed)}   ETA {fmt_duration(eta)}"

@@ -91,7 +91,8 @@ class Progress:
             width = 24
             filled = int(frac * width)
             bar = "#" * filled + "-" * (width - filled)
-            eta = (self.total - done) / rate if rate > 0 else float("inf")
+            remaining = self.total - done
+            eta = 0.0 if remaining <= 0 else remaining / rate if rate > 0 else float("inf")
             parts.append(f"[{bar}] {done}/{self.total} {frac:4.0%}")
             tail = f"ETA {fmt_duration(eta)}"
         else:
