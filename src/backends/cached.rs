@@ -52,7 +52,11 @@ impl Backend for CachedBackend {
         self.inner.capabilities()
     }
 
-    fn chat(&self, request: ChatRequest, events: Option<mpsc::UnboundedSender<StreamEvent>>) -> BoxFuture<'_, Result<ChatResponse, BackendError>> {
+    fn chat(
+        &self,
+        request: ChatRequest,
+        events: Option<mpsc::UnboundedSender<StreamEvent>>,
+    ) -> BoxFuture<'_, Result<ChatResponse, BackendError>> {
         Box::pin(async move {
             let key = Self::key(&request);
             let cache = self.cache.clone();

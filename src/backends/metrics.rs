@@ -51,7 +51,9 @@ pub fn parse(text: &str) -> EngineMetrics {
             "vllm:prefix_cache_queries_total" | "vllm:prefix_cache_queries" | "vllm:gpu_prefix_cache_queries_total" => {
                 &mut m.prefix_queries
             }
-            "vllm:prefix_cache_hits_total" | "vllm:prefix_cache_hits" | "vllm:gpu_prefix_cache_hits_total" => &mut m.prefix_hits,
+            "vllm:prefix_cache_hits_total" | "vllm:prefix_cache_hits" | "vllm:gpu_prefix_cache_hits_total" => {
+                &mut m.prefix_hits
+            }
             "sglang:cache_hit_rate" => &mut m.prefix_hit_rate,
             _ => continue,
         };

@@ -154,10 +154,10 @@ pub trait Backend: Send + Sync {
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>>;
 }
 
-pub mod cached;
 pub mod anthropic;
 pub mod aws_credentials;
 pub mod bedrock;
+pub mod cached;
 pub mod connect;
 pub mod fleet;
 pub mod http;

@@ -1,4 +1,4 @@
-//! PyO3 bindings: the native module `batchagent_rs._core`. Only conversions, the tool bridge and
+//! Python bindings (PyO3): the native module `batchagent_rs._core`. Only conversions, the tool bridge and
 //! the error mapping live here; everything else is the Rust core.
 
 use std::sync::OnceLock;

@@ -26,22 +26,29 @@ use std::path::PathBuf;
 
 use crate::backends::cached::CachedBackend;
 use crate::backends::connect::{connect, ConnectOptions, Connected};
-use crate::scheduler::agent::TurnSink;
-use crate::scheduler::durable::{fingerprint, Durability, JournalTurns};
-use crate::scheduler::feed::{feed_file, prescan};
-use crate::store::{InputFormat, ResponseCache};
 use crate::output::CompiledSchema;
 use crate::python::errors::{backend_error, spec_error, InputError, JournalError, RunError, SchemaError};
+use crate::scheduler::agent::TurnSink;
 use crate::scheduler::agent::{Job, JobResult, OutputValidator, RunContext};
 use crate::scheduler::aimd::AdaptiveLimit;
+use crate::scheduler::durable::{fingerprint, Durability, JournalTurns};
+use crate::scheduler::feed::{feed_file, prescan};
 use crate::scheduler::retry::RetryPolicy;
 use crate::scheduler::run::run_all;
 use crate::scheduler::semaphore::PrioritySemaphore;
 use crate::scheduler::stats::RunStats;
 use crate::spec::{BatchSpec, SpecError};
+use crate::store::{InputFormat, ResponseCache};
 use crate::tools::{ToolConfig, ToolExecutor, ToolPool};
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
+/// Waiters for Python's answers, by request id.
+type Pending<T> = Mutex<HashMap<u64, Reply<T>>>;
+/// `(batch id, ok, per-call (ok, text), error)` as Python sends it.
+type BatchAnswer = (u64, bool, Vec<(bool, String)>, String);
+/// `(tool_calls, batch_calls, validations, results_json, credit, done)`.
+type Events =
+    (Vec<(u64, String, String)>, Vec<(u64, String, Vec<String>)>, Vec<(u64, String, String)>, String, usize, bool);
 
 #[derive(Default)]
 struct Outbox {
@@ -62,9 +69,9 @@ struct Shared {
     wake_tx: UnixStream,
     wake_rx: UnixStream,
     next_id: AtomicU64,
-    tools: Mutex<HashMap<u64, Reply<String>>>,
-    batches: Mutex<HashMap<u64, Reply<Vec<Result<String, String>>>>>,
-    validations: Mutex<HashMap<u64, Reply<()>>>,
+    tools: Pending<String>,
+    batches: Pending<Vec<Result<String, String>>>,
+    validations: Pending<()>,
 }
 
 impl Shared {
@@ -125,7 +132,11 @@ impl ToolExecutor for PyTools {
         self.0.ask(&self.0.tools, move |outbox, id| outbox.tool_calls.push((id, name, arguments.to_string())))
     }
 
-    fn call_batch(&self, name: &str, arguments: Vec<Arc<str>>) -> BoxFuture<'static, Result<Vec<Result<String, String>>, String>> {
+    fn call_batch(
+        &self,
+        name: &str,
+        arguments: Vec<Arc<str>>,
+    ) -> BoxFuture<'static, Result<Vec<Result<String, String>>, String>> {
         let name = name.to_owned();
         self.0.ask(&self.0.batches, move |outbox, id| {
             outbox.batch_calls.push((id, name, arguments.iter().map(ToString::to_string).collect()));
@@ -326,11 +337,17 @@ impl PyRun {
         let ctx = Arc::new(RunContext {
             slots: PrioritySemaphore::new(spec.max_inflight, Duration::from_millis(250)),
             limit,
-            retry: RetryPolicy { max_attempts: spec.max_attempts, base: Duration::from_millis(250), max_delay: Duration::from_secs(30) },
+            retry: RetryPolicy {
+                max_attempts: spec.max_attempts,
+                base: Duration::from_millis(250),
+                max_delay: Duration::from_secs(30),
+            },
             tools: Arc::new(ToolPool::new(configs, Arc::new(PyTools(shared.clone())))),
             backend: connected.backend.clone(),
             schema,
-            validator: options.python_validation.then(|| Arc::new(PyValidator(shared.clone())) as Arc<dyn OutputValidator>),
+            validator: options
+                .python_validation
+                .then(|| Arc::new(PyValidator(shared.clone())) as Arc<dyn OutputValidator>),
             turn_sink: durable.journal().map(|j| Arc::new(JournalTurns(j.clone())) as Arc<dyn TurnSink>),
             stats: Arc::new(RunStats::default()),
             system,
@@ -410,8 +427,7 @@ impl PyRun {
     /// Everything that became ready: `(tool_calls, batch_calls, validations, results_json, credit,
     /// done)`. `results_json` is one JSON array of finished results; `credit` is how many more
     /// inputs the run can take; `done` means the run is over and nothing more will come.
-    #[allow(clippy::type_complexity)]
-    fn take_events(&self) -> PyResult<(Vec<(u64, String, String)>, Vec<(u64, String, Vec<String>)>, Vec<(u64, String, String)>, String, usize, bool)> {
+    fn take_events(&self) -> PyResult<Events> {
         // Drain the wake-up bytes and clear the flag first: a post that races with this take
         // sends a fresh byte, so nothing is left behind without a wake-up.
         let mut sink = [0u8; 256];
@@ -438,9 +454,13 @@ impl PyRun {
     }
 
     /// Answers for batch calls: `(batch id, ok, results or error)`; each result `(ok, text)`.
-    fn complete_batches(&self, items: Vec<(u64, bool, Vec<(bool, String)>, String)>) {
+    fn complete_batches(&self, items: Vec<BatchAnswer>) {
         for (id, ok, results, error) in items {
-            let value = if ok { Ok(results.into_iter().map(|(ok, t)| if ok { Ok(t) } else { Err(t) }).collect()) } else { Err(error) };
+            let value = if ok {
+                Ok(results.into_iter().map(|(ok, t)| if ok { Ok(t) } else { Err(t) }).collect())
+            } else {
+                Err(error)
+            };
             answer(&self.shared.batches, id, value);
         }
     }
@@ -453,7 +473,7 @@ impl PyRun {
     }
 
     /// Counters so far, as JSON (the run report is built from these).
-    fn stats_json(&self) -> PyResult<String> {
+    fn stats_json(&self) -> String {
         let stats = self.ctx.stats.snapshot();
         let tools = self.ctx.tools.stats();
         let counts = |c: &crate::tools::ToolCounts| {
@@ -470,7 +490,7 @@ impl PyRun {
             "previously_finished": self.durable.previously_finished,
             "backend": self.ctx.backend.name(),
         });
-        Ok(value.to_string())
+        value.to_string()
     }
 
     /// Stops every agent now. Unfinished jobs produce no result (a journal keeps their last turn).
@@ -580,7 +600,9 @@ fn record_fatal(slot: &Mutex<Option<String>>, message: String) {
 fn parse_input(index: u64, json: &str) -> PyResult<Map<String, Value>> {
     match serde_json::from_str::<Value>(json) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(other) => Err(InputError::new_err(format!("input {index}: expected an object (dict), got {}", type_name(&other)))),
+        Ok(other) => {
+            Err(InputError::new_err(format!("input {index}: expected an object (dict), got {}", type_name(&other))))
+        }
         Err(e) => Err(InputError::new_err(format!("input {index}: {e}"))),
     }
 }

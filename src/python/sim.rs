@@ -76,6 +76,7 @@ fn option_text(key: &str, value: &Bound<'_, PyAny>) -> PyResult<String> {
 
 /// Start a simulator with `options` (the keys of a `sim://` URL query); returns once it listens.
 #[pyfunction]
+#[allow(clippy::needless_pass_by_value)] // PyO3 hands arguments over by value
 fn start_sim(py: Python<'_>, options: HashMap<String, Bound<'_, PyAny>>) -> PyResult<PySimServer> {
     let mut config = SimConfig::default();
     // Apply in a fixed order so an error names the same key every time.

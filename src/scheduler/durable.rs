@@ -35,7 +35,12 @@ impl Durability {
     /// Opens the journal (failing before any request if it cannot be written) and the output. On
     /// a resume the output is rewritten from the journal: it may hold lines of results the journal
     /// never committed before a crash, and the journal is the truth.
-    pub fn open(journal: Option<&Path>, fingerprint: &str, force: bool, output: Option<&Path>) -> Result<Self, DurableError> {
+    pub fn open(
+        journal: Option<&Path>,
+        fingerprint: &str,
+        force: bool,
+        output: Option<&Path>,
+    ) -> Result<Self, DurableError> {
         let journal = journal.map(|path| Journal::open(path, fingerprint, force)).transpose()?.map(Arc::new);
         let mut previously_finished = 0;
         let sink = match output {
@@ -84,7 +89,8 @@ impl Durability {
     /// Journals the result, then writes it out. `Ok(false)`: this job already had a result (it
     /// is neither written nor to be delivered again).
     pub fn finish(&self, result: &JobResult) -> Result<bool, DurableError> {
-        let line = serde_json::to_string(result).map_err(|e| DurableError::Encode { id: result.id.clone(), message: e.to_string() })?;
+        let line = serde_json::to_string(result)
+            .map_err(|e| DurableError::Encode { id: result.id.clone(), message: e.to_string() })?;
         if let Some(journal) = &self.journal {
             if !journal.record_result(&result.id, result.index, &line) {
                 return Ok(false);

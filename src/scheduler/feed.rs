@@ -31,7 +31,11 @@ pub fn prescan(path: &Path, format: InputFormat, template: &Template, skip_bad_l
         match item {
             Ok(record) => {
                 if let Err(e) = template.render(record.index, &record.fields) {
-                    return Err(FeedError::Template { path: path.display().to_string(), line: record.line, message: e.to_string() });
+                    return Err(FeedError::Template {
+                        path: path.display().to_string(),
+                        line: record.line,
+                        message: e.to_string(),
+                    });
                 }
             }
             Err(InputError::BadLine { .. }) if skip_bad_lines => {}
@@ -56,7 +60,11 @@ pub fn feed_file(
         match item {
             Ok(record) => {
                 let id = record.id().unwrap_or_else(|| record.index.to_string());
-                let input_json = if durable.journal().is_some() { serde_json::to_string(&record.fields).unwrap_or_default() } else { String::new() };
+                let input_json = if durable.journal().is_some() {
+                    serde_json::to_string(&record.fields).unwrap_or_default()
+                } else {
+                    String::new()
+                };
                 let job = Job { id, index: record.index, input: record.fields, resume: None };
                 match durable.prepare(job, &input_json) {
                     Some(job) => {
