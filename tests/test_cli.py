@@ -122,6 +122,7 @@ def test_run_file_settings_with_flags_overriding(tmp_path: Path) -> None:
     job.mkdir()
     write_jsonl(job / "items.jsonl", [{"id": f"item-{i}", "topic": f"topic {i}"} for i in range(15)])
     (job / "task.txt").write_text("Write one line about {topic}.")
+    (job / "jobtools.py").write_text("def lookup(topic: str) -> str:\n    return 'notes on ' + topic\n")
     (job / "job.toml").write_text(
         textwrap.dedent(
             f"""
@@ -129,7 +130,8 @@ def test_run_file_settings_with_flags_overriding(tmp_path: Path) -> None:
             output = "out/results.jsonl"
             task_file = "task.txt"
             system = "Be brief."
-            backend = "{FAST_SIM}"
+            backend = "{FAST_SIM}&tool_rounds=1"
+            tools = ["jobtools:lookup"]
             max_inflight = 8
             report = "report.json"
             """
@@ -141,6 +143,8 @@ def test_run_file_settings_with_flags_overriding(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     results = read_results(tmp_path / "elsewhere.jsonl")
     assert sorted(r["id"] for r in results) == sorted(f"item-{i}" for i in range(15))
+    # The tool module was found next to the run file.
+    assert all(r["ok"] and r["tool_calls"] == 1 for r in results)
     assert not (job / "out" / "results.jsonl").exists()
     report = json.loads((job / "report.json").read_text())
     assert report["ok"] == 15 and report["failed"] == 0

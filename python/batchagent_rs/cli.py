@@ -426,7 +426,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     settings, base = _merged_settings(args)
-    for folder in (base, os.getcwd()):
+    # Modules named by --schema and --tools are found next to the run file first, then here.
+    for folder in (os.getcwd(), base):
         if folder is not None and folder not in sys.path:
             sys.path.insert(0, folder)
     input_path = settings.get("input")
