@@ -212,6 +212,8 @@ class Batch:
         journal: str | os.PathLike[str] | None = None,
         journal_force: bool = False,
         response_cache: str | os.PathLike[str] | None = None,
+        routing: str = "prefix_affinity",
+        keep_session_headers: bool = False,
     ) -> None:
         for t in tools:
             if not isinstance(t, Tool):
@@ -262,6 +264,8 @@ class Batch:
             "journal": None if journal is None else os.fspath(journal),
             "journal_force": journal_force,
             "response_cache": None if response_cache is None else os.fspath(response_cache),
+            "routing": routing,
+            "keep_session_headers": keep_session_headers,
         }
         self._on_result = on_result
         self._tool_threads = tool_threads
