@@ -7,7 +7,7 @@ use std::fmt;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::BoxFuture;
-use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{HeaderMap, ACCEPT, RETRY_AFTER};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
@@ -216,8 +216,9 @@ impl BedrockBackend {
         let mut response = self
             .client
             .post(format!("{}{path}", self.endpoint))
+            // `content-type` is among the signed headers already; a second one would break the
+            // signature (AWS signs repeated headers joined with commas).
             .headers(headers)
-            .header(CONTENT_TYPE, "application/json")
             .timeout(self.options.request_timeout)
             .body(body)
             .send()
