@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from batchagent_rs import cli, sim
 from batchagent_rs.pricing import PRICES, Price, PriceError, estimate, find_price, load_prices
 from batchagent_rs.runfile import RunFileError, load_run_file

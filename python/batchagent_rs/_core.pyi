@@ -1,7 +1,5 @@
 """The native core of BatchAgent (Rust). Private: import from `batchagent_rs`."""
 
-from typing import Any
-
 __version__: str
 
 class SchemaError(ValueError):
@@ -39,7 +37,14 @@ class Run:
         """A file descriptor that becomes readable when `take_events()` has something."""
     def take_events(
         self,
-    ) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, list[str]]], list[tuple[int, str, str]], str, int, bool]:
+    ) -> tuple[
+        list[tuple[int, str, str]],
+        list[tuple[int, str, list[str]]],
+        list[tuple[int, str, str]],
+        str,
+        int,
+        bool,
+    ]:
         """`(tool_calls, batch_calls, validations, results_json, credit, done)`."""
     def complete_tools(self, items: list[tuple[int, bool, str]]) -> None:
         """Answers `(call id, ok, text)` for tool calls."""

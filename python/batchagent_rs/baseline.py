@@ -54,9 +54,10 @@ async def run_naive(
     ttfts: list[float] = []
     counters = {"tools": 0, "calls": 0}
     if output is not None:
+        schema = json.dumps(output.model_json_schema(), separators=(",", ":"))
         system = (
-            f"{system}\n\nWhen you give your final answer, reply with only a JSON value that conforms to this "
-            f"JSON Schema:\n```json\n{json.dumps(output.model_json_schema(), separators=(',', ':'))}\n```"
+            f"{system}\n\nWhen you give your final answer, reply with only a JSON value that conforms "
+            f"to this JSON Schema:\n```json\n{schema}\n```"
         )
 
     async def call_model(messages: list[dict[str, Any]]) -> Any:
@@ -135,7 +136,11 @@ async def run_naive(
                     "role": "assistant",
                     "content": text or None,
                     "tool_calls": [
-                        {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                        {
+                            "id": c["id"],
+                            "type": "function",
+                            "function": {"name": c["name"], "arguments": c["arguments"]},
+                        }
                         for c in calls
                     ],
                 }

@@ -52,6 +52,10 @@ impl Backend for CachedBackend {
         self.inner.capabilities()
     }
 
+    fn endpoint_stats(&self) -> Option<serde_json::Value> {
+        self.inner.endpoint_stats()
+    }
+
     fn chat(
         &self,
         request: ChatRequest,

@@ -1,9 +1,10 @@
 //! From the backend URLs a user gives to one connected [`Backend`]: `sim://` starts an embedded
-//! simulator on a loopback port first; every other scheme connects through [`url::connect`].
+//! simulator on a loopback port first; several URLs make a [`Fleet`].
 
 use std::sync::Arc;
 
-use super::url::{self, BackendOptions};
+use super::fleet::{Fleet, FleetOptions, Member};
+use super::url::{self, parse_backend_url, BackendOptions, Scheme};
 use super::{Backend, BackendError};
 use crate::sim::{SimConfig, SimServer};
 
@@ -12,31 +13,64 @@ pub type ConnectOptions = BackendOptions;
 /// A connected backend and the simulators started for it, which live as long as this value.
 pub struct Connected {
     pub backend: Arc<dyn Backend>,
-    pub sim: Option<SimServer>,
+    pub sims: Vec<SimServer>,
 }
 
 pub async fn connect(urls: &[String], options: &ConnectOptions) -> Result<Connected, BackendError> {
+    connect_fleet(urls, options, FleetOptions::default()).await
+}
+
+pub async fn connect_fleet(urls: &[String], options: &ConnectOptions, fleet: FleetOptions) -> Result<Connected, BackendError> {
     match urls {
         [] => Err(BackendError::Config("no backend URL given".into())),
-        [one] => connect_one(one, options).await,
-        _ => Err(BackendError::Config(format!(
-            "{} backend URLs given; this build connects to one backend per run",
-            urls.len()
-        ))),
+        [one] => {
+            let (backend, sim, _) = connect_one(one, options).await?;
+            Ok(Connected { backend, sims: sim.into_iter().collect() })
+        }
+        many => {
+            let mut members = Vec::with_capacity(many.len());
+            let mut sims = Vec::new();
+            for target in many {
+                let (backend, sim, address) = connect_one(target, options).await?;
+                sims.extend(sim);
+                members.push(member(backend, &address)?);
+            }
+            Ok(Connected { backend: Arc::new(Fleet::new(members, fleet).await?), sims })
+        }
     }
 }
 
-async fn connect_one(target: &str, options: &ConnectOptions) -> Result<Connected, BackendError> {
+/// One backend, the simulator started for it, and the URL it is reached at.
+async fn connect_one(target: &str, options: &ConnectOptions) -> Result<(Arc<dyn Backend>, Option<SimServer>, String), BackendError> {
     if is_embedded_sim(target) {
         let mut config = SimConfig::from_url(target).map_err(|e| BackendError::Config(e.to_string()))?;
         config.host = "127.0.0.1".into();
         config.port = 0;
         let server = SimServer::start(config).await.map_err(|e| BackendError::Config(e.to_string()))?;
-        let address = server.url();
-        let backend = url::connect(&format!("sim://{}", address.trim_start_matches("http://")), options)?;
-        return Ok(Connected { backend, sim: Some(server) });
+        let address = format!("sim://{}", server.url().trim_start_matches("http://"));
+        let backend = url::connect(&address, options)?;
+        return Ok((backend, Some(server), address));
     }
-    Ok(Connected { backend: url::connect(target, options)?, sim: None })
+    Ok((url::connect(target, options)?, None, target.to_owned()))
+}
+
+/// Where a fleet checks that an endpoint is up, and where it reads the models it serves.
+fn member(backend: Arc<dyn Backend>, address: &str) -> Result<Member, BackendError> {
+    let parsed = parse_backend_url(address)?;
+    let root = parsed.base_url.trim_end_matches('/');
+    let api = if root.split_once("://").is_some_and(|(_, rest)| rest.contains('/')) { root.to_owned() } else { format!("{root}/v1") };
+    let (health_url, models_url) = match parsed.scheme {
+        Scheme::Ollama if parsed.query_value("api") != Some("openai") => (format!("{root}/api/tags"), None),
+        Scheme::Ollama => (format!("{root}/api/tags"), Some(format!("{api}/models"))),
+        Scheme::OpenAi | Scheme::Http => (format!("{api}/models"), Some(format!("{api}/models"))),
+        Scheme::Anthropic | Scheme::Bedrock => {
+            return Err(BackendError::Config(format!("{address}: hosted APIs are not fleet members; give one URL per run")));
+        }
+        Scheme::Vllm | Scheme::Sglang | Scheme::Dynamo | Scheme::LlamaCpp | Scheme::Sim => {
+            (format!("{root}/health"), Some(format!("{api}/models")))
+        }
+    };
+    Ok(Member { backend, health_url, models_url })
 }
 
 /// `sim://` or `sim://?options` (no host) asks for an embedded simulator.

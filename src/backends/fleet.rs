@@ -24,8 +24,21 @@ pub struct Member {
     pub models_url: Option<String>,
 }
 
+/// How a fleet chooses the endpoint of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Routing {
+    /// Least outstanding requests, but jobs sharing a prefix go where it is cached.
+    #[default]
+    PrefixAffinity,
+    LeastOutstanding,
+    /// Each call to the next endpoint in turn (the baseline that affinity is measured against).
+    RoundRobin,
+}
+
 #[derive(Debug, Clone)]
 pub struct FleetOptions {
+    pub routing: Routing,
     /// Affinity yields to the least-loaded endpoint once the preferred one has this many more
     /// calls outstanding: a warm cache is not worth an unbounded queue.
     pub affinity_slack: usize,
@@ -38,6 +51,7 @@ pub struct FleetOptions {
 impl Default for FleetOptions {
     fn default() -> Self {
         Self {
+            routing: Routing::default(),
             affinity_slack: 8,
             keep_session_headers: false,
             probe_interval: Duration::from_secs(1),
@@ -72,6 +86,7 @@ pub struct Fleet {
     name: String,
     endpoints: Arc<Vec<Endpoint>>,
     affinity: Mutex<HashMap<u64, usize>>,
+    turn: AtomicUsize,
     options: FleetOptions,
     capabilities: Capabilities,
     prober: JoinHandle<()>,
@@ -114,7 +129,7 @@ impl Fleet {
         let name = format!("fleet[{}]", endpoints.iter().map(|e| e.backend.name()).collect::<Vec<_>>().join(", "));
         let endpoints = Arc::new(endpoints);
         let prober = tokio::spawn(probe_loop(endpoints.clone(), client, options.probe_interval));
-        Ok(Self { name, endpoints, affinity: Mutex::new(HashMap::new()), options, capabilities, prober })
+        Ok(Self { name, endpoints, affinity: Mutex::new(HashMap::new()), turn: AtomicUsize::new(0), options, capabilities, prober })
     }
 
     pub fn endpoint_stats(&self) -> Vec<EndpointStats> {
@@ -145,8 +160,14 @@ impl Fleet {
             let e = &self.endpoints[i];
             e.outstanding.load(Relaxed) as f64 / e.limit.current().max(1) as f64
         };
+        if candidates.is_empty() {
+            return None;
+        }
+        if self.options.routing == Routing::RoundRobin {
+            return Some(candidates[self.turn.fetch_add(1, Relaxed) % candidates.len()]);
+        }
         let least = candidates.iter().copied().min_by(|&a, &b| load(a).total_cmp(&load(b)))?;
-        let Some(key) = key else { return Some(least) };
+        let Some(key) = key.filter(|_| self.options.routing == Routing::PrefixAffinity) else { return Some(least) };
         let mut affinity = self.affinity.lock().ok()?;
         if let Some(&preferred) = affinity.get(&key) {
             if candidates.contains(&preferred) {
@@ -187,6 +208,10 @@ impl Backend for Fleet {
 
     fn capabilities(&self) -> Capabilities {
         self.capabilities
+    }
+
+    fn endpoint_stats(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(Fleet::endpoint_stats(self)).ok()
     }
 
     fn chat(

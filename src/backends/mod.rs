@@ -145,6 +145,11 @@ pub trait Backend: Send + Sync {
 
     fn capabilities(&self) -> Capabilities;
 
+    /// Per-endpoint figures (a fleet's routing and health), for reports; `None` for one endpoint.
+    fn endpoint_stats(&self) -> Option<serde_json::Value> {
+        None
+    }
+
     /// Make one model call. Stream events (if `events` is given) are sent as they are parsed; a
     /// closed receiver is ignored.
     fn chat(

@@ -25,7 +25,8 @@ use tokio::task::JoinHandle;
 use std::path::PathBuf;
 
 use crate::backends::cached::CachedBackend;
-use crate::backends::connect::{connect, ConnectOptions, Connected};
+use crate::backends::connect::{connect_fleet, ConnectOptions, Connected};
+use crate::backends::fleet::{FleetOptions, Routing};
 use crate::output::CompiledSchema;
 use crate::python::errors::{backend_error, spec_error, InputError, JournalError, RunError, SchemaError};
 use crate::scheduler::agent::TurnSink;
@@ -234,6 +235,12 @@ struct RunOptions {
     deliver_results: bool,
     #[serde(default)]
     response_cache: Option<PathBuf>,
+    /// Fleet routing: `prefix_affinity` (default), `least_outstanding` or `round_robin`.
+    #[serde(default)]
+    routing: Routing,
+    /// Keep `x-...:` session header lines of the system prompt when hashing prefixes for routing.
+    #[serde(default)]
+    keep_session_headers: bool,
 }
 
 #[derive(Deserialize)]
@@ -322,9 +329,11 @@ impl PyRun {
             input_total = Some(total);
         }
         let urls = options.backends;
+        let fleet_options =
+            FleetOptions { routing: options.routing, keep_session_headers: options.keep_session_headers, ..FleetOptions::default() };
         let connect_options = ConnectOptions { api_key: options.api_key, ..ConnectOptions::default() };
         let mut connected = py
-            .allow_threads(|| runtime().map(|rt| rt.block_on(connect(&urls, &connect_options))))?
+            .allow_threads(|| runtime().map(|rt| rt.block_on(connect_fleet(&urls, &connect_options, fleet_options))))?
             .map_err(|e| backend_error(&e))?;
         if let Some(path) = &options.response_cache {
             let cache = ResponseCache::open(path).map_err(|e| JournalError::new_err(e.to_string()))?;
@@ -489,6 +498,7 @@ impl PyRun {
             "input_total": self.input_total,
             "previously_finished": self.durable.previously_finished,
             "backend": self.ctx.backend.name(),
+            "endpoints": self.ctx.backend.endpoint_stats(),
         });
         value.to_string()
     }
@@ -508,7 +518,7 @@ impl PyRun {
     /// The base URL of the embedded simulator when the backend is `sim://`.
     #[getter]
     fn sim_url(&self) -> Option<String> {
-        self.connected.sim.as_ref().map(crate::sim::SimServer::url)
+        self.connected.sims.first().map(crate::sim::SimServer::url)
     }
 
     /// Why the run's output is incomplete, if it is (a journal or output file that failed).
