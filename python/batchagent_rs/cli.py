@@ -569,6 +569,7 @@ def _run(args: argparse.Namespace) -> int:
             "journal": journal,
             "resumed": resume,
             "finished_earlier": skipped,
+            "endpoints": report.raw.get("endpoints"),
             "started_at": started,
         }
         try:

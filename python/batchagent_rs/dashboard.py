@@ -263,6 +263,16 @@ class Dashboard:
         errors = dict(run.get("errors_by_kind", []))
         if errors:
             rows.append("errors        " + ", ".join(f"{k} {v}" for k, v in sorted(errors.items())))
+        endpoints = stats.get("endpoints")
+        for endpoint in endpoints if isinstance(endpoints, list) else []:
+            if not isinstance(endpoint, dict):
+                continue
+            state = "up" if endpoint.get("up", True) else _RED + "DOWN" + _RESET
+            name = str(endpoint.get("name", "?")).removeprefix("sim ").removeprefix("http://")
+            rows.append(
+                f"  {name[:22]:<22} {state} {endpoint.get('outstanding', 0)}/{endpoint.get('limit', '-')}"
+                f"  {endpoint.get('served', 0)} served  {endpoint.get('failovers', 0)} failovers"
+            )
         engine = stats.get("engine")
         readings = engine if isinstance(engine, list) else [engine] if isinstance(engine, dict) else []
         for reading in readings:
