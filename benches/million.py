@@ -112,8 +112,10 @@ def main() -> int:
                     samples.append((round(time.perf_counter() - started, 2), hwm))
                 time.sleep(0.1)
             wall = time.perf_counter() - started
-            # The simulator is still running, so the children's maxrss is the run's alone.
-            children_maxrss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            # The simulator is still running, so the children's figures are the run's alone.
+            usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+            children_maxrss_kb = usage.ru_maxrss
+            cpu_seconds = usage.ru_utime + usage.ru_stime
             requests = sim_requests(url)
         finally:
             sim.terminate()
@@ -135,6 +137,8 @@ def main() -> int:
             "prompts_per_second": round(args.n / wall, 1),
             "run_agents_per_second": round(report["agents_per_second"], 1),
             "peak_rss_mb": round(peak_mb, 1),
+            "run_cpu_seconds": round(cpu_seconds, 1),
+            "run_cpu_us_per_prompt": round(cpu_seconds / args.n * 1e6, 1),
             "vmhwm_polled_mb": round(peak_kb / 1024, 1),
             "children_maxrss_mb": round(children_maxrss_kb / 1024, 1),
             "max_inflight": args.max_inflight,
