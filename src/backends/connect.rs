@@ -14,6 +14,8 @@ pub type ConnectOptions = BackendOptions;
 pub struct Connected {
     pub backend: Arc<dyn Backend>,
     pub sims: Vec<SimServer>,
+    /// Prometheus `/metrics` URLs of the endpoints that have one (vLLM, SGLang, Dynamo, sim).
+    pub metrics_urls: Vec<String>,
 }
 
 pub async fn connect(urls: &[String], options: &ConnectOptions) -> Result<Connected, BackendError> {
@@ -24,18 +26,20 @@ pub async fn connect_fleet(urls: &[String], options: &ConnectOptions, fleet: Fle
     match urls {
         [] => Err(BackendError::Config("no backend URL given".into())),
         [one] => {
-            let (backend, sim, _) = connect_one(one, options).await?;
-            Ok(Connected { backend, sims: sim.into_iter().collect() })
+            let (backend, sim, address) = connect_one(one, options).await?;
+            Ok(Connected { backend, sims: sim.into_iter().collect(), metrics_urls: metrics_url(&address).into_iter().collect() })
         }
         many => {
             let mut members = Vec::with_capacity(many.len());
             let mut sims = Vec::new();
+            let mut metrics_urls = Vec::new();
             for target in many {
                 let (backend, sim, address) = connect_one(target, options).await?;
                 sims.extend(sim);
+                metrics_urls.extend(metrics_url(&address));
                 members.push(member(backend, &address)?);
             }
-            Ok(Connected { backend: Arc::new(Fleet::new(members, fleet).await?), sims })
+            Ok(Connected { backend: Arc::new(Fleet::new(members, fleet).await?), sims, metrics_urls })
         }
     }
 }
@@ -71,6 +75,12 @@ fn member(backend: Arc<dyn Backend>, address: &str) -> Result<Member, BackendErr
         }
     };
     Ok(Member { backend, health_url, models_url })
+}
+
+fn metrics_url(address: &str) -> Option<String> {
+    let parsed = parse_backend_url(address).ok()?;
+    matches!(parsed.scheme, Scheme::Vllm | Scheme::Sglang | Scheme::Dynamo | Scheme::Sim)
+        .then(|| format!("{}/metrics", parsed.base_url.trim_end_matches('/')))
 }
 
 /// `sim://` or `sim://?options` (no host) asks for an embedded simulator.
