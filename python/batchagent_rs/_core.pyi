@@ -20,6 +20,9 @@ class JournalError(OSError):
 class RunError(RuntimeError):
     """The run cannot continue."""
 
+def check_schema(schema_json: str) -> None:
+    """Compile a JSON Schema as a run would; raises `SchemaError` naming the bad part."""
+
 class Run:
     """One batch run. Created from the spec and options as JSON; starts at once and waits for inputs."""
 

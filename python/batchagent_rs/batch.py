@@ -244,6 +244,8 @@ class Batch:
             schema = output
         else:
             raise TypeError("output must be a pydantic model class, a JSON Schema dict, or None")
+        if schema is not None:
+            _core.check_schema(json.dumps(schema))
         self._spec = {
             "model": model,
             "system": system,

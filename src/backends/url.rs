@@ -245,7 +245,9 @@ pub fn connect(url: &str, options: &BackendOptions) -> Result<Arc<dyn Backend>, 
                 return Err(BackendError::Config(format!("ollama api={other:?} is not one of \"native\", \"openai\"")));
             }
         },
-        Scheme::Anthropic => return Ok(Arc::new(AnthropicBackend::new(&parsed.base_url, options.api_key.clone(), &options)?)),
+        Scheme::Anthropic => {
+            return Ok(Arc::new(AnthropicBackend::new(&parsed.base_url, options.api_key.clone(), &options)?))
+        }
         Scheme::Bedrock => {
             // base_url is https://bedrock-runtime.{region}.amazonaws.com
             let region = parsed

@@ -334,8 +334,11 @@ impl PyRun {
         }
         let runtime = runtime()?;
         let urls = options.backends;
-        let fleet_options =
-            FleetOptions { routing: options.routing, keep_session_headers: options.keep_session_headers, ..FleetOptions::default() };
+        let fleet_options = FleetOptions {
+            routing: options.routing,
+            keep_session_headers: options.keep_session_headers,
+            ..FleetOptions::default()
+        };
         let connect_options = ConnectOptions { api_key: options.api_key, ..ConnectOptions::default() };
         let mut connected = py
             .allow_threads(|| runtime.block_on(connect_fleet(&urls, &connect_options, fleet_options)))
