@@ -1,6 +1,6 @@
 """The native core of BatchAgent (Rust). Private: import from `batchagent_rs`."""
 
-from typing import Any
+from typing import Any, final
 
 __version__: str
 
@@ -49,3 +49,18 @@ class Run:
     @property
     def sim_url(self) -> str | None:
         """Base URL of the embedded simulator when the backend is `sim://`."""
+
+@final
+class SimServer:
+    """A running engine simulator (OpenAI, Anthropic and Ollama protocols) on a loopback port."""
+
+    @property
+    def url(self) -> str:
+        """Base URL, `http://127.0.0.1:PORT`."""
+    def stats(self) -> dict[str, Any]:
+        """What `GET /sim/stats` returns."""
+    def stop(self) -> None:
+        """Stop serving and end the engine loop; a second call does nothing."""
+
+def start_sim(options: dict[str, str | int | float | bool]) -> SimServer:
+    """Start a simulator with the options of a `sim://` URL query; returns once it listens."""

@@ -22,6 +22,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -72,6 +73,11 @@ impl SimServer {
             config,
         });
         let router = router(Arc::clone(&state));
+        // Token-by-token SSE frames are tiny writes: without TCP_NODELAY, Nagle's algorithm holds
+        // each one back until the client's delayed ACK (~40 ms), which no real server does.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
