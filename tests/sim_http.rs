@@ -140,6 +140,29 @@ async fn openai_chat_non_stream_checks_n_model_request_id_and_length() {
 }
 
 #[tokio::test]
+async fn openai_tool_choice_is_honoured() {
+    let sim = start("tool_rounds=0").await;
+    let url = format!("{}/v1/chat/completions", sim.url());
+    let mut tools = weather_tools();
+    tools.as_array_mut().unwrap().push(json!({"type": "function", "function": {"name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}));
+    let ask = |choice: Value| {
+        json!({"model": "sim-model", "tools": tools, "tool_choice": choice,
+        "messages": [{"role": "user", "content": "now?"}]})
+    };
+    let auto = json_of(post(&url, &ask(json!("auto"))).await).await;
+    assert_eq!(auto["choices"][0]["finish_reason"], "stop", "tool_rounds=0 answers at once: {auto}");
+    let named = json_of(post(&url, &ask(json!({"type": "function", "function": {"name": "get_time"}}))).await).await;
+    assert_eq!(named["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "get_time");
+    let required = json_of(post(&url, &ask(json!("required"))).await).await;
+    assert_eq!(required["choices"][0]["finish_reason"], "tool_calls");
+    let missing = post(&url, &ask(json!({"type": "function", "function": {"name": "nope"}}))).await;
+    assert_eq!(missing.status(), 400);
+    assert!(json_of(missing).await["error"]["message"].as_str().unwrap().contains("nope"));
+    sim.stop().await;
+}
+
+#[tokio::test]
 async fn completions_take_a_list_of_prompts() {
     let sim = start("").await;
     let url = format!("{}/v1/completions", sim.url());

@@ -226,6 +226,11 @@ fn parse(body: &Value) -> Result<Parsed, String> {
             (choice, parallel)
         }
     };
+    if let ToolChoice::Named(name) = &tool_choice {
+        if !tools.iter().any(|t| &t.name == name) {
+            return Err(format!("tool_choice.name: tool `{name}` is not in tools"));
+        }
+    }
     Ok(Parsed {
         req: AgentRequest { messages, tools, tool_choice, response_schema: None, json_mode: false, allow_parallel },
         max_tokens: max_tokens.min(u64::from(u32::MAX)) as u32,

@@ -223,6 +223,14 @@ async fn chat_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Response {
         }
         let tools = openai_tools(&body)?;
         let tool_choice = parse_tool_choice(&body)?;
+        if let ToolChoice::Named(name) = &tool_choice {
+            if !tools.iter().any(|t| &t.name == name) {
+                return Err(format!("tool_choice names the function `{name}`, which is not in `tools`"));
+            }
+        }
+        if matches!(tool_choice, ToolChoice::Required) && tools.is_empty() {
+            return Err("tool_choice `required` needs at least one tool in `tools`".to_owned());
+        }
         let (response_schema, json_mode) = parse_response_format(&body)?;
         let allow_parallel = body.get("parallel_tool_calls").and_then(Value::as_bool).unwrap_or(true);
         let behaviour = request_behaviour(&state, &body)?;
