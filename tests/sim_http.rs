@@ -368,6 +368,21 @@ async fn faults_break_responses_as_configured() {
     assert!(resp.text().await.is_err(), "a reset must surface as a body error");
     sim.stop().await;
 
+    // Damage lands inside what is actually streamed: tool calls (mostly swallowed markup tokens)
+    // and replies cut short by max_tokens.
+    let sim = start("fault_reset=1").await;
+    let tool_stream = json!({"model": "sim-model", "stream": true, "tools": weather_tools(),
+        "messages": [{"role": "user", "content": "x"}]});
+    let cut_short = json!({"model": "sim-model", "stream": true, "max_tokens": 3, "sim": {"output_tokens": "fixed:200"},
+        "messages": [{"role": "user", "content": "x"}]});
+    for body in [&tool_stream, &cut_short] {
+        for route in ["/v1/chat/completions", "/api/chat"] {
+            let resp = post(&format!("{}{route}", sim.url()), body).await;
+            assert!(resp.text().await.is_err(), "{route} {body}");
+        }
+    }
+    sim.stop().await;
+
     let sim = start("fault_malformed=1").await;
     let text = post(&format!("{}/v1/chat/completions", sim.url()), &msg).await.text().await.unwrap();
     let bad = text

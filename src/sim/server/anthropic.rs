@@ -293,7 +293,7 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, _headers: Heade
                "cache_read_input_tokens": read, "output_tokens": output})
     };
     if stream {
-        let (mut sink, stream_body) = FrameSink::new(&decision, g.pieces.len() + 6);
+        let (mut sink, stream_body) = FrameSink::new(&decision, g.streamed_pieces().0 + 4);
         tokio::spawn(async move {
             let start = json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant",
                 "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": usage(1)}});

@@ -273,6 +273,15 @@ impl Generation {
     pub fn truncated(&self) -> bool {
         self.max_new < self.pieces.len()
     }
+
+    /// Output tokens that will be streamed as something (not swallowed markup), and how many tool
+    /// calls start among them: where a reset, truncation or malformed frame can land.
+    pub fn streamed_pieces(&self) -> (usize, usize) {
+        let produced = &self.pieces[..self.max_new.min(self.pieces.len())];
+        let visible = produced.iter().filter(|p| !matches!(p, Piece::Silent)).count();
+        let calls = produced.iter().filter(|p| matches!(p, Piece::CallStart(_))).count();
+        (visible, calls)
+    }
 }
 
 /// What the engine reported when the call finished.

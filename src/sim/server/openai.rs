@@ -254,7 +254,7 @@ async fn chat_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Response {
     let created = unix_now();
     let model = state.config.model.clone();
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
-        let (mut sink, stream_body) = FrameSink::new(&decision, g.pieces.len() + 3);
+        let (mut sink, stream_body) = FrameSink::new(&decision, g.streamed_pieces().0 + 3);
         let usage = include_usage(&body);
         tokio::spawn(async move {
             let chunk = |delta: Value, finish: Option<&str>| {
@@ -391,7 +391,7 @@ async fn completions_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Respo
     let model = state.config.model.clone();
     let reason_of = |g: &Generation| if g.truncated() { "length" } else { "stop" };
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
-        let expected = gens.iter().map(|g| g.pieces.len() + 1).sum::<usize>() + 2;
+        let expected = gens.iter().map(|g| g.streamed_pieces().0 + 1).sum::<usize>() + 2;
         let (mut sink, stream_body) = FrameSink::new(&decision, expected);
         let usage = include_usage(&body);
         let (tx, mut rx) = mpsc::unbounded_channel::<(usize, EngineEvent)>();
