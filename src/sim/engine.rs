@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::prefix_cache::{block_hashes, PrefixCache};
+use super::prefix_cache::{block_hashes, chain_hashes, PrefixCache};
 use super::profile::{Profile, ProfileError, StepLoad};
 
 /// Real time the loop may lag behind simulated time before it sleeps (tokio's timer granularity).
@@ -42,6 +42,10 @@ pub struct EngineRequest {
     /// Output tokens to produce; the output's text is decided by the caller, the engine decides when
     /// each token comes out.
     pub max_new_tokens: usize,
+    /// The ids of the output the caller will stream, when it knows them (empty if not). The full KV
+    /// blocks they complete are cached when the request ends, as vLLM caches decode blocks, so a
+    /// next turn whose prompt repeats this answer hits them.
+    pub output_tokens: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,6 +255,7 @@ struct Seq {
     id: u64,
     tx: UnboundedSender<EngineEvent>,
     prompt: Vec<u32>,
+    output: Vec<u32>,
     /// Chained hashes of the prompt's full blocks, made at first admission.
     hashes: Vec<u64>,
     max_new: usize,
@@ -270,6 +275,22 @@ impl Seq {
     /// Tokens whose KV the sequence needs: the prompt and every output token but the newest.
     fn total(&self) -> usize {
         self.prompt.len() + self.generated
+    }
+
+    /// Chained hashes of the computed full blocks after the prompt's full blocks whose tokens are
+    /// known (the prompt's tail and the produced part of `output`).
+    fn known_later_hashes(&self, block_size: usize) -> Vec<u64> {
+        let from = self.hashes.len() * block_size;
+        let known = (self.prompt.len() + self.output.len().min(self.generated)).min(self.computed);
+        let upto = known / block_size * block_size;
+        if self.output.is_empty() || upto <= from || from > self.prompt.len() {
+            return Vec::new();
+        }
+        let mut tokens = Vec::with_capacity(upto - from);
+        tokens.extend_from_slice(&self.prompt[from..]);
+        tokens.extend_from_slice(&self.output[..upto - self.prompt.len().min(upto)]);
+        tokens.truncate(upto - from);
+        chain_hashes(self.hashes.last().copied(), &tokens, block_size)
     }
 }
 
@@ -309,6 +330,7 @@ impl Scheduler {
             id: self.next_id,
             tx: p.tx,
             prompt: p.request.prompt,
+            output: p.request.output_tokens,
             hashes: Vec::new(),
             max_new: p.request.max_new_tokens,
             generated: 0,
@@ -459,9 +481,10 @@ impl Scheduler {
             }
         }
         let cache = &mut self.cache;
+        let block_size = self.profile.block_size;
         self.running.retain(|s| {
             if s.done {
-                cache.release(s.id);
+                cache.release_caching(s.id, &s.known_later_hashes(block_size));
             }
             !s.done
         });
@@ -548,7 +571,7 @@ mod tests {
     }
 
     fn request(prompt: Vec<u32>, max_new_tokens: usize) -> EngineRequest {
-        EngineRequest { prompt, max_new_tokens }
+        EngineRequest { prompt, max_new_tokens, output_tokens: Vec::new() }
     }
 
     async fn events(mut rx: UnboundedReceiver<EngineEvent>) -> Vec<EngineEvent> {
@@ -613,6 +636,25 @@ mod tests {
         assert!(finished(&second).2 < finished(&first).2);
         let m = engine.metrics();
         assert_eq!((m.prefix_queries, m.prefix_hits), (2000, 992));
+    }
+
+    #[tokio::test]
+    async fn a_next_turn_hits_the_previous_answer_when_its_tokens_are_known() {
+        let engine = Engine::start(Profile::test(), 0.0).unwrap();
+        let turn1 = prompt(11, 100);
+        let answer = prompt(12, 40);
+        let mut first = request(turn1.clone(), answer.len());
+        first.output_tokens.clone_from(&answer);
+        events(engine.submit(first)).await;
+        let mut turn2 = turn1.clone();
+        turn2.extend(&answer);
+        turn2.extend(prompt(13, 30));
+        // 100 prompt + 39 computed answer tokens: 8 full blocks.
+        assert_eq!(finished(&events(engine.submit(request(turn2.clone(), 1))).await).0, 128);
+        // Without the answer's ids only the first turn's 6 full prompt blocks are cached.
+        let engine = Engine::start(Profile::test(), 0.0).unwrap();
+        events(engine.submit(request(turn1, 40))).await;
+        assert_eq!(finished(&events(engine.submit(request(turn2, 1))).await).0, 96);
     }
 
     #[tokio::test]

@@ -4,12 +4,14 @@
 //! so a block can only hit when the whole prefix before it matches. The cache holds `capacity` physical
 //! blocks. A running sequence holds its blocks (shared cached blocks are reference-counted); a block is
 //! offered to other sequences only once its prefill has run (`mark_computed`), so concurrent first
-//! arrivals of one prefix all miss. Released full blocks stay cached, unreferenced, and are evicted
-//! least-recently-released first, a sequence's tail blocks before its head (vLLM frees in reverse
-//! order for that reason), when new blocks are needed.
+//! arrivals of one prefix all miss. Released full blocks (the prompt's, and the output's when the
+//! caller knows its tokens) stay cached, unreferenced, and are evicted least-recently-released first,
+//! a sequence's tail blocks before its head (vLLM frees in reverse order for that reason), when new
+//! blocks are needed.
 
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// Parent hash of a prompt's first block.
 const ROOT_HASH: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -17,10 +19,16 @@ const FNV64_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 /// Chained hashes of the full `block_size`-token blocks of `tokens` (a trailing partial block has none).
 pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
+    chain_hashes(None, tokens, block_size)
+}
+
+/// Chained hashes of the full blocks of `tokens`, which follow a block hashed `parent` (`None`: they
+/// start the sequence).
+pub fn chain_hashes(parent: Option<u64>, tokens: &[u32], block_size: usize) -> Vec<u64> {
     if block_size == 0 {
         return Vec::new();
     }
-    let mut parent = ROOT_HASH;
+    let mut parent = parent.unwrap_or(ROOT_HASH);
     tokens
         .chunks_exact(block_size)
         .map(|block| {
@@ -45,6 +53,30 @@ fn hash_block(parent: u64, block: &[u32]) -> u64 {
     h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
     h ^ (h >> 31)
 }
+
+/// Hasher for `u64` keys that are already hashes or sequence numbers: one multiply (Fibonacci
+/// hashing) spreads them over the high bits the hash table probes with, far cheaper than `SipHash` on
+/// the engine's hot path.
+#[derive(Default)]
+struct U64Hasher(u64);
+
+impl Hasher for U64Hasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type U64Map<V> = HashMap<u64, V, BuildHasherDefault<U64Hasher>>;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PrefixCacheError {
@@ -110,8 +142,8 @@ pub struct PrefixCache {
     capacity: usize,
     block_size: usize,
     caching: bool,
-    blocks: HashMap<u64, Block>,
-    seqs: HashMap<u64, SeqBlocks>,
+    blocks: U64Map<Block>,
+    seqs: U64Map<SeqBlocks>,
     /// Unreferenced cached blocks, oldest first, with lazy deletion (see `Block::stamp`).
     lru: VecDeque<(u64, u64)>,
     next_stamp: u64,
@@ -129,8 +161,8 @@ impl PrefixCache {
             capacity: capacity_blocks,
             block_size: block_size.max(1),
             caching: true,
-            blocks: HashMap::new(),
-            seqs: HashMap::new(),
+            blocks: U64Map::default(),
+            seqs: U64Map::default(),
             lru: VecDeque::new(),
             next_stamp: 0,
             referenced: 0,
@@ -310,10 +342,30 @@ impl PrefixCache {
     /// Unpins all blocks of `seq`. Computed full prompt blocks stay cached until evicted; the rest
     /// are freed. Returns the number of blocks it held.
     pub fn release(&mut self, seq: u64) -> usize {
+        self.release_caching(seq, &[])
+    }
+
+    /// `release`, also keeping the blocks after the prompt whose content is known: `later` are the
+    /// chained hashes of the computed full blocks that follow the prompt's full blocks (the prompt's
+    /// tail and the output), as vLLM caches decode blocks, so a next turn that repeats this answer
+    /// hits them.
+    pub fn release_caching(&mut self, seq: u64, later: &[u64]) -> usize {
         let Some(entry) = self.seqs.remove(&seq) else { return 0 };
-        for held in entry.held.iter().rev() {
+        let prompt_blocks = entry.hashes.len();
+        for (i, held) in entry.held.iter().enumerate().rev() {
             match *held {
-                Held::Private => self.private -= 1,
+                Held::Private => {
+                    self.private -= 1;
+                    let known = i.checked_sub(prompt_blocks).and_then(|j| later.get(j));
+                    if let (Some(&h), true) = (known, self.caching) {
+                        if let MapEntry::Vacant(v) = self.blocks.entry(h) {
+                            self.next_stamp += 1;
+                            v.insert(Block { refs: 0, computed: true, stamp: self.next_stamp });
+                            self.lru.push_back((h, self.next_stamp));
+                            self.unreferenced += 1;
+                        }
+                    }
+                }
                 Held::Shared(h) => {
                     let MapEntry::Occupied(mut o) = self.blocks.entry(h) else { continue };
                     let b = o.get_mut();
@@ -414,6 +466,26 @@ mod tests {
         c.allocate(2, 32, &block_hashes(&toks(2, 32), 16), 2).unwrap();
         assert_eq!(c.lookup(&h), 2);
         assert_eq!(c.stats().evictions, 2);
+    }
+
+    #[test]
+    fn output_blocks_are_cached_on_release() {
+        let mut c = PrefixCache::new(100, 16);
+        let prompt = toks(1, 40);
+        let h = block_hashes(&prompt, 16);
+        // 40 prompt tokens + 30 computed output tokens = 70 tokens in 5 blocks, 4 of them full.
+        c.allocate(1, 40, &h, 5).unwrap();
+        c.mark_computed(1, 70);
+        let mut all = prompt.clone();
+        all.extend(toks(9, 30));
+        let later = chain_hashes(h.last().copied(), &all[32..64], 16);
+        assert_eq!(later.len(), 2);
+        assert_eq!(c.release_caching(1, &later), 5);
+        assert_eq!(c.stats().cached_free_blocks, 4);
+        assert_eq!(c.stats().used_blocks, 0);
+        // The next turn repeats the prompt and the answer: 4 full blocks hit.
+        all.extend(toks(5, 20));
+        assert_eq!(c.allocate(2, all.len(), &block_hashes(&all, 16), 6).unwrap().hit_blocks, 4);
     }
 
     #[test]
