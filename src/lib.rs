@@ -1,4 +1,4 @@
-//! BatchAgent core: the scheduler, the tool pool, the backends and their stream parsers, structured
+//! The `BatchAgent` core: the scheduler, the tool pool, the backends and their stream parsers, structured
 //! output, the journal and the engine simulator. Python bindings live in `python` (feature `python`).
 
 pub mod backends;

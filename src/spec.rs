@@ -55,13 +55,11 @@ impl Template {
                     loop {
                         match chars.next() {
                             Some((_, '}')) => break,
-                            Some((_, c)) if c == '{' => {
+                            Some((_, '{')) => {
                                 return Err(SpecError::Template { position, message: "'{' inside a field".into() })
                             }
                             Some((_, c)) => name.push(c),
-                            None => {
-                                return Err(SpecError::Template { position, message: "unclosed '{'".into() })
-                            }
+                            None => return Err(SpecError::Template { position, message: "unclosed '{'".into() }),
                         }
                     }
                     let name = name.trim();
@@ -263,7 +261,10 @@ impl BatchSpec {
         let mut names = std::collections::HashSet::new();
         for tool in &raw.tools {
             if !names.insert(tool.name.as_str()) {
-                return Err(SpecError::Invalid { field: "tools", message: format!("tool '{}' is defined twice", tool.name) });
+                return Err(SpecError::Invalid {
+                    field: "tools",
+                    message: format!("tool '{}' is defined twice", tool.name),
+                });
             }
         }
         Ok(Self {
@@ -295,21 +296,21 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn map(v: Value) -> Map<String, Value> {
+    fn map(v: &Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
     }
 
     #[test]
     fn renders_strings_and_json_values() {
         let t = Template::parse("Review {path} ({n} lines) {{literal}}").unwrap();
-        assert_eq!(t.render(0, &map(json!({"path": "a.py", "n": 3}))).unwrap(), "Review a.py (3 lines) {literal}");
+        assert_eq!(t.render(0, &map(&json!({"path": "a.py", "n": 3}))).unwrap(), "Review a.py (3 lines) {literal}");
         assert_eq!(t.variables(), vec!["path", "n"]);
     }
 
     #[test]
     fn missing_variable_names_input_and_variable() {
         let t = Template::parse("Review {path}").unwrap();
-        let err = t.render(7, &map(json!({"file": "a.py"}))).unwrap_err();
+        let err = t.render(7, &map(&json!({"file": "a.py"}))).unwrap_err();
         assert_eq!(err.to_string(), "input 7: template variable 'path' is missing (the input has: file)");
     }
 

@@ -1,7 +1,8 @@
-//! The published AWS SigV4 test-suite vectors: canonical request, string to sign and Authorization
+//! The published AWS `SigV4` test-suite vectors: canonical request, string to sign and Authorization
 //! header must equal the suite's files byte for byte.
 #![allow(clippy::unwrap_used)]
 
+use std::fmt::Write as _;
 use std::path::Path;
 
 use batchagent::backends::aws_credentials::{self, AwsCredentials};
@@ -87,7 +88,10 @@ fn signing_key_matches_the_documented_example() {
     // The derived-key example from the SigV4 documentation (secret wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY,
     // 20120215, us-east-1, iam).
     let key = sigv4::signing_key("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "20120215", "us-east-1", "iam");
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = key.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    });
     assert_eq!(hex, "f4780e2d9f65fa895f9c67b32ce1baf0b0d8a43505a000a1a9e090d414db404d");
 }
 

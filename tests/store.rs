@@ -116,7 +116,8 @@ fn fingerprint_mismatch_is_refused_naming_both() {
 fn unwritable_paths_fail_at_open_naming_path_and_reason() {
     let dir = temp_dir("unwritable");
     let file = write(&dir, "plain-file", "not a directory");
-    let cases = [(file.join("run.sqlite"), "Not a directory"), (dir.join("missing").join("run.sqlite"), "No such file")];
+    let cases =
+        [(file.join("run.sqlite"), "Not a directory"), (dir.join("missing").join("run.sqlite"), "No such file")];
     for (path, reason) in cases {
         let err = Journal::open(&path, "fp", false).err().expect("open must fail");
         let message = err.to_string();
@@ -290,7 +291,8 @@ fn jsonl_line_3_of_5_malformed() {
 #[test]
 fn text_lines_become_prompts() {
     let dir = temp_dir("text");
-    let path = write(&dir, "prompts.txt", "\u{feff}first prompt\r\n\n   \nsecond, with \"quotes\"\nlast without newline");
+    let path =
+        write(&dir, "prompts.txt", "\u{feff}first prompt\r\n\n   \nsecond, with \"quotes\"\nlast without newline");
     let items: Vec<_> = collect(&path, InputFormat::Auto).into_iter().map(Result::unwrap).collect();
     let prompts: Vec<(u64, u64, &str)> =
         items.iter().map(|r| (r.line, r.index, r.fields["prompt"].as_str().unwrap())).collect();
@@ -322,7 +324,11 @@ fn csv_quoting_cases() {
     let items = collect(&path, InputFormat::Auto);
     assert_eq!(items.len(), 7);
     let rec = |i: usize| items[i].as_ref().unwrap();
-    assert_eq!(rec(0).fields, serde_json::from_value::<serde_json::Map<String, Value>>(json!({"id": "1", "text": "plain", "note": "x"})).unwrap());
+    assert_eq!(
+        rec(0).fields,
+        serde_json::from_value::<serde_json::Map<String, Value>>(json!({"id": "1", "text": "plain", "note": "x"}))
+            .unwrap()
+    );
     assert_eq!(rec(1).fields["text"], "with, comma");
     assert_eq!(rec(1).fields["note"], "say \"hi\"");
     assert_eq!((rec(2).line, rec(2).fields["text"].as_str().unwrap()), (4, "two\nlines"));
@@ -330,11 +336,15 @@ fn csv_quoting_cases() {
     assert_eq!((rec(3).line, rec(3).index), (7, 3), "blank line skipped, lines still counted");
     assert_eq!(rec(3).fields["text"], "unquoted \"inner\" quote");
     match &items[4] {
-        Err(InputError::BadLine { line: 8, index: 4, message, .. }) => assert!(message.contains("4 field"), "{message}"),
+        Err(InputError::BadLine { line: 8, index: 4, message, .. }) => {
+            assert!(message.contains("4 field"), "{message}")
+        }
         other => panic!("{other:?}"),
     }
     match &items[5] {
-        Err(InputError::BadLine { line: 9, index: 5, message, .. }) => assert!(message.contains("closing quote"), "{message}"),
+        Err(InputError::BadLine { line: 9, index: 5, message, .. }) => {
+            assert!(message.contains("closing quote"), "{message}")
+        }
         other => panic!("{other:?}"),
     }
     assert_eq!((rec(6).line, rec(6).fields["text"].as_str().unwrap()), (10, "crlf\r\ninside"));

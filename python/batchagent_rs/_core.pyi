@@ -28,14 +28,19 @@ class Run:
     def __new__(cls, spec_json: str, options_json: str) -> Run: ...
     def check_inputs(self, items: list[tuple[int, str]]) -> None:
         """Render the task for `(index, input json)` pairs; raises `InputError` on the first bad one."""
-    def feed(self, items: list[tuple[str, int, str]]) -> Any:
-        """Awaitable: hand `(id, index, input json)` to the run; resolves when all are taken."""
+    def feed(self, items: list[tuple[str, int, str]]) -> None:
+        """Hand `(id, index, input json)` to the run; no more than the credit granted so far."""
     def close_input(self) -> None:
         """No more inputs."""
-    def next_events(
+    @property
+    def window(self) -> int:
+        """Live agents at once; the first feed may hand over this many inputs."""
+    def wake_fd(self) -> int:
+        """A file descriptor that becomes readable when `take_events()` has something."""
+    def take_events(
         self,
-    ) -> Any:
-        """Awaitable of `(tool_calls, batch_calls, validations, results_json, done)`."""
+    ) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, list[str]]], list[tuple[int, str, str]], str, int, bool]:
+        """`(tool_calls, batch_calls, validations, results_json, credit, done)`."""
     def complete_tools(self, items: list[tuple[int, bool, str]]) -> None:
         """Answers `(call id, ok, text)` for tool calls."""
     def complete_batches(self, items: list[tuple[int, bool, list[tuple[bool, str]], str]]) -> None:
@@ -49,6 +54,8 @@ class Run:
     @property
     def sim_url(self) -> str | None:
         """Base URL of the embedded simulator when the backend is `sim://`."""
+    def error(self) -> str | None:
+        """Why the run's output is incomplete (a journal or output write failed), if it is."""
 
 @final
 class SimServer:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import json
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -207,6 +209,9 @@ class Batch:
         api_key: str | None = None,
         seed: int = 0,
         tool_threads: int = 64,
+        journal: str | os.PathLike[str] | None = None,
+        journal_force: bool = False,
+        response_cache: str | os.PathLike[str] | None = None,
     ) -> None:
         for t in tools:
             if not isinstance(t, Tool):
@@ -254,6 +259,9 @@ class Batch:
             "python_validation": self._model_type is not None,
             "seed": seed,
             "api_key": api_key,
+            "journal": None if journal is None else os.fspath(journal),
+            "journal_force": journal_force,
+            "response_cache": None if response_cache is None else os.fspath(response_cache),
         }
         self._on_result = on_result
         self._tool_threads = tool_threads
@@ -279,9 +287,52 @@ class Batch:
 
     async def stream(self, inputs: Iterable[dict[str, Any]]) -> AsyncIterator[Result]:
         """Yield results in completion order. Cancelling the iteration cancels the run."""
-        driver = _Driver(self, inputs)
+        driver = _Driver(self, inputs, self._options, None, 0.0)
         async for result in driver.results():
             yield result
+
+    def run_file(
+        self,
+        input: str | os.PathLike[str],
+        output: str | os.PathLike[str],
+        *,
+        input_format: str = "auto",
+        skip_bad_lines: bool = False,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        progress_interval: float = 0.2,
+    ) -> RunReport:
+        """Run every record of an input file (JSONL, CSV, or text with one prompt per line) and
+        write one JSON line per result to `output`, all inside the core: memory stays flat however
+        large the file. With `journal=` set on the batch, a re-run resumes where the last one stopped."""
+        return asyncio.run(
+            self.arun_file(
+                input,
+                output,
+                input_format=input_format,
+                skip_bad_lines=skip_bad_lines,
+                on_progress=on_progress,
+                progress_interval=progress_interval,
+            )
+        )
+
+    async def arun_file(
+        self,
+        input: str | os.PathLike[str],
+        output: str | os.PathLike[str],
+        *,
+        input_format: str = "auto",
+        skip_bad_lines: bool = False,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        progress_interval: float = 0.2,
+    ) -> RunReport:
+        options = dict(self._options)
+        options["input"] = {"path": os.fspath(input), "format": input_format, "skip_bad_lines": skip_bad_lines}
+        options["output"] = os.fspath(output)
+        options["deliver_results"] = False
+        driver = _Driver(self, None, options, on_progress, progress_interval)
+        async for _ in driver.results():
+            pass
+        return self.report()
 
     def report(self) -> RunReport:
         """Aggregates of the last (or current) run."""
@@ -336,9 +387,19 @@ def _input_json(index: int, item: Any) -> tuple[str, str]:
 class _Driver:
     """Answers the core's requests for one run and turns its results into `Result` objects."""
 
-    def __init__(self, batch: Batch, inputs: Iterable[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        batch: Batch,
+        inputs: Iterable[dict[str, Any]] | None,
+        options: dict[str, Any],
+        on_progress: Callable[[dict[str, Any]], None] | None,
+        progress_interval: float,
+    ) -> None:
         self.batch = batch
         self.inputs = inputs
+        self.options = options
+        self.on_progress = on_progress
+        self.progress_interval = progress_interval
         self.tools = batch._tools
         self.model_type = batch._model_type
         self.validated: dict[str, pydantic.BaseModel] = {}
@@ -347,44 +408,52 @@ class _Driver:
         self.flush_scheduled = False
         self.background: set[asyncio.Future[Any]] = set()
         self.executor: ThreadPoolExecutor | None = None
+        self.source: Iterator[Any] | None = None
 
     async def results(self) -> AsyncIterator[Result]:
         batch = self.batch
-        checked: list[tuple[str, int, str]] | None = None
+        pending: list[tuple[str, int, str]] | None = None
         if isinstance(self.inputs, Sequence):
-            checked = [(job_id, i, text) for i, (job_id, text) in enumerate(_input_json(i, x) for i, x in enumerate(self.inputs))]
-        run = _core.Run(json.dumps(batch._spec), json.dumps(batch._options))
-        if checked is not None:
-            run.check_inputs([(i, text) for _, i, text in checked])
+            # A list can be checked whole before anything is sent.
+            pending = [(job_id, i, text) for i, (job_id, text) in enumerate(_input_json(i, x) for i, x in enumerate(self.inputs))]
+        run = _core.Run(json.dumps(batch._spec), json.dumps(self.options))
+        if pending is not None:
+            run.check_inputs([(i, text) for _, i, text in pending])
+        self.run = run
+        if pending is not None:
+            self.source = iter(pending)
+        elif self.inputs is not None:
+            self.source = enumerate(self.inputs)
+        self.checked = pending is not None
+        self.queue: asyncio.Queue[list[Result] | None] = asyncio.Queue()
+        self.failure: BaseException | None = None
         batch._run = run
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        feeder = loop.create_task(self._feed(run, checked))
+        fd = run.wake_fd()
         finished = False
+        ticker = loop.create_task(self._tick()) if self.on_progress is not None else None
         try:
+            self._feed(run.window)
+            loop.add_reader(fd, self._on_wake)
             while True:
-                tool_calls, batch_calls, validations, results_json, done = await run.next_events()
-                if tool_calls:
-                    self._dispatch_tools(run, loop, tool_calls)
-                if batch_calls:
-                    for call in batch_calls:
-                        self._track(loop.create_task(self._run_batch(run, *call)))
-                if validations:
-                    run.complete_validations([self._validate(*v) for v in validations])
-                if results_json != "[]":
-                    for raw in json.loads(results_json):
-                        result = self._result(raw)
-                        self._deliver(result)
-                        yield result
-                if done:
-                    finished = True
+                results = await self.queue.get()
+                if results is None:
                     break
-            if feeder.done() and feeder.exception() is not None:
-                raise feeder.exception()  # type: ignore[misc]
+                for result in results:
+                    yield result
+            if self.failure is not None:
+                raise self.failure
+            finished = True
+            error = run.error()
+            if error is not None:
+                raise _core.JournalError(error)
         finally:
+            if ticker is not None:
+                ticker.cancel()
+            loop.remove_reader(fd)
             if not finished:
                 run.cancel()
-            feeder.cancel()
             for task in list(self.background):
                 task.cancel()
             if self.executor is not None:
@@ -393,23 +462,68 @@ class _Driver:
             batch._last_wall = time.perf_counter() - started
             batch._run = None
 
-    async def _feed(self, run: _core.Run, checked: list[tuple[str, int, str]] | None) -> None:
+    async def _tick(self) -> None:
+        assert self.on_progress is not None
+        while True:
+            await asyncio.sleep(self.progress_interval)
+            try:
+                self.on_progress(json.loads(self.run.stats_json()))
+            except Exception:
+                log.exception("on_progress raised; the run goes on")
+
+    def _feed(self, credit: int) -> None:
+        """Hand the run up to `credit` more inputs (the dispatch window's free places)."""
+        if credit <= 0 or self.source is None:
+            return
+        chunk: list[tuple[str, int, str]] = []
+        bad: list[Result] = []
+        for item in itertools.islice(self.source, credit):
+            if self.checked:
+                chunk.append(item)
+                continue
+            index, raw = item
+            try:
+                job_id, text = _input_json(index, raw)
+                self.run.check_inputs([(index, text)])
+                chunk.append((job_id, index, text))
+            except _core.InputError as exc:
+                # An input read lazily cannot fail the whole batch: it becomes a failed result.
+                bad.append(_bad_input(index, raw, str(exc)))
+        if chunk:
+            self.run.feed(chunk)
+        if len(chunk) + len(bad) < credit:
+            self.source = None
+            self.run.close_input()
+        if bad:
+            for result in bad:
+                self._deliver(result)
+            self.queue.put_nowait(bad)
+            # Their places in the window are free again.
+            self._feed(len(bad))
+
+    def _on_wake(self) -> None:
         try:
-            if checked is not None:
-                for start in range(0, len(checked), _FEED_CHUNK):
-                    await run.feed(checked[start : start + _FEED_CHUNK])
-            else:
-                chunk: list[tuple[str, int, str]] = []
-                for index, item in enumerate(self.inputs):
-                    job_id, text = _input_json(index, item)
-                    chunk.append((job_id, index, text))
-                    if len(chunk) >= _FEED_CHUNK:
-                        await run.feed(chunk)
-                        chunk = []
-                if chunk:
-                    await run.feed(chunk)
-        finally:
-            run.close_input()
+            tool_calls, batch_calls, validations, results_json, credit, done = self.run.take_events()
+            loop = asyncio.get_running_loop()
+            if tool_calls:
+                self._dispatch_tools(self.run, loop, tool_calls)
+            for call in batch_calls:
+                self._track(loop.create_task(self._run_batch(self.run, *call)))
+            if validations:
+                self.run.complete_validations([self._validate(*v) for v in validations])
+            if results_json != "[]":
+                results = [self._result(raw) for raw in json.loads(results_json)]
+                for result in results:
+                    self._deliver(result)
+                self.queue.put_nowait(results)
+            if credit:
+                self._feed(credit)
+            if done:
+                self.queue.put_nowait(None)
+        except BaseException as exc:  # surfaced by results(), never lost in a loop callback
+            self.failure = exc
+            self.run.cancel()
+            self.queue.put_nowait(None)
 
     # -- tools ----------------------------------------------------------------------------------
 
@@ -568,6 +682,23 @@ class _Driver:
             return
         if inspect.isawaitable(value):
             self._track(asyncio.ensure_future(_logged(value, result.index)))
+
+
+def _bad_input(index: int, raw: Any, message: str) -> Result:
+    job_id = raw.get("id") if isinstance(raw, dict) else None
+    return Result(
+        id=str(job_id) if job_id is not None else str(index),
+        index=index,
+        ok=False,
+        output=None,
+        error=ErrorInfo(kind="bad_input", message=message, retryable=False, attempts=0),
+        usage=Usage(),
+        turns=0,
+        tool_calls=0,
+        attempts=0,
+        ttft=None,
+        total=0.0,
+    )
 
 
 async def _logged(awaitable: Awaitable[Any], index: int) -> None:

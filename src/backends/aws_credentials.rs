@@ -150,10 +150,7 @@ pub fn load_with(profile: Option<&str>, env: &dyn Fn(&str) -> Option<String>) ->
                     region = config_section(&sections, &name).and_then(|s| s.get("region").cloned());
                 }
             }
-            return Ok(AwsProfile {
-                credentials: AwsCredentials::new(id, secret, env("AWS_SESSION_TOKEN")),
-                region,
-            });
+            return Ok(AwsProfile { credentials: AwsCredentials::new(id, secret, env("AWS_SESSION_TOKEN")), region });
         }
     }
     let name = profile.map(str::to_owned).or_else(|| env("AWS_PROFILE")).unwrap_or_else(|| "default".to_owned());

@@ -1,4 +1,4 @@
-//! AWS Bedrock Runtime, `Converse` and `ConverseStream`: JSON requests signed with SigV4; the
+//! AWS Bedrock Runtime, `Converse` and `ConverseStream`: JSON requests signed with `SigV4`; the
 //! streamed answer is an AWS event stream (`application/vnd.amazon.eventstream`) whose messages
 //! carry one JSON event each.
 
@@ -12,7 +12,10 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use super::aws_credentials::{self, AwsCredentials};
+use super::http::parse_retry_after;
+use super::openai::replay_events;
 use super::sigv4::{self, SignableRequest, SigningScope};
+use super::url::BackendOptions;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
 use crate::conversation::{Message, Role, ToolCall, Usage};
 use crate::stream::eventstream::{EventStreamDecoder, Message as EventMessage};
@@ -24,7 +27,7 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 /// Model families whose Converse API takes `cachePoint` blocks (Bedrock user guide, "Prompt
 /// caching"): Claude 3.7 Sonnet, Claude 3.5 Haiku, the Claude 4 family and Amazon Nova. Claude 3.5
 /// Sonnet v2 is left out on purpose: caching there was a closed preview, and a `cachePoint` sent by an
-/// account without it fails the whole request with a ValidationException.
+/// account without it fails the whole request with a `ValidationException`.
 const PROMPT_CACHING_MODELS: &[&str] = &[
     "anthropic.claude-3-7-sonnet",
     "anthropic.claude-3-5-haiku",
@@ -41,9 +44,7 @@ const PROMPT_CACHING_MODELS: &[&str] = &[
 /// `us.anthropic.claude-3-7-sonnet-20250219-v1:0`) is on the prompt-caching allow-list.
 pub fn supports_prompt_caching(model_id: &str) -> bool {
     let base = match model_id.split_once('.') {
-        Some((prefix, rest)) if matches!(prefix, "us" | "eu" | "apac" | "jp" | "au" | "ca" | "us-gov" | "global") => {
-            rest
-        }
+        Some(("us" | "eu" | "apac" | "jp" | "au" | "ca" | "us-gov" | "global", rest)) => rest,
         _ => model_id,
     };
     PROMPT_CACHING_MODELS.iter().any(|p| base.starts_with(p))
@@ -68,6 +69,13 @@ impl Default for BedrockOptions {
             default_max_tokens: 4096,
             prompt_caching: None,
         }
+    }
+}
+
+impl From<&BackendOptions> for BedrockOptions {
+    /// The timeouts; Bedrock takes no API key or extra headers (requests are signed).
+    fn from(options: &BackendOptions) -> Self {
+        Self { request_timeout: options.request_timeout, connect_timeout: options.connect_timeout, ..Self::default() }
     }
 }
 
@@ -138,12 +146,16 @@ impl BedrockBackend {
 
     /// Credentials (and the region, if `region` is `None`) from the environment and the shared
     /// AWS files; see [`aws_credentials::load`].
-    pub fn from_environment(region: Option<&str>, profile: Option<&str>) -> Result<Self, BackendError> {
+    pub fn from_environment(
+        region: Option<&str>,
+        profile: Option<&str>,
+        options: BedrockOptions,
+    ) -> Result<Self, BackendError> {
         let found = aws_credentials::load(profile).map_err(|e| BackendError::Config(e.to_string()))?;
         let region = region.map(str::to_owned).or(found.region).ok_or_else(|| {
             BackendError::Config("no AWS region: use bedrock://<region>, or set AWS_REGION".to_owned())
         })?;
-        Self::new(&region, found.credentials, None)
+        Self::with_options(&region, found.credentials, None, options)
     }
 
     pub fn region(&self) -> &str {
@@ -175,7 +187,8 @@ impl BedrockBackend {
             &SigningScope { region: &self.region, service: SERVICE, amz_date: &amz_date },
         );
         let mut headers = HeaderMap::new();
-        for (name, value) in to_sign.iter().chain(std::iter::once(&("authorization".to_owned(), signature.authorization)))
+        for (name, value) in
+            to_sign.iter().chain(std::iter::once(&("authorization".to_owned(), signature.authorization)))
         {
             if name == "host" {
                 continue;
@@ -214,12 +227,18 @@ impl BedrockBackend {
         }
         if !request.stream {
             let body = response.bytes().await.map_err(|e| self.transport_error(&e))?;
-            let mut resp = parse_converse(&body)?;
-            resp.ttft = Some(started.elapsed());
+            let resp = parse_converse(&body)?;
+            if let Some(tx) = &events {
+                replay_events(&resp, tx);
+            }
             return Ok(resp);
         }
         let mut decoder = EventStreamDecoder::new();
-        let mut assembler = ConverseStreamAssembler::new();
+        let mut assembler = if events.is_some() {
+            ConverseStreamAssembler::new()
+        } else {
+            ConverseStreamAssembler::without_text_deltas()
+        };
         let mut messages = Vec::new();
         let mut out = Vec::new();
         let mut ttft = None;
@@ -300,8 +319,12 @@ impl Backend for BedrockBackend {
     }
 }
 
-/// The Converse / ConverseStream request body.
-pub fn converse_body(request: &ChatRequest, prompt_caching: bool, default_max_tokens: u32) -> Result<Value, BackendError> {
+/// The `Converse` / `ConverseStream` request body.
+pub fn converse_body(
+    request: &ChatRequest,
+    prompt_caching: bool,
+    default_max_tokens: u32,
+) -> Result<Value, BackendError> {
     let mut system = Vec::new();
     let mut messages: Vec<(Role, Vec<Value>)> = Vec::new();
     let mut has_tool_blocks = false;
@@ -441,7 +464,7 @@ fn tool_choice(choice: &Value) -> Result<Option<Value>, BackendError> {
     }
 }
 
-/// Converse `stopReason` in OpenAI's words.
+/// Converse `stopReason` in `OpenAI`'s words.
 pub fn map_stop_reason(reason: Option<&str>) -> String {
     match reason {
         Some("end_turn" | "stop_sequence") | None => "stop",
@@ -453,6 +476,8 @@ pub fn map_stop_reason(reason: Option<&str>) -> String {
     .to_owned()
 }
 
+// Field names are the wire's.
+#[allow(clippy::struct_field_names)]
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct UsageWire {
@@ -506,7 +531,9 @@ pub fn parse_converse(body: &[u8]) -> Result<ChatResponse, BackendError> {
             let id = tu.get("toolUseId").and_then(Value::as_str);
             let name = tu.get("name").and_then(Value::as_str);
             let (Some(id), Some(name)) = (id, name) else {
-                return Err(BackendError::Protocol(format!("output.message.content[{i}].toolUse has no toolUseId or name")));
+                return Err(BackendError::Protocol(format!(
+                    "output.message.content[{i}].toolUse has no toolUseId or name"
+                )));
             };
             let arguments = tu.get("input").map_or_else(|| "{}".to_owned(), Value::to_string);
             tool_calls.push(ToolCall { id: id.to_owned(), name: name.to_owned(), arguments });
@@ -536,11 +563,18 @@ pub struct ConverseStreamAssembler {
     stop_reason: Option<String>,
     stopped: bool,
     first_token: bool,
+    /// Nobody listens to `TextDelta`s: skip building them (one allocation per event).
+    no_text_deltas: bool,
 }
 
 impl ConverseStreamAssembler {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An assembler that sends no [`StreamEvent::TextDelta`]s (the text still accumulates).
+    pub fn without_text_deltas() -> Self {
+        Self { no_text_deltas: true, ..Self::default() }
     }
 
     /// One event-stream message: an event (`:message-type` event), or a modelled exception / an
@@ -576,7 +610,12 @@ impl ConverseStreamAssembler {
                     let field = |k: &str| tu.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
                     self.set_block(
                         index,
-                        StreamBlock::Tool { id: field("toolUseId"), name: field("name"), input: String::new(), announced: false },
+                        StreamBlock::Tool {
+                            id: field("toolUseId"),
+                            name: field("name"),
+                            input: String::new(),
+                            announced: false,
+                        },
                     );
                 }
             }
@@ -590,7 +629,9 @@ impl ConverseStreamAssembler {
                     if !text.is_empty() {
                         self.mark_first_token(out);
                         self.content.push_str(text);
-                        out.push(StreamEvent::TextDelta(text.to_owned()));
+                        if !self.no_text_deltas {
+                            out.push(StreamEvent::TextDelta(text.to_owned()));
+                        }
                     }
                 } else if let Some(fragment) = delta.pointer("/toolUse/input").and_then(Value::as_str) {
                     match self.blocks.get_mut(index) {
@@ -725,12 +766,8 @@ async fn http_error(mut response: reqwest::Response) -> BackendError {
     let status = response.status().as_u16();
     let headers = response.headers();
     let kind = headers.get("x-amzn-errortype").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let retry_after = headers
-        .get(RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(|s| Duration::from_secs_f64(s.min(86_400.0)));
+    let retry_after =
+        headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| parse_retry_after(v, SystemTime::now()));
     let mut body = Vec::new();
     while body.len() < MAX_ERROR_BODY {
         match response.chunk().await {
@@ -821,7 +858,8 @@ mod tests {
         assert_eq!(body["toolConfig"]["toolChoice"], json!({"tool":{"name":"search"}}));
         assert!(body.get("system").is_none());
         let call = ToolCall { id: "t1".into(), name: "search".into(), arguments: "{}".into() };
-        let history = vec![Message::user("hi"), Message::assistant("", vec![call.clone()]), Message::tool_result(&call, "r")];
+        let history =
+            vec![Message::user("hi"), Message::assistant("", vec![call.clone()]), Message::tool_result(&call, "r")];
         let body = converse_body(&request(history, Some(json!("none"))), false, 10).unwrap();
         assert!(body["toolConfig"].get("toolChoice").is_none(), "Bedrock needs toolConfig once tool blocks exist");
         assert_eq!(body["toolConfig"]["tools"][0]["toolSpec"]["name"], "search");

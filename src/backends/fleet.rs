@@ -37,7 +37,12 @@ pub struct FleetOptions {
 
 impl Default for FleetOptions {
     fn default() -> Self {
-        Self { affinity_slack: 8, keep_session_headers: false, probe_interval: Duration::from_secs(1), max_per_endpoint: 1024 }
+        Self {
+            affinity_slack: 8,
+            keep_session_headers: false,
+            probe_interval: Duration::from_secs(1),
+            max_per_endpoint: 1024,
+        }
     }
 }
 
@@ -129,8 +134,8 @@ impl Fleet {
     /// Chooses an endpoint: among the live ones serving `model` that were not tried yet, the one
     /// holding the prefix unless it is overloaded, else the least outstanding (relative to its limit).
     fn pick(&self, model: &str, key: Option<u64>, tried: &[usize]) -> Option<usize> {
-        let serves = |e: &Endpoint| e.models.lock().map(|m| m.is_empty() || m.iter().any(|x| x == model)).unwrap_or(true);
-        let any_serves = self.endpoints.iter().any(|e| e.models.lock().map(|m| m.iter().any(|x| x == model)).unwrap_or(false));
+        let serves = |e: &Endpoint| e.models.lock().map_or(true, |m| m.is_empty() || m.iter().any(|x| x == model));
+        let any_serves = self.endpoints.iter().any(|e| e.models.lock().is_ok_and(|m| m.iter().any(|x| x == model)));
         let candidates: Vec<usize> = (0..self.endpoints.len())
             .filter(|i| !tried.contains(i))
             .filter(|&i| self.endpoints[i].up.load(Relaxed))
@@ -148,7 +153,9 @@ impl Fleet {
                 let p = &self.endpoints[preferred];
                 let l = &self.endpoints[least];
                 let outstanding = p.outstanding.load(Relaxed);
-                if outstanding < p.limit.current() && outstanding <= l.outstanding.load(Relaxed) + self.options.affinity_slack {
+                if outstanding < p.limit.current()
+                    && outstanding <= l.outstanding.load(Relaxed) + self.options.affinity_slack
+                {
                     return Some(preferred);
                 }
                 return Some(least);
@@ -182,7 +189,11 @@ impl Backend for Fleet {
         self.capabilities
     }
 
-    fn chat(&self, request: ChatRequest, events: Option<mpsc::UnboundedSender<StreamEvent>>) -> BoxFuture<'_, Result<ChatResponse, BackendError>> {
+    fn chat(
+        &self,
+        request: ChatRequest,
+        events: Option<mpsc::UnboundedSender<StreamEvent>>,
+    ) -> BoxFuture<'_, Result<ChatResponse, BackendError>> {
         Box::pin(async move {
             let key = prefix_key(&request.messages, &request.tools, self.options.keep_session_headers);
             let mut tried = Vec::new();
@@ -213,7 +224,9 @@ impl Backend for Fleet {
                     }
                 }
             }
-            Err(last_error.unwrap_or_else(|| BackendError::Connection(format!("no live endpoint serves model '{}'", request.model))))
+            Err(last_error.unwrap_or_else(|| {
+                BackendError::Connection(format!("no live endpoint serves model '{}'", request.model))
+            }))
         })
     }
 }

@@ -86,7 +86,11 @@ impl HttpClient {
         if let Some(key) = &key {
             let (name, text) = match auth {
                 AuthStyle::Bearer => (AUTHORIZATION, format!("Bearer {}", key.expose())),
-                AuthStyle::Header(name) => (HeaderName::from_static(name), key.expose().to_owned()),
+                AuthStyle::Header(name) => (
+                    HeaderName::from_bytes(name.as_bytes())
+                        .map_err(|_| BackendError::Config(format!("auth header name {name:?} is not valid")))?,
+                    key.expose().to_owned(),
+                ),
             };
             let mut value = HeaderValue::from_str(&text)
                 .map_err(|_| BackendError::Config("the API key contains characters not allowed in a header".into()))?;

@@ -27,6 +27,8 @@ pub struct EngineMetrics {
 /// engines behind one endpoint add up).
 pub fn parse(text: &str) -> EngineMetrics {
     let mut m = EngineMetrics::default();
+    // Older vLLM calls KV usage `gpu_cache_usage_perc`; newer ones export both names.
+    let mut legacy_kv: Option<f64> = None;
     for line in text.lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -44,20 +46,20 @@ pub fn parse(text: &str) -> EngineMetrics {
         let slot = match name {
             "vllm:num_requests_waiting" | "sglang:num_queue_reqs" => &mut m.waiting,
             "vllm:num_requests_running" | "sglang:num_running_reqs" => &mut m.running,
-            "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" | "sglang:token_usage" => &mut m.kv_usage,
+            "vllm:kv_cache_usage_perc" | "sglang:token_usage" => &mut m.kv_usage,
+            "vllm:gpu_cache_usage_perc" => &mut legacy_kv,
             "vllm:prefix_cache_queries_total" | "vllm:prefix_cache_queries" | "vllm:gpu_prefix_cache_queries_total" => {
                 &mut m.prefix_queries
             }
-            "vllm:prefix_cache_hits_total" | "vllm:prefix_cache_hits" | "vllm:gpu_prefix_cache_hits_total" => &mut m.prefix_hits,
+            "vllm:prefix_cache_hits_total" | "vllm:prefix_cache_hits" | "vllm:gpu_prefix_cache_hits_total" => {
+                &mut m.prefix_hits
+            }
             "sglang:cache_hit_rate" => &mut m.prefix_hit_rate,
             _ => continue,
         };
-        if name == "vllm:gpu_cache_usage_perc" && m.kv_usage.is_some() {
-            // vLLM exports both names for one figure; count it once.
-            continue;
-        }
         *slot = Some(slot.unwrap_or(0.0) + value);
     }
+    m.kv_usage = m.kv_usage.or(legacy_kv);
     if m.prefix_hit_rate.is_none() {
         if let (Some(q), Some(h)) = (m.prefix_queries, m.prefix_hits) {
             m.prefix_hit_rate = (q > 0.0).then(|| h / q);

@@ -154,13 +154,15 @@ pub trait Backend: Send + Sync {
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>>;
 }
 
+pub mod anthropic;
+pub mod aws_credentials;
+pub mod bedrock;
+pub mod cached;
 pub mod connect;
 pub mod fleet;
 pub mod http;
 pub mod metrics;
 pub mod ollama;
 pub mod openai;
-pub mod url;
-pub mod aws_credentials;
 pub mod sigv4;
-pub mod bedrock;
+pub mod url;

@@ -12,12 +12,12 @@ use super::aws_credentials::AwsCredentials;
 
 const ALGORITHM: &str = "AWS4-HMAC-SHA256";
 
-/// The parts of an HTTP request that SigV4 covers.
+/// The parts of an HTTP request that `SigV4` covers.
 #[derive(Debug, Clone, Copy)]
 pub struct SignableRequest<'a> {
     pub method: &'a str,
     /// The path as written in the request line (already percent-encoded once where the service wants
-    /// it, e.g. Bedrock's `/model/{urlencoded model id}/converse`). SigV4 encodes it again.
+    /// it, e.g. Bedrock's `/model/{urlencoded model id}/converse`). `SigV4` encodes it again.
     pub path: &'a str,
     /// The query string without `?`; may be empty.
     pub query: &'a str,
@@ -135,7 +135,7 @@ pub fn canonical_uri(path: &str) -> String {
     out
 }
 
-/// Parameters decoded, re-encoded with the strict SigV4 set, and sorted by name then value.
+/// Parameters decoded, re-encoded with the strict `SigV4` set, and sorted by name then value.
 pub fn canonical_query(query: &str) -> String {
     if query.is_empty() {
         return String::new();
@@ -241,7 +241,7 @@ fn hex(bytes: &[u8]) -> String {
 /// `YYYYMMDDTHHMMSSZ` for the `x-amz-date` header.
 pub fn amz_date(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let days = (secs / 86_400) as i64;
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
     let rem = secs % 86_400;
     let (y, m, d) = civil_from_days(days);
     format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)

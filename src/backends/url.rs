@@ -305,6 +305,18 @@ mod tests {
     }
 
     #[test]
+    fn keys_come_from_the_scheme_variable_only() {
+        // Only this test touches these two variables.
+        std::env::set_var("DYNAMO_API_KEY", "dyn-key");
+        std::env::set_var("SGLANG_API_KEY", "");
+        assert_eq!(with_env_key(Scheme::Dynamo, &BackendOptions::default()).api_key.as_deref(), Some("dyn-key"));
+        assert_eq!(with_env_key(Scheme::Sglang, &BackendOptions::default()).api_key, None);
+        let given = BackendOptions { api_key: Some("given".into()), ..BackendOptions::default() };
+        assert_eq!(with_env_key(Scheme::Dynamo, &given).api_key.as_deref(), Some("given"));
+        assert_eq!(with_env_key(Scheme::Http, &BackendOptions::default()).api_key, None);
+    }
+
+    #[test]
     fn connect_picks_the_implementation() {
         let o = BackendOptions::default();
         assert!(connect("vllm://h", &o).unwrap().capabilities().batch_generation);

@@ -18,8 +18,9 @@ pub struct Extracted {
 }
 
 /// Find the JSON value a model meant in its answer: the whole text if it parses; else a ```json (or
-/// bare ```) fenced block; else the first balanced {...} or [...] in prose; each candidate is
-/// repaired if it does not parse. Returns the value and whether repair was needed.
+/// bare ```) fenced block; else the longest balanced `{...}` or `[...]` in prose (so a citation
+/// such as `[1]` before the answer is passed over); each candidate is repaired if it does not
+/// parse. Returns the value and whether repair was needed.
 pub fn extract_json(text: &str) -> Result<Extracted, ExtractError> {
     let trimmed = text.trim();
     if trimmed.is_empty() {
@@ -41,13 +42,29 @@ pub fn extract_json(text: &str) -> Result<Extracted, ExtractError> {
             return Ok(found);
         }
     }
+    // The longest value in prose, not the first: answers cite sources ("as [1] shows") before the
+    // JSON, and a truncated answer ends in the value it was writing.
     let bytes = text.as_bytes();
-    let openers = bytes.iter().enumerate().filter(|(_, b)| matches!(b, b'{' | b'['));
-    for (start, _) in openers.take(MAX_PROSE_CANDIDATES) {
+    let mut best: Option<(usize, Extracted)> = None;
+    let mut from = 0;
+    for _ in 0..MAX_PROSE_CANDIDATES {
+        let Some(start) = bytes.get(from..).and_then(|rest| rest.iter().position(|b| matches!(b, b'{' | b'['))) else {
+            break;
+        };
+        let start = from + start;
         let end = balanced_end(bytes, start).unwrap_or(bytes.len());
-        if let Some(found) = text.get(start..end).and_then(|candidate| attempt(start, candidate)) {
-            return Ok(found);
+        match text.get(start..end).and_then(|candidate| attempt(start, candidate)) {
+            Some(found) => {
+                if best.as_ref().is_none_or(|(len, _)| end - start > *len) {
+                    best = Some((end - start, found));
+                }
+                from = end;
+            }
+            None => from = start + 1,
         }
+    }
+    if let Some((_, found)) = best {
+        return Ok(found);
     }
     Err(first_failure.unwrap_or(ExtractError::NotFound))
 }
@@ -73,6 +90,10 @@ fn fenced_blocks(text: &str) -> Vec<(usize, &str)> {
     let mut from = 0;
     while let Some(found) = text.get(from..).and_then(|rest| rest.find("```")) {
         let open = from + found + 3;
+        if !at_line_start(text, from + found) {
+            from = open;
+            continue;
+        }
         let rest = text.get(open..).unwrap_or_default();
         let tag_len = rest.bytes().take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'+' | b'-')).count();
         let content_start = open + tag_len;
@@ -90,8 +111,16 @@ fn fenced_blocks(text: &str) -> Vec<(usize, &str)> {
     tagged
 }
 
+/// An opening fence must start its line, as in Markdown. Serialised JSON never has a line that
+/// starts inside a string, so a fence inside a JSON string is never taken for one; an inline fence
+/// after prose is still found by the prose scan.
+fn at_line_start(text: &str, at: usize) -> bool {
+    let before = text.get(..at).unwrap_or_default().trim_end_matches([' ', '\t']);
+    before.is_empty() || before.ends_with('\n')
+}
+
 /// Where a fenced block's content ends and scanning resumes. A closing fence belongs at the start
-/// of a line; that rule keeps a "```" inside a JSON string from ending the block. Models also close
+/// of a line; that rule keeps a fence inside a JSON string from ending the block. Models also close
 /// fences at the end of a line, which is the fallback.
 fn closing_fence(text: &str, content_start: usize) -> (usize, usize) {
     let rest = text.get(content_start..).unwrap_or_default();
@@ -189,9 +218,18 @@ mod tests {
     }
 
     #[test]
+    fn fence_marker_inside_json_in_prose_is_not_a_fence() {
+        assert_eq!(extract_json("[\"```\"],").unwrap(), clean(json!(["```"])));
+        assert_eq!(extract_json("Result: {\"a\": \"```json\"} ok").unwrap(), clean(json!({"a": "```json"})));
+    }
+
+    #[test]
     fn fenced_block_with_mistakes_is_repaired() {
         let text = "```json\n{'a': 1, 'b': [True, None],}\n```";
-        assert_eq!(extract_json(text).unwrap(), Extracted { value: json!({"a": 1, "b": [true, null]}), repaired: true });
+        assert_eq!(
+            extract_json(text).unwrap(),
+            Extracted { value: json!({"a": 1, "b": [true, null]}), repaired: true }
+        );
     }
 
     #[test]
@@ -218,6 +256,14 @@ mod tests {
     fn truncated_json_in_prose() {
         let found = extract_json("Result: {\"a\": [1, 2, {\"b\": tru").unwrap();
         assert_eq!(found, Extracted { value: json!({"a": [1, 2, {"b": true}]}), repaired: true });
+    }
+
+    #[test]
+    fn citations_before_the_json_are_passed_over() {
+        let text = "Based on [1] and [2], the result is {\"sources\": [1, 2], \"ok\": true}. See also [3].";
+        assert_eq!(extract_json(text).unwrap(), clean(json!({"sources": [1, 2], "ok": true})));
+        let truncated = extract_json("Per [1]: {\"a\": [1, 2, {\"b\": tru").unwrap();
+        assert_eq!(truncated, Extracted { value: json!({"a": [1, 2, {"b": true}]}), repaired: true });
     }
 
     #[test]

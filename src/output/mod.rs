@@ -42,6 +42,8 @@ pub enum SchemaError {
          '#/definitions/...') are supported"
     )]
     UnsupportedRef { pointer: String, reference: String },
-    #[error("schema at '#{pointer}' applies itself through $ref/allOf/anyOf/oneOf/not without descending into the instance")]
+    #[error(
+        "schema at '#{pointer}' applies itself through $ref/allOf/anyOf/oneOf/not without descending into the instance"
+    )]
     Cycle { pointer: String },
 }

@@ -5,7 +5,7 @@
 
 use serde::de::IgnoredAny;
 
-/// serde_json refuses documents nested deeper than 128 levels, so anything deeper cannot be repaired
+/// `serde_json` refuses documents nested deeper than 128 levels, so anything deeper cannot be repaired
 /// into something it would parse; stopping here also bounds this parser's own recursion.
 const MAX_DEPTH: usize = 128;
 
@@ -334,7 +334,7 @@ impl Repairer<'_> {
         Hex4::Full(code)
     }
 
-    /// `\uXXXX` at `self.pos`. serde_json rejects lone surrogates, which a truncation between the
+    /// `\uXXXX` at `self.pos`. `serde_json` rejects lone surrogates, which a truncation between the
     /// halves of a pair produces; a pair cut short is dropped, a lone half becomes U+FFFD.
     fn unicode_escape(&mut self) {
         match self.hex4(self.pos + 2) {
@@ -552,7 +552,10 @@ mod tests {
 
     #[test]
     fn invalid_escapes_keep_the_backslash() {
-        assert_eq!(repaired(r#"{"re": "\d+\.\w", "path": "C:\Users"}"#), json!({"re": "\\d+\\.\\w", "path": "C:\\Users"}));
+        assert_eq!(
+            repaired(r#"{"re": "\d+\.\w", "path": "C:\Users"}"#),
+            json!({"re": "\\d+\\.\\w", "path": "C:\\Users"})
+        );
         assert_eq!(repaired(r#"["\uzzzz"]"#), json!(["\\uzzzz"]));
     }
 

@@ -1,12 +1,16 @@
 //! JSON Schema validation, compiled once per batch and shared by every job.
 //!
-//! Covers what pydantic v2's `model_json_schema()` emits and the usual hand-written schemas (draft
-//! 2020-12 keywords, with draft-4..7 forms of `items`/`additionalItems` and boolean
-//! `exclusiveMinimum`/`exclusiveMaximum`). Two keywords need regular expressions and are left out
-//! rather than half done: `pattern` is checked by pydantic on the Python side, and where
+//! Covers what pydantic v2's `model_json_schema()` emits and the usual hand-written schemas: the
+//! draft 2020-12 assertions and applicators (`type`, `enum`, `const`, numeric and length bounds,
+//! `properties`, `required`, `additionalProperties`, `propertyNames`, `dependentRequired`,
+//! `prefixItems`, `items`, `contains`, `uniqueItems`, `allOf`/`anyOf`/`oneOf`/`not`,
+//! `if`/`then`/`else`, local `$ref`), plus the draft 4..7 forms of `items`/`additionalItems` and of
+//! boolean `exclusiveMinimum`/`exclusiveMaximum`. Two keywords need regular expressions and are
+//! left out rather than half done: `pattern` is checked by pydantic on the Python side, and where
 //! `patternProperties` is present `additionalProperties` is not enforced (a property might match a
-//! pattern). `format`, `title`, `description`, `default`, `examples` are annotations; unknown
-//! keywords are ignored, as the specification says.
+//! pattern). `format`, `title`, `description`, `default`, `examples` are annotations; other unknown
+//! keywords (`dependentSchemas`, `unevaluatedProperties`, ...) are ignored, as the specification
+//! says of keywords a validator does not know.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -37,6 +41,10 @@ const TYPE_NAMES: [(u8, &str); 7] = [
     (NULL, "null"),
 ];
 
+/// Validation recurses along the instance; a value nested this deep is refused up front so that a
+/// pathological one cannot overflow a worker thread's stack. `serde_json` parses no deeper than 128.
+const MAX_DEPTH: usize = 128;
+
 /// Longest string shown in full inside a message; a model needs to recognise its value, not reread it.
 const SHOWN_STRING_CHARS: usize = 60;
 
@@ -56,6 +64,8 @@ struct Rules {
     required: Vec<String>,
     additional_properties: Option<NodeId>,
     has_pattern_properties: bool,
+    property_names: Option<NodeId>,
+    dependent_required: Vec<(String, Vec<String>)>,
     min_properties: Option<u64>,
     max_properties: Option<u64>,
     prefix_items: Vec<NodeId>,
@@ -64,6 +74,9 @@ struct Rules {
     min_items: Option<u64>,
     max_items: Option<u64>,
     unique_items: bool,
+    contains: Option<NodeId>,
+    min_contains: Option<u64>,
+    max_contains: Option<u64>,
     min_length: Option<u64>,
     max_length: Option<u64>,
     minimum: Option<f64>,
@@ -126,7 +139,8 @@ pub fn describe(violations: &[Violation]) -> String {
 impl CompiledSchema {
     /// Compile once, up front: an invalid schema is an error naming the JSON pointer of the bad part.
     pub fn compile(schema: &Value) -> Result<Self, SchemaError> {
-        let mut compiler = Compiler { root: schema, nodes: Vec::new(), pointers: Vec::new(), by_pointer: HashMap::new() };
+        let mut compiler =
+            Compiler { root: schema, nodes: Vec::new(), pointers: Vec::new(), by_pointer: HashMap::new() };
         let root = compiler.compile(schema, String::new())?;
         if let Some(node) = find_cycle(&compiler.nodes) {
             return Err(SchemaError::Cycle { pointer: compiler.pointers.swap_remove(node) });
@@ -137,6 +151,9 @@ impl CompiledSchema {
     /// All violations, each with the instance path (JSON pointer, e.g. /bugs/2) and a message a
     /// model can act on ("expected integer, got string \"high\"", "missing required property 'severity'").
     pub fn validate(&self, instance: &Value) -> Result<(), Vec<Violation>> {
+        if exceeds_depth(instance, MAX_DEPTH) {
+            return Err(vec![violation("", format!("the value is nested deeper than {MAX_DEPTH} levels"))]);
+        }
         let mut violations = Vec::new();
         self.check(self.root, instance, &mut String::new(), &mut violations);
         if violations.is_empty() {
@@ -236,6 +253,21 @@ impl CompiledSchema {
                 }
             }
         }
+        if let Some(names) = rules.property_names {
+            for key in map.keys() {
+                let found = self.violations(names, &Value::String(key.clone()), path);
+                if let Some(first) = found.first() {
+                    out.push(violation(path, format!("property name '{key}' is not allowed: {}", first.message)));
+                }
+            }
+        }
+        for (name, needed) in &rules.dependent_required {
+            if map.contains_key(name) {
+                for other in needed.iter().filter(|other| !map.contains_key(*other)) {
+                    out.push(violation(path, format!("missing property '{other}', required when '{name}' is present")));
+                }
+            }
+        }
         let count = map.len() as u64;
         if let Some(min) = rules.min_properties.filter(|&min| count < min) {
             out.push(violation(path, format!("expected at least {min} {}, got {count}", plural(min, "property"))));
@@ -260,6 +292,21 @@ impl CompiledSchema {
         }
         if let Some(max) = rules.max_items.filter(|&max| count > max) {
             out.push(violation(path, format!("expected at most {max} {}, got {count}", plural(max, "item"))));
+        }
+        if let Some(contains) = rules.contains {
+            let matching = items.iter().filter(|item| self.violations(contains, item, path).is_empty()).count() as u64;
+            if let Some(min) = Some(rules.min_contains.unwrap_or(1)).filter(|&min| matching < min) {
+                out.push(violation(
+                    path,
+                    format!("expected at least {min} {} matching 'contains', got {matching}", plural(min, "item")),
+                ));
+            }
+            if let Some(max) = rules.max_contains.filter(|&max| matching > max) {
+                out.push(violation(
+                    path,
+                    format!("expected at most {max} {} matching 'contains', got {matching}", plural(max, "item")),
+                ));
+            }
         }
         if rules.unique_items {
             let mut seen: HashMap<String, usize> = HashMap::with_capacity(items.len());
@@ -292,7 +339,7 @@ impl CompiledSchema {
         for (i, &branch) in branches.iter().enumerate() {
             let found = self.violations(branch, instance, path);
             if found.is_empty() {
-                matched.push(i.to_string());
+                matched.push((i + 1).to_string());
             } else {
                 failures.push(found);
             }
@@ -318,7 +365,9 @@ impl CompiledSchema {
         path: &str,
         out: &mut Vec<Violation>,
     ) {
-        let fitting: Vec<usize> = (0..branches.len()).filter(|&i| self.admits_type(branches[i], instance)).collect();
+        let fitting: Vec<usize> = (0..branches.len())
+            .filter(|&i| self.admits_type(branches[i], instance) && !self.tag_differs(branches[i], instance))
+            .collect();
         if let [only] = fitting[..] {
             out.append(&mut failures[only]);
             return;
@@ -350,6 +399,24 @@ impl CompiledSchema {
                     && rules.reference.is_none_or(|target| self.admits_type(target, instance))
             }
         }
+    }
+
+    /// Whether the instance has a property whose value differs from the one the schema fixes with
+    /// `const` (or a one-value `enum`): the tag of a tagged union, pydantic's `Literal` field. A
+    /// branch with another tag is not the one the model meant, whatever else fails in it.
+    fn tag_differs(&self, node: NodeId, instance: &Value) -> bool {
+        let (Node::Rules(rules), Value::Object(map)) = (&self.nodes[node], instance) else { return false };
+        rules.reference.is_some_and(|target| self.tag_differs(target, instance))
+            || rules.properties.iter().any(|(name, sub)| {
+                let tag = match &self.nodes[*sub] {
+                    Node::Rules(tag) => tag.constant.as_ref().or(match tag.enumeration.as_deref() {
+                        Some([only]) => Some(only),
+                        _ => None,
+                    }),
+                    Node::Any | Node::Never => None,
+                };
+                tag.zip(map.get(name)).is_some_and(|(tag, value)| !json_eq(tag, value))
+            })
     }
 
     /// The types a schema declares (following `$ref`); `None` when it accepts any type.
@@ -412,6 +479,22 @@ fn is_multiple(number: &Number, value: f64, divisor: f64) -> bool {
     }
     let quotient = value / divisor;
     quotient.is_finite() && (quotient - quotient.round()).abs() <= 1e-9 * quotient.abs().max(1.0)
+}
+
+fn exceeds_depth(value: &Value, max: usize) -> bool {
+    let mut pending = vec![(value, 0)];
+    while let Some((value, depth)) = pending.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match value {
+            Value::Array(items) => Box::new(items.iter()),
+            Value::Object(map) => Box::new(map.values()),
+            _ => continue,
+        };
+        if depth >= max {
+            return true;
+        }
+        pending.extend(children.map(|child| (child, depth + 1)));
+    }
+    false
 }
 
 fn violation(path: &str, message: String) -> Violation {
@@ -485,6 +568,7 @@ fn type_list(types: u8) -> String {
 fn one_of_values(allowed: &[Value]) -> String {
     const LISTED: usize = 12;
     match allowed {
+        [] => "nothing (the schema's 'enum' is empty)".to_owned(),
         [only] => only.to_string(),
         _ if allowed.len() <= LISTED => {
             let shown: Vec<String> = allowed.iter().map(Value::to_string).collect();
@@ -641,13 +725,9 @@ fn json_type_name(value: &Value) -> &'static str {
 }
 
 fn count(value: &Value, pointer: String) -> Result<u64, SchemaError> {
-    match value {
-        Value::Number(n) if n.as_u64().is_some() => Ok(n.as_u64().unwrap_or_default()),
-        Value::Number(n) if n.as_f64().is_some_and(|f| f >= 0.0 && f.fract() == 0.0) => {
-            Ok(n.as_f64().unwrap_or_default() as u64)
-        }
-        other => Err(invalid(pointer, "must be a non-negative integer", other)),
-    }
+    // `2.0` is a valid count: JSON Schema compares numbers by value.
+    let whole = || value.as_f64().filter(|f| *f >= 0.0 && f.fract() == 0.0 && *f <= u64::MAX as f64).map(|f| f as u64);
+    value.as_u64().or_else(whole).ok_or_else(|| invalid(pointer, "must be a non-negative integer", value))
 }
 
 fn number(value: &Value, pointer: String) -> Result<f64, SchemaError> {
@@ -702,14 +782,17 @@ impl<'a> Compiler<'a> {
     }
 
     fn schema_map(&mut self, value: &'a Value, pointer: &str) -> Result<Vec<(String, NodeId)>, SchemaError> {
-        let Value::Object(map) = value else { return Err(invalid(pointer.to_owned(), "must be an object of schemas", value)) };
+        let Value::Object(map) = value else {
+            return Err(invalid(pointer.to_owned(), "must be an object of schemas", value));
+        };
         map.iter()
             .map(|(name, sub)| Ok((name.clone(), self.compile(sub, format!("{pointer}/{}", escape_pointer(name)))?)))
             .collect()
     }
 
     fn reference(&mut self, reference: &str, pointer: &str) -> Result<NodeId, SchemaError> {
-        let unsupported = || SchemaError::UnsupportedRef { pointer: pointer.to_owned(), reference: reference.to_owned() };
+        let unsupported =
+            || SchemaError::UnsupportedRef { pointer: pointer.to_owned(), reference: reference.to_owned() };
         let fragment = reference.strip_prefix('#').ok_or_else(unsupported)?;
         if !(fragment.is_empty() || fragment.starts_with('/')) {
             return Err(unsupported());
@@ -759,7 +842,9 @@ impl<'a> Compiler<'a> {
             rules.enumeration = Some(allowed.clone());
         }
         rules.constant = map.get("const").cloned();
-        for (keyword, slot) in [("allOf", &mut rules.all_of), ("anyOf", &mut rules.any_of), ("oneOf", &mut rules.one_of)] {
+        for (keyword, slot) in
+            [("allOf", &mut rules.all_of), ("anyOf", &mut rules.any_of), ("oneOf", &mut rules.one_of)]
+        {
             if let Some(value) = map.get(keyword) {
                 *slot = self.schema_list(value, &at(keyword))?;
             }
@@ -773,7 +858,12 @@ impl<'a> Compiler<'a> {
         Ok(rules)
     }
 
-    fn object_rules(&mut self, map: &'a Map<String, Value>, pointer: &str, rules: &mut Rules) -> Result<(), SchemaError> {
+    fn object_rules(
+        &mut self,
+        map: &'a Map<String, Value>,
+        pointer: &str,
+        rules: &mut Rules,
+    ) -> Result<(), SchemaError> {
         let at = |keyword: &str| format!("{pointer}/{keyword}");
         if let Some(value) = map.get("properties") {
             rules.properties = self.schema_map(value, &at("properties"))?;
@@ -786,11 +876,27 @@ impl<'a> Compiler<'a> {
         if let Some(value) = map.get("additionalProperties") {
             rules.additional_properties = Some(self.compile(value, at("additionalProperties"))?);
         }
+        if let Some(value) = map.get("propertyNames") {
+            rules.property_names = Some(self.compile(value, at("propertyNames"))?);
+        }
+        if let Some(value) = map.get("dependentRequired") {
+            let expected = "must be an object of arrays of property names";
+            let Value::Object(dependencies) = value else {
+                return Err(invalid(at("dependentRequired"), expected, value));
+            };
+            for (name, needed) in dependencies {
+                let names =
+                    needed.as_array().and_then(|list| list.iter().map(|v| v.as_str().map(str::to_owned)).collect());
+                let pointer = format!("{}/{}", at("dependentRequired"), escape_pointer(name));
+                rules.dependent_required.push((name.clone(), names.ok_or_else(|| invalid(pointer, expected, needed))?));
+            }
+        }
         if let Some(value) = map.get("patternProperties") {
             self.schema_map(value, &at("patternProperties"))?;
             rules.has_pattern_properties = true;
         }
-        for (keyword, slot) in [("minProperties", &mut rules.min_properties), ("maxProperties", &mut rules.max_properties)]
+        for (keyword, slot) in
+            [("minProperties", &mut rules.min_properties), ("maxProperties", &mut rules.max_properties)]
         {
             if let Some(value) = map.get(keyword) {
                 *slot = Some(count(value, at(keyword))?);
@@ -799,7 +905,12 @@ impl<'a> Compiler<'a> {
         Ok(())
     }
 
-    fn array_rules(&mut self, map: &'a Map<String, Value>, pointer: &str, rules: &mut Rules) -> Result<(), SchemaError> {
+    fn array_rules(
+        &mut self,
+        map: &'a Map<String, Value>,
+        pointer: &str,
+        rules: &mut Rules,
+    ) -> Result<(), SchemaError> {
         let at = |keyword: &str| format!("{pointer}/{keyword}");
         if let Some(value) = map.get("prefixItems") {
             rules.prefix_items = self.schema_list(value, &at("prefixItems"))?;
@@ -815,13 +926,22 @@ impl<'a> Compiler<'a> {
             Some(value) => rules.items = Some(self.compile(value, at("items"))?),
             None => {}
         }
-        for (keyword, slot) in [("minItems", &mut rules.min_items), ("maxItems", &mut rules.max_items)] {
+        if let Some(value) = map.get("contains") {
+            rules.contains = Some(self.compile(value, at("contains"))?);
+        }
+        for (keyword, slot) in [
+            ("minItems", &mut rules.min_items),
+            ("maxItems", &mut rules.max_items),
+            ("minContains", &mut rules.min_contains),
+            ("maxContains", &mut rules.max_contains),
+        ] {
             if let Some(value) = map.get(keyword) {
                 *slot = Some(count(value, at(keyword))?);
             }
         }
         if let Some(value) = map.get("uniqueItems") {
-            rules.unique_items = value.as_bool().ok_or_else(|| invalid(at("uniqueItems"), "must be a boolean", value))?;
+            rules.unique_items =
+                value.as_bool().ok_or_else(|| invalid(at("uniqueItems"), "must be a boolean", value))?;
         }
         Ok(())
     }
@@ -829,7 +949,9 @@ impl<'a> Compiler<'a> {
 
 fn parse_types(value: &Value, pointer: &str) -> Result<u8, SchemaError> {
     let one = |name: &Value| -> Result<u8, SchemaError> {
-        let Value::String(name) = name else { return Err(invalid(pointer.to_owned(), "must be a type name or an array of them", name)) };
+        let Value::String(name) = name else {
+            return Err(invalid(pointer.to_owned(), "must be a type name or an array of them", name));
+        };
         TYPE_NAMES
             .iter()
             .find(|(_, known)| known == name)
@@ -872,7 +994,7 @@ fn number_rules(map: &Map<String, Value>, pointer: &str, rules: &mut Rules) -> R
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::needless_pass_by_value)]
 
     use std::sync::Arc;
 
@@ -989,10 +1111,13 @@ mod tests {
         let s = schema(json!({"prefixItems": [{"type": "integer"}, {"type": "string"}], "items": {"type": "boolean"}}));
         assert!(s.validate(&json!([1, "a", true, false])).is_ok());
         assert!(s.validate(&json!([1])).is_ok());
-        assert_eq!(errors(&s, json!(["a", "a", 1])), vec![
-            ("/0".to_owned(), "expected integer, got string \"a\"".to_owned()),
-            ("/2".to_owned(), "expected boolean, got integer 1".to_owned()),
-        ]);
+        assert_eq!(
+            errors(&s, json!(["a", "a", 1])),
+            vec![
+                ("/0".to_owned(), "expected integer, got string \"a\"".to_owned()),
+                ("/2".to_owned(), "expected boolean, got integer 1".to_owned()),
+            ]
+        );
         let s = schema(json!({"prefixItems": [{"type": "integer"}], "items": false}));
         assert_eq!(errors(&s, json!([1, 2])), one("/1", "no value is allowed here"));
         let draft7 = schema(json!({"items": [{"type": "integer"}], "additionalItems": {"type": "string"}}));
@@ -1018,13 +1143,50 @@ mod tests {
     }
 
     #[test]
+    fn contains() {
+        let s = schema(json!({"contains": {"type": "integer"}}));
+        assert!(s.validate(&json!(["a", 1])).is_ok());
+        assert_eq!(errors(&s, json!(["a"])), one("", "expected at least 1 item matching 'contains', got 0"));
+        let s = schema(json!({"contains": {"const": 1}, "minContains": 2, "maxContains": 3}));
+        assert!(s.validate(&json!([1, 1, 2])).is_ok());
+        assert_eq!(errors(&s, json!([1, 2])), one("", "expected at least 2 items matching 'contains', got 1"));
+        assert_eq!(errors(&s, json!([1, 1, 1, 1])), one("", "expected at most 3 items matching 'contains', got 4"));
+        assert!(schema(json!({"contains": false, "minContains": 0})).validate(&json!([1])).is_ok());
+    }
+
+    #[test]
+    fn property_names_and_dependent_required() {
+        let s = schema(json!({"propertyNames": {"maxLength": 7}, "dependentRequired": {"card": ["billing"]}}));
+        assert!(s.validate(&json!({"name": 1})).is_ok());
+        assert!(s.validate(&json!({"card": 1, "billing": 2})).is_ok());
+        assert_eq!(
+            errors(&s, json!({"card": 1})),
+            one("", "missing property 'billing', required when 'card' is present")
+        );
+        assert_eq!(
+            errors(&s, json!({"too_long": 1})),
+            one("", "property name 'too_long' is not allowed: expected at most 7 characters, got 8")
+        );
+        assert!(matches!(compile_error(json!({"dependentRequired": {"a": "b"}})),
+            SchemaError::InvalidKeyword { pointer, .. } if pointer == "/dependentRequired/a"));
+    }
+
+    #[test]
     fn enum_and_const() {
         let s = schema(json!({"enum": ["low", "medium", "high"]}));
         assert!(s.validate(&json!("low")).is_ok());
-        assert_eq!(errors(&s, json!("urgent")), one("", "expected one of \"low\", \"medium\", \"high\", got string \"urgent\""));
+        assert_eq!(
+            errors(&s, json!("urgent")),
+            one("", "expected one of \"low\", \"medium\", \"high\", got string \"urgent\"")
+        );
         let s = schema(json!({"enum": [1, [1, 2]]}));
         assert!(s.validate(&json!(1.0)).is_ok());
         assert!(s.validate(&json!([1.0, 2])).is_ok());
+        assert_eq!(
+            errors(&schema(json!({"enum": []})), json!(1)),
+            one("", "expected nothing (the schema's 'enum' is empty), got integer 1")
+        );
+        assert!(schema(json!({"minItems": 2.0})).validate(&json!([1, 2])).is_ok());
         let s = schema(json!({"const": "cat"}));
         assert!(s.validate(&json!("cat")).is_ok());
         assert_eq!(errors(&s, json!("dog")), one("", "expected \"cat\", got string \"dog\""));
@@ -1107,7 +1269,7 @@ mod tests {
         let s = schema(json!({"oneOf": [{"type": "integer"}, {"type": "number", "minimum": 2}]}));
         assert!(s.validate(&json!(1)).is_ok());
         assert!(s.validate(&json!(2.5)).is_ok());
-        assert_eq!(errors(&s, json!(3)), one("", "matches alternatives 0, 1 of 'oneOf', but must match exactly one"));
+        assert_eq!(errors(&s, json!(3)), one("", "matches alternatives 1, 2 of 'oneOf', but must match exactly one"));
         assert_eq!(errors(&s, json!("x")), one("", "expected number, got string \"x\""));
     }
 
@@ -1140,7 +1302,9 @@ mod tests {
 
     #[test]
     fn unknown_keywords_and_annotations_are_ignored() {
-        let s = schema(json!({"type": "string", "title": "T", "description": "d", "default": 3, "examples": [1], "x-custom": {}}));
+        let s = schema(
+            json!({"type": "string", "title": "T", "description": "d", "default": 3, "examples": [1], "x-custom": {}}),
+        );
         assert!(s.validate(&json!("x")).is_ok());
     }
 
@@ -1185,6 +1349,27 @@ mod tests {
     }
 
     #[test]
+    fn deep_instances_are_refused_without_overflowing() {
+        let s = schema(
+            json!({"$defs": {"L": {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/L"}}, {"type": "integer"}]}},
+            "$ref": "#/$defs/L"}),
+        );
+        let nest = |depth: usize| (0..depth).fold(json!(1), |inner, _| json!([inner]));
+        // A worker thread's stack, as tokio gives it.
+        let handle = std::thread::Builder::new().stack_size(2 << 20).spawn(move || {
+            let at_limit = s.validate(&nest(127)).is_ok();
+            let too_deep = s.validate(&nest(1_000)).unwrap_err();
+            (at_limit, too_deep)
+        });
+        let (at_limit, too_deep) = handle.unwrap().join().unwrap();
+        assert!(at_limit);
+        assert_eq!(
+            too_deep,
+            vec![Violation { path: String::new(), message: "the value is nested deeper than 128 levels".to_owned() }]
+        );
+    }
+
+    #[test]
     fn describe_gives_one_line_per_violation() {
         let violations = vec![
             Violation { path: "/bugs/2".to_owned(), message: "expected string, got integer 3".to_owned() },
@@ -1200,14 +1385,19 @@ mod tests {
     #[test]
     fn invalid_schemas_name_the_pointer() {
         let err = compile_error(json!({"properties": {"a": {"required": "x"}}}));
-        assert_eq!(err.to_string(), "schema keyword at '#/properties/a/required' must be an array of strings, got string \"x\"");
+        assert_eq!(
+            err.to_string(),
+            "schema keyword at '#/properties/a/required' must be an array of strings, got string \"x\""
+        );
         assert!(matches!(compile_error(json!({"properties": {"a": 3}})),
             SchemaError::NotASchema { pointer, found: "number" } if pointer == "/properties/a"));
         assert!(matches!(compile_error(json!({"type": "float"})),
             SchemaError::UnknownType { pointer, name } if pointer == "/type" && name == "float"));
         assert!(matches!(compile_error(json!({"items": {"minItems": -1}})),
             SchemaError::InvalidKeyword { pointer, .. } if pointer == "/items/minItems"));
-        assert!(matches!(compile_error(json!({"anyOf": []})), SchemaError::InvalidKeyword { pointer, .. } if pointer == "/anyOf"));
+        assert!(
+            matches!(compile_error(json!({"anyOf": []})), SchemaError::InvalidKeyword { pointer, .. } if pointer == "/anyOf")
+        );
         assert!(matches!(compile_error(json!({"multipleOf": 0})), SchemaError::InvalidKeyword { .. }));
         assert!(matches!(compile_error(json!({"uniqueItems": "yes"})), SchemaError::InvalidKeyword { .. }));
         assert!(matches!(compile_error(json!({"pattern": 1})), SchemaError::InvalidKeyword { .. }));

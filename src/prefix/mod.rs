@@ -89,11 +89,20 @@ mod tests {
 
     #[test]
     fn session_headers_are_stripped_before_hashing() {
-        let a = [Message::system("x-anthropic-billing-header: cc_version=1; session=aaa\nYou review code."), Message::user("a")];
-        let b = [Message::system("x-anthropic-billing-header: cc_version=1; session=bbb\nYou review code."), Message::user("b")];
+        let a = [
+            Message::system("x-anthropic-billing-header: cc_version=1; session=aaa\nYou review code."),
+            Message::user("a"),
+        ];
+        let b = [
+            Message::system("x-anthropic-billing-header: cc_version=1; session=bbb\nYou review code."),
+            Message::user("b"),
+        ];
         assert_eq!(prefix_key(&a, &[], false), prefix_key(&b, &[], false));
         assert_ne!(prefix_key(&a, &[], true), prefix_key(&b, &[], true));
-        assert_eq!(strip_session_preamble("x-amz-trace: 1\nX-Foo: 2\n\nbody\nx-not: stripped"), "body\nx-not: stripped");
+        assert_eq!(
+            strip_session_preamble("x-amz-trace: 1\nX-Foo: 2\n\nbody\nx-not: stripped"),
+            "body\nx-not: stripped"
+        );
     }
 
     #[test]

@@ -9,8 +9,18 @@ use crate::backends::BackendError;
 use crate::spec::SpecError;
 
 create_exception!(_core, SchemaError, PyValueError, "An output schema, tool signature or setting is invalid.");
-create_exception!(_core, InputError, PyValueError, "An input cannot be used: a missing template variable, a malformed line.");
-create_exception!(_core, BackendUnavailable, PyConnectionError, "The backend cannot be reached or refused the configuration.");
+create_exception!(
+    _core,
+    InputError,
+    PyValueError,
+    "An input cannot be used: a missing template variable, a malformed line."
+);
+create_exception!(
+    _core,
+    BackendUnavailable,
+    PyConnectionError,
+    "The backend cannot be reached or refused the configuration."
+);
 create_exception!(_core, BackendTimeout, PyTimeoutError, "The backend did not answer in time.");
 create_exception!(_core, JournalError, PyOSError, "The journal, cache or output file cannot be used.");
 create_exception!(_core, RunError, PyRuntimeError, "The run cannot continue.");

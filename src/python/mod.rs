@@ -1,11 +1,28 @@
-//! PyO3 bindings: the native module `batchagent_rs._core`. Only conversions, the tool bridge and
+//! Python bindings (PyO3): the native module `batchagent_rs._core`. Only conversions, the tool bridge and
 //! the error mapping live here; everything else is the Rust core.
+
+use std::sync::OnceLock;
 
 use pyo3::prelude::*;
 
 mod errors;
 mod run;
 mod sim;
+
+static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+
+/// The process's one tokio runtime, started on first use.
+pub(crate) fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
+    if let Some(runtime) = RUNTIME.get() {
+        return Ok(runtime);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("batchagent")
+        .build()
+        .map_err(|e| errors::RunError::new_err(format!("cannot start the async runtime: {e}")))?;
+    Ok(RUNTIME.get_or_init(|| runtime))
+}
 
 #[pymodule]
 #[pyo3(name = "_core")]

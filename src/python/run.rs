@@ -1,10 +1,17 @@
 //! `Run`: one batch run driven from Python. Rust owns scheduling; Python is asked, in batches, to
-//! run tool callables and pydantic validators, and is handed finished results in batches. One
-//! `next_events()` await (one event-loop wake-up, one GIL acquisition) serves everything that
-//! became ready since the last one.
+//! run tool callables and pydantic validators, and is handed finished results in batches.
+//!
+//! Tokio threads never take the GIL. When work for Python appears they write one byte to a socket
+//! whose other end the asyncio loop watches (`loop.add_reader(run.wake_fd())`); the loop's callback
+//! then takes everything that became ready since the last wake-up with one `take_events()` call.
+//! One wake-up, one GIL acquisition, many items; and no Rust thread is ever blocked on (or torn
+//! down by) the interpreter, not even at interpreter shutdown.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::io::Write as _;
+use std::os::fd::AsRawFd as _;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,22 +19,36 @@ use futures_util::future::BoxFuture;
 use pyo3::prelude::*;
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use std::path::PathBuf;
+
+use crate::backends::cached::CachedBackend;
 use crate::backends::connect::{connect, ConnectOptions, Connected};
 use crate::output::CompiledSchema;
-use crate::python::errors::{backend_error, spec_error, InputError, RunError, SchemaError};
+use crate::python::errors::{backend_error, spec_error, InputError, JournalError, RunError, SchemaError};
+use crate::scheduler::agent::TurnSink;
 use crate::scheduler::agent::{Job, JobResult, OutputValidator, RunContext};
 use crate::scheduler::aimd::AdaptiveLimit;
+use crate::scheduler::durable::{fingerprint, Durability, JournalTurns};
+use crate::scheduler::feed::{feed_file, prescan};
 use crate::scheduler::retry::RetryPolicy;
 use crate::scheduler::run::run_all;
 use crate::scheduler::semaphore::PrioritySemaphore;
 use crate::scheduler::stats::RunStats;
 use crate::spec::{BatchSpec, SpecError};
+use crate::store::{InputFormat, ResponseCache};
 use crate::tools::{ToolConfig, ToolExecutor, ToolPool};
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
+/// Waiters for Python's answers, by request id.
+type Pending<T> = Mutex<HashMap<u64, Reply<T>>>;
+/// `(batch id, ok, per-call (ok, text), error)` as Python sends it.
+type BatchAnswer = (u64, bool, Vec<(bool, String)>, String);
+/// `(tool_calls, batch_calls, validations, results_json, credit, done)`.
+type Events =
+    (Vec<(u64, String, String)>, Vec<(u64, String, Vec<String>)>, Vec<(u64, String, String)>, String, usize, bool);
 
 #[derive(Default)]
 struct Outbox {
@@ -35,27 +56,49 @@ struct Outbox {
     batch_calls: Vec<(u64, String, Vec<String>)>,
     validations: Vec<(u64, String, String)>,
     results: Vec<JobResult>,
+    /// Free places in the dispatch window since the last take: Python may feed this many inputs.
+    credit: usize,
     done: bool,
 }
 
 /// State shared between the Python-facing handle, the tool bridge and the run task.
-#[derive(Default)]
 struct Shared {
     outbox: Mutex<Outbox>,
-    ready: Notify,
+    /// Set when a wake-up byte is on its way and the loop has not taken the events since.
+    signalled: AtomicBool,
+    wake_tx: UnixStream,
+    wake_rx: UnixStream,
     next_id: AtomicU64,
-    tools: Mutex<HashMap<u64, Reply<String>>>,
-    batches: Mutex<HashMap<u64, Reply<Vec<Result<String, String>>>>>,
-    validations: Mutex<HashMap<u64, Reply<()>>>,
+    tools: Pending<String>,
+    batches: Pending<Vec<Result<String, String>>>,
+    validations: Pending<()>,
 }
 
 impl Shared {
+    fn new() -> std::io::Result<Self> {
+        let (wake_tx, wake_rx) = UnixStream::pair()?;
+        wake_tx.set_nonblocking(true)?;
+        wake_rx.set_nonblocking(true)?;
+        Ok(Self {
+            outbox: Mutex::new(Outbox::default()),
+            signalled: AtomicBool::new(false),
+            wake_tx,
+            wake_rx,
+            next_id: AtomicU64::new(0),
+            tools: Mutex::default(),
+            batches: Mutex::default(),
+            validations: Mutex::default(),
+        })
+    }
+
     fn post(&self, f: impl FnOnce(&mut Outbox)) {
         if let Ok(mut outbox) = self.outbox.lock() {
             f(&mut outbox);
         }
-        // notify_one stores a permit when nobody waits, so a post between two awaits is not lost.
-        self.ready.notify_one();
+        if !self.signalled.swap(true, SeqCst) {
+            // WouldBlock means the socket already holds unread wake-ups: the loop will come.
+            let _ = (&self.wake_tx).write(&[1]);
+        }
     }
 
     fn ask<T: Send + 'static>(
@@ -89,7 +132,11 @@ impl ToolExecutor for PyTools {
         self.0.ask(&self.0.tools, move |outbox, id| outbox.tool_calls.push((id, name, arguments.to_string())))
     }
 
-    fn call_batch(&self, name: &str, arguments: Vec<Arc<str>>) -> BoxFuture<'static, Result<Vec<Result<String, String>>, String>> {
+    fn call_batch(
+        &self,
+        name: &str,
+        arguments: Vec<Arc<str>>,
+    ) -> BoxFuture<'static, Result<Vec<Result<String, String>>, String>> {
         let name = name.to_owned();
         self.0.ask(&self.0.batches, move |outbox, id| {
             outbox.batch_calls.push((id, name, arguments.iter().map(ToString::to_string).collect()));
@@ -172,6 +219,35 @@ struct RunOptions {
     seed: u64,
     #[serde(default)]
     api_key: Option<String>,
+    #[serde(default)]
+    journal: Option<PathBuf>,
+    #[serde(default)]
+    journal_force: bool,
+    /// Results are written here (JSONL) by the core.
+    #[serde(default)]
+    output: Option<PathBuf>,
+    /// Inputs are read from this file by the core instead of being fed from Python.
+    #[serde(default)]
+    input: Option<FileInput>,
+    /// Hand finished results to Python (`take_events`); off when only the output file matters.
+    #[serde(default = "default_true")]
+    deliver_results: bool,
+    #[serde(default)]
+    response_cache: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileInput {
+    path: PathBuf,
+    #[serde(default)]
+    format: Option<String>,
+    #[serde(default)]
+    skip_bad_lines: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 struct Running {
@@ -185,13 +261,17 @@ pub struct PyRun {
     ctx: Arc<RunContext>,
     running: Mutex<Running>,
     cancelled: AtomicBool,
+    durable: Arc<Durability>,
+    input: Option<(PathBuf, InputFormat)>,
+    input_total: Option<u64>,
+    deliver: bool,
+    /// The first error that makes the run's output incomplete (a failed journal or output write).
+    fatal: Arc<Mutex<Option<String>>>,
     /// Keeps an embedded simulator alive for as long as the run.
-    _connected: Connected,
+    connected: Connected,
 }
 
-fn runtime() -> &'static tokio::runtime::Runtime {
-    pyo3_async_runtimes::tokio::get_runtime()
-}
+use crate::python::runtime;
 
 #[pymethods]
 impl PyRun {
@@ -220,24 +300,55 @@ impl PyRun {
                 return Err(SchemaError::new_err(format!("tool '{}' has a definition but no callable", def.name)));
             }
         }
+        // Everything that can fail on the user's files fails here, before any request.
+        let durable = Durability::open(
+            options.journal.as_deref(),
+            &fingerprint(spec_json),
+            options.journal_force,
+            options.output.as_deref(),
+        )
+        .map_err(|e| JournalError::new_err(e.to_string()))?;
+        let mut input = None;
+        let mut input_total = None;
+        if let Some(file) = &options.input {
+            let format = match &file.format {
+                Some(name) => name.parse::<InputFormat>().map_err(|e| InputError::new_err(e.to_string()))?,
+                None => InputFormat::Auto,
+            };
+            let total = py
+                .allow_threads(|| prescan(&file.path, format, &spec.task, file.skip_bad_lines))
+                .map_err(|e| InputError::new_err(e.to_string()))?;
+            input = Some((file.path.clone(), format));
+            input_total = Some(total);
+        }
         let urls = options.backends;
         let connect_options = ConnectOptions { api_key: options.api_key, ..ConnectOptions::default() };
-        let connected = py
-            .allow_threads(|| runtime().block_on(connect(&urls, &connect_options)))
+        let mut connected = py
+            .allow_threads(|| runtime().map(|rt| rt.block_on(connect(&urls, &connect_options))))?
             .map_err(|e| backend_error(&e))?;
-        let shared = Arc::new(Shared::default());
+        if let Some(path) = &options.response_cache {
+            let cache = ResponseCache::open(path).map_err(|e| JournalError::new_err(e.to_string()))?;
+            connected.backend = Arc::new(CachedBackend::new(connected.backend, Arc::new(cache)));
+        }
+        let shared = Arc::new(Shared::new().map_err(|e| RunError::new_err(format!("wake-up socket: {e}")))?);
         let constrained = RunContext::use_constrained(&spec, connected.backend.capabilities().json_schema);
         let system = RunContext::system_message(&spec, constrained);
         let limit = AdaptiveLimit::new(spec.max_inflight, 1, spec.max_inflight);
         let ctx = Arc::new(RunContext {
             slots: PrioritySemaphore::new(spec.max_inflight, Duration::from_millis(250)),
-            limit: Mutex::new(limit),
-            retry: RetryPolicy { max_attempts: spec.max_attempts, base: Duration::from_millis(250), max_delay: Duration::from_secs(30) },
+            limit,
+            retry: RetryPolicy {
+                max_attempts: spec.max_attempts,
+                base: Duration::from_millis(250),
+                max_delay: Duration::from_secs(30),
+            },
             tools: Arc::new(ToolPool::new(configs, Arc::new(PyTools(shared.clone())))),
             backend: connected.backend.clone(),
             schema,
-            validator: options.python_validation.then(|| Arc::new(PyValidator(shared.clone())) as Arc<dyn OutputValidator>),
-            turn_sink: None,
+            validator: options
+                .python_validation
+                .then(|| Arc::new(PyValidator(shared.clone())) as Arc<dyn OutputValidator>),
+            turn_sink: durable.journal().map(|j| Arc::new(JournalTurns(j.clone())) as Arc<dyn TurnSink>),
             stats: Arc::new(RunStats::default()),
             system,
             constrained,
@@ -249,9 +360,14 @@ impl PyRun {
             ctx,
             running: Mutex::new(Running { jobs: None, task: None }),
             cancelled: AtomicBool::new(false),
-            _connected: connected,
+            durable: Arc::new(durable),
+            input,
+            input_total,
+            deliver: options.deliver_results,
+            fatal: Arc::new(Mutex::new(None)),
+            connected,
         };
-        run.start();
+        run.start()?;
         Ok(run)
     }
 
@@ -265,22 +381,41 @@ impl PyRun {
         Ok(())
     }
 
-    /// Hands inputs `(id, index, json object)` to the run; resolves once the run has taken them all
-    /// (the dispatch window applies back-pressure here, so inputs are consumed lazily).
-    fn feed<'py>(&self, py: Python<'py>, items: Vec<(String, u64, String)>) -> PyResult<Bound<'py, PyAny>> {
-        let sender = self.lock_running()?.jobs.clone().ok_or_else(|| RunError::new_err("the run's input is closed"))?;
-        let mut jobs = Vec::with_capacity(items.len());
+    /// Hands inputs `(id, index, json object)` to the run. Feed no more than the credit
+    /// `take_events()` grants (the first time: `window`), so inputs are consumed lazily.
+    fn feed(&self, items: Vec<(String, u64, String)>) -> PyResult<()> {
+        let running = self.lock_running()?;
+        let sender = running.jobs.as_ref().ok_or_else(|| RunError::new_err("the run's input is closed"))?;
+        let mut skipped = 0;
         for (id, index, json) in items {
-            jobs.push(Job { id, index, input: parse_input(index, &json)?, resume: None });
+            let job = Job { id, index, input: parse_input(index, &json)?, resume: None };
+            let Some(job) = self.durable.prepare(job, &json) else {
+                skipped += 1;
+                continue;
+            };
+            sender.try_send(job).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => RunError::new_err("more inputs fed than the run's credit allows"),
+                mpsc::error::TrySendError::Closed(_) => RunError::new_err("the run stopped before taking all inputs"),
+            })?;
         }
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            for job in jobs {
-                if sender.send(job).await.is_err() {
-                    return Err(RunError::new_err("the run stopped before taking all inputs"));
-                }
-            }
-            Ok(())
-        })
+        if skipped > 0 {
+            // Finished in an earlier run: their places in the window are free at once.
+            self.ctx.stats.jobs_skipped.fetch_add(skipped as u64, Relaxed);
+            self.shared.post(|outbox| outbox.credit += skipped);
+        }
+        Ok(())
+    }
+
+    /// Live agents at once; the first feed may hand over this many inputs.
+    #[getter]
+    fn window(&self) -> usize {
+        self.ctx.spec.window
+    }
+
+    /// The file descriptor to watch for readability (`loop.add_reader`): readable means
+    /// `take_events()` has something. Read and discard its bytes before calling `take_events()`.
+    fn wake_fd(&self) -> i32 {
+        self.shared.wake_rx.as_raw_fd()
     }
 
     /// No more inputs: the run finishes once the jobs it has are done.
@@ -289,39 +424,26 @@ impl PyRun {
         Ok(())
     }
 
-    /// Waits for work for Python: `(tool_calls, batch_calls, validations, results_json, done)`.
-    /// `results_json` is one JSON array of the results that finished.
-    fn next_events<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let shared = self.shared.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            loop {
-                let taken = {
-                    let mut outbox = shared.outbox.lock().map_err(|_| RunError::new_err("run state poisoned"))?;
-                    let empty = outbox.tool_calls.is_empty()
-                        && outbox.batch_calls.is_empty()
-                        && outbox.validations.is_empty()
-                        && outbox.results.is_empty();
-                    if empty && !outbox.done {
-                        None
-                    } else {
-                        let outbox = &mut *outbox;
-                        let results = serde_json::to_string(&outbox.results).map_err(|e| RunError::new_err(e.to_string()))?;
-                        outbox.results.clear();
-                        Some((
-                            std::mem::take(&mut outbox.tool_calls),
-                            std::mem::take(&mut outbox.batch_calls),
-                            std::mem::take(&mut outbox.validations),
-                            results,
-                            outbox.done && empty,
-                        ))
-                    }
-                };
-                match taken {
-                    Some(events) => return Ok(events),
-                    None => shared.ready.notified().await,
-                }
-            }
-        })
+    /// Everything that became ready: `(tool_calls, batch_calls, validations, results_json, credit,
+    /// done)`. `results_json` is one JSON array of finished results; `credit` is how many more
+    /// inputs the run can take; `done` means the run is over and nothing more will come.
+    fn take_events(&self) -> PyResult<Events> {
+        // Drain the wake-up bytes and clear the flag first: a post that races with this take
+        // sends a fresh byte, so nothing is left behind without a wake-up.
+        let mut sink = [0u8; 256];
+        while matches!(std::io::Read::read(&mut &self.shared.wake_rx, &mut sink), Ok(n) if n > 0) {}
+        self.shared.signalled.store(false, SeqCst);
+        let mut outbox = self.shared.outbox.lock().map_err(|_| RunError::new_err("run state poisoned"))?;
+        let results = serde_json::to_string(&outbox.results).map_err(|e| RunError::new_err(e.to_string()))?;
+        outbox.results.clear();
+        Ok((
+            std::mem::take(&mut outbox.tool_calls),
+            std::mem::take(&mut outbox.batch_calls),
+            std::mem::take(&mut outbox.validations),
+            results,
+            std::mem::take(&mut outbox.credit),
+            outbox.done,
+        ))
     }
 
     /// Answers for tool calls: `(call id, ok, text)`; text is the result, or the error message.
@@ -332,9 +454,13 @@ impl PyRun {
     }
 
     /// Answers for batch calls: `(batch id, ok, results or error)`; each result `(ok, text)`.
-    fn complete_batches(&self, items: Vec<(u64, bool, Vec<(bool, String)>, String)>) {
+    fn complete_batches(&self, items: Vec<BatchAnswer>) {
         for (id, ok, results, error) in items {
-            let value = if ok { Ok(results.into_iter().map(|(ok, t)| if ok { Ok(t) } else { Err(t) }).collect()) } else { Err(error) };
+            let value = if ok {
+                Ok(results.into_iter().map(|(ok, t)| if ok { Ok(t) } else { Err(t) }).collect())
+            } else {
+                Err(error)
+            };
             answer(&self.shared.batches, id, value);
         }
     }
@@ -347,17 +473,24 @@ impl PyRun {
     }
 
     /// Counters so far, as JSON (the run report is built from these).
-    fn stats_json(&self) -> PyResult<String> {
+    fn stats_json(&self) -> String {
         let stats = self.ctx.stats.snapshot();
         let tools = self.ctx.tools.stats();
+        let counts = |c: &crate::tools::ToolCounts| {
+            serde_json::json!({"requests": c.requests, "executions": c.executions, "cache_hits": c.cache_hits,
+                               "coalesced": c.coalesced, "errors": c.errors, "timeouts": c.timeouts, "batches": c.batches})
+        };
+        let mut tool_json = counts(&tools.total);
+        tool_json["per_tool"] = tools.per_tool.iter().map(|(name, c)| (name.clone(), counts(c))).collect();
         let value = serde_json::json!({
             "run": stats,
-            "tools": {"requests": tools.requests, "executions": tools.executions, "cache_hits": tools.cache_hits,
-                      "coalesced": tools.coalesced, "errors": tools.errors, "timeouts": tools.timeouts},
+            "tools": tool_json,
             "max_inflight": self.ctx.slots.capacity(),
+            "input_total": self.input_total,
+            "previously_finished": self.durable.previously_finished,
             "backend": self.ctx.backend.name(),
         });
-        Ok(value.to_string())
+        value.to_string()
     }
 
     /// Stops every agent now. Unfinished jobs produce no result (a journal keeps their last turn).
@@ -375,37 +508,72 @@ impl PyRun {
     /// The base URL of the embedded simulator when the backend is `sim://`.
     #[getter]
     fn sim_url(&self) -> Option<String> {
-        self._connected.sim.as_ref().map(crate::sim::SimServer::url)
+        self.connected.sim.as_ref().map(crate::sim::SimServer::url)
+    }
+
+    /// Why the run's output is incomplete, if it is (a journal or output file that failed).
+    fn error(&self) -> Option<String> {
+        self.fatal.lock().ok().and_then(|f| f.clone())
     }
 }
 
 impl PyRun {
-    fn start(&self) {
-        let (jobs_tx, jobs_rx) = mpsc::channel(256);
+    fn start(&self) -> PyResult<()> {
+        let runtime = runtime()?;
+        let (jobs_tx, jobs_rx) = mpsc::channel(self.ctx.spec.window.max(1));
         let (results_tx, mut results_rx) = mpsc::unbounded_channel::<JobResult>();
         let ctx = self.ctx.clone();
         let shared = self.shared.clone();
-        let task = runtime().spawn(async move {
-            let forward = {
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    while let Some(result) = results_rx.recv().await {
-                        let mut batch = vec![result];
-                        while let Ok(more) = results_rx.try_recv() {
-                            batch.push(more);
-                        }
-                        shared.post(|outbox| outbox.results.append(&mut batch));
+        let durable = self.durable.clone();
+        let fatal = self.fatal.clone();
+        let deliver = self.deliver;
+        let forward = runtime.spawn(async move {
+            while let Some(result) = results_rx.recv().await {
+                let mut batch = vec![result];
+                while let Ok(more) = results_rx.try_recv() {
+                    batch.push(more);
+                }
+                let freed = batch.len();
+                batch.retain(|r| match durable.finish(r) {
+                    Ok(new) => new,
+                    Err(e) => {
+                        record_fatal(&fatal, e.to_string());
+                        true
                     }
-                })
-            };
-            run_all(ctx, jobs_rx, results_tx).await;
-            let _ = forward.await;
+                });
+                shared.post(|outbox| {
+                    outbox.credit += freed;
+                    if deliver {
+                        outbox.results.append(&mut batch);
+                    }
+                });
+            }
+            if let Err(e) = durable.flush() {
+                record_fatal(&fatal, e.to_string());
+            }
             shared.post(|outbox| outbox.done = true);
         });
-        if let Ok(mut running) = self.running.lock() {
+        let mut running = self.lock_running()?;
+        if let Some((path, format)) = self.input.clone() {
+            let durable = self.durable.clone();
+            let stats = self.ctx.stats.clone();
+            let results = results_tx.clone();
+            let fatal = self.fatal.clone();
+            runtime.spawn_blocking(move || {
+                if let Err(e) = feed_file(&path, format, &durable, &stats, &jobs_tx, &results) {
+                    record_fatal(&fatal, e.to_string());
+                }
+            });
+        } else {
             running.jobs = Some(jobs_tx);
-            running.task = Some(task);
         }
+        let task = runtime.spawn(async move {
+            run_all(ctx, jobs_rx, results_tx).await;
+            // The forwarder ends when the last sender (run_all's and the file feeder's) is gone.
+            let _ = forward.await;
+        });
+        running.task = Some(task);
+        Ok(())
     }
 
     fn lock_running(&self) -> PyResult<std::sync::MutexGuard<'_, Running>> {
@@ -423,10 +591,18 @@ impl Drop for PyRun {
     }
 }
 
+fn record_fatal(slot: &Mutex<Option<String>>, message: String) {
+    if let Ok(mut slot) = slot.lock() {
+        slot.get_or_insert(message);
+    }
+}
+
 fn parse_input(index: u64, json: &str) -> PyResult<Map<String, Value>> {
     match serde_json::from_str::<Value>(json) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(other) => Err(InputError::new_err(format!("input {index}: expected an object (dict), got {}", type_name(&other)))),
+        Ok(other) => {
+            Err(InputError::new_err(format!("input {index}: expected an object (dict), got {}", type_name(&other))))
+        }
         Err(e) => Err(InputError::new_err(format!("input {index}: {e}"))),
     }
 }

@@ -1,5 +1,5 @@
 //! `batchagent_rs._core.SimServer`: the engine simulator started from Python, served on the
-//! process's one tokio runtime (`pyo3_async_runtimes`), shared with the batch runner.
+//! process's one tokio runtime, shared with the batch runner.
 
 use std::sync::Mutex;
 
@@ -45,12 +45,13 @@ impl PySimServer {
     }
 
     /// Stop serving and end the engine loop; a second call does nothing.
-    fn stop(&self, py: Python<'_>) {
+    fn stop(&self, py: Python<'_>) -> PyResult<()> {
         let server = self.server.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         if let Some(server) = server {
-            let rt = pyo3_async_runtimes::tokio::get_runtime();
+            let rt = super::runtime()?;
             py.allow_threads(|| rt.block_on(server.stop()));
         }
+        Ok(())
     }
 
     fn __repr__(&self) -> String {
@@ -90,7 +91,7 @@ fn start_sim(py: Python<'_>, options: &Bound<'_, PyDict>) -> PyResult<PySimServe
         config.set(key, value).map_err(|e| sim_error(&e))?;
     }
     config.validate().map_err(|e| sim_error(&e))?;
-    let rt = pyo3_async_runtimes::tokio::get_runtime();
+    let rt = super::runtime()?;
     let server = py.allow_threads(|| rt.block_on(SimServer::start(config))).map_err(|e| sim_error(&e))?;
     let url = server.url();
     Ok(PySimServer { server: Mutex::new(Some(server)), url })

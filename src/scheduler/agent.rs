@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
@@ -92,7 +92,7 @@ pub struct RunContext {
     pub backend: Arc<dyn Backend>,
     pub tools: Arc<ToolPool>,
     pub slots: Arc<PrioritySemaphore>,
-    pub limit: Mutex<AdaptiveLimit>,
+    pub limit: AdaptiveLimit,
     pub retry: RetryPolicy,
     pub schema: Option<Arc<CompiledSchema>>,
     pub validator: Option<Arc<dyn OutputValidator>>,
@@ -139,7 +139,7 @@ impl RunContext {
 
 #[derive(Debug)]
 enum Failure {
-    Backend(BackendError, u32),
+    Backend(BackendError),
     MaxTurns,
     Validation(String),
     Template(String),
@@ -158,11 +158,12 @@ pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
     let started = Instant::now();
     ctx.stats.jobs_started.fetch_add(1, Relaxed);
     let rng = SplitMix64::new(ctx.seed ^ job.index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let mut agent = Agent { ctx: &ctx, job_id: &job.id, state: AgentState::default(), ttft: None, repaired: false, rng };
+    let mut agent =
+        Agent { ctx: &ctx, job_id: &job.id, state: AgentState::default(), ttft: None, repaired: false, rng };
     let outcome = match ctx.spec.agent_timeout {
         Some(limit) => match tokio::time::timeout(limit, agent.run(&job)).await {
             Ok(outcome) => outcome,
-            Err(_) => Err(Failure::Backend(BackendError::Timeout(limit), 0)),
+            Err(_) => Err(Failure::Backend(BackendError::Timeout(limit))),
         },
         None => agent.run(&job).await,
     };
@@ -193,15 +194,21 @@ pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
         Err(failure) => {
             let attempts = agent.state.attempts;
             let error = match failure {
-                Failure::Backend(e, _) => JobError { kind: e.kind().into(), message: e.to_string(), retryable: e.retryable(), attempts },
+                Failure::Backend(e) => {
+                    JobError { kind: e.kind().into(), message: e.to_string(), retryable: e.retryable(), attempts }
+                }
                 Failure::MaxTurns => JobError {
                     kind: "max_turns".into(),
                     message: format!("no final answer within max_turns={}", ctx.spec.max_turns),
                     retryable: false,
                     attempts,
                 },
-                Failure::Validation(message) => JobError { kind: "validation".into(), message, retryable: false, attempts },
-                Failure::Template(message) => JobError { kind: "bad_input".into(), message, retryable: false, attempts },
+                Failure::Validation(message) => {
+                    JobError { kind: "validation".into(), message, retryable: false, attempts }
+                }
+                Failure::Template(message) => {
+                    JobError { kind: "bad_input".into(), message, retryable: false, attempts }
+                }
             };
             ctx.stats.jobs_failed.fetch_add(1, Relaxed);
             ctx.stats.count_error(&error.kind);
@@ -277,7 +284,9 @@ impl Agent<'_> {
     }
 
     /// One model call with retries. The slot is taken per attempt and released before any backoff.
-    async fn model_call(&mut self) -> Result<(ChatResponse, HashMap<String, JoinHandle<Result<Arc<str>, ToolError>>>), Failure> {
+    async fn model_call(
+        &mut self,
+    ) -> Result<(ChatResponse, HashMap<String, JoinHandle<Result<Arc<str>, ToolError>>>), Failure> {
         let ctx = self.ctx;
         let remaining = ctx.spec.max_turns.saturating_sub(self.state.turns);
         let mut attempt = 0u32;
@@ -318,22 +327,20 @@ impl Agent<'_> {
                     }
                     self.state.usage += response.usage;
                     ctx.stats.add_usage(&response.usage);
-                    if let Ok(mut limit) = ctx.limit.lock() {
-                        limit.on_success();
-                        ctx.slots.set_capacity(limit.current());
+                    if ctx.limit.on_success() {
+                        ctx.slots.set_capacity(ctx.limit.current());
                     }
                     return Ok((response, early));
                 }
                 Err(error) => {
                     if error.is_throttle() {
                         ctx.stats.throttled.fetch_add(1, Relaxed);
-                        if let Ok(mut limit) = ctx.limit.lock() {
-                            limit.on_throttle();
-                            ctx.slots.set_capacity(limit.current());
+                        if ctx.limit.on_throttle() {
+                            ctx.slots.set_capacity(ctx.limit.current());
                         }
                     }
                     if !error.retryable() || attempt >= ctx.spec.max_attempts {
-                        return Err(Failure::Backend(error, attempt));
+                        return Err(Failure::Backend(error));
                     }
                     ctx.stats.retries.fetch_add(1, Relaxed);
                     let delay = ctx.retry.delay(attempt, error.retry_after(), self.rng.next_f64());
@@ -383,7 +390,11 @@ impl Agent<'_> {
 
     /// Runs every tool call of a turn concurrently (reusing those started from the stream) and
     /// appends the assistant turn and the results, errors included, for the model to see.
-    async fn run_tools(&mut self, response: ChatResponse, mut early: HashMap<String, JoinHandle<Result<Arc<str>, ToolError>>>) {
+    async fn run_tools(
+        &mut self,
+        response: ChatResponse,
+        mut early: HashMap<String, JoinHandle<Result<Arc<str>, ToolError>>>,
+    ) {
         let calls = response.tool_calls;
         self.ctx.stats.tool_calls.fetch_add(calls.len() as u64, Relaxed);
         self.state.tool_calls += calls.len() as u32;

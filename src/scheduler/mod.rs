@@ -3,6 +3,8 @@
 
 pub mod agent;
 pub mod aimd;
+pub mod durable;
+pub mod feed;
 pub mod retry;
 pub mod run;
 pub mod semaphore;

@@ -60,6 +60,7 @@ async fn warm_up(ctx: &RunContext) {
     };
     let permit = ctx.slots.acquire(0).await;
     // A failed warm-up only costs the cache hit; the jobs themselves report real errors.
-    let _ = tokio::time::timeout(ctx.spec.call_timeout.min(Duration::from_secs(120)), ctx.backend.chat(request, None)).await;
+    let _ = tokio::time::timeout(ctx.spec.call_timeout.min(Duration::from_secs(120)), ctx.backend.chat(request, None))
+        .await;
     drop(permit);
 }

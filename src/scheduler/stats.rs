@@ -23,7 +23,11 @@ const BUCKETS: usize = 1200;
 
 impl Default for Histogram {
     fn default() -> Self {
-        Self { buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(), count: AtomicU64::new(0), sum_us: AtomicU64::new(0) }
+        Self {
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
     }
 }
 
@@ -54,7 +58,7 @@ impl Histogram {
                 // Midpoint of the bucket [GROWTH^(i-1), GROWTH^i).
                 let upper = GROWTH.powi(i as i32);
                 let lower = if i == 0 { 0.0 } else { GROWTH.powi(i as i32 - 1) };
-                return Some((lower + upper) / 2.0 / 1e6);
+                return Some(f64::midpoint(lower, upper) / 1e6);
             }
         }
         None

@@ -303,7 +303,12 @@ struct SipHasher128<const C: usize, const D: usize> {
 impl<const C: usize, const D: usize> SipHasher128<C, D> {
     fn new(k0: u64, k1: u64) -> Self {
         Self {
-            v: [k0 ^ 0x736f_6d65_7073_6575, k1 ^ 0x646f_7261_6e64_6f6d ^ 0xee, k0 ^ 0x6c79_6765_6e65_7261, k1 ^ 0x7465_6462_7974_6573],
+            v: [
+                k0 ^ 0x736f_6d65_7073_6575,
+                k1 ^ 0x646f_7261_6e64_6f6d ^ 0xee,
+                k0 ^ 0x6c79_6765_6e65_7261,
+                k1 ^ 0x7465_6462_7974_6573,
+            ],
             tail: 0,
             ntail: 0,
             length: 0,

@@ -38,6 +38,7 @@ pub enum InputFormat {
 
 impl InputFormat {
     /// The concrete format for `path` (`Auto` resolved by extension, case-insensitively).
+    #[must_use]
     pub fn resolve(self, path: &Path) -> InputFormat {
         if self != InputFormat::Auto {
             return self;
@@ -84,6 +85,9 @@ impl InputRecord {
         }
     }
 }
+
+/// A CSV record as read: its first line, its raw fields, and what was wrong with it if anything.
+type CsvRecord = (u64, Vec<Vec<u8>>, Option<String>);
 
 enum Kind {
     Jsonl,
@@ -177,7 +181,7 @@ impl InputReader {
 
     /// Reads one CSV record: its first line, its raw fields, and what was wrong with it if anything.
     /// Blank lines between records are skipped.
-    fn read_csv_record(&mut self) -> Result<Option<(u64, Vec<Vec<u8>>, Option<String>)>, InputError> {
+    fn read_csv_record(&mut self) -> Result<Option<CsvRecord>, InputError> {
         #[derive(PartialEq, Clone, Copy)]
         enum State {
             FieldStart,
@@ -272,11 +276,9 @@ impl InputReader {
             let index = self.next_index();
             let record = match serde_json::from_slice::<Value>(trim_ascii(&self.buf)) {
                 Ok(Value::Object(fields)) => Ok(InputRecord { line: self.line, index, fields }),
-                Ok(other) => Err(self.bad_line(
-                    self.line,
-                    index,
-                    format!("expected a JSON object, found {}", json_kind(&other)),
-                )),
+                Ok(other) => {
+                    Err(self.bad_line(self.line, index, format!("expected a JSON object, found {}", json_kind(&other))))
+                }
                 Err(e) => Err(self.bad_line(self.line, index, json_error(&e))),
             };
             return Some(record);
@@ -307,7 +309,9 @@ impl InputReader {
                     fields.insert("prompt".to_owned(), Value::String(prompt.to_owned()));
                     Ok(InputRecord { line: self.line, index, fields })
                 }
-                Err(e) => Err(self.bad_line(self.line, index, format!("not valid UTF-8 (byte {})", e.valid_up_to() + 1))),
+                Err(e) => {
+                    Err(self.bad_line(self.line, index, format!("not valid UTF-8 (byte {})", e.valid_up_to() + 1)))
+                }
             };
             return Some(record);
         }
@@ -330,15 +334,11 @@ impl InputReader {
         }
         let mut fields = Map::with_capacity(header.len());
         for (i, (name, value)) in header.iter().zip(raw).enumerate() {
-            match String::from_utf8(value) {
-                Ok(value) => {
-                    fields.insert(name.clone(), Value::String(value));
-                }
-                Err(_) => {
-                    let message = format!("field {} ({name:?}) is not valid UTF-8", i + 1);
-                    return Some(Err(self.bad_line(line, index, message)));
-                }
-            }
+            let Ok(value) = String::from_utf8(value) else {
+                let message = format!("field {} ({name:?}) is not valid UTF-8", i + 1);
+                return Some(Err(self.bad_line(line, index, message)));
+            };
+            fields.insert(name.clone(), Value::String(value));
         }
         Some(Ok(InputRecord { line, index, fields }))
     }
@@ -387,7 +387,7 @@ fn json_kind(value: &Value) -> &'static str {
     }
 }
 
-/// serde_json's message without its "at line 1 column N" (always line 1 here: the file's line is
+/// `serde_json`'s message without its "at line 1 column N" (always line 1 here: the file's line is
 /// reported instead), keeping the column.
 #[cold]
 fn json_error(e: &serde_json::Error) -> String {

@@ -141,7 +141,9 @@ impl Journal {
         // it ourselves first gets the OS reason (not a directory, no such directory, read-only fs).
         std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(|e| {
             match path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                Some(parent) if !parent.is_dir() => open_err(format!("{e} (parent {} is not a directory)", parent.display())),
+                Some(parent) if !parent.is_dir() => {
+                    open_err(format!("{e} (parent {} is not a directory)", parent.display()))
+                }
                 _ => open_err(e.to_string()),
             }
         })?;
@@ -232,13 +234,10 @@ impl Journal {
                 })
                 .optional()
             });
-        match found {
-            Ok(checkpoint) => checkpoint,
-            Err(_) => {
-                self.read_errors.fetch_add(1, Ordering::Relaxed);
-                None
-            }
-        }
+        found.unwrap_or_else(|_| {
+            self.read_errors.fetch_add(1, Ordering::Relaxed);
+            None
+        })
     }
 
     /// Records that job `job_id` (input record `index`) started, with its input.

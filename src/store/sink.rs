@@ -98,12 +98,9 @@ impl JsonlSink {
             let inner = Arc::clone(&inner);
             std::thread::Builder::new()
                 .name("batchagent-sink".into())
-                .spawn(move || loop {
-                    match stopped.recv_timeout(FLUSH_INTERVAL) {
-                        Err(RecvTimeoutError::Timeout) => {
-                            inner.lock().unwrap_or_else(PoisonError::into_inner).write_out();
-                        }
-                        Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+                .spawn(move || {
+                    while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(FLUSH_INTERVAL) {
+                        inner.lock().unwrap_or_else(PoisonError::into_inner).write_out();
                     }
                 })
                 .map_err(open_err)?
@@ -141,7 +138,7 @@ impl JsonlSink {
         self.check(&inner)
     }
 
-    /// Appends one record serialized from `value` (serde_json's compact form has no line breaks).
+    /// Appends one record serialized from `value` (`serde_json`'s compact form has no line breaks).
     pub fn write_value<T: serde::Serialize + ?Sized>(&self, value: &T) -> Result<(), SinkError> {
         let mut inner = self.lock();
         self.check(&inner)?;

@@ -9,7 +9,7 @@ use crate::backends::{BackendError, ChatResponse, StreamEvent};
 use crate::conversation::{ToolCall, Usage};
 use crate::stream::sse::{SseEvent, StreamEnd};
 
-/// Anthropic's `stop_reason` in OpenAI's words.
+/// Anthropic's `stop_reason` in `OpenAI`'s words.
 pub fn map_stop_reason(reason: Option<&str>) -> String {
     match reason {
         Some("end_turn" | "stop_sequence") | None => "stop",
@@ -55,6 +55,8 @@ fn clip(s: &str, max: usize) -> String {
     format!("{}...", &s[..end])
 }
 
+// Field names are the wire's.
+#[allow(clippy::struct_field_names)]
 #[derive(Debug, Default, Deserialize)]
 struct UsageWire {
     input_tokens: Option<u64>,
@@ -173,6 +175,16 @@ enum DeltaWire {
     Other,
 }
 
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    #[default]
+    Waiting,
+    /// `message_start` seen.
+    Started,
+    /// `message_stop` seen.
+    Stopped,
+}
+
 /// Assembles one streamed Messages turn from its SSE events.
 #[derive(Debug, Default)]
 pub struct AnthropicStreamAssembler {
@@ -181,9 +193,10 @@ pub struct AnthropicStreamAssembler {
     blocks: Vec<Option<Block>>,
     usage: UsageParts,
     stop_reason: Option<String>,
-    started: bool,
-    stopped: bool,
+    phase: Phase,
     first_token: bool,
+    /// Nobody listens to `TextDelta`s: skip building them (one allocation per event).
+    no_text_deltas: bool,
 }
 
 impl AnthropicStreamAssembler {
@@ -191,9 +204,14 @@ impl AnthropicStreamAssembler {
         Self::default()
     }
 
+    /// An assembler that sends no [`StreamEvent::TextDelta`]s (the text still accumulates).
+    pub fn without_text_deltas() -> Self {
+        Self { no_text_deltas: true, ..Self::default() }
+    }
+
     /// `message_stop` was received.
     pub fn is_done(&self) -> bool {
-        self.stopped
+        self.phase == Phase::Stopped
     }
 
     /// Consumes one SSE event. The event's type is read from the JSON `type` field, which Anthropic
@@ -212,7 +230,9 @@ impl AnthropicStreamAssembler {
         })?;
         match event {
             EventWire::MessageStart { message } => {
-                self.started = true;
+                if self.phase == Phase::Waiting {
+                    self.phase = Phase::Started;
+                }
                 if let Some(u) = message.usage {
                     self.usage.merge(&u);
                 }
@@ -270,7 +290,7 @@ impl AnthropicStreamAssembler {
                     self.usage.merge(&u);
                 }
             }
-            EventWire::MessageStop => self.stopped = true,
+            EventWire::MessageStop => self.phase = Phase::Stopped,
             EventWire::Ping | EventWire::Unknown => {}
             EventWire::Error { error } => return Err(error_from_object(&error, None)),
         }
@@ -283,7 +303,9 @@ impl AnthropicStreamAssembler {
         }
         self.mark_first_token(out);
         self.content.push_str(text);
-        out.push(StreamEvent::TextDelta(text.to_owned()));
+        if !self.no_text_deltas {
+            out.push(StreamEvent::TextDelta(text.to_owned()));
+        }
     }
 
     fn mark_first_token(&mut self, out: &mut Vec<StreamEvent>) {
@@ -296,9 +318,9 @@ impl AnthropicStreamAssembler {
     /// Ends the turn. Without `message_stop` the stream was cut: a retryable
     /// [`BackendError::Protocol`].
     pub fn finish(self, end: StreamEnd) -> Result<ChatResponse, BackendError> {
-        if !self.stopped {
+        if self.phase != Phase::Stopped {
             let how = if end == StreamEnd::Truncated { "in the middle of an event" } else { "between events" };
-            let what = if self.started { "before message_stop" } else { "before message_start" };
+            let what = if self.phase == Phase::Started { "before message_stop" } else { "before message_start" };
             return Err(BackendError::Protocol(format!(
                 "Anthropic stream ended {how} {what} ({} bytes of text received)",
                 self.content.len()
@@ -349,9 +371,8 @@ pub fn parse_message(body: &str) -> Result<ChatResponse, BackendError> {
         #[serde(default)]
         error: Option<Value>,
     }
-    let m: MessageWire = serde_json::from_str(body).map_err(|e| {
-        BackendError::Protocol(format!("malformed Anthropic message body ({e}): {}", clip(body, 200)))
-    })?;
+    let m: MessageWire = serde_json::from_str(body)
+        .map_err(|e| BackendError::Protocol(format!("malformed Anthropic message body ({e}): {}", clip(body, 200))))?;
     if m.kind.as_deref() == Some("error") || m.error.is_some() {
         let whole: Value = serde_json::from_str(body).unwrap_or(Value::Null);
         return Err(error_from_object(&whole, None));
@@ -423,6 +444,22 @@ mod tests {
             resp.usage,
             Usage { prompt_tokens: 2110, cached_tokens: 2000, completion_tokens: 7, cache_creation_tokens: 100 }
         );
+    }
+
+    #[test]
+    fn without_text_deltas_still_assembles_the_text() {
+        let text = "data: {\"type\":\"message_start\",\"message\":{}}\n\n\
+            data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"a\"}}\n\n\
+            data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"b\"}}\n\n\
+            data: {\"type\":\"message_stop\"}\n\n";
+        let mut sse = SseParser::new();
+        let mut asm = AnthropicStreamAssembler::without_text_deltas();
+        let mut out = Vec::new();
+        for ev in sse.feed(text.as_bytes()) {
+            asm.push_event(&ev, &mut out).unwrap();
+        }
+        assert_eq!(out, vec![StreamEvent::FirstToken]);
+        assert_eq!(asm.finish(sse.finish()).unwrap().content, "ab");
     }
 
     #[test]

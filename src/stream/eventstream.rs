@@ -20,9 +20,13 @@ pub const MAX_HEADERS_LEN: usize = 128 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventStreamError {
-    #[error("event-stream prelude CRC mismatch at byte {offset}: computed {computed:#010x}, frame says {expected:#010x}")]
+    #[error(
+        "event-stream prelude CRC mismatch at byte {offset}: computed {computed:#010x}, frame says {expected:#010x}"
+    )]
     PreludeCrc { offset: u64, expected: u32, computed: u32 },
-    #[error("event-stream message CRC mismatch at byte {offset}: computed {computed:#010x}, frame says {expected:#010x}")]
+    #[error(
+        "event-stream message CRC mismatch at byte {offset}: computed {computed:#010x}, frame says {expected:#010x}"
+    )]
     MessageCrc { offset: u64, expected: u32, computed: u32 },
     #[error("event-stream message at byte {offset} has invalid lengths (total {total}, headers {headers})")]
     BadLength { offset: u64, total: u32, headers: u32 },
@@ -92,7 +96,10 @@ impl Message {
             encode_header(h, &mut headers)?;
         }
         if headers.len() > MAX_HEADERS_LEN {
-            return Err(EventStreamError::Encode(format!("headers are {} bytes (max {MAX_HEADERS_LEN})", headers.len())));
+            return Err(EventStreamError::Encode(format!(
+                "headers are {} bytes (max {MAX_HEADERS_LEN})",
+                headers.len()
+            )));
         }
         let total = FRAME_OVERHEAD + headers.len() + self.payload.len();
         if total > MAX_MESSAGE_LEN {
@@ -113,8 +120,8 @@ impl Message {
 
 fn encode_header(h: &Header, out: &mut Vec<u8>) -> Result<(), EventStreamError> {
     let name = h.name.as_bytes();
-    let name_len =
-        u8::try_from(name.len()).map_err(|_| EventStreamError::Encode(format!("header name {:?} is over 255 bytes", h.name)))?;
+    let name_len = u8::try_from(name.len())
+        .map_err(|_| EventStreamError::Encode(format!("header name {:?} is over 255 bytes", h.name)))?;
     out.push(name_len);
     out.extend_from_slice(name);
     match &h.value {
@@ -419,9 +426,8 @@ mod tests {
     fn empty_message_matches_the_published_frame() {
         // An empty message is 16 bytes: total 0x10, headers 0, prelude CRC, message CRC. These bytes
         // are the AWS event-stream test suite's `empty_message` encoded vector.
-        let expected: [u8; 16] = [
-            0x00, 0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x05, 0xc2, 0x48, 0xeb, 0x7d, 0x98, 0xc8, 0xff,
-        ];
+        let expected: [u8; 16] =
+            [0x00, 0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x05, 0xc2, 0x48, 0xeb, 0x7d, 0x98, 0xc8, 0xff];
         assert_eq!(Message::default().encode().unwrap(), expected);
         let mut d = EventStreamDecoder::new();
         assert_eq!(d.feed(&expected).unwrap(), vec![Message::default()]);

@@ -322,7 +322,7 @@ pub(crate) fn generate(
             prompt_tokens + max_new_tokens
         ));
     }
-    let events = state.engine.submit(EngineRequest { prompt: tokens, max_new_tokens });
+    let events = state.engine.submit(EngineRequest { prompt: tokens, max_new_tokens, ..EngineRequest::default() });
     Ok(Generation { reply, pieces, max_new, prompt_tokens, events })
 }
 
