@@ -227,6 +227,18 @@ async fn anthropic_stream_event_order_and_tool_use() {
     assert_eq!(delta["delta"]["stop_reason"], "tool_use");
     assert!(delta["usage"]["output_tokens"].as_u64().unwrap() > 0);
 
+    let text = post(
+        &format!("{}/v1/messages", sim.url()),
+        &json!({"model": "sim-model", "max_tokens": 64, "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    let names: Vec<String> = sse_events(&text).into_iter().map(|(e, _)| e.unwrap()).collect();
+    assert_eq!(names[..4], ["message_start", "content_block_start", "ping", "content_block_delta"]);
+    assert_eq!(names.iter().filter(|n| *n == "ping").count(), 1);
+
     let resp = post(&format!("{}/v1/messages", sim.url()), &json!({"model": "sim-model", "messages": []})).await;
     assert_eq!(resp.status(), 400);
     let err: Value = json_of(resp).await;

@@ -304,7 +304,6 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, _headers: Heade
                 sink.send(sse_event("error", &error_body("overloaded_error", "Overloaded"))).await;
                 return;
             }
-            // (index of the open block, whether any block was opened yet)
             let mut open: Option<usize> = None;
             let mut next_index = 0usize;
             let mut pinged = false;
@@ -378,15 +377,15 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, _headers: Heade
                     // Ruled out before submitting (see `generate`).
                     EngineEvent::Rejected { .. } => return,
                 }
-                let opened = !frames.is_empty() && !pinged && next_index > 0;
-                for frame in frames {
-                    if !sink.send(frame).await {
-                        return;
+                // Anthropic sends one `ping` right after the first content block starts.
+                if !pinged {
+                    if let Some(at) = frames.iter().position(|f| f.starts_with(b"event: content_block_start")) {
+                        frames.insert(at + 1, sse_event("ping", &json!({"type": "ping"})));
+                        pinged = true;
                     }
                 }
-                if opened {
-                    pinged = true;
-                    if !sink.send(sse_event("ping", &json!({"type": "ping"}))).await {
+                for frame in frames {
+                    if !sink.send(frame).await {
                         return;
                     }
                 }
