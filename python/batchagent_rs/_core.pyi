@@ -25,6 +25,7 @@ class RunError(RuntimeError):
 def check_schema(schema_json: str) -> None:
     """Compile a JSON Schema as a run would; raises `SchemaError` naming the bad part."""
 
+@final
 class Run:
     """One batch run. Created from the spec and options as JSON; starts at once and waits for inputs."""
 
