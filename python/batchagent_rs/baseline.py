@@ -76,10 +76,10 @@ async def run_naive(
                 for c in message.tool_calls or []
                 if c.type == "function"
             ]
-        chunks = await client.chat.completions.create(
+        chunks = await client.chat.completions.create(  # type: ignore[call-overload]
             model=model,
-            messages=messages,  # type: ignore[arg-type]
-            tools=tool_defs or openai.NOT_GIVEN,  # type: ignore[arg-type]
+            messages=messages,
+            tools=tool_defs or openai.NOT_GIVEN,
             stream=True,
             stream_options={"include_usage": True},
         )

@@ -222,6 +222,7 @@ class Batch:
         response_cache: str | os.PathLike[str] | None = None,
         routing: str = "prefix_affinity",
         keep_session_headers: bool = False,
+        max_engine_queue: float | None = None,
     ) -> None:
         for t in tools:
             if not isinstance(t, Tool):
@@ -243,6 +244,8 @@ class Batch:
             schema = output
         else:
             raise TypeError("output must be a pydantic model class, a JSON Schema dict, or None")
+        if schema is not None:
+            _core.check_schema(json.dumps(schema))
         self._spec = {
             "model": model,
             "system": system,
@@ -274,6 +277,7 @@ class Batch:
             "response_cache": None if response_cache is None else os.fspath(response_cache),
             "routing": routing,
             "keep_session_headers": keep_session_headers,
+            "max_engine_queue": max_engine_queue,
         }
         self._on_result = on_result
         self._tool_threads = tool_threads
@@ -585,9 +589,9 @@ class _Driver:
                 fut.add_done_callback(self._sync_done)
                 self._track(fut)
         if fast:
-            fut = loop.run_in_executor(self._pool(), self._call_sync_many, fast)
-            fut.add_done_callback(self._sync_many_done)
-            self._track(fut)
+            many = loop.run_in_executor(self._pool(), self._call_sync_many, fast)
+            many.add_done_callback(self._sync_many_done)
+            self._track(many)
 
     def _is_fast(self, name: str) -> bool:
         count, total = self.tool_time.get(name, (0, 0.0))
