@@ -133,8 +133,10 @@ def test_log_records_do_not_tear_the_bar(tmp_path: Path, terminal: Callable[[str
 def test_dashboard_panels_and_terminal_restored(tmp_path: Path, terminal: Callable[[str], Pane]) -> None:
     write_prompts(tmp_path / "p.txt", 3000)
     pane = terminal(f"p.txt -o out.jsonl -c 64 --dashboard --backend '{SLOW_SIM}'")
-    live = pane.wait_for(lambda s: "recent results" in s and "ok   " in s)
+    # The engine's own figures (scraped from its /metrics) arrive after the first poll.
+    live = pane.wait_for(lambda s: "recent results" in s and "ok   " in s and "running" in s)
     assert pane.flag("alternate_on") == "1"
+    assert "queue" in live and "KV" in live and "prefix hits" in live
     for panel in (
         "batchagent run -> out.jsonl",
         "engine",

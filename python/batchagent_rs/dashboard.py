@@ -101,6 +101,10 @@ def _ms(value: Any) -> str:
     return f"{seconds * 1000:.0f} ms"
 
 
+def _count(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.0f}"
+
+
 def _pct(value: Any) -> str:
     return "-" if value is None else f"{float(value):.0%}"
 
@@ -273,15 +277,16 @@ class Dashboard:
                 f"  {name[:22]:<22} {state} {endpoint.get('outstanding', 0)}/{endpoint.get('limit', '-')}"
                 f"  {endpoint.get('served', 0)} served  {endpoint.get('failovers', 0)} failovers"
             )
+        # The engines' own figures, scraped from their /metrics: one reading per endpoint, or none yet.
         engine = stats.get("engine")
         readings = engine if isinstance(engine, list) else [engine] if isinstance(engine, dict) else []
-        for reading in readings:
+        for i, reading in enumerate(readings):
             if not isinstance(reading, dict):
                 continue
-            name = reading.get("backend") or reading.get("url") or "engine"
+            label = "engine" if len(readings) == 1 else f"engine {i + 1}"
             rows.append(
-                f"{str(name)[:13]:<13} waiting {reading.get('waiting', '-')}"
-                f"  running {reading.get('running', '-')}"
+                f"{label:<13} queue {_count(reading.get('waiting'))}"
+                f"  running {_count(reading.get('running'))}"
                 f"  KV {_pct(reading.get('kv_usage'))}  prefix hits {_pct(reading.get('prefix_hit_rate'))}"
             )
         return rows
