@@ -648,6 +648,10 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run a task over every record of a file",
         description="Run a task over every record of an input file; results go to JSONL as they finish.",
+        epilog=(
+            "Exit status: 0 when every input has a result (failed jobs are results too), 2 for a setting "
+            "to fix (the message says which), 130 when interrupted (run again with --resume)."
+        ),
     )
     _add_run_options(run)
 
