@@ -210,7 +210,7 @@ class Batch:
         agent_timeout: float | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
-        stream: bool = True,
+        stream: bool | None = None,
         warm_prefix: bool = True,
         schema_mode: str = "auto",
         on_result: OnResult | None = None,

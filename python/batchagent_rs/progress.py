@@ -93,11 +93,10 @@ class Progress:
             bar = "#" * filled + "-" * (width - filled)
             remaining = self.total - done
             eta = 0.0 if remaining <= 0 else remaining / rate if rate > 0 else float("inf")
-            parts.append(f"[{bar}] {done}/{self.total} {frac:4.0%}")
-            tail = f"ETA {fmt_duration(eta)}"
+            # The ETA goes right after the bar: on a narrow terminal the line is cut from the right.
+            parts.append(f"[{bar}] {done}/{self.total} {frac:4.0%} ETA {fmt_duration(eta)}")
         else:
-            parts.append(f"{c['done']} done")
-            tail = f"elapsed {fmt_duration(elapsed)}"
+            parts.append(f"{c['done']} done, elapsed {fmt_duration(elapsed)}")
         counts = f"ok {c['ok']} failed {c['failed']} in flight {c['in_flight']}"
         if c["skipped"]:
             counts += f" resumed past {c['skipped']}"
@@ -106,7 +105,6 @@ class Progress:
         if c["response_lookups"]:
             cache += f" response cache {c['response_hits'] / c['response_lookups']:.0%}"
         parts.append(f"{rate:.1f}/s {self.tokens_per_s:,.0f} tok/s {cache}")
-        parts.append(tail)
         return "  ".join(parts)
 
     def update(self, stats: dict[str, Any], *, force: bool = False) -> None:
