@@ -341,7 +341,8 @@ impl PyRun {
             keep_session_headers: options.keep_session_headers,
             ..FleetOptions::default()
         };
-        let connect_options = ConnectOptions { api_key: options.api_key, ..ConnectOptions::default() };
+        let connect_options =
+            ConnectOptions { api_key: options.api_key, agent_hints: spec.agent_hints, ..ConnectOptions::default() };
         let mut connected = py
             .allow_threads(|| runtime.block_on(connect_fleet(&urls, &connect_options, fleet_options)))
             .map_err(|e| backend_error(&e))?;
