@@ -85,7 +85,11 @@ def child_baseline(url: str, n: int, inflight: int, stream: bool) -> dict[str, A
             "function": {
                 "name": "lookup",
                 "description": "Look a key up.",
-                "parameters": {"type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"]},
+                "parameters": {
+                    "type": "object",
+                    "properties": {"key": {"type": "string"}},
+                    "required": ["key"],
+                },
             },
         }
     ]
@@ -94,13 +98,19 @@ def child_baseline(url: str, n: int, inflight: int, stream: bool) -> dict[str, A
         return key.upper()
 
     async def agent(item: dict[str, Any], sem: asyncio.Semaphore) -> tuple[bool, int]:
-        messages: list[Any] = [{"role": "system", "content": system}, {"role": "user", "content": TASK.format(**item)}]
+        messages: list[Any] = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": TASK.format(**item)},
+        ]
         for turn in range(1, 5):
             async with sem:
                 if stream:
                     text, calls = "", {}
                     chunks = await client.chat.completions.create(
-                        model="sim-model", messages=messages, tools=tools, stream=True  # type: ignore[arg-type]
+                        model="sim-model",
+                        messages=messages,
+                        tools=tools,
+                        stream=True,  # type: ignore[arg-type]
                     )
                     async for chunk in chunks:
                         if not chunk.choices:
@@ -115,7 +125,9 @@ def child_baseline(url: str, n: int, inflight: int, stream: bool) -> dict[str, A
                                 e["arguments"] += tc.function.arguments or ""
                     tool_calls = [calls[i] for i in sorted(calls)]
                 else:
-                    resp = await client.chat.completions.create(model="sim-model", messages=messages, tools=tools)  # type: ignore[arg-type]
+                    resp = await client.chat.completions.create(
+                        model="sim-model", messages=messages, tools=tools
+                    )  # type: ignore[arg-type]
                     msg = resp.choices[0].message
                     text = msg.content or ""
                     tool_calls = [
@@ -131,13 +143,19 @@ def child_baseline(url: str, n: int, inflight: int, stream: bool) -> dict[str, A
                     "role": "assistant",
                     "content": text or None,
                     "tool_calls": [
-                        {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                        {
+                            "id": c["id"],
+                            "type": "function",
+                            "function": {"name": c["name"], "arguments": c["arguments"]},
+                        }
                         for c in tool_calls
                     ],
                 }
             )
             for c in tool_calls:
-                messages.append({"role": "tool", "tool_call_id": c["id"], "content": lookup(**json.loads(c["arguments"]))})
+                messages.append(
+                    {"role": "tool", "tool_call_id": c["id"], "content": lookup(**json.loads(c["arguments"]))}
+                )
         return False, 4
 
     async def main() -> list[tuple[bool, int]]:
@@ -150,7 +168,12 @@ def child_baseline(url: str, n: int, inflight: int, stream: bool) -> dict[str, A
     cpu0, t0 = _cpu(), time.perf_counter()
     outcomes = asyncio.run(main())
     cpu, wall = _cpu() - cpu0, time.perf_counter() - t0
-    return {"ok": sum(o for o, _ in outcomes), "agent_turns": sum(t for _, t in outcomes), "cpu_s": cpu, "wall_s": wall}
+    return {
+        "ok": sum(o for o, _ in outcomes),
+        "agent_turns": sum(t for _, t in outcomes),
+        "cpu_s": cpu,
+        "wall_s": wall,
+    }
 
 
 def _free_port() -> int:
@@ -162,8 +185,23 @@ def _free_port() -> int:
 def _start_sim() -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "batchagent_rs.cli", "sim", "serve", "--port", str(port), "--time-scale", "0",
-         "--tool-rounds", "1", "--distinct-args", "1000000000", "--output-tokens", "fixed:16"],
+        [
+            sys.executable,
+            "-m",
+            "batchagent_rs.cli",
+            "sim",
+            "serve",
+            "--port",
+            str(port),
+            "--time-scale",
+            "0",
+            "--tool-rounds",
+            "1",
+            "--distinct-args",
+            "1000000000",
+            "--output-tokens",
+            "fixed:16",
+        ],
         stdout=subprocess.PIPE,
     )
     assert proc.stdout is not None
@@ -173,7 +211,18 @@ def _start_sim() -> tuple[subprocess.Popen[bytes], str]:
 
 def _run_child(kind: str, url: str, n: int, inflight: int, stream: bool) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", kind, "--url", url, "--agents", str(n), "--max-inflight", str(inflight)]
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            kind,
+            "--url",
+            url,
+            "--agents",
+            str(n),
+            "--max-inflight",
+            str(inflight),
+        ]
         + (["--stream"] if stream else []),
         check=True,
         capture_output=True,
@@ -212,7 +261,8 @@ def main() -> None:
         rows.append(row)
         print(
             f"N={n:>6}  batchagent {row['batchagent']['cpu_us_per_agent_turn']:8.1f} us/agent-turn "
-            f"({row['batchagent']['ok']} ok)  baseline {row['baseline']['cpu_us_per_agent_turn']:8.1f} us/agent-turn "
+            f"({row['batchagent']['ok']} ok)  "
+            f"baseline {row['baseline']['cpu_us_per_agent_turn']:8.1f} us/agent-turn "
             f"({row['baseline']['ok']} ok)  ratio {row['ratio']:.1f}x",
             flush=True,
         )
@@ -220,7 +270,11 @@ def main() -> None:
         "benchmark": "overhead",
         "stream": args.stream,
         "max_inflight": args.max_inflight,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
