@@ -101,7 +101,7 @@ def test_an_endpoint_that_comes_back_is_probed_back_in() -> None:
     first = simulator.start(profile="h100-qwen2.5-0.5b", time_scale=0.3, seed=1)
     other = simulator.start(profile="h100-qwen2.5-0.5b", time_scale=0.3, seed=2)
     port = int(first.url.rsplit(":", 1)[1])
-    killed = threading.Event()
+    down = threading.Event()
     back = threading.Event()
     revived: dict[str, simulator.Simulator] = {}
     finished = {"n": 0}
@@ -110,9 +110,10 @@ def test_an_endpoint_that_comes_back_is_probed_back_in() -> None:
     @tool(cache=False)
     def lookup(topic: str) -> str:
         """Look a topic up."""
-        # Agents that reach their tool after the kill wait until the endpoint is back, so their
-        # second turns are routed while both endpoints are live again.
-        if killed.is_set():
+        # Agents that reach their tool once the fleet has taken the endpoint out wait until it is
+        # back: the run cannot end before the prober had its chance, and their second turns are
+        # routed while both endpoints are live again.
+        if down.is_set():
             back.wait(30)
         return f"notes on {topic}"
 
@@ -126,6 +127,9 @@ def test_an_endpoint_that_comes_back_is_probed_back_in() -> None:
         backend=[url(first), url(other)],
         routing="least_outstanding",
         max_inflight=16,
+        # Few live agents at a time: agents are still being admitted (and calling the model) when
+        # the endpoint dies, so the fleet notices.
+        window=8,
         max_turns=3,
         on_result=on_result,
     )
@@ -134,11 +138,11 @@ def test_an_endpoint_that_comes_back_is_probed_back_in() -> None:
         if not wait_until(lambda: finished["n"] >= 10):
             return
         first.stop()
-        killed.set()
         if not wait_until(lambda: batch._run is not None and not endpoint(batch, first)["up"]):
             log.append("the fleet never marked the stopped endpoint down")
             back.set()
             return
+        down.set()
         revived["server"] = simulator.start(profile="h100-qwen2.5-0.5b", time_scale=0.3, seed=1, port=port)
         if not wait_until(lambda: batch._run is not None and endpoint(batch, first)["up"]):
             log.append("the prober never brought the endpoint back")
