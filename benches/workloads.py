@@ -406,18 +406,23 @@ def fleet_bench(args: argparse.Namespace) -> dict[str, Any]:
 # -- streaming tool dispatch overlap -------------------------------------------------------------
 
 
-def overlap_side(stream: bool, agents: int, parallel: int, scale: float, seed: int) -> dict[str, Any]:
+def overlap_side(
+    stream: bool, agents: int, parallel: int, scale: float, seed: int, slow_first: float
+) -> dict[str, Any]:
     """Each agent's first turn asks for `parallel` lookups at once. The last call of a turn is
     complete only at the turn's end (its arguments are the turn's last tokens), so `last start -
     earlier start` is a lower bound on how much earlier the earlier calls started than the turn's
-    end. One agent is live at a time (window=1) so each agent's calls are consecutive in `starts`."""
+    end. One agent is live at a time (window=1) so each agent's calls are consecutive in `starts`.
+    The first call of each turn takes `slow_first` seconds, the others 50 ms: with equal durations
+    the last call, which can only start at the turn's end, gates the next turn either way."""
     starts: list[float] = []
 
     @tool
     async def lookup(topic: str) -> str:
         """Look up the notes on a topic."""
         starts.append(time.perf_counter())
-        await asyncio.sleep(0.05 * scale)
+        first_of_turn = (len(starts) - 1) % parallel == 0
+        await asyncio.sleep((slow_first if first_of_turn else 0.05) * scale)
         return "notes"
 
     options = {
@@ -457,13 +462,16 @@ def overlap_side(stream: bool, agents: int, parallel: int, scale: float, seed: i
 
 def overlap_bench(args: argparse.Namespace) -> dict[str, Any]:
     sides = {
-        "streamed": overlap_side(True, args.overlap_agents, args.parallel, args.time_scale, args.seed),
-        "not_streamed": overlap_side(False, args.overlap_agents, args.parallel, args.time_scale, args.seed),
+        name: overlap_side(
+            stream, args.overlap_agents, args.parallel, args.time_scale, args.seed, args.slow_first_ms / 1000
+        )
+        for name, stream in (("streamed", True), ("not_streamed", False))
     }
     return {
         "workload": {
             "agents": args.overlap_agents,
             "parallel_tool_calls": args.parallel,
+            "first_call_ms": args.slow_first_ms,
             "profile": PROFILE,
             "note": "lead = last tool start of a turn minus each earlier start: a lower bound on "
             "how long before the turn ended a tool started",
@@ -542,6 +550,9 @@ def main() -> None:
     )
     p.add_argument("--overlap-agents", type=int, default=20)
     p.add_argument("--parallel", type=int, default=3, help="overlap: tool calls per turn")
+    p.add_argument(
+        "--slow-first-ms", type=float, default=50, help="overlap: duration of a turn's first tool call"
+    )
     args = p.parse_args()
 
     if args.workload == "fleet":
