@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
-use crate::prefix::prefix_key;
+use crate::prefix::prefix_keys;
 use crate::scheduler::aimd::AdaptiveLimit;
 
 /// One member of a fleet as `connect` builds it.
@@ -156,7 +156,7 @@ impl Fleet {
 
     /// Chooses an endpoint: among the live ones serving `model` that were not tried yet, the one
     /// holding the prefix unless it is overloaded, else the least outstanding (relative to its limit).
-    fn pick(&self, model: &str, key: Option<u64>, tried: &[usize]) -> Option<usize> {
+    fn pick(&self, model: &str, keys: &[(u64, usize)], tried: &[usize]) -> Option<usize> {
         let serves = |e: &Endpoint| e.models.lock().map_or(true, |m| m.is_empty() || m.iter().any(|x| x == model));
         let any_serves = self.endpoints.iter().any(|e| e.models.lock().is_ok_and(|m| m.iter().any(|x| x == model)));
         let candidates: Vec<usize> = (0..self.endpoints.len())
@@ -175,26 +175,44 @@ impl Fleet {
             return Some(candidates[self.turn.fetch_add(1, Relaxed) % candidates.len()]);
         }
         let least = candidates.iter().copied().min_by(|&a, &b| load(a).total_cmp(&load(b)))?;
-        let Some(key) = key.filter(|_| self.options.routing == Routing::PrefixAffinity) else { return Some(least) };
-        let mut affinity = self.affinity.lock().ok()?;
-        if let Some(&preferred) = affinity.get(&key) {
-            if candidates.contains(&preferred) {
-                let p = &self.endpoints[preferred];
-                let l = &self.endpoints[least];
-                let outstanding = p.outstanding.load(Relaxed);
-                if outstanding < p.limit.current()
-                    && outstanding <= l.outstanding.load(Relaxed) + self.options.affinity_slack
-                {
-                    return Some(preferred);
-                }
-                return Some(least);
-            }
+        if keys.is_empty() || self.options.routing != Routing::PrefixAffinity {
+            return Some(least);
         }
-        if affinity.len() >= MAX_AFFINITY_KEYS {
+        let mut affinity = self.affinity.lock().ok()?;
+        // The longest prefix already placed on a live candidate decides, unless most of this
+        // request's shareable prefix is new (a new document behind a short shared system prompt):
+        // then it goes where there is room, and its keys are learnt there.
+        let longest = keys.last().map_or(0, |&(_, len)| len);
+        let preferred = keys
+            .iter()
+            .rev()
+            .find_map(|(k, len)| affinity.get(k).copied().filter(|i| candidates.contains(i)).map(|i| (i, *len)))
+            .filter(|&(_, len)| 2 * len >= longest)
+            .map(|(i, _)| i);
+        let chosen = match preferred {
+            Some(p) => {
+                let e = &self.endpoints[p];
+                let outstanding = e.outstanding.load(Relaxed);
+                let overloaded = outstanding >= e.limit.current()
+                    || outstanding > self.endpoints[least].outstanding.load(Relaxed) + self.options.affinity_slack;
+                if overloaded {
+                    least
+                } else {
+                    p
+                }
+            }
+            None => least,
+        };
+        if affinity.len() + keys.len() > MAX_AFFINITY_KEYS {
             affinity.clear();
         }
-        affinity.insert(key, least);
-        Some(least)
+        for &(key, _) in keys {
+            // A key keeps its endpoint while that one is live: a spill-over does not move a prefix.
+            if !affinity.get(&key).is_some_and(|i| candidates.contains(i)) {
+                affinity.insert(key, chosen);
+            }
+        }
+        Some(chosen)
     }
 }
 
@@ -228,10 +246,10 @@ impl Backend for Fleet {
         events: Option<mpsc::UnboundedSender<StreamEvent>>,
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>> {
         Box::pin(async move {
-            let key = prefix_key(&request.messages, &request.tools, self.options.keep_session_headers);
+            let keys = prefix_keys(&request.messages, &request.tools, self.options.keep_session_headers);
             let mut tried = Vec::new();
             let mut last_error = None;
-            while let Some(i) = self.pick(&request.model, key, &tried) {
+            while let Some(i) = self.pick(&request.model, &keys, &tried) {
                 let endpoint = &self.endpoints[i];
                 endpoint.outstanding.fetch_add(1, Relaxed);
                 let outcome = endpoint.backend.chat(request.clone(), events.clone()).await;

@@ -58,6 +58,37 @@ pub fn strip_session_preamble(system: &str) -> &str {
     }
 }
 
+/// Lengths (in bytes) of the first user message's prefixes that get a routing key of their own: a
+/// batch that puts a shared document in the user message (one system prompt for all, a handful of
+/// documents, many questions) shares prefixes there, not in the system prompt.
+pub const USER_PREFIX_LENGTHS: [usize; 4] = [1 << 10, 1 << 12, 1 << 14, 1 << 16];
+
+/// Routing keys of a request's shared prefixes with the bytes each covers, shortest first: the
+/// system prompt and tools (if any), then each of [`USER_PREFIX_LENGTHS`] that the first user
+/// message reaches, chained onto it. A router sends a request where its longest known key went.
+pub fn prefix_keys(messages: &[Message], tools: &[ToolDef], keep_session_headers: bool) -> Vec<(u64, usize)> {
+    let base = prefix_key(messages, tools, keep_session_headers);
+    let base_len: usize =
+        messages.iter().take_while(|m| m.role == Role::System).map(|m| m.content.len()).sum::<usize>()
+            + tools.iter().map(|t| t.name.len() + t.description.len()).sum::<usize>();
+    let mut keys: Vec<(u64, usize)> = base.map(|k| (k, base_len)).into_iter().collect();
+    let Some(user) = messages.iter().find(|m| m.role == Role::User) else { return keys };
+    let text = user.content.as_str();
+    let mut h = Fnv::new();
+    h.write(&base.unwrap_or(0).to_le_bytes());
+    let mut hashed = 0;
+    for &len in &USER_PREFIX_LENGTHS {
+        if text.len() < len {
+            break;
+        }
+        // Byte prefixes: a cut inside a UTF-8 character is fine for hashing.
+        h.write(&text.as_bytes()[hashed..len]);
+        hashed = len;
+        keys.push((h.0, base_len + len));
+    }
+    keys
+}
+
 /// The routing key of a request's shared prefix, or `None` when it has no system prompt and no
 /// tools (nothing shared to route by).
 pub fn prefix_key(messages: &[Message], tools: &[ToolDef], keep_session_headers: bool) -> Option<u64> {
@@ -113,6 +144,24 @@ mod tests {
         let tool = ToolDef { name: "t".into(), description: String::new(), parameters: serde_json::json!({}) };
         assert_ne!(prefix_key(&a, &[], false), prefix_key(&a, std::slice::from_ref(&tool), false));
         assert_eq!(prefix_key(&[Message::user("u")], &[], false), None);
+    }
+
+    #[test]
+    fn documents_in_the_user_message_get_keys_of_their_own() {
+        let doc_a = "a".repeat(5000);
+        let doc_b = "b".repeat(5000);
+        let ask = |doc: &str, q: &str| [Message::system("You answer questions."), Message::user(format!("{doc}\n{q}"))];
+        let a1 = prefix_keys(&ask(&doc_a, "first?"), &[], false);
+        let a2 = prefix_keys(&ask(&doc_a, "second?"), &[], false);
+        let b1 = prefix_keys(&ask(&doc_b, "first?"), &[], false);
+        // system key + 1 KiB + 4 KiB prefixes (the 5 KB message does not reach 16 KiB)
+        assert_eq!(a1.len(), 3);
+        assert_eq!(a1, a2, "same document, different questions: same keys");
+        assert_eq!(a1[0], b1[0], "same system prompt");
+        assert_ne!(a1[1], b1[1]);
+        assert!(a1.windows(2).all(|w| w[0].1 < w[1].1), "shortest first");
+        // A short user message adds no key: nothing long is shared there.
+        assert_eq!(prefix_keys(&ask("", "short"), &[], false).len(), 1);
     }
 
     #[test]
