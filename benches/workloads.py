@@ -395,8 +395,8 @@ def fleet_bench(args: argparse.Namespace) -> dict[str, Any]:
             "max_inflight": args.fleet_inflight,
             "profile": f"{PROFILE} step costs, kv_capacity_tokens={args.kv_tokens}",
             "note": "the shared documents open the user message (a Batch has one system prompt); the "
-            "fleet keys affinity on the system prompt and tools only, so prefix_affinity routes these "
-            "prompts by least outstanding requests",
+            "fleet keys affinity on the system prompt and on 1/4/16/64 KiB prefixes of the first user "
+            "message; sharded_by_prefix is an oracle that sends each document to one simulator",
         },
         "sides": sides,
         "speedup": {f"round_robin_vs_{name}": base / side["makespan_s"] for name, side in sides.items()},
