@@ -561,6 +561,7 @@ impl PyRun {
         let durable = self.durable.clone();
         let fatal = self.fatal.clone();
         let deliver = self.deliver;
+        let feeds_from_python = self.input.is_none();
         let forward = runtime.spawn(async move {
             while let Some(result) = results_rx.recv().await {
                 let mut batch = vec![result];
@@ -575,12 +576,17 @@ impl PyRun {
                         true
                     }
                 });
-                shared.post(|outbox| {
-                    outbox.credit += freed;
-                    if deliver {
-                        outbox.results.append(&mut batch);
-                    }
-                });
+                // When the core reads the inputs itself and Python does not want the results,
+                // nothing here concerns Python: no wake-up (it would cost a syscall and a loop turn
+                // per batch of results for nothing).
+                if deliver || feeds_from_python {
+                    shared.post(|outbox| {
+                        outbox.credit += freed;
+                        if deliver {
+                            outbox.results.append(&mut batch);
+                        }
+                    });
+                }
             }
             if let Err(e) = durable.flush() {
                 record_fatal(&fatal, e.to_string());
