@@ -147,7 +147,11 @@ fn signature_verifies(path: &str, headers: &HeaderMap, body: &[u8]) -> bool {
     let Some(date) = headers.get("x-amz-date").and_then(|v| v.to_str().ok()) else { return false };
     let signed_headers: Vec<(String, String)> = signed
         .split(';')
-        .map(|n| (n.to_owned(), headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned()))
+        .map(|n| {
+            // Repeated headers are signed joined with commas, as AWS does on its side.
+            let values: Vec<&str> = headers.get_all(n).iter().filter_map(|v| v.to_str().ok()).collect();
+            (n.to_owned(), values.join(","))
+        })
         .collect();
     let creds = credentials(headers.contains_key("x-amz-security-token"));
     let expected = sigv4::sign(
@@ -245,6 +249,7 @@ async fn converse_stream_with_tool_call_signed_with_session_token() {
     assert_eq!(seen.headers["x-amz-security-token"], "session-token-value");
     assert_eq!(seen.headers["x-amz-date"].len(), 16);
     assert_eq!(seen.headers["accept"], "application/vnd.amazon.eventstream");
+    assert_eq!(seen.headers.get_all("content-type").iter().count(), 1);
 
     // Body shape: cache points after the system prompt and the tools (model on the allow-list).
     let b = &seen.body;

@@ -140,6 +140,29 @@ async fn openai_chat_non_stream_checks_n_model_request_id_and_length() {
 }
 
 #[tokio::test]
+async fn openai_tool_choice_is_honoured() {
+    let sim = start("tool_rounds=0").await;
+    let url = format!("{}/v1/chat/completions", sim.url());
+    let mut tools = weather_tools();
+    tools.as_array_mut().unwrap().push(json!({"type": "function", "function": {"name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}));
+    let ask = |choice: Value| {
+        json!({"model": "sim-model", "tools": tools, "tool_choice": choice,
+        "messages": [{"role": "user", "content": "now?"}]})
+    };
+    let auto = json_of(post(&url, &ask(json!("auto"))).await).await;
+    assert_eq!(auto["choices"][0]["finish_reason"], "stop", "tool_rounds=0 answers at once: {auto}");
+    let named = json_of(post(&url, &ask(json!({"type": "function", "function": {"name": "get_time"}}))).await).await;
+    assert_eq!(named["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "get_time");
+    let required = json_of(post(&url, &ask(json!("required"))).await).await;
+    assert_eq!(required["choices"][0]["finish_reason"], "tool_calls");
+    let missing = post(&url, &ask(json!({"type": "function", "function": {"name": "nope"}}))).await;
+    assert_eq!(missing.status(), 400);
+    assert!(json_of(missing).await["error"]["message"].as_str().unwrap().contains("nope"));
+    sim.stop().await;
+}
+
+#[tokio::test]
 async fn completions_take_a_list_of_prompts() {
     let sim = start("").await;
     let url = format!("{}/v1/completions", sim.url());
@@ -203,6 +226,18 @@ async fn anthropic_stream_event_order_and_tool_use() {
     let delta: Value = serde_json::from_str(&events[events.len() - 2].1).unwrap();
     assert_eq!(delta["delta"]["stop_reason"], "tool_use");
     assert!(delta["usage"]["output_tokens"].as_u64().unwrap() > 0);
+
+    let text = post(
+        &format!("{}/v1/messages", sim.url()),
+        &json!({"model": "sim-model", "max_tokens": 64, "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    let names: Vec<String> = sse_events(&text).into_iter().map(|(e, _)| e.unwrap()).collect();
+    assert_eq!(names[..4], ["message_start", "content_block_start", "ping", "content_block_delta"]);
+    assert_eq!(names.iter().filter(|n| *n == "ping").count(), 1);
 
     let resp = post(&format!("{}/v1/messages", sim.url()), &json!({"model": "sim-model", "messages": []})).await;
     assert_eq!(resp.status(), 400);
@@ -343,6 +378,21 @@ async fn faults_break_responses_as_configured() {
     let resp = post(&format!("{}/v1/chat/completions", sim.url()), &msg).await;
     assert_eq!(resp.status(), 200);
     assert!(resp.text().await.is_err(), "a reset must surface as a body error");
+    sim.stop().await;
+
+    // Damage lands inside what is actually streamed: tool calls (mostly swallowed markup tokens)
+    // and replies cut short by max_tokens.
+    let sim = start("fault_reset=1").await;
+    let tool_stream = json!({"model": "sim-model", "stream": true, "tools": weather_tools(),
+        "messages": [{"role": "user", "content": "x"}]});
+    let cut_short = json!({"model": "sim-model", "stream": true, "max_tokens": 3, "sim": {"output_tokens": "fixed:200"},
+        "messages": [{"role": "user", "content": "x"}]});
+    for body in [&tool_stream, &cut_short] {
+        for route in ["/v1/chat/completions", "/api/chat"] {
+            let resp = post(&format!("{}{route}", sim.url()), body).await;
+            assert!(resp.text().await.is_err(), "{route} {body}");
+        }
+    }
     sim.stop().await;
 
     let sim = start("fault_malformed=1").await;

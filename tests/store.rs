@@ -337,13 +337,13 @@ fn csv_quoting_cases() {
     assert_eq!(rec(3).fields["text"], "unquoted \"inner\" quote");
     match &items[4] {
         Err(InputError::BadLine { line: 8, index: 4, message, .. }) => {
-            assert!(message.contains("4 field"), "{message}")
+            assert!(message.contains("4 field"), "{message}");
         }
         other => panic!("{other:?}"),
     }
     match &items[5] {
         Err(InputError::BadLine { line: 9, index: 5, message, .. }) => {
-            assert!(message.contains("closing quote"), "{message}")
+            assert!(message.contains("closing quote"), "{message}");
         }
         other => panic!("{other:?}"),
     }

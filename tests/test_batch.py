@@ -128,9 +128,22 @@ def test_bad_json_answers_are_repaired_or_retried() -> None:
     results = batch.run(inputs(80))
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     assert all(isinstance(r.output, Review) for r in results)
-    report = batch.report()
-    assert report.validation_retries > 0
+    assert batch.report().validation_retries > 0
+
+
+def test_truncated_json_answers_are_repaired_or_retried() -> None:
+    # A cut near the end repairs into a valid answer; a cut earlier loses a required field and is
+    # retried with the validation error fed back.
+    batch = Batch(
+        "Review {path}.",
+        output=Review,
+        backend=f"sim://?{FAST}&truncated_json_rate=0.5",
+        validation_retries=10,
+    )
+    results = batch.run(inputs(40))
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     assert any(r.repaired for r in results)
+    assert batch.report().validation_retries > 0
 
 
 def test_custom_pydantic_validator_failures_are_fed_back() -> None:
@@ -247,3 +260,44 @@ def test_run_refuses_a_running_loop() -> None:
             Batch("x {path}", backend=f"sim://?{FAST}").run(inputs(1))
 
     asyncio.run(main())
+
+
+def test_ctrl_c_stops_a_run_cleanly(tmp_path: Any) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "from batchagent_rs import Batch, tool\n"
+        "@tool\n"
+        "async def slow(path: str) -> str:\n"
+        "    import asyncio\n"
+        "    await asyncio.sleep(0.2)\n"
+        "    return 'x'\n"
+        "b = Batch('Review {path}.', tools=[slow], backend='sim://?time_scale=0.05&tool_rounds=3',"
+        f" journal={str(tmp_path / 'j.sqlite')!r})\n"
+        "print('started', flush=True)\n"
+        "try:\n"
+        "    b.run([{'path': str(i)} for i in range(500)])\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+        "    sys.exit(130)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "interrupted" in out
+    # The journal is intact: it opens and holds the turns and results written before the interrupt.
+    import sqlite3
+
+    con = sqlite3.connect(tmp_path / "j.sqlite")
+    assert con.execute("pragma integrity_check").fetchone()[0] == "ok"

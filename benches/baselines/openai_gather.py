@@ -24,7 +24,9 @@ def main() -> None:
     p.add_argument("--agents", type=int, default=100)
     p.add_argument("--max-inflight", type=int, default=32)
     p.add_argument("--tool-seconds", type=float, default=0.8)
-    p.add_argument("--per-call-semaphore", action="store_true", help="hold the semaphore only around model calls")
+    p.add_argument(
+        "--per-call-semaphore", action="store_true", help="hold the semaphore only around model calls"
+    )
     args = p.parse_args()
     outcome = asyncio.run(
         run_naive(

@@ -1,6 +1,6 @@
 """The native core of BatchAgent (Rust). Private: import from `batchagent_rs`."""
 
-from typing import Any
+from typing import Any, final
 
 __version__: str
 
@@ -22,6 +22,10 @@ class JournalError(OSError):
 class RunError(RuntimeError):
     """The run cannot continue."""
 
+def check_schema(schema_json: str) -> None:
+    """Compile a JSON Schema as a run would; raises `SchemaError` naming the bad part."""
+
+@final
 class Run:
     """One batch run. Created from the spec and options as JSON; starts at once and waits for inputs."""
 
@@ -39,7 +43,14 @@ class Run:
         """A file descriptor that becomes readable when `take_events()` has something."""
     def take_events(
         self,
-    ) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, list[str]]], list[tuple[int, str, str]], str, int, bool]:
+    ) -> tuple[
+        list[tuple[int, str, str]],
+        list[tuple[int, str, list[str]]],
+        list[tuple[int, str, str]],
+        str,
+        int,
+        bool,
+    ]:
         """`(tool_calls, batch_calls, validations, results_json, credit, done)`."""
     def complete_tools(self, items: list[tuple[int, bool, str]]) -> None:
         """Answers `(call id, ok, text)` for tool calls."""
@@ -56,3 +67,18 @@ class Run:
         """Base URL of the embedded simulator when the backend is `sim://`."""
     def error(self) -> str | None:
         """Why the run's output is incomplete (a journal or output write failed), if it is."""
+
+@final
+class SimServer:
+    """A running engine simulator (OpenAI, Anthropic and Ollama protocols) on a loopback port."""
+
+    @property
+    def url(self) -> str:
+        """Base URL, `http://127.0.0.1:PORT`."""
+    def stats(self) -> dict[str, Any]:
+        """What `GET /sim/stats` returns."""
+    def stop(self) -> None:
+        """Stop serving and end the engine loop; a second call does nothing."""
+
+def start_sim(options: dict[str, str | int | float | bool]) -> SimServer:
+    """Start a simulator with the options of a `sim://` URL query; returns once it listens."""

@@ -54,9 +54,10 @@ async def run_naive(
     ttfts: list[float] = []
     counters = {"tools": 0, "calls": 0}
     if output is not None:
+        schema = json.dumps(output.model_json_schema(), separators=(",", ":"))
         system = (
-            f"{system}\n\nWhen you give your final answer, reply with only a JSON value that conforms to this "
-            f"JSON Schema:\n```json\n{json.dumps(output.model_json_schema(), separators=(',', ':'))}\n```"
+            f"{system}\n\nWhen you give your final answer, reply with only a JSON value that conforms "
+            f"to this JSON Schema:\n```json\n{schema}\n```"
         )
 
     async def call_model(messages: list[dict[str, Any]]) -> Any:
@@ -75,10 +76,10 @@ async def run_naive(
                 for c in message.tool_calls or []
                 if c.type == "function"
             ]
-        chunks = await client.chat.completions.create(
+        chunks = await client.chat.completions.create(  # type: ignore[call-overload]
             model=model,
-            messages=messages,  # type: ignore[arg-type]
-            tools=tool_defs or openai.NOT_GIVEN,  # type: ignore[arg-type]
+            messages=messages,
+            tools=tool_defs or openai.NOT_GIVEN,
             stream=True,
             stream_options={"include_usage": True},
         )
@@ -135,7 +136,11 @@ async def run_naive(
                     "role": "assistant",
                     "content": text or None,
                     "tool_calls": [
-                        {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                        {
+                            "id": c["id"],
+                            "type": "function",
+                            "function": {"name": c["name"], "arguments": c["arguments"]},
+                        }
                         for c in calls
                     ],
                 }

@@ -128,13 +128,21 @@ class RunReport:
             ("wall time", f"{self.wall_seconds:.2f} s"),
             ("agents/s", f"{self.agents_per_second:.1f}"),
             ("model calls", f"{self.model_calls} ({self.retries} retries, {self.throttled} throttled)"),
-            ("tokens", f"{self.prompt_tokens} prompt ({self.cached_tokens} cached), {self.completion_tokens} completion"),
+            (
+                "tokens",
+                f"{self.prompt_tokens} prompt ({self.cached_tokens} cached), "
+                f"{self.completion_tokens} completion",
+            ),
             ("prefix cache hit rate", f"{self.cache_hit_rate:.1%}"),
             (
                 "tool calls",
-                f"{self.tool_requests} requested, {self.tool_executions} executed, {self.tool_cache_hits} from cache",
+                f"{self.tool_requests} requested, {self.tool_executions} executed, "
+                f"{self.tool_cache_hits} from cache",
             ),
-            ("TTFT p50 / p95 / p99", f"{ms(self.ttft.get('p50'))} / {ms(self.ttft.get('p95'))} / {ms(self.ttft.get('p99'))}"),
+            (
+                "TTFT p50 / p95 / p99",
+                f"{ms(self.ttft.get('p50'))} / {ms(self.ttft.get('p95'))} / {ms(self.ttft.get('p99'))}",
+            ),
             ("job latency p50 / p95", f"{ms(self.latency.get('p50'))} / {ms(self.latency.get('p95'))}"),
         ]
         if self.errors_by_kind:
@@ -214,6 +222,7 @@ class Batch:
         response_cache: str | os.PathLike[str] | None = None,
         routing: str = "prefix_affinity",
         keep_session_headers: bool = False,
+        max_engine_queue: float | None = None,
     ) -> None:
         for t in tools:
             if not isinstance(t, Tool):
@@ -235,6 +244,8 @@ class Batch:
             schema = output
         else:
             raise TypeError("output must be a pydantic model class, a JSON Schema dict, or None")
+        if schema is not None:
+            _core.check_schema(json.dumps(schema))
         self._spec = {
             "model": model,
             "system": system,
@@ -266,6 +277,7 @@ class Batch:
             "response_cache": None if response_cache is None else os.fspath(response_cache),
             "routing": routing,
             "keep_session_headers": keep_session_headers,
+            "max_engine_queue": max_engine_queue,
         }
         self._on_result = on_result
         self._tool_threads = tool_threads
@@ -330,7 +342,11 @@ class Batch:
         progress_interval: float = 0.2,
     ) -> RunReport:
         options = dict(self._options)
-        options["input"] = {"path": os.fspath(input), "format": input_format, "skip_bad_lines": skip_bad_lines}
+        options["input"] = {
+            "path": os.fspath(input),
+            "format": input_format,
+            "skip_bad_lines": skip_bad_lines,
+        }
         options["output"] = os.fspath(output)
         options["deliver_results"] = False
         driver = _Driver(self, None, options, on_progress, progress_interval)
@@ -419,7 +435,10 @@ class _Driver:
         pending: list[tuple[str, int, str]] | None = None
         if isinstance(self.inputs, Sequence):
             # A list can be checked whole before anything is sent.
-            pending = [(job_id, i, text) for i, (job_id, text) in enumerate(_input_json(i, x) for i, x in enumerate(self.inputs))]
+            pending = [
+                (job_id, i, text)
+                for i, (job_id, text) in enumerate(_input_json(i, x) for i, x in enumerate(self.inputs))
+            ]
         run = _core.Run(json.dumps(batch._spec), json.dumps(self.options))
         if pending is not None:
             run.check_inputs([(i, text) for _, i, text in pending])
@@ -553,7 +572,9 @@ class _Driver:
             self.executor = ThreadPoolExecutor(self.batch._tool_threads, thread_name_prefix="batchagent-tool")
         return self.executor
 
-    def _dispatch_tools(self, run: _core.Run, loop: asyncio.AbstractEventLoop, calls: list[tuple[int, str, str]]) -> None:
+    def _dispatch_tools(
+        self, run: _core.Run, loop: asyncio.AbstractEventLoop, calls: list[tuple[int, str, str]]
+    ) -> None:
         fast: list[tuple[int, Tool, str]] = []
         for call_id, name, arguments in calls:
             t = self.tools.get(name)
@@ -568,9 +589,9 @@ class _Driver:
                 fut.add_done_callback(self._sync_done)
                 self._track(fut)
         if fast:
-            fut = loop.run_in_executor(self._pool(), self._call_sync_many, fast)
-            fut.add_done_callback(self._sync_many_done)
-            self._track(fut)
+            many = loop.run_in_executor(self._pool(), self._call_sync_many, fast)
+            many.add_done_callback(self._sync_many_done)
+            self._track(many)
 
     def _is_fast(self, name: str) -> bool:
         count, total = self.tool_time.get(name, (0, 0.0))
@@ -611,7 +632,9 @@ class _Driver:
         try:
             kwargs = t.parse_arguments(arguments)
         except pydantic.ValidationError as exc:
-            self._finish_call(call_id, False, f"invalid arguments for {t.name}: {exc.errors(include_url=False)}")
+            self._finish_call(
+                call_id, False, f"invalid arguments for {t.name}: {exc.errors(include_url=False)}"
+            )
             return
         try:
             value = await t.fn(**kwargs)
@@ -633,7 +656,9 @@ class _Driver:
                 values = await asyncio.get_running_loop().run_in_executor(self._pool(), handler, parsed)
             values = list(values)
             if len(values) != len(arguments):
-                raise ValueError(f"batch handler of {name} returned {len(values)} results for {len(arguments)} calls")
+                raise ValueError(
+                    f"batch handler of {name} returned {len(values)} results for {len(arguments)} calls"
+                )
             run.complete_batches([(batch_id, True, [(True, encode_result(v)) for v in values], "")])
         except asyncio.CancelledError:
             raise

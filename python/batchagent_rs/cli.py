@@ -35,12 +35,16 @@ _SIM_FLAGS = [
 
 def _add_sim_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="h100-qwen2.5-7b", help="engine profile (default h100-qwen2.5-7b)")
-    p.add_argument("--time-scale", type=float, default=1.0, help="simulated seconds per real second (0.01 = 100x faster)")
+    p.add_argument(
+        "--time-scale", type=float, default=1.0, help="simulated seconds per real second (0.01 = 100x faster)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="sim-model", help="served model name")
     for flag, _, text in _SIM_FLAGS:
         p.add_argument(flag, help=text)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other simulator setting")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any other simulator setting"
+    )
 
 
 def _sim_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,7 +72,10 @@ def _cmd_sim_serve(args: argparse.Namespace) -> int:
         port=args.port,
         **_sim_options(args),
     )
-    print(f"simulator listening on {server.url} (profile {args.profile}, time scale {args.time_scale})", flush=True)
+    print(
+        f"simulator listening on {server.url} (profile {args.profile}, time scale {args.time_scale})",
+        flush=True,
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

@@ -72,6 +72,17 @@ def inputs(n: int) -> list[dict[str, Any]]:
 TASK = "Question {n}: what should we know about {topic}? Use the lookup tool, then answer."
 
 
+def _simulator(profile: str, time_scale: float) -> sim.Simulator:
+    return sim.start(
+        profile=profile,
+        time_scale=time_scale,
+        seed=1,
+        tool_rounds=1,
+        distinct_args=len(TOPICS),
+        output_tokens="uniform:30:90",
+    )
+
+
 def run_demo(
     *,
     agents: int = 300,
@@ -85,7 +96,6 @@ def run_demo(
     out = out if out is not None else sys.stdout
     system = system_prompt()
     items = inputs(agents)
-    sim_options = {"tool_rounds": 1, "distinct_args": len(TOPICS), "output_tokens": "uniform:30:90"}
     scaled_tool = tool_seconds * time_scale
     print(
         f"BatchAgent demo: {agents} two-turn agents, a ~2,048-token shared system prompt, one "
@@ -93,7 +103,7 @@ def run_demo(
         f"(profile {profile}, time scale {time_scale})",
         file=out,
     )
-    with sim.start(profile=profile, time_scale=time_scale, seed=1, **sim_options) as server:
+    with _simulator(profile, time_scale) as server:
         batch = Batch(
             TASK,
             system=system,
@@ -125,7 +135,7 @@ def run_demo(
     print("\nBatchAgent run report\n" + report.table(), file=out)
     summary: dict[str, Any] = {"batchagent": report.to_dict()}
     if baseline:
-        with sim.start(profile=profile, time_scale=time_scale, seed=1, **sim_options) as server:
+        with _simulator(profile, time_scale) as server:
             naive_progress = Progress(agents, stream=sys.stderr, label="naive loop")
             done = {"n": 0}
 

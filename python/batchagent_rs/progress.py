@@ -21,7 +21,9 @@ def _fmt_duration(seconds: float) -> str:
 class Progress:
     """Renders run counters. Call `update(stats)` as often as you like; it throttles itself."""
 
-    def __init__(self, total: int | None, *, stream: TextIO | None = None, label: str = "", log_every: float = 5.0):
+    def __init__(
+        self, total: int | None, *, stream: TextIO | None = None, label: str = "", log_every: float = 5.0
+    ):
         self.total = total
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty()

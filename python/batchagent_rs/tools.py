@@ -146,7 +146,9 @@ def tool(
 ) -> Callable[[Callable[..., Any]], Tool]: ...
 
 
-def tool(fn: Callable[..., Any] | None = None, /, **options: Any) -> Tool | Callable[[Callable[..., Any]], Tool]:
+def tool(
+    fn: Callable[..., Any] | None = None, /, **options: Any
+) -> Tool | Callable[[Callable[..., Any]], Tool]:
     """Declare a tool. Sync functions run in a thread pool, async ones on the caller's event loop.
 
     - `cache=True`: identical calls (same arguments) are served from a cache (`cache_ttl` seconds,

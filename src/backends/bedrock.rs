@@ -2,11 +2,12 @@
 //! streamed answer is an AWS event stream (`application/vnd.amazon.eventstream`) whose messages
 //! carry one JSON event each.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::BoxFuture;
-use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{HeaderMap, ACCEPT, RETRY_AFTER};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
@@ -215,8 +216,9 @@ impl BedrockBackend {
         let mut response = self
             .client
             .post(format!("{}{path}", self.endpoint))
+            // `content-type` is among the signed headers already; a second one would break the
+            // signature (AWS signs repeated headers joined with commas).
             .headers(headers)
-            .header(CONTENT_TYPE, "application/json")
             .timeout(self.options.request_timeout)
             .body(body)
             .send()
@@ -548,6 +550,54 @@ pub fn parse_converse(body: &[u8]) -> Result<ChatResponse, BackendError> {
     })
 }
 
+/// The payload of any `ConverseStream` event, in one flat shape (unknown fields such as the `p`
+/// padding are skipped without being built).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EventWire<'a> {
+    #[serde(default)]
+    content_block_index: Option<usize>,
+    #[serde(default)]
+    start: Option<StartWire>,
+    #[serde(default, borrow)]
+    delta: Option<DeltaWire<'a>>,
+    #[serde(default, borrow)]
+    stop_reason: Option<Cow<'a, str>>,
+    #[serde(default)]
+    usage: Option<UsageWire>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StartWire {
+    #[serde(default)]
+    tool_use: Option<ToolUseStartWire>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolUseStartWire {
+    #[serde(default)]
+    tool_use_id: String,
+    #[serde(default)]
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeltaWire<'a> {
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    tool_use: Option<ToolUseDeltaWire<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ToolUseDeltaWire<'a> {
+    #[serde(default, borrow)]
+    input: Option<Cow<'a, str>>,
+}
+
 #[derive(Debug)]
 enum StreamBlock {
     Text,
@@ -595,24 +645,23 @@ impl ConverseStreamAssembler {
         let Some(event_type) = message.header_str(":event-type") else {
             return Err(BackendError::Protocol("ConverseStream event without an :event-type header".into()));
         };
-        let payload: Value = serde_json::from_slice(&message.payload).map_err(|e| {
+        let payload: EventWire = serde_json::from_slice(&message.payload).map_err(|e| {
             BackendError::Protocol(format!(
-                "ConverseStream {event_type} payload is not JSON ({e}): {}",
+                "ConverseStream {event_type} payload is not the expected JSON ({e}): {}",
                 clip(&String::from_utf8_lossy(&message.payload))
             ))
         })?;
-        let index = payload.get("contentBlockIndex").and_then(Value::as_u64).map(|i| i as usize);
+        let index = || payload.content_block_index.ok_or_else(|| missing(event_type, "contentBlockIndex"));
         match event_type {
             "contentBlockStart" => {
-                let index = index.ok_or_else(|| missing(event_type, "contentBlockIndex"))?;
-                if let Some(tu) = payload.pointer("/start/toolUse") {
+                let index = index()?;
+                if let Some(tu) = payload.start.as_ref().and_then(|s| s.tool_use.as_ref()) {
                     self.mark_first_token(out);
-                    let field = |k: &str| tu.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
                     self.set_block(
                         index,
                         StreamBlock::Tool {
-                            id: field("toolUseId"),
-                            name: field("name"),
+                            id: tu.tool_use_id.clone(),
+                            name: tu.name.clone(),
                             input: String::new(),
                             announced: false,
                         },
@@ -620,9 +669,9 @@ impl ConverseStreamAssembler {
                 }
             }
             "contentBlockDelta" => {
-                let index = index.ok_or_else(|| missing(event_type, "contentBlockIndex"))?;
-                let delta = payload.get("delta").ok_or_else(|| missing(event_type, "delta"))?;
-                if let Some(text) = delta.get("text").and_then(Value::as_str) {
+                let index = index()?;
+                let delta = payload.delta.as_ref().ok_or_else(|| missing(event_type, "delta"))?;
+                if let Some(text) = &delta.text {
                     if self.blocks.get(index).is_none_or(Option::is_none) {
                         self.set_block(index, StreamBlock::Text);
                     }
@@ -630,10 +679,10 @@ impl ConverseStreamAssembler {
                         self.mark_first_token(out);
                         self.content.push_str(text);
                         if !self.no_text_deltas {
-                            out.push(StreamEvent::TextDelta(text.to_owned()));
+                            out.push(StreamEvent::TextDelta(text.clone().into_owned()));
                         }
                     }
-                } else if let Some(fragment) = delta.pointer("/toolUse/input").and_then(Value::as_str) {
+                } else if let Some(fragment) = delta.tool_use.as_ref().and_then(|t| t.input.as_ref()) {
                     match self.blocks.get_mut(index) {
                         Some(Some(StreamBlock::Tool { input, .. })) => input.push_str(fragment),
                         _ => {
@@ -645,7 +694,7 @@ impl ConverseStreamAssembler {
                 }
             }
             "contentBlockStop" => {
-                let index = index.ok_or_else(|| missing(event_type, "contentBlockIndex"))?;
+                let index = index()?;
                 if let Some(Some(StreamBlock::Tool { id, name, input, announced })) = self.blocks.get_mut(index) {
                     if !*announced {
                         *announced = true;
@@ -655,12 +704,10 @@ impl ConverseStreamAssembler {
             }
             "messageStop" => {
                 self.stopped = true;
-                self.stop_reason = payload.get("stopReason").and_then(Value::as_str).map(str::to_owned);
+                self.stop_reason = payload.stop_reason.map(Cow::into_owned);
             }
             "metadata" => {
-                if let Some(u) = payload.get("usage") {
-                    let u: UsageWire = serde_json::from_value(u.clone())
-                        .map_err(|e| BackendError::Protocol(format!("ConverseStream metadata.usage: {e}")))?;
+                if let Some(u) = &payload.usage {
                     self.usage = Some(u.to_usage());
                 }
             }

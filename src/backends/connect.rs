@@ -14,34 +14,49 @@ pub type ConnectOptions = BackendOptions;
 pub struct Connected {
     pub backend: Arc<dyn Backend>,
     pub sims: Vec<SimServer>,
+    /// Prometheus `/metrics` URLs of the endpoints that have one (vLLM, SGLang, Dynamo, sim).
+    pub metrics_urls: Vec<String>,
 }
 
 pub async fn connect(urls: &[String], options: &ConnectOptions) -> Result<Connected, BackendError> {
     connect_fleet(urls, options, FleetOptions::default()).await
 }
 
-pub async fn connect_fleet(urls: &[String], options: &ConnectOptions, fleet: FleetOptions) -> Result<Connected, BackendError> {
+pub async fn connect_fleet(
+    urls: &[String],
+    options: &ConnectOptions,
+    fleet: FleetOptions,
+) -> Result<Connected, BackendError> {
     match urls {
         [] => Err(BackendError::Config("no backend URL given".into())),
         [one] => {
-            let (backend, sim, _) = connect_one(one, options).await?;
-            Ok(Connected { backend, sims: sim.into_iter().collect() })
+            let (backend, sim, address) = connect_one(one, options).await?;
+            Ok(Connected {
+                backend,
+                sims: sim.into_iter().collect(),
+                metrics_urls: metrics_url(&address).into_iter().collect(),
+            })
         }
         many => {
             let mut members = Vec::with_capacity(many.len());
             let mut sims = Vec::new();
+            let mut metrics_urls = Vec::new();
             for target in many {
                 let (backend, sim, address) = connect_one(target, options).await?;
                 sims.extend(sim);
+                metrics_urls.extend(metrics_url(&address));
                 members.push(member(backend, &address)?);
             }
-            Ok(Connected { backend: Arc::new(Fleet::new(members, fleet).await?), sims })
+            Ok(Connected { backend: Arc::new(Fleet::new(members, fleet).await?), sims, metrics_urls })
         }
     }
 }
 
 /// One backend, the simulator started for it, and the URL it is reached at.
-async fn connect_one(target: &str, options: &ConnectOptions) -> Result<(Arc<dyn Backend>, Option<SimServer>, String), BackendError> {
+async fn connect_one(
+    target: &str,
+    options: &ConnectOptions,
+) -> Result<(Arc<dyn Backend>, Option<SimServer>, String), BackendError> {
     if is_embedded_sim(target) {
         let mut config = SimConfig::from_url(target).map_err(|e| BackendError::Config(e.to_string()))?;
         config.host = "127.0.0.1".into();
@@ -58,19 +73,31 @@ async fn connect_one(target: &str, options: &ConnectOptions) -> Result<(Arc<dyn 
 fn member(backend: Arc<dyn Backend>, address: &str) -> Result<Member, BackendError> {
     let parsed = parse_backend_url(address)?;
     let root = parsed.base_url.trim_end_matches('/');
-    let api = if root.split_once("://").is_some_and(|(_, rest)| rest.contains('/')) { root.to_owned() } else { format!("{root}/v1") };
+    let api = if root.split_once("://").is_some_and(|(_, rest)| rest.contains('/')) {
+        root.to_owned()
+    } else {
+        format!("{root}/v1")
+    };
     let (health_url, models_url) = match parsed.scheme {
         Scheme::Ollama if parsed.query_value("api") != Some("openai") => (format!("{root}/api/tags"), None),
         Scheme::Ollama => (format!("{root}/api/tags"), Some(format!("{api}/models"))),
         Scheme::OpenAi | Scheme::Http => (format!("{api}/models"), Some(format!("{api}/models"))),
         Scheme::Anthropic | Scheme::Bedrock => {
-            return Err(BackendError::Config(format!("{address}: hosted APIs are not fleet members; give one URL per run")));
+            return Err(BackendError::Config(format!(
+                "{address}: hosted APIs are not fleet members; give one URL per run"
+            )));
         }
         Scheme::Vllm | Scheme::Sglang | Scheme::Dynamo | Scheme::LlamaCpp | Scheme::Sim => {
             (format!("{root}/health"), Some(format!("{api}/models")))
         }
     };
     Ok(Member { backend, health_url, models_url })
+}
+
+fn metrics_url(address: &str) -> Option<String> {
+    let parsed = parse_backend_url(address).ok()?;
+    matches!(parsed.scheme, Scheme::Vllm | Scheme::Sglang | Scheme::Dynamo | Scheme::Sim)
+        .then(|| format!("{}/metrics", parsed.base_url.trim_end_matches('/')))
 }
 
 /// `sim://` or `sim://?options` (no host) asks for an embedded simulator.

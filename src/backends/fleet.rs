@@ -129,7 +129,15 @@ impl Fleet {
         let name = format!("fleet[{}]", endpoints.iter().map(|e| e.backend.name()).collect::<Vec<_>>().join(", "));
         let endpoints = Arc::new(endpoints);
         let prober = tokio::spawn(probe_loop(endpoints.clone(), client, options.probe_interval));
-        Ok(Self { name, endpoints, affinity: Mutex::new(HashMap::new()), turn: AtomicUsize::new(0), options, capabilities, prober })
+        Ok(Self {
+            name,
+            endpoints,
+            affinity: Mutex::new(HashMap::new()),
+            turn: AtomicUsize::new(0),
+            options,
+            capabilities,
+            prober,
+        })
     }
 
     pub fn endpoint_stats(&self) -> Vec<EndpointStats> {

@@ -132,6 +132,36 @@ impl Drop for MetricsWatcher {
     }
 }
 
+/// The metrics of every endpoint of a run, read together.
+pub struct EngineWatch {
+    watchers: Vec<MetricsWatcher>,
+}
+
+impl EngineWatch {
+    /// Starts one watcher per URL (on the current tokio runtime).
+    pub fn start(urls: &[String], interval: Duration) -> Self {
+        Self { watchers: urls.iter().map(|u| MetricsWatcher::start(u.clone(), interval)).collect() }
+    }
+
+    /// The latest reading of each endpoint (`None` where none has come yet).
+    pub fn latest(&self) -> Vec<Option<EngineMetrics>> {
+        self.watchers.iter().map(MetricsWatcher::latest).collect()
+    }
+
+    /// Waits while every endpoint's queue is above `ceiling` (a call can still go to one with room).
+    pub async fn wait_for_room(&self, ceiling: f64) {
+        if self.watchers.is_empty() {
+            return;
+        }
+        let has_room = |w: &MetricsWatcher| w.latest().and_then(|m| m.waiting).is_none_or(|q| q <= ceiling);
+        if self.watchers.iter().any(has_room) {
+            return;
+        }
+        // Wait on the first endpoint; the others are checked again on the next call.
+        self.watchers[0].wait_for_room(ceiling).await;
+    }
+}
+
 async fn scrape(client: &reqwest::Client, url: &str) -> Result<EngineMetrics, String> {
     let response = client.get(url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
     if !response.status().is_success() {

@@ -5,6 +5,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::anthropic::AnthropicBackend;
+use super::bedrock::BedrockBackend;
 use super::ollama::OllamaBackend;
 use super::openai::{Flavour, OpenAiBackend};
 use super::{Backend, BackendError};
@@ -212,7 +214,11 @@ fn parse_query(text: &str, url: &str) -> Result<Vec<(String, String)>, BackendEr
 /// `OpenAI`-compatible endpoint.
 pub fn connect(url: &str, options: &BackendOptions) -> Result<Arc<dyn Backend>, BackendError> {
     let parsed = parse_backend_url(url)?;
-    let allowed: &[&str] = if parsed.scheme == Scheme::Ollama { &["api"] } else { &[] };
+    let allowed: &[&str] = match parsed.scheme {
+        Scheme::Ollama => &["api"],
+        Scheme::Bedrock => &["profile"],
+        _ => &[],
+    };
     if parsed.scheme != Scheme::Sim {
         if let Some((key, _)) = parsed.query.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
             return Err(BackendError::Config(format!("unknown option {key:?} in backend URL {url:?}")));
@@ -239,13 +245,21 @@ pub fn connect(url: &str, options: &BackendOptions) -> Result<Arc<dyn Backend>, 
                 return Err(BackendError::Config(format!("ollama api={other:?} is not one of \"native\", \"openai\"")));
             }
         },
-        Scheme::Anthropic | Scheme::Bedrock => return hosted_backend(&parsed),
+        Scheme::Anthropic => {
+            return Ok(Arc::new(AnthropicBackend::new(&parsed.base_url, options.api_key.clone(), &options)?))
+        }
+        Scheme::Bedrock => {
+            // base_url is https://bedrock-runtime.{region}.amazonaws.com
+            let region = parsed
+                .base_url
+                .trim_start_matches("https://bedrock-runtime.")
+                .trim_end_matches(".amazonaws.com")
+                .to_owned();
+            let profile = parsed.query_value("profile");
+            return Ok(Arc::new(BedrockBackend::from_environment(Some(&region), profile, (&options).into())?));
+        }
     };
     Ok(Arc::new(OpenAiBackend::new(flavour, &parsed.base_url, &options)?))
-}
-
-fn hosted_backend(parsed: &ParsedUrl) -> Result<Arc<dyn Backend>, BackendError> {
-    Err(BackendError::Config(format!("the {:?} backend is not part of this build", parsed.scheme)))
 }
 
 fn with_env_key(scheme: Scheme, options: &BackendOptions) -> BackendOptions {

@@ -24,12 +24,23 @@ pub(crate) fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
     Ok(RUNTIME.get_or_init(|| runtime))
 }
 
+/// Compiles a JSON Schema (as JSON text) the way a run will; raises `SchemaError` naming the bad part.
+#[pyfunction]
+fn check_schema(schema_json: &str) -> PyResult<()> {
+    let schema: serde_json::Value = serde_json::from_str(schema_json)
+        .map_err(|e| errors::SchemaError::new_err(format!("output schema is not JSON: {e}")))?;
+    crate::output::CompiledSchema::compile(&schema)
+        .map(drop)
+        .map_err(|e| errors::SchemaError::new_err(format!("output schema: {e}")))
+}
+
 #[pymodule]
 #[pyo3(name = "_core")]
 fn core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
     m.add_class::<run::PyRun>()?;
+    m.add_function(wrap_pyfunction!(check_schema, m)?)?;
     sim::register(m)?;
     Ok(())
 }

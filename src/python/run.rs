@@ -27,6 +27,7 @@ use std::path::PathBuf;
 use crate::backends::cached::CachedBackend;
 use crate::backends::connect::{connect_fleet, ConnectOptions, Connected};
 use crate::backends::fleet::{FleetOptions, Routing};
+use crate::backends::metrics::EngineWatch;
 use crate::output::CompiledSchema;
 use crate::python::errors::{backend_error, spec_error, InputError, JournalError, RunError, SchemaError};
 use crate::scheduler::agent::TurnSink;
@@ -241,6 +242,9 @@ struct RunOptions {
     /// Keep `x-...:` session header lines of the system prompt when hashing prefixes for routing.
     #[serde(default)]
     keep_session_headers: bool,
+    /// Back-pressure: send no new model call while every engine's queue holds more than this.
+    #[serde(default)]
+    max_engine_queue: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -328,12 +332,16 @@ impl PyRun {
             input = Some((file.path.clone(), format));
             input_total = Some(total);
         }
+        let runtime = runtime()?;
         let urls = options.backends;
-        let fleet_options =
-            FleetOptions { routing: options.routing, keep_session_headers: options.keep_session_headers, ..FleetOptions::default() };
+        let fleet_options = FleetOptions {
+            routing: options.routing,
+            keep_session_headers: options.keep_session_headers,
+            ..FleetOptions::default()
+        };
         let connect_options = ConnectOptions { api_key: options.api_key, ..ConnectOptions::default() };
         let mut connected = py
-            .allow_threads(|| runtime().map(|rt| rt.block_on(connect_fleet(&urls, &connect_options, fleet_options))))?
+            .allow_threads(|| runtime.block_on(connect_fleet(&urls, &connect_options, fleet_options)))
             .map_err(|e| backend_error(&e))?;
         if let Some(path) = &options.response_cache {
             let cache = ResponseCache::open(path).map_err(|e| JournalError::new_err(e.to_string()))?;
@@ -359,6 +367,11 @@ impl PyRun {
                 .then(|| Arc::new(PyValidator(shared.clone())) as Arc<dyn OutputValidator>),
             turn_sink: durable.journal().map(|j| Arc::new(JournalTurns(j.clone())) as Arc<dyn TurnSink>),
             stats: Arc::new(RunStats::default()),
+            engine: (!connected.metrics_urls.is_empty()).then(|| {
+                let _guard = runtime.enter();
+                Arc::new(EngineWatch::start(&connected.metrics_urls, Duration::from_millis(500)))
+            }),
+            queue_ceiling: options.max_engine_queue,
             system,
             constrained,
             seed: options.seed,
@@ -499,6 +512,7 @@ impl PyRun {
             "previously_finished": self.durable.previously_finished,
             "backend": self.ctx.backend.name(),
             "endpoints": self.ctx.backend.endpoint_stats(),
+            "engine": self.ctx.engine.as_ref().map(|e| e.latest()),
         });
         value.to_string()
     }

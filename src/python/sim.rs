@@ -1,11 +1,10 @@
 //! `batchagent_rs._core.SimServer`: the engine simulator started from Python, served on the
 //! process's one tokio runtime, shared with the batch runner.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyFloat, PyInt, PyString};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString};
 
 use super::errors::{BackendUnavailable, RunError, SchemaError};
 use crate::sim::{SimConfig, SimError, SimServer};
@@ -76,12 +75,17 @@ fn option_text(key: &str, value: &Bound<'_, PyAny>) -> PyResult<String> {
 
 /// Start a simulator with `options` (the keys of a `sim://` URL query); returns once it listens.
 #[pyfunction]
-#[allow(clippy::needless_pass_by_value)] // PyO3 hands arguments over by value
-fn start_sim(py: Python<'_>, options: HashMap<String, Bound<'_, PyAny>>) -> PyResult<PySimServer> {
+fn start_sim(py: Python<'_>, options: &Bound<'_, PyDict>) -> PyResult<PySimServer> {
     let mut config = SimConfig::default();
     // Apply in a fixed order so an error names the same key every time.
-    let mut pairs: Vec<(String, String)> =
-        options.iter().map(|(k, v)| Ok((k.clone(), option_text(k, v)?))).collect::<PyResult<_>>()?;
+    let mut pairs: Vec<(String, String)> = options
+        .iter()
+        .map(|(k, v)| {
+            let key: String = k.extract()?;
+            let value = option_text(&key, &v)?;
+            Ok((key, value))
+        })
+        .collect::<PyResult<_>>()?;
     pairs.sort();
     for (key, value) in &pairs {
         config.set(key, value).map_err(|e| sim_error(&e))?;

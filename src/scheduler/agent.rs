@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::backends::metrics::EngineWatch;
 use crate::backends::{AgentHints, Backend, BackendError, ChatRequest, ChatResponse, StreamEvent};
 use crate::conversation::{Message, ToolCall, Usage};
 use crate::output::{describe, extract_json, CompiledSchema};
@@ -98,6 +99,9 @@ pub struct RunContext {
     pub validator: Option<Arc<dyn OutputValidator>>,
     pub turn_sink: Option<Arc<dyn TurnSink>>,
     pub stats: Arc<RunStats>,
+    /// Engine metrics, and the queue depth above which no new model call is sent (back-pressure).
+    pub engine: Option<Arc<EngineWatch>>,
+    pub queue_ceiling: Option<f64>,
     /// The system message every job starts with (schema instructions included), built once.
     pub system: Option<Message>,
     /// Ask the backend for constrained decoding of the final answer.
@@ -311,6 +315,10 @@ impl Agent<'_> {
             };
             // Agents nearer completion go first (fewer remaining turns = lower urgency value);
             // the semaphore's aging keeps fresh agents from starving.
+            if let (Some(engine), Some(ceiling)) = (&ctx.engine, ctx.queue_ceiling) {
+                // Requests queued inside the engine cannot be re-prioritised there; hold them here.
+                engine.wait_for_room(ceiling).await;
+            }
             let permit = ctx.slots.acquire(remaining).await;
             ctx.stats.model_calls.fetch_add(1, Relaxed);
             ctx.stats.model_calls_in_flight.fetch_add(1, Relaxed);

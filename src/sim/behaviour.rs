@@ -187,10 +187,15 @@ fn json_answer(cfg: &BehaviourConfig, schema: &Value, draw: &mut Draw) -> String
         .unwrap_or_else(|| schema_gen::generate(schema, instance_seed));
     let mut text = value.to_string();
     if truncated {
-        let closers = text.chars().rev().take_while(|c| matches!(c, '}' | ']' | '"')).count();
-        let keep = text.len() - closers.max(1);
-        let cut = keep / 2 + draw.below((keep - keep / 2) as u64 + 1) as usize;
-        let cut = (0..=cut.min(keep)).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+        // Cut right before the closing brackets, as a model that hit its token limit at the end of
+        // the answer leaves it: everything is there except what a JSON repair adds back.
+        let closers = text.chars().rev().take_while(|c| matches!(c, '}' | ']')).count();
+        let cut = match closers {
+            0 if text.ends_with('"') => text.len() - 1,
+            0 => text.len() / 2,
+            n => text.len() - n,
+        };
+        let cut = (0..=cut).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
         text.truncate(cut);
         // A model that ran out of tokens never writes what would have come after.
         let before = if prose { "Here is the result:\n" } else { "" };
@@ -372,7 +377,11 @@ mod tests {
         let fenced = reply(&cfg, 0, &req).content;
         assert!(fenced.starts_with("```json\n") && fenced.ends_with("\n```"));
         let cfg = BehaviourConfig { truncated_json_rate: 1.0, ..BehaviourConfig::default() };
-        assert!(serde_json::from_str::<Value>(&reply(&cfg, 0, &req).content).is_err());
+        let cut = reply(&cfg, 0, &req).content;
+        assert!(serde_json::from_str::<Value>(&cut).is_err());
+        // Only the closers are missing: a repair that closes the brackets gets the whole answer back.
+        let repaired: Value = serde_json::from_str(&format!("{cut}}}")).unwrap();
+        assert!(repaired["a"].is_string() && repaired["b"].is_i64());
         let cfg = BehaviourConfig { invalid_json_rate: 0.5, ..BehaviourConfig::default() };
         let invalid = (0..400)
             .filter(|i| {

@@ -1,6 +1,24 @@
 //! Simulator settings: one flat set of `key=value` options shared by the `sim://` URL query, the
 //! `batchagent sim serve` flags (`--time-scale 0.01` is the key `time-scale`, same as `time_scale`)
 //! and the per-request `"sim": {...}` body field (behaviour keys only).
+//!
+//! | key | default | meaning |
+//! |---|---|---|
+//! | `host`, `port` | `127.0.0.1`, `0` | where to listen (0 = a free port) |
+//! | `profile` | `h100-qwen2.5-7b` | built-in engine profile name, or a profile JSON path |
+//! | `time_scale` | `1` | real seconds per simulated second (0 = never wait) |
+//! | `seed` | `0` | every draw (behaviour, faults) derives from it |
+//! | `model` | `sim-model` | the served model name |
+//! | `prefix_caching` | `true` | the engine's automatic prefix cache |
+//! | `cache_min_tokens` | `1024` | shortest prefix Anthropic `cache_control` caches |
+//! | `ttft_window` | `4096` | recent TTFTs kept for `/sim/stats` |
+//! | `tool_rounds` | `1` | tool-calling turns before the answer |
+//! | `parallel_tool_calls` | `1` | calls per tool-calling turn |
+//! | `distinct_args` | `10` | distinct argument sets per tool and round |
+//! | `output_tokens` | `uniform:20:80` | text length: `fixed:N`, `uniform:A:B`, `normal:MEAN:SD` |
+//! | `invalid_json_rate`, `prose_json_rate`, `fenced_json_rate`, `truncated_json_rate` | `0` | JSON answer defects |
+//! | `fault_429` (+ `retry_after` s), `fault_500`, `fault_503`, `fault_reset`, `fault_truncate`, `fault_malformed` | `0` | exclusive fault rates (sum <= 1) |
+//! | `slow_first_byte` (+ `slow_first_byte_ms`, default 2000) | `0` | rate of a delayed first byte |
 
 use std::fmt;
 

@@ -63,6 +63,9 @@ pub struct Decision {
     pub cut_permille: u32,
 }
 
+/// Distinct bodies remembered for retry counting (about 40 MB at the bound).
+const SEEN_BODIES: usize = 1 << 20;
+
 pub struct Faults {
     cfg: FaultConfig,
     seed: u64,
@@ -89,19 +92,17 @@ impl Faults {
             return Decision::default();
         }
         let body_hash = hash_bytes(body);
-        let attempt = match self.seen.lock() {
-            Ok(mut seen) => {
-                let n = seen.entry(body_hash).or_insert(0);
-                *n += 1;
-                *n - 1
+        let attempt = {
+            // Each update leaves the map consistent, so a panic elsewhere cannot corrupt it.
+            let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Bounded memory over a long run; forgetting happens at the same request in every replay
+            // of the same sequence, so outcomes stay reproducible.
+            if seen.len() >= SEEN_BODIES {
+                seen.clear();
             }
-            // A poisoned map only loses the retry count; the draw stays deterministic per body.
-            Err(poisoned) => {
-                let mut seen = poisoned.into_inner();
-                let n = seen.entry(body_hash).or_insert(0);
-                *n += 1;
-                *n - 1
-            }
+            let n = seen.entry(body_hash).or_insert(0);
+            *n += 1;
+            *n - 1
         };
         let mut draw = Draw::new(mix(mix(self.seed, body_hash), u64::from(attempt)));
         let u = draw.unit();

@@ -2,6 +2,8 @@
 //! `content_block_delta`, `content_block_stop`, `message_delta`, `message_stop`, `ping`, `error`)
 //! assembled into [`StreamEvent`]s and a [`ChatResponse`], and the non-streamed message body.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -117,36 +119,24 @@ enum Block {
     Other,
 }
 
+/// Every event type in one flat shape, dispatched on `type` by hand: serde's internally tagged
+/// enums buffer each event into an intermediate tree first, which made parsing several times slower.
 #[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum EventWire {
-    MessageStart {
-        message: MessageStartWire,
-    },
-    ContentBlockStart {
-        index: usize,
-        content_block: Value,
-    },
-    ContentBlockDelta {
-        index: usize,
-        delta: DeltaWire,
-    },
-    ContentBlockStop {
-        index: usize,
-    },
-    MessageDelta {
-        #[serde(default)]
-        delta: MessageDeltaWire,
-        #[serde(default)]
-        usage: Option<UsageWire>,
-    },
-    MessageStop,
-    Ping,
-    Error {
-        error: Value,
-    },
-    #[serde(other)]
-    Unknown,
+struct EventWire<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default)]
+    index: Option<usize>,
+    #[serde(default)]
+    message: Option<MessageStartWire>,
+    #[serde(default)]
+    content_block: Option<Value>,
+    #[serde(default, borrow)]
+    delta: Option<DeltaWire<'a>>,
+    #[serde(default)]
+    usage: Option<UsageWire>,
+    #[serde(default)]
+    error: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -155,24 +145,19 @@ struct MessageStartWire {
     usage: Option<UsageWire>,
 }
 
-#[derive(Deserialize, Default)]
-struct MessageDeltaWire {
+/// `content_block_delta`'s delta (`text_delta`, `input_json_delta`, and the `thinking_delta`,
+/// `signature_delta`, `citations_delta` kinds that carry nothing for the returned turn) and
+/// `message_delta`'s (`stop_reason`).
+#[derive(Deserialize)]
+struct DeltaWire<'a> {
+    #[serde(rename = "type", default, borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    partial_json: Option<Cow<'a, str>>,
     #[serde(default)]
     stop_reason: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum DeltaWire {
-    TextDelta {
-        text: String,
-    },
-    InputJsonDelta {
-        partial_json: String,
-    },
-    /// `thinking_delta`, `signature_delta`, `citations_delta`: nothing for the returned turn.
-    #[serde(other)]
-    Other,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -228,16 +213,21 @@ impl AnthropicStreamAssembler {
         let event: EventWire = serde_json::from_str(data).map_err(|e| {
             BackendError::Protocol(format!("malformed Anthropic stream event ({e}): {}", clip(data, 200)))
         })?;
-        match event {
-            EventWire::MessageStart { message } => {
+        let index = || {
+            event.index.ok_or_else(|| BackendError::Protocol(format!("Anthropic {} event without index", event.kind)))
+        };
+        match event.kind.as_ref() {
+            "message_start" => {
                 if self.phase == Phase::Waiting {
                     self.phase = Phase::Started;
                 }
-                if let Some(u) = message.usage {
-                    self.usage.merge(&u);
+                if let Some(u) = event.message.as_ref().and_then(|m| m.usage.as_ref()) {
+                    self.usage.merge(u);
                 }
             }
-            EventWire::ContentBlockStart { index, content_block } => {
+            "content_block_start" => {
+                let index = index()?;
+                let content_block = event.content_block.as_ref().unwrap_or(&Value::Null);
                 let block = match content_block.get("type").and_then(Value::as_str) {
                     Some("text") => {
                         let text = content_block.get("text").and_then(Value::as_str).unwrap_or("");
@@ -262,19 +252,26 @@ impl AnthropicStreamAssembler {
                 }
                 self.blocks[index] = Some(block);
             }
-            EventWire::ContentBlockDelta { index, delta } => match delta {
-                DeltaWire::TextDelta { text } => self.push_text(&text, out),
-                DeltaWire::InputJsonDelta { partial_json } => match self.blocks.get_mut(index) {
-                    Some(Some(Block::ToolUse { json, .. })) => json.push_str(&partial_json),
-                    _ => {
-                        return Err(BackendError::Protocol(format!(
-                            "input_json_delta for content block {index}, which is not an open tool_use block"
-                        )))
-                    }
-                },
-                DeltaWire::Other => {}
-            },
-            EventWire::ContentBlockStop { index } => {
+            "content_block_delta" => {
+                let index = index()?;
+                let Some(delta) = &event.delta else {
+                    return Err(BackendError::Protocol("Anthropic content_block_delta event without delta".into()));
+                };
+                match (delta.kind.as_deref(), &delta.text, &delta.partial_json) {
+                    (Some("text_delta"), Some(text), _) => self.push_text(text, out),
+                    (Some("input_json_delta"), _, Some(partial)) => match self.blocks.get_mut(index) {
+                        Some(Some(Block::ToolUse { json, .. })) => json.push_str(partial),
+                        _ => {
+                            return Err(BackendError::Protocol(format!(
+                                "input_json_delta for content block {index}, which is not an open tool_use block"
+                            )))
+                        }
+                    },
+                    _ => {}
+                }
+            }
+            "content_block_stop" => {
+                let index = index()?;
                 if let Some(Some(Block::ToolUse { id, name, start_input, json, done })) = self.blocks.get_mut(index) {
                     if !*done {
                         *done = true;
@@ -282,17 +279,18 @@ impl AnthropicStreamAssembler {
                     }
                 }
             }
-            EventWire::MessageDelta { delta, usage } => {
-                if delta.stop_reason.is_some() {
-                    self.stop_reason = delta.stop_reason;
+            "message_delta" => {
+                if let Some(reason) = event.delta.and_then(|d| d.stop_reason) {
+                    self.stop_reason = Some(reason);
                 }
-                if let Some(u) = usage {
-                    self.usage.merge(&u);
+                if let Some(u) = &event.usage {
+                    self.usage.merge(u);
                 }
             }
-            EventWire::MessageStop => self.phase = Phase::Stopped,
-            EventWire::Ping | EventWire::Unknown => {}
-            EventWire::Error { error } => return Err(error_from_object(&error, None)),
+            "message_stop" => self.phase = Phase::Stopped,
+            "error" => return Err(error_from_object(event.error.as_ref().unwrap_or(&Value::Null), None)),
+            // `ping`, and event types added after this was written.
+            _ => {}
         }
         Ok(())
     }

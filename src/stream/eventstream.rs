@@ -267,7 +267,8 @@ impl EventStreamDecoder {
 }
 
 fn decode_headers(mut b: &[u8], offset: u64) -> Result<Vec<Header>, EventStreamError> {
-    let mut headers = Vec::new();
+    // Bedrock sends three headers per event; one allocation for the list.
+    let mut headers = Vec::with_capacity(4);
     while !b.is_empty() {
         let index = headers.len();
         let bad = |reason: &str| EventStreamError::BadHeader { offset, index, reason: reason.to_owned() };
@@ -276,51 +277,50 @@ fn decode_headers(mut b: &[u8], offset: u64) -> Result<Vec<Header>, EventStreamE
         if b.len() < name_len + 1 {
             return Err(bad("name runs past the headers section"));
         }
-        let name = std::str::from_utf8(&b[..name_len]).map_err(|_| bad("name is not UTF-8"))?.to_owned();
+        let name = std::str::from_utf8(&b[..name_len]).map_err(|_| bad("name is not UTF-8"))?;
         let tag = b[name_len];
         b = &b[name_len + 1..];
-        let take = |b: &mut &[u8], n: usize| -> Result<Vec<u8>, EventStreamError> {
-            if b.len() < n {
-                return Err(EventStreamError::BadHeader {
-                    offset,
-                    index,
-                    reason: format!("value of {name:?} runs past the headers section"),
-                });
-            }
-            let (v, rest) = b.split_at(n);
-            *b = rest;
-            Ok(v.to_vec())
-        };
         let value = match tag {
             0 => HeaderValue::Bool(true),
             1 => HeaderValue::Bool(false),
-            2 => HeaderValue::Byte(i8::from_be_bytes(fixed(&take(&mut b, 1)?))),
-            3 => HeaderValue::Short(i16::from_be_bytes(fixed(&take(&mut b, 2)?))),
-            4 => HeaderValue::Int(i32::from_be_bytes(fixed(&take(&mut b, 4)?))),
-            5 => HeaderValue::Long(i64::from_be_bytes(fixed(&take(&mut b, 8)?))),
+            2 => HeaderValue::Byte(i8::from_be_bytes(take(&mut b, name, &bad)?)),
+            3 => HeaderValue::Short(i16::from_be_bytes(take(&mut b, name, &bad)?)),
+            4 => HeaderValue::Int(i32::from_be_bytes(take(&mut b, name, &bad)?)),
+            5 => HeaderValue::Long(i64::from_be_bytes(take(&mut b, name, &bad)?)),
             6 | 7 => {
-                let len = usize::from(u16::from_be_bytes(fixed(&take(&mut b, 2)?)));
-                let v = take(&mut b, len)?;
+                let len = usize::from(u16::from_be_bytes(take(&mut b, name, &bad)?));
+                if b.len() < len {
+                    return Err(bad(&format!("value of {name:?} runs past the headers section")));
+                }
+                let (v, rest) = b.split_at(len);
+                b = rest;
                 if tag == 6 {
-                    HeaderValue::ByteArray(Bytes::from(v))
+                    HeaderValue::ByteArray(Bytes::copy_from_slice(v))
                 } else {
-                    HeaderValue::String(String::from_utf8(v).map_err(|_| bad("string value is not UTF-8"))?)
+                    let v = std::str::from_utf8(v).map_err(|_| bad("string value is not UTF-8"))?;
+                    HeaderValue::String(v.to_owned())
                 }
             }
-            8 => HeaderValue::Timestamp(i64::from_be_bytes(fixed(&take(&mut b, 8)?))),
-            9 => HeaderValue::Uuid(fixed(&take(&mut b, 16)?)),
+            8 => HeaderValue::Timestamp(i64::from_be_bytes(take(&mut b, name, &bad)?)),
+            9 => HeaderValue::Uuid(take(&mut b, name, &bad)?),
             other => return Err(bad(&format!("unknown value type {other}"))),
         };
-        headers.push(Header { name, value });
+        headers.push(Header { name: name.to_owned(), value });
     }
     Ok(headers)
 }
 
-/// `take` returned exactly `N` bytes.
-fn fixed<const N: usize>(v: &[u8]) -> [u8; N] {
-    let mut a = [0u8; N];
-    a.copy_from_slice(&v[..N]);
-    a
+/// The next `N` bytes of a header value.
+fn take<const N: usize>(
+    b: &mut &[u8],
+    name: &str,
+    bad: &impl Fn(&str) -> EventStreamError,
+) -> Result<[u8; N], EventStreamError> {
+    let Some((v, rest)) = b.split_first_chunk::<N>() else {
+        return Err(bad(&format!("value of {name:?} runs past the headers section")));
+    };
+    *b = rest;
+    Ok(*v)
 }
 
 /// CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320), the checksum the framing uses.

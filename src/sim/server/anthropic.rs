@@ -226,6 +226,11 @@ fn parse(body: &Value) -> Result<Parsed, String> {
             (choice, parallel)
         }
     };
+    if let ToolChoice::Named(name) = &tool_choice {
+        if !tools.iter().any(|t| &t.name == name) {
+            return Err(format!("tool_choice.name: tool `{name}` is not in tools"));
+        }
+    }
     Ok(Parsed {
         req: AgentRequest { messages, tools, tool_choice, response_schema: None, json_mode: false, allow_parallel },
         max_tokens: max_tokens.min(u64::from(u32::MAX)) as u32,
@@ -288,7 +293,7 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, _headers: Heade
                "cache_read_input_tokens": read, "output_tokens": output})
     };
     if stream {
-        let (mut sink, stream_body) = FrameSink::new(&decision, g.pieces.len() + 6);
+        let (mut sink, stream_body) = FrameSink::new(&decision, g.streamed_pieces().0 + 4);
         tokio::spawn(async move {
             let start = json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant",
                 "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": usage(1)}});
@@ -299,7 +304,6 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, _headers: Heade
                 sink.send(sse_event("error", &error_body("overloaded_error", "Overloaded"))).await;
                 return;
             }
-            // (index of the open block, whether any block was opened yet)
             let mut open: Option<usize> = None;
             let mut next_index = 0usize;
             let mut pinged = false;
@@ -373,15 +377,15 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, _headers: Heade
                     // Ruled out before submitting (see `generate`).
                     EngineEvent::Rejected { .. } => return,
                 }
-                let opened = !frames.is_empty() && !pinged && next_index > 0;
-                for frame in frames {
-                    if !sink.send(frame).await {
-                        return;
+                // Anthropic sends one `ping` right after the first content block starts.
+                if !pinged {
+                    if let Some(at) = frames.iter().position(|f| f.starts_with(b"event: content_block_start")) {
+                        frames.insert(at + 1, sse_event("ping", &json!({"type": "ping"})));
+                        pinged = true;
                     }
                 }
-                if opened {
-                    pinged = true;
-                    if !sink.send(sse_event("ping", &json!({"type": "ping"}))).await {
+                for frame in frames {
+                    if !sink.send(frame).await {
                         return;
                     }
                 }

@@ -22,6 +22,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -72,6 +73,11 @@ impl SimServer {
             config,
         });
         let router = router(Arc::clone(&state));
+        // Token-by-token SSE frames are tiny writes: without TCP_NODELAY, Nagle's algorithm holds
+        // each one back until the client's delayed ACK (~40 ms), which no real server does.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
@@ -266,6 +272,15 @@ impl Generation {
     /// `length` when `max_tokens` cut the reply short.
     pub fn truncated(&self) -> bool {
         self.max_new < self.pieces.len()
+    }
+
+    /// Output tokens that will be streamed as something (not swallowed markup), and how many tool
+    /// calls start among them: where a reset, truncation or malformed frame can land.
+    pub fn streamed_pieces(&self) -> (usize, usize) {
+        let produced = &self.pieces[..self.max_new.min(self.pieces.len())];
+        let visible = produced.iter().filter(|p| !matches!(p, Piece::Silent)).count();
+        let calls = produced.iter().filter(|p| matches!(p, Piece::CallStart(_))).count();
+        (visible, calls)
     }
 }
 

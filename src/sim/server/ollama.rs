@@ -129,7 +129,12 @@ pub(crate) async fn chat(State(state): State<Arc<AppState>>, _headers: HeaderMap
     };
     let model = state.config.model.clone();
     if body.get("stream").and_then(Value::as_bool).unwrap_or(true) {
-        let (mut sink, stream_body) = FrameSink::new(&decision, g.pieces.len() + 2);
+        let (mut sink, stream_body) = FrameSink::new(&decision, {
+            // Ollama sends a tool call as one line once its arguments are complete.
+            let (_, calls) = g.streamed_pieces();
+            let produced = &g.pieces[..g.max_new.min(g.pieces.len())];
+            produced.iter().filter(|p| matches!(p, Piece::Text(_))).count() + calls + 1
+        });
         tokio::spawn(async move {
             let line = |v: Value| Bytes::from(format!("{v}\n"));
             while let Some(event) = g.events.recv().await {

@@ -223,6 +223,14 @@ async fn chat_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Response {
         }
         let tools = openai_tools(&body)?;
         let tool_choice = parse_tool_choice(&body)?;
+        if let ToolChoice::Named(name) = &tool_choice {
+            if !tools.iter().any(|t| &t.name == name) {
+                return Err(format!("tool_choice names the function `{name}`, which is not in `tools`"));
+            }
+        }
+        if matches!(tool_choice, ToolChoice::Required) && tools.is_empty() {
+            return Err("tool_choice `required` needs at least one tool in `tools`".to_owned());
+        }
         let (response_schema, json_mode) = parse_response_format(&body)?;
         let allow_parallel = body.get("parallel_tool_calls").and_then(Value::as_bool).unwrap_or(true);
         let behaviour = request_behaviour(&state, &body)?;
@@ -246,7 +254,7 @@ async fn chat_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Response {
     let created = unix_now();
     let model = state.config.model.clone();
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
-        let (mut sink, stream_body) = FrameSink::new(&decision, g.pieces.len() + 3);
+        let (mut sink, stream_body) = FrameSink::new(&decision, g.streamed_pieces().0 + 3);
         let usage = include_usage(&body);
         tokio::spawn(async move {
             let chunk = |delta: Value, finish: Option<&str>| {
@@ -383,7 +391,7 @@ async fn completions_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Respo
     let model = state.config.model.clone();
     let reason_of = |g: &Generation| if g.truncated() { "length" } else { "stop" };
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
-        let expected = gens.iter().map(|g| g.pieces.len() + 1).sum::<usize>() + 2;
+        let expected = gens.iter().map(|g| g.streamed_pieces().0 + 1).sum::<usize>() + 2;
         let (mut sink, stream_body) = FrameSink::new(&decision, expected);
         let usage = include_usage(&body);
         let (tx, mut rx) = mpsc::unbounded_channel::<(usize, EngineEvent)>();
