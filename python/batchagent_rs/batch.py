@@ -297,7 +297,11 @@ class Batch:
 
     async def arun(self, inputs: Iterable[dict[str, Any]]) -> list[Result]:
         """Run every input; returns results in input order."""
-        results = [r async for r in self.stream(inputs)]
+        driver = _Driver(self, inputs, self._options, None, 0.0)
+        results: list[Result] = []
+        # Whole batches of results, not one async-generator step per result.
+        async for chunk in driver.batches():
+            results.extend(chunk)
         results.sort(key=lambda r: r.index)
         return results
 
@@ -350,7 +354,7 @@ class Batch:
         options["output"] = os.fspath(output)
         options["deliver_results"] = False
         driver = _Driver(self, None, options, on_progress, progress_interval)
-        async for _ in driver.results():
+        async for _ in driver.batches():
             pass
         return self.report()
 
@@ -431,6 +435,17 @@ class _Driver:
         self.source: Iterator[Any] | None = None
 
     async def results(self) -> AsyncIterator[Result]:
+        batches = self.batches()
+        try:
+            async for chunk in batches:
+                for result in chunk:
+                    yield result
+        finally:
+            # Stopping early cancels the run now, not whenever the inner generator is collected.
+            await batches.aclose()
+
+    async def batches(self) -> AsyncIterator[list[Result]]:
+        """The run's results, as the lists that became ready together."""
         batch = self.batch
         pending: list[tuple[str, int, str]] | None = None
         if isinstance(self.inputs, Sequence):
@@ -463,8 +478,7 @@ class _Driver:
                 results = await self.queue.get()
                 if results is None:
                     break
-                for result in results:
-                    yield result
+                yield results
             if self.failure is not None:
                 raise self.failure
             finished = True
