@@ -166,7 +166,9 @@ pub struct BatchSpec {
     pub agent_timeout: Option<Duration>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f64>,
-    pub stream: bool,
+    /// Stream model calls. `None` (the default): stream when tools are offered (so a tool call can
+    /// start before the turn ends), not otherwise (one JSON body costs less than a token stream).
+    pub stream: Option<bool>,
     /// Warm the engine's prefix cache with one request before fanning out.
     pub warm_prefix: bool,
     /// Send Dynamo agent hints.
@@ -204,8 +206,8 @@ struct RawSpec {
     max_tokens: Option<u32>,
     #[serde(default)]
     temperature: Option<f64>,
-    #[serde(default = "default_true")]
-    stream: bool,
+    #[serde(default)]
+    stream: Option<bool>,
     #[serde(default = "default_true")]
     warm_prefix: bool,
     #[serde(default)]
@@ -239,6 +241,11 @@ fn seconds(field: &'static str, value: f64) -> Result<Duration, SpecError> {
 }
 
 impl BatchSpec {
+    /// Whether model calls are streamed (see [`BatchSpec::stream`]).
+    pub fn streams(&self) -> bool {
+        self.stream.unwrap_or(!self.tools.is_empty())
+    }
+
     pub fn from_json(text: &str) -> Result<Self, SpecError> {
         let raw: RawSpec =
             serde_json::from_str(text).map_err(|e| SpecError::Invalid { field: "spec", message: e.to_string() })?;

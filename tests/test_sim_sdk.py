@@ -10,6 +10,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+
 from batchagent_rs import SchemaError, sim
 
 WEATHER: Any = {

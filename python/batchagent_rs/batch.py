@@ -210,7 +210,7 @@ class Batch:
         agent_timeout: float | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
-        stream: bool = True,
+        stream: bool | None = None,
         warm_prefix: bool = True,
         schema_mode: str = "auto",
         on_result: OnResult | None = None,
@@ -223,6 +223,7 @@ class Batch:
         routing: str = "prefix_affinity",
         keep_session_headers: bool = False,
         max_engine_queue: float | None = None,
+        agent_hints: bool = False,
     ) -> None:
         for t in tools:
             if not isinstance(t, Tool):
@@ -264,6 +265,7 @@ class Batch:
             "temperature": temperature,
             "stream": stream,
             "warm_prefix": warm_prefix,
+            "agent_hints": agent_hints,
         }
         backends = [backend] if isinstance(backend, str) else list(backend)
         self._options = {

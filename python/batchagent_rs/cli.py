@@ -1,16 +1,32 @@
-"""The `batchagent` command."""
+"""The `batchagent` command: `run` (a batch from a file, or a run file), `demo`, `sim serve`."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import logging
+import os
 import signal
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pydantic
+
 from . import __version__
+from ._core import BackendTimeout, BackendUnavailable, InputError, JournalError, RunError, SchemaError
+from .batch import Batch, RunReport
+from .dashboard import Dashboard, DashboardLogHandler
+from .pricing import Price, PriceError, estimate, load_prices
+from .progress import BarLogHandler, Progress
+from .runfile import SETTINGS, RunFileError, load_run_file
+from .tools import Tool, ToolDefinitionError, tool
 
 _SIM_FLAGS = [
     ("--tool-rounds", "tool_rounds", "tool-calling turns before the answer (default 1)"),
@@ -104,10 +120,540 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- batchagent run -----------------------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """A setting a person can fix: printed as one line, exit code 2."""
+
+
+_RUN_FLAGS = tuple(SETTINGS)
+_SELF_HOSTED_PROBES = {
+    "vllm": "/v1/models",
+    "sglang": "/v1/models",
+    "dynamo": "/v1/models",
+    "llamacpp": "/v1/models",
+    "llama.cpp": "/v1/models",
+    "llama-cpp": "/v1/models",
+    "http": "/v1/models",
+    "https": "/v1/models",
+    "ollama": "/api/tags",
+}
+_DEFAULT_PORTS = {"vllm": 8000, "dynamo": 8000, "sglang": 30000, "ollama": 11434, "llamacpp": 8080}
+_PROBE_TIMEOUT = 3.0
+
+
+def default_cache_path() -> str:
+    """Where the CLI keeps its response cache: `$BATCHAGENT_CACHE`, else under `$XDG_CACHE_HOME`
+    (`~/.cache`)."""
+    explicit = os.environ.get("BATCHAGENT_CACHE")
+    if explicit:
+        return explicit
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "batchagent", "responses.sqlite")
+
+
+def _merged_settings(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
+    """Run-file settings overridden by the flags given; also the run file's folder."""
+    settings: dict[str, Any] = {}
+    base: str | None = None
+    positional = args.target
+    if positional is not None and positional.endswith(".toml"):
+        try:
+            settings = load_run_file(positional)
+        except RunFileError as exc:
+            raise UsageError(str(exc)) from exc
+        base = os.path.dirname(os.path.abspath(positional))
+    elif positional is not None:
+        if args.input is not None:
+            raise UsageError(f"two inputs given: {positional!r} and --input {args.input!r}")
+        settings["input"] = positional
+    for key in _RUN_FLAGS:
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if key in ("task", "task_file") and ("task" in settings or "task_file" in settings):
+            settings.pop("task", None)
+            settings.pop("task_file", None)
+        if key in ("system", "system_file") and ("system" in settings or "system_file" in settings):
+            settings.pop("system", None)
+            settings.pop("system_file", None)
+        settings[key] = value
+    return settings, base
+
+
+def _read_text(flag: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{flag} {path}: not UTF-8 text: {exc}") from exc
+
+
+def _import_attr(flag: str, spec: str) -> Any:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"{flag} {spec!r}: expected module:name")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise UsageError(f"{flag} {spec}: cannot import {module_name!r}: {exc}") from exc
+    except Exception as exc:
+        raise UsageError(
+            f"{flag} {spec}: cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    value: Any = module
+    for part in attr.split("."):
+        try:
+            value = getattr(value, part)
+        except AttributeError:
+            raise UsageError(f"{flag} {spec}: module {module_name!r} has no attribute {attr!r}") from None
+    return value
+
+
+def load_schema(spec: str) -> type[pydantic.BaseModel] | dict[str, Any]:
+    """`module:Model` (a pydantic model class) or a JSON Schema file."""
+    if spec.endswith(".json"):
+        text = _read_text("--schema", spec)
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--schema {spec}: line {exc.lineno}: invalid JSON: {exc.msg}") from exc
+        if not isinstance(schema, dict):
+            raise UsageError(f"--schema {spec}: a JSON Schema is an object, got {type(schema).__name__}")
+        return schema
+    value = _import_attr("--schema", spec)
+    if isinstance(value, type) and issubclass(value, pydantic.BaseModel):
+        return value
+    if isinstance(value, dict):
+        return value
+    raise UsageError(
+        f"--schema {spec}: {type(value).__name__} is not a pydantic model class or a JSON Schema dict"
+    )
+
+
+def load_tools(specs: Sequence[str]) -> list[Tool]:
+    """`module:fn,...` (a bare name after the first item reuses the previous module). Functions
+    decorated with `@tool` are used as they are; plain functions are wrapped with `tool()`."""
+    tools: list[Tool] = []
+    module = ""
+    for group in specs:
+        for item in (part.strip() for part in group.split(",")):
+            if not item:
+                continue
+            if ":" in item:
+                module = item.partition(":")[0]
+            elif module:
+                item = f"{module}:{item}"
+            else:
+                raise UsageError(f"--tools {item!r}: expected module:function")
+            value = _import_attr("--tools", item)
+            if isinstance(value, Tool):
+                tools.append(value)
+            elif callable(value):
+                try:
+                    tools.append(tool(value))
+                except ToolDefinitionError as exc:
+                    raise UsageError(f"--tools {item}: {exc}") from exc
+            else:
+                raise UsageError(f"--tools {item}: {type(value).__name__} is not a function")
+    return tools
+
+
+def probe_url(backend: str) -> str | None:
+    """The URL to GET to see that a backend answers, or None where there is nothing to check
+    (the embedded simulator, an unknown scheme the core will report)."""
+    scheme_text, sep, rest = backend.strip().partition("://")
+    if not sep:
+        return None
+    scheme_text = scheme_text.lower()
+    name = scheme_text.removesuffix("+https")
+    tls = scheme_text.endswith("+https") or scheme_text == "https"
+    rest = rest.partition("?")[0]
+    authority, slash, path = rest.partition("/")
+    path = (slash + path).rstrip("/")
+    if name == "sim":
+        return None
+    if name == "openai":
+        base = f"https://{authority}{path}" if authority else "https://api.openai.com/v1"
+        return base + "/models"
+    if name == "anthropic":
+        return (f"https://{authority}{path}" if authority else "https://api.anthropic.com") + "/v1/models"
+    if name == "bedrock":
+        region = authority or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return f"https://bedrock-runtime.{region}.amazonaws.com/" if region else None
+    suffix = _SELF_HOSTED_PROBES.get(name)
+    if suffix is None:
+        return None
+    host = authority or "localhost"
+    has_port = ":" in host.rsplit("]", 1)[-1]
+    port = _DEFAULT_PORTS.get(name)
+    if port is not None and not has_port and not tls:
+        host = f"{host}:{port}"
+    if suffix == "/v1/models" and path.endswith("/v1"):
+        suffix = "/models"
+    return f"{'https' if tls else 'http'}://{host}{path}{suffix}"
+
+
+def _probe(backend: str) -> str | None:
+    """None when the backend answered (any HTTP status will do: it is up); else why not."""
+    url = probe_url(backend)
+    if url is None:
+        return None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=_PROBE_TIMEOUT):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as exc:
+        reason = (
+            exc.reason.strerror if isinstance(exc.reason, OSError) and exc.reason.strerror else exc.reason
+        )
+        return f"backend {backend} is unreachable: GET {url}: {reason}"
+    except TimeoutError:
+        return f"backend {backend} is unreachable: GET {url}: no answer within {_PROBE_TIMEOUT:.0f} s"
+    except (OSError, ValueError) as exc:
+        return f"backend {backend} is unreachable: GET {url}: {exc}"
+
+
+def check_backends(backends: Sequence[str]) -> None:
+    """Every backend must answer before the first request is sent."""
+    with ThreadPoolExecutor(max_workers=max(len(backends), 1)) as pool:
+        problems = [p for p in pool.map(_probe, backends) if p is not None]
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def _display_total(stats: dict[str, Any]) -> int | None:
+    total = stats.get("input_total")
+    return total if isinstance(total, int) and total > 0 else None
+
+
+class _View:
+    """The progress display for one run: a bar, the dashboard, log lines, or nothing."""
+
+    def __init__(self, mode: str, output: str) -> None:
+        self.mode = mode
+        self.closed = False
+        self.jobs_started = 0
+        self.progress: Progress | None = None
+        self.dashboard: Dashboard | None = None
+        handler: logging.Handler
+        if mode == "dashboard":
+            self.dashboard = Dashboard(None, output=output, title=f"batchagent run -> {output}")
+            handler = DashboardLogHandler(self.dashboard)
+        elif mode == "quiet":
+            handler = logging.StreamHandler(sys.stderr)
+        else:
+            self.progress = Progress(None, stream=sys.stderr, label="batchagent")
+            handler = BarLogHandler(self.progress)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.handler = handler
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(logging.ERROR if mode == "quiet" else logging.WARNING)
+
+    def __enter__(self) -> _View:
+        if self.dashboard is not None:
+            self.dashboard.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(None)
+
+    def update(self, stats: dict[str, Any]) -> None:
+        self.jobs_started = max(self.jobs_started, int(stats["run"]["jobs_started"]))
+        # The core counts the input in a first pass; the total arrives with the stats.
+        total = _display_total(stats)
+        if self.dashboard is not None:
+            self.dashboard.total = total
+            self.dashboard.update(stats)
+        elif self.progress is not None:
+            self.progress.total = total
+            self.progress.update(stats)
+
+    def close(self, stats: dict[str, Any] | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.dashboard is not None:
+            if stats is not None:
+                self.dashboard.total = _display_total(stats)
+                self.dashboard.update(stats, force=True)
+            self.dashboard.close()
+        elif self.progress is not None:
+            if stats is not None:
+                self.progress.total = _display_total(stats)
+                self.progress.close(stats)
+            else:
+                self.progress.clear()
+        root = logging.getLogger()
+        root.removeHandler(self.handler)
+        if self.mode != "quiet":
+            # Records after the display is gone go straight to stderr.
+            fallback = logging.StreamHandler(sys.stderr)
+            fallback.setFormatter(self.handler.formatter)
+            root.addHandler(fallback)
+            self.handler = fallback
+        self.dashboard = None
+        self.progress = None
+
+
+def _remove_new_files(journal: str | None, output: str | None) -> None:
+    paths = [] if journal is None else [journal, journal + "-wal", journal + "-shm", journal + "-journal"]
+    if output is not None and os.path.isfile(output) and os.path.getsize(output) == 0:
+        paths.append(output)
+    for path in paths:
+        try:
+            os.remove(path)
+        except OSError:
+            continue
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except UsageError as exc:
+        print(f"batchagent: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings, base = _merged_settings(args)
+    # Modules named by --schema and --tools are found next to the run file first, then here.
+    for folder in (os.getcwd(), base):
+        if folder is not None and folder not in sys.path:
+            sys.path.insert(0, folder)
+    input_path = settings.get("input")
+    if not input_path:
+        raise UsageError("no input: give a file (batchagent run prompts.txt) or --input FILE")
+    if not os.path.isfile(input_path):
+        raise UsageError(f"input {input_path}: no such file")
+    output = settings.get("output") or os.path.splitext(input_path)[0] + ".results.jsonl"
+    backends = list(settings.get("backend") or [])
+    if not backends:
+        raise UsageError(
+            "no backend: pass --backend URL (vllm://host:port, ollama://host, openai://, sim:// ...)"
+        )
+    all_sim = all(b.strip().lower().startswith("sim://") for b in backends)
+    model = settings.get("model") or ("sim-model" if all_sim else None)
+    if model is None:
+        raise UsageError(f"no model: pass --model/-m with the model name {backends[0]} serves")
+    if "task_file" in settings:
+        task = _read_text("--task-file", settings["task_file"])
+    else:
+        task = settings.get("task") or "{prompt}"
+    system = (
+        _read_text("--system-file", settings["system_file"])
+        if "system_file" in settings
+        else settings.get("system")
+    )
+    schema = load_schema(settings["schema"]) if settings.get("schema") else None
+    tools = load_tools(settings.get("tools") or [])
+    prices: dict[str, Price] = {}
+    if settings.get("prices"):
+        try:
+            prices = load_prices(settings["prices"])
+        except PriceError as exc:
+            raise UsageError(str(exc)) from exc
+    journal = settings.get("journal") or output + ".journal.sqlite"
+    resume = bool(settings.get("resume"))
+    journal_exists = os.path.exists(journal)
+    if journal_exists and not resume:
+        raise UsageError(
+            f"journal {journal} already holds a run: pass --resume to continue it (finished jobs are not "
+            "sent again), or delete it to start over"
+        )
+    if resume and not journal_exists:
+        raise UsageError(f"--resume: there is no journal at {journal} to resume")
+    cache: str | None = None
+    if not settings.get("no_cache"):
+        cache = default_cache_path()
+        try:
+            os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
+        except OSError as exc:
+            print(
+                f"batchagent: no response cache ({cache}: {exc.strerror or exc}); running without",
+                file=sys.stderr,
+            )
+            cache = None
+    check_backends(backends)
+    try:
+        batch = Batch(
+            task,
+            system=system,
+            tools=tools,
+            output=schema,
+            model=model,
+            backend=backends,
+            max_inflight=int(settings.get("max_inflight") or 64),
+            max_turns=int(settings.get("max_turns") or 8),
+            journal=journal,
+            response_cache=cache,
+        )
+    except (SchemaError, TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+
+    quiet = bool(settings.get("quiet"))
+    mode = "quiet" if quiet else "dashboard" if settings.get("dashboard") and sys.stderr.isatty() else "bar"
+    if settings.get("dashboard") and mode == "bar":
+        print(
+            "batchagent: --dashboard needs a terminal on stderr; showing log lines instead", file=sys.stderr
+        )
+    output_existed = os.path.exists(output)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    view = _View(mode, output)
+    report: RunReport | None = None
+    started = time.time()
+    try:
+        with view:
+            report = batch.run_file(
+                input_path,
+                output,
+                input_format="auto",
+                skip_bad_lines=bool(settings.get("skip_bad_lines")),
+                on_progress=view.update,
+                progress_interval=0.2,
+            )
+            view.close(report.raw)
+    except KeyboardInterrupt:
+        view.close(None)
+        print(
+            f"batchagent: interrupted; finished results are kept in {journal}. Run the same command with "
+            "--resume to finish the rest.",
+            file=sys.stderr,
+        )
+        return 130
+    except (InputError, JournalError, SchemaError, BackendUnavailable, BackendTimeout, RunError) as exc:
+        view.close(None)
+        if view.jobs_started == 0:
+            # Refused before any job ran: leave no empty journal behind that would ask for --resume.
+            _remove_new_files(journal if not journal_exists else None, output if not output_existed else None)
+        raise UsageError(str(exc)) from exc
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    cost = estimate(
+        model=model,
+        backends=backends,
+        prompt_tokens=report.prompt_tokens,
+        cached_tokens=report.cached_tokens,
+        completion_tokens=report.completion_tokens,
+        overrides=prices,
+    )
+    skipped = int(report.raw.get("run", {}).get("jobs_skipped", 0))
+    if not quiet:
+        print(
+            f"\nbatchagent run report ({output})\n{report.table()}\n"
+            + (
+                f"{'finished earlier'.ljust(21)}  {skipped} (in the journal, not sent again)\n"
+                if skipped
+                else ""
+            )
+            + f"{'estimated cost'.ljust(21)}  {cost.describe()}"
+        )
+    if settings.get("report"):
+        data = {
+            **report.to_dict(),
+            "estimated_cost": cost.to_dict(),
+            "model": model,
+            "backends": backends,
+            "input": input_path,
+            "output": output,
+            "journal": journal,
+            "resumed": resume,
+            "finished_earlier": skipped,
+            "endpoints": report.raw.get("endpoints"),
+            "started_at": started,
+        }
+        try:
+            with open(settings["report"], "w", encoding="utf-8") as fh:
+                json.dump(data, fh, indent=2, default=str)
+                fh.write("\n")
+        except OSError as exc:
+            raise UsageError(f"--report {settings['report']}: cannot write: {exc.strerror or exc}") from exc
+    return 0
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "target",
+        nargs="?",
+        metavar="INPUT|RUN.toml",
+        help="the input file, or a run file holding the settings",
+    )
+    p.add_argument("--input", help="input: JSONL (one object a line), CSV, or text (one prompt a line)")
+    p.add_argument("-o", "--output", help="results, one JSON line per input (default: INPUT.results.jsonl)")
+    task = p.add_mutually_exclusive_group()
+    task.add_argument("--task", help="the task template; {field} takes an input's field (default: {prompt})")
+    task.add_argument("--task-file", dest="task_file", help="read the task template from a file")
+    system = p.add_mutually_exclusive_group()
+    system.add_argument("--system", help="the system prompt")
+    system.add_argument("--system-file", dest="system_file", help="read the system prompt from a file")
+    p.add_argument("--schema", help="structured output: module:Model (pydantic) or schema.json")
+    p.add_argument(
+        "--tools", action="append", help="tools: module:fn,... (@tool functions or plain functions)"
+    )
+    p.add_argument("--backend", action="append", help="backend URL; repeat it for a fleet")
+    p.add_argument("-m", "--model", help="model name")
+    p.add_argument(
+        "-c", "--max-inflight", dest="max_inflight", type=_positive, help="model calls in flight (default 64)"
+    )
+    p.add_argument("--max-turns", dest="max_turns", type=_positive, help="model turns per job (default 8)")
+    p.add_argument("--journal", help="run journal (default: OUTPUT.journal.sqlite)")
+    p.add_argument(
+        "--resume", action="store_true", default=None, help="continue the run recorded in the journal"
+    )
+    p.add_argument(
+        "--no-cache", dest="no_cache", action="store_true", default=None, help="bypass the response cache"
+    )
+    p.add_argument("--dashboard", action="store_true", default=None, help="a live multi-panel view")
+    p.add_argument("--quiet", action="store_true", default=None, help="print nothing but errors")
+    p.add_argument("--report", help="write the run report as JSON to this file")
+    p.add_argument(
+        "--skip-bad-lines",
+        dest="skip_bad_lines",
+        action="store_true",
+        default=None,
+        help="a malformed input line becomes a failed result instead of stopping the run",
+    )
+    p.add_argument(
+        "--prices", help="JSON price table overriding the built-in one (dollars per million tokens)"
+    )
+    p.set_defaults(func=_cmd_run)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchagent", description="Run large batches of LLM agent work.")
     parser.add_argument("--version", action="version", version=f"batchagent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run a task over every record of a file",
+        description="Run a task over every record of an input file; results go to JSONL as they finish.",
+        epilog=(
+            "Exit status: 0 when every input has a result (failed jobs are results too), 2 for a setting "
+            "to fix (the message says which), 130 when interrupted (run again with --resume)."
+        ),
+    )
+    _add_run_options(run)
 
     demo = sub.add_parser("demo", help="run a multi-turn tool batch on the simulator, then the naive way")
     demo.add_argument("--agents", type=int, default=300)

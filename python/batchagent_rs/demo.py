@@ -132,6 +132,7 @@ def run_demo(
         asyncio.run(go())
         report = batch.report()
         progress.close(report.raw)
+        batch_sim = server.stats()
     print("\nBatchAgent run report\n" + report.table(), file=out)
     summary: dict[str, Any] = {"batchagent": report.to_dict()}
     if baseline:
@@ -168,12 +169,30 @@ def run_demo(
             naive = asyncio.run(go_naive())
             naive_progress.close(_naive_stats(done["n"]))
             sim_stats = server.stats()
+        rows = [
+            ("", "BatchAgent", "naive loop"),
+            ("makespan", f"{report.wall_seconds:.2f} s", f"{naive.wall_seconds:.2f} s"),
+            ("ok / failed", f"{report.ok} / {report.failed}", f"{naive.ok} / {naive.failed}"),
+            ("model calls", str(report.model_calls), str(naive.model_calls)),
+            ("tool executions", str(report.tool_executions), str(naive.tool_executions)),
+            ("prefix cache hit rate", _hit_rate(batch_sim), _hit_rate(sim_stats)),
+            (
+                "engine TTFT p50 (simulated)",
+                _ms(batch_sim["ttft_seconds"]["p50"]),
+                _ms(sim_stats["ttft_seconds"]["p50"]),
+            ),
+            (
+                "engine TTFT p90 (simulated)",
+                _ms(batch_sim["ttft_seconds"]["p90"]),
+                _ms(sim_stats["ttft_seconds"]["p90"]),
+            ),
+        ]
         print(
-            f"\nNaive loop (openai SDK + asyncio.gather, semaphore held through tool waits): "
-            f"{naive.ok} ok, {naive.failed} failed in {naive.wall_seconds:.2f} s, "
-            f"{naive.tool_executions} tool executions",
+            "\nSide by side (the naive loop: openai SDK + asyncio.gather, semaphore held through tool waits)",
             file=out,
         )
+        for name, a, b in rows:
+            print(f"  {name:<28}{a:>14}{b:>14}", file=out)
         speedup = naive.wall_seconds / report.wall_seconds if report.wall_seconds else float("nan")
         print(f"BatchAgent was {speedup:.2f}x faster on the same simulated engine.", file=out)
         summary["naive"] = {
@@ -184,8 +203,18 @@ def run_demo(
             "model_calls": naive.model_calls,
             "sim": sim_stats,
         }
+        summary["batchagent_sim"] = batch_sim
         summary["speedup"] = speedup
     return summary
+
+
+def _hit_rate(sim_stats: dict[str, Any]) -> str:
+    tokens = sim_stats["tokens"]
+    return f"{tokens['cached'] / tokens['prompt']:.1%}" if tokens["prompt"] else "-"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
 def _naive_stats(done: int) -> dict[str, Any]:

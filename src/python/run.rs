@@ -278,6 +278,7 @@ pub struct PyRun {
     deliver: bool,
     /// The first error that makes the run's output incomplete (a failed journal or output write).
     fatal: Arc<Mutex<Option<String>>>,
+    response_cache: Option<Arc<ResponseCache>>,
     /// Keeps an embedded simulator alive for as long as the run.
     connected: Connected,
 }
@@ -311,14 +312,6 @@ impl PyRun {
                 return Err(SchemaError::new_err(format!("tool '{}' has a definition but no callable", def.name)));
             }
         }
-        // Everything that can fail on the user's files fails here, before any request.
-        let durable = Durability::open(
-            options.journal.as_deref(),
-            &fingerprint(spec_json),
-            options.journal_force,
-            options.output.as_deref(),
-        )
-        .map_err(|e| JournalError::new_err(e.to_string()))?;
         let mut input = None;
         let mut input_total = None;
         if let Some(file) = &options.input {
@@ -332,6 +325,15 @@ impl PyRun {
             input = Some((file.path.clone(), format));
             input_total = Some(total);
         }
+        // The journal and the output open after the input checked out (a refused run leaves no
+        // journal behind), and before any request.
+        let durable = Durability::open(
+            options.journal.as_deref(),
+            &fingerprint(spec_json),
+            options.journal_force,
+            options.output.as_deref(),
+        )
+        .map_err(|e| JournalError::new_err(e.to_string()))?;
         let runtime = runtime()?;
         let urls = options.backends;
         let fleet_options = FleetOptions {
@@ -339,13 +341,16 @@ impl PyRun {
             keep_session_headers: options.keep_session_headers,
             ..FleetOptions::default()
         };
-        let connect_options = ConnectOptions { api_key: options.api_key, ..ConnectOptions::default() };
+        let connect_options =
+            ConnectOptions { api_key: options.api_key, agent_hints: spec.agent_hints, ..ConnectOptions::default() };
         let mut connected = py
             .allow_threads(|| runtime.block_on(connect_fleet(&urls, &connect_options, fleet_options)))
             .map_err(|e| backend_error(&e))?;
+        let mut response_cache = None;
         if let Some(path) = &options.response_cache {
-            let cache = ResponseCache::open(path).map_err(|e| JournalError::new_err(e.to_string()))?;
-            connected.backend = Arc::new(CachedBackend::new(connected.backend, Arc::new(cache)));
+            let cache = Arc::new(ResponseCache::open(path).map_err(|e| JournalError::new_err(e.to_string()))?);
+            connected.backend = Arc::new(CachedBackend::new(connected.backend, cache.clone()));
+            response_cache = Some(cache);
         }
         let shared = Arc::new(Shared::new().map_err(|e| RunError::new_err(format!("wake-up socket: {e}")))?);
         let constrained = RunContext::use_constrained(&spec, connected.backend.capabilities().json_schema);
@@ -387,6 +392,7 @@ impl PyRun {
             input_total,
             deliver: options.deliver_results,
             fatal: Arc::new(Mutex::new(None)),
+            response_cache,
             connected,
         };
         run.start()?;
@@ -517,6 +523,10 @@ impl PyRun {
             "backend": self.ctx.backend.name(),
             "endpoints": self.ctx.backend.endpoint_stats(),
             "engine": self.ctx.engine.as_ref().map(|e| e.latest()),
+            "response_cache": self.response_cache.as_ref().map(|c| {
+                let s = c.stats();
+                serde_json::json!({"hits": s.hits, "misses": s.misses, "puts": s.puts})
+            }),
         });
         value.to_string()
     }

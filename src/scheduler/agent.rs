@@ -192,8 +192,15 @@ pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
         Ok((text, output)) => {
             ctx.stats.jobs_ok.fetch_add(1, Relaxed);
             result.ok = true;
-            result.text = Some(text);
-            result.output = output;
+            // Without a schema the answer text is the output; with one, the text is kept beside
+            // the validated value (what the model actually wrote, for debugging).
+            match output {
+                Some(value) => {
+                    result.output = Some(value);
+                    result.text = Some(text);
+                }
+                None => result.output = Some(Value::String(text)),
+            }
         }
         Err(failure) => {
             let attempts = agent.state.attempts;
@@ -306,7 +313,7 @@ impl Agent<'_> {
                 max_tokens: ctx.spec.max_tokens,
                 temperature: ctx.spec.temperature,
                 request_id: format!("{}-t{}-a{}", self.job_id, self.state.turns, attempt),
-                stream: ctx.spec.stream,
+                stream: ctx.spec.streams(),
                 hints: ctx.spec.agent_hints.then(|| AgentHints {
                     priority: -i64::from(remaining),
                     remaining_turns: remaining,

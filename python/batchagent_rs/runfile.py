@@ -1,0 +1,91 @@
+"""Run files: `batchagent run job.toml` reads the same settings as the flags, keys spelled with `_`
+(`max_inflight = 30`, `skip_bad_lines = true`). Paths in a run file are relative to the file, so a
+job directory can be run from anywhere."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from typing import Any, Literal
+
+__all__ = ["SETTINGS", "RunFileError", "load_run_file"]
+
+Kind = Literal["str", "path", "int", "bool", "list"]
+
+SETTINGS: dict[str, Kind] = {
+    "input": "path",
+    "output": "path",
+    "task": "str",
+    "task_file": "path",
+    "system": "str",
+    "system_file": "path",
+    "schema": "str",
+    "tools": "list",
+    "backend": "list",
+    "model": "str",
+    "max_inflight": "int",
+    "max_turns": "int",
+    "journal": "path",
+    "resume": "bool",
+    "no_cache": "bool",
+    "dashboard": "bool",
+    "quiet": "bool",
+    "report": "path",
+    "skip_bad_lines": "bool",
+    "prices": "path",
+}
+
+
+class RunFileError(ValueError):
+    """A run file cannot be used; the message names the file and the setting."""
+
+
+def _resolve(base: str, value: str) -> str:
+    expanded = os.path.expanduser(value)
+    return expanded if os.path.isabs(expanded) else os.path.normpath(os.path.join(base, expanded))
+
+
+def _check(path: str, base: str, key: str, kind: Kind, value: Any) -> Any:
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise RunFileError(f"{path}: {key} must be true or false, got {value!r}")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RunFileError(f"{path}: {key} must be a whole number >= 1, got {value!r}")
+        return value
+    if kind == "list":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items or not all(isinstance(v, str) and v for v in items):
+            raise RunFileError(f"{path}: {key} must be a string or a list of strings, got {value!r}")
+        return list(items)
+    if not isinstance(value, str) or not value:
+        raise RunFileError(f"{path}: {key} must be a non-empty string, got {value!r}")
+    if kind == "path":
+        return _resolve(base, value)
+    if key == "schema" and value.endswith(".json"):
+        return _resolve(base, value)
+    return value
+
+
+def load_run_file(path: str) -> dict[str, Any]:
+    """The settings of a run file, checked and with paths made absolute."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise RunFileError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise RunFileError(f"{path}: invalid TOML: {exc}") from exc
+    base = os.path.dirname(os.path.abspath(path))
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        kind = SETTINGS.get(key)
+        if kind is None:
+            hint = " (keys use '_', not '-')" if key.replace("-", "_") in SETTINGS else ""
+            raise RunFileError(f"{path}: unknown setting {key!r}{hint}; known: {', '.join(SETTINGS)}")
+        settings[key] = _check(path, base, key, kind, value)
+    for a, b in (("task", "task_file"), ("system", "system_file")):
+        if a in settings and b in settings:
+            raise RunFileError(f"{path}: set {a} or {b}, not both")
+    return settings
