@@ -84,7 +84,7 @@ def child_baseline(url: str, n: int, inflight: int, stream: bool) -> dict[str, A
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=3)
     schema = json.dumps(Answer.model_json_schema(), separators=(",", ":"))
     system = f"{SYSTEM}\n\nReply with only JSON matching this JSON Schema:\n```json\n{schema}\n```"
-    tools = [
+    tools: list[Any] = [
         {
             "type": "function",
             "function": {
@@ -110,12 +110,12 @@ def child_baseline(url: str, n: int, inflight: int, stream: bool) -> dict[str, A
         for turn in range(1, 5):
             async with sem:
                 if stream:
-                    text, calls = "", {}
+                    text, calls = "", dict[int, dict[str, str]]()
                     chunks = await client.chat.completions.create(
                         model="sim-model",
                         messages=messages,
                         tools=tools,
-                        stream=True,  # type: ignore[arg-type]
+                        stream=True,
                     )
                     async for chunk in chunks:
                         if not chunk.choices:
@@ -132,7 +132,7 @@ def child_baseline(url: str, n: int, inflight: int, stream: bool) -> dict[str, A
                 else:
                     resp = await client.chat.completions.create(
                         model="sim-model", messages=messages, tools=tools
-                    )  # type: ignore[arg-type]
+                    )
                     msg = resp.choices[0].message
                     text = msg.content or ""
                     tool_calls = [

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -450,7 +450,7 @@ class _Driver:
             # Stopping early cancels the run now, not whenever the inner generator is collected.
             await batches.aclose()
 
-    async def batches(self) -> AsyncIterator[list[Result]]:
+    async def batches(self) -> AsyncGenerator[list[Result], None]:
         """The run's results, as the lists that became ready together."""
         batch = self.batch
         pending: list[tuple[str, int, str]] | None = None
