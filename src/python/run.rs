@@ -461,17 +461,21 @@ impl PyRun {
         let mut sink = [0u8; 256];
         while matches!(std::io::Read::read(&mut &self.shared.wake_rx, &mut sink), Ok(n) if n > 0) {}
         self.shared.signalled.store(false, SeqCst);
-        let mut outbox = self.shared.outbox.lock().map_err(|_| RunError::new_err("run state poisoned"))?;
-        let results = serde_json::to_string(&outbox.results).map_err(|e| RunError::new_err(e.to_string()))?;
-        outbox.results.clear();
-        Ok((
-            std::mem::take(&mut outbox.tool_calls),
-            std::mem::take(&mut outbox.batch_calls),
-            std::mem::take(&mut outbox.validations),
-            results,
-            std::mem::take(&mut outbox.credit),
-            outbox.done,
-        ))
+        let (events, results) = {
+            let mut outbox = self.shared.outbox.lock().map_err(|_| RunError::new_err("run state poisoned"))?;
+            let events = (
+                std::mem::take(&mut outbox.tool_calls),
+                std::mem::take(&mut outbox.batch_calls),
+                std::mem::take(&mut outbox.validations),
+                std::mem::take(&mut outbox.credit),
+                outbox.done,
+            );
+            (events, std::mem::take(&mut outbox.results))
+        };
+        // Serialised outside the lock: tokio threads posting meanwhile never wait on it.
+        let results = serde_json::to_string(&results).map_err(|e| RunError::new_err(e.to_string()))?;
+        let (tool_calls, batch_calls, validations, credit, done) = events;
+        Ok((tool_calls, batch_calls, validations, results, credit, done))
     }
 
     /// Answers for tool calls: `(call id, ok, text)`; text is the result, or the error message.
