@@ -70,6 +70,8 @@ async fn prefix_caching_keeps_ttft_flat_as_concurrency_grows() {
     }
     let summary =
         format!("(mean TTFT s, mean cached tokens) for N = 5, 20, 50, 100: without cache {off:?}, with {on:?}");
+    // Shown with `cargo test --test sim_engine -- --nocapture`.
+    eprintln!("{summary}");
     // Without the cache nothing is ever a hit, and TTFT grows with N roughly in proportion.
     assert!(off.iter().all(|&(_, cached)| cached == 0.0), "{summary}");
     for w in off.windows(2) {
