@@ -295,3 +295,19 @@ def test_ctrl_c_stops_a_run_cleanly(tmp_path: Any) -> None:
 
     con = sqlite3.connect(tmp_path / "j.sqlite")
     assert con.execute("pragma integrity_check").fetchone()[0] == "ok"
+
+
+def test_parquet_input_is_read_lazily_into_the_output(tmp_path: Any) -> None:
+    import json
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": [f"row-{i}" for i in range(300)], "path": [f"f{i}.py" for i in range(300)]})
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=50)
+    report = Batch("Review {path}.", backend=f"sim://?{FAST}").run_file(
+        tmp_path / "in.parquet", tmp_path / "out.jsonl"
+    )
+    assert report.ok == 300
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in lines) == sorted(f"row-{i}" for i in range(300))
