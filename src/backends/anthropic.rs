@@ -15,7 +15,6 @@ use super::url::BackendOptions;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
 use crate::conversation::Role;
 use crate::stream::anthropic::{parse_message, AnthropicStreamAssembler};
-use crate::stream::sse::SseParser;
 
 pub const API_VERSION: &str = "2023-06-01";
 pub const API_KEY_ENV: &str = "ANTHROPIC_API_KEY";
@@ -101,39 +100,12 @@ impl AnthropicBackend {
             }
             return Ok(response);
         }
-        let mut sse = SseParser::new();
-        let mut assembler = if events.is_some() {
+        let assembler = if events.is_some() {
             AnthropicStreamAssembler::new()
         } else {
             AnthropicStreamAssembler::without_text_deltas()
         };
-        let mut out = Vec::new();
-        let mut ttft = None;
-        let mut failure = None;
-        while let Some(chunk) = self.http.next_chunk(&mut response).await? {
-            sse.feed_with(&chunk, |event| {
-                if failure.is_none() {
-                    if let Err(e) = assembler.push_event(&event, &mut out) {
-                        failure = Some(e);
-                    }
-                }
-            });
-            for event in out.drain(..) {
-                if ttft.is_none() && event == StreamEvent::FirstToken {
-                    ttft = Some(started.elapsed());
-                }
-                if let Some(tx) = &events {
-                    // A receiver that went away only stops the forwarding, not the call.
-                    let _ = tx.send(event);
-                }
-            }
-            if let Some(e) = failure {
-                return Err(self.http.redact_error(e));
-            }
-        }
-        let mut response = assembler.finish(sse.finish()).map_err(|e| self.http.redact_error(e))?;
-        response.ttft = ttft;
-        Ok(response)
+        self.http.read_sse_turn(&mut response, assembler, events.as_ref(), started).await
     }
 }
 

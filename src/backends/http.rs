@@ -3,14 +3,22 @@
 //! redaction of the API key from everything that can reach a log.
 
 use std::fmt;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use serde_json::Value;
+use tokio::sync::mpsc;
 
 use super::url::BackendOptions;
-use super::BackendError;
+use super::{BackendError, ChatResponse, StreamEvent};
+use crate::stream::sse::{SseEvent, SseParser, StreamEnd};
+
+/// Turns parsed SSE events into one assembled turn (OpenAI chunks, Anthropic events).
+pub trait SseTurn {
+    fn push_event(&mut self, event: &SseEvent, out: &mut Vec<StreamEvent>) -> Result<(), BackendError>;
+    fn finish(self, end: StreamEnd) -> Result<ChatResponse, BackendError>;
+}
 
 /// Longest server message kept in an error.
 pub const MAX_ERROR_MESSAGE: usize = 500;
@@ -167,6 +175,45 @@ impl HttpClient {
     /// The next piece of a response body; `None` at its end. A failed read is a connection error.
     pub async fn next_chunk(&self, response: &mut reqwest::Response) -> Result<Option<Bytes>, BackendError> {
         response.chunk().await.map_err(|e| self.transport_error(&e))
+    }
+
+    /// Reads an SSE body into one turn: events are parsed as the bytes come, handed on to
+    /// `events` (a receiver that went away only stops the forwarding, not the call), and the
+    /// first token's arrival is timed from `started`.
+    pub async fn read_sse_turn<A: SseTurn>(
+        &self,
+        response: &mut reqwest::Response,
+        mut assembler: A,
+        events: Option<&mpsc::UnboundedSender<StreamEvent>>,
+        started: Instant,
+    ) -> Result<ChatResponse, BackendError> {
+        let mut sse = SseParser::new();
+        let mut out = Vec::new();
+        let mut ttft = None;
+        let mut failure = None;
+        while let Some(chunk) = self.next_chunk(response).await? {
+            sse.feed_with(&chunk, |event| {
+                if failure.is_none() {
+                    if let Err(e) = assembler.push_event(&event, &mut out) {
+                        failure = Some(e);
+                    }
+                }
+            });
+            for event in out.drain(..) {
+                if ttft.is_none() && event == StreamEvent::FirstToken {
+                    ttft = Some(started.elapsed());
+                }
+                if let Some(tx) = events {
+                    let _ = tx.send(event);
+                }
+            }
+            if let Some(e) = failure {
+                return Err(self.redact_error(e));
+            }
+        }
+        let mut turn = assembler.finish(sse.finish()).map_err(|e| self.redact_error(e))?;
+        turn.ttft = ttft;
+        Ok(turn)
     }
 
     /// The whole body of a successful response.

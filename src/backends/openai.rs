@@ -15,7 +15,6 @@ use super::url::BackendOptions;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
 use crate::conversation::{Message, Role, ToolCall, ToolDef, Usage};
 use crate::stream::openai::{parse_chat_completion, parse_completions, ChatStreamAssembler};
-use crate::stream::sse::SseParser;
 
 /// Which server sits behind the `OpenAI`-compatible API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -224,36 +223,9 @@ impl OpenAiBackend {
             }
             return Ok(response);
         }
-        let mut sse = SseParser::new();
-        let mut assembler =
+        let assembler =
             if events.is_some() { ChatStreamAssembler::new() } else { ChatStreamAssembler::without_text_deltas() };
-        let mut out = Vec::new();
-        let mut ttft = None;
-        let mut failure = None;
-        while let Some(chunk) = self.http.next_chunk(&mut response).await? {
-            sse.feed_with(&chunk, |event| {
-                if failure.is_none() {
-                    if let Err(e) = assembler.push_event(&event, &mut out) {
-                        failure = Some(e);
-                    }
-                }
-            });
-            for event in out.drain(..) {
-                if ttft.is_none() && event == StreamEvent::FirstToken {
-                    ttft = Some(started.elapsed());
-                }
-                if let Some(tx) = &events {
-                    // A receiver that went away only means nobody is listening any more.
-                    let _ = tx.send(event);
-                }
-            }
-            if let Some(e) = failure {
-                return Err(self.http.redact_error(e));
-            }
-        }
-        let mut response = assembler.finish(sse.finish())?;
-        response.ttft = ttft;
-        Ok(response)
+        self.http.read_sse_turn(&mut response, assembler, events.as_ref(), started).await
     }
 }
 

@@ -405,6 +405,16 @@ pub fn parse_message(body: &str) -> Result<ChatResponse, BackendError> {
     })
 }
 
+impl crate::backends::http::SseTurn for AnthropicStreamAssembler {
+    fn push_event(&mut self, event: &SseEvent, out: &mut Vec<StreamEvent>) -> Result<(), BackendError> {
+        AnthropicStreamAssembler::push_event(self, event, out)
+    }
+
+    fn finish(self, end: StreamEnd) -> Result<ChatResponse, BackendError> {
+        AnthropicStreamAssembler::finish(self, end)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

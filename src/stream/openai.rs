@@ -563,6 +563,16 @@ fn error_event(data: &str) -> BackendError {
     }
 }
 
+impl crate::backends::http::SseTurn for ChatStreamAssembler {
+    fn push_event(&mut self, event: &SseEvent, out: &mut Vec<StreamEvent>) -> Result<(), BackendError> {
+        ChatStreamAssembler::push_event(self, event, out)
+    }
+
+    fn finish(self, end: StreamEnd) -> Result<ChatResponse, BackendError> {
+        ChatStreamAssembler::finish(self, end)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
