@@ -388,9 +388,8 @@ impl Agent<'_> {
                 Some(event) = rx.recv() => self.start_early(event, &mut early),
             }
         };
-        while let Ok(event) = rx.try_recv() {
-            self.start_early(event, &mut early);
-        }
+        // Calls announced only as the turn ended (the last one always is) start with the others in
+        // `run_tools`: they were not early, and counting them would overstate the overlap.
         Ok((response, early))
     }
 
