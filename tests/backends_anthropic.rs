@@ -250,6 +250,7 @@ fn request(model: &str, stream: bool) -> ChatRequest {
         request_id: "job-7-turn-2".into(),
         stream,
         hints: None,
+        text_deltas: true,
     }
 }
 

@@ -208,6 +208,7 @@ fn request(model: &str, stream: bool) -> ChatRequest {
         request_id: "job-1-turn-1".into(),
         stream,
         hints: None,
+        text_deltas: true,
     }
 }
 

@@ -177,6 +177,7 @@ fn request(model: &str, stream: bool) -> ChatRequest {
         request_id: "job-7-turn-0-attempt-1".into(),
         stream,
         hints: None,
+        text_deltas: true,
     }
 }
 

@@ -46,12 +46,28 @@ class Run:
     ) -> tuple[
         list[tuple[int, str, str]],
         list[tuple[int, str, list[str]]],
-        list[tuple[int, str, str]],
-        str,
+        list[
+            tuple[
+                str,
+                int,
+                bool,
+                str | None,
+                str | None,
+                tuple[str, str, bool, int] | None,
+                tuple[int, int, int, int],
+                tuple[int, int, int],
+                bool,
+                float | None,
+                float,
+            ]
+        ],
         int,
         bool,
     ]:
-        """`(tool_calls, batch_calls, validations, results_json, credit, done)`."""
+        """`(tool_calls, batch_calls, validations, results, credit, done)`; each result is
+        `(id, index, ok, output_json, text, (kind, message, retryable, attempts) | None,
+        (prompt, cached, completion, cache_creation tokens), (turns, tool_calls, attempts),
+        repaired, ttft_s, total_s)`."""
     def complete_tools(self, items: list[tuple[int, bool, str]]) -> None:
         """Answers `(call id, ok, text)` for tool calls."""
     def complete_batches(self, items: list[tuple[int, bool, list[tuple[bool, str]], str]]) -> None:

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pydantic
 
@@ -29,6 +29,12 @@ _FEED_CHUNK = 256
 # Sync tools whose calls take less than this on average run as one thread-pool job per batch of
 # calls; slower ones get a thread each so a slow tool never serialises a batch.
 _FAST_TOOL_SECONDS = 0.0005
+# Sync tools whose calls have averaged under this (timed in the pool first) run inline on the event
+# loop: a round trip through the pool (a queue put, a thread wake-up, a call back into the loop)
+# costs several times more than such a call. One inline call slower than the limit sends the tool
+# back to the pool for the rest of the run. `@tool(inline=...)` overrides both.
+_INLINE_TOOL_SECONDS = 0.00005
+_INLINE_LIMIT_SECONDS = 0.002
 
 
 @dataclass(frozen=True)
@@ -188,6 +194,21 @@ class RunReport:
 
 OnResult = Callable[[Result], Any]
 
+# A finished job as the core hands it over (see `_core.Run.take_events`).
+_ResultTuple = tuple[
+    str,
+    int,
+    bool,
+    "str | None",
+    "str | None",
+    "tuple[str, str, bool, int] | None",
+    tuple[int, int, int, int],
+    tuple[int, int, int],
+    bool,
+    "float | None",
+    float,
+]
+
 
 class Batch:
     """One task, many inputs. Inputs are dicts whose fields fill the `task` template (`{name}`)."""
@@ -300,11 +321,11 @@ class Batch:
     async def arun(self, inputs: Iterable[dict[str, Any]]) -> list[Result]:
         """Run every input; returns results in input order."""
         driver = _Driver(self, inputs, self._options, None, 0.0)
-        results: list[Result] = []
-        # Whole batches of results, not one async-generator step per result.
-        async for chunk in driver.batches():
-            results.extend(chunk)
-        results.sort(key=lambda r: r.index)
+        # Results go straight into one list: no hand-over through the queue and the generator.
+        results = driver.collected = []
+        async for _ in driver.batches():
+            pass
+        results.sort(key=_by_index)
         return results
 
     async def stream(self, inputs: Iterable[dict[str, Any]]) -> AsyncIterator[Result]:
@@ -440,10 +461,13 @@ class _Driver:
         self.validated: dict[str, pydantic.BaseModel] = {}
         self.tool_time: dict[str, tuple[int, float]] = {}
         self.done_calls: list[tuple[int, bool, str]] = []
+        self.demoted: set[str] = set()
         self.flush_scheduled = False
         self.background: set[asyncio.Future[Any]] = set()
         self.executor: ThreadPoolExecutor | None = None
         self.source: Iterator[Any] | None = None
+        # When set, results are appended here instead of going through `batches()`.
+        self.collected: list[Result] | None = None
 
     async def results(self) -> AsyncIterator[Result]:
         batches = self.batches()
@@ -545,13 +569,13 @@ class _Driver:
         if bad:
             for result in bad:
                 self._deliver(result)
-            self.queue.put_nowait(bad)
+            self._emit(bad)
             # Their places in the window are free again.
             self._feed(len(bad))
 
     def _on_wake(self) -> None:
         try:
-            tool_calls, batch_calls, validations, results_json, credit, done = self.run.take_events()
+            tool_calls, batch_calls, validations, finished, credit, done = self.run.take_events()
             loop = asyncio.get_running_loop()
             if tool_calls:
                 self._dispatch_tools(self.run, loop, tool_calls)
@@ -559,11 +583,12 @@ class _Driver:
                 self._track(loop.create_task(self._run_batch(self.run, *call)))
             if validations:
                 self.run.complete_validations([self._validate(*v) for v in validations])
-            if results_json != "[]":
-                results = [self._result(raw) for raw in json.loads(results_json)]
-                for result in results:
-                    self._deliver(result)
-                self.queue.put_nowait(results)
+            if finished:
+                results = [self._result(item) for item in finished]
+                if self.batch._on_result is not None:
+                    for result in results:
+                        self._deliver(result)
+                self._emit(results)
             if credit:
                 self._feed(credit)
             if done:
@@ -572,6 +597,12 @@ class _Driver:
             self.failure = exc
             self.run.cancel()
             self.queue.put_nowait(None)
+
+    def _emit(self, results: list[Result]) -> None:
+        if self.collected is not None:
+            self.collected.extend(results)
+        else:
+            self.queue.put_nowait(results)
 
     # -- tools ----------------------------------------------------------------------------------
 
@@ -601,12 +632,21 @@ class _Driver:
         self, run: _core.Run, loop: asyncio.AbstractEventLoop, calls: list[tuple[int, str, str]]
     ) -> None:
         fast: list[tuple[int, Tool, str]] = []
+        done: list[tuple[int, bool, str]] = []
         for call_id, name, arguments in calls:
             t = self.tools.get(name)
             if t is None:  # the core only asks for registered tools
-                self._finish_call(call_id, False, f"unknown tool '{name}'")
+                done.append((call_id, False, f"unknown tool '{name}'"))
             elif t.is_async:
                 self._track(loop.create_task(self._call_async(t, call_id, arguments)))
+            elif self._runs_inline(t):
+                started = time.perf_counter()
+                ok, text = self._timed(t, arguments)
+                if t.inline is None and time.perf_counter() - started > _INLINE_LIMIT_SECONDS:
+                    self.demoted.add(name)
+                    log.debug("tool %s took over %.0f ms inline; it runs in the thread pool from now on", name,
+                              _INLINE_LIMIT_SECONDS * 1000)
+                done.append((call_id, ok, text))
             elif self._is_fast(name):
                 fast.append((call_id, t, arguments))
             else:
@@ -617,6 +657,16 @@ class _Driver:
             many = loop.run_in_executor(self._pool(), self._call_sync_many, fast)
             many.add_done_callback(self._sync_many_done)
             self._track(many)
+        if done:
+            run.complete_tools(done)
+
+    def _runs_inline(self, t: Tool) -> bool:
+        if t.inline is not None:
+            return t.inline
+        if t.name in self.demoted:
+            return False
+        count, total = self.tool_time.get(t.name, (0, 0.0))
+        return count >= 8 and total / count < _INLINE_TOOL_SECONDS
 
     def _is_fast(self, name: str) -> bool:
         count, total = self.tool_time.get(name, (0, 0.0))
@@ -700,29 +750,45 @@ class _Driver:
         except pydantic.ValidationError as exc:
             return validation_id, False, _describe_validation(exc)
 
-    def _result(self, raw: dict[str, Any]) -> Result:
-        output: Any = raw.get("output")
-        if raw["ok"]:
+    def _result(self, item: _ResultTuple) -> Result:
+        job_id, index, ok, output_json, text, error, usage, counts, repaired, ttft, total = item
+        output: Any = None
+        if ok:
             if self.model_type is not None:
-                instance = self.validated.pop(raw["id"], None)
-                output = instance if instance is not None else self.model_type.model_validate(output)
-            elif output is None:
-                output = raw.get("text")
-        error = raw.get("error")
-        return Result(
-            id=raw["id"],
-            index=raw["index"],
-            ok=raw["ok"],
-            output=output,
-            error=None if error is None else ErrorInfo(**error),
-            usage=Usage(**raw["usage"]),
-            turns=raw["turns"],
-            tool_calls=raw["tool_calls"],
-            attempts=raw["attempts"],
-            ttft=raw.get("ttft_s"),
-            total=raw["total_s"],
-            text=raw.get("text"),
-            repaired=raw.get("repaired", False),
+                output = self.validated.pop(job_id, None)
+                if output is None and output_json is not None:  # finished in an earlier run (journal)
+                    output = self.model_type.model_validate_json(output_json)
+            elif output_json is not None:
+                output = json.loads(output_json)
+            else:
+                output = text
+        prompt, cached, completion, creation = usage
+        turns, tool_calls, attempts = counts
+        return _make(
+            Result,
+            {
+                "id": job_id,
+                "index": index,
+                "ok": ok,
+                "output": output,
+                "error": None if error is None else ErrorInfo(*error),
+                "usage": _make(
+                    Usage,
+                    {
+                        "prompt_tokens": prompt,
+                        "cached_tokens": cached,
+                        "completion_tokens": completion,
+                        "cache_creation_tokens": creation,
+                    },
+                ),
+                "turns": turns,
+                "tool_calls": tool_calls,
+                "attempts": attempts,
+                "ttft": ttft,
+                "total": total,
+                "text": text,
+                "repaired": repaired,
+            },
         )
 
     def _deliver(self, result: Result) -> None:
@@ -736,6 +802,23 @@ class _Driver:
             return
         if inspect.isawaitable(value):
             self._track(asyncio.ensure_future(_logged(value, result.index)))
+
+
+def _by_index(result: Result) -> int:
+    return result.index
+
+
+_T = TypeVar("_T")
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _make(cls: type[_T], fields: dict[str, Any]) -> _T:
+    """An instance of a frozen dataclass from all of its fields, without running `__init__`: a
+    third of the cost, which counts at one `Result` per input."""
+    instance = _new(cls)
+    _set(instance, "__dict__", fields)
+    return instance
 
 
 def _parquet_rows(path: str) -> Iterator[dict[str, Any]]:

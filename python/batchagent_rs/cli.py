@@ -80,6 +80,8 @@ def _sim_options(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_sim_serve(args: argparse.Namespace) -> int:
     from . import sim
 
+    # A server answers many clients: every core, unless told otherwise (read when the runtime starts).
+    os.environ.setdefault("BATCHAGENT_WORKER_THREADS", str(os.cpu_count() or 1))
     server = sim.start(
         profile=args.profile,
         time_scale=args.time_scale,

@@ -42,6 +42,7 @@ class Tool:
     batch_handler: Callable[[list[dict[str, Any]]], Any] | None = None
     batch_window: float = 0.01
     batch_max: int = 64
+    inline: bool | None = None
     is_async: bool = field(default=False)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -66,7 +67,8 @@ class Tool:
     def parse_arguments(self, arguments_json: str) -> dict[str, Any]:
         """Validate the model's arguments; raises `pydantic.ValidationError`."""
         model = self.arguments_model.model_validate_json(arguments_json)
-        return {name: getattr(model, name) for name in self.arguments_model.model_fields}
+        # A model's `__dict__` holds exactly its fields (extras and private attributes live apart).
+        return dict(model.__dict__)
 
 
 def encode_result(value: Any) -> str:
@@ -116,6 +118,8 @@ def _make_tool(fn: Callable[..., Any], **options: Any) -> Tool:
     except pydantic.PydanticInvalidForJsonSchema as exc:
         raise ToolDefinitionError(f"tool '{name}': {exc}") from exc
     parameters.pop("title", None)
+    if options.get("inline") is not None and inspect.iscoroutinefunction(fn):
+        raise ToolDefinitionError(f"tool '{name}': inline= is for sync functions; async ones run on the loop")
     return Tool(
         fn=fn,
         name=name,
@@ -143,6 +147,7 @@ def tool(
     batch_handler: Callable[[list[dict[str, Any]]], Sequence[Any] | Awaitable[Sequence[Any]]] | None = None,
     batch_window: float = 0.01,
     batch_max: int = 64,
+    inline: bool | None = None,
 ) -> Callable[[Callable[..., Any]], Tool]: ...
 
 
@@ -157,6 +162,9 @@ def tool(
     - `max_concurrency`, `rate_limit` (calls per second), `timeout` (seconds) bound executions.
     - `batch_handler`: calls arriving within `batch_window` seconds go to one call of this function
       with the list of argument dicts; it returns one result per argument set, in order.
+    - `inline` (sync tools): `None` (default) runs a tool on the event loop's thread once its calls
+      have averaged under 50 microseconds in the pool, and sends it back to the pool if one call
+      takes over 2 ms; `True` always runs it inline, `False` always in the pool.
     """
     if fn is not None:
         return _make_tool(fn)

@@ -96,11 +96,11 @@ impl AnthropicBackend {
                 .map_err(|e| BackendError::Protocol(format!("Anthropic message body is not UTF-8: {e}")))?;
             let response = parse_message(text).map_err(|e| self.http.redact_error(e))?;
             if let Some(tx) = &events {
-                replay_events(&response, tx);
+                replay_events(&response, tx, request.text_deltas);
             }
             return Ok(response);
         }
-        let assembler = if events.is_some() {
+        let assembler = if events.is_some() && request.text_deltas {
             AnthropicStreamAssembler::new()
         } else {
             AnthropicStreamAssembler::without_text_deltas()

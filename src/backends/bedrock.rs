@@ -231,12 +231,12 @@ impl BedrockBackend {
             let body = response.bytes().await.map_err(|e| self.transport_error(&e))?;
             let resp = parse_converse(&body)?;
             if let Some(tx) = &events {
-                replay_events(&resp, tx);
+                replay_events(&resp, tx, request.text_deltas);
             }
             return Ok(resp);
         }
         let mut decoder = EventStreamDecoder::new();
-        let mut assembler = if events.is_some() {
+        let mut assembler = if events.is_some() && request.text_deltas {
             ConverseStreamAssembler::new()
         } else {
             ConverseStreamAssembler::without_text_deltas()
@@ -869,6 +869,7 @@ mod tests {
             request_id: "r".into(),
             stream: true,
             hints: None,
+            text_deltas: true,
         }
     }
 

@@ -1,15 +1,17 @@
-//! The HTTP layer every HTTP backend shares: one pooled keep-alive reqwest client per backend,
+//! The HTTP layer every HTTP backend shares: one pooled keep-alive client per backend,
 //! timeouts, the mapping of HTTP statuses and transport failures onto [`BackendError`], and
 //! redaction of the API key from everything that can reach a log.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use super::h1::{H1Client, H1Error, H1Response};
 use super::url::BackendOptions;
 use super::{BackendError, ChatResponse, StreamEvent};
 use crate::stream::sse::{SseEvent, SseParser, StreamEnd};
@@ -54,11 +56,15 @@ pub enum AuthStyle {
     Header(&'static str),
 }
 
-/// A pooled client bound to one server.
+/// A pooled client bound to one server: the lean HTTP/1.1 client of [`h1`](super::h1) for
+/// plain `http://` servers reached without a proxy, reqwest for everything else.
 #[derive(Clone)]
 pub struct HttpClient {
     client: reqwest::Client,
+    fast: Option<Arc<H1Client>>,
     base_url: String,
+    /// The path part of `base_url` (the fast client's request targets start with it).
+    base_path: String,
     headers: HeaderMap,
     secret: Option<ApiKey>,
     request_timeout: Duration,
@@ -70,8 +76,67 @@ impl fmt::Debug for HttpClient {
             .field("base_url", &self.base_url)
             .field("api_key", &self.secret.as_ref().map(|_| "[redacted]"))
             .field("request_timeout", &self.request_timeout)
+            .field("transport", &if self.fast.is_some() { "http/1.1" } else { "reqwest" })
             .finish_non_exhaustive()
     }
+}
+
+/// A POST about to be sent: see [`HttpClient::post`] and [`HttpClient::post_to`].
+pub struct Post<'a> {
+    target: Target<'a>,
+    body: Vec<u8>,
+    headers: Vec<(&'static str, String)>,
+}
+
+enum Target<'a> {
+    Path(&'a str),
+    Endpoint(&'a Endpoint),
+}
+
+impl Post<'_> {
+    #[must_use]
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+/// A path on the server prepared once for a backend that posts to it on every call: parsing the
+/// URL (IDNA mapping included) per request was a measurable share of the client's CPU.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    url: reqwest::Url,
+    path: String,
+}
+
+/// A response whose status is a success; its body is read through the [`HttpClient`].
+pub enum Response {
+    Reqwest(reqwest::Response),
+    Fast(H1Response),
+}
+
+impl Response {
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Reqwest(r) => r.status().as_u16(),
+            Self::Fast(r) => r.status(),
+        }
+    }
+
+    /// A header's first value; `name` in lower case.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        match self {
+            Self::Reqwest(r) => r.headers().get(name).and_then(|v| v.to_str().ok()),
+            Self::Fast(r) => r.header(name),
+        }
+    }
+}
+
+/// Whether reqwest would route plain HTTP through a proxy (it reads these variables).
+fn proxy_configured() -> bool {
+    ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
 }
 
 impl HttpClient {
@@ -113,9 +178,32 @@ impl HttpClient {
             .tcp_keepalive(Duration::from_secs(30))
             .build()
             .map_err(|e| BackendError::Config(format!("cannot build the HTTP client: {}", error_chain(&e))))?;
+        let base_url = base_url.trim_end_matches('/').to_owned();
+        let parsed = reqwest::Url::parse(&base_url)
+            .map_err(|e| BackendError::Config(format!("backend URL {base_url:?} is not valid: {e}")))?;
+        let plain = parsed.scheme() == "http"
+            && parsed.username().is_empty()
+            && parsed.password().is_none()
+            && parsed.query().is_none()
+            && !proxy_configured();
+        let fast = match (plain, parsed.host_str(), parsed.port_or_known_default()) {
+            (true, Some(host), Some(port)) => {
+                // An IPv6 literal is bracketed in a URL and in `Host`, not when connecting.
+                let connect_host = host.trim_start_matches('[').trim_end_matches(']');
+                let authority = match parsed.port() {
+                    Some(port) => format!("{host}:{port}"),
+                    None => host.to_string(),
+                };
+                let fixed = headers.iter().map(|(name, value)| (name.as_str(), value.as_bytes()));
+                Some(Arc::new(H1Client::new(connect_host, port, &authority, fixed, options.connect_timeout)))
+            }
+            _ => None,
+        };
         Ok(Self {
             client,
-            base_url: base_url.trim_end_matches('/').to_owned(),
+            fast,
+            base_path: parsed.path().trim_end_matches('/').to_owned(),
+            base_url,
             headers,
             secret: key.filter(|k| !k.expose().is_empty()),
             request_timeout: options.request_timeout,
@@ -134,47 +222,74 @@ impl HttpClient {
         self.secret.is_some()
     }
 
-    /// Starts a JSON POST to `base_url + path` with the auth and extra headers.
-    pub fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
-        self.post_json_bytes(format!("{}{path}", self.base_url), serde_json::to_vec(body).unwrap_or_default())
+    /// Whether calls go through the lean HTTP/1.1 client.
+    pub fn uses_fast_transport(&self) -> bool {
+        self.fast.is_some()
     }
 
-    /// `base_url + path` parsed once, for a backend that posts to it on every call: parsing the
-    /// URL (IDNA mapping included) per request was a measurable share of the client's CPU.
-    pub fn endpoint(&self, path: &str) -> Result<reqwest::Url, BackendError> {
+    /// `base_url + path`, prepared for [`post_to`](Self::post_to).
+    pub fn endpoint(&self, path: &str) -> Result<Endpoint, BackendError> {
         let url = format!("{}{path}", self.base_url);
-        reqwest::Url::parse(&url).map_err(|e| BackendError::Config(format!("backend URL {url:?} is not valid: {e}")))
+        let parsed = reqwest::Url::parse(&url)
+            .map_err(|e| BackendError::Config(format!("backend URL {url:?} is not valid: {e}")))?;
+        Ok(Endpoint { url: parsed, path: format!("{}{path}", self.base_path) })
     }
 
-    /// Starts a POST of an already serialised JSON body to a URL from [`endpoint`](Self::endpoint).
-    pub fn post_json_bytes(&self, url: impl reqwest::IntoUrl, body: Vec<u8>) -> reqwest::RequestBuilder {
-        let mut builder = self.client.post(url);
-        if !self.headers.is_empty() {
-            builder = builder.headers(self.headers.clone());
-        }
-        builder.header(CONTENT_TYPE, "application/json").body(body)
+    /// A JSON POST to `base_url + path` with the auth and extra headers.
+    pub fn post<'a>(&self, path: &'a str, body: &Value) -> Post<'a> {
+        Post { target: Target::Path(path), body: serde_json::to_vec(body).unwrap_or_default(), headers: Vec::new() }
     }
 
-    /// Starts a GET to `base_url + path` with the auth and extra headers.
-    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        self.client.get(format!("{}{path}", self.base_url)).headers(self.headers.clone())
+    /// A POST of an already serialised JSON body to an [`Endpoint`].
+    pub fn post_to<'a>(&self, endpoint: &'a Endpoint, body: Vec<u8>) -> Post<'a> {
+        Post { target: Target::Endpoint(endpoint), body, headers: Vec::new() }
     }
 
     /// Sends the request; a non-2xx answer becomes the matching [`BackendError`].
-    pub async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, BackendError> {
-        let response = request.send().await.map_err(|e| self.transport_error(&e))?;
+    pub async fn send(&self, post: Post<'_>) -> Result<Response, BackendError> {
+        let response = match &self.fast {
+            Some(fast) => {
+                let full_path;
+                let path = match post.target {
+                    Target::Endpoint(endpoint) => endpoint.path.as_str(),
+                    Target::Path(path) => {
+                        full_path = format!("{}{path}", self.base_path);
+                        full_path.as_str()
+                    }
+                };
+                let headers: Vec<(&str, &str)> = post.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+                Response::Fast(fast.post(path, &headers, &post.body).await.map_err(|e| self.h1_error(&e))?)
+            }
+            None => {
+                let mut builder = match post.target {
+                    Target::Endpoint(endpoint) => self.client.post(endpoint.url.clone()),
+                    Target::Path(path) => self.client.post(format!("{}{path}", self.base_url)),
+                };
+                if !self.headers.is_empty() {
+                    builder = builder.headers(self.headers.clone());
+                }
+                for (name, value) in post.headers {
+                    builder = builder.header(name, value);
+                }
+                let request = builder.header(CONTENT_TYPE, "application/json").body(post.body);
+                Response::Reqwest(request.send().await.map_err(|e| self.transport_error(&e))?)
+            }
+        };
         let status = response.status();
-        if status.is_success() {
+        if (200..300).contains(&status) {
             return Ok(response);
         }
-        let retry_after = response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let retry_after = response.header("retry-after").map(str::to_owned);
         let body = self.read_error_body(response).await;
-        Err(self.redact_error(status_error(status.as_u16(), retry_after.as_deref(), &body, SystemTime::now())))
+        Err(self.redact_error(status_error(status, retry_after.as_deref(), &body, SystemTime::now())))
     }
 
     /// The next piece of a response body; `None` at its end. A failed read is a connection error.
-    pub async fn next_chunk(&self, response: &mut reqwest::Response) -> Result<Option<Bytes>, BackendError> {
-        response.chunk().await.map_err(|e| self.transport_error(&e))
+    pub async fn next_chunk(&self, response: &mut Response) -> Result<Option<Bytes>, BackendError> {
+        match response {
+            Response::Reqwest(r) => r.chunk().await.map_err(|e| self.transport_error(&e)),
+            Response::Fast(r) => r.chunk().await.map_err(|e| self.h1_error(&e)),
+        }
     }
 
     /// Reads an SSE body into one turn: events are parsed as the bytes come, handed on to
@@ -182,7 +297,7 @@ impl HttpClient {
     /// first token's arrival is timed from `started`.
     pub async fn read_sse_turn<A: SseTurn>(
         &self,
-        response: &mut reqwest::Response,
+        response: &mut Response,
         mut assembler: A,
         events: Option<&mpsc::UnboundedSender<StreamEvent>>,
         started: Instant,
@@ -217,19 +332,32 @@ impl HttpClient {
     }
 
     /// The whole body of a successful response.
-    pub async fn read_body(&self, response: reqwest::Response) -> Result<Bytes, BackendError> {
-        response.bytes().await.map_err(|e| self.transport_error(&e))
+    pub async fn read_body(&self, response: Response) -> Result<Bytes, BackendError> {
+        match response {
+            Response::Reqwest(r) => r.bytes().await.map_err(|e| self.transport_error(&e)),
+            Response::Fast(r) => r.bytes().await.map_err(|e| self.h1_error(&e)),
+        }
     }
 
-    async fn read_error_body(&self, mut response: reqwest::Response) -> Vec<u8> {
+    async fn read_error_body(&self, mut response: Response) -> Vec<u8> {
         let mut body = Vec::new();
         while body.len() < MAX_ERROR_BODY {
-            match response.chunk().await {
+            match self.next_chunk(&mut response).await {
                 Ok(Some(chunk)) => body.extend_from_slice(&chunk),
                 Ok(None) | Err(_) => break,
             }
         }
         body
+    }
+
+    /// A failure of the fast client as a [`BackendError`].
+    #[cold]
+    fn h1_error(&self, err: &H1Error) -> BackendError {
+        match err {
+            H1Error::ConnectTimeout(limit) => BackendError::Timeout(*limit),
+            H1Error::Protocol(_) => BackendError::Protocol(self.redact(&err.to_string())),
+            _ => BackendError::Connection(self.redact(&format!("error sending request: {err}"))),
+        }
     }
 
     /// A reqwest failure as a [`BackendError`], never carrying the URL's query or the key.

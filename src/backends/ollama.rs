@@ -79,12 +79,14 @@ struct Turn<'r> {
     done_reason: Option<String>,
     done: bool,
     first_token: bool,
+    text_deltas: bool,
 }
 
 impl<'r> Turn<'r> {
-    fn new(request_id: &'r str) -> Self {
+    fn new(request_id: &'r str, text_deltas: bool) -> Self {
         Self {
             request_id,
+            text_deltas,
             content: String::new(),
             tool_calls: Vec::new(),
             usage: Usage::default(),
@@ -107,7 +109,9 @@ impl<'r> Turn<'r> {
         if let Some(message) = chunk.message {
             if let Some(text) = message.content.filter(|t| !t.is_empty()) {
                 self.first(out);
-                out.push(StreamEvent::TextDelta(text.clone()));
+                if self.text_deltas {
+                    out.push(StreamEvent::TextDelta(text.clone()));
+                }
                 self.content.push_str(&text);
             }
             for call in message.tool_calls.unwrap_or_default() {
@@ -217,7 +221,7 @@ impl OllamaBackend {
         let body = self.request_body(&request);
         let started = Instant::now();
         let mut response = self.http.send(self.http.post("/api/chat", &body)).await?;
-        let mut turn = Turn::new(&request.request_id);
+        let mut turn = Turn::new(&request.request_id, request.text_deltas);
         let mut out = Vec::new();
         if !request.stream {
             let bytes = self.http.read_body(response).await?;
@@ -226,7 +230,7 @@ impl OllamaBackend {
             turn.push_line(text.trim(), &mut out).map_err(|e| self.http.redact_error(e))?;
             let response = turn.finish()?;
             if let Some(tx) = &events {
-                replay_events(&response, tx);
+                replay_events(&response, tx, request.text_deltas);
             }
             return Ok(response);
         }
@@ -321,7 +325,7 @@ mod tests {
 
     #[test]
     fn chunks_assemble_into_a_turn() {
-        let mut turn = Turn::new("r1");
+        let mut turn = Turn::new("r1", true);
         let mut out = Vec::new();
         turn.push_line(r#"{"message":{"role":"assistant","content":"Hi"},"done":false}"#, &mut out).unwrap();
         turn.push_line(
@@ -339,11 +343,11 @@ mod tests {
 
     #[test]
     fn missing_done_is_a_protocol_error_and_error_lines_fail() {
-        let mut turn = Turn::new("r");
+        let mut turn = Turn::new("r", true);
         let mut out = Vec::new();
         turn.push_line(r#"{"message":{"content":"x"},"done":false}"#, &mut out).unwrap();
         assert!(matches!(turn.finish(), Err(BackendError::Protocol(_))));
-        let mut turn = Turn::new("r");
+        let mut turn = Turn::new("r", true);
         let err = turn.push_line(r#"{"error":"model runner crashed"}"#, &mut out).unwrap_err();
         assert!(err.retryable());
     }

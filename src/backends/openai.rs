@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use super::http::{ApiKey, AuthStyle, HttpClient};
+use super::http::{ApiKey, AuthStyle, Endpoint, HttpClient};
 use super::url::BackendOptions;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
 use crate::conversation::{Message, Role, ToolCall, ToolDef, Usage};
@@ -74,7 +74,7 @@ pub struct OpenAiBackend {
     name: String,
     http: HttpClient,
     /// `{api_base}/chat/completions`, parsed once.
-    chat_url: reqwest::Url,
+    chat_url: Endpoint,
     agent_hints: bool,
 }
 
@@ -84,7 +84,7 @@ impl std::fmt::Debug for OpenAiBackend {
             .field("flavour", &self.flavour)
             .field("name", &self.name)
             .field("http", &self.http)
-            .field("chat_url", &self.chat_url.as_str())
+            .field("chat_url", &self.chat_url)
             .field("agent_hints", &self.agent_hints)
             .finish()
     }
@@ -201,17 +201,13 @@ impl OpenAiBackend {
         request: ChatRequest,
         events: Option<mpsc::UnboundedSender<StreamEvent>>,
     ) -> Result<ChatResponse, BackendError> {
-        let mut builder = self.http.post_json_bytes(self.chat_url.clone(), self.request_bytes(&request));
+        let mut post = self.http.post_to(&self.chat_url, self.request_bytes(&request));
         if self.flavour.sends_request_id() && !request.request_id.is_empty() {
-            builder = builder.header("X-Request-Id", &request.request_id);
+            post = post.header("X-Request-Id", request.request_id.as_str());
         }
         let started = Instant::now();
-        let mut response = self.http.send(builder).await?;
-        let is_json = response
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json"));
+        let mut response = self.http.send(post).await?;
+        let is_json = response.header("content-type").is_some_and(|v| v.starts_with("application/json"));
         // A server may answer a streamed request with one JSON body (an error, or stream ignored).
         if !request.stream || is_json {
             let bytes = self.http.read_body(response).await?;
@@ -219,22 +215,25 @@ impl OpenAiBackend {
                 .map_err(|e| BackendError::Protocol(format!("chat completion body is not UTF-8: {e}")))?;
             let response = parse_chat_completion(text).map_err(|e| self.http.redact_error(e))?;
             if let Some(tx) = &events {
-                replay_events(&response, tx);
+                replay_events(&response, tx, request.text_deltas);
             }
             return Ok(response);
         }
-        let assembler =
-            if events.is_some() { ChatStreamAssembler::new() } else { ChatStreamAssembler::without_text_deltas() };
+        let assembler = if events.is_some() && request.text_deltas {
+            ChatStreamAssembler::new()
+        } else {
+            ChatStreamAssembler::without_text_deltas()
+        };
         self.http.read_sse_turn(&mut response, assembler, events.as_ref(), started).await
     }
 }
 
 /// Sends the events a streamed answer would have produced, for a body that came whole.
-pub(crate) fn replay_events(response: &ChatResponse, tx: &mpsc::UnboundedSender<StreamEvent>) {
+pub(crate) fn replay_events(response: &ChatResponse, tx: &mpsc::UnboundedSender<StreamEvent>, text_deltas: bool) {
     if !response.content.is_empty() || !response.tool_calls.is_empty() {
         let _ = tx.send(StreamEvent::FirstToken);
     }
-    if !response.content.is_empty() {
+    if text_deltas && !response.content.is_empty() {
         let _ = tx.send(StreamEvent::TextDelta(response.content.clone()));
     }
     for call in &response.tool_calls {
@@ -422,6 +421,7 @@ mod tests {
             request_id: "job-1-t0-a0".into(),
             stream: true,
             hints: Some(AgentHints { priority: 3, remaining_turns: 1, expected_output_tokens: Some(200) }),
+            text_deltas: true,
         }
     }
 

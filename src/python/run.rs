@@ -48,9 +48,49 @@ type Reply<T> = oneshot::Sender<Result<T, String>>;
 type Pending<T> = Mutex<HashMap<u64, Reply<T>>>;
 /// `(batch id, ok, per-call (ok, text), error)` as Python sends it.
 type BatchAnswer = (u64, bool, Vec<(bool, String)>, String);
-/// `(tool_calls, batch_calls, validations, results_json, credit, done)`.
-type Events =
-    (Vec<(u64, String, String)>, Vec<(u64, String, Vec<String>)>, Vec<(u64, String, String)>, String, usize, bool);
+/// A finished job as Python receives it: `(id, index, ok, output_json, text, error, usage, counts,
+/// repaired, ttft_s, total_s)` with `error = (kind, message, retryable, attempts)`, `usage =
+/// (prompt, cached, completion, cache_creation)` and `counts = (turns, tool_calls, attempts)`.
+/// Tuples rather than JSON: no serialising here and no parsing there.
+type ResultTuple = (
+    String,
+    u64,
+    bool,
+    Option<String>,
+    Option<String>,
+    Option<(String, String, bool, u32)>,
+    (u64, u64, u64, u64),
+    (u32, u32, u32),
+    bool,
+    Option<f64>,
+    f64,
+);
+/// `(tool_calls, batch_calls, validations, results, credit, done)`.
+type Events = (
+    Vec<(u64, String, String)>,
+    Vec<(u64, String, Vec<String>)>,
+    Vec<(u64, String, String)>,
+    Vec<ResultTuple>,
+    usize,
+    bool,
+);
+
+fn result_tuple(r: JobResult) -> ResultTuple {
+    let u = r.usage;
+    (
+        r.id,
+        r.index,
+        r.ok,
+        r.output.map(|v| v.to_string()),
+        r.text,
+        r.error.map(|e| (e.kind, e.message, e.retryable, e.attempts)),
+        (u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.cache_creation_tokens),
+        (r.turns, r.tool_calls, r.attempts),
+        r.repaired,
+        r.ttft_s,
+        r.total_s,
+    )
+}
 
 #[derive(Default)]
 struct Outbox {
@@ -452,8 +492,8 @@ impl PyRun {
         Ok(())
     }
 
-    /// Everything that became ready: `(tool_calls, batch_calls, validations, results_json, credit,
-    /// done)`. `results_json` is one JSON array of finished results; `credit` is how many more
+    /// Everything that became ready: `(tool_calls, batch_calls, validations, results, credit,
+    /// done)`. `results` are the finished jobs (see `ResultTuple`); `credit` is how many more
     /// inputs the run can take; `done` means the run is over and nothing more will come.
     fn take_events(&self) -> PyResult<Events> {
         // Drain the wake-up bytes and clear the flag first: a post that races with this take
@@ -472,8 +512,8 @@ impl PyRun {
             );
             (events, std::mem::take(&mut outbox.results))
         };
-        // Serialised outside the lock: tokio threads posting meanwhile never wait on it.
-        let results = serde_json::to_string(&results).map_err(|e| RunError::new_err(e.to_string()))?;
+        // Converted outside the lock: tokio threads posting meanwhile never wait on it.
+        let results = results.into_iter().map(result_tuple).collect();
         let (tool_calls, batch_calls, validations, credit, done) = events;
         Ok((tool_calls, batch_calls, validations, results, credit, done))
     }

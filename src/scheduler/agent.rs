@@ -319,6 +319,7 @@ impl Agent<'_> {
                     remaining_turns: remaining,
                     expected_output_tokens: ctx.spec.max_tokens,
                 }),
+                text_deltas: false,
             };
             // Agents nearer completion go first (fewer remaining turns = lower urgency value);
             // the semaphore's aging keeps fresh agents from starving.

@@ -57,6 +57,7 @@ async fn warm_up(ctx: &RunContext) {
         request_id: "batchagent-warm-up".into(),
         stream: false,
         hints: None,
+        text_deltas: false,
     };
     let permit = ctx.slots.acquire(0).await;
     // A failed warm-up only costs the cache hit; the jobs themselves report real errors.
