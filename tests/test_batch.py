@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any
 
 import pydantic
@@ -311,3 +312,71 @@ def test_parquet_input_is_read_lazily_into_the_output(tmp_path: Any) -> None:
     assert report.ok == 300
     lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in lines) == sorted(f"row-{i}" for i in range(300))
+
+
+def _thread_recording_tool(threads: list[str], delay: float = 0.0, **options: Any) -> Any:
+    @tool(**options)
+    def read_file(path: str) -> str:
+        """Read a file."""
+        threads.append(threading.current_thread().name)
+        if delay:
+            time.sleep(delay)
+        return f"contents of {path}"
+
+    return read_file
+
+
+def _run_with(reader: Any, n: int) -> list[Result]:
+    batch = Batch(
+        "Review {path} for bugs.",
+        tools=[reader],
+        output=Review,
+        backend=f"sim://?{FAST}&tool_rounds=1",
+        max_inflight=4,
+    )
+    results = batch.run(inputs(n))
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    return results
+
+
+def test_fast_sync_tools_move_inline_and_slow_ones_stay_in_the_pool() -> None:
+    main = threading.current_thread().name
+    fast: list[str] = []
+    _run_with(_thread_recording_tool(fast), 60)
+    # Timed in the pool first; once measured fast they run on the loop's thread.
+    assert fast[0] != main and fast[-1] == main, fast
+    slow: list[str] = []
+    _run_with(_thread_recording_tool(slow, delay=0.002), 30)
+    assert main not in slow
+    pinned: list[str] = []
+    _run_with(_thread_recording_tool(pinned, inline=False), 30)
+    assert main not in pinned
+    forced: list[str] = []
+    _run_with(_thread_recording_tool(forced, inline=True), 10)
+    assert set(forced) == {main}
+
+
+def test_inline_is_refused_for_async_tools() -> None:
+    with pytest.raises(ToolDefinitionError, match="inline"):
+
+        @tool(inline=True)
+        async def probe(x: int) -> int:
+            """Probe."""
+            return x
+
+
+def test_an_inline_tool_that_turns_slow_goes_back_to_the_pool() -> None:
+    main = threading.current_thread().name
+    threads: list[str] = []
+
+    @tool
+    def read_file(path: str) -> str:
+        """Read a file."""
+        threads.append(threading.current_thread().name)
+        if len(threads) > 30:
+            time.sleep(0.005)
+        return path
+
+    _run_with(read_file, 60)
+    first_slow_inline = next(i for i, name in enumerate(threads) if i >= 30 and name == main)
+    assert main not in threads[first_slow_inline + 1 :], threads

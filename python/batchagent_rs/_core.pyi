@@ -46,6 +46,7 @@ class Run:
     ) -> tuple[
         list[tuple[int, str, str]],
         list[tuple[int, str, list[str]]],
+        list[tuple[int, str, str]],
         list[
             tuple[
                 str,

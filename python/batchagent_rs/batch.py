@@ -462,6 +462,8 @@ class _Driver:
         self.tool_time: dict[str, tuple[int, float]] = {}
         self.done_calls: list[tuple[int, bool, str]] = []
         self.demoted: set[str] = set()
+        # Sync tools that run on the loop's thread (see `_INLINE_TOOL_SECONDS`), by name.
+        self.inline: dict[str, Tool] = {}
         self.flush_scheduled = False
         self.background: set[asyncio.Future[Any]] = set()
         self.executor: ThreadPoolExecutor | None = None
@@ -633,26 +635,32 @@ class _Driver:
     ) -> None:
         fast: list[tuple[int, Tool, str]] = []
         done: list[tuple[int, bool, str]] = []
+        inline = self.inline
         for call_id, name, arguments in calls:
-            t = self.tools.get(name)
-            if t is None:  # the core only asks for registered tools
-                done.append((call_id, False, f"unknown tool '{name}'"))
-            elif t.is_async:
-                self._track(loop.create_task(self._call_async(t, call_id, arguments)))
-            elif self._runs_inline(t):
-                started = time.perf_counter()
-                ok, text = self._timed(t, arguments)
-                if t.inline is None and time.perf_counter() - started > _INLINE_LIMIT_SECONDS:
-                    self.demoted.add(name)
-                    log.debug("tool %s took over %.0f ms inline; it runs in the thread pool from now on", name,
-                              _INLINE_LIMIT_SECONDS * 1000)
-                done.append((call_id, ok, text))
-            elif self._is_fast(name):
-                fast.append((call_id, t, arguments))
-            else:
-                fut = loop.run_in_executor(self._pool(), self._call_sync, t, call_id, arguments)
-                fut.add_done_callback(self._sync_done)
-                self._track(fut)
+            t = inline.get(name)
+            if t is None:
+                t = self.tools.get(name)
+                if t is None:  # the core only asks for registered tools
+                    done.append((call_id, False, f"unknown tool '{name}'"))
+                    continue
+                if t.is_async:
+                    self._track(loop.create_task(self._call_async(t, call_id, arguments)))
+                    continue
+                if not self._runs_inline(t):
+                    if self._is_fast(name):
+                        fast.append((call_id, t, arguments))
+                    else:
+                        fut = loop.run_in_executor(self._pool(), self._call_sync, t, call_id, arguments)
+                        fut.add_done_callback(self._sync_done)
+                        self._track(fut)
+                    continue
+                inline[name] = t
+            started = _clock()
+            done.append(_call_inline(t, call_id, arguments))
+            if t.inline is None and _clock() - started > _INLINE_LIMIT_SECONDS:
+                del inline[name]
+                self.demoted.add(name)
+                log.debug("tool %s was slow inline; it runs in the thread pool from now on", name)
         if fast:
             many = loop.run_in_executor(self._pool(), self._call_sync_many, fast)
             many.add_done_callback(self._sync_many_done)
@@ -802,6 +810,21 @@ class _Driver:
             return
         if inspect.isawaitable(value):
             self._track(asyncio.ensure_future(_logged(value, result.index)))
+
+
+_clock = time.perf_counter
+
+
+def _call_inline(t: Tool, call_id: int, arguments: str) -> tuple[int, bool, str]:
+    try:
+        kwargs = t.parse_arguments(arguments)
+    except pydantic.ValidationError as exc:
+        return call_id, False, f"invalid arguments for {t.name}: {exc.errors(include_url=False)}"
+    try:
+        value = t.fn(**kwargs)
+        return call_id, True, value if type(value) is str else encode_result(value)
+    except Exception as exc:
+        return call_id, False, f"{type(exc).__name__}: {exc}"
 
 
 def _by_index(result: Result) -> int:

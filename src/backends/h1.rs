@@ -246,7 +246,8 @@ fn head_of(status: u16, version: u8, headers: Vec<(String, String)>) -> Result<H
         headers.iter().filter(move |(n, _)| n == name).map(|(_, v)| v.as_str())
     }
     let get = |name: &'static str| values(&headers, name);
-    let connection_has = |token: &str| get("connection").flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token));
+    let connection_has =
+        |token: &str| get("connection").flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token));
     let mut keep_alive = if version == 0 { connection_has("keep-alive") } else { !connection_has("close") };
     let chunked = get("transfer-encoding")
         .flat_map(|v| v.split(','))

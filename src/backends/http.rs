@@ -247,33 +247,30 @@ impl HttpClient {
 
     /// Sends the request; a non-2xx answer becomes the matching [`BackendError`].
     pub async fn send(&self, post: Post<'_>) -> Result<Response, BackendError> {
-        let response = match &self.fast {
-            Some(fast) => {
-                let full_path;
-                let path = match post.target {
-                    Target::Endpoint(endpoint) => endpoint.path.as_str(),
-                    Target::Path(path) => {
-                        full_path = format!("{}{path}", self.base_path);
-                        full_path.as_str()
-                    }
-                };
-                let headers: Vec<(&str, &str)> = post.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-                Response::Fast(fast.post(path, &headers, &post.body).await.map_err(|e| self.h1_error(&e))?)
-            }
-            None => {
-                let mut builder = match post.target {
-                    Target::Endpoint(endpoint) => self.client.post(endpoint.url.clone()),
-                    Target::Path(path) => self.client.post(format!("{}{path}", self.base_url)),
-                };
-                if !self.headers.is_empty() {
-                    builder = builder.headers(self.headers.clone());
+        let response = if let Some(fast) = &self.fast {
+            let full_path;
+            let path = match post.target {
+                Target::Endpoint(endpoint) => endpoint.path.as_str(),
+                Target::Path(path) => {
+                    full_path = format!("{}{path}", self.base_path);
+                    full_path.as_str()
                 }
-                for (name, value) in post.headers {
-                    builder = builder.header(name, value);
-                }
-                let request = builder.header(CONTENT_TYPE, "application/json").body(post.body);
-                Response::Reqwest(request.send().await.map_err(|e| self.transport_error(&e))?)
+            };
+            let headers: Vec<(&str, &str)> = post.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            Response::Fast(fast.post(path, &headers, &post.body).await.map_err(|e| self.h1_error(&e))?)
+        } else {
+            let mut builder = match post.target {
+                Target::Endpoint(endpoint) => self.client.post(endpoint.url.clone()),
+                Target::Path(path) => self.client.post(format!("{}{path}", self.base_url)),
+            };
+            if !self.headers.is_empty() {
+                builder = builder.headers(self.headers.clone());
             }
+            for (name, value) in post.headers {
+                builder = builder.header(name, value);
+            }
+            let request = builder.header(CONTENT_TYPE, "application/json").body(post.body);
+            Response::Reqwest(request.send().await.map_err(|e| self.transport_error(&e))?)
         };
         let status = response.status();
         if (200..300).contains(&status) {

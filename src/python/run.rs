@@ -498,8 +498,10 @@ impl PyRun {
     fn take_events(&self) -> PyResult<Events> {
         // Drain the wake-up bytes and clear the flag first: a post that races with this take
         // sends a fresh byte, so nothing is left behind without a wake-up.
+        // One read: a post writes a byte only when none is pending, so the socket holds one or a
+        // few; any left over just cause one more (empty-handed) wake-up.
         let mut sink = [0u8; 256];
-        while matches!(std::io::Read::read(&mut &self.shared.wake_rx, &mut sink), Ok(n) if n > 0) {}
+        let _ = std::io::Read::read(&mut &self.shared.wake_rx, &mut sink);
         self.shared.signalled.store(false, SeqCst);
         let (events, results) = {
             let mut outbox = self.shared.outbox.lock().map_err(|_| RunError::new_err("run state poisoned"))?;
