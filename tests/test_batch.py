@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -380,3 +383,14 @@ def test_an_inline_tool_that_turns_slow_goes_back_to_the_pool() -> None:
     _run_with(read_file, 60)
     first_slow_inline = next(i for i, name in enumerate(threads) if i >= 30 and name == main)
     assert main not in threads[first_slow_inline + 1 :], threads
+
+
+def test_worker_threads_setting_is_checked() -> None:
+    code = "from batchagent_rs import Batch; Batch('Say {a}.', backend='sim://?time_scale=0').run([{'a': 1}])"
+    env = {**os.environ, "BATCHAGENT_WORKER_THREADS": "many"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "BATCHAGENT_WORKER_THREADS" in done.stderr and "not a positive number" in done.stderr
+    env["BATCHAGENT_WORKER_THREADS"] = "2"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
