@@ -2,11 +2,13 @@
 //! (flavours) in request building and capabilities. vLLM, `SGLang`, NVIDIA Dynamo, Ollama's `/v1`
 //! endpoint, llama.cpp server, the `OpenAI` API and the simulator all speak it.
 
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures_util::future::BoxFuture;
-use serde::ser::{SerializeMap as _, Serializer};
+use serde::ser::{SerializeMap as _, SerializeSeq as _, Serializer};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
@@ -76,6 +78,43 @@ pub struct OpenAiBackend {
     /// `{api_base}/chat/completions`, parsed once.
     chat_url: Endpoint,
     agent_hints: bool,
+    prepared: Mutex<Prepared>,
+}
+
+/// JSON that every request of a run repeats, serialised once: the tool list (the requests of a run
+/// share one `Arc` of it) and the system message (compared by text). Escaping a long system prompt
+/// with its schema, and the tools' parameter schemas, on every call was a tenth of a call's CPU.
+#[derive(Default)]
+struct Prepared {
+    tools: Option<(Arc<Vec<ToolDef>>, Box<RawValue>)>,
+    system: Option<(String, Box<RawValue>)>,
+}
+
+/// The tool list as JSON, serialised again only when a request carries another list.
+fn prepared_tools<'c>(
+    cache: &'c mut Option<(Arc<Vec<ToolDef>>, Box<RawValue>)>,
+    tools: &Arc<Vec<ToolDef>>,
+) -> Option<&'c RawValue> {
+    if tools.is_empty() {
+        return None;
+    }
+    if !cache.as_ref().is_some_and(|(cached, _)| Arc::ptr_eq(cached, tools)) {
+        let json = serde_json::to_string(&WireTools::Typed(tools)).ok()?;
+        *cache = Some((tools.clone(), RawValue::from_string(json).ok()?));
+    }
+    cache.as_ref().map(|(_, json)| &**json)
+}
+
+/// A system message as JSON, serialised again only when its text changes.
+fn prepared_system<'c>(cache: &'c mut Option<(String, Box<RawValue>)>, message: &Message) -> Option<&'c RawValue> {
+    if message.role != Role::System {
+        return None;
+    }
+    if !cache.as_ref().is_some_and(|(text, _)| *text == message.content) {
+        let json = serde_json::to_string(&WireMessage(message)).ok()?;
+        *cache = Some((message.content.clone(), RawValue::from_string(json).ok()?));
+    }
+    cache.as_ref().map(|(_, json)| &**json)
 }
 
 impl std::fmt::Debug for OpenAiBackend {
@@ -106,6 +145,7 @@ impl OpenAiBackend {
             http,
             chat_url,
             agent_hints: options.agent_hints,
+            prepared: Mutex::default(),
         })
     }
 
@@ -123,8 +163,15 @@ impl OpenAiBackend {
     /// intermediate `Value` tree, so no copy of the conversation, the tool schemas or the system
     /// prompt per call (building that tree was the largest share of the client's CPU per call).
     pub fn request_bytes(&self, request: &ChatRequest) -> Vec<u8> {
+        let mut wire = self.wire_request(request);
         // Serialising borrowed strings and `Value`s into a Vec cannot fail.
-        serde_json::to_vec(&self.wire_request(request)).unwrap_or_default()
+        let Ok(mut prepared) = self.prepared.lock() else { return serde_json::to_vec(&wire).unwrap_or_default() };
+        let Prepared { tools, system } = &mut *prepared;
+        if let Some(json) = prepared_tools(tools, &request.tools) {
+            wire.tools = Some(WireTools::Raw(json));
+        }
+        wire.messages.system = request.messages.first().and_then(|m| prepared_system(system, m));
+        serde_json::to_vec(&wire).unwrap_or_default()
     }
 
     fn wire_request<'a>(&self, request: &'a ChatRequest) -> WireRequest<'a> {
@@ -154,8 +201,8 @@ impl OpenAiBackend {
             if self.flavour == Flavour::OpenAi { (None, request.max_tokens) } else { (request.max_tokens, None) };
         WireRequest {
             model: &request.model,
-            messages: WireMessages(&request.messages),
-            tools: (!request.tools.is_empty()).then(|| WireTools(&request.tools)),
+            messages: WireMessages { messages: &request.messages, system: None },
+            tools: (!request.tools.is_empty()).then(|| WireTools::Typed(&request.tools)),
             tool_choice: request.tool_choice.as_ref(),
             response_format,
             max_tokens,
@@ -303,11 +350,26 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-struct WireMessages<'a>(&'a [Message]);
+struct WireMessages<'a> {
+    messages: &'a [Message],
+    /// The first message (the system message) already serialised.
+    system: Option<&'a RawValue>,
+}
 
 impl Serialize for WireMessages<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().map(WireMessage))
+        let mut seq = serializer.serialize_seq(Some(self.messages.len()))?;
+        let rest = match self.system {
+            Some(json) => {
+                seq.serialize_element(json)?;
+                self.messages.get(1..).unwrap_or_default()
+            }
+            None => self.messages,
+        };
+        for message in rest {
+            seq.serialize_element(&WireMessage(message))?;
+        }
+        seq.end()
     }
 }
 
@@ -358,14 +420,21 @@ struct WireFunction<'a> {
     arguments: &'a str,
 }
 
-struct WireTools<'a>(&'a [ToolDef]);
+enum WireTools<'a> {
+    Typed(&'a [ToolDef]),
+    /// Already serialised (see [`prepared_tools`]).
+    Raw(&'a RawValue),
+}
 
 impl Serialize for WireTools<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().map(|t| WireTool {
-            kind: "function",
-            function: WireToolFunction { name: &t.name, description: &t.description, parameters: &t.parameters },
-        }))
+        match self {
+            Self::Typed(tools) => serializer.collect_seq(tools.iter().map(|t| WireTool {
+                kind: "function",
+                function: WireToolFunction { name: &t.name, description: &t.description, parameters: &t.parameters },
+            })),
+            Self::Raw(json) => json.serialize(serializer),
+        }
     }
 }
 
@@ -443,6 +512,31 @@ mod tests {
         assert_eq!(body["max_tokens"], 64);
         assert_eq!(body["stream_options"]["include_usage"], true);
         assert!(body.get("nvext").is_none());
+    }
+
+    #[test]
+    fn sent_bytes_match_the_body_with_the_repeated_parts_prepared_once() {
+        let backend = backend(Flavour::Vllm, false);
+        let first = request();
+        let as_sent = |r: &ChatRequest| serde_json::from_slice::<Value>(&backend.request_bytes(r)).unwrap();
+        assert_eq!(as_sent(&first), backend.request_body(&first));
+        // The same tool list and system text again (served from the prepared JSON) ...
+        let mut second = request();
+        second.tools = first.tools.clone();
+        assert_eq!(as_sent(&second), backend.request_body(&second));
+        // ... then another system text and another tool list, which must not be.
+        let mut third = request();
+        Arc::make_mut(&mut third.messages)[0] = Message::system("another \"quoted\" prompt");
+        third.tools =
+            Arc::new(vec![ToolDef { name: "other".into(), description: String::new(), parameters: json!({}) }]);
+        let sent = as_sent(&third);
+        assert_eq!(sent, backend.request_body(&third));
+        assert_eq!(sent["messages"][0]["content"], "another \"quoted\" prompt");
+        assert_eq!(sent["tools"][0]["function"]["name"], "other");
+        // No system message first: nothing prepared stands in for the first message.
+        let mut fourth = request();
+        Arc::make_mut(&mut fourth.messages).remove(0);
+        assert_eq!(as_sent(&fourth), backend.request_body(&fourth));
     }
 
     #[test]
