@@ -98,7 +98,7 @@ fn prepared_tools<'c>(
     if tools.is_empty() {
         return None;
     }
-    if !cache.as_ref().is_some_and(|(cached, _)| Arc::ptr_eq(cached, tools)) {
+    if cache.as_ref().is_none_or(|(cached, _)| !Arc::ptr_eq(cached, tools)) {
         let json = serde_json::to_string(&WireTools::Typed(tools)).ok()?;
         *cache = Some((tools.clone(), RawValue::from_string(json).ok()?));
     }
@@ -110,7 +110,7 @@ fn prepared_system<'c>(cache: &'c mut Option<(String, Box<RawValue>)>, message: 
     if message.role != Role::System {
         return None;
     }
-    if !cache.as_ref().is_some_and(|(text, _)| *text == message.content) {
+    if cache.as_ref().is_none_or(|(text, _)| *text != message.content) {
         let json = serde_json::to_string(&WireMessage(message)).ok()?;
         *cache = Some((message.content.clone(), RawValue::from_string(json).ok()?));
     }
@@ -125,7 +125,7 @@ impl std::fmt::Debug for OpenAiBackend {
             .field("http", &self.http)
             .field("chat_url", &self.chat_url)
             .field("agent_hints", &self.agent_hints)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
