@@ -186,12 +186,20 @@ async fn bodies_cut_short_and_garbage_are_errors() {
     let short = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this";
     let cut_chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n10\r\nabc";
     let garbage = b"SMTP ready\r\n\r\n";
-    let (_script, port) =
-        serve(vec![(short, After::Close), (cut_chunked, After::Close), (garbage, After::Close)]).await;
+    // A length no memory could hold: read as far as the connection goes, not allocated up front.
+    let absurd = b"HTTP/1.1 200 OK\r\ncontent-length: 999999999999\r\n\r\nabc";
+    let (_script, port) = serve(vec![
+        (short, After::Close),
+        (cut_chunked, After::Close),
+        (garbage, After::Close),
+        (absurd, After::Close),
+    ])
+    .await;
     let client = client(port);
     assert!(matches!(body_of(&client, "/").await, Err(H1Error::Truncated)));
     assert!(matches!(body_of(&client, "/").await, Err(H1Error::Truncated)));
     assert!(matches!(body_of(&client, "/").await, Err(H1Error::Protocol(_))));
+    assert!(matches!(body_of(&client, "/").await, Err(H1Error::Truncated)));
 }
 
 #[tokio::test]

@@ -656,7 +656,8 @@ class _Driver:
                     continue
                 inline[name] = t
             started = _clock()
-            done.append(_call_inline(t, call_id, arguments))
+            ok, text = _call_sync_tool(t, arguments)
+            done.append((call_id, ok, text))
             if t.inline is None and _clock() - started > _INLINE_LIMIT_SECONDS:
                 del inline[name]
                 self.demoted.add(name)
@@ -681,19 +682,12 @@ class _Driver:
         return count >= 8 and total / count < _FAST_TOOL_SECONDS
 
     def _timed(self, t: Tool, arguments: str) -> tuple[bool, str]:
-        started = time.perf_counter()
+        started = _clock()
         try:
-            kwargs = t.parse_arguments(arguments)
-        except pydantic.ValidationError as exc:
-            return False, f"invalid arguments for {t.name}: {exc.errors(include_url=False)}"
-        try:
-            value = t.fn(**kwargs)
-            return True, encode_result(value)
-        except Exception as exc:
-            return False, f"{type(exc).__name__}: {exc}"
+            return _call_sync_tool(t, arguments)
         finally:
             count, total = self.tool_time.get(t.name, (0, 0.0))
-            self.tool_time[t.name] = (count + 1, total + time.perf_counter() - started)
+            self.tool_time[t.name] = (count + 1, total + _clock() - started)
 
     def _call_sync(self, t: Tool, call_id: int, arguments: str) -> tuple[int, bool, str]:
         ok, text = self._timed(t, arguments)
@@ -815,16 +809,16 @@ class _Driver:
 _clock = time.perf_counter
 
 
-def _call_inline(t: Tool, call_id: int, arguments: str) -> tuple[int, bool, str]:
+def _call_sync_tool(t: Tool, arguments: str) -> tuple[bool, str]:
+    """One call of a sync tool: `(ok, text)`, the result or the error message the model sees."""
     try:
         kwargs = t.parse_arguments(arguments)
     except pydantic.ValidationError as exc:
-        return call_id, False, f"invalid arguments for {t.name}: {exc.errors(include_url=False)}"
+        return False, f"invalid arguments for {t.name}: {exc.errors(include_url=False)}"
     try:
-        value = t.fn(**kwargs)
-        return call_id, True, value if type(value) is str else encode_result(value)
+        return True, encode_result(t.fn(**kwargs))
     except Exception as exc:
-        return call_id, False, f"{type(exc).__name__}: {exc}"
+        return False, f"{type(exc).__name__}: {exc}"
 
 
 def _by_index(result: Result) -> int:

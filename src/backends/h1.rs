@@ -33,6 +33,8 @@ const MAX_IDLE: usize = 1024;
 /// 5 to 75 s; uvicorn, which serves vLLM, after 5).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 const READ_SIZE: usize = 16 * 1024;
+/// Largest body buffer allocated up front from a `Content-Length`.
+const MAX_PRESIZE: u64 = 16 * 1024 * 1024;
 
 /// Why a call failed below HTTP status level.
 #[derive(Debug, thiserror::Error)]
@@ -359,11 +361,10 @@ impl H1Response {
     /// The rest of the body in one piece.
     pub async fn bytes(mut self) -> Result<Bytes, H1Error> {
         if let Framing::Length(remaining) = self.framing {
-            // One buffer of the announced size: no copying of pieces together.
-            let want = self.buf.len() + remaining as usize;
-            if want > self.buf.capacity() {
-                self.buf.reserve(want - self.buf.len());
-            }
+            // One buffer of the announced size (up to a bound: the size is the server's word), so
+            // no copying of pieces together.
+            let want = remaining.min(MAX_PRESIZE) as usize;
+            self.buf.reserve(want.saturating_sub(self.buf.len()));
             while (self.buf.len() as u64) < remaining {
                 if self.fill().await? == 0 {
                     return Err(H1Error::Truncated);

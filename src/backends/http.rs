@@ -222,11 +222,6 @@ impl HttpClient {
         self.secret.is_some()
     }
 
-    /// Whether calls go through the lean HTTP/1.1 client.
-    pub fn uses_fast_transport(&self) -> bool {
-        self.fast.is_some()
-    }
-
     /// `base_url + path`, prepared for [`post_to`](Self::post_to).
     pub fn endpoint(&self, path: &str) -> Result<Endpoint, BackendError> {
         let url = format!("{}{path}", self.base_url);
