@@ -1,5 +1,9 @@
-//! Provider-neutral messages, tool calls and usage counters. Every backend translates to and from
-//! these; the scheduler, the journal and the Python layer only ever see these.
+//! Provider-neutral messages, tool calls and usage counters, and the protocol types every layer
+//! shares (a model call's answer, its stream events, its failure). Every backend translates to and
+//! from these; the stream parsers produce them; the scheduler, the journal and the Python layer
+//! only ever see these.
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -92,5 +96,88 @@ impl std::ops::AddAssign for Usage {
         self.cached_tokens += rhs.cached_tokens;
         self.completion_tokens += rhs.completion_tokens;
         self.cache_creation_tokens += rhs.cache_creation_tokens;
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    /// The first token arrived (time to first token is measured here).
+    FirstToken,
+    TextDelta(String),
+    /// A tool call whose arguments are complete in the stream, before the turn ends.
+    ToolCallReady(ToolCall),
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChatResponse {
+    pub content: String,
+    pub tool_calls: Vec<ToolCall>,
+    pub usage: Usage,
+    /// `stop`, `length`, `tool_calls`, ... as the server said it, normalised to OpenAI's words.
+    pub finish_reason: String,
+    pub ttft: Option<Duration>,
+}
+
+/// A failed model call. `retryable()` decides whether the scheduler tries again.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum BackendError {
+    #[error("rate limited (HTTP {status}){}", retry_after.map(|d| format!(", retry after {:.1}s", d.as_secs_f64())).unwrap_or_default())]
+    RateLimited { status: u16, retry_after: Option<Duration> },
+    #[error("server error HTTP {status}: {message}")]
+    Server { status: u16, message: String },
+    #[error("engine overloaded: {0}")]
+    Overloaded(String),
+    #[error("request timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("connection failed: {0}")]
+    Connection(String),
+    #[error("malformed response: {0}")]
+    Protocol(String),
+    #[error("request rejected HTTP {status}: {message}")]
+    Rejected { status: u16, message: String },
+    #[error("authentication failed HTTP {status}: {message}")]
+    Auth { status: u16, message: String },
+    #[error("invalid backend configuration: {0}")]
+    Config(String),
+}
+
+impl BackendError {
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::RateLimited { .. }
+                | Self::Server { .. }
+                | Self::Overloaded(_)
+                | Self::Timeout(_)
+                | Self::Connection(_)
+                | Self::Protocol(_)
+        )
+    }
+
+    /// Throttling drives the adaptive concurrency limit down (AIMD).
+    pub fn is_throttle(&self) -> bool {
+        matches!(self, Self::RateLimited { .. } | Self::Overloaded(_))
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// Stable, snake_case name of the error kind, as reported in `Result.error.kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Server { .. } => "server_error",
+            Self::Overloaded(_) => "overloaded",
+            Self::Timeout(_) => "timeout",
+            Self::Connection(_) => "connection",
+            Self::Protocol(_) => "protocol",
+            Self::Rejected { .. } => "rejected",
+            Self::Auth { .. } => "auth",
+            Self::Config(_) => "config",
+        }
     }
 }

@@ -8,9 +8,8 @@ use futures_util::future::BoxFuture;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use super::bedrock::arguments_object;
+use super::call::{arguments_object, whole_turn, with_call_timeout};
 use super::http::{ApiKey, AuthStyle, HttpClient};
-use super::openai::replay_events;
 use super::url::BackendOptions;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
 use crate::conversation::Role;
@@ -91,14 +90,8 @@ impl AnthropicBackend {
         let started = Instant::now();
         let mut response = self.http.send(self.http.post("/v1/messages", &body)).await.map_err(overloaded_529)?;
         if !request.stream {
-            let bytes = self.http.read_body(response).await?;
-            let text = std::str::from_utf8(&bytes)
-                .map_err(|e| BackendError::Protocol(format!("Anthropic message body is not UTF-8: {e}")))?;
-            let response = parse_message(text).map_err(|e| self.http.redact_error(e))?;
-            if let Some(tx) = &events {
-                replay_events(&response, tx, request.text_deltas);
-            }
-            return Ok(response);
+            let (events, deltas) = (events.as_ref(), request.text_deltas);
+            return whole_turn(&self.http, response, "Anthropic message", parse_message, events, deltas).await;
         }
         let assembler = if events.is_some() && request.text_deltas {
             AnthropicStreamAssembler::new()
@@ -140,12 +133,7 @@ impl Backend for AnthropicBackend {
         request: ChatRequest,
         events: Option<mpsc::UnboundedSender<StreamEvent>>,
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>> {
-        Box::pin(async move {
-            let timeout = self.http.request_timeout();
-            tokio::time::timeout(timeout, self.chat_inner(request, events))
-                .await
-                .unwrap_or(Err(BackendError::Timeout(timeout)))
-        })
+        Box::pin(with_call_timeout(self.http.request_timeout(), self.chat_inner(request, events)))
     }
 }
 

@@ -13,8 +13,8 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use super::aws_credentials::{self, AwsCredentials};
+use super::call::{arguments_object, replay_events};
 use super::http::parse_retry_after;
-use super::openai::replay_events;
 use super::sigv4::{self, SignableRequest, SigningScope};
 use super::url::BackendOptions;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
@@ -433,15 +433,6 @@ fn tool_result_id(m: &Message, index: usize) -> Result<&str, BackendError> {
     m.tool_call_id
         .as_deref()
         .ok_or_else(|| BackendError::Config(format!("messages[{index}]: tool message without tool_call_id")))
-}
-
-/// The API takes the tool input as a JSON object. Arguments the model produced that are not one
-/// (malformed JSON) are sent as `{}`: the tool error that follows in the history tells the model.
-pub(crate) fn arguments_object(arguments: &str) -> Value {
-    match serde_json::from_str::<Value>(arguments) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => Value::Object(Map::new()),
-    }
 }
 
 /// OpenAI-style `tool_choice` -> Converse `toolChoice`; `Ok(None)` means "none" (no tool use).

@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
+use crate::limits::AdaptiveLimit;
 use crate::prefix::prefix_keys;
-use crate::scheduler::aimd::AdaptiveLimit;
 
 /// One member of a fleet as `connect` builds it.
 pub struct Member {

@@ -14,13 +14,8 @@ use tokio::sync::mpsc;
 use super::h1::{H1Client, H1Error, H1Response};
 use super::url::BackendOptions;
 use super::{BackendError, ChatResponse, StreamEvent};
-use crate::stream::sse::{SseEvent, SseParser, StreamEnd};
-
-/// Turns parsed SSE events into one assembled turn (OpenAI chunks, Anthropic events).
-pub trait SseTurn {
-    fn push_event(&mut self, event: &SseEvent, out: &mut Vec<StreamEvent>) -> Result<(), BackendError>;
-    fn finish(self, end: StreamEnd) -> Result<ChatResponse, BackendError>;
-}
+use crate::stream::sse::SseParser;
+pub use crate::stream::sse::SseTurn;
 
 /// Longest server message kept in an error.
 pub const MAX_ERROR_MESSAGE: usize = 500;

@@ -3,13 +3,15 @@
 //! sending [`StreamEvent`]s as they are parsed so the scheduler can start tools early.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::conversation::{Message, ToolCall, ToolDef, Usage};
+use crate::conversation::{Message, ToolDef};
+// The protocol types live with the conversation types (stream/ shares them); re-exported here
+// because every backend speaks in them.
+pub use crate::conversation::{BackendError, ChatResponse, StreamEvent};
 
 /// What a backend can do; the scheduler decides what to use from this.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -58,89 +60,6 @@ pub struct ChatRequest {
     pub text_deltas: bool,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum StreamEvent {
-    /// The first token arrived (time to first token is measured here).
-    FirstToken,
-    TextDelta(String),
-    /// A tool call whose arguments are complete in the stream, before the turn ends.
-    ToolCallReady(ToolCall),
-}
-
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ChatResponse {
-    pub content: String,
-    pub tool_calls: Vec<ToolCall>,
-    pub usage: Usage,
-    /// `stop`, `length`, `tool_calls`, ... as the server said it, normalised to OpenAI's words.
-    pub finish_reason: String,
-    pub ttft: Option<Duration>,
-}
-
-/// A failed model call. `retryable()` decides whether the scheduler tries again.
-#[derive(Debug, Clone, thiserror::Error, PartialEq)]
-pub enum BackendError {
-    #[error("rate limited (HTTP {status}){}", retry_after.map(|d| format!(", retry after {:.1}s", d.as_secs_f64())).unwrap_or_default())]
-    RateLimited { status: u16, retry_after: Option<Duration> },
-    #[error("server error HTTP {status}: {message}")]
-    Server { status: u16, message: String },
-    #[error("engine overloaded: {0}")]
-    Overloaded(String),
-    #[error("request timed out after {0:?}")]
-    Timeout(Duration),
-    #[error("connection failed: {0}")]
-    Connection(String),
-    #[error("malformed response: {0}")]
-    Protocol(String),
-    #[error("request rejected HTTP {status}: {message}")]
-    Rejected { status: u16, message: String },
-    #[error("authentication failed HTTP {status}: {message}")]
-    Auth { status: u16, message: String },
-    #[error("invalid backend configuration: {0}")]
-    Config(String),
-}
-
-impl BackendError {
-    pub fn retryable(&self) -> bool {
-        matches!(
-            self,
-            Self::RateLimited { .. }
-                | Self::Server { .. }
-                | Self::Overloaded(_)
-                | Self::Timeout(_)
-                | Self::Connection(_)
-                | Self::Protocol(_)
-        )
-    }
-
-    /// Throttling drives the adaptive concurrency limit down (AIMD).
-    pub fn is_throttle(&self) -> bool {
-        matches!(self, Self::RateLimited { .. } | Self::Overloaded(_))
-    }
-
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            Self::RateLimited { retry_after, .. } => *retry_after,
-            _ => None,
-        }
-    }
-
-    /// Stable, snake_case name of the error kind, as reported in `Result.error.kind`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::RateLimited { .. } => "rate_limited",
-            Self::Server { .. } => "server_error",
-            Self::Overloaded(_) => "overloaded",
-            Self::Timeout(_) => "timeout",
-            Self::Connection(_) => "connection",
-            Self::Protocol(_) => "protocol",
-            Self::Rejected { .. } => "rejected",
-            Self::Auth { .. } => "auth",
-            Self::Config(_) => "config",
-        }
-    }
-}
-
 /// A connection to one inference server (or a fleet of them).
 pub trait Backend: Send + Sync {
     /// Human-readable endpoint for logs and reports; never contains credentials.
@@ -166,6 +85,7 @@ pub mod anthropic;
 pub mod aws_credentials;
 pub mod bedrock;
 pub mod cached;
+pub mod call;
 pub mod connect;
 pub mod fleet;
 pub mod h1;

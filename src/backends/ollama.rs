@@ -9,8 +9,9 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
+use super::call::{whole_turn, with_call_timeout};
 use super::http::{ApiKey, AuthStyle, HttpClient};
-use super::openai::{replay_events, role_name, tool_json};
+use super::openai::{role_name, tool_json};
 use super::url::BackendOptions;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
 use crate::conversation::{Message, Role, ToolCall, Usage};
@@ -224,15 +225,11 @@ impl OllamaBackend {
         let mut turn = Turn::new(&request.request_id, request.text_deltas);
         let mut out = Vec::new();
         if !request.stream {
-            let bytes = self.http.read_body(response).await?;
-            let text = std::str::from_utf8(&bytes)
-                .map_err(|e| BackendError::Protocol(format!("ollama body is not UTF-8: {e}")))?;
-            turn.push_line(text.trim(), &mut out).map_err(|e| self.http.redact_error(e))?;
-            let response = turn.finish()?;
-            if let Some(tx) = &events {
-                replay_events(&response, tx, request.text_deltas);
-            }
-            return Ok(response);
+            let parse = |text: &str| {
+                turn.push_line(text.trim(), &mut out)?;
+                turn.finish()
+            };
+            return whole_turn(&self.http, response, "ollama", parse, events.as_ref(), request.text_deltas).await;
         }
         let mut lines = NdjsonParser::new();
         let mut ttft = None;
@@ -284,12 +281,7 @@ impl Backend for OllamaBackend {
         request: ChatRequest,
         events: Option<mpsc::UnboundedSender<StreamEvent>>,
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>> {
-        Box::pin(async move {
-            let timeout = self.http.request_timeout();
-            tokio::time::timeout(timeout, self.chat_inner(request, events))
-                .await
-                .unwrap_or(Err(BackendError::Timeout(timeout)))
-        })
+        Box::pin(with_call_timeout(self.http.request_timeout(), self.chat_inner(request, events)))
     }
 }
 

@@ -12,6 +12,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
+use super::call::{whole_turn, with_call_timeout};
 use super::http::{ApiKey, AuthStyle, Endpoint, HttpClient};
 use super::url::BackendOptions;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
@@ -232,7 +233,6 @@ impl OpenAiBackend {
         if let Some(max) = max_tokens {
             body["max_tokens"] = Value::from(max);
         }
-        let timeout = self.http.request_timeout();
         let call = async {
             let response = self.http.send(self.http.post("/completions", &body)).await?;
             let bytes = self.http.read_body(response).await?;
@@ -240,7 +240,7 @@ impl OpenAiBackend {
                 .map_err(|e| BackendError::Protocol(format!("completions body is not UTF-8: {e}")))?;
             parse_completions(text, prompts.len()).map_err(|e| self.http.redact_error(e))
         };
-        tokio::time::timeout(timeout, call).await.unwrap_or(Err(BackendError::Timeout(timeout)))
+        with_call_timeout(self.http.request_timeout(), call).await
     }
 
     async fn chat_inner(
@@ -257,14 +257,8 @@ impl OpenAiBackend {
         let is_json = response.header("content-type").is_some_and(|v| v.starts_with("application/json"));
         // A server may answer a streamed request with one JSON body (an error, or stream ignored).
         if !request.stream || is_json {
-            let bytes = self.http.read_body(response).await?;
-            let text = std::str::from_utf8(&bytes)
-                .map_err(|e| BackendError::Protocol(format!("chat completion body is not UTF-8: {e}")))?;
-            let response = parse_chat_completion(text).map_err(|e| self.http.redact_error(e))?;
-            if let Some(tx) = &events {
-                replay_events(&response, tx, request.text_deltas);
-            }
-            return Ok(response);
+            let (events, deltas) = (events.as_ref(), request.text_deltas);
+            return whole_turn(&self.http, response, "chat completion", parse_chat_completion, events, deltas).await;
         }
         let assembler = if events.is_some() && request.text_deltas {
             ChatStreamAssembler::new()
@@ -272,19 +266,6 @@ impl OpenAiBackend {
             ChatStreamAssembler::without_text_deltas()
         };
         self.http.read_sse_turn(&mut response, assembler, events.as_ref(), started).await
-    }
-}
-
-/// Sends the events a streamed answer would have produced, for a body that came whole.
-pub(crate) fn replay_events(response: &ChatResponse, tx: &mpsc::UnboundedSender<StreamEvent>, text_deltas: bool) {
-    if !response.content.is_empty() || !response.tool_calls.is_empty() {
-        let _ = tx.send(StreamEvent::FirstToken);
-    }
-    if text_deltas && !response.content.is_empty() {
-        let _ = tx.send(StreamEvent::TextDelta(response.content.clone()));
-    }
-    for call in &response.tool_calls {
-        let _ = tx.send(StreamEvent::ToolCallReady(call.clone()));
     }
 }
 
@@ -302,12 +283,7 @@ impl Backend for OpenAiBackend {
         request: ChatRequest,
         events: Option<mpsc::UnboundedSender<StreamEvent>>,
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>> {
-        Box::pin(async move {
-            let timeout = self.http.request_timeout();
-            tokio::time::timeout(timeout, self.chat_inner(request, events))
-                .await
-                .unwrap_or(Err(BackendError::Timeout(timeout)))
-        })
+        Box::pin(with_call_timeout(self.http.request_timeout(), self.chat_inner(request, events)))
     }
 }
 

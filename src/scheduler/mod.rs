@@ -2,7 +2,6 @@
 //! and the agent loop that drives each job through its turns.
 
 pub mod agent;
-pub mod aimd;
 pub mod durable;
 pub mod feed;
 pub mod retry;
@@ -10,6 +9,6 @@ pub mod run;
 pub mod semaphore;
 pub mod stats;
 
-pub use aimd::AdaptiveLimit;
+pub use crate::limits::{aimd, AdaptiveLimit};
 pub use retry::{RetryPolicy, SplitMix64};
 pub use semaphore::{Acquire, Permit, PrioritySemaphore};

@@ -7,8 +7,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::backends::{BackendError, ChatResponse, StreamEvent};
-use crate::conversation::{ToolCall, Usage};
+use crate::conversation::{BackendError, ChatResponse, StreamEvent, ToolCall, Usage};
 use crate::stream::sse::{SseEvent, StreamEnd};
 
 /// Anthropic's `stop_reason` in `OpenAI`'s words.
@@ -405,7 +404,7 @@ pub fn parse_message(body: &str) -> Result<ChatResponse, BackendError> {
     })
 }
 
-impl crate::backends::http::SseTurn for AnthropicStreamAssembler {
+impl crate::stream::sse::SseTurn for AnthropicStreamAssembler {
     fn push_event(&mut self, event: &SseEvent, out: &mut Vec<StreamEvent>) -> Result<(), BackendError> {
         AnthropicStreamAssembler::push_event(self, event, out)
     }

@@ -16,8 +16,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::sse::{SseEvent, StreamEnd};
-use crate::backends::{BackendError, ChatResponse, StreamEvent};
-use crate::conversation::{ToolCall, Usage};
+use crate::conversation::{BackendError, ChatResponse, StreamEvent, ToolCall, Usage};
 
 /// `content` as servers send it: a string, `null`, or a list of parts (`[{"type":"text","text":..}]`).
 #[derive(Debug, Default)]
@@ -563,7 +562,7 @@ fn error_event(data: &str) -> BackendError {
     }
 }
 
-impl crate::backends::http::SseTurn for ChatStreamAssembler {
+impl crate::stream::sse::SseTurn for ChatStreamAssembler {
     fn push_event(&mut self, event: &SseEvent, out: &mut Vec<StreamEvent>) -> Result<(), BackendError> {
         ChatStreamAssembler::push_event(self, event, out)
     }

@@ -7,6 +7,8 @@
 
 use memchr::{memchr, memchr2};
 
+use crate::conversation::{BackendError, ChatResponse, StreamEvent};
+
 /// One dispatched event. `event` is `None` when the stream gave no `event:` field (the spec's
 /// default type "message"); `id` is the last event id seen on the stream, which persists across
 /// events as the spec requires.
@@ -25,6 +27,12 @@ pub enum StreamEnd {
     /// The stream stopped inside a line or inside an event (fields seen, no blank line yet): the
     /// connection was probably cut, and the partial event has been discarded.
     Truncated,
+}
+
+/// Turns parsed SSE events into one assembled turn (`OpenAI` chunks, Anthropic events).
+pub trait SseTurn {
+    fn push_event(&mut self, event: &SseEvent, out: &mut Vec<StreamEvent>) -> Result<(), BackendError>;
+    fn finish(self, end: StreamEnd) -> Result<ChatResponse, BackendError>;
 }
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";

@@ -1,0 +1,63 @@
+//! What every backend does around one model call, whatever its wire protocol: the per-call
+//! timeout, reading a non-streamed answer whole, replaying the events a streamed answer would
+//! have produced, and tool arguments in the object form the Anthropic and Bedrock APIs take.
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+use super::http::{HttpClient, Response};
+use super::{BackendError, ChatResponse, StreamEvent};
+
+/// Runs one model call under its overall time limit.
+pub async fn with_call_timeout<T>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, BackendError>>,
+) -> Result<T, BackendError> {
+    tokio::time::timeout(limit, call).await.unwrap_or(Err(BackendError::Timeout(limit)))
+}
+
+/// A non-streamed answer: the whole body, checked to be UTF-8 (`what` names it in the error),
+/// parsed by `parse`, then replayed to `events` as a stream would have sent it.
+pub async fn whole_turn(
+    http: &HttpClient,
+    response: Response,
+    what: &str,
+    parse: impl FnOnce(&str) -> Result<ChatResponse, BackendError>,
+    events: Option<&mpsc::UnboundedSender<StreamEvent>>,
+    text_deltas: bool,
+) -> Result<ChatResponse, BackendError> {
+    let bytes = http.read_body(response).await?;
+    let text =
+        std::str::from_utf8(&bytes).map_err(|e| BackendError::Protocol(format!("{what} body is not UTF-8: {e}")))?;
+    let turn = parse(text).map_err(|e| http.redact_error(e))?;
+    if let Some(tx) = events {
+        replay_events(&turn, tx, text_deltas);
+    }
+    Ok(turn)
+}
+
+/// Sends the events a streamed answer would have produced, for a body that came whole.
+pub fn replay_events(response: &ChatResponse, tx: &mpsc::UnboundedSender<StreamEvent>, text_deltas: bool) {
+    if !response.content.is_empty() || !response.tool_calls.is_empty() {
+        let _ = tx.send(StreamEvent::FirstToken);
+    }
+    if text_deltas && !response.content.is_empty() {
+        let _ = tx.send(StreamEvent::TextDelta(response.content.clone()));
+    }
+    for call in &response.tool_calls {
+        let _ = tx.send(StreamEvent::ToolCallReady(call.clone()));
+    }
+}
+
+/// The Anthropic and Bedrock APIs take the tool input as a JSON object. Arguments the model
+/// produced that are not one (malformed JSON) are sent as `{}`: the tool error that follows in the
+/// history tells the model.
+pub fn arguments_object(arguments: &str) -> Value {
+    match serde_json::from_str::<Value>(arguments) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => Value::Object(Map::new()),
+    }
+}
