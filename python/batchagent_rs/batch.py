@@ -5,6 +5,7 @@ batches, and hands back `Result` objects."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import json
@@ -304,9 +305,11 @@ class Batch:
         }
         self._on_result = on_result
         self._tool_threads = tool_threads
-        self._last_stats: dict[str, Any] | None = None
-        self._last_wall = 0.0
-        self._run: _core.Run | None = None
+        # Each run keeps its own state in its `_Driver`; the batch only remembers which runs are
+        # going (by start order) and the figures of the latest-started run that has finished.
+        self._started = itertools.count()
+        self._running: dict[int, _Driver] = {}
+        self._finished: tuple[int, dict[str, Any], float] | None = None
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -331,8 +334,11 @@ class Batch:
     async def stream(self, inputs: Iterable[dict[str, Any]]) -> AsyncIterator[Result]:
         """Yield results in completion order. Cancelling the iteration cancels the run."""
         driver = _Driver(self, inputs, self._options, None, 0.0)
-        async for result in driver.results():
-            yield result
+        # Closed here, not whenever the abandoned generator is collected: leaving the loop early
+        # cancels the run before the caller's next statement.
+        async with contextlib.aclosing(driver.results()) as results:
+            async for result in results:
+                yield result
 
     def run_file(
         self,
@@ -387,13 +393,32 @@ class Batch:
         return self.report()
 
     def report(self) -> RunReport:
-        """Aggregates of the last (or current) run."""
-        stats = self._last_stats
-        if self._run is not None:
-            stats = json.loads(self._run.stats_json())
-        if stats is None:
+        """Aggregates of the latest run: while runs are going, the live figures of the one started
+        last; otherwise the finished run started last (a run abandoned earlier and cleaned up
+        late never replaces a newer one's report)."""
+        if self._running:
+            driver = self._running[max(self._running)]
+            return RunReport.from_stats(driver.stats(), driver.elapsed())
+        if self._finished is None:
             raise RuntimeError("report(): nothing has run yet")
-        return RunReport.from_stats(stats, self._last_wall)
+        _, stats, wall = self._finished
+        return RunReport.from_stats(stats, wall)
+
+    def _live_stats(self) -> dict[str, Any] | None:
+        """The core's counters of the run started last, while one is going."""
+        if not self._running:
+            return None
+        return self._running[max(self._running)].stats()
+
+    def _run_started(self, driver: _Driver) -> int:
+        number = next(self._started)
+        self._running[number] = driver
+        return number
+
+    def _run_finished(self, number: int, stats: dict[str, Any], wall: float) -> None:
+        self._running.pop(number, None)
+        if self._finished is None or self._finished[0] < number:
+            self._finished = (number, stats, wall)
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -471,7 +496,7 @@ class _Driver:
         # When set, results are appended here instead of going through `batches()`.
         self.collected: list[Result] | None = None
 
-    async def results(self) -> AsyncIterator[Result]:
+    async def results(self) -> AsyncGenerator[Result, None]:
         batches = self.batches()
         try:
             async for chunk in batches:
@@ -502,8 +527,8 @@ class _Driver:
         self.checked = pending is not None
         self.queue: asyncio.Queue[list[Result] | None] = asyncio.Queue()
         self.failure: BaseException | None = None
-        batch._run = run
-        started = time.perf_counter()
+        number = batch._run_started(self)
+        self.started = started = time.perf_counter()
         loop = asyncio.get_running_loop()
         fd = run.wake_fd()
         finished = False
@@ -532,9 +557,13 @@ class _Driver:
                 task.cancel()
             if self.executor is not None:
                 self.executor.shutdown(wait=False, cancel_futures=True)
-            batch._last_stats = json.loads(run.stats_json())
-            batch._last_wall = time.perf_counter() - started
-            batch._run = None
+            batch._run_finished(number, json.loads(run.stats_json()), time.perf_counter() - started)
+
+    def stats(self) -> dict[str, Any]:
+        return json.loads(self.run.stats_json())  # type: ignore[no-any-return]
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
     async def _tick(self) -> None:
         assert self.on_progress is not None
@@ -621,9 +650,8 @@ class _Driver:
     def _flush_calls(self) -> None:
         self.flush_scheduled = False
         calls, self.done_calls = self.done_calls, []
-        run = self.batch._run
-        if run is not None and calls:
-            run.complete_tools(calls)
+        if calls:
+            self.run.complete_tools(calls)
 
     def _pool(self) -> ThreadPoolExecutor:
         if self.executor is None:

@@ -120,8 +120,9 @@ def run_demo(
             async def tick() -> None:
                 while True:
                     await asyncio.sleep(0.1)
-                    if batch._run is not None:
-                        progress.update(json.loads(batch._run.stats_json()))
+                    stats = batch._live_stats()
+                    if stats is not None:
+                        progress.update(stats)
 
             ticker = asyncio.create_task(tick())
             try:
