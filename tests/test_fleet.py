@@ -63,9 +63,10 @@ def test_killed_endpoint_calls_move_to_the_survivors() -> None:
 
     def kill() -> None:
         done.wait(60)
-        at_kill["victim"] = chat_requests(victim)
         at_kill["survivors"] = sum(chat_requests(s) for s in survivors)
         victim.stop()
+        # Read after the stop: the victim's final count, with nothing served after it.
+        at_kill["victim"] = chat_requests(victim)
 
     batch = Batch(
         "Question {n}: answer briefly.",

@@ -93,7 +93,7 @@ class SimServer:
     def url(self) -> str:
         """Base URL, `http://127.0.0.1:PORT`."""
     def stats(self) -> dict[str, Any]:
-        """What `GET /sim/stats` returns."""
+        """What `GET /sim/stats` returns; after `stop()`, the final stats."""
     def stop(self) -> None:
         """Stop serving and end the engine loop; a second call does nothing."""
 

@@ -31,7 +31,8 @@ class Simulator:
 
     def stats(self) -> dict[str, Any]:
         """What ``GET /sim/stats`` returns: requests by route and status, tokens, cache hits,
-        faults injected by kind, recent TTFTs and their percentiles."""
+        faults injected by kind, recent TTFTs and their percentiles. After ``stop()``, the final
+        stats (nothing is served after them)."""
         return self._server.stats()
 
     def stop(self) -> None:

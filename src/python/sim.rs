@@ -21,6 +21,8 @@ fn sim_error(error: &SimError) -> PyErr {
 #[pyclass(name = "SimServer", module = "batchagent_rs._core", frozen)]
 pub struct PySimServer {
     server: Mutex<Option<SimServer>>,
+    /// The stats at `stop()`: still readable afterwards, and final.
+    stopped: Mutex<Option<String>>,
     url: String,
 }
 
@@ -32,13 +34,16 @@ impl PySimServer {
         self.url.clone()
     }
 
-    /// What `GET /sim/stats` returns, as a dict.
+    /// What `GET /sim/stats` returns, as a dict; after `stop()`, the final stats.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let text = {
             let guard = self.server.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             match guard.as_ref() {
                 Some(server) => server.stats().to_string(),
-                None => return Err(RunError::new_err("the simulator was stopped")),
+                None => match self.stopped.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone() {
+                    Some(text) => text,
+                    None => return Err(RunError::new_err("the simulator was stopped")),
+                },
             }
         };
         py.import("json")?.call_method1("loads", (text,))
@@ -49,7 +54,8 @@ impl PySimServer {
         let server = self.server.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         if let Some(server) = server {
             let rt = super::runtime()?;
-            py.allow_threads(|| rt.block_on(server.stop()));
+            let last = py.allow_threads(|| rt.block_on(server.stop()));
+            *self.stopped.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(last.to_string());
         }
         Ok(())
     }
@@ -94,7 +100,7 @@ fn start_sim(py: Python<'_>, options: &Bound<'_, PyDict>) -> PyResult<PySimServe
     let rt = super::runtime()?;
     let server = py.allow_threads(|| rt.block_on(SimServer::start(config))).map_err(|e| sim_error(&e))?;
     let url = server.url();
-    Ok(PySimServer { server: Mutex::new(Some(server)), url })
+    Ok(PySimServer { server: Mutex::new(Some(server)), stopped: Mutex::new(None), url })
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

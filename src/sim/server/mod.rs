@@ -109,8 +109,10 @@ impl SimServer {
     }
 
     /// Stop accepting, end the engine loop (open streams end with it) and wait for the server task.
-    pub async fn stop(mut self) {
+    /// Returns the final stats: nothing is served after this, so they are the last word.
+    pub async fn stop(mut self) -> Value {
         self.shutdown_now().await;
+        self.stats()
     }
 
     async fn shutdown_now(&mut self) {
