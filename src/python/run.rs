@@ -367,13 +367,17 @@ impl PyRun {
         }
         // The journal and the output open after the input checked out (a refused run leaves no
         // journal behind), and before any request.
-        let durable = Durability::open(
-            options.journal.as_deref(),
-            &fingerprint(spec_json),
-            options.journal_force,
-            options.output.as_deref(),
-        )
-        .map_err(|e| JournalError::new_err(e.to_string()))?;
+        // Rewriting the output from the journal reads the whole journal: not under the GIL.
+        let durable = py
+            .allow_threads(|| {
+                Durability::open(
+                    options.journal.as_deref(),
+                    &fingerprint(spec_json),
+                    options.journal_force,
+                    options.output.as_deref(),
+                )
+            })
+            .map_err(|e| JournalError::new_err(e.to_string()))?;
         let runtime = runtime()?;
         let urls = options.backends;
         let fleet_options = FleetOptions {
@@ -451,21 +455,29 @@ impl PyRun {
 
     /// Hands inputs `(id, index, json object)` to the run. Feed no more than the credit
     /// `take_events()` grants (the first time: `window`), so inputs are consumed lazily.
-    fn feed(&self, items: Vec<(String, u64, String)>) -> PyResult<()> {
-        let running = self.lock_running()?;
-        let sender = running.jobs.as_ref().ok_or_else(|| RunError::new_err("the run's input is closed"))?;
-        let mut skipped = 0;
-        for (id, index, json) in items {
-            let job = Job { id, index, input: parse_input(index, &json)?, resume: None };
-            let Some(job) = self.durable.prepare(job, &json) else {
-                skipped += 1;
-                continue;
-            };
-            sender.try_send(job).map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => RunError::new_err("more inputs fed than the run's credit allows"),
-                mpsc::error::TrySendError::Closed(_) => RunError::new_err("the run stopped before taking all inputs"),
-            })?;
-        }
+    fn feed(&self, py: Python<'_>, items: Vec<(String, u64, String)>) -> PyResult<()> {
+        let sender = self.lock_running()?.jobs.clone().ok_or_else(|| RunError::new_err("the run's input is closed"))?;
+        // Checking each job against the journal reads SQLite (and may wait for the writer's
+        // queue): not under the GIL.
+        let skipped = py.allow_threads(|| -> PyResult<usize> {
+            let mut skipped = 0;
+            for (id, index, json) in items {
+                let job = Job { id, index, input: parse_input(index, &json)?, resume: None };
+                let Some(job) = self.durable.prepare(job, &json) else {
+                    skipped += 1;
+                    continue;
+                };
+                sender.try_send(job).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => {
+                        RunError::new_err("more inputs fed than the run's credit allows")
+                    }
+                    mpsc::error::TrySendError::Closed(_) => {
+                        RunError::new_err("the run stopped before taking all inputs")
+                    }
+                })?;
+            }
+            Ok(skipped)
+        })?;
         if skipped > 0 {
             // Finished in an earlier run: their places in the window are free at once.
             self.ctx.stats.jobs_skipped.fetch_add(skipped as u64, Relaxed);
@@ -615,13 +627,12 @@ impl PyRun {
                     batch.push(more);
                 }
                 let freed = batch.len();
-                batch.retain(|r| match durable.finish(r) {
-                    Ok(new) => new,
-                    Err(e) => {
-                        record_fatal(&fatal, e.to_string());
-                        true
-                    }
-                });
+                // Handed to Python (`stream`, `on_result`) only once committed: what a user has
+                // seen is never run again by a resume.
+                let (mut batch, error) = durable.commit(batch).await;
+                if let Some(e) = error {
+                    record_fatal(&fatal, e.to_string());
+                }
                 // When the core reads the inputs itself and Python does not want the results,
                 // nothing here concerns Python: no wake-up (it would cost a syscall and a loop turn
                 // per batch of results for nothing).
@@ -634,7 +645,7 @@ impl PyRun {
                     });
                 }
             }
-            if let Err(e) = durable.flush() {
+            if let Err(e) = durable.flush().await {
                 record_fatal(&fatal, e.to_string());
             }
             shared.post(|outbox| outbox.done = true);

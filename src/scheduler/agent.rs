@@ -31,8 +31,9 @@ pub trait OutputValidator: Send + Sync {
 }
 
 /// Persists a job's conversation after each completed turn so a resumed run restarts it there.
+/// The future completes once the state is queued: a slow store holds back this job, not the thread.
 pub trait TurnSink: Send + Sync {
-    fn turn_done(&self, job_id: &str, state: &AgentState);
+    fn turn_done(&self, job_id: &str, state: &AgentState) -> BoxFuture<'static, ()>;
 }
 
 /// One input to run.
@@ -272,7 +273,7 @@ impl Agent<'_> {
             let (response, early) = response;
             self.run_tools(response, early).await;
             if let Some(sink) = &ctx.turn_sink {
-                sink.turn_done(self.job_id, &self.state);
+                sink.turn_done(self.job_id, &self.state).await;
             }
         }
         Err(Failure::MaxTurns)

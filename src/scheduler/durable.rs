@@ -1,9 +1,13 @@
 //! What makes a run survive a crash: jobs are checked against the journal before they start
 //! (finished ones are skipped, unfinished ones resume from their last durable turn), each turn is
-//! journaled, and each result is journaled before it is written to the output, once.
+//! journaled, and each result is committed to the journal before it is written to the output or
+//! handed to the caller, once: whatever a user has seen survives a kill, so a resumed run re-sends
+//! only jobs the output does not show.
 
 use std::path::Path;
 use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
 
 use crate::scheduler::agent::{AgentState, Job, JobResult, TurnSink};
 use crate::store::{hash128, Journal, JournalError, JsonlSink, SinkError};
@@ -16,12 +20,14 @@ pub enum DurableError {
     Sink(#[from] SinkError),
     #[error("result of job {id} cannot be encoded: {message}")]
     Encode { id: String, message: String },
+    #[error("output writer stopped: {0}")]
+    Stopped(String),
 }
 
 /// The journal and the output file of one run; either may be absent.
 pub struct Durability {
     journal: Option<Arc<Journal>>,
-    sink: Option<JsonlSink>,
+    sink: Option<Arc<JsonlSink>>,
     /// Results already in the journal when the run started (a resumed run).
     pub previously_finished: u64,
 }
@@ -54,7 +60,7 @@ impl Durability {
                         previously_finished += 1;
                     }
                 }
-                Some(sink)
+                Some(Arc::new(sink))
             }
         };
         if sink.is_none() {
@@ -86,32 +92,80 @@ impl Durability {
         Some(job)
     }
 
-    /// Journals the result, then writes it out. `Ok(false)`: this job already had a result (it
-    /// is neither written nor to be delivered again).
-    pub fn finish(&self, result: &JobResult) -> Result<bool, DurableError> {
+    /// Commits `results` to the journal, then writes them to the output, and returns those to
+    /// hand on (a job that already had a result is neither written nor delivered again) with the
+    /// first failure, if any. A result whose journal or output write failed is still returned:
+    /// the failure makes the run's output incomplete, and the caller reports it.
+    ///
+    /// Never blocks the calling thread: the journal is awaited, the file is written on a blocking
+    /// thread. Results are in the output and returned only once their commit is on disk.
+    pub async fn commit(&self, mut results: Vec<JobResult>) -> (Vec<JobResult>, Option<DurableError>) {
         if self.journal.is_none() && self.sink.is_none() {
-            return Ok(true);
+            return (results, None);
         }
-        let line = serde_json::to_string(result)
-            .map_err(|e| DurableError::Encode { id: result.id.clone(), message: e.to_string() })?;
+        let mut first_error = None;
+        let mut lines = Vec::with_capacity(results.len());
+        let mut keep = Vec::with_capacity(results.len());
+        for result in &results {
+            let line = match serde_json::to_string(result) {
+                Ok(line) => line,
+                Err(e) => {
+                    first_error.get_or_insert(DurableError::Encode { id: result.id.clone(), message: e.to_string() });
+                    keep.push(true);
+                    continue;
+                }
+            };
+            if let Some(journal) = &self.journal {
+                if !journal.record_result_async(&result.id, result.index, line.clone()).await {
+                    keep.push(false);
+                    continue;
+                }
+            }
+            keep.push(true);
+            lines.push(line);
+        }
+        let mut keep = keep.into_iter();
+        results.retain(|_| keep.next().unwrap_or(true));
         if let Some(journal) = &self.journal {
-            if !journal.record_result(&result.id, result.index, &line) {
-                return Ok(false);
+            if let Err(e) = journal.commit().await {
+                first_error.get_or_insert(e.into());
             }
         }
         if let Some(sink) = &self.sink {
-            sink.write_line(&line)?;
+            if !lines.is_empty() {
+                let sink = Arc::clone(sink);
+                let written = tokio::task::spawn_blocking(move || {
+                    for line in &lines {
+                        sink.write_line(line)?;
+                    }
+                    // Handed to the OS at once: the output keeps up with the journal.
+                    sink.flush()
+                })
+                .await;
+                match written {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        first_error.get_or_insert(e.into());
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(DurableError::Stopped(e.to_string()));
+                    }
+                }
+            }
         }
-        Ok(true)
+        (results, first_error)
     }
 
-    /// Makes everything written so far durable.
-    pub fn flush(&self) -> Result<(), DurableError> {
+    /// Makes everything written so far durable, without blocking the calling thread.
+    pub async fn flush(&self) -> Result<(), DurableError> {
         if let Some(journal) = &self.journal {
-            journal.flush()?;
+            journal.commit().await?;
         }
         if let Some(sink) = &self.sink {
-            sink.flush()?;
+            let sink = Arc::clone(sink);
+            tokio::task::spawn_blocking(move || sink.flush())
+                .await
+                .map_err(|e| DurableError::Stopped(e.to_string()))??;
         }
         Ok(())
     }
@@ -121,9 +175,161 @@ impl Durability {
 pub struct JournalTurns(pub Arc<Journal>);
 
 impl TurnSink for JournalTurns {
-    fn turn_done(&self, job_id: &str, state: &AgentState) {
-        if let Ok(json) = serde_json::to_string(state) {
-            self.0.record_turn(job_id, state.turns, &json);
+    fn turn_done(&self, job_id: &str, state: &AgentState) -> BoxFuture<'static, ()> {
+        let journal = Arc::clone(&self.0);
+        let job_id = job_id.to_owned();
+        let (turn, json) = (state.turns, serde_json::to_string(state));
+        Box::pin(async move {
+            if let Ok(json) = json {
+                journal.record_turn_async(&job_id, turn, json).await;
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::sync::mpsc as std_mpsc;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::backends::connect::{connect_fleet, ConnectOptions};
+    use crate::backends::fleet::FleetOptions;
+    use crate::backends::ChatRequest;
+    use crate::conversation::Message;
+    use crate::scheduler::feed::bad_input;
+    use crate::store::journal::WriterOptions;
+    use crate::tools::{ToolConfig, ToolExecutor, ToolPool};
+
+    /// Only guards against a hang; no assertion depends on how long anything takes.
+    const HANG: Duration = Duration::from_secs(120);
+
+    struct Echo;
+
+    impl ToolExecutor for Echo {
+        fn call(&self, _name: &str, arguments: Arc<str>) -> BoxFuture<'static, Result<String, String>> {
+            Box::pin(async move {
+                tokio::task::yield_now().await;
+                Ok(arguments.to_string())
+            })
         }
+
+        fn call_batch(
+            &self,
+            _name: &str,
+            arguments: Vec<Arc<str>>,
+        ) -> BoxFuture<'static, Result<Vec<Result<String, String>>, String>> {
+            Box::pin(async move { Ok(arguments.iter().map(|a| Ok(a.to_string())).collect()) })
+        }
+    }
+
+    /// The runtime of a run has one worker thread, shared with the embedded simulator. With the
+    /// journal's writer stuck before a commit and its queue full, turn records and result commits
+    /// wait, and meanwhile a model call to the simulator and a tool call on the same runtime still
+    /// complete; once the writer goes on, everything is committed and only then written out.
+    #[test]
+    fn a_stuck_journal_writer_holds_back_its_writers_not_the_runtime() {
+        let dir = std::env::temp_dir().join(format!("ba-durable-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+
+        let (stuck_tx, stuck_rx) = std_mpsc::channel::<()>();
+        let (release_tx, release_rx) = std_mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let hook = move || {
+            let _ = stuck_tx.send(());
+            // Returns once `release_tx` is dropped.
+            let _ = release_rx.lock().unwrap().recv();
+        };
+        let capacity = 4;
+        let options = WriterOptions { capacity, before_commit: Some(Box::new(hook)), ..WriterOptions::default() };
+        let journal = Arc::new(Journal::open_with(&dir.join("run.sqlite"), "fp", false, options).unwrap());
+        let output = dir.join("out.jsonl");
+        let durable = Arc::new(Durability {
+            journal: Some(Arc::clone(&journal)),
+            sink: Some(Arc::new(JsonlSink::create(&output, false).unwrap())),
+            previously_finished: 0,
+        });
+
+        // More turn records than the writer's group and its queue hold together: the writer stops
+        // on its first commit with the rest still to come, so the writing task must wait.
+        let records = crate::store::journal::GROUP_MAX + capacity + 100;
+        let turns = JournalTurns(Arc::clone(&journal));
+        let (turns_done_tx, turns_done_rx) = std_mpsc::channel();
+        rt.spawn(async move {
+            for i in 0..records {
+                turns.turn_done(&format!("job-{i}"), &AgentState::default()).await;
+            }
+            let _ = turns_done_tx.send(());
+        });
+        stuck_rx.recv_timeout(HANG).expect("the writer reached its first commit");
+        let committed = {
+            let durable = Arc::clone(&durable);
+            let (tx, rx) = std_mpsc::channel();
+            rt.spawn(async move {
+                let result = bad_input("r-1".into(), 0, "a result".into());
+                let _ = tx.send(durable.commit(vec![result]).await);
+            });
+            rx
+        };
+
+        // A model call served by the simulator on the same runtime thread.
+        let connected = rt
+            .block_on(connect_fleet(
+                &["sim://?time_scale=0&seed=3".to_owned()],
+                &ConnectOptions::default(),
+                FleetOptions::default(),
+            ))
+            .unwrap();
+        let request = ChatRequest {
+            model: "sim-model".into(),
+            messages: Arc::new(vec![Message::user("Say something.")]),
+            tools: Arc::default(),
+            tool_choice: None,
+            response_schema: None,
+            max_tokens: Some(8),
+            temperature: None,
+            request_id: "while-stuck".into(),
+            stream: true,
+            hints: None,
+            text_deltas: false,
+        };
+        let (model_tx, model_rx) = std_mpsc::channel();
+        let backend = Arc::clone(&connected.backend);
+        rt.spawn(async move {
+            let _ = model_tx.send(backend.chat(request, None).await.map(|r| r.content));
+        });
+        let answer = model_rx.recv_timeout(HANG).expect("the model call completed while the journal was stuck");
+        assert!(answer.is_ok_and(|text| !text.is_empty()));
+
+        let pool = Arc::new(ToolPool::new(vec![ToolConfig::new("echo")], Arc::new(Echo)));
+        let (tool_tx, tool_rx) = std_mpsc::channel();
+        rt.spawn(async move {
+            let _ = tool_tx.send(pool.call("echo", r#"{"x":1}"#).await.map(|r| r.to_string()));
+        });
+        let tool = tool_rx.recv_timeout(HANG).expect("the tool call completed while the journal was stuck");
+        assert_eq!(tool.unwrap(), r#"{"x":1}"#);
+
+        // Still stuck: the turn writer waits for room, and nothing uncommitted has been shown.
+        assert!(turns_done_rx.try_recv().is_err(), "the queue is bounded");
+        assert!(committed.try_recv().is_err(), "a result is handed on only after its commit");
+        assert_eq!(std::fs::read_to_string(&output).unwrap(), "");
+
+        drop(release_tx);
+        turns_done_rx.recv_timeout(HANG).unwrap();
+        let (kept, error) = committed.recv_timeout(HANG).unwrap();
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(kept.len(), 1);
+        let written = std::fs::read_to_string(&output).unwrap();
+        assert!(written.starts_with("{\"id\":\"r-1\""), "{written}");
+        journal.flush().unwrap();
+        assert_eq!(journal.stats().jobs_finished, 1);
+        assert_eq!(journal.stats().turns_written, records as u64);
+        drop(connected);
+        rt.shutdown_background();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -8,16 +8,22 @@
 //! `synchronous=NORMAL` a commit is an append to the WAL file without fsync: it survives the process
 //! being killed at any point (SIGKILL, abort), and a power loss can only drop the last commits,
 //! never corrupt the file.
+//!
+//! Records are queued on a bounded channel. Code on the async runtime awaits a free place
+//! (`*_async`, [`Journal::commit`]): a slow disk holds back the agents that write, never the runtime
+//! thread that also serves the other agents (and, with `sim://`, the simulator). The plain methods
+//! block the calling thread and are for threads outside the runtime (input feeders, tests).
 
 use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::cache::hash128;
 
@@ -25,9 +31,9 @@ use super::cache::hash128;
 pub const GROUP_MAX: usize = 4096;
 /// Longest a record waits in memory before its group is committed.
 pub const GROUP_WINDOW: Duration = Duration::from_millis(20);
-/// Records queued for the writer before `record_*` calls block (back-pressure keeps memory flat
+/// Records queued for the writer before `record_*` calls wait (back-pressure keeps memory flat
 /// when the disk is slower than the run).
-const QUEUE_CAPACITY: usize = 4 * GROUP_MAX;
+pub const QUEUE_CAPACITY: usize = 4 * GROUP_MAX;
 /// Rows fetched per page by [`Journal::results`].
 const RESULTS_PAGE: usize = 512;
 const SCHEMA_VERSION: &str = "1";
@@ -79,7 +85,22 @@ enum Op {
     Start { job_id: String, index: u64, input_json: String },
     Turn { job_id: String, turn: u32, state_json: String },
     Result { job_id: String, index: u64, result_json: String },
-    Flush(SyncSender<()>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// How the writer is set up; tests change it to stand in for a full or a stalled disk.
+pub(crate) struct WriterOptions<'a> {
+    /// Applied to the writer's connection before it starts.
+    pub configure: &'a dyn Fn(&Connection) -> rusqlite::Result<()>,
+    pub capacity: usize,
+    /// Called on the writer thread before each commit.
+    pub before_commit: Option<Box<dyn Fn() + Send>>,
+}
+
+impl Default for WriterOptions<'_> {
+    fn default() -> Self {
+        Self { configure: &|_| Ok(()), capacity: QUEUE_CAPACITY, before_commit: None }
+    }
 }
 
 #[derive(Default)]
@@ -105,7 +126,7 @@ impl Shared {
 /// The run journal. `Send + Sync`: share it behind an `Arc`.
 pub struct Journal {
     path: PathBuf,
-    tx: Option<SyncSender<Op>>,
+    tx: Option<mpsc::Sender<Op>>,
     writer: Option<JoinHandle<()>>,
     reader: Arc<Mutex<Connection>>,
     /// 128-bit hashes of finished job ids: answers `record_result` synchronously without a round
@@ -125,16 +146,15 @@ impl Journal {
     /// unless `force`, which adopts the new fingerprint. A path that cannot be written fails here,
     /// naming the path and the operating system's reason, before any request is sent.
     pub fn open(path: &Path, fingerprint: &str, force: bool) -> Result<Journal, JournalError> {
-        Self::open_with(path, fingerprint, force, &|_| Ok(()))
+        Self::open_with(path, fingerprint, force, WriterOptions::default())
     }
 
-    /// `open`, with `configure` applied to the writer's connection before it starts (tests use it
-    /// to cap the file size and so stand in for a full disk).
-    fn open_with(
+    /// `open` with a writer set up by `options`.
+    pub(crate) fn open_with(
         path: &Path,
         fingerprint: &str,
         force: bool,
-        configure: &dyn Fn(&Connection) -> rusqlite::Result<()>,
+        options: WriterOptions<'_>,
     ) -> Result<Journal, JournalError> {
         let open_err = |reason: String| JournalError::Open { path: path.to_path_buf(), reason };
         // SQLite reports every failure to create a file as "unable to open database file"; opening
@@ -170,14 +190,20 @@ impl Journal {
         let reader = connect(path).map_err(|e| open_err(e.to_string()))?;
         reader.pragma_update(None, "query_only", true).map_err(|e| open_err(e.to_string()))?;
 
-        configure(&conn).map_err(|e| open_err(e.to_string()))?;
+        (options.configure)(&conn).map_err(|e| open_err(e.to_string()))?;
+        // The writer waits for records with a deadline (the group window) on a runtime of its own.
+        let clock = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| open_err(format!("starting the writer's timer: {e}")))?;
         let shared = Arc::new(Shared::default());
-        let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
+        let (tx, rx) = mpsc::channel(options.capacity.max(1));
         let writer = {
             let shared = Arc::clone(&shared);
+            let before_commit = options.before_commit;
             std::thread::Builder::new()
                 .name("batchagent-journal".into())
-                .spawn(move || write_loop(conn, &rx, &shared))
+                .spawn(move || clock.block_on(write_loop(conn, rx, &shared, before_commit.as_deref())))
                 .map_err(|e| open_err(format!("starting the writer thread: {e}")))?
         };
         Ok(Journal {
@@ -240,37 +266,71 @@ impl Journal {
         })
     }
 
-    /// Records that job `job_id` (input record `index`) started, with its input.
+    /// Records that job `job_id` (input record `index`) started, with its input. Blocks while the
+    /// queue is full: not for a runtime thread.
     pub fn record_start(&self, job_id: &str, index: u64, input_json: &str) {
         self.send(Op::Start { job_id: job_id.to_owned(), index, input_json: input_json.to_owned() });
     }
 
     /// Records the state after `turn` (messages and tool results so far). A turn older than the one
-    /// stored is ignored.
+    /// stored is ignored. Blocks while the queue is full: not for a runtime thread.
     pub fn record_turn(&self, job_id: &str, turn: u32, state_json: &str) {
         self.send(Op::Turn { job_id: job_id.to_owned(), turn, state_json: state_json.to_owned() });
     }
 
+    /// [`Journal::record_turn`] for async code: waits for a place in the queue without blocking.
+    pub async fn record_turn_async(&self, job_id: &str, turn: u32, state_json: String) {
+        self.send_async(Op::Turn { job_id: job_id.to_owned(), turn, state_json }).await;
+    }
+
     /// Records the final result of `job_id`. Returns false, recording nothing, when the job already
-    /// has one: the caller must then not emit it again.
+    /// has one: the caller must then not emit it again. Blocks while the queue is full: not for a
+    /// runtime thread.
     pub fn record_result(&self, job_id: &str, index: u64, result_json: &str) -> bool {
-        let new = self.finished.lock().unwrap_or_else(PoisonError::into_inner).insert(hash128(job_id.as_bytes()));
-        if !new {
-            self.duplicate_results.fetch_add(1, Ordering::Relaxed);
+        if !self.first_result(job_id) {
             return false;
         }
         self.send(Op::Result { job_id: job_id.to_owned(), index, result_json: result_json.to_owned() });
         true
     }
 
+    /// [`Journal::record_result`] for async code. The result is committed by the next
+    /// [`Journal::commit`], or within [`GROUP_WINDOW`].
+    pub async fn record_result_async(&self, job_id: &str, index: u64, result_json: String) -> bool {
+        if !self.first_result(job_id) {
+            return false;
+        }
+        self.send_async(Op::Result { job_id: job_id.to_owned(), index, result_json }).await;
+        true
+    }
+
     /// Waits until everything queued before this call is committed. Fails if any write of this
     /// handle has failed so far (the error stays: a journal with a hole cannot promise a resume).
+    /// Blocks: not for a runtime thread (use [`Journal::commit`] there).
     pub fn flush(&self) -> Result<(), JournalError> {
-        let (ack_tx, ack_rx) = mpsc::sync_channel(1);
+        let (ack_tx, ack_rx) = oneshot::channel();
         let gone = || JournalError::WriterGone { path: self.path.clone() };
-        self.tx.as_ref().ok_or_else(gone)?.send(Op::Flush(ack_tx)).map_err(|_| gone())?;
-        ack_rx.recv().map_err(|_| gone())?;
+        self.tx.as_ref().ok_or_else(gone)?.blocking_send(Op::Flush(ack_tx)).map_err(|_| gone())?;
+        ack_rx.blocking_recv().map_err(|_| gone())?;
         self.write_error()
+    }
+
+    /// [`Journal::flush`] for async code: commits what is queued now, and waits for it without
+    /// blocking the thread.
+    pub async fn commit(&self) -> Result<(), JournalError> {
+        let (ack_tx, ack_rx) = oneshot::channel();
+        let gone = || JournalError::WriterGone { path: self.path.clone() };
+        self.tx.as_ref().ok_or_else(gone)?.send(Op::Flush(ack_tx)).await.map_err(|_| gone())?;
+        ack_rx.await.map_err(|_| gone())?;
+        self.write_error()
+    }
+
+    fn first_result(&self, job_id: &str) -> bool {
+        let new = self.finished.lock().unwrap_or_else(PoisonError::into_inner).insert(hash128(job_id.as_bytes()));
+        if !new {
+            self.duplicate_results.fetch_add(1, Ordering::Relaxed);
+        }
+        new
     }
 
     pub fn stats(&self) -> JournalStats {
@@ -306,7 +366,17 @@ impl Journal {
     }
 
     fn send(&self, op: Op) {
-        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(op).is_ok());
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.blocking_send(op).is_ok());
+        if !sent {
+            self.shared.write_failed(1, &"the writer thread stopped");
+        }
+    }
+
+    async fn send_async(&self, op: Op) {
+        let sent = match &self.tx {
+            Some(tx) => tx.send(op).await.is_ok(),
+            None => false,
+        };
         if !sent {
             self.shared.write_failed(1, &"the writer thread stopped");
         }
@@ -436,34 +506,42 @@ fn init_schema(conn: &mut Connection, path: &Path, fingerprint: &str, force: boo
     tx.commit().map_err(open_err)
 }
 
-fn write_loop(mut conn: Connection, rx: &Receiver<Op>, shared: &Shared) {
+async fn write_loop(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Op>,
+    shared: &Shared,
+    before_commit: Option<&(dyn Fn() + Send)>,
+) {
     let mut group: Vec<Op> = Vec::with_capacity(GROUP_MAX);
-    let mut acks: Vec<SyncSender<()>> = Vec::new();
+    let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
         let mut closed = false;
-        match rx.recv() {
-            Ok(Op::Flush(ack)) => acks.push(ack),
-            Ok(op) => {
+        match rx.recv().await {
+            Some(Op::Flush(ack)) => acks.push(ack),
+            Some(op) => {
                 group.push(op);
                 let deadline = Instant::now() + GROUP_WINDOW;
                 while group.len() < GROUP_MAX {
-                    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                        Ok(Op::Flush(ack)) => {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(Op::Flush(ack))) => {
                             acks.push(ack);
                             break;
                         }
-                        Ok(op) => group.push(op),
-                        Err(RecvTimeoutError::Timeout) => break,
-                        Err(RecvTimeoutError::Disconnected) => {
+                        Ok(Some(op)) => group.push(op),
+                        Err(_elapsed) => break,
+                        Ok(None) => {
                             closed = true;
                             break;
                         }
                     }
                 }
             }
-            Err(_) => closed = true,
+            None => closed = true,
         }
         if !group.is_empty() {
+            if let Some(hook) = before_commit {
+                hook();
+            }
             commit_group(&mut conn, &mut group, shared);
         }
         for ack in acks.drain(..) {
@@ -582,7 +660,8 @@ mod tests {
             let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
             c.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
         };
-        let j = Journal::open_with(&path, "fp", false, &cap).unwrap();
+        let j = Journal::open_with(&path, "fp", false, WriterOptions { configure: &cap, ..WriterOptions::default() })
+            .unwrap();
         let big = "x".repeat(64 * 1024);
         assert!(j.record_result("a", 0, &big));
         let err = j.flush().unwrap_err();
