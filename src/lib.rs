@@ -7,6 +7,7 @@ pub mod limits;
 pub mod output;
 pub mod prefix;
 pub mod scheduler;
+pub mod secret;
 pub mod sim;
 pub mod spec;
 pub mod store;

@@ -255,7 +255,7 @@ fn request(model: &str, stream: bool) -> ChatRequest {
 }
 
 fn backend(url: &str) -> AnthropicBackend {
-    AnthropicBackend::new(url, Some(KEY.to_owned()), &BackendOptions::default()).unwrap()
+    AnthropicBackend::new(url, Some(KEY.into()), &BackendOptions::default()).unwrap()
 }
 
 #[tokio::test]

@@ -405,10 +405,28 @@ def test_flags_override_run_file(tmp_path: Path) -> None:
         ("openai://", "https://api.openai.com/v1/models"),
         ("anthropic://", "https://api.anthropic.com/v1/models"),
         ("bedrock://us-east-1", "https://bedrock-runtime.us-east-1.amazonaws.com/"),
+        ("anthropic+http://127.0.0.1:4000", "http://127.0.0.1:4000/v1/models"),
+        ("openai+http://box:8000/v1", "http://box:8000/v1/models"),
     ],
 )
-def test_probe_urls(url: str, probe: str | None) -> None:
+def test_probe_urls(url: str, probe: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
     assert cli.probe_url(url) == probe
+
+
+def test_probe_urls_follow_the_sdk_base_url_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9000/v1/")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", "http://127.0.0.1:9001")
+    assert cli.probe_url("openai://") == "http://127.0.0.1:9000/v1/models"
+    assert cli.probe_url("anthropic://") == "http://127.0.0.1:9001/v1/models"
+    assert cli.probe_url("openai://api.example/v1") == "https://api.example/v1/models"
+
+
+def test_displayed_urls_lose_query_and_user_info() -> None:
+    assert cli.display_url("vllm://h:8000?api_key=k3y") == "vllm://h:8000?[redacted]"
+    assert cli.display_url("http://u:pw@h/v1?x=1") == "http://[redacted]@h/v1?[redacted]"
+    assert cli.display_url("http://h/v1") == "http://h/v1"
 
 
 def test_price_lookup_prefers_the_longest_name_at_a_boundary() -> None:

@@ -8,11 +8,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from batchagent_rs import Batch, tool
 from batchagent_rs import sim as simulator
 from batchagent_rs.demo import system_prompt
 
 CHAT = "/v1/chat/completions"
+# Endpoints behind a key answer every route, probes included, with 401 to a request without it.
+KEY = "sk-fleet-probe-4c1e"
+
+
+def keyed(key: str | None) -> dict[str, str]:
+    return {"api_key": key} if key else {}
 
 
 def chat_requests(server: simulator.Simulator) -> int:
@@ -98,9 +106,10 @@ def test_killed_endpoint_calls_move_to_the_survivors() -> None:
             s.stop()
 
 
-def test_an_endpoint_that_comes_back_is_probed_back_in() -> None:
-    first = simulator.start(profile="h100-qwen2.5-0.5b", time_scale=0.3, seed=1)
-    other = simulator.start(profile="h100-qwen2.5-0.5b", time_scale=0.3, seed=2)
+@pytest.mark.parametrize("key", [None, KEY])
+def test_an_endpoint_that_comes_back_is_probed_back_in(key: str | None) -> None:
+    first = simulator.start(profile="h100-qwen2.5-0.5b", time_scale=0.3, seed=1, **keyed(key))
+    other = simulator.start(profile="h100-qwen2.5-0.5b", time_scale=0.3, seed=2, **keyed(key))
     port = int(first.url.rsplit(":", 1)[1])
     down = threading.Event()
     back = threading.Event()
@@ -126,6 +135,7 @@ def test_an_endpoint_that_comes_back_is_probed_back_in() -> None:
         system=system_prompt(512),
         tools=[lookup],
         backend=[url(first), url(other)],
+        api_key=key,
         routing="least_outstanding",
         max_inflight=16,
         # Few live agents at a time: agents are still being admitted (and calling the model) when
@@ -144,7 +154,9 @@ def test_an_endpoint_that_comes_back_is_probed_back_in() -> None:
             back.set()
             return
         down.set()
-        revived["server"] = simulator.start(profile="h100-qwen2.5-0.5b", time_scale=0.3, seed=1, port=port)
+        revived["server"] = simulator.start(
+            profile="h100-qwen2.5-0.5b", time_scale=0.3, seed=1, port=port, **keyed(key)
+        )
         if not wait_until(lambda: batch._run is not None and endpoint(batch, first)["up"]):
             log.append("the prober never brought the endpoint back")
         back.set()
@@ -216,13 +228,16 @@ def test_session_header_lines_do_not_break_affinity() -> None:
             s.stop()
 
 
-def test_calls_are_routed_by_served_model() -> None:
-    alpha = [simulator.start(time_scale=0, seed=i, model="alpha") for i in range(2)]
-    beta = [simulator.start(time_scale=0, seed=i, model="beta") for i in range(2)]
+@pytest.mark.parametrize("key", [None, KEY])
+def test_calls_are_routed_by_served_model(key: str | None) -> None:
+    alpha = [simulator.start(time_scale=0, seed=i, model="alpha", **keyed(key)) for i in range(2)]
+    beta = [simulator.start(time_scale=0, seed=i, model="beta", **keyed(key)) for i in range(2)]
     fleet = [url(s) for s in (alpha[0], beta[0], alpha[1], beta[1])]
     try:
         for model, count in (("alpha", 30), ("beta", 20)):
-            batch = Batch("Question {n}.", model=model, backend=fleet, max_inflight=8, max_turns=1)
+            batch = Batch(
+                "Question {n}.", model=model, backend=fleet, api_key=key, max_inflight=8, max_turns=1
+            )
             results = batch.run(inputs(count))
             assert all(r.ok for r in results), [r.error for r in results if not r.ok]
         assert sum(chat_requests(s) for s in alpha) == 30
@@ -231,3 +246,23 @@ def test_calls_are_routed_by_served_model() -> None:
     finally:
         for s in alpha + beta:
             s.stop()
+
+
+def test_engine_metrics_are_read_from_an_endpoint_behind_a_key() -> None:
+    with simulator.start(time_scale=0, seed=1, api_key=KEY) as server:
+
+        @tool(cache=False)
+        def lookup(topic: str) -> str:
+            """Look a topic up."""
+            # Hold the run open until the metrics watcher has been answered once.
+            wait_until(lambda: "/metrics" in server.stats()["routes"])
+            return f"notes on {topic}"
+
+        batch = Batch(
+            "Question {n}: look it up.", tools=[lookup], backend=url(server), api_key=KEY, max_turns=3
+        )
+        results = batch.run(inputs(2))
+        assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+        scrapes = server.stats()["routes"]["/metrics"]["by_status"]
+        assert set(scrapes) == {"200"}, scrapes
+        assert batch.report().raw["engine"][0] is not None

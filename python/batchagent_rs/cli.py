@@ -264,25 +264,74 @@ def load_tools(specs: Sequence[str]) -> list[Tool]:
     return tools
 
 
-def probe_url(backend: str) -> str | None:
-    """The URL to GET to see that a backend answers, or None where there is nothing to check
-    (the embedded simulator, an unknown scheme the core will report)."""
+_KEY_VARIABLES = {
+    "openai": "OPENAI_API_KEY",
+    "vllm": "VLLM_API_KEY",
+    "sglang": "SGLANG_API_KEY",
+    "dynamo": "DYNAMO_API_KEY",
+    "llamacpp": "LLAMACPP_API_KEY",
+    "llama.cpp": "LLAMACPP_API_KEY",
+    "llama-cpp": "LLAMACPP_API_KEY",
+    "anthropic": "ANTHROPIC_API_KEY",
+}
+
+
+def _scheme_parts(backend: str) -> tuple[str, bool | None, str, str] | None:
+    """(protocol name, tls: True/False when the scheme says so else None, authority, path)."""
     scheme_text, sep, rest = backend.strip().partition("://")
     if not sep:
         return None
     scheme_text = scheme_text.lower()
-    name = scheme_text.removesuffix("+https")
-    tls = scheme_text.endswith("+https") or scheme_text == "https"
-    rest = rest.partition("?")[0]
+    tls: bool | None = None
+    if scheme_text.endswith("+https"):
+        name, tls = scheme_text.removesuffix("+https"), True
+    elif scheme_text.endswith("+http"):
+        name, tls = scheme_text.removesuffix("+http"), False
+    else:
+        name, tls = scheme_text, (True if scheme_text == "https" else None)
+    rest = rest.partition("?")[0].partition("#")[0]
     authority, slash, path = rest.partition("/")
-    path = (slash + path).rstrip("/")
+    return name, tls, authority, (slash + path).rstrip("/")
+
+
+def display_url(url: str) -> str:
+    """A URL as it may be printed: no user info, no query (either can hold a key)."""
+    scheme, sep, rest = url.strip().partition("://")
+    if not sep:
+        scheme, rest = "", scheme
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    before, after = rest[:cut], rest[cut:]
+    authority, slash, path = before.partition("/")
+    if "@" in authority:
+        authority = "[redacted]@" + authority.rpartition("@")[2]
+    shown = (f"{scheme}://" if sep else "") + authority + slash + path
+    if after:
+        shown += "?[redacted]" if after.startswith("?") else "#[redacted]"
+    return shown
+
+
+def probe_url(backend: str) -> str | None:
+    """The URL to GET to see that a backend answers, or None where there is nothing to check
+    (the embedded simulator, an unknown scheme the core will report)."""
+    parts = _scheme_parts(backend)
+    if parts is None:
+        return None
+    name, tls, authority, path = parts
     if name == "sim":
         return None
-    if name == "openai":
-        base = f"https://{authority}{path}" if authority else "https://api.openai.com/v1"
-        return base + "/models"
-    if name == "anthropic":
-        return (f"https://{authority}{path}" if authority else "https://api.anthropic.com") + "/v1/models"
+    if name in ("openai", "anthropic"):
+        variable, default = (
+            ("OPENAI_BASE_URL", "https://api.openai.com/v1")
+            if name == "openai"
+            else ("ANTHROPIC_BASE_URL", "https://api.anthropic.com")
+        )
+        if authority:
+            base = f"{'http' if tls is False else 'https'}://{authority}{path}"
+        elif tls is None:
+            base = (os.environ.get(variable) or "").strip().rstrip("/") or default
+        else:
+            return None
+        return base + ("/models" if name == "openai" else "/v1/models")
     if name == "bedrock":
         region = authority or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         return f"https://bedrock-runtime.{region}.amazonaws.com/" if region else None
@@ -299,13 +348,28 @@ def probe_url(backend: str) -> str | None:
     return f"{'https' if tls else 'http'}://{host}{path}{suffix}"
 
 
+def probe_headers(backend: str) -> dict[str, str]:
+    """The key the model calls will send (from the scheme's variable, as the core reads it), for
+    side requests to the same server: a server behind a key answers them too."""
+    parts = _scheme_parts(backend)
+    variable = _KEY_VARIABLES.get(parts[0]) if parts else None
+    key = os.environ.get(variable, "").strip() if variable else ""
+    if not key or parts is None:
+        return {}
+    if parts[0] == "anthropic":
+        return {"x-api-key": key, "anthropic-version": "2023-06-01"}
+    return {"Authorization": f"Bearer {key}"}
+
+
 def _probe(backend: str) -> str | None:
     """None when the backend answered (any HTTP status will do: it is up); else why not."""
     url = probe_url(backend)
     if url is None:
         return None
+    shown = f"backend {display_url(backend)} is unreachable: GET {display_url(url)}"
+    request = urllib.request.Request(url, method="GET", headers=probe_headers(backend))
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=_PROBE_TIMEOUT):
+        with urllib.request.urlopen(request, timeout=_PROBE_TIMEOUT):
             return None
     except urllib.error.HTTPError:
         return None
@@ -313,11 +377,11 @@ def _probe(backend: str) -> str | None:
         reason = (
             exc.reason.strerror if isinstance(exc.reason, OSError) and exc.reason.strerror else exc.reason
         )
-        return f"backend {backend} is unreachable: GET {url}: {reason}"
+        return f"{shown}: {reason}"
     except TimeoutError:
-        return f"backend {backend} is unreachable: GET {url}: no answer within {_PROBE_TIMEOUT:.0f} s"
+        return f"{shown}: no answer within {_PROBE_TIMEOUT:.0f} s"
     except (OSError, ValueError) as exc:
-        return f"backend {backend} is unreachable: GET {url}: {exc}"
+        return f"{shown}: {exc}"
 
 
 def check_backends(backends: Sequence[str]) -> None:

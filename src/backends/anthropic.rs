@@ -9,10 +9,11 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use super::call::{arguments_object, whole_turn, with_call_timeout};
-use super::http::{ApiKey, AuthStyle, HttpClient};
+use super::http::{AuthStyle, HttpClient};
 use super::url::BackendOptions;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
 use crate::conversation::Role;
+use crate::secret::Secret;
 use crate::stream::anthropic::{parse_message, AnthropicStreamAssembler};
 
 pub const API_VERSION: &str = "2023-06-01";
@@ -52,26 +53,26 @@ impl fmt::Debug for AnthropicBackend {
 impl AnthropicBackend {
     /// `base_url` is the API root (`https://api.anthropic.com`); `api_key` falls back to
     /// `ANTHROPIC_API_KEY`, and the options' own `api_key` is used if both are absent.
-    pub fn new(base_url: &str, api_key: Option<String>, options: &BackendOptions) -> Result<Self, BackendError> {
+    pub fn new(base_url: &str, api_key: Option<Secret>, options: &BackendOptions) -> Result<Self, BackendError> {
         Self::with_settings(base_url, api_key, options, AnthropicSettings::default())
     }
 
     pub fn with_settings(
         base_url: &str,
-        api_key: Option<String>,
+        api_key: Option<Secret>,
         options: &BackendOptions,
         settings: AnthropicSettings,
     ) -> Result<Self, BackendError> {
         let key = api_key
             .or_else(|| options.api_key.clone())
-            .or_else(|| std::env::var(API_KEY_ENV).ok())
             .filter(|k| !k.is_empty())
+            .or_else(|| Secret::non_empty(std::env::var(API_KEY_ENV).ok()))
             .ok_or_else(|| BackendError::Config(format!("no Anthropic API key: pass api_key or set {API_KEY_ENV}")))?;
         let mut options = options.clone();
         if !options.extra_headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("anthropic-version")) {
             options.extra_headers.push(("anthropic-version".to_owned(), API_VERSION.to_owned()));
         }
-        let http = HttpClient::new(base_url, &options, Some(ApiKey::new(key)), AuthStyle::Header("x-api-key"))?;
+        let http = HttpClient::new(base_url, &options, Some(key), AuthStyle::Header("x-api-key"))?;
         let name = format!("anthropic {}", http.base_url());
         Ok(Self { http, name, settings })
     }

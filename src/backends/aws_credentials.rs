@@ -89,7 +89,8 @@ pub fn parse_ini(text: &str, file: &str) -> Result<IniSections, CredentialsError
                 return Err(CredentialsError::Parse {
                     file: file.to_owned(),
                     line: line_no,
-                    message: format!("section header {trimmed:?} has no closing ']'"),
+                    // The line is not quoted: a malformed line can hold a key.
+                    message: "section header has no closing ']'".to_owned(),
                 });
             };
             let name = name.trim().to_owned();
@@ -102,7 +103,7 @@ pub fn parse_ini(text: &str, file: &str) -> Result<IniSections, CredentialsError
             return Err(CredentialsError::Parse {
                 file: file.to_owned(),
                 line: line_no,
-                message: format!("expected `key = value` or `[section]`, found {trimmed:?}"),
+                message: "expected `key = value` or `[section]` (the line is not shown: it may hold a key)".to_owned(),
             });
         };
         let Some(section) = &current else {
@@ -252,6 +253,10 @@ mod tests {
     fn ini_errors_name_file_and_line() {
         let err = parse_ini("[default]\naws_access_key_id AKID\n", "/x/credentials").unwrap_err();
         assert_eq!(err.to_string().split(':').next().unwrap(), "/x/credentials line 2");
+        let err = parse_ini("[default]\naws_secret_access_key wJalrXUtnFEMI\n", "f").unwrap_err();
+        assert!(!err.to_string().contains("wJalrXUtnFEMI"), "{err}");
+        let err = parse_ini("[aws_secret_access_key=wJalrXUtnFEMI\n", "f").unwrap_err();
+        assert!(!err.to_string().contains("wJalrXUtnFEMI"), "{err}");
         let err = parse_ini("key = v\n", "f").unwrap_err();
         assert!(matches!(err, CredentialsError::Parse { line: 1, .. }));
     }

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use super::fleet::{Fleet, FleetOptions, Member};
-use super::url::{self, parse_backend_url, BackendOptions, Scheme};
+use super::metrics::MetricsSource;
+use super::url::{self, parse_backend_url, probe_headers, BackendOptions, Scheme};
 use super::{Backend, BackendError};
 use crate::sim::{SimConfig, SimServer};
 
@@ -14,8 +15,8 @@ pub type ConnectOptions = BackendOptions;
 pub struct Connected {
     pub backend: Arc<dyn Backend>,
     pub sims: Vec<SimServer>,
-    /// Prometheus `/metrics` URLs of the endpoints that have one (vLLM, SGLang, Dynamo, sim).
-    pub metrics_urls: Vec<String>,
+    /// Prometheus `/metrics` of the endpoints that have one (vLLM, SGLang, Dynamo, sim).
+    pub metrics_urls: Vec<MetricsSource>,
 }
 
 pub async fn connect(urls: &[String], options: &ConnectOptions) -> Result<Connected, BackendError> {
@@ -34,7 +35,7 @@ pub async fn connect_fleet(
             Ok(Connected {
                 backend,
                 sims: sim.into_iter().collect(),
-                metrics_urls: metrics_url(&address).into_iter().collect(),
+                metrics_urls: metrics_url(&address, options)?.into_iter().collect(),
             })
         }
         many => {
@@ -44,8 +45,8 @@ pub async fn connect_fleet(
             for target in many {
                 let (backend, sim, address) = connect_one(target, options).await?;
                 sims.extend(sim);
-                metrics_urls.extend(metrics_url(&address));
-                members.push(member(backend, &address)?);
+                metrics_urls.extend(metrics_url(&address, options)?);
+                members.push(member(backend, &address, options)?);
             }
             Ok(Connected { backend: Arc::new(Fleet::new(members, fleet).await?), sims, metrics_urls })
         }
@@ -70,7 +71,7 @@ async fn connect_one(
 }
 
 /// Where a fleet checks that an endpoint is up, and where it reads the models it serves.
-fn member(backend: Arc<dyn Backend>, address: &str) -> Result<Member, BackendError> {
+fn member(backend: Arc<dyn Backend>, address: &str, options: &ConnectOptions) -> Result<Member, BackendError> {
     let parsed = parse_backend_url(address)?;
     let root = parsed.base_url.trim_end_matches('/');
     let api = if root.split_once("://").is_some_and(|(_, rest)| rest.contains('/')) {
@@ -84,20 +85,26 @@ fn member(backend: Arc<dyn Backend>, address: &str) -> Result<Member, BackendErr
         Scheme::OpenAi | Scheme::Http => (format!("{api}/models"), Some(format!("{api}/models"))),
         Scheme::Anthropic | Scheme::Bedrock => {
             return Err(BackendError::Config(format!(
-                "{address}: hosted APIs are not fleet members; give one URL per run"
+                "{}: hosted APIs are not fleet members; give one URL per run",
+                crate::secret::display_url(address)
             )));
         }
         Scheme::Vllm | Scheme::Sglang | Scheme::Dynamo | Scheme::LlamaCpp | Scheme::Sim => {
             (format!("{root}/health"), Some(format!("{api}/models")))
         }
     };
-    Ok(Member { backend, health_url, models_url })
+    Ok(Member { backend, health_url, models_url, probe_headers: probe_headers(parsed.scheme, options)? })
 }
 
-fn metrics_url(address: &str) -> Option<String> {
-    let parsed = parse_backend_url(address).ok()?;
-    matches!(parsed.scheme, Scheme::Vllm | Scheme::Sglang | Scheme::Dynamo | Scheme::Sim)
-        .then(|| format!("{}/metrics", parsed.base_url.trim_end_matches('/')))
+fn metrics_url(address: &str, options: &ConnectOptions) -> Result<Option<MetricsSource>, BackendError> {
+    let parsed = parse_backend_url(address)?;
+    if !matches!(parsed.scheme, Scheme::Vllm | Scheme::Sglang | Scheme::Dynamo | Scheme::Sim) {
+        return Ok(None);
+    }
+    Ok(Some(MetricsSource {
+        url: format!("{}/metrics", parsed.base_url.trim_end_matches('/')),
+        headers: probe_headers(parsed.scheme, options)?,
+    }))
 }
 
 /// `sim://` or `sim://?options` (no host) asks for an embedded simulator.

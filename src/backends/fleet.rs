@@ -22,6 +22,8 @@ pub struct Member {
     pub health_url: String,
     /// GET this URL for the OpenAI-style model list (`{"data": [{"id": ...}]}`), if the server has one.
     pub models_url: Option<String>,
+    /// Sent with both GETs: the key the model calls carry (a 401 would read as "down" and "no models").
+    pub probe_headers: reqwest::header::HeaderMap,
 }
 
 /// How a fleet chooses the endpoint of a call.
@@ -63,6 +65,7 @@ impl Default for FleetOptions {
 struct Endpoint {
     backend: Arc<dyn Backend>,
     health_url: String,
+    probe_headers: reqwest::header::HeaderMap,
     outstanding: AtomicUsize,
     up: AtomicBool,
     limit: AdaptiveLimit,
@@ -112,12 +115,13 @@ impl Fleet {
             let caps = member.backend.capabilities();
             capabilities = intersect(capabilities, caps);
             let models = match &member.models_url {
-                Some(url) => fetch_models(&client, url).await.unwrap_or_default(),
+                Some(url) => fetch_models(&client, url, &member.probe_headers).await.unwrap_or_default(),
                 None => Vec::new(),
             };
             endpoints.push(Endpoint {
                 backend: member.backend,
                 health_url: member.health_url,
+                probe_headers: member.probe_headers,
                 outstanding: AtomicUsize::new(0),
                 up: AtomicBool::new(true),
                 limit: AdaptiveLimit::new(options.max_per_endpoint, 1, options.max_per_endpoint),
@@ -286,7 +290,8 @@ async fn probe_loop(endpoints: Arc<Vec<Endpoint>>, client: reqwest::Client, inte
     loop {
         tokio::time::sleep(interval).await;
         for endpoint in endpoints.iter().filter(|e| !e.up.load(Relaxed)) {
-            if let Ok(response) = client.get(&endpoint.health_url).send().await {
+            if let Ok(response) = client.get(&endpoint.health_url).headers(endpoint.probe_headers.clone()).send().await
+            {
                 if response.status().is_success() {
                     endpoint.up.store(true, Relaxed);
                 }
@@ -295,8 +300,16 @@ async fn probe_loop(endpoints: Arc<Vec<Endpoint>>, client: reqwest::Client, inte
     }
 }
 
-async fn fetch_models(client: &reqwest::Client, url: &str) -> Option<Vec<String>> {
-    let bytes = client.get(url).send().await.ok()?.bytes().await.ok()?;
+async fn fetch_models(
+    client: &reqwest::Client,
+    url: &str,
+    headers: &reqwest::header::HeaderMap,
+) -> Option<Vec<String>> {
+    let response = client.get(url).headers(headers.clone()).send().await.ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    let bytes = response.bytes().await.ok()?;
     let body: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     let ids = body.get("data")?.as_array()?.iter().filter_map(|m| m.get("id")?.as_str().map(str::to_owned)).collect();
     Some(ids)

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use super::h1::{H1Client, H1Error, H1Response};
 use super::url::BackendOptions;
 use super::{BackendError, ChatResponse, StreamEvent};
+use crate::secret::Secret;
 use crate::stream::sse::SseParser;
 pub use crate::stream::sse::SseTurn;
 
@@ -21,26 +22,6 @@ pub use crate::stream::sse::SseTurn;
 pub const MAX_ERROR_MESSAGE: usize = 500;
 /// Most bytes of an error body read before giving up on the rest.
 const MAX_ERROR_BODY: usize = 64 * 1024;
-
-/// An API key. Its `Debug` never shows the secret.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ApiKey(String);
-
-impl ApiKey {
-    pub fn new(key: impl Into<String>) -> Self {
-        Self(key.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ApiKey([redacted])")
-    }
-}
 
 /// How the key is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +42,7 @@ pub struct HttpClient {
     /// The path part of `base_url` (the fast client's request targets start with it).
     base_path: String,
     headers: HeaderMap,
-    secret: Option<ApiKey>,
+    secret: Option<Secret>,
     request_timeout: Duration,
 }
 
@@ -139,7 +120,7 @@ impl HttpClient {
     pub fn new(
         base_url: &str,
         options: &BackendOptions,
-        key: Option<ApiKey>,
+        key: Option<Secret>,
         auth: AuthStyle,
     ) -> Result<Self, BackendError> {
         let mut headers = HeaderMap::new();
@@ -363,7 +344,7 @@ impl HttpClient {
     /// Removes the API key from a text that may have come from a server or a library.
     pub fn redact(&self, text: &str) -> String {
         match &self.secret {
-            Some(key) => text.replace(key.expose(), "[redacted]"),
+            Some(key) => key.redact(text),
             None => text.to_owned(),
         }
     }
@@ -525,7 +506,7 @@ mod tests {
     fn key_never_shows_in_debug_or_errors() {
         let options = BackendOptions { api_key: Some("sk-secret".into()), ..BackendOptions::default() };
         let client =
-            HttpClient::new("http://127.0.0.1:1", &options, Some(ApiKey::new("sk-secret")), AuthStyle::Bearer).unwrap();
+            HttpClient::new("http://127.0.0.1:1", &options, Some(Secret::new("sk-secret")), AuthStyle::Bearer).unwrap();
         assert!(!format!("{client:?}").contains("sk-secret"));
         let err = client.redact_error(BackendError::Auth { status: 401, message: "bad key sk-secret".into() });
         assert!(!err.to_string().contains("sk-secret"));

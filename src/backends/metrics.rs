@@ -68,6 +68,19 @@ pub fn parse(text: &str) -> EngineMetrics {
     m
 }
 
+/// Where an endpoint's `/metrics` are read, with the headers (the API key) its server asks for.
+#[derive(Clone)]
+pub struct MetricsSource {
+    pub url: String,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl MetricsSource {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into(), headers: reqwest::header::HeaderMap::new() }
+    }
+}
+
 /// Polls a `/metrics` URL in the background; the latest reading is always at hand.
 pub struct MetricsWatcher {
     latest: watch::Receiver<Option<(Instant, EngineMetrics)>>,
@@ -76,14 +89,14 @@ pub struct MetricsWatcher {
 }
 
 impl MetricsWatcher {
-    pub fn start(url: String, interval: Duration) -> Self {
+    pub fn start(source: MetricsSource, interval: Duration) -> Self {
         let (tx, rx) = watch::channel(None);
         let errors = Arc::new(Mutex::new(None));
         let last_error = errors.clone();
         let task = tokio::spawn(async move {
             let Ok(client) = reqwest::Client::builder().timeout(Duration::from_secs(5)).build() else { return };
             loop {
-                match scrape(&client, &url).await {
+                match scrape(&client, &source).await {
                     Ok(metrics) => {
                         let _ = tx.send(Some((Instant::now(), metrics)));
                     }
@@ -139,8 +152,8 @@ pub struct EngineWatch {
 
 impl EngineWatch {
     /// Starts one watcher per URL (on the current tokio runtime).
-    pub fn start(urls: &[String], interval: Duration) -> Self {
-        Self { watchers: urls.iter().map(|u| MetricsWatcher::start(u.clone(), interval)).collect() }
+    pub fn start(sources: &[MetricsSource], interval: Duration) -> Self {
+        Self { watchers: sources.iter().map(|s| MetricsWatcher::start(s.clone(), interval)).collect() }
     }
 
     /// The latest reading of each endpoint (`None` where none has come yet).
@@ -162,12 +175,18 @@ impl EngineWatch {
     }
 }
 
-async fn scrape(client: &reqwest::Client, url: &str) -> Result<EngineMetrics, String> {
-    let response = client.get(url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
+async fn scrape(client: &reqwest::Client, source: &MetricsSource) -> Result<EngineMetrics, String> {
+    let url = &source.url;
+    let response = client
+        .get(url)
+        .headers(source.headers.clone())
+        .send()
+        .await
+        .map_err(|e| format!("GET {url}: {}", e.without_url()))?;
     if !response.status().is_success() {
         return Err(format!("GET {url}: HTTP {}", response.status().as_u16()));
     }
-    let body = response.bytes().await.map_err(|e| format!("GET {url}: {e}"))?;
+    let body = response.bytes().await.map_err(|e| format!("GET {url}: {}", e.without_url()))?;
     Ok(parse(&String::from_utf8_lossy(&body)))
 }
 

@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use super::call::{whole_turn, with_call_timeout};
-use super::http::{ApiKey, AuthStyle, HttpClient};
+use super::http::{AuthStyle, HttpClient};
 use super::openai::{role_name, tool_json};
 use super::url::BackendOptions;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
@@ -184,7 +184,7 @@ impl OllamaBackend {
     /// `base_url` is the server root (`http://localhost:11434`).
     pub fn new(base_url: &str, options: &BackendOptions) -> Result<Self, BackendError> {
         // Ollama itself takes no key; one given is sent as a bearer token for proxies in front of it.
-        let key = options.api_key.clone().filter(|k| !k.is_empty()).map(ApiKey::new);
+        let key = options.api_key.clone().filter(|k| !k.is_empty());
         let http = HttpClient::new(base_url, options, key, AuthStyle::Bearer)?;
         Ok(Self { name: format!("ollama {}", http.base_url()), http })
     }

@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use super::call::{whole_turn, with_call_timeout};
-use super::http::{ApiKey, AuthStyle, Endpoint, HttpClient};
+use super::http::{AuthStyle, Endpoint, HttpClient};
 use super::url::BackendOptions;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
 use crate::conversation::{Message, Role, ToolCall, ToolDef, Usage};
@@ -137,7 +137,7 @@ impl OpenAiBackend {
         let base_url = base_url.trim_end_matches('/');
         let after_scheme = base_url.split_once("://").map_or(base_url, |(_, rest)| rest);
         let api_base = if after_scheme.contains('/') { base_url.to_owned() } else { format!("{base_url}/v1") };
-        let key = options.api_key.clone().filter(|k| !k.is_empty()).map(ApiKey::new);
+        let key = options.api_key.clone().filter(|k| !k.is_empty());
         let http = HttpClient::new(&api_base, options, key, AuthStyle::Bearer)?;
         let chat_url = http.endpoint("/chat/completions")?;
         Ok(Self {

@@ -10,12 +10,13 @@ use super::bedrock::BedrockBackend;
 use super::ollama::OllamaBackend;
 use super::openai::{Flavour, OpenAiBackend};
 use super::{Backend, BackendError};
+use crate::secret::{display_url, Secret};
 
 /// How to reach a backend. `api_key: None` means "from the environment, if the scheme has a
 /// variable for it" (see [`Scheme::api_key_env`]).
 #[derive(Clone)]
 pub struct BackendOptions {
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     /// Whole model call, body included.
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
@@ -39,7 +40,7 @@ impl Default for BackendOptions {
 impl fmt::Debug for BackendOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BackendOptions")
-            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .field("api_key", &self.api_key)
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("agent_hints", &self.agent_hints)
@@ -123,24 +124,40 @@ impl ParsedUrl {
 
 /// Parses a backend URL. Plain `http` is used for self-hosted engines unless the scheme carries
 /// `+https` (`vllm+https://host`), in which case the scheme's default port is not applied (443).
+/// The hosted APIs are reached over https unless the scheme carries `+http`
+/// (`anthropic+http://host:port`, any server speaking that protocol); a bare `openai://` or
+/// `anthropic://` goes to `OPENAI_BASE_URL` / `ANTHROPIC_BASE_URL` when set, as the official SDKs do.
 pub fn parse_backend_url(url: &str) -> Result<ParsedUrl, BackendError> {
+    parse_backend_url_with(url, &|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()))
+}
+
+/// [`parse_backend_url`] with the environment passed in.
+pub fn parse_backend_url_with(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<ParsedUrl, BackendError> {
     let url = url.trim();
+    let shown = display_url(url);
     let (scheme_text, rest) = url.split_once("://").ok_or_else(|| {
-        BackendError::Config(format!("backend URL {url:?} has no scheme (expected e.g. vllm://host:port)"))
+        BackendError::Config(format!("backend URL {shown:?} has no scheme (expected e.g. vllm://host:port)"))
     })?;
     let scheme_text = scheme_text.to_ascii_lowercase();
-    let (name, tls) = match scheme_text.strip_suffix("+https") {
-        Some(name) => (name, true),
-        None => (scheme_text.as_str(), scheme_text == "https"),
+    let (name, tls) = if let Some(name) = scheme_text.strip_suffix("+https") {
+        (name, Some(true))
+    } else if let Some(name) = scheme_text.strip_suffix("+http") {
+        (name, Some(false))
+    } else {
+        (scheme_text.as_str(), (scheme_text == "https").then_some(true))
     };
-    let scheme = Scheme::from_name(name).ok_or_else(|| {
-        BackendError::Config(format!(
-            "unknown backend scheme {scheme_text:?} in {url:?} (expected openai, vllm, sglang, dynamo, ollama, \
-             llamacpp, anthropic, bedrock, sim, http or https)"
-        ))
-    })?;
+    let suffixed = name.len() != scheme_text.len();
+    let scheme = Scheme::from_name(name)
+        .filter(|s| !suffixed || !matches!(s, Scheme::Http | Scheme::Bedrock | Scheme::Sim))
+        .ok_or_else(|| {
+            BackendError::Config(format!(
+                "unknown backend scheme {scheme_text:?} in {shown:?} (expected openai, vllm, sglang, dynamo, ollama, \
+                 llamacpp, anthropic, bedrock, sim, http or https, with +http or +https where the protocol \
+                 is not tied to one)"
+            ))
+        })?;
     let (rest, query_text) = rest.split_once('?').unwrap_or((rest, ""));
-    let query = parse_query(query_text, url)?;
+    let query = parse_query(query_text, &shown)?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
         None => (rest, ""),
@@ -150,31 +167,56 @@ pub fn parse_backend_url(url: &str) -> Result<ParsedUrl, BackendError> {
             "credentials in a backend URL are not accepted; pass api_key or set the environment variable".into(),
         ));
     }
+    let hosted = matches!(scheme, Scheme::OpenAi | Scheme::Anthropic);
     let base_url = match scheme {
         Scheme::Sim if authority.is_empty() => String::new(),
         Scheme::Bedrock => bedrock_endpoint(authority)?,
-        Scheme::OpenAi if authority.is_empty() => "https://api.openai.com/v1".to_owned(),
-        Scheme::Anthropic if authority.is_empty() => "https://api.anthropic.com".to_owned(),
-        Scheme::Http if authority.is_empty() => {
-            return Err(BackendError::Config(format!("backend URL {url:?} has no host")));
+        Scheme::OpenAi | Scheme::Anthropic if authority.is_empty() && tls.is_none() => {
+            let (var, default) = match scheme {
+                Scheme::OpenAi => ("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+                _ => ("ANTHROPIC_BASE_URL", "https://api.anthropic.com"),
+            };
+            match env(var) {
+                Some(from_env) => base_url_from_env(var, &from_env)?,
+                None => default.to_owned(),
+            }
+        }
+        Scheme::Http | Scheme::OpenAi | Scheme::Anthropic if authority.is_empty() => {
+            return Err(BackendError::Config(format!("backend URL {shown:?} has no host")));
         }
         _ => {
-            let hosted = matches!(scheme, Scheme::OpenAi | Scheme::Anthropic);
             let host = if authority.is_empty() { "localhost" } else { authority };
             let has_port = host_has_port(host);
+            let secure = tls.unwrap_or(hosted);
             let port = match scheme.default_port() {
-                Some(port) if !has_port && !tls => format!(":{port}"),
+                Some(port) if !has_port && !secure => format!(":{port}"),
                 _ => String::new(),
             };
-            let http = if tls || hosted { "https" } else { "http" };
+            let http = if secure { "https" } else { "http" };
             format!("{http}://{host}{port}{path}")
         }
     };
     if !base_url.is_empty() {
         reqwest::Url::parse(&base_url)
-            .map_err(|e| BackendError::Config(format!("backend URL {url:?} is not a valid address: {e}")))?;
+            .map_err(|e| BackendError::Config(format!("backend URL {shown:?} is not a valid address: {e}")))?;
     }
     Ok(ParsedUrl { scheme, base_url, query })
+}
+
+/// `OPENAI_BASE_URL` / `ANTHROPIC_BASE_URL`: an http(s) URL with no credentials or query in it.
+fn base_url_from_env(var: &str, value: &str) -> Result<String, BackendError> {
+    let value = value.trim().trim_end_matches('/');
+    let parsed = reqwest::Url::parse(value)
+        .map_err(|e| BackendError::Config(format!("{var} ({:?}) is not a valid URL: {e}", display_url(value))))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(BackendError::Config(format!("{var} ({:?}) is not an http(s) URL", display_url(value))));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() || parsed.query().is_some() {
+        return Err(BackendError::Config(format!(
+            "{var} carries credentials or a query; give the key through the API key variable instead"
+        )));
+    }
+    Ok(value.to_owned())
 }
 
 fn host_has_port(host: &str) -> bool {
@@ -199,13 +241,13 @@ fn bedrock_endpoint(region: &str) -> Result<String, BackendError> {
     Ok(format!("https://bedrock-runtime.{region}.amazonaws.com"))
 }
 
-fn parse_query(text: &str, url: &str) -> Result<Vec<(String, String)>, BackendError> {
+fn parse_query(text: &str, shown: &str) -> Result<Vec<(String, String)>, BackendError> {
     if text.is_empty() {
         return Ok(Vec::new());
     }
     // Let the URL parser do the percent-decoding.
     let parsed = reqwest::Url::parse(&format!("http://q/?{text}"))
-        .map_err(|e| BackendError::Config(format!("query of backend URL {url:?} is not valid: {e}")))?;
+        .map_err(|e| BackendError::Config(format!("query of backend URL {shown:?} is not valid: {e}")))?;
     Ok(parsed.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect())
 }
 
@@ -221,7 +263,15 @@ pub fn connect(url: &str, options: &BackendOptions) -> Result<Arc<dyn Backend>, 
     };
     if parsed.scheme != Scheme::Sim {
         if let Some((key, _)) = parsed.query.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
-            return Err(BackendError::Config(format!("unknown option {key:?} in backend URL {url:?}")));
+            let hint = if looks_like_credential(key) {
+                ": credentials in a backend URL are not accepted; pass api_key or set the environment variable"
+            } else {
+                ""
+            };
+            return Err(BackendError::Config(format!(
+                "unknown option {key:?} in backend URL {:?}{hint}",
+                display_url(url)
+            )));
         }
     }
     let options = with_env_key(parsed.scheme, options);
@@ -262,10 +312,43 @@ pub fn connect(url: &str, options: &BackendOptions) -> Result<Arc<dyn Backend>, 
     Ok(Arc::new(OpenAiBackend::new(flavour, &parsed.base_url, &options)?))
 }
 
+fn looks_like_credential(option: &str) -> bool {
+    let option = option.to_ascii_lowercase();
+    ["key", "token", "secret", "password", "auth"].iter().any(|word| option.contains(word))
+}
+
+/// The headers a side request to the endpoint (health, model list, `/metrics`) carries: the extra
+/// headers and the key the model calls send, so a server that requires a key on every route
+/// answers those too.
+pub fn probe_headers(scheme: Scheme, options: &BackendOptions) -> Result<reqwest::header::HeaderMap, BackendError> {
+    use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
+    let options = with_env_key(scheme, options);
+    let mut headers = HeaderMap::new();
+    let mut put = |name: HeaderName, value: &str| -> Result<(), BackendError> {
+        let mut value = HeaderValue::from_str(value)
+            .map_err(|_| BackendError::Config(format!("header {name} has a value that is not valid")))?;
+        value.set_sensitive(true);
+        headers.insert(name, value);
+        Ok(())
+    };
+    for (name, value) in &options.extra_headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| BackendError::Config(format!("extra header name {name:?} is not a valid HTTP header")))?;
+        put(name, value)?;
+    }
+    if let Some(key) = &options.api_key {
+        match scheme {
+            Scheme::Anthropic => put(HeaderName::from_static("x-api-key"), key.expose())?,
+            _ => put(AUTHORIZATION, &format!("Bearer {}", key.expose()))?,
+        }
+    }
+    Ok(headers)
+}
+
 fn with_env_key(scheme: Scheme, options: &BackendOptions) -> BackendOptions {
     let mut options = options.clone();
     if options.api_key.is_none() {
-        options.api_key = scheme.api_key_env().and_then(|var| std::env::var(var).ok()).filter(|k| !k.is_empty());
+        options.api_key = Secret::non_empty(scheme.api_key_env().and_then(|var| std::env::var(var).ok()));
     }
     options
 }
@@ -323,11 +406,51 @@ mod tests {
         // Only this test touches these two variables.
         std::env::set_var("DYNAMO_API_KEY", "dyn-key");
         std::env::set_var("SGLANG_API_KEY", "");
-        assert_eq!(with_env_key(Scheme::Dynamo, &BackendOptions::default()).api_key.as_deref(), Some("dyn-key"));
+        let key =
+            |options: &BackendOptions, scheme| with_env_key(scheme, options).api_key.map(|k| k.expose().to_owned());
+        assert_eq!(key(&BackendOptions::default(), Scheme::Dynamo).as_deref(), Some("dyn-key"));
         assert_eq!(with_env_key(Scheme::Sglang, &BackendOptions::default()).api_key, None);
         let given = BackendOptions { api_key: Some("given".into()), ..BackendOptions::default() };
-        assert_eq!(with_env_key(Scheme::Dynamo, &given).api_key.as_deref(), Some("given"));
+        assert_eq!(key(&given, Scheme::Dynamo).as_deref(), Some("given"));
         assert_eq!(with_env_key(Scheme::Http, &BackendOptions::default()).api_key, None);
+    }
+
+    #[test]
+    fn hosted_protocols_over_plain_http_and_base_url_variables() {
+        let none = |_: &str| None;
+        let base_with = |url: &str, env: &dyn Fn(&str) -> Option<String>| parse_backend_url_with(url, env).unwrap();
+        assert_eq!(base_with("anthropic+http://127.0.0.1:4000", &none).base_url, "http://127.0.0.1:4000");
+        assert_eq!(base_with("anthropic+http://127.0.0.1:4000", &none).scheme, Scheme::Anthropic);
+        assert_eq!(base_with("openai+http://h:8000/v1", &none).base_url, "http://h:8000/v1");
+        assert_eq!(base_with("openai+https://gw.example/v1", &none).base_url, "https://gw.example/v1");
+        assert_eq!(base_with("vllm+http://gpu1", &none).base_url, "http://gpu1:8000");
+        let env = |name: &str| match name {
+            "OPENAI_BASE_URL" => Some("http://127.0.0.1:9000/v1/".to_owned()),
+            "ANTHROPIC_BASE_URL" => Some("http://127.0.0.1:9001".to_owned()),
+            _ => None,
+        };
+        assert_eq!(base_with("openai://", &env).base_url, "http://127.0.0.1:9000/v1");
+        assert_eq!(base_with("anthropic://", &env).base_url, "http://127.0.0.1:9001");
+        // A host in the URL wins over the variable.
+        assert_eq!(base_with("openai://api.example/v1", &env).base_url, "https://api.example/v1");
+        for bad in ["ftp://x", "http://u:k3y-in-env@h/v1", "http://h/v1?key=k3y-in-env", "not a url"] {
+            let env = |name: &str| (name == "OPENAI_BASE_URL").then(|| bad.to_owned());
+            let err = parse_backend_url_with("openai://", &env).unwrap_err().to_string();
+            assert!(err.contains("OPENAI_BASE_URL") && !err.contains("k3y-in-env"), "{err}");
+        }
+        for bad in ["http+http://h", "bedrock+http://us-east-1", "anthropic+http://"] {
+            assert!(parse_backend_url_with(bad, &none).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn errors_never_print_a_query_or_user_info() {
+        for url in ["vllm://h?api_key=k3y-in-url", "gopher://h?token=k3y-in-url", "nope?k=k3y-in-url"] {
+            let err = connect(url, &BackendOptions::default()).err().unwrap().to_string();
+            assert!(!err.contains("k3y-in-url"), "{err}");
+        }
+        let err = connect("vllm://h?api_key=k3y-in-url", &BackendOptions::default()).err().unwrap().to_string();
+        assert!(err.contains("\"api_key\"") && err.contains("credentials in a backend URL"), "{err}");
     }
 
     #[test]

@@ -260,7 +260,7 @@ struct RunOptions {
     #[serde(default)]
     seed: u64,
     #[serde(default)]
-    api_key: Option<String>,
+    api_key: Option<crate::secret::Secret>,
     #[serde(default)]
     journal: Option<PathBuf>,
     #[serde(default)]

@@ -12,6 +12,7 @@
 //! | `prefix_caching` | `true` | the engine's automatic prefix cache |
 //! | `cache_min_tokens` | `1024` | shortest prefix Anthropic `cache_control` caches |
 //! | `ttft_window` | `4096` | recent TTFTs kept for `/sim/stats` |
+//! | `api_key` | none | require this key (`Authorization: Bearer` or `x-api-key`) on every route but `/sim/stats`; 401 otherwise |
 //! | `tool_rounds` | `1` | tool-calling turns before the answer |
 //! | `parallel_tool_calls` | `1` | calls per tool-calling turn |
 //! | `distinct_args` | `10` | distinct argument sets per tool and round |
@@ -21,6 +22,8 @@
 //! | `slow_first_byte` (+ `slow_first_byte_ms`, default 2000) | `0` | rate of a delayed first byte |
 
 use std::fmt;
+
+use crate::secret::Secret;
 
 /// Everything that can go wrong configuring or starting the simulator.
 #[derive(Debug, thiserror::Error)]
@@ -237,6 +240,9 @@ pub struct SimConfig {
     pub cache_min_tokens: u32,
     /// How many recent TTFTs `/sim/stats` keeps.
     pub ttft_window: usize,
+    /// When set, every route but `/sim/stats` answers 401 to a request without this key, as a
+    /// gateway in front of an engine does.
+    pub api_key: Option<Secret>,
 }
 
 impl Default for SimConfig {
@@ -253,6 +259,7 @@ impl Default for SimConfig {
             prefix_caching: true,
             cache_min_tokens: 1024,
             ttft_window: 4096,
+            api_key: None,
         }
     }
 }
@@ -300,6 +307,7 @@ impl SimConfig {
             }
             "seed" => self.seed = parse_num(key, value)?,
             "model" => value.clone_into(&mut self.model),
+            "api_key" => self.api_key = Secret::non_empty(Some(value.to_owned())),
             "prefix_caching" => self.prefix_caching = parse_bool(key, value)?,
             "cache_min_tokens" => self.cache_min_tokens = parse_num(key, value)?,
             "ttft_window" => {

@@ -154,8 +154,36 @@ fn router(state: Arc<AppState>) -> Router {
             "/sim/stats",
             get(|State(s): State<Arc<AppState>>| async move { json_response(StatusCode::OK, &stats_json(&s)) }),
         )
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), require_key))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), count_route))
         .with_state(state)
+}
+
+/// With `api_key` set: 401 unless the request carries the key as a bearer token or `x-api-key`.
+/// The answer quotes what was presented, as `OpenAI`'s does, so clients are tested on keeping a
+/// server's message out of their logs.
+async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(key) = &state.config.api_key else { return next.run(req).await };
+    if req.uri().path() == "/sim/stats" {
+        return next.run(req).await;
+    }
+    let headers = req.headers();
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+    if presented == Some(key.expose()) {
+        return next.run(req).await;
+    }
+    let message = match presented {
+        Some(p) => format!("Incorrect API key provided: {p}"),
+        None => "no API key provided".to_owned(),
+    };
+    json_response(
+        StatusCode::UNAUTHORIZED,
+        &serde_json::json!({"type": "error", "error": {"message": message, "type": "authentication_error"}}),
+    )
 }
 
 async fn count_route(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
