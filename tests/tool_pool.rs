@@ -147,6 +147,29 @@ async fn two_hundred_callers_over_ten_arguments_execute_ten_times() {
     assert_eq!(recorder.calls(), 10);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_calls_of_a_tool_with_side_effects_each_execute_and_are_never_cached() {
+    let gate = Arc::new(Semaphore::new(0));
+    let recorder = Recorder(Arc::new(State { gate: Some(Arc::clone(&gate)), ..State::default() }));
+    let config = ToolConfig { side_effects: true, cache: true, ..ToolConfig::new("send") };
+    let pool = pool(vec![config], &recorder);
+    let args = r#"{"to":"a@example.com"}"#;
+    // All five are in flight at once (the gate holds them), yet none joins another.
+    let calls: Vec<_> = (0..5).map(|_| spawn_call(&pool, "send", args.to_owned())).collect();
+    let waited = Instant::now();
+    while recorder.calls() < 5 {
+        assert!(waited.elapsed() < Duration::from_secs(30), "the calls were merged: {} executions", recorder.calls());
+        tokio::task::yield_now().await;
+    }
+    gate.add_permits(100);
+    for call in calls {
+        assert_eq!(&*call.await.unwrap().unwrap(), r#"send:{"to":"a@example.com"}"#);
+    }
+    assert_eq!(&*pool.call("send", args).await.unwrap(), r#"send:{"to":"a@example.com"}"#);
+    let stats = pool.stats().total;
+    assert_eq!((stats.executions, stats.coalesced, stats.cache_hits), (6, 0, 0));
+}
+
 #[tokio::test(start_paused = true)]
 async fn dropped_and_timed_out_waiters_do_not_cancel_or_poison_the_execution() {
     let recorder = Recorder::new(Duration::from_millis(100));

@@ -76,7 +76,9 @@ class Run:
     def complete_validations(self, items: list[tuple[int, bool, str]]) -> None:
         """Answers `(validation id, ok, error message)`."""
     def stats_json(self) -> str:
-        """Counters so far, as JSON."""
+        """Counters so far, as JSON: `run` (jobs, model calls, tokens, latencies), `tools` (totals
+        and `per_tool`), `tool_errors` (tool name -> executions that ended in an error, for the
+        tools with any), `backend`, `endpoints`, `engine`, `response_cache`."""
     def cancel(self) -> None:
         """Stop every agent now."""
     @property

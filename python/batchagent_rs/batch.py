@@ -116,6 +116,8 @@ class RunReport:
     tool_executions: int
     tool_cache_hits: int
     tools_started_early: int
+    # Tool executions that ended in an error (raised, timed out, rejected their arguments), by tool.
+    tool_errors: dict[str, int]
     errors_by_kind: dict[str, int]
     ttft: dict[str, float | None]
     latency: dict[str, float | None]
@@ -152,6 +154,8 @@ class RunReport:
             ),
             ("job latency p50 / p95", f"{ms(self.latency.get('p50'))} / {ms(self.latency.get('p95'))}"),
         ]
+        if self.tool_errors:
+            rows.append(("tool errors", ", ".join(f"{k}: {v}" for k, v in sorted(self.tool_errors.items()))))
         if self.errors_by_kind:
             rows.append(("errors", ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_kind.items()))))
         width = max(len(k) for k, _ in rows)
@@ -185,6 +189,7 @@ class RunReport:
             tool_executions=tools["executions"],
             tool_cache_hits=tools["cache_hits"],
             tools_started_early=run["tools_started_early"],
+            tool_errors=dict(stats.get("tool_errors", {})),
             errors_by_kind=dict(run["errors_by_kind"]),
             ttft=summary(run["ttft"]),
             latency=summary(run["job_latency"]),

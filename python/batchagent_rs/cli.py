@@ -46,6 +46,11 @@ _SIM_FLAGS = [
     ("--fault-malformed", "fault_malformed", "rate of malformed bodies"),
     ("--slow-first-byte", "slow_first_byte", "rate of slow first bytes"),
     ("--slow-first-byte-ms", "slow_first_byte_ms", "delay of a slow first byte in ms"),
+    (
+        "--fault-cut-after-call",
+        "fault_cut_after_call",
+        "rate of tool-call streams cut after the 2nd call starts",
+    ),
 ]
 
 

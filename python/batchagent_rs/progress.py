@@ -45,6 +45,7 @@ def counters(stats: dict[str, Any]) -> dict[str, Any]:
         "prefix_hit": int(run["cached_tokens"]) / prompt if prompt else 0.0,
         "response_hits": hits,
         "response_lookups": lookups,
+        "tool_errors": sum(int(n) for n in (stats.get("tool_errors") or {}).values()),
     }
 
 
@@ -100,6 +101,8 @@ class Progress:
         counts = f"ok {c['ok']} failed {c['failed']} in flight {c['in_flight']}"
         if c["skipped"]:
             counts += f" resumed past {c['skipped']}"
+        if c["tool_errors"]:
+            counts += f" tool errors {c['tool_errors']}"
         parts.append(counts)
         cache = f"prefix cache {c['prefix_hit']:.0%}"
         if c["response_lookups"]:

@@ -11,7 +11,7 @@ import inspect
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 import pydantic
 
@@ -43,6 +43,8 @@ class Tool:
     batch_window: float = 0.01
     batch_max: int = 64
     inline: bool | None = None
+    side_effects: bool = False
+    on_error: Literal["report", "raise"] = "report"
     is_async: bool = field(default=False)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -62,6 +64,8 @@ class Tool:
             "timeout": self.timeout,
             "batch_window": self.batch_window if self.batch_handler is not None else None,
             "batch_max": self.batch_max,
+            "side_effects": self.side_effects,
+            "on_error": self.on_error,
         }
 
     def parse_arguments(self, arguments_json: str) -> dict[str, Any]:
@@ -120,6 +124,12 @@ def _make_tool(fn: Callable[..., Any], **options: Any) -> Tool:
     parameters.pop("title", None)
     if options.get("inline") is not None and inspect.iscoroutinefunction(fn):
         raise ToolDefinitionError(f"tool '{name}': inline= is for sync functions; async ones run on the loop")
+    if options.get("on_error", "report") not in ("report", "raise"):
+        raise ToolDefinitionError(
+            f"tool '{name}': on_error must be 'report' or 'raise', not {options['on_error']!r}"
+        )
+    if options.get("side_effects") and options.get("cache"):
+        raise ToolDefinitionError(f"tool '{name}': a tool with side effects cannot be cached")
     return Tool(
         fn=fn,
         name=name,
@@ -148,6 +158,8 @@ def tool(
     batch_window: float = 0.01,
     batch_max: int = 64,
     inline: bool | None = None,
+    side_effects: bool = False,
+    on_error: Literal["report", "raise"] = "report",
 ) -> Callable[[Callable[..., Any]], Tool]: ...
 
 
@@ -165,6 +177,17 @@ def tool(
     - `inline` (sync tools): `None` (default) runs a tool on the event loop's thread once its calls
       have averaged under 50 microseconds in the pool, and sends it back to the pool if one call
       takes over 2 ms; `True` always runs it inline, `False` always in the pool.
+    - `side_effects=True`: the tool changes something outside the run (sends a message, writes a
+      row). It starts only once the model's turn is complete (never from a stream that may still
+      fail and be retried), and identical calls are not merged: each call the model makes runs
+      once. Other tools may start from the stream; when that model call fails and is retried, the
+      retried turn reuses the execution already started for the same call (same tool, same
+      arguments) instead of running it again.
+    - `on_error`: when the function raises (or times out, or rejects its arguments), `"report"`
+      (default) sends the error text (``Error: tool `fetch` failed: ValueError: ...``) back to the
+      model as the call's result and the job goes on; `"raise"` fails the job with error kind
+      `tool` and a message naming the tool and the exception. Either way the error is counted in
+      `RunReport.tool_errors`.
     """
     if fn is not None:
         return _make_tool(fn)

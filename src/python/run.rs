@@ -41,7 +41,7 @@ use crate::scheduler::semaphore::PrioritySemaphore;
 use crate::scheduler::stats::RunStats;
 use crate::spec::{BatchSpec, SpecError};
 use crate::store::{InputFormat, ResponseCache};
-use crate::tools::{ToolConfig, ToolExecutor, ToolPool};
+use crate::tools::{OnToolError, ToolConfig, ToolExecutor, ToolPool};
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
 /// Waiters for Python's answers, by request id.
@@ -215,6 +215,10 @@ struct ToolOptions {
     batch_window: Option<f64>,
     #[serde(default = "default_batch_max")]
     batch_max: usize,
+    #[serde(default)]
+    side_effects: bool,
+    #[serde(default)]
+    on_error: OnToolError,
 }
 
 fn default_cache_entries() -> usize {
@@ -245,6 +249,8 @@ impl ToolOptions {
             max_concurrency: self.max_concurrency,
             rate_limit: self.rate_limit,
             batch_max: self.batch_max,
+            side_effects: self.side_effects,
+            on_error: self.on_error,
         })
     }
 }
@@ -568,9 +574,17 @@ impl PyRun {
         };
         let mut tool_json = counts(&tools.total);
         tool_json["per_tool"] = tools.per_tool.iter().map(|(name, c)| (name.clone(), counts(c))).collect();
+        // Tools that ended in an error at least once (raised, timed out, rejected their arguments).
+        let tool_errors: serde_json::Map<String, Value> = tools
+            .per_tool
+            .iter()
+            .filter(|(_, c)| c.errors > 0)
+            .map(|(name, c)| (name.clone(), c.errors.into()))
+            .collect();
         let value = serde_json::json!({
             "run": stats,
             "tools": tool_json,
+            "tool_errors": tool_errors,
             "max_inflight": self.ctx.slots.capacity(),
             "input_total": self.input_total,
             "previously_finished": self.durable.previously_finished,

@@ -22,7 +22,7 @@ use crate::scheduler::retry::{RetryPolicy, SplitMix64};
 use crate::scheduler::semaphore::PrioritySemaphore;
 use crate::scheduler::stats::RunStats;
 use crate::spec::{BatchSpec, SchemaMode};
-use crate::tools::{ToolError, ToolPool};
+use crate::tools::{canonical_arguments, OnToolError, ToolError, ToolPool};
 
 /// The Python side of output validation (pydantic, custom validators). Receives the JSON text that
 /// passed the JSON Schema check; `Err` is a message fed back to the model.
@@ -148,6 +148,8 @@ enum Failure {
     MaxTurns,
     Validation(String),
     Template(String),
+    /// A tool declared `on_error = raise` failed.
+    Tool(String),
 }
 
 struct Agent<'a> {
@@ -221,6 +223,7 @@ pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
                 Failure::Template(message) => {
                     JobError { kind: "bad_input".into(), message, retryable: false, attempts }
                 }
+                Failure::Tool(message) => JobError { kind: "tool".into(), message, retryable: false, attempts },
             };
             ctx.stats.jobs_failed.fetch_add(1, Relaxed);
             ctx.stats.count_error(&error.kind);
@@ -271,7 +274,7 @@ impl Agent<'_> {
                 }
             }
             let (response, early) = response;
-            self.run_tools(response, early).await;
+            self.run_tools(response, early).await?;
             if let Some(sink) = &ctx.turn_sink {
                 sink.turn_done(self.job_id, &self.state).await;
             }
@@ -296,12 +299,13 @@ impl Agent<'_> {
     }
 
     /// One model call with retries. The slot is taken per attempt and released before any backoff.
-    async fn model_call(
-        &mut self,
-    ) -> Result<(ChatResponse, HashMap<String, JoinHandle<Result<Arc<str>, ToolError>>>), Failure> {
+    async fn model_call(&mut self) -> Result<(ChatResponse, EarlyTools), Failure> {
         let ctx = self.ctx;
         let remaining = ctx.spec.max_turns.saturating_sub(self.state.turns);
         let mut attempt = 0u32;
+        // Lives across the attempts of this turn: what a failed attempt started from its stream is
+        // handed to the retry that asks for the same call, never run a second time.
+        let mut early = EarlyTools::default();
         loop {
             attempt += 1;
             self.state.attempts += 1;
@@ -332,11 +336,11 @@ impl Agent<'_> {
             ctx.stats.model_calls.fetch_add(1, Relaxed);
             ctx.stats.model_calls_in_flight.fetch_add(1, Relaxed);
             let started = Instant::now();
-            let outcome = self.streamed_call(request).await;
+            let outcome = self.streamed_call(request, &mut early).await;
             ctx.stats.model_calls_in_flight.fetch_sub(1, Relaxed);
             drop(permit);
             match outcome {
-                Ok((response, early)) => {
+                Ok(response) => {
                     ctx.stats.model_latency.record(started.elapsed());
                     if let Some(ttft) = response.ttft {
                         ctx.stats.ttft.record(ttft);
@@ -350,6 +354,7 @@ impl Agent<'_> {
                     return Ok((response, early));
                 }
                 Err(error) => {
+                    early.attempt_failed();
                     if error.is_throttle() {
                         ctx.stats.throttled.fetch_add(1, Relaxed);
                         if ctx.limit.on_throttle() {
@@ -368,67 +373,145 @@ impl Agent<'_> {
     }
 
     /// The call itself, starting each tool call as soon as its arguments are complete in the stream.
-    async fn streamed_call(
-        &self,
-        request: ChatRequest,
-    ) -> Result<(ChatResponse, HashMap<String, JoinHandle<Result<Arc<str>, ToolError>>>), BackendError> {
+    async fn streamed_call(&self, request: ChatRequest, early: &mut EarlyTools) -> Result<ChatResponse, BackendError> {
         let ctx = self.ctx;
         let timeout = ctx.spec.call_timeout;
-        let mut early = HashMap::new();
         if !request.stream || ctx.spec.tools.is_empty() {
-            let response = tokio::time::timeout(timeout, ctx.backend.chat(request, None))
+            return tokio::time::timeout(timeout, ctx.backend.chat(request, None))
                 .await
-                .map_err(|_| BackendError::Timeout(timeout))??;
-            return Ok((response, early));
+                .map_err(|_| BackendError::Timeout(timeout))?;
         }
         let (tx, mut rx) = mpsc::unbounded_channel();
         let call = tokio::time::timeout(timeout, ctx.backend.chat(request, Some(tx)));
         tokio::pin!(call);
-        let response = loop {
+        let outcome = loop {
             tokio::select! {
-                outcome = &mut call => break outcome.map_err(|_| BackendError::Timeout(timeout))??,
-                Some(event) = rx.recv() => self.start_early(event, &mut early),
+                outcome = &mut call => break outcome.map_err(|_| BackendError::Timeout(timeout)).and_then(|r| r),
+                Some(event) = rx.recv() => self.start_early(event, early),
             }
         };
         // Calls announced only as the turn ended (the last one always is) start with the others in
         // `run_tools`: they were not early, and counting them would overstate the overlap.
-        Ok((response, early))
-    }
-
-    fn start_early(&self, event: StreamEvent, early: &mut HashMap<String, JoinHandle<Result<Arc<str>, ToolError>>>) {
-        if let StreamEvent::ToolCallReady(call) = event {
-            if self.ctx.tools.has_tool(&call.name) && !early.contains_key(&call.id) {
-                self.ctx.stats.tools_started_early.fetch_add(1, Relaxed);
-                early.insert(call.id.clone(), spawn_tool(&self.ctx.tools, &call));
+        if outcome.is_err() {
+            // A call that was complete in the stream before it broke starts as it would have had the
+            // break come a moment later; whether the retry reuses it must not depend on which of the
+            // two the select above happened to see first.
+            while let Ok(event) = rx.try_recv() {
+                self.start_early(event, early);
             }
         }
+        outcome
+    }
+
+    fn start_early(&self, event: StreamEvent, early: &mut EarlyTools) {
+        let StreamEvent::ToolCallReady(call) = event else { return };
+        if early.current.contains_key(&call.id) {
+            return;
+        }
+        // A tool with side effects waits for the complete turn: the stream may still fail.
+        let Some(config) = self.ctx.tools.config(&call.name) else { return };
+        if config.side_effects {
+            return;
+        }
+        let handle = early.take_carried(&call).unwrap_or_else(|| {
+            self.ctx.stats.tools_started_early.fetch_add(1, Relaxed);
+            spawn_tool(&self.ctx.tools, &call)
+        });
+        early.current.insert(call.id.clone(), (call, handle));
     }
 
     /// Runs every tool call of a turn concurrently (reusing those started from the stream) and
-    /// appends the assistant turn and the results, errors included, for the model to see.
-    async fn run_tools(
-        &mut self,
-        response: ChatResponse,
-        mut early: HashMap<String, JoinHandle<Result<Arc<str>, ToolError>>>,
-    ) {
+    /// appends the assistant turn and the results, errors included, for the model to see; or fails
+    /// the job when a tool declared `on_error = raise` failed.
+    async fn run_tools(&mut self, response: ChatResponse, mut early: EarlyTools) -> Result<(), Failure> {
         let calls = response.tool_calls;
         self.ctx.stats.tool_calls.fetch_add(calls.len() as u64, Relaxed);
         self.state.tool_calls += calls.len() as u32;
-        let handles: Vec<_> = calls
-            .iter()
-            .map(|call| early.remove(&call.id).unwrap_or_else(|| spawn_tool(&self.ctx.tools, call)))
-            .collect();
+        let handles: Vec<_> =
+            calls.iter().map(|call| early.take(call).unwrap_or_else(|| spawn_tool(&self.ctx.tools, call))).collect();
+        // What the stream started and the final turn did not ask for is not waited on.
+        drop(early);
         let mut results = Vec::with_capacity(calls.len());
-        for handle in handles {
+        let mut raised = None;
+        for (call, handle) in calls.iter().zip(handles) {
             results.push(match handle.await {
                 Ok(Ok(text)) => text.to_string(),
-                Ok(Err(error)) => format!("Error: {error}"),
+                Ok(Err(error)) => {
+                    if raised.is_none() && self.raises(&call.name, &error) {
+                        raised = Some(error.to_string());
+                    }
+                    format!("Error: {error}")
+                }
                 Err(join) => format!("Error: the tool call was interrupted ({join})"),
             });
+        }
+        if let Some(message) = raised {
+            return Err(Failure::Tool(message));
         }
         self.state.messages.push(Message::assistant(response.content, calls.clone()));
         for (call, text) in calls.iter().zip(results) {
             self.state.messages.push(Message::tool_result(call, text));
+        }
+        Ok(())
+    }
+
+    #[cold]
+    fn raises(&self, tool: &str, error: &ToolError) -> bool {
+        !matches!(error, ToolError::Unknown { .. })
+            && self.ctx.tools.config(tool).is_some_and(|config| config.on_error == OnToolError::Raise)
+    }
+}
+
+type ToolHandle = JoinHandle<Result<Arc<str>, ToolError>>;
+
+/// Tool calls started from the stream of one turn's model call, kept across that call's retries.
+#[derive(Default)]
+struct EarlyTools {
+    /// Started during the current attempt, by call id.
+    current: HashMap<String, (ToolCall, ToolHandle)>,
+    /// Started during failed attempts, with (tool name, canonical arguments): a retry that asks
+    /// for the same call takes over the execution instead of running the tool again.
+    carried: Vec<(String, String, ToolHandle)>,
+}
+
+impl EarlyTools {
+    fn take(&mut self, call: &ToolCall) -> Option<ToolHandle> {
+        match self.current.remove(&call.id) {
+            Some((_, handle)) => Some(handle),
+            None => self.take_carried(call),
+        }
+    }
+
+    fn take_carried(&mut self, call: &ToolCall) -> Option<ToolHandle> {
+        if self.carried.is_empty() {
+            return None;
+        }
+        let key = canonical_arguments(&call.arguments).ok()?;
+        let at = self.carried.iter().position(|(name, k, _)| *name == call.name && *k == key)?;
+        Some(self.carried.swap_remove(at).2)
+    }
+
+    /// The attempt failed: what it started waits for the retry.
+    fn attempt_failed(&mut self) {
+        for (_, (call, handle)) in self.current.drain() {
+            // Arguments that are not a JSON object were rejected by the pool without running.
+            match canonical_arguments(&call.arguments) {
+                Ok(key) => self.carried.push((call.name, key, handle)),
+                Err(_) => handle.abort(),
+            }
+        }
+    }
+}
+
+impl Drop for EarlyTools {
+    /// Stops waiting for calls the final turn did not ask for. The executions themselves finish in
+    /// the pool (a running tool cannot be stopped half-way); their results are not used.
+    fn drop(&mut self) {
+        for (_, handle) in self.current.values() {
+            handle.abort();
+        }
+        for (_, _, handle) in &self.carried {
+            handle.abort();
         }
     }
 }

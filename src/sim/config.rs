@@ -20,6 +20,7 @@
 //! | `invalid_json_rate`, `prose_json_rate`, `fenced_json_rate`, `truncated_json_rate` | `0` | JSON answer defects |
 //! | `fault_429` (+ `retry_after` s), `fault_500`, `fault_503`, `fault_reset`, `fault_truncate`, `fault_malformed` | `0` | exclusive fault rates (sum <= 1) |
 //! | `slow_first_byte` (+ `slow_first_byte_ms`, default 2000) | `0` | rate of a delayed first byte |
+//! | `fault_cut_after_call` | `0` | rate of streamed OpenAI replies with two or more tool calls that end (no `finish_reason`, no `[DONE]`) just after the second call starts, when the first is complete; only the first request with a given body, so its retry gets through |
 
 use std::fmt;
 
@@ -181,6 +182,8 @@ pub struct FaultConfig {
     pub fault_malformed: f64,
     pub slow_first_byte: f64,
     pub slow_first_byte_ms: u64,
+    /// Drawn apart from the exclusive faults, on a body's first sighting only.
+    pub fault_cut_after_call: f64,
 }
 
 impl Default for FaultConfig {
@@ -195,6 +198,7 @@ impl Default for FaultConfig {
             fault_malformed: 0.0,
             slow_first_byte: 0.0,
             slow_first_byte_ms: 2000,
+            fault_cut_after_call: 0.0,
         }
     }
 }
@@ -211,6 +215,7 @@ impl FaultConfig {
             "fault_malformed" => self.fault_malformed = parse_rate(key, value)?,
             "slow_first_byte" => self.slow_first_byte = parse_rate(key, value)?,
             "slow_first_byte_ms" => self.slow_first_byte_ms = parse_num(key, value)?,
+            "fault_cut_after_call" => self.fault_cut_after_call = parse_rate(key, value)?,
             _ => return Ok(false),
         }
         Ok(true)

@@ -61,6 +61,8 @@ pub struct Decision {
     pub slow_first_byte: Option<Duration>,
     /// Where a reset or truncation cuts the body, as a fraction in 1/1000 of the full output.
     pub cut_permille: u32,
+    /// End a streamed reply just after its second tool call starts (`fault_cut_after_call`).
+    pub cut_after_call: bool,
 }
 
 /// Distinct bodies remembered for retry counting (about 40 MB at the bound).
@@ -70,7 +72,7 @@ pub struct Faults {
     cfg: FaultConfig,
     seed: u64,
     seen: Mutex<HashMap<u64, u32>>,
-    injected: [AtomicU64; 7],
+    injected: [AtomicU64; 8],
 }
 
 impl Faults {
@@ -83,7 +85,7 @@ impl Faults {
     }
 
     fn enabled(&self) -> bool {
-        self.cfg.exclusive_total() > 0.0 || self.cfg.slow_first_byte > 0.0
+        self.cfg.exclusive_total() > 0.0 || self.cfg.slow_first_byte > 0.0 || self.cfg.fault_cut_after_call > 0.0
     }
 
     /// Decide the fate of one request with this body, and count what was injected.
@@ -117,24 +119,32 @@ impl Faults {
         }
         let slow = draw.chance(self.cfg.slow_first_byte).then(|| Duration::from_millis(self.cfg.slow_first_byte_ms));
         let cut_permille = 200 + draw.below(600) as u32;
+        // Drawn last, so adding it left every other fault's draws as they were.
+        let cut_after_call = attempt == 0 && draw.chance(self.cfg.fault_cut_after_call);
         if let Some(kind) = fault {
             self.injected[kind as usize].fetch_add(1, Ordering::Relaxed);
         }
         if slow.is_some() {
             self.injected[6].fetch_add(1, Ordering::Relaxed);
         }
-        Decision { fault, slow_first_byte: slow, cut_permille }
+        Decision { fault, slow_first_byte: slow, cut_permille, cut_after_call }
     }
 
     /// Injected faults by kind name (`429`, `500`, `503`, `reset`, `truncate`, `malformed`,
-    /// `slow_first_byte`).
+    /// `slow_first_byte`, `cut_after_call`).
     pub fn injected(&self) -> serde_json::Map<String, serde_json::Value> {
         let mut out = serde_json::Map::new();
         for kind in Fault::ALL {
             out.insert(kind.name().to_owned(), self.injected[kind as usize].load(Ordering::Relaxed).into());
         }
         out.insert("slow_first_byte".to_owned(), self.injected[6].load(Ordering::Relaxed).into());
+        out.insert("cut_after_call".to_owned(), self.injected[7].load(Ordering::Relaxed).into());
         out
+    }
+
+    /// A `cut_after_call` decision was carried out (the reply had a second tool call).
+    pub fn count_cut_after_call(&self) {
+        self.injected[7].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -184,6 +194,15 @@ mod tests {
         let r = run(3);
         let differs = (0..100).filter(|&i| r[i] != r[i + 100] || r[i] != r[i + 200]).count();
         assert!(differs > 50);
+    }
+
+    #[test]
+    fn cut_after_call_spares_the_retry() {
+        let f = Faults::new(FaultConfig { fault_cut_after_call: 1.0, ..FaultConfig::default() }, 5);
+        assert!(f.decide(b"body").cut_after_call);
+        assert!(!f.decide(b"body").cut_after_call);
+        assert!(f.decide(b"other body").cut_after_call);
+        assert_eq!(f.decide(b"third").fault, None);
     }
 
     #[test]

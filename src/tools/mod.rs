@@ -21,7 +21,8 @@ pub use stats::{ToolCounts, ToolStats};
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolConfig {
     pub name: String,
-    /// Keep successful results after completion (errors are never kept).
+    /// Keep successful results after completion (errors are never kept). Ignored for a tool with
+    /// side effects.
     pub cache: bool,
     /// How long a cached result stays valid; `None` = until evicted.
     pub cache_ttl: Option<Duration>,
@@ -42,6 +43,23 @@ pub struct ToolConfig {
     /// Most argument sets per batch call; a full batch is dispatched without waiting out the window.
     /// 0 is read as 1.
     pub batch_max: usize,
+    /// The tool changes something outside the run (sends a message, writes a row): it starts only
+    /// once the model's turn is complete, never from a stream that may still fail, and identical
+    /// calls are not merged into one execution (each decision to call it runs once).
+    pub side_effects: bool,
+    /// What an error of this tool does to the job.
+    pub on_error: OnToolError,
+}
+
+/// What an error of a tool (an exception, a timeout, arguments it rejects) does to the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnToolError {
+    /// The error text goes back to the model as the call's result; the job goes on.
+    #[default]
+    Report,
+    /// The job fails with error kind `tool`.
+    Raise,
 }
 
 pub const DEFAULT_CACHE_MAX_ENTRIES: usize = 10_000;
@@ -66,6 +84,8 @@ impl Default for ToolConfig {
             timeout: None,
             batch_window: None,
             batch_max: DEFAULT_BATCH_MAX,
+            side_effects: false,
+            on_error: OnToolError::Report,
         }
     }
 }

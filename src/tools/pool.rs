@@ -116,7 +116,8 @@ impl ToolPool {
                     executor: Arc::clone(&executor),
                     entries: Mutex::new(Entries {
                         flights: HashMap::new(),
-                        cache: config.cache.then(|| ResultCache::new(config.cache_ttl, config.cache_max_entries)),
+                        cache: (config.cache && !config.side_effects)
+                            .then(|| ResultCache::new(config.cache_ttl, config.cache_max_entries)),
                     }),
                     concurrency: config
                         .max_concurrency
@@ -194,13 +195,17 @@ impl Tool {
                 bump(&self.counters.cache_hits, 1);
                 return Ok(Joined::Cached(value));
             }
-            if let Some(flight) = entries.flights.get(key.as_str()) {
+            // A side-effecting call is never merged with another: each one is its own execution.
+            let coalesce = !self.config.side_effects;
+            if let Some(flight) = entries.flights.get(key.as_str()).filter(|_| coalesce) {
                 bump(&self.counters.coalesced, 1);
                 return Ok(Joined::Flight(Arc::clone(flight)));
             }
             let key: Arc<str> = Arc::from(key);
             let flight = Arc::new(Flight::new());
-            entries.flights.insert(Arc::clone(&key), Arc::clone(&flight));
+            if coalesce {
+                entries.flights.insert(Arc::clone(&key), Arc::clone(&flight));
+            }
             Execution { tool: Arc::clone(self), key, flight, finished: false }
         };
         let flight = Arc::clone(&execution.flight);

@@ -271,9 +271,11 @@ async fn chat_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Response {
                                 return;
                             }
                         }
+                        let mut cut = false;
                         let delta = match g.pieces.get(index) {
                             Some(Piece::Text(t)) => json!({"content": t}),
                             Some(Piece::CallStart(i)) => {
+                                cut = *i == 1 && decision.cut_after_call;
                                 let call = &g.reply.tool_calls[*i];
                                 json!({"tool_calls": [{"index": i, "id": call.id, "type": "function",
                                         "function": {"name": call.name, "arguments": ""}}]})
@@ -284,6 +286,12 @@ async fn chat_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Response {
                             Some(Piece::Silent) | None => continue,
                         };
                         if !sink.send(sse_data(&chunk(delta, None))).await {
+                            return;
+                        }
+                        if cut {
+                            // The body ends here, cleanly: a reset could lose the frame just sent
+                            // in the server's buffers, and with it the point of this fault.
+                            state.faults.count_cut_after_call();
                             return;
                         }
                     }
