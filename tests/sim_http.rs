@@ -125,8 +125,15 @@ async fn openai_chat_non_stream_checks_n_model_request_id_and_length() {
     for key in ["message", "type", "param", "code"] {
         assert!(err["error"].get(key).is_some(), "error.{key} missing: {err}");
     }
-    let resp = post(&url, &json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]})).await;
+    // Unpinned, any model name is served and echoed; pinned with `model=`, others are 404.
+    let resp = post(&url, &json!({"model": "qwen2.5-7b", "messages": [{"role": "user", "content": "x"}]})).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(json_of(resp).await["model"], "qwen2.5-7b");
+    let pinned = start("model=sim-model").await;
+    let pinned_url = format!("{}/v1/chat/completions", pinned.url());
+    let resp = post(&pinned_url, &json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]})).await;
     assert_eq!(resp.status(), 404);
+    pinned.stop().await;
 
     let schema = json!({"type": "object", "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 5}}, "required": ["score"]});
     let body: Value = json_of(post(

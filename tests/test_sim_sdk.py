@@ -156,8 +156,15 @@ def test_openai_completions_with_a_list_of_prompts(oai: openai.OpenAI) -> None:
 def test_openai_errors_surface_as_sdk_exceptions(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="n = 2"):
         oai.chat.completions.create(model="sim-model", messages=[{"role": "user", "content": "x"}], n=2)
-    with pytest.raises(openai.NotFoundError):
-        oai.chat.completions.create(model="gpt-nope", messages=[{"role": "user", "content": "x"}])
+    with sim.start(time_scale=0, model="sim-model") as pinned:
+        client = openai.OpenAI(base_url=pinned.url + "/v1", api_key="sim", max_retries=0)
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="gpt-nope", messages=[{"role": "user", "content": "x"}])
+
+
+def test_an_unpinned_simulator_serves_any_model_name(oai: openai.OpenAI) -> None:
+    r = oai.chat.completions.create(model="qwen2.5-7b", messages=[{"role": "user", "content": "x"}])
+    assert r.model == "qwen2.5-7b"
 
 
 def test_repeated_long_prefix_hits_the_cache_in_usage_and_metrics(

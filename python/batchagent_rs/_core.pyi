@@ -25,6 +25,12 @@ class RunError(RuntimeError):
 def check_schema(schema_json: str) -> None:
     """Compile a JSON Schema as a run would; raises `SchemaError` naming the bad part."""
 
+def check_backends(
+    backends: list[str], model: str | None = None, api_key: str | None = None, timeout: float = 3.0
+) -> None:
+    """Every backend answers within `timeout` seconds and, when `model` is given, serves it; raises
+    `BackendUnavailable` naming the backend that did not answer, or listing the models served."""
+
 @final
 class Run:
     """One batch run. Created from the spec and options as JSON; starts at once and waits for inputs."""

@@ -11,15 +11,12 @@ import signal
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pydantic
 
-from . import __version__
+from . import __version__, _core
 from ._core import BackendTimeout, BackendUnavailable, InputError, JournalError, RunError, SchemaError
 from .batch import Batch, RunReport
 from .dashboard import Dashboard, DashboardLogHandler
@@ -60,7 +57,10 @@ def _add_sim_options(p: argparse.ArgumentParser) -> None:
         "--time-scale", type=float, default=1.0, help="simulated seconds per real second (0.01 = 100x faster)"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default="sim-model", help="served model name")
+    p.add_argument(
+        "--model",
+        help="pin the served model name (other names get 404); unset, any name is served",
+    )
     for flag, _, text in _SIM_FLAGS:
         p.add_argument(flag, help=text)
     p.add_argument(
@@ -69,7 +69,7 @@ def _add_sim_options(p: argparse.ArgumentParser) -> None:
 
 
 def _sim_options(args: argparse.Namespace) -> dict[str, Any]:
-    options: dict[str, Any] = {"model": args.model}
+    options: dict[str, Any] = {} if args.model is None else {"model": args.model}
     for _, key, _ in _SIM_FLAGS:
         value = getattr(args, key)
         if value is not None:
@@ -135,18 +135,6 @@ class UsageError(Exception):
 
 
 _RUN_FLAGS = tuple(SETTINGS)
-_SELF_HOSTED_PROBES = {
-    "vllm": "/v1/models",
-    "sglang": "/v1/models",
-    "dynamo": "/v1/models",
-    "llamacpp": "/v1/models",
-    "llama.cpp": "/v1/models",
-    "llama-cpp": "/v1/models",
-    "http": "/v1/models",
-    "https": "/v1/models",
-    "ollama": "/api/tags",
-}
-_DEFAULT_PORTS = {"vllm": 8000, "dynamo": 8000, "sglang": 30000, "ollama": 11434, "llamacpp": 8080}
 _PROBE_TIMEOUT = 3.0
 
 
@@ -269,132 +257,12 @@ def load_tools(specs: Sequence[str]) -> list[Tool]:
     return tools
 
 
-_KEY_VARIABLES = {
-    "openai": "OPENAI_API_KEY",
-    "vllm": "VLLM_API_KEY",
-    "sglang": "SGLANG_API_KEY",
-    "dynamo": "DYNAMO_API_KEY",
-    "llamacpp": "LLAMACPP_API_KEY",
-    "llama.cpp": "LLAMACPP_API_KEY",
-    "llama-cpp": "LLAMACPP_API_KEY",
-    "anthropic": "ANTHROPIC_API_KEY",
-}
-
-
-def _scheme_parts(backend: str) -> tuple[str, bool | None, str, str] | None:
-    """(protocol name, tls: True/False when the scheme says so else None, authority, path)."""
-    scheme_text, sep, rest = backend.strip().partition("://")
-    if not sep:
-        return None
-    scheme_text = scheme_text.lower()
-    tls: bool | None = None
-    if scheme_text.endswith("+https"):
-        name, tls = scheme_text.removesuffix("+https"), True
-    elif scheme_text.endswith("+http"):
-        name, tls = scheme_text.removesuffix("+http"), False
-    else:
-        name, tls = scheme_text, (True if scheme_text == "https" else None)
-    rest = rest.partition("?")[0].partition("#")[0]
-    authority, slash, path = rest.partition("/")
-    return name, tls, authority, (slash + path).rstrip("/")
-
-
-def display_url(url: str) -> str:
-    """A URL as it may be printed: no user info, no query (either can hold a key)."""
-    scheme, sep, rest = url.strip().partition("://")
-    if not sep:
-        scheme, rest = "", scheme
-    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
-    before, after = rest[:cut], rest[cut:]
-    authority, slash, path = before.partition("/")
-    if "@" in authority:
-        authority = "[redacted]@" + authority.rpartition("@")[2]
-    shown = (f"{scheme}://" if sep else "") + authority + slash + path
-    if after:
-        shown += "?[redacted]" if after.startswith("?") else "#[redacted]"
-    return shown
-
-
-def probe_url(backend: str) -> str | None:
-    """The URL to GET to see that a backend answers, or None where there is nothing to check
-    (the embedded simulator, an unknown scheme the core will report)."""
-    parts = _scheme_parts(backend)
-    if parts is None:
-        return None
-    name, tls, authority, path = parts
-    if name == "sim":
-        return None
-    if name in ("openai", "anthropic"):
-        variable, default = (
-            ("OPENAI_BASE_URL", "https://api.openai.com/v1")
-            if name == "openai"
-            else ("ANTHROPIC_BASE_URL", "https://api.anthropic.com")
-        )
-        if authority:
-            base = f"{'http' if tls is False else 'https'}://{authority}{path}"
-        elif tls is None:
-            base = (os.environ.get(variable) or "").strip().rstrip("/") or default
-        else:
-            return None
-        return base + ("/models" if name == "openai" else "/v1/models")
-    if name == "bedrock":
-        region = authority or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        return f"https://bedrock-runtime.{region}.amazonaws.com/" if region else None
-    suffix = _SELF_HOSTED_PROBES.get(name)
-    if suffix is None:
-        return None
-    host = authority or "localhost"
-    has_port = ":" in host.rsplit("]", 1)[-1]
-    port = _DEFAULT_PORTS.get(name)
-    if port is not None and not has_port and not tls:
-        host = f"{host}:{port}"
-    if suffix == "/v1/models" and path.endswith("/v1"):
-        suffix = "/models"
-    return f"{'https' if tls else 'http'}://{host}{path}{suffix}"
-
-
-def probe_headers(backend: str) -> dict[str, str]:
-    """The key the model calls will send (from the scheme's variable, as the core reads it), for
-    side requests to the same server: a server behind a key answers them too."""
-    parts = _scheme_parts(backend)
-    variable = _KEY_VARIABLES.get(parts[0]) if parts else None
-    key = os.environ.get(variable, "").strip() if variable else ""
-    if not key or parts is None:
-        return {}
-    if parts[0] == "anthropic":
-        return {"x-api-key": key, "anthropic-version": "2023-06-01"}
-    return {"Authorization": f"Bearer {key}"}
-
-
-def _probe(backend: str) -> str | None:
-    """None when the backend answered (any HTTP status will do: it is up); else why not."""
-    url = probe_url(backend)
-    if url is None:
-        return None
-    shown = f"backend {display_url(backend)} is unreachable: GET {display_url(url)}"
-    request = urllib.request.Request(url, method="GET", headers=probe_headers(backend))
+def check_backends(backends: Sequence[str], model: str | None) -> None:
+    """Every backend must answer, and serve the model, before the first request is sent."""
     try:
-        with urllib.request.urlopen(request, timeout=_PROBE_TIMEOUT):
-            return None
-    except urllib.error.HTTPError:
-        return None
-    except urllib.error.URLError as exc:
-        reason = (
-            exc.reason.strerror if isinstance(exc.reason, OSError) and exc.reason.strerror else exc.reason
-        )
-        return f"{shown}: {reason}"
-    except TimeoutError:
-        return f"{shown}: no answer within {_PROBE_TIMEOUT:.0f} s"
-    except (OSError, ValueError) as exc:
-        return f"{shown}: {exc}"
-
-
-def check_backends(backends: Sequence[str]) -> None:
-    """Every backend must answer before the first request is sent."""
-    with ThreadPoolExecutor(max_workers=max(len(backends), 1)) as pool:
-        problems = [p for p in pool.map(_probe, backends) if p is not None]
-    if problems:
-        raise UsageError("; ".join(problems))
+        _core.check_backends(list(backends), model, None, _PROBE_TIMEOUT)
+    except (BackendUnavailable, SchemaError) as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def _display_total(stats: dict[str, Any]) -> int | None:
@@ -554,7 +422,7 @@ def _run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             cache = None
-    check_backends(backends)
+    check_backends(backends, model)
     try:
         batch = Batch(
             task,

@@ -93,5 +93,6 @@ pub mod http;
 pub mod metrics;
 pub mod ollama;
 pub mod openai;
+pub mod probe;
 pub mod sigv4;
 pub mod url;

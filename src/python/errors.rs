@@ -5,6 +5,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 
+use crate::backends::probe::ProbeError;
 use crate::backends::BackendError;
 use crate::spec::SpecError;
 
@@ -47,6 +48,13 @@ pub fn backend_error(error: &BackendError) -> PyErr {
     match error {
         BackendError::Timeout(_) => BackendTimeout::new_err(error.to_string()),
         BackendError::Config(_) => SchemaError::new_err(error.to_string()),
+        _ => BackendUnavailable::new_err(error.to_string()),
+    }
+}
+
+pub fn probe_error(error: &ProbeError) -> PyErr {
+    match error {
+        ProbeError::Config(inner) => backend_error(inner),
         _ => BackendUnavailable::new_err(error.to_string()),
     }
 }

@@ -49,6 +49,30 @@ fn check_schema(schema_json: &str) -> PyResult<()> {
         .map_err(|e| errors::SchemaError::new_err(format!("output schema: {e}")))
 }
 
+/// Before a run: every backend answers within `timeout` seconds (sent with the key the model calls
+/// will send), and `model`, when given, is one they serve. Raises `BackendUnavailable` saying which
+/// backend did not answer, or which models are served.
+#[pyfunction]
+#[pyo3(signature = (backends, model=None, api_key=None, timeout=3.0))]
+#[allow(clippy::needless_pass_by_value)] // PyO3 extracts a list into an owned Vec.
+fn check_backends(
+    py: Python<'_>,
+    backends: Vec<String>,
+    model: Option<&str>,
+    api_key: Option<String>,
+    timeout: f64,
+) -> PyResult<()> {
+    let timeout = std::time::Duration::try_from_secs_f64(timeout)
+        .map_err(|_| errors::SchemaError::new_err(format!("timeout: {timeout} is not a number of seconds")))?;
+    let options = crate::backends::url::BackendOptions {
+        api_key: crate::secret::Secret::non_empty(api_key),
+        ..Default::default()
+    };
+    let runtime = runtime()?;
+    py.allow_threads(|| runtime.block_on(crate::backends::probe::check(&backends, &options, model, timeout)))
+        .map_err(|e| errors::probe_error(&e))
+}
+
 #[pymodule]
 #[pyo3(name = "_core")]
 fn core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -56,6 +80,7 @@ fn core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     m.add_class::<run::PyRun>()?;
     m.add_function(wrap_pyfunction!(check_schema, m)?)?;
+    m.add_function(wrap_pyfunction!(check_backends, m)?)?;
     sim::register(m)?;
     Ok(())
 }

@@ -8,7 +8,7 @@
 //! | `profile` | `h100-qwen2.5-7b` | built-in engine profile name, or a profile JSON path |
 //! | `time_scale` | `1` | real seconds per simulated second (0 = never wait) |
 //! | `seed` | `0` | every draw (behaviour, faults) derives from it |
-//! | `model` | `sim-model` | the served model name |
+//! | `model` | any | pins the served model name; unset, any name is served (and echoed back), `/v1/models` lists `sim-model` |
 //! | `prefix_caching` | `true` | the engine's automatic prefix cache |
 //! | `cache_min_tokens` | `1024` | shortest prefix Anthropic `cache_control` caches |
 //! | `ttft_window` | `4096` | recent TTFTs kept for `/sim/stats` |
@@ -236,8 +236,11 @@ pub struct SimConfig {
     /// Real seconds per simulated second (0.01 = 100x faster; 0 = no waiting at all).
     pub time_scale: f64,
     pub seed: u64,
-    /// The served model name (`/v1/models`, `model` in responses).
+    /// The model name `/v1/models` lists; when `model_pinned`, the only name served.
     pub model: String,
+    /// Set by the `model` option: requests for any other name are answered 404, as a real server
+    /// does. Unset, the simulator serves whatever name it is asked for.
+    pub model_pinned: bool,
     pub behaviour: BehaviourConfig,
     pub faults: FaultConfig,
     pub prefix_caching: bool,
@@ -259,6 +262,7 @@ impl Default for SimConfig {
             time_scale: 1.0,
             seed: 0,
             model: "sim-model".to_owned(),
+            model_pinned: false,
             behaviour: BehaviourConfig::default(),
             faults: FaultConfig::default(),
             prefix_caching: true,
@@ -294,6 +298,23 @@ impl SimConfig {
         Ok(config)
     }
 
+    /// Whether a request for `requested` is served: any non-empty name, or only the pinned one.
+    pub fn serves(&self, requested: &str) -> bool {
+        if self.model_pinned {
+            requested == self.model
+        } else {
+            !requested.is_empty()
+        }
+    }
+
+    /// The name a response carries: the one asked for, when it is served.
+    pub fn answer_model(&self, requested: Option<&str>) -> String {
+        match requested {
+            Some(name) if self.serves(name) => name.to_owned(),
+            _ => self.model.clone(),
+        }
+    }
+
     /// Set one option by name. Dashes and underscores are interchangeable and a leading `--` is
     /// ignored, so CLI flags map one to one.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), SimError> {
@@ -311,7 +332,10 @@ impl SimConfig {
                 self.time_scale = scale;
             }
             "seed" => self.seed = parse_num(key, value)?,
-            "model" => value.clone_into(&mut self.model),
+            "model" => {
+                value.clone_into(&mut self.model);
+                self.model_pinned = true;
+            }
             "api_key" => self.api_key = Secret::non_empty(Some(value.to_owned())),
             "prefix_caching" => self.prefix_caching = parse_bool(key, value)?,
             "cache_min_tokens" => self.cache_min_tokens = parse_num(key, value)?,

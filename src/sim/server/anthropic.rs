@@ -258,7 +258,7 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, _headers: Heade
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", &e),
     };
     let model = body.get("model").and_then(Value::as_str).unwrap_or_default();
-    if model != state.config.model {
+    if !state.config.serves(model) {
         return error(StatusCode::NOT_FOUND, "not_found_error", &format!("model: {model}"));
     }
     let (parsed, behaviour) = match parse(&body).and_then(|p| Ok((p, request_behaviour(&state, &body)?))) {
@@ -287,7 +287,7 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, _headers: Heade
     state.stats.record_prompt_cache(creation, read);
     let input_tokens = g.prompt_tokens - creation - read;
     let id = format!("msg_{:024x}", u128::from(state.stats.next_id()) ^ (u128::from(hash_bytes(&raw)) << 32));
-    let model = state.config.model.clone();
+    let model = state.config.answer_model(body.get("model").and_then(Value::as_str));
     let usage = move |output: usize| {
         json!({"input_tokens": input_tokens, "cache_creation_input_tokens": creation,
                "cache_read_input_tokens": read, "output_tokens": output})

@@ -111,7 +111,7 @@ pub(crate) async fn chat(State(state): State<Arc<AppState>>, _headers: HeaderMap
     };
     let model = body.get("model").and_then(Value::as_str).unwrap_or_default();
     // Ollama accepts a missing `:latest` tag.
-    if model != state.config.model && model.strip_suffix(":latest") != Some(state.config.model.as_str()) {
+    if !state.config.serves(model) && !model.strip_suffix(":latest").is_some_and(|m| state.config.serves(m)) {
         return error(StatusCode::NOT_FOUND, &format!("model \"{model}\" not found, try pulling it first"));
     }
     let ((req, num_predict), behaviour) = match parse(&body).and_then(|p| Ok((p, request_behaviour(&state, &body)?))) {
@@ -127,7 +127,7 @@ pub(crate) async fn chat(State(state): State<Arc<AppState>>, _headers: HeaderMap
         Ok(g) => g,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
-    let model = state.config.model.clone();
+    let model = state.config.answer_model(body.get("model").and_then(Value::as_str));
     if body.get("stream").and_then(Value::as_bool).unwrap_or(true) {
         let (mut sink, stream_body) = FrameSink::new(&decision, {
             // Ollama sends a tool call as one line once its arguments are complete.

@@ -55,7 +55,7 @@ fn with_request_id(mut response: Response, rid: &str) -> Response {
 /// Common checks: `model` names the served model, `n` is 1; the error response if not.
 fn check_common(state: &AppState, body: &Value) -> Option<Response> {
     let model = body.get("model").and_then(Value::as_str).unwrap_or_default();
-    if model != state.config.model {
+    if !state.config.serves(model) {
         return Some(error(StatusCode::NOT_FOUND, &format!("The model `{model}` does not exist."), Some("model")));
     }
     match body.get("n") {
@@ -252,7 +252,7 @@ async fn chat_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Response {
     };
     let id = format!("chatcmpl-{rid}");
     let created = unix_now();
-    let model = state.config.model.clone();
+    let model = state.config.answer_model(body.get("model").and_then(Value::as_str));
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         let (mut sink, stream_body) = FrameSink::new(&decision, g.streamed_pieces().0 + 3);
         let usage = include_usage(&body);
@@ -396,7 +396,7 @@ async fn completions_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Respo
     };
     let id = format!("cmpl-{rid}");
     let created = unix_now();
-    let model = state.config.model.clone();
+    let model = state.config.answer_model(body.get("model").and_then(Value::as_str));
     let reason_of = |g: &Generation| if g.truncated() { "length" } else { "stop" };
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         let expected = gens.iter().map(|g| g.streamed_pieces().0 + 1).sum::<usize>() + 2;
