@@ -532,12 +532,13 @@ class _Driver:
         self.checked = pending is not None
         self.queue: asyncio.Queue[list[Result] | None] = asyncio.Queue()
         self.failure: BaseException | None = None
-        number = batch._run_started(self)
         self.started = started = time.perf_counter()
         loop = asyncio.get_running_loop()
         fd = run.wake_fd()
         finished = False
         ticker = loop.create_task(self._tick()) if self.on_progress is not None else None
+        # Registered where the `finally` below is sure to retire it.
+        number = batch._run_started(self)
         try:
             self._feed(run.window)
             loop.add_reader(fd, self._on_wake)
