@@ -126,11 +126,14 @@ fn bench(c: &mut Criterion) {
             let mut assembler = AnthropicStreamAssembler::without_text_deltas();
             let mut events: Vec<StreamEvent> = Vec::new();
             for piece in anthropic.chunks(PIECE) {
-                parser.feed_with(black_box(piece), |event| {
+                let fed = parser.feed_with(black_box(piece), |event| {
                     if let Err(e) = assembler.push_event(&event, &mut events) {
                         panic!("benchmark stream is valid: {e}");
                     }
                 });
+                if let Err(e) = fed {
+                    panic!("benchmark stream is within the limit: {e}");
+                }
                 events.clear();
             }
             black_box(assembler.finish(parser.finish()).map(|r| r.content.len()))

@@ -63,7 +63,7 @@ fn bench(c: &mut Criterion) {
             let mut parser = SseParser::new();
             let mut bytes = 0usize;
             for piece in sse.chunks(PIECE) {
-                parser.feed_with(black_box(piece), |event| bytes += event.data.len());
+                parser.feed_with(black_box(piece), |event| bytes += event.data.len()).expect("within the limit");
             }
             black_box((bytes, parser.finish()))
         });
@@ -74,11 +74,13 @@ fn bench(c: &mut Criterion) {
             let mut assembler = ChatStreamAssembler::without_text_deltas();
             let mut events: Vec<StreamEvent> = Vec::new();
             for piece in sse.chunks(PIECE) {
-                parser.feed_with(black_box(piece), |event| {
-                    if let Err(e) = assembler.push_event(&event, &mut events) {
-                        panic!("benchmark stream is valid: {e}");
-                    }
-                });
+                parser
+                    .feed_with(black_box(piece), |event| {
+                        if let Err(e) = assembler.push_event(&event, &mut events) {
+                            panic!("benchmark stream is valid: {e}");
+                        }
+                    })
+                    .expect("within the limit");
                 events.clear();
             }
             black_box(assembler.finish(parser.finish()).map(|r| r.content.len()))
@@ -91,7 +93,7 @@ fn bench(c: &mut Criterion) {
             let mut parser = NdjsonParser::new();
             let mut bytes = 0usize;
             for piece in ndjson.chunks(PIECE) {
-                parser.feed_with(black_box(piece), |line| bytes += line.len());
+                parser.feed_with(black_box(piece), |line| bytes += line.len()).expect("within the limit");
             }
             black_box((bytes, parser.finish()))
         });

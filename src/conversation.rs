@@ -118,6 +118,40 @@ pub struct ChatResponse {
     pub ttft: Option<Duration>,
 }
 
+/// Which time limit ended a call: each is a setting of its own, and the error names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutKind {
+    /// No connection to the server within `connect_timeout`.
+    Connect,
+    /// No byte of the answer for `idle_timeout` (a stalled stream).
+    Idle,
+    /// The whole model call, answer included, took longer than `call_timeout`.
+    Call,
+    /// The whole job, every turn and tool call, took longer than `agent_timeout`.
+    Agent,
+}
+
+impl TimeoutKind {
+    /// The setting that bounds it.
+    pub fn setting(self) -> &'static str {
+        match self {
+            Self::Connect => "connect_timeout",
+            Self::Idle => "idle_timeout",
+            Self::Call => "call_timeout",
+            Self::Agent => "agent_timeout",
+        }
+    }
+
+    fn meaning(self) -> &'static str {
+        match self {
+            Self::Connect => "no connection to the server within it",
+            Self::Idle => "no byte from the server within it",
+            Self::Call => "the model call did not finish within it",
+            Self::Agent => "the job did not finish within it",
+        }
+    }
+}
+
 /// A failed model call. `retryable()` decides whether the scheduler tries again.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum BackendError {
@@ -127,8 +161,8 @@ pub enum BackendError {
     Server { status: u16, message: String },
     #[error("engine overloaded: {0}")]
     Overloaded(String),
-    #[error("request timed out after {0:?}")]
-    Timeout(Duration),
+    #[error("{} ({after:?}) fired: {}", which.setting(), which.meaning())]
+    Timeout { which: TimeoutKind, after: Duration },
     #[error("connection failed: {0}")]
     Connection(String),
     #[error("malformed response: {0}")]
@@ -148,7 +182,7 @@ impl BackendError {
             Self::RateLimited { .. }
                 | Self::Server { .. }
                 | Self::Overloaded(_)
-                | Self::Timeout(_)
+                | Self::Timeout { .. }
                 | Self::Connection(_)
                 | Self::Protocol(_)
         )
@@ -172,7 +206,7 @@ impl BackendError {
             Self::RateLimited { .. } => "rate_limited",
             Self::Server { .. } => "server_error",
             Self::Overloaded(_) => "overloaded",
-            Self::Timeout(_) => "timeout",
+            Self::Timeout { .. } => "timeout",
             Self::Connection(_) => "connection",
             Self::Protocol(_) => "protocol",
             Self::Rejected { .. } => "rejected",

@@ -164,6 +164,10 @@ pub struct BatchSpec {
     pub validation_retries: u32,
     pub call_timeout: Duration,
     pub agent_timeout: Option<Duration>,
+    /// Longest wait for the next bytes of a model's answer.
+    pub idle_timeout: Duration,
+    /// Most bytes of one answer read from a server.
+    pub max_response_bytes: usize,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f64>,
     /// Stream model calls. `None` (the default): stream when tools are offered (so a tool call can
@@ -202,6 +206,10 @@ struct RawSpec {
     call_timeout: f64,
     #[serde(default)]
     agent_timeout: Option<f64>,
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout: f64,
+    #[serde(default = "default_max_response_bytes")]
+    max_response_bytes: u64,
     #[serde(default)]
     max_tokens: Option<u32>,
     #[serde(default)]
@@ -229,9 +237,18 @@ fn default_validation_retries() -> u32 {
 fn default_call_timeout() -> f64 {
     600.0
 }
+fn default_idle_timeout() -> f64 {
+    crate::limits::DEFAULT_IDLE_TIMEOUT.as_secs_f64()
+}
+fn default_max_response_bytes() -> u64 {
+    crate::limits::DEFAULT_MAX_RESPONSE_BYTES as u64
+}
 fn default_true() -> bool {
     true
 }
+
+/// Smallest `max_response_bytes`: below it no real answer fits.
+const MIN_RESPONSE_BYTES: usize = 1024;
 
 fn seconds(field: &'static str, value: f64) -> Result<Duration, SpecError> {
     Duration::try_from_secs_f64(value)
@@ -288,6 +305,14 @@ impl BatchSpec {
             validation_retries: raw.validation_retries,
             call_timeout: seconds("call_timeout", raw.call_timeout)?,
             agent_timeout: raw.agent_timeout.map(|s| seconds("agent_timeout", s)).transpose()?,
+            idle_timeout: seconds("idle_timeout", raw.idle_timeout)?,
+            max_response_bytes: usize::try_from(raw.max_response_bytes)
+                .ok()
+                .filter(|&n| n >= MIN_RESPONSE_BYTES)
+                .ok_or_else(|| SpecError::Invalid {
+                    field: "max_response_bytes",
+                    message: format!("{} is not a size from {MIN_RESPONSE_BYTES} bytes up", raw.max_response_bytes),
+                })?,
             max_tokens: raw.max_tokens,
             temperature: raw.temperature,
             stream: raw.stream,

@@ -37,7 +37,7 @@ fn parse_split(bytes: &[u8], cuts: &[usize]) -> Outcome {
     let mut events = Vec::new();
     let mut start = 0;
     for &end in cuts.iter().chain(std::iter::once(&bytes.len())) {
-        for ev in sse.feed(&bytes[start..end]) {
+        for ev in sse.feed(&bytes[start..end]).unwrap() {
             if let Err(e) = asm.push_event(&ev, &mut events) {
                 return (events, Err(e));
             }

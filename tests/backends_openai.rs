@@ -16,7 +16,7 @@ use axum::Router;
 use batchagent::backends::openai::{Flavour, OpenAiBackend};
 use batchagent::backends::url::{connect, BackendOptions};
 use batchagent::backends::{AgentHints, Backend, BackendError, ChatRequest, StreamEvent};
-use batchagent::conversation::{Message, ToolCall, ToolDef, Usage};
+use batchagent::conversation::{Message, TimeoutKind, ToolCall, ToolDef, Usage};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};
 
@@ -331,7 +331,9 @@ async fn cut_reset_timeout_and_refused() {
     assert!(matches!(reset, BackendError::Connection(_)), "{reset:?}");
     let quick = BackendOptions { request_timeout: Duration::from_millis(300), ..options() };
     let impatient = connect(&format!("vllm://{addr}"), &quick).unwrap();
-    assert_eq!(chat_err(impatient.as_ref(), "hang").await, BackendError::Timeout(Duration::from_millis(300)));
+    let timeout = chat_err(impatient.as_ref(), "hang").await;
+    assert_eq!(timeout, BackendError::Timeout { which: TimeoutKind::Call, after: Duration::from_millis(300) });
+    assert!(timeout.to_string().starts_with("call_timeout (300ms) fired"), "{timeout}");
 
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let closed_addr = closed.local_addr().unwrap();

@@ -186,7 +186,7 @@ async fn bodies_cut_short_and_garbage_are_errors() {
     let short = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this";
     let cut_chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n10\r\nabc";
     let garbage = b"SMTP ready\r\n\r\n";
-    // A length no memory could hold: read as far as the connection goes, not allocated up front.
+    // A length no memory could hold: refused by the size limit before anything is allocated.
     let absurd = b"HTTP/1.1 200 OK\r\ncontent-length: 999999999999\r\n\r\nabc";
     let (_script, port) = serve(vec![
         (short, After::Close),
@@ -199,7 +199,7 @@ async fn bodies_cut_short_and_garbage_are_errors() {
     assert!(matches!(body_of(&client, "/").await, Err(H1Error::Truncated)));
     assert!(matches!(body_of(&client, "/").await, Err(H1Error::Truncated)));
     assert!(matches!(body_of(&client, "/").await, Err(H1Error::Protocol(_))));
-    assert!(matches!(body_of(&client, "/").await, Err(H1Error::Truncated)));
+    assert!(matches!(body_of(&client, "/").await, Err(H1Error::TooLarge(_))));
 }
 
 #[tokio::test]

@@ -32,7 +32,8 @@ fn assemble(bytes: &[u8], cuts: &[usize]) -> Outcome {
             if failure.is_none() {
                 failure = assembler.push_event(&event, &mut events).err();
             }
-        });
+        })
+        .unwrap();
         if let Some(e) = failure {
             return (events, Err(e));
         }
@@ -183,7 +184,7 @@ fn a_stream_without_finish_or_done_is_a_retryable_protocol_error() {
         assert!(err.retryable());
     }
     let mut p = SseParser::new();
-    p.feed(&text.as_bytes()[..cut + 20]);
+    p.feed(&text.as_bytes()[..cut + 20]).unwrap();
     assert_eq!(p.finish(), StreamEnd::Truncated);
 }
 
@@ -237,7 +238,7 @@ proptest! {
         let mut lines = Vec::new();
         let mut start = 0;
         for cut in cuts {
-            lines.extend(parser.feed(&bytes[start..cut]));
+            lines.extend(parser.feed(&bytes[start..cut]).unwrap());
             start = cut;
         }
         let (last, end) = parser.finish();

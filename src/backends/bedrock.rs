@@ -14,11 +14,13 @@ use tokio::sync::mpsc;
 
 use super::aws_credentials::{self, AwsCredentials};
 use super::call::{arguments_object, replay_events};
-use super::http::parse_retry_after;
+use super::http::{limited_body, parse_retry_after, redirect_error, BodyError};
 use super::sigv4::{self, SignableRequest, SigningScope};
 use super::url::BackendOptions;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
+use crate::conversation::TimeoutKind;
 use crate::conversation::{Message, Role, ToolCall, Usage};
+use crate::limits::{stream_index, TooLarge, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_RESPONSE_BYTES};
 use crate::stream::eventstream::{EventStreamDecoder, Message as EventMessage};
 
 const SERVICE: &str = "bedrock";
@@ -56,6 +58,10 @@ pub struct BedrockOptions {
     /// Whole model call, body included.
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Longest wait for the next bytes of the answer (`idle_timeout`); `None`: no limit.
+    pub idle_timeout: Option<Duration>,
+    /// Most bytes of one answer (`max_response_bytes`).
+    pub max_response_bytes: usize,
     /// `max_tokens` when the request gives none.
     pub default_max_tokens: u32,
     /// `None`: add `cachePoint`s for models on the allow-list; `Some(b)`: always / never.
@@ -67,6 +73,8 @@ impl Default for BedrockOptions {
         Self {
             request_timeout: Duration::from_secs(600),
             connect_timeout: Duration::from_secs(10),
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             default_max_tokens: 4096,
             prompt_caching: None,
         }
@@ -74,9 +82,15 @@ impl Default for BedrockOptions {
 }
 
 impl From<&BackendOptions> for BedrockOptions {
-    /// The timeouts; Bedrock takes no API key or extra headers (requests are signed).
+    /// The timeouts and limits; Bedrock takes no API key or extra headers (requests are signed).
     fn from(options: &BackendOptions) -> Self {
-        Self { request_timeout: options.request_timeout, connect_timeout: options.connect_timeout, ..Self::default() }
+        Self {
+            request_timeout: options.request_timeout,
+            connect_timeout: options.connect_timeout,
+            idle_timeout: options.idle_timeout,
+            max_response_bytes: options.max_response_bytes,
+            ..Self::default()
+        }
     }
 }
 
@@ -128,6 +142,8 @@ impl BedrockBackend {
             (None, _) => return Err(BackendError::Config(format!("Bedrock endpoint {endpoint:?} has no host"))),
         };
         let client = reqwest::Client::builder()
+            // A redirect would carry the signed headers to wherever it points.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(options.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
@@ -224,11 +240,19 @@ impl BedrockBackend {
             .send()
             .await
             .map_err(|e| self.transport_error(&e))?;
+        if response.status().is_redirection() {
+            let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok());
+            return Err(redirect_error(response.status().as_u16(), location));
+        }
         if !response.status().is_success() {
             return Err(http_error(response).await);
         }
+        let (limit, idle) = (self.options.max_response_bytes, self.options.idle_timeout);
         if !request.stream {
-            let body = response.bytes().await.map_err(|e| self.transport_error(&e))?;
+            let body = limited_body(response, limit, idle).await.map_err(|e| match e {
+                BodyError::Transport(e) => self.transport_error(&e),
+                other => other.into_backend(),
+            })?;
             let resp = parse_converse(&body)?;
             if let Some(tx) = &events {
                 replay_events(&resp, tx, request.text_deltas);
@@ -244,7 +268,19 @@ impl BedrockBackend {
         let mut messages = Vec::new();
         let mut out = Vec::new();
         let mut ttft = None;
-        while let Some(chunk) = response.chunk().await.map_err(|e| self.transport_error(&e))? {
+        let mut received = 0usize;
+        loop {
+            let chunk = match idle {
+                None => response.chunk().await,
+                Some(after) => tokio::time::timeout(after, response.chunk())
+                    .await
+                    .map_err(|_| BackendError::Timeout { which: TimeoutKind::Idle, after })?,
+            };
+            let Some(chunk) = chunk.map_err(|e| self.transport_error(&e))? else { break };
+            received = received.saturating_add(chunk.len());
+            if received > limit {
+                return Err(TooLarge { what: "the ConverseStream body", limit }.into());
+            }
             messages.clear();
             decoder
                 .feed_into(&chunk, &mut messages)
@@ -286,7 +322,11 @@ impl BedrockBackend {
             source = cause.source();
         }
         if err.is_timeout() {
-            BackendError::Timeout(self.options.request_timeout)
+            if err.is_connect() {
+                BackendError::Timeout { which: TimeoutKind::Connect, after: self.options.connect_timeout }
+            } else {
+                BackendError::Timeout { which: TimeoutKind::Call, after: self.options.request_timeout }
+            }
         } else {
             BackendError::Connection(text)
         }
@@ -642,7 +682,10 @@ impl ConverseStreamAssembler {
                 clip(&String::from_utf8_lossy(&message.payload))
             ))
         })?;
-        let index = || payload.content_block_index.ok_or_else(|| missing(event_type, "contentBlockIndex"));
+        let index = || {
+            let index = payload.content_block_index.ok_or_else(|| missing(event_type, "contentBlockIndex"))?;
+            stream_index(index, "ConverseStream content block")
+        };
         match event_type {
             "contentBlockStart" => {
                 let index = index()?;
@@ -708,11 +751,14 @@ impl ConverseStreamAssembler {
         Ok(())
     }
 
+    /// `index` has been bounded by [`stream_index`]: the vector grows to at most that.
     fn set_block(&mut self, index: usize, block: StreamBlock) {
         if self.blocks.len() <= index {
-            self.blocks.resize_with(index + 1, || None);
+            self.blocks.resize_with(index.saturating_add(1), || None);
         }
-        self.blocks[index] = Some(block);
+        if let Some(slot) = self.blocks.get_mut(index) {
+            *slot = Some(block);
+        }
     }
 
     fn mark_first_token(&mut self, out: &mut Vec<StreamEvent>) {

@@ -10,13 +10,16 @@ use tokio::sync::mpsc;
 
 use super::http::{HttpClient, Response};
 use super::{BackendError, ChatResponse, StreamEvent};
+use crate::conversation::TimeoutKind;
 
-/// Runs one model call under its overall time limit.
+/// Runs one model call under its overall time limit (`call_timeout`).
 pub async fn with_call_timeout<T>(
     limit: Duration,
     call: impl Future<Output = Result<T, BackendError>>,
 ) -> Result<T, BackendError> {
-    tokio::time::timeout(limit, call).await.unwrap_or(Err(BackendError::Timeout(limit)))
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or(Err(BackendError::Timeout { which: TimeoutKind::Call, after: limit }))
 }
 
 /// A non-streamed answer: the whole body, checked to be UTF-8 (`what` names it in the error),

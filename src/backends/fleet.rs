@@ -11,7 +11,9 @@ use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::http::limited_body;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
+use crate::conversation::TimeoutKind;
 use crate::limits::AdaptiveLimit;
 use crate::prefix::prefix_keys;
 
@@ -95,6 +97,9 @@ pub struct Fleet {
     prober: JoinHandle<()>,
 }
 
+/// Largest `/v1/models` answer read (a list of model names).
+const MAX_MODEL_LIST: usize = 4 * 1024 * 1024;
+
 /// Prefix keys remembered; beyond this the map is cleared (new arrivals re-learn their endpoint).
 const MAX_AFFINITY_KEYS: usize = 100_000;
 
@@ -106,6 +111,7 @@ impl Fleet {
             return Err(BackendError::Config("a fleet needs at least one endpoint".into()));
         }
         let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| BackendError::Config(format!("HTTP client: {e}")))?;
@@ -226,9 +232,33 @@ impl Drop for Fleet {
     }
 }
 
-/// Failures that say "this endpoint is gone", as opposed to "this request failed".
+/// Failures that say "this endpoint is gone", as opposed to "this request failed": the call can
+/// move to another endpoint at once.
 fn endpoint_failed(error: &BackendError) -> bool {
     matches!(error, BackendError::Connection(_))
+}
+
+/// A call that ran out of time: the endpoint is down for health (a frozen server accepts and never
+/// answers), but the call's time is spent, so it ends here and its retry goes elsewhere.
+fn endpoint_stalled(error: &BackendError) -> bool {
+    matches!(error, BackendError::Timeout { which: TimeoutKind::Connect | TimeoutKind::Idle | TimeoutKind::Call, .. })
+}
+
+/// One call's place in an endpoint's outstanding count, given back on every exit path: a result,
+/// an error, or the caller dropping the call (its own timeout, a cancelled run).
+struct Outstanding<'a>(&'a AtomicUsize);
+
+impl<'a> Outstanding<'a> {
+    fn take(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 impl Backend for Fleet {
@@ -254,10 +284,10 @@ impl Backend for Fleet {
             let mut tried = Vec::new();
             let mut last_error = None;
             while let Some(i) = self.pick(&request.model, &keys, &tried) {
-                let endpoint = &self.endpoints[i];
-                endpoint.outstanding.fetch_add(1, Relaxed);
+                let Some(endpoint) = self.endpoints.get(i) else { break };
+                let outstanding = Outstanding::take(&endpoint.outstanding);
                 let outcome = endpoint.backend.chat(request.clone(), events.clone()).await;
-                endpoint.outstanding.fetch_sub(1, Relaxed);
+                drop(outstanding);
                 match outcome {
                     Ok(response) => {
                         endpoint.served.fetch_add(1, Relaxed);
@@ -270,6 +300,10 @@ impl Backend for Fleet {
                         endpoint.failovers.fetch_add(1, Relaxed);
                         tried.push(i);
                         last_error = Some(error);
+                    }
+                    Err(error) if endpoint_stalled(&error) => {
+                        endpoint.up.store(false, Relaxed);
+                        return Err(error);
                     }
                     Err(error) => {
                         if error.is_throttle() {
@@ -309,7 +343,7 @@ async fn fetch_models(
     if !response.status().is_success() {
         return None;
     }
-    let bytes = response.bytes().await.ok()?;
+    let bytes = limited_body(response, MAX_MODEL_LIST, None).await.ok()?;
     let body: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     let ids = body.get("data")?.as_array()?.iter().filter_map(|m| m.get("id")?.as_str().map(str::to_owned)).collect();
     Some(ids)

@@ -12,6 +12,10 @@
 //! transfer coding before `Content-Length`, and read-until-close otherwise. A pooled connection the
 //! server closed while idle is noticed when taken (its socket reads as closed) or, failing that,
 //! when the request gets no answer byte at all; then the request goes once more on a new connection.
+//!
+//! Redirects are never followed (a 3xx is handed up like any other status). A body longer than
+//! `max_response_bytes` (announced or actually sent) is an error, and so is a read that waits
+//! longer than the idle timeout.
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -20,6 +24,8 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::limits::{TooLarge, DEFAULT_MAX_RESPONSE_BYTES};
 
 /// Largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -33,8 +39,6 @@ const MAX_IDLE: usize = 1024;
 /// 5 to 75 s; uvicorn, which serves vLLM, after 5).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 const READ_SIZE: usize = 16 * 1024;
-/// Largest body buffer allocated up front from a `Content-Length`.
-const MAX_PRESIZE: u64 = 16 * 1024 * 1024;
 
 /// Why a call failed below HTTP status level.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +55,10 @@ pub enum H1Error {
     Truncated,
     #[error("invalid HTTP response: {0}")]
     Protocol(String),
+    #[error("{0}")]
+    TooLarge(TooLarge),
+    #[error("no byte from the server for {0:?}")]
+    IdleTimeout(Duration),
 }
 
 /// A server's address, the `Host` header and the headers sent with every request.
@@ -61,6 +69,10 @@ pub struct H1Client {
     /// never printed.
     fixed_headers: Vec<u8>,
     connect_timeout: Duration,
+    /// Most body bytes read for one response.
+    max_body: u64,
+    /// Longest wait for the next bytes of a body; `None`: no limit.
+    read_timeout: Option<Duration>,
     idle: Mutex<Vec<Idle>>,
 }
 
@@ -85,7 +97,24 @@ impl H1Client {
         for (name, value) in headers {
             push_header(&mut fixed_headers, name, value);
         }
-        Self { host: host.to_owned(), port, fixed_headers, connect_timeout, idle: Mutex::new(Vec::new()) }
+        Self {
+            host: host.to_owned(),
+            port,
+            fixed_headers,
+            connect_timeout,
+            max_body: DEFAULT_MAX_RESPONSE_BYTES as u64,
+            read_timeout: None,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Bounds every response body to `max_body` bytes and every wait for body bytes to
+    /// `read_timeout` (`max_response_bytes` and `idle_timeout`).
+    #[must_use]
+    pub fn with_limits(mut self, max_body: usize, read_timeout: Option<Duration>) -> Self {
+        self.max_body = max_body as u64;
+        self.read_timeout = read_timeout;
+        self
     }
 
     /// POSTs `body` (JSON) to `path` with `headers` besides the fixed ones, and reads the answer's
@@ -287,6 +316,8 @@ pub struct H1Response {
     /// `None` once the body is complete (the connection is back in the pool or closed).
     stream: Option<TcpStream>,
     buf: BytesMut,
+    /// Body bytes handed out so far.
+    received: u64,
     client: Arc<H1Client>,
 }
 
@@ -299,6 +330,7 @@ impl H1Response {
             keep_alive: head.keep_alive,
             stream: Some(stream),
             buf,
+            received: 0,
             client,
         };
         if matches!(response.framing, Framing::Length(0)) {
@@ -318,6 +350,34 @@ impl H1Response {
 
     /// The next piece of the body as it arrives; `None` at its end.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, H1Error> {
+        let piece = self.next_piece().await?;
+        if let Some(piece) = &piece {
+            self.count(piece.len())?;
+        }
+        Ok(piece)
+    }
+
+    /// Counts body bytes against the limit; a `Content-Length` over it fails before any is read.
+    #[inline]
+    fn count(&mut self, len: usize) -> Result<(), H1Error> {
+        self.received = self.received.saturating_add(len as u64);
+        let announced = match self.framing {
+            Framing::Length(remaining) => remaining,
+            _ => 0,
+        };
+        if self.received.saturating_add(announced) > self.client.max_body {
+            self.stream = None;
+            return Err(self.too_large());
+        }
+        Ok(())
+    }
+
+    #[cold]
+    fn too_large(&self) -> H1Error {
+        H1Error::TooLarge(TooLarge { what: "the response body", limit: self.client.max_body as usize })
+    }
+
+    async fn next_piece(&mut self) -> Result<Option<Bytes>, H1Error> {
         loop {
             if self.stream.is_none() {
                 return Ok(None);
@@ -326,7 +386,7 @@ impl H1Response {
                 Framing::Length(remaining) => {
                     if !self.buf.is_empty() {
                         let take = (*remaining).min(self.buf.len() as u64);
-                        *remaining -= take;
+                        *remaining = remaining.saturating_sub(take);
                         let data = self.buf.split_to(take as usize).freeze();
                         if *remaining == 0 {
                             self.finish();
@@ -361,9 +421,12 @@ impl H1Response {
     /// The rest of the body in one piece.
     pub async fn bytes(mut self) -> Result<Bytes, H1Error> {
         if let Framing::Length(remaining) = self.framing {
-            // One buffer of the announced size (up to a bound: the size is the server's word), so
-            // no copying of pieces together.
-            let want = remaining.min(MAX_PRESIZE) as usize;
+            if self.received.saturating_add(remaining) > self.client.max_body {
+                return Err(self.too_large());
+            }
+            // One buffer of the announced size (within `max_body`), read into in place: no
+            // copying of pieces together, no regrowth.
+            let want = usize::try_from(remaining).unwrap_or(usize::MAX);
             self.buf.reserve(want.saturating_sub(self.buf.len()));
             while (self.buf.len() as u64) < remaining {
                 if self.fill().await? == 0 {
@@ -383,10 +446,20 @@ impl H1Response {
 
     async fn fill(&mut self) -> Result<usize, H1Error> {
         let Some(stream) = self.stream.as_mut() else { return Ok(0) };
-        if self.buf.capacity() - self.buf.len() < READ_SIZE / 4 {
+        if self.buf.capacity().saturating_sub(self.buf.len()) < READ_SIZE / 4 {
             self.buf.reserve(READ_SIZE);
         }
-        Ok(stream.read_buf(&mut self.buf).await?)
+        match self.client.read_timeout {
+            None => Ok(stream.read_buf(&mut self.buf).await?),
+            Some(limit) => {
+                if let Ok(read) = tokio::time::timeout(limit, stream.read_buf(&mut self.buf)).await {
+                    Ok(read?)
+                } else {
+                    self.stream = None;
+                    Err(H1Error::IdleTimeout(limit))
+                }
+            }
+        }
     }
 
     /// The body is complete: the connection goes back to the pool if it can carry another call.

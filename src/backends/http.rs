@@ -1,6 +1,10 @@
 //! The HTTP layer every HTTP backend shares: one pooled keep-alive client per backend,
 //! timeouts, the mapping of HTTP statuses and transport failures onto [`BackendError`], and
 //! redaction of the API key from everything that can reach a log.
+//!
+//! What a server sends is bounded: no body longer than `max_response_bytes`, no wait for body
+//! bytes longer than `idle_timeout`, and no redirect followed (a 3xx is an error naming where it
+//! pointed), so credentials never travel to another host.
 
 use std::fmt;
 use std::sync::Arc;
@@ -14,6 +18,8 @@ use tokio::sync::mpsc;
 use super::h1::{H1Client, H1Error, H1Response};
 use super::url::BackendOptions;
 use super::{BackendError, ChatResponse, StreamEvent};
+use crate::conversation::TimeoutKind;
+use crate::limits::TooLarge;
 use crate::secret::Secret;
 use crate::stream::sse::SseParser;
 pub use crate::stream::sse::SseTurn;
@@ -44,6 +50,9 @@ pub struct HttpClient {
     headers: HeaderMap,
     secret: Option<Secret>,
     request_timeout: Duration,
+    idle_timeout: Option<Duration>,
+    connect_timeout: Duration,
+    max_response_bytes: usize,
 }
 
 impl fmt::Debug for HttpClient {
@@ -87,14 +96,15 @@ pub struct Endpoint {
 
 /// A response whose status is a success; its body is read through the [`HttpClient`].
 pub enum Response {
-    Reqwest(reqwest::Response),
+    /// With the body bytes read so far (the lean client counts its own).
+    Reqwest(reqwest::Response, usize),
     Fast(H1Response),
 }
 
 impl Response {
     pub fn status(&self) -> u16 {
         match self {
-            Self::Reqwest(r) => r.status().as_u16(),
+            Self::Reqwest(r, _) => r.status().as_u16(),
             Self::Fast(r) => r.status(),
         }
     }
@@ -102,7 +112,7 @@ impl Response {
     /// A header's first value; `name` in lower case.
     pub fn header(&self, name: &str) -> Option<&str> {
         match self {
-            Self::Reqwest(r) => r.headers().get(name).and_then(|v| v.to_str().ok()),
+            Self::Reqwest(r, _) => r.headers().get(name).and_then(|v| v.to_str().ok()),
             Self::Fast(r) => r.header(name),
         }
     }
@@ -147,6 +157,7 @@ impl HttpClient {
             headers.insert(name, value);
         }
         let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(options.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
@@ -171,7 +182,9 @@ impl HttpClient {
                     None => host.to_string(),
                 };
                 let fixed = headers.iter().map(|(name, value)| (name.as_str(), value.as_bytes()));
-                Some(Arc::new(H1Client::new(connect_host, port, &authority, fixed, options.connect_timeout)))
+                let client = H1Client::new(connect_host, port, &authority, fixed, options.connect_timeout)
+                    .with_limits(options.max_response_bytes, options.idle_timeout);
+                Some(Arc::new(client))
             }
             _ => None,
         };
@@ -183,7 +196,15 @@ impl HttpClient {
             headers,
             secret: key.filter(|k| !k.expose().is_empty()),
             request_timeout: options.request_timeout,
+            idle_timeout: options.idle_timeout,
+            connect_timeout: options.connect_timeout,
+            max_response_bytes: options.max_response_bytes,
         })
+    }
+
+    /// Most bytes read of one response body (`max_response_bytes`).
+    pub fn max_response_bytes(&self) -> usize {
+        self.max_response_bytes
     }
 
     pub fn base_url(&self) -> &str {
@@ -241,23 +262,48 @@ impl HttpClient {
                 builder = builder.header(name, value);
             }
             let request = builder.header(CONTENT_TYPE, "application/json").body(post.body);
-            Response::Reqwest(request.send().await.map_err(|e| self.transport_error(&e))?)
+            Response::Reqwest(request.send().await.map_err(|e| self.transport_error(&e))?, 0)
         };
         let status = response.status();
         if (200..300).contains(&status) {
             return Ok(response);
+        }
+        if (300..400).contains(&status) {
+            return Err(self.redact_error(redirect_error(status, response.header("location"))));
         }
         let retry_after = response.header("retry-after").map(str::to_owned);
         let body = self.read_error_body(response).await;
         Err(self.redact_error(status_error(status, retry_after.as_deref(), &body, SystemTime::now())))
     }
 
-    /// The next piece of a response body; `None` at its end. A failed read is a connection error.
+    /// The next piece of a response body; `None` at its end. A failed read is a connection error,
+    /// a body longer than `max_response_bytes` a protocol error, a wait longer than
+    /// `idle_timeout` a timeout.
     pub async fn next_chunk(&self, response: &mut Response) -> Result<Option<Bytes>, BackendError> {
         match response {
-            Response::Reqwest(r) => r.chunk().await.map_err(|e| self.transport_error(&e)),
+            Response::Reqwest(r, received) => {
+                let chunk = match self.idle_timeout {
+                    None => r.chunk().await,
+                    Some(limit) => tokio::time::timeout(limit, r.chunk())
+                        .await
+                        .map_err(|_| BackendError::Timeout { which: TimeoutKind::Idle, after: limit })?,
+                }
+                .map_err(|e| self.transport_error(&e))?;
+                if let Some(piece) = &chunk {
+                    *received = received.saturating_add(piece.len());
+                    if *received > self.max_response_bytes {
+                        return Err(self.too_large().into());
+                    }
+                }
+                Ok(chunk)
+            }
             Response::Fast(r) => r.chunk().await.map_err(|e| self.h1_error(&e)),
         }
+    }
+
+    #[cold]
+    fn too_large(&self) -> TooLarge {
+        TooLarge { what: "the response body", limit: self.max_response_bytes }
     }
 
     /// Reads an SSE body into one turn: events are parsed as the bytes come, handed on to
@@ -270,7 +316,7 @@ impl HttpClient {
         events: Option<&mpsc::UnboundedSender<StreamEvent>>,
         started: Instant,
     ) -> Result<ChatResponse, BackendError> {
-        let mut sse = SseParser::new();
+        let mut sse = SseParser::with_limit(self.max_response_bytes);
         let mut out = Vec::new();
         let mut ttft = None;
         let mut failure = None;
@@ -281,7 +327,7 @@ impl HttpClient {
                         failure = Some(e);
                     }
                 }
-            });
+            })?;
             for event in out.drain(..) {
                 if ttft.is_none() && event == StreamEvent::FirstToken {
                     ttft = Some(started.elapsed());
@@ -299,11 +345,18 @@ impl HttpClient {
         Ok(turn)
     }
 
-    /// The whole body of a successful response.
+    /// The whole body of a successful response, within `max_response_bytes`.
     pub async fn read_body(&self, response: Response) -> Result<Bytes, BackendError> {
         match response {
-            Response::Reqwest(r) => r.bytes().await.map_err(|e| self.transport_error(&e)),
             Response::Fast(r) => r.bytes().await.map_err(|e| self.h1_error(&e)),
+            Response::Reqwest(r, _) => {
+                let limit = self.max_response_bytes;
+                let idle = self.idle_timeout;
+                limited_body(r, limit, idle).await.map_err(|e| match e {
+                    BodyError::Transport(e) => self.transport_error(&e),
+                    other => other.into_backend(),
+                })
+            }
         }
     }
 
@@ -322,7 +375,9 @@ impl HttpClient {
     #[cold]
     fn h1_error(&self, err: &H1Error) -> BackendError {
         match err {
-            H1Error::ConnectTimeout(limit) => BackendError::Timeout(*limit),
+            H1Error::ConnectTimeout(limit) => BackendError::Timeout { which: TimeoutKind::Connect, after: *limit },
+            H1Error::IdleTimeout(limit) => BackendError::Timeout { which: TimeoutKind::Idle, after: *limit },
+            H1Error::TooLarge(e) => (*e).into(),
             H1Error::Protocol(_) => BackendError::Protocol(self.redact(&err.to_string())),
             _ => BackendError::Connection(self.redact(&format!("error sending request: {err}"))),
         }
@@ -333,7 +388,9 @@ impl HttpClient {
     pub fn transport_error(&self, err: &reqwest::Error) -> BackendError {
         let message = self.redact(&error_chain(err));
         if err.is_timeout() {
-            BackendError::Timeout(self.request_timeout)
+            let which = if err.is_connect() { TimeoutKind::Connect } else { TimeoutKind::Call };
+            let after = if err.is_connect() { self.connect_timeout } else { self.request_timeout };
+            BackendError::Timeout { which, after }
         } else if err.is_builder() {
             BackendError::Config(message)
         } else {
@@ -364,7 +421,7 @@ impl HttpClient {
             BackendError::Connection(m) => BackendError::Connection(self.redact(&m)),
             BackendError::Protocol(m) => BackendError::Protocol(self.redact(&m)),
             BackendError::Config(m) => BackendError::Config(self.redact(&m)),
-            other @ (BackendError::RateLimited { .. } | BackendError::Timeout(_)) => other,
+            other @ (BackendError::RateLimited { .. } | BackendError::Timeout { .. }) => other,
         }
     }
 }
@@ -391,6 +448,80 @@ fn strip_url(err: &reqwest::Error) -> String {
     match text.find(" for url (") {
         Some(i) => text[..i].to_owned(),
         None => text,
+    }
+}
+
+/// A reqwest body read into one buffer, within `limit` bytes and `idle` between pieces: reqwest's
+/// own `bytes()` has no bound. A body that arrives in one piece is returned without a copy.
+pub async fn limited_body(
+    mut response: reqwest::Response,
+    limit: usize,
+    idle: Option<Duration>,
+) -> Result<Bytes, BodyError> {
+    let announced = response.content_length().unwrap_or(0);
+    if announced > limit as u64 {
+        return Err(BodyError::TooLarge(TooLarge { what: "the response body", limit }));
+    }
+    let mut first: Option<Bytes> = None;
+    let mut out = bytes::BytesMut::new();
+    loop {
+        let piece = match idle {
+            None => response.chunk().await,
+            Some(after) => tokio::time::timeout(after, response.chunk()).await.map_err(|_| BodyError::Idle(after))?,
+        }
+        .map_err(BodyError::Transport)?;
+        let Some(piece) = piece else { break };
+        let have = first.as_ref().map_or(out.len(), Bytes::len);
+        if have.saturating_add(piece.len()) > limit {
+            return Err(BodyError::TooLarge(TooLarge { what: "the response body", limit }));
+        }
+        match first.take() {
+            None if out.is_empty() => first = Some(piece),
+            None => out.extend_from_slice(&piece),
+            Some(head) => {
+                // Announced sizes are within `limit`: the one buffer is sized once.
+                out.reserve((announced as usize).max(head.len().saturating_add(piece.len())));
+                out.extend_from_slice(&head);
+                out.extend_from_slice(&piece);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| out.freeze()))
+}
+
+/// Why [`limited_body`] failed.
+#[derive(Debug)]
+pub enum BodyError {
+    Transport(reqwest::Error),
+    TooLarge(TooLarge),
+    Idle(Duration),
+}
+
+impl BodyError {
+    /// As a [`BackendError`]; a transport failure without the URL (which can carry a query).
+    #[cold]
+    pub fn into_backend(self) -> BackendError {
+        match self {
+            Self::Transport(e) => BackendError::Connection(error_chain(&e)),
+            Self::TooLarge(e) => e.into(),
+            Self::Idle(after) => BackendError::Timeout { which: TimeoutKind::Idle, after },
+        }
+    }
+}
+
+/// A 3xx answer: redirects are not followed for API calls (a credential would travel with the
+/// request), so the error says where the server pointed, by host only.
+#[cold]
+pub fn redirect_error(status: u16, location: Option<&str>) -> BackendError {
+    let target = match location.map(|l| (l, reqwest::Url::parse(l))) {
+        Some((_, Ok(url))) => format!("to host {}", url.host_str().unwrap_or("(none)")),
+        Some((l, Err(_))) if l.starts_with('/') => "to a path on the same host".to_owned(),
+        Some(_) => "to an unparsable Location".to_owned(),
+        None => "without a Location".to_owned(),
+    };
+    BackendError::Rejected {
+        status,
+        message: format!("the server redirected {target}; redirects are not followed for API calls"),
     }
 }
 

@@ -10,6 +10,11 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::http::{limited_body, BodyError};
+
+/// Largest `/metrics` page read (vLLM's is tens of kilobytes).
+const MAX_METRICS_BODY: usize = 8 * 1024 * 1024;
+
 /// One reading of an engine's metrics. Missing metrics are `None`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct EngineMetrics {
@@ -94,7 +99,13 @@ impl MetricsWatcher {
         let errors = Arc::new(Mutex::new(None));
         let last_error = errors.clone();
         let task = tokio::spawn(async move {
-            let Ok(client) = reqwest::Client::builder().timeout(Duration::from_secs(5)).build() else { return };
+            let Ok(client) = reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(Duration::from_secs(5))
+                .build()
+            else {
+                return;
+            };
             loop {
                 match scrape(&client, &source).await {
                     Ok(metrics) => {
@@ -186,7 +197,10 @@ async fn scrape(client: &reqwest::Client, source: &MetricsSource) -> Result<Engi
     if !response.status().is_success() {
         return Err(format!("GET {url}: HTTP {}", response.status().as_u16()));
     }
-    let body = response.bytes().await.map_err(|e| format!("GET {url}: {}", e.without_url()))?;
+    let body = limited_body(response, MAX_METRICS_BODY, None).await.map_err(|e| match e {
+        BodyError::Transport(e) => format!("GET {url}: {}", e.without_url()),
+        other => format!("GET {url}: {}", other.into_backend()),
+    })?;
     Ok(parse(&String::from_utf8_lossy(&body)))
 }
 

@@ -231,13 +231,13 @@ impl OllamaBackend {
             };
             return whole_turn(&self.http, response, "ollama", parse, events.as_ref(), request.text_deltas).await;
         }
-        let mut lines = NdjsonParser::new();
+        let mut lines = NdjsonParser::with_limit(self.http.max_response_bytes());
         let mut ttft = None;
         let mut failure = None;
         loop {
             let chunk = self.http.next_chunk(&mut response).await?;
             match &chunk {
-                Some(bytes) => lines.feed_with(bytes, |line| turn.push_line_once(line, &mut out, &mut failure)),
+                Some(bytes) => lines.feed_with(bytes, |line| turn.push_line_once(line, &mut out, &mut failure))?,
                 None => {
                     if lines.finish_with(|line| turn.push_line_once(line, &mut out, &mut failure))
                         == StreamEnd::Truncated

@@ -10,6 +10,7 @@ use super::bedrock::BedrockBackend;
 use super::ollama::OllamaBackend;
 use super::openai::{Flavour, OpenAiBackend};
 use super::{Backend, BackendError};
+use crate::limits::{DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_RESPONSE_BYTES};
 use crate::secret::{display_url, Secret};
 
 /// How to reach a backend. `api_key: None` means "from the environment, if the scheme has a
@@ -17,9 +18,13 @@ use crate::secret::{display_url, Secret};
 #[derive(Clone)]
 pub struct BackendOptions {
     pub api_key: Option<Secret>,
-    /// Whole model call, body included.
+    /// Whole model call, body included (`call_timeout`).
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Longest wait for the next bytes of a response body (`idle_timeout`); `None`: no limit.
+    pub idle_timeout: Option<Duration>,
+    /// Most bytes of one response body (`max_response_bytes`).
+    pub max_response_bytes: usize,
     /// Send NVIDIA Dynamo `nvext.agent_hints` when a request carries hints.
     pub agent_hints: bool,
     pub extra_headers: Vec<(String, String)>,
@@ -31,6 +36,8 @@ impl Default for BackendOptions {
             api_key: None,
             request_timeout: Duration::from_secs(600),
             connect_timeout: Duration::from_secs(10),
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             agent_hints: false,
             extra_headers: Vec::new(),
         }
@@ -43,6 +50,8 @@ impl fmt::Debug for BackendOptions {
             .field("api_key", &self.api_key)
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_response_bytes", &self.max_response_bytes)
             .field("agent_hints", &self.agent_hints)
             .field("extra_headers", &self.extra_headers.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
             .finish()

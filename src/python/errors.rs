@@ -46,7 +46,7 @@ pub fn spec_error(error: &SpecError) -> PyErr {
 
 pub fn backend_error(error: &BackendError) -> PyErr {
     match error {
-        BackendError::Timeout(_) => BackendTimeout::new_err(error.to_string()),
+        BackendError::Timeout { .. } => BackendTimeout::new_err(error.to_string()),
         BackendError::Config(_) => SchemaError::new_err(error.to_string()),
         _ => BackendUnavailable::new_err(error.to_string()),
     }

@@ -391,8 +391,14 @@ impl PyRun {
             keep_session_headers: options.keep_session_headers,
             ..FleetOptions::default()
         };
-        let connect_options =
-            ConnectOptions { api_key: options.api_key, agent_hints: spec.agent_hints, ..ConnectOptions::default() };
+        let connect_options = ConnectOptions {
+            api_key: options.api_key,
+            agent_hints: spec.agent_hints,
+            request_timeout: spec.call_timeout,
+            idle_timeout: Some(spec.idle_timeout),
+            max_response_bytes: spec.max_response_bytes,
+            ..ConnectOptions::default()
+        };
         let mut connected = py
             .allow_threads(|| runtime.block_on(connect_fleet(&urls, &connect_options, fleet_options)))
             .map_err(|e| backend_error(&e))?;
@@ -678,10 +684,19 @@ impl PyRun {
         } else {
             running.jobs = Some(jobs_tx);
         }
+        let (shared, fatal) = (self.shared.clone(), self.fatal.clone());
         let task = runtime.spawn(async move {
             run_all(ctx, jobs_rx, results_tx).await;
             // The forwarder ends when the last sender (run_all's and the file feeder's) is gone.
-            let _ = forward.await;
+            if let Err(e) = forward.await {
+                // Python waits for `done`: a forwarder that died must still say the run is over.
+                if e.is_panic() {
+                    let payload = e.into_panic();
+                    let message = panic_message(payload.as_ref());
+                    record_fatal(&fatal, format!("internal error: the result forwarder panicked: {message}"));
+                }
+                shared.post(|outbox| outbox.done = true);
+            }
         });
         running.task = Some(task);
         Ok(())
@@ -700,6 +715,14 @@ impl Drop for PyRun {
             }
         }
     }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 fn record_fatal(slot: &Mutex<Option<String>>, message: String) {

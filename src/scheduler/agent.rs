@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::backends::metrics::EngineWatch;
 use crate::backends::{AgentHints, Backend, BackendError, ChatRequest, ChatResponse, StreamEvent};
-use crate::conversation::{Message, ToolCall, Usage};
+use crate::conversation::{Message, TimeoutKind, ToolCall, Usage};
 use crate::limits::AdaptiveLimit;
 use crate::output::{describe, extract_json, CompiledSchema};
 use crate::scheduler::retry::{RetryPolicy, SplitMix64};
@@ -23,6 +23,9 @@ use crate::scheduler::semaphore::PrioritySemaphore;
 use crate::scheduler::stats::RunStats;
 use crate::spec::{BatchSpec, SchemaMode};
 use crate::tools::{canonical_arguments, OnToolError, ToolError, ToolPool};
+
+/// How long after `call_timeout` the scheduler gives up on a backend that did not enforce it.
+const CALL_TIMEOUT_BACKSTOP: Duration = Duration::from_secs(1);
 
 /// The Python side of output validation (pydantic, custom validators). Receives the JSON text that
 /// passed the JSON Schema check; `Err` is a message fed back to the model.
@@ -170,7 +173,7 @@ pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
     let outcome = match ctx.spec.agent_timeout {
         Some(limit) => match tokio::time::timeout(limit, agent.run(&job)).await {
             Ok(outcome) => outcome,
-            Err(_) => Err(Failure::Backend(BackendError::Timeout(limit))),
+            Err(_) => Err(Failure::Backend(BackendError::Timeout { which: TimeoutKind::Agent, after: limit })),
         },
         None => agent.run(&job).await,
     };
@@ -376,17 +379,22 @@ impl Agent<'_> {
     async fn streamed_call(&self, request: ChatRequest, early: &mut EarlyTools) -> Result<ChatResponse, BackendError> {
         let ctx = self.ctx;
         let timeout = ctx.spec.call_timeout;
+        // Backends enforce `call_timeout` themselves (a fleet learns from it which endpoint stalled);
+        // this later deadline only catches one that does not.
+        let backstop = timeout.saturating_add(CALL_TIMEOUT_BACKSTOP);
         if !request.stream || ctx.spec.tools.is_empty() {
-            return tokio::time::timeout(timeout, ctx.backend.chat(request, None))
+            return tokio::time::timeout(backstop, ctx.backend.chat(request, None))
                 .await
-                .map_err(|_| BackendError::Timeout(timeout))?;
+                .map_err(|_| BackendError::Timeout { which: TimeoutKind::Call, after: timeout })?;
         }
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let call = tokio::time::timeout(timeout, ctx.backend.chat(request, Some(tx)));
+        let call = tokio::time::timeout(backstop, ctx.backend.chat(request, Some(tx)));
         tokio::pin!(call);
         let outcome = loop {
             tokio::select! {
-                outcome = &mut call => break outcome.map_err(|_| BackendError::Timeout(timeout)).and_then(|r| r),
+                outcome = &mut call => {
+                    break outcome.map_err(|_| BackendError::Timeout { which: TimeoutKind::Call, after: timeout }).and_then(|r| r)
+                }
                 Some(event) = rx.recv() => self.start_early(event, early),
             }
         };

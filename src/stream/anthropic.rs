@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::conversation::{BackendError, ChatResponse, StreamEvent, ToolCall, Usage};
+use crate::limits::stream_index;
 use crate::stream::sse::{SseEvent, StreamEnd};
 
 /// Anthropic's `stop_reason` in `OpenAI`'s words.
@@ -213,7 +214,10 @@ impl AnthropicStreamAssembler {
             BackendError::Protocol(format!("malformed Anthropic stream event ({e}): {}", clip(data, 200)))
         })?;
         let index = || {
-            event.index.ok_or_else(|| BackendError::Protocol(format!("Anthropic {} event without index", event.kind)))
+            let index = event
+                .index
+                .ok_or_else(|| BackendError::Protocol(format!("Anthropic {} event without index", event.kind)))?;
+            stream_index(index, "Anthropic content block")
         };
         match event.kind.as_ref() {
             "message_start" => {
@@ -246,10 +250,13 @@ impl AnthropicStreamAssembler {
                     }
                     _ => Block::Other,
                 };
+                // `index` is bounded by `stream_index`: the vector grows to at most that.
                 if self.blocks.len() <= index {
-                    self.blocks.resize_with(index + 1, || None);
+                    self.blocks.resize_with(index.saturating_add(1), || None);
                 }
-                self.blocks[index] = Some(block);
+                if let Some(slot) = self.blocks.get_mut(index) {
+                    *slot = Some(block);
+                }
             }
             "content_block_delta" => {
                 let index = index()?;
@@ -424,7 +431,7 @@ mod tests {
         let mut sse = SseParser::new();
         let mut asm = AnthropicStreamAssembler::new();
         let mut out = Vec::new();
-        for ev in sse.feed(text.as_bytes()) {
+        for ev in sse.feed(text.as_bytes()).unwrap() {
             if let Err(e) = asm.push_event(&ev, &mut out) {
                 return (out, Err(e));
             }
@@ -462,7 +469,7 @@ mod tests {
         let mut sse = SseParser::new();
         let mut asm = AnthropicStreamAssembler::without_text_deltas();
         let mut out = Vec::new();
-        for ev in sse.feed(text.as_bytes()) {
+        for ev in sse.feed(text.as_bytes()).unwrap() {
             asm.push_event(&ev, &mut out).unwrap();
         }
         assert_eq!(out, vec![StreamEvent::FirstToken]);

@@ -6,10 +6,19 @@
 use memchr::memchr;
 
 pub use super::sse::StreamEnd;
+use crate::limits::{TooLarge, DEFAULT_MAX_RESPONSE_BYTES};
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NdjsonParser {
     partial: Vec<u8>,
+    /// Longest line accepted (`max_response_bytes`).
+    max: usize,
+}
+
+impl Default for NdjsonParser {
+    fn default() -> Self {
+        Self::with_limit(DEFAULT_MAX_RESPONSE_BYTES)
+    }
 }
 
 impl NdjsonParser {
@@ -17,33 +26,55 @@ impl NdjsonParser {
         Self::default()
     }
 
+    /// A parser that fails once an unfinished line outgrows `max` bytes.
+    pub fn with_limit(max: usize) -> Self {
+        Self { partial: Vec::new(), max }
+    }
+
     /// Feeds the next bytes and returns the complete lines they finish.
-    pub fn feed(&mut self, chunk: &[u8]) -> Vec<String> {
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<Vec<String>, TooLarge> {
         let mut out = Vec::new();
-        self.feed_with(chunk, |line| out.push(line.to_owned()));
-        out
+        self.feed_with(chunk, |line| out.push(line.to_owned()))?;
+        Ok(out)
     }
 
     /// Like [`feed`](Self::feed), lending each line to `on_line` without copying it when the line
     /// lies wholly inside `chunk`.
-    pub fn feed_with(&mut self, mut chunk: &[u8], mut on_line: impl FnMut(&str)) {
+    pub fn feed_with(&mut self, mut chunk: &[u8], mut on_line: impl FnMut(&str)) -> Result<(), TooLarge> {
         if !self.partial.is_empty() {
             let Some(end) = memchr(b'\n', chunk) else {
-                self.partial.extend_from_slice(chunk);
-                return;
+                return self.keep_partial(chunk);
             };
+            let (head, rest) = chunk.split_at(end);
+            self.check(self.partial.len().saturating_add(head.len()))?;
             let mut line = std::mem::take(&mut self.partial);
-            line.extend_from_slice(&chunk[..end]);
+            line.extend_from_slice(head);
             emit(&line, &mut on_line);
             line.clear();
             self.partial = line;
-            chunk = &chunk[end + 1..];
+            chunk = rest.get(1..).unwrap_or_default();
         }
         while let Some(end) = memchr(b'\n', chunk) {
-            emit(&chunk[..end], &mut on_line);
-            chunk = &chunk[end + 1..];
+            let (line, rest) = chunk.split_at(end);
+            emit(line, &mut on_line);
+            chunk = rest.get(1..).unwrap_or_default();
         }
-        self.partial.extend_from_slice(chunk);
+        self.keep_partial(chunk)
+    }
+
+    #[inline]
+    fn keep_partial(&mut self, tail: &[u8]) -> Result<(), TooLarge> {
+        self.check(self.partial.len().saturating_add(tail.len()))?;
+        self.partial.extend_from_slice(tail);
+        Ok(())
+    }
+
+    #[inline]
+    fn check(&self, len: usize) -> Result<(), TooLarge> {
+        if len > self.max {
+            return Err(TooLarge { what: "an NDJSON line", limit: self.max });
+        }
+        Ok(())
     }
 
     /// Ends the stream. A final line without a newline is still a complete JSON value if it parses
@@ -97,7 +128,7 @@ mod tests {
 
     fn all(bytes: &[u8]) -> (Vec<String>, StreamEnd) {
         let mut p = NdjsonParser::new();
-        let mut lines = p.feed(bytes);
+        let mut lines = p.feed(bytes).unwrap();
         let (last, end) = p.finish();
         lines.extend(last);
         (lines, end)
@@ -134,10 +165,10 @@ mod tests {
             let mut lines = Vec::new();
             let mut start = 0;
             for c in cuts {
-                lines.extend(p.feed(&text[start..c]));
+                lines.extend(p.feed(&text[start..c]).unwrap());
                 start = c;
             }
-            lines.extend(p.feed(&text[start..]));
+            lines.extend(p.feed(&text[start..]).unwrap());
             let (last, end) = p.finish();
             lines.extend(last);
             prop_assert_eq!((lines, end), all(text));

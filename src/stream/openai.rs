@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use super::sse::{SseEvent, StreamEnd};
 use crate::conversation::{BackendError, ChatResponse, StreamEvent, ToolCall, Usage};
+use crate::limits::MAX_TOOL_CALLS;
 
 /// `content` as servers send it: a string, `null`, or a list of parts (`[{"type":"text","text":..}]`).
 #[derive(Debug, Default)]
@@ -281,7 +282,7 @@ impl ChatStreamAssembler {
                     self.push_text(&text, out);
                 }
                 for call in delta.tool_calls.unwrap_or_default() {
-                    self.push_tool_delta(call, out);
+                    self.push_tool_delta(call, out)?;
                 }
             }
             if let Some(reason) = choice.finish_reason {
@@ -310,7 +311,7 @@ impl ChatStreamAssembler {
         }
     }
 
-    fn push_tool_delta(&mut self, call: ToolCallWire, out: &mut Vec<StreamEvent>) {
+    fn push_tool_delta(&mut self, call: ToolCallWire, out: &mut Vec<StreamEvent>) -> Result<(), BackendError> {
         self.mark_first_token(out);
         let position = match call.index {
             Some(index) => self.calls.iter().position(|c| c.index == Some(index)),
@@ -321,7 +322,13 @@ impl ChatStreamAssembler {
                 (_, None) => None,
             },
         };
-        let position = position.unwrap_or_else(|| {
+        let position = if let Some(position) = position {
+            position
+        } else {
+            // The index is only a key here, but each new one is a call kept and searched.
+            if self.calls.len() >= MAX_TOOL_CALLS {
+                return Err(too_many_calls());
+            }
             // A new call starts: every earlier call is complete.
             self.announce_pending(out);
             self.calls.push(PartialCall {
@@ -332,8 +339,8 @@ impl ChatStreamAssembler {
                 announced: false,
             });
             self.calls.len() - 1
-        });
-        let partial = &mut self.calls[position];
+        };
+        let Some(partial) = self.calls.get_mut(position) else { return Ok(()) };
         if let Some(id) = call.id.filter(|id| !id.is_empty()) {
             partial.id = id.into_owned();
         }
@@ -345,6 +352,7 @@ impl ChatStreamAssembler {
                 partial.arguments.push_str(&args);
             }
         }
+        Ok(())
     }
 
     fn push_dispatch(&mut self, data: &str, out: &mut Vec<StreamEvent>) -> Result<(), BackendError> {
@@ -570,6 +578,11 @@ impl crate::stream::sse::SseTurn for ChatStreamAssembler {
     fn finish(self, end: StreamEnd) -> Result<ChatResponse, BackendError> {
         ChatStreamAssembler::finish(self, end)
     }
+}
+
+#[cold]
+fn too_many_calls() -> BackendError {
+    BackendError::Protocol(format!("more than {MAX_TOOL_CALLS} tool calls in one turn"))
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 use memchr::{memchr, memchr2};
 
 use crate::conversation::{BackendError, ChatResponse, StreamEvent};
+use crate::limits::{TooLarge, DEFAULT_MAX_RESPONSE_BYTES};
 
 /// One dispatched event. `event` is `None` when the stream gave no `event:` field (the spec's
 /// default type "message"); `id` is the last event id seen on the stream, which persists across
@@ -37,8 +38,10 @@ pub trait SseTurn {
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SseParser {
+    /// Longest line, and most event data, accepted (`max_response_bytes`).
+    max: usize,
     /// Bytes of a line that has not ended yet.
     partial: Vec<u8>,
     /// The previous chunk ended with CR: an LF starting the next chunk belongs to that line end.
@@ -54,9 +57,30 @@ pub struct SseParser {
     retry_ms: Option<u64>,
 }
 
+impl Default for SseParser {
+    fn default() -> Self {
+        Self::with_limit(DEFAULT_MAX_RESPONSE_BYTES)
+    }
+}
+
 impl SseParser {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A parser that fails once a line or an event's data outgrows `max` bytes.
+    pub fn with_limit(max: usize) -> Self {
+        Self {
+            max,
+            partial: Vec::new(),
+            skip_lf: false,
+            bom_done: false,
+            event_type: String::new(),
+            data: None,
+            last_id: None,
+            in_event: false,
+            retry_ms: None,
+        }
     }
 
     /// The reconnection time the server last asked for with a `retry:` field, in milliseconds.
@@ -65,27 +89,27 @@ impl SseParser {
     }
 
     /// Feeds the next bytes of the stream and returns the events completed by them.
-    pub fn feed(&mut self, chunk: &[u8]) -> Vec<SseEvent> {
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<Vec<SseEvent>, TooLarge> {
         let mut out = Vec::new();
-        self.feed_with(chunk, |e| out.push(e));
-        out
+        self.feed_with(chunk, |e| out.push(e))?;
+        Ok(out)
     }
 
     /// Like [`feed`](Self::feed), handing each completed event to `on_event` without collecting.
-    pub fn feed_with(&mut self, chunk: &[u8], mut on_event: impl FnMut(SseEvent)) {
+    /// After an error the parser's state is undefined: the stream is to be abandoned.
+    pub fn feed_with(&mut self, chunk: &[u8], mut on_event: impl FnMut(SseEvent)) -> Result<(), TooLarge> {
         if !self.bom_done {
             let mut head = std::mem::take(&mut self.partial);
             head.extend_from_slice(chunk);
             if head.len() < BOM.len() && BOM.starts_with(&head) {
                 self.partial = head;
-                return;
+                return Ok(());
             }
             self.bom_done = true;
-            let start = if head.starts_with(BOM) { BOM.len() } else { 0 };
-            self.feed_lines(&head[start..], &mut on_event);
-            return;
+            let rest = head.strip_prefix(BOM).unwrap_or(&head);
+            return self.feed_lines(rest, &mut on_event);
         }
-        self.feed_lines(chunk, &mut on_event);
+        self.feed_lines(chunk, &mut on_event)
     }
 
     /// Ends the stream. A line or event left unfinished is discarded (the spec never dispatches
@@ -102,72 +126,93 @@ impl SseParser {
         }
     }
 
-    fn feed_lines(&mut self, mut chunk: &[u8], on_event: &mut impl FnMut(SseEvent)) {
+    fn feed_lines(&mut self, mut chunk: &[u8], on_event: &mut impl FnMut(SseEvent)) -> Result<(), TooLarge> {
         if self.skip_lf {
-            if chunk.is_empty() {
-                return;
-            }
+            let Some((&first, rest)) = chunk.split_first() else { return Ok(()) };
             self.skip_lf = false;
-            if chunk[0] == b'\n' {
-                chunk = &chunk[1..];
+            if first == b'\n' {
+                chunk = rest;
             }
         }
         if !self.partial.is_empty() {
             let Some(end) = memchr2(b'\n', b'\r', chunk) else {
-                self.partial.extend_from_slice(chunk);
-                return;
+                return self.keep_partial(chunk);
             };
+            let (head, _) = chunk.split_at(end);
+            self.check_line(self.partial.len().saturating_add(head.len()))?;
             let mut line = std::mem::take(&mut self.partial);
-            line.extend_from_slice(&chunk[..end]);
-            self.process_line(&line, on_event);
+            line.extend_from_slice(head);
+            self.process_line(&line, on_event)?;
             // Keep the allocation for the next partial line.
             line.clear();
             self.partial = line;
             chunk = self.skip_line_end(chunk, end);
         }
         while let Some(end) = memchr2(b'\n', b'\r', chunk) {
-            self.process_line(&chunk[..end], on_event);
+            let (line, _) = chunk.split_at(end);
+            self.process_line(line, on_event)?;
             chunk = self.skip_line_end(chunk, end);
         }
-        self.partial.extend_from_slice(chunk);
+        self.keep_partial(chunk)
+    }
+
+    /// Keeps the unfinished end of a chunk for the next one, within the limit.
+    #[inline]
+    fn keep_partial(&mut self, tail: &[u8]) -> Result<(), TooLarge> {
+        self.check_line(self.partial.len().saturating_add(tail.len()))?;
+        self.partial.extend_from_slice(tail);
+        Ok(())
+    }
+
+    #[inline]
+    fn check_line(&self, len: usize) -> Result<(), TooLarge> {
+        if len > self.max {
+            return Err(TooLarge { what: "an SSE line", limit: self.max });
+        }
+        Ok(())
     }
 
     /// Returns the rest of `chunk` after the line end at `end` (CRLF, CR or LF).
     #[inline]
     fn skip_line_end<'a>(&mut self, chunk: &'a [u8], end: usize) -> &'a [u8] {
-        if chunk[end] == b'\r' {
-            match chunk.get(end + 1) {
-                Some(b'\n') => &chunk[end + 2..],
-                Some(_) => &chunk[end + 1..],
+        let rest = chunk.get(end.saturating_add(1)..).unwrap_or_default();
+        if chunk.get(end) == Some(&b'\r') {
+            match rest.split_first() {
+                Some((b'\n', after)) => after,
+                Some(_) => rest,
                 None => {
                     self.skip_lf = true;
                     &[]
                 }
             }
         } else {
-            &chunk[end + 1..]
+            rest
         }
     }
 
     #[inline]
-    fn process_line(&mut self, line: &[u8], on_event: &mut impl FnMut(SseEvent)) {
-        if line.is_empty() {
+    fn process_line(&mut self, line: &[u8], on_event: &mut impl FnMut(SseEvent)) -> Result<(), TooLarge> {
+        let Some(&first) = line.first() else {
             self.dispatch(on_event);
-            return;
-        }
-        if line[0] == b':' {
-            return;
+            return Ok(());
+        };
+        if first == b':' {
+            return Ok(());
         }
         let (field, value) = match memchr(b':', line) {
             Some(i) => {
-                let v = &line[i + 1..];
-                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+                let (field, rest) = line.split_at(i);
+                let v = rest.get(1..).unwrap_or_default();
+                (field, v.strip_prefix(b" ").unwrap_or(v))
             }
             None => (line, &b""[..]),
         };
         match field {
             b"data" => {
                 if let Some(data) = &mut self.data {
+                    if data.len().saturating_add(value.len()) >= self.max {
+                        return Err(TooLarge { what: "an SSE event's data", limit: self.max });
+                    }
                     data.push('\n');
                     push_lossy(data, value);
                 } else {
@@ -196,6 +241,7 @@ impl SseParser {
             }
             _ => {}
         }
+        Ok(())
     }
 
     fn dispatch(&mut self, on_event: &mut impl FnMut(SseEvent)) {
@@ -234,7 +280,7 @@ mod tests {
 
     fn parse_all(bytes: &[u8]) -> (Vec<SseEvent>, StreamEnd) {
         let mut p = SseParser::new();
-        let events = p.feed(bytes);
+        let events = p.feed(bytes).unwrap();
         (events, p.finish())
     }
 
@@ -268,10 +314,10 @@ mod tests {
     #[test]
     fn cr_at_chunk_end_then_lf_is_one_line_end() {
         let mut p = SseParser::new();
-        assert!(p.feed(b"data: a\r").is_empty());
+        assert!(p.feed(b"data: a\r").unwrap().is_empty());
         // If the LF were a second line end, the event would be dispatched here with an empty line.
-        assert!(p.feed(b"\ndata: b\r").is_empty());
-        let events = p.feed(b"\n\r\n");
+        assert!(p.feed(b"\ndata: b\r").unwrap().is_empty());
+        let events = p.feed(b"\n\r\n").unwrap();
         assert_eq!(data(&events), vec!["a\nb"]);
         assert_eq!(p.finish(), StreamEnd::Clean);
     }
@@ -321,16 +367,16 @@ mod tests {
     #[test]
     fn leading_bom_is_skipped_even_when_split() {
         let mut p = SseParser::new();
-        assert!(p.feed(b"\xEF").is_empty());
-        assert!(p.feed(b"\xBB").is_empty());
-        let events = p.feed(b"\xBFdata: x\n\n");
+        assert!(p.feed(b"\xEF").unwrap().is_empty());
+        assert!(p.feed(b"\xBB").unwrap().is_empty());
+        let events = p.feed(b"\xBFdata: x\n\n").unwrap();
         assert_eq!(data(&events), vec!["x"]);
     }
 
     #[test]
     fn retry_field_is_recorded_only_when_all_digits() {
         let mut p = SseParser::new();
-        p.feed(b"retry: 1500\n\nretry: 12a\n\n");
+        p.feed(b"retry: 1500\n\nretry: 12a\n\n").unwrap();
         assert_eq!(p.retry_ms(), Some(1500));
     }
 
@@ -353,10 +399,10 @@ mod tests {
         let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
         cuts.sort_unstable();
         for c in cuts {
-            events.extend(p.feed(&bytes[start..c]));
+            events.extend(p.feed(&bytes[start..c]).unwrap());
             start = c;
         }
-        events.extend(p.feed(&bytes[start..]));
+        events.extend(p.feed(&bytes[start..]).unwrap());
         (events, p.finish())
     }
 
