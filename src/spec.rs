@@ -247,9 +247,6 @@ fn default_true() -> bool {
     true
 }
 
-/// Smallest `max_response_bytes`: below it no real answer fits.
-const MIN_RESPONSE_BYTES: usize = 1024;
-
 fn seconds(field: &'static str, value: f64) -> Result<Duration, SpecError> {
     Duration::try_from_secs_f64(value)
         .ok()
@@ -306,13 +303,12 @@ impl BatchSpec {
             call_timeout: seconds("call_timeout", raw.call_timeout)?,
             agent_timeout: raw.agent_timeout.map(|s| seconds("agent_timeout", s)).transpose()?,
             idle_timeout: seconds("idle_timeout", raw.idle_timeout)?,
-            max_response_bytes: usize::try_from(raw.max_response_bytes)
-                .ok()
-                .filter(|&n| n >= MIN_RESPONSE_BYTES)
-                .ok_or_else(|| SpecError::Invalid {
+            max_response_bytes: usize::try_from(raw.max_response_bytes).ok().filter(|&n| n > 0).ok_or_else(|| {
+                SpecError::Invalid {
                     field: "max_response_bytes",
-                    message: format!("{} is not a size from {MIN_RESPONSE_BYTES} bytes up", raw.max_response_bytes),
-                })?,
+                    message: format!("must be at least 1, got {}", raw.max_response_bytes),
+                }
+            })?,
             max_tokens: raw.max_tokens,
             temperature: raw.temperature,
             stream: raw.stream,

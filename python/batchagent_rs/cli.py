@@ -433,6 +433,7 @@ def _run(args: argparse.Namespace) -> int:
             backend=backends,
             max_inflight=int(settings.get("max_inflight") or 64),
             max_turns=int(settings.get("max_turns") or 8),
+            **_limits(settings),
             journal=journal,
             response_cache=cache,
         )
@@ -545,6 +546,30 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "-c", "--max-inflight", dest="max_inflight", type=_positive, help="model calls in flight (default 64)"
     )
     p.add_argument("--max-turns", dest="max_turns", type=_positive, help="model turns per job (default 8)")
+    p.add_argument(
+        "--call-timeout",
+        dest="call_timeout",
+        type=_seconds,
+        help="seconds one model call may take (default 600)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        dest="idle_timeout",
+        type=_seconds,
+        help="seconds a server may send nothing in the middle of an answer (default 300)",
+    )
+    p.add_argument(
+        "--agent-timeout",
+        dest="agent_timeout",
+        type=_seconds,
+        help="seconds one job may take (default: none)",
+    )
+    p.add_argument(
+        "--max-response-bytes",
+        dest="max_response_bytes",
+        type=_positive,
+        help="most bytes of one answer read from a server (default 67108864, 64 MiB)",
+    )
     p.add_argument("--journal", help="run journal (default: OUTPUT.journal.sqlite)")
     p.add_argument(
         "--resume", action="store_true", default=None, help="continue the run recorded in the journal"
@@ -566,6 +591,22 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--prices", help="JSON price table overriding the built-in one (dollars per million tokens)"
     )
     p.set_defaults(func=_cmd_run)
+
+
+def _limits(settings: dict[str, Any]) -> dict[str, Any]:
+    """The timeouts and the response size limit that were set, as `Batch` keywords."""
+    keys = ("call_timeout", "idle_timeout", "agent_timeout", "max_response_bytes")
+    return {key: settings[key] for key in keys if settings.get(key) is not None}
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
 
 
 def _positive(text: str) -> int:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 __all__ = ["SETTINGS", "RunFileError", "load_run_file"]
 
-Kind = Literal["str", "path", "int", "bool", "list"]
+Kind = Literal["str", "path", "int", "seconds", "bool", "list"]
 
 SETTINGS: dict[str, Kind] = {
     "input": "path",
@@ -25,6 +25,10 @@ SETTINGS: dict[str, Kind] = {
     "model": "str",
     "max_inflight": "int",
     "max_turns": "int",
+    "call_timeout": "seconds",
+    "idle_timeout": "seconds",
+    "agent_timeout": "seconds",
+    "max_response_bytes": "int",
     "journal": "path",
     "resume": "bool",
     "no_cache": "bool",
@@ -54,6 +58,10 @@ def _check(path: str, base: str, key: str, kind: Kind, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RunFileError(f"{path}: {key} must be a whole number >= 1, got {value!r}")
         return value
+    if kind == "seconds":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise RunFileError(f"{path}: {key} must be a positive number of seconds, got {value!r}")
+        return float(value)
     if kind == "list":
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not items or not all(isinstance(v, str) and v for v in items):
