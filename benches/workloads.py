@@ -172,6 +172,7 @@ def run_batchagent(w: AgentWorkload, scale: float, seed: int, warm_prefix: bool 
             system=system_prompt(w.prefix_tokens),
             tools=w.make_tools(w.tool_seconds * scale, starts),
             output=w.output,
+            model="sim-model",
             backend="vllm://" + server.url.removeprefix("http://"),
             max_inflight=w.max_inflight,
             max_turns=4,
@@ -331,7 +332,14 @@ def run_fleet_side(
 
             async def sharded() -> tuple[list[Result], list[float]]:
                 batches = [
-                    Batch(FLEET_TASK, backend=url, max_inflight=inflight // 3, max_turns=1, seed=seed)
+                    Batch(
+                        FLEET_TASK,
+                        model="sim-model",
+                        backend=url,
+                        max_inflight=inflight // 3,
+                        max_turns=1,
+                        seed=seed,
+                    )
                     for url in urls
                 ]
                 shards = [[item for item in items if item["k"] % 3 == i] for i in range(3)]
@@ -348,7 +356,13 @@ def run_fleet_side(
             endpoints = None
         else:
             batch = Batch(
-                FLEET_TASK, backend=urls, routing=routing, max_inflight=inflight, max_turns=1, seed=seed
+                FLEET_TASK,
+                model="sim-model",
+                backend=urls,
+                routing=routing,
+                max_inflight=inflight,
+                max_turns=1,
+                seed=seed,
             )
             started = time.perf_counter()
             results = batch.run(items)
@@ -436,6 +450,7 @@ def overlap_side(
             "Agent {n}: look up the topics you need, all at once, then answer.",
             system=system_prompt(512),
             tools=[lookup],
+            model="sim-model",
             backend="vllm://" + server.url.removeprefix("http://"),
             max_inflight=1,
             window=1,

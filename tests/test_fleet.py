@@ -79,6 +79,7 @@ def test_killed_endpoint_calls_move_to_the_survivors() -> None:
     batch = Batch(
         "Question {n}: answer briefly.",
         system=system_prompt(512),
+        model="sim-model",
         backend=[url(s) for s in servers],
         routing="least_outstanding",
         max_inflight=12,
@@ -134,6 +135,7 @@ def test_an_endpoint_that_comes_back_is_probed_back_in(key: str | None) -> None:
         "Question {n}: look it up, then answer.",
         system=system_prompt(512),
         tools=[lookup],
+        model="sim-model",
         backend=[url(first), url(other)],
         api_key=key,
         routing="least_outstanding",
@@ -184,6 +186,7 @@ def run_fleet(routing: str, n: int) -> tuple[float, list[int]]:
         batch = Batch(
             "Question {n}: answer briefly.",
             system=system_prompt(2048),
+            model="sim-model",
             backend=[url(s) for s in servers],
             routing=routing,
             max_inflight=6,
@@ -214,6 +217,7 @@ def test_session_header_lines_do_not_break_affinity() -> None:
         batch = Batch(
             "Question {n}: answer briefly.",
             system=system,
+            model="sim-model",
             backend=[url(s) for s in servers],
             max_inflight=6,
             max_turns=1,
@@ -259,7 +263,12 @@ def test_engine_metrics_are_read_from_an_endpoint_behind_a_key() -> None:
             return f"notes on {topic}"
 
         batch = Batch(
-            "Question {n}: look it up.", tools=[lookup], backend=url(server), api_key=KEY, max_turns=3
+            "Question {n}: look it up.",
+            tools=[lookup],
+            model="sim-model",
+            backend=url(server),
+            api_key=KEY,
+            max_turns=3,
         )
         results = batch.run(inputs(2))
         assert all(r.ok for r in results), [r.error for r in results if not r.ok]

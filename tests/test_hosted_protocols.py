@@ -17,7 +17,7 @@ from typing import Any
 import pydantic
 import pytest
 
-from batchagent_rs import Batch, tool
+from batchagent_rs import BackendUnavailable, Batch, tool
 from batchagent_rs import sim as simulator
 
 KEY = "sk-ant-conventions-7f3a9c"
@@ -83,7 +83,9 @@ def test_sdk_base_url_and_key_variables_are_honoured(monkeypatch: pytest.MonkeyP
         monkeypatch.setenv("OPENAI_BASE_URL", server.url + "/v1")
         monkeypatch.setenv("OPENAI_API_KEY", KEY)
         for backend, route in (("anthropic://", "/v1/messages"), ("openai://", "/v1/chat/completions")):
-            results = Batch("Say {n}.", backend=backend, max_turns=1).run([{"n": i} for i in range(5)])
+            results = Batch("Say {n}.", model="sim-model", backend=backend, max_turns=1).run(
+                [{"n": i} for i in range(5)]
+            )
             assert all(r.ok for r in results), [r.error for r in results if not r.ok]
             assert routes(server)[route]["by_status"] == {"200": 5}
 
@@ -91,10 +93,15 @@ def test_sdk_base_url_and_key_variables_are_honoured(monkeypatch: pytest.MonkeyP
 def test_openai_protocol_over_plain_http_sends_the_key() -> None:
     with simulator.start(time_scale=0, seed=1, api_key=KEY) as server:
         backend = f"openai+http://{address(server)}/v1"
-        results = Batch("Say {n}.", backend=backend, api_key=KEY, max_turns=1).run([{"n": 1}])
+        results = Batch("Say {n}.", model="sim-model", backend=backend, api_key=KEY, max_turns=1).run(
+            [{"n": 1}]
+        )
         assert results[0].ok, results[0].error
-        wrong = Batch("Say {n}.", backend=backend, api_key="sk-wrong", max_turns=1).run([{"n": 1}])
-        assert wrong[0].error is not None and wrong[0].error.kind == "auth"
+        # A wrong key is refused by the check before the run, not by every job.
+        wrong = Batch("Say {n}.", model="sim-model", backend=backend, api_key="sk-wrong", max_turns=1)
+        with pytest.raises(BackendUnavailable, match="refused the API key") as raised:
+            wrong.run([{"n": 1}])
+        assert "sk-wrong" not in str(raised.value)
 
 
 # -- TLS through the system's trust settings, and through a proxy ------------------------------
@@ -266,18 +273,24 @@ def tls_sim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[s
 
 
 def run_over_tls(host: str) -> list[Any]:
-    return Batch("Say {n}.", backend=f"vllm+https://{host}", api_key=KEY, max_turns=1, max_attempts=1).run(
-        [{"n": i} for i in range(4)]
-    )
+    return Batch(
+        "Say {n}.",
+        model="sim-model",
+        backend=f"vllm+https://{host}",
+        api_key=KEY,
+        max_turns=1,
+        max_attempts=1,
+    ).run([{"n": i} for i in range(4)])
 
 
 def test_tls_trusts_a_ca_given_by_ssl_cert_file(
     tls_sim: tuple[str, Path, list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     host, ca, handshakes = tls_sim
-    # Without the CA the certificate is refused: the bundled roots do not know it.
-    refused = run_over_tls(host)
-    assert all(r.error is not None and r.error.kind == "connection" for r in refused), refused
+    # Without the CA the certificate is refused (the bundled roots do not know it): by the check
+    # before the run, so no job is sent.
+    with pytest.raises(BackendUnavailable, match="unreachable"):
+        run_over_tls(host)
     assert not handshakes
     monkeypatch.setenv("SSL_CERT_FILE", str(ca))
     results = run_over_tls(host)

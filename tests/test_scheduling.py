@@ -37,6 +37,7 @@ def tool_starts(stream: bool, agents: int = 8) -> tuple[list[list[float]], Any]:
             "Agent {n}: look up what you need, all at once, then answer.",
             system="You are a research agent.",
             tools=[lookup],
+            model="sim-model",
             backend="vllm://" + server.url.removeprefix("http://"),
             max_inflight=1,
             window=1,
@@ -72,6 +73,7 @@ def fan_out_hit_rate(warm_prefix: bool) -> tuple[float, float]:
         batch = Batch(
             "Question {n}: answer in one sentence.",
             system=system_prompt(2048),
+            model="sim-model",
             backend="vllm://" + server.url.removeprefix("http://"),
             max_inflight=32,
             max_turns=1,

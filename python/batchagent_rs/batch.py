@@ -11,8 +11,21 @@ import itertools
 import json
 import logging
 import os
+import sys
+import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+import warnings
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Sequence,
+    Sized,
+)
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -20,6 +33,8 @@ from typing import Any, TypeVar
 import pydantic
 
 from . import _core
+from .notebook import NotebookProgress
+from .progress import Progress
 from .tools import Tool, encode_result
 
 __all__ = ["Batch", "BatchAgent", "ErrorInfo", "Result", "RunReport", "Usage"]
@@ -226,8 +241,8 @@ class Batch:
         system: str | None = None,
         tools: Sequence[Tool] = (),
         output: type[pydantic.BaseModel] | dict[str, Any] | None = None,
-        model: str = "sim-model",
-        backend: str | Sequence[str] = "sim://",
+        model: str | None = None,
+        backend: str | Sequence[str] | None = None,
         max_inflight: int = 64,
         max_turns: int = 8,
         window: int | None = None,
@@ -254,6 +269,19 @@ class Batch:
         max_engine_queue: float | None = None,
         agent_hints: bool = False,
     ) -> None:
+        if backend is None:
+            raise TypeError(
+                'Batch() needs backend=: where the model runs, e.g. backend="vllm://localhost:8000", '
+                '"openai://", "ollama://localhost:11434", or "sim://" for the built-in simulator'
+            )
+        backends = [backend] if isinstance(backend, str) else list(backend)
+        if not backends or not all(isinstance(b, str) and b.strip() for b in backends):
+            raise TypeError(f"backend=: expected a URL or a list of URLs, got {backend!r}")
+        if model is None:
+            if not all(b.strip().lower().startswith("sim://") for b in backends):
+                raise TypeError(f"Batch() needs model=: the name of the model {backends[0]} serves")
+            # The simulator serves any name; this is the one its /v1/models lists.
+            model = "sim-model"
         for t in tools:
             if not isinstance(t, Tool):
                 raise TypeError(f"tools: {t!r} is not a tool; decorate it with @batchagent_rs.tool")
@@ -298,7 +326,6 @@ class Batch:
             "warm_prefix": warm_prefix,
             "agent_hints": agent_hints,
         }
-        backends = [backend] if isinstance(backend, str) else list(backend)
         self._options = {
             "backends": backends,
             "tools": [t.options() for t in tools],
@@ -319,30 +346,48 @@ class Batch:
         self._started = itertools.count()
         self._running: dict[int, _Driver] = {}
         self._finished: tuple[int, dict[str, Any], float] | None = None
+        self._checked = False
+        self._backends = backends
+        self._model = model
+        self._api_key = api_key
 
     # -- public API -----------------------------------------------------------------------------
 
-    def run(self, inputs: Iterable[dict[str, Any]]) -> list[Result]:
-        """Run every input; returns results in input order. Not for use inside a running event loop."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.arun(inputs))
-        raise RuntimeError("Batch.run() was called from a running event loop; use `await batch.arun(...)`")
+    def check(self) -> None:
+        """Checks the backends before anything is sent: each answers within 3 s (asked with the key
+        the run will send) and the model is one they serve. Raises `BackendUnavailable` naming the
+        backend that did not answer, or listing the models served. The first run of a batch calls
+        it; call it yourself to fail earlier."""
+        _core.check_backends(self._backends, self._model, self._api_key)
+        self._checked = True
 
-    async def arun(self, inputs: Iterable[dict[str, Any]]) -> list[Result]:
+    def run(self, inputs: Inputs, *, progress: bool | None = None) -> list[Result]:
+        """Run every input; returns results in input order. Inside a running event loop (a
+        notebook) the run goes on a private loop in a worker thread while this call waits.
+
+        `progress`: a live progress line, on stderr in a terminal, updated in place in a notebook;
+        by default on when stderr is a terminal or in IPython/Jupyter."""
+        show = _want_progress(progress)
+        return _blocking(lambda: self.arun(inputs, progress=show))
+
+    async def arun(self, inputs: Inputs, *, progress: bool = False) -> list[Result]:
         """Run every input; returns results in input order."""
-        driver = _Driver(self, inputs, self._options, None, 0.0)
+        view = _progress_view(_count(inputs)) if progress else None
+        driver = _Driver(self, _rows(inputs), self._options, None if view is None else _updater(view), 0.1)
         # Results go straight into one list: no hand-over through the queue and the generator.
         results = driver.collected = []
-        async for _ in driver.batches():
-            pass
+        try:
+            async for _ in driver.batches():
+                pass
+        finally:
+            if view is not None:
+                _close_view(view, driver)
         results.sort(key=_by_index)
         return results
 
-    async def stream(self, inputs: Iterable[dict[str, Any]]) -> AsyncIterator[Result]:
+    async def stream(self, inputs: Inputs) -> AsyncIterator[Result]:
         """Yield results in completion order. Cancelling the iteration cancels the run."""
-        driver = _Driver(self, inputs, self._options, None, 0.0)
+        driver = _Driver(self, _rows(inputs), self._options, None, 0.0)
         # Closed here, not whenever the abandoned generator is collected: leaving the loop early
         # cancels the run before the caller's next statement.
         async with contextlib.aclosing(driver.results()) as results:
@@ -358,18 +403,22 @@ class Batch:
         skip_bad_lines: bool = False,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         progress_interval: float = 0.2,
+        progress: bool | None = None,
     ) -> RunReport:
         """Run every record of an input file (JSONL, CSV, or text with one prompt per line) and
         write one JSON line per result to `output`, all inside the core: memory stays flat however
-        large the file. With `journal=` set on the batch, a re-run resumes where the last one stopped."""
-        return asyncio.run(
-            self.arun_file(
+        large the file. With `journal=` set on the batch, a re-run resumes where the last one stopped.
+        Works inside a running event loop as `run()` does; `progress` as in `run()`."""
+        show = _want_progress(progress)
+        return _blocking(
+            lambda: self.arun_file(
                 input,
                 output,
                 input_format=input_format,
                 skip_bad_lines=skip_bad_lines,
                 on_progress=on_progress,
                 progress_interval=progress_interval,
+                progress=show,
             )
         )
 
@@ -382,6 +431,7 @@ class Batch:
         skip_bad_lines: bool = False,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         progress_interval: float = 0.2,
+        progress: bool = False,
     ) -> RunReport:
         options = dict(self._options)
         options["output"] = os.fspath(output)
@@ -396,9 +446,18 @@ class Batch:
                 "format": input_format,
                 "skip_bad_lines": skip_bad_lines,
             }
-        driver = _Driver(self, rows, options, on_progress, progress_interval)
-        async for _ in driver.batches():
-            pass
+        view = _progress_view(None) if progress else None
+        callback = on_progress
+        if view is not None:
+            callback = _updater(view) if on_progress is None else _both(_updater(view), on_progress)
+            progress_interval = min(progress_interval, 0.1)
+        driver = _Driver(self, rows, options, callback, progress_interval)
+        try:
+            async for _ in driver.batches():
+                pass
+        finally:
+            if view is not None:
+                _close_view(view, driver)
         return self.report()
 
     def report(self) -> RunReport:
@@ -436,27 +495,180 @@ class Batch:
 
 
 class BatchAgent:
-    """One-call form: `BatchAgent.run(task=..., inputs=..., tools=..., output_schema=..., backend=...)`."""
+    """One-call form of `Batch`: `BatchAgent.run(task=..., inputs=..., output=..., backend=..., model=...)`
+    takes the same keyword arguments as `Batch(...)`, plus `inputs`. `output_schema=` is the
+    former name of `output=`: still accepted, with a `DeprecationWarning`."""
 
     @staticmethod
     def run(
         *,
         task: str,
-        inputs: Iterable[dict[str, Any]],
+        inputs: Inputs,
+        output: type[pydantic.BaseModel] | dict[str, Any] | None = None,
         output_schema: type[pydantic.BaseModel] | dict[str, Any] | None = None,
+        progress: bool | None = None,
         **options: Any,
     ) -> list[Result]:
-        return Batch(task, output=output_schema, **options).run(inputs)
+        return Batch(task, output=_output(output, output_schema), **options).run(inputs, progress=progress)
 
     @staticmethod
     async def arun(
         *,
         task: str,
-        inputs: Iterable[dict[str, Any]],
+        inputs: Inputs,
+        output: type[pydantic.BaseModel] | dict[str, Any] | None = None,
         output_schema: type[pydantic.BaseModel] | dict[str, Any] | None = None,
         **options: Any,
     ) -> list[Result]:
-        return await Batch(task, output=output_schema, **options).arun(inputs)
+        return await Batch(task, output=_output(output, output_schema), **options).arun(inputs)
+
+
+def _output(
+    output: type[pydantic.BaseModel] | dict[str, Any] | None,
+    output_schema: type[pydantic.BaseModel] | dict[str, Any] | None,
+) -> type[pydantic.BaseModel] | dict[str, Any] | None:
+    if output_schema is None:
+        return output
+    warnings.warn("BatchAgent: output_schema= is now output=", DeprecationWarning, stacklevel=3)
+    if output is not None:
+        raise TypeError("BatchAgent: give output= (or the older output_schema=), not both")
+    return output_schema
+
+
+Inputs = Iterable[dict[str, Any]]
+"""Dicts (a list is checked whole before anything is sent; any other iterable is read lazily), or
+a pandas DataFrame (each row a dict of its columns, read a chunk at a time)."""
+
+_FRAME_CHUNK = 4096
+
+
+def _is_frame(inputs: object) -> bool:
+    # Duck-typed: pandas is not a dependency.
+    return all(hasattr(inputs, name) for name in ("columns", "iloc", "to_dict", "itertuples"))
+
+
+def _rows(inputs: Inputs) -> Inputs:
+    if not _is_frame(inputs):
+        return inputs
+    return _frame_rows(inputs)
+
+
+def _frame_rows(frame: Any) -> Iterator[dict[str, Any]]:
+    for start in range(0, len(frame), _FRAME_CHUNK):
+        for row in frame.iloc[start : start + _FRAME_CHUNK].to_dict("records"):
+            yield {str(k): _cell(v) for k, v in row.items()}
+
+
+def _cell(value: Any) -> Any:
+    """A DataFrame's missing values (NaN, NaT, pd.NA) become None (JSON null)."""
+    if isinstance(value, float) and value != value:
+        return None
+    if type(value).__name__ in ("NAType", "NaTType"):
+        return None
+    return value
+
+
+def _count(inputs: Inputs) -> int | None:
+    return len(inputs) if isinstance(inputs, Sized) else None
+
+
+def _want_progress(progress: bool | None) -> bool:
+    if progress is not None:
+        return progress
+    if _in_notebook():
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _in_notebook() -> bool:
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()
+    except Exception:
+        return False
+    return shell is not None
+
+
+def _progress_view(total: int | None) -> Progress | NotebookProgress:
+    if _in_notebook() and not sys.stderr.isatty():
+        view = NotebookProgress.open(total, label="batchagent")
+        if view is not None:
+            return view
+    return Progress(total, stream=sys.stderr, label="batchagent")
+
+
+def _updater(view: Progress | NotebookProgress) -> Callable[[dict[str, Any]], None]:
+    def update(stats: dict[str, Any]) -> None:
+        if view.total is None:
+            # A file's inputs are counted by the core; the count arrives with the stats.
+            total = stats.get("input_total")
+            if isinstance(total, int) and total > 0:
+                view.total = total
+        view.update(stats)
+
+    return update
+
+
+def _close_view(view: Progress | NotebookProgress, driver: _Driver) -> None:
+    if getattr(driver, "run", None) is None:
+        view.clear()
+        return
+    view.close(driver.stats())
+
+
+def _both(
+    first: Callable[[dict[str, Any]], None], second: Callable[[dict[str, Any]], None]
+) -> Callable[[dict[str, Any]], None]:
+    def call(stats: dict[str, Any]) -> None:
+        first(stats)
+        second(stats)
+
+    return call
+
+
+_R = TypeVar("_R")
+
+
+def _blocking(make: Callable[[], Coroutine[Any, Any, _R]]) -> _R:
+    """Runs a coroutine to its end from sync code. Outside an event loop, with `asyncio.run`.
+    Inside one (Jupyter, an async framework), on a private loop in a worker thread while this thread
+    waits: the caller's loop cannot be re-entered. Ctrl-C while waiting cancels the run cleanly."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(make())
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["value"] = loop.run_until_complete(task)
+        except BaseException as exc:
+            outcome["error"] = exc
+        finally:
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                loop.close()
+
+    worker = threading.Thread(target=work, name="batchagent-run", daemon=True)
+    worker.start()
+    try:
+        worker.join()
+    except KeyboardInterrupt:
+        loop.call_soon_threadsafe(task.cancel)
+        worker.join()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]  # type: ignore[no-any-return]
 
 
 # `json.dumps` with options builds a new encoder per call: a third of the cost of a small input.
@@ -518,6 +730,9 @@ class _Driver:
     async def batches(self) -> AsyncGenerator[list[Result], None]:
         """The run's results, as the lists that became ready together."""
         batch = self.batch
+        if not batch._checked:
+            # Before anything is sent: a dead backend or a model it does not serve raises here.
+            await asyncio.get_running_loop().run_in_executor(None, batch.check)
         pending: list[tuple[str, int, str]] | None = None
         if isinstance(self.inputs, Sequence):
             # A list can be checked whole before anything is sent.
