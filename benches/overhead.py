@@ -71,7 +71,7 @@ def child_batchagent(url: str, n: int, inflight: int, stream: bool) -> dict[str,
     )
     items = _inputs(n)
     cpu0, t0 = _cpu(), time.perf_counter()
-    results = batch.run(items)
+    results = batch.run(items, progress=False)
     cpu, wall = _cpu() - cpu0, time.perf_counter() - t0
     ok = sum(r.ok for r in results)
     turns = sum(r.turns for r in results)

@@ -460,6 +460,7 @@ def _run(args: argparse.Namespace) -> int:
                 skip_bad_lines=bool(settings.get("skip_bad_lines")),
                 on_progress=view.update,
                 progress_interval=0.2,
+                progress=False,
             )
             view.close(report.raw)
     except KeyboardInterrupt:
