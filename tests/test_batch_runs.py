@@ -124,3 +124,25 @@ def test_report_during_a_run_shows_that_run() -> None:
     # Inside the second run, report() shows the second run's live counts, never the first's 9.
     assert seen and max(seen) <= 3
     assert batch.report().jobs == 3
+
+
+def test_two_file_runs_at_once_each_return_their_own_report(tmp_path: Any) -> None:
+    import json
+
+    calls: list[str] = []
+    batch = tool_batch(calls)
+    small, large = tmp_path / "small.jsonl", tmp_path / "large.jsonl"
+    small.write_text("".join(json.dumps(r) + "\n" for r in inputs(4, "s")))
+    large.write_text("".join(json.dumps(r) + "\n" for r in inputs(40, "l")))
+
+    async def main() -> tuple[Any, Any]:
+        a, b = await asyncio.gather(
+            batch.arun_file(small, tmp_path / "small.out"), batch.arun_file(large, tmp_path / "large.out")
+        )
+        return a, b
+
+    a, b = asyncio.run(asyncio.wait_for(main(), 30))
+    # Whichever ends first, its report is not the other run's live figures.
+    assert (a.jobs, a.ok) == (4, 4)
+    assert (b.jobs, b.ok) == (40, 40)
+    assert len((tmp_path / "large.out").read_text().splitlines()) == 40

@@ -458,7 +458,9 @@ class Batch:
         finally:
             if view is not None:
                 _close_view(view, driver)
-        return self.report()
+        # This run's own figures, whatever else runs on the batch meanwhile.
+        assert driver.final is not None
+        return RunReport.from_stats(*driver.final)
 
     def report(self) -> RunReport:
         """Aggregates of the latest run: while runs are going, the live figures of the one started
@@ -716,6 +718,8 @@ class _Driver:
         self.source: Iterator[Any] | None = None
         # When set, results are appended here instead of going through `batches()`.
         self.collected: list[Result] | None = None
+        # The run's stats and wall time once it has ended.
+        self.final: tuple[dict[str, Any], float] | None = None
 
     async def results(self) -> AsyncGenerator[Result, None]:
         batches = self.batches()
@@ -782,7 +786,8 @@ class _Driver:
                 task.cancel()
             if self.executor is not None:
                 self.executor.shutdown(wait=False, cancel_futures=True)
-            batch._run_finished(number, json.loads(run.stats_json()), time.perf_counter() - started)
+            self.final = (json.loads(run.stats_json()), time.perf_counter() - started)
+            batch._run_finished(number, *self.final)
 
     def stats(self) -> dict[str, Any]:
         return json.loads(self.run.stats_json())  # type: ignore[no-any-return]

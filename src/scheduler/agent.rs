@@ -530,3 +530,43 @@ fn spawn_tool(pool: &Arc<ToolPool>, call: &ToolCall) -> JoinHandle<Result<Arc<st
     let arguments = call.arguments.clone();
     tokio::spawn(async move { pool.call(&name, &arguments).await })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn call(id: &str, name: &str, arguments: &str) -> ToolCall {
+        ToolCall { id: id.into(), name: name.into(), arguments: arguments.into() }
+    }
+
+    fn finished(text: &'static str) -> ToolHandle {
+        tokio::spawn(async move { Ok(Arc::from(text)) })
+    }
+
+    #[tokio::test]
+    async fn a_failed_attempt_hands_its_calls_to_the_retry_by_tool_and_canonical_arguments() {
+        let mut early = EarlyTools::default();
+        let first = call("a1", "search", r#"{"q":"x","lang":"en"}"#);
+        early.current.insert(first.id.clone(), (first, finished("found")));
+        early.attempt_failed();
+        assert!(early.current.is_empty());
+        // Another tool, or other arguments: not the same call.
+        assert!(early.take(&call("b1", "fetch", r#"{"q":"x","lang":"en"}"#)).is_none());
+        assert!(early.take(&call("b1", "search", r#"{"q":"y","lang":"en"}"#)).is_none());
+        // The same call, spelled differently and under a new id: its execution is taken over, once.
+        let taken = early.take(&call("b2", "search", "{ \"lang\": \"en\",\n \"q\": \"x\" }")).unwrap();
+        assert_eq!(&*taken.await.unwrap().unwrap(), "found");
+        assert!(early.take(&call("b3", "search", r#"{"q":"x","lang":"en"}"#)).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_call_of_the_current_attempt_is_found_by_its_id() {
+        let mut early = EarlyTools::default();
+        let first = call("c1", "search", r#"{"q":"x"}"#);
+        early.current.insert(first.id.clone(), (first, finished("one")));
+        assert!(early.take(&call("c2", "search", r#"{"q":"x"}"#)).is_none(), "another id is another call");
+        let taken = early.take(&call("c1", "search", r#"{"q":"x"}"#)).unwrap();
+        assert_eq!(&*taken.await.unwrap().unwrap(), "one");
+    }
+}
