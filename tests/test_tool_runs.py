@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import subprocess
+import sys
 import threading
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from batchagent_rs import Batch, tool
+from batchagent_rs.progress import Progress
 from batchagent_rs.tools import ToolDefinitionError
 
 # Two tool calls per turn; the first request of every body has its stream cut off just after the
@@ -132,3 +139,37 @@ def test_tool_options_are_checked() -> None:
         tool(on_error="ignore")(f)  # type: ignore[call-overload]
     with pytest.raises(ToolDefinitionError, match="side effects"):
         tool(side_effects=True, cache=True)(f)
+
+
+def test_tool_errors_reach_the_progress_line_and_the_cli_report(tmp_path: Path) -> None:
+    batch = Batch(
+        "Review {path}.", tools=[failing("report")], backend="sim://?time_scale=0&seed=3&tool_rounds=1"
+    )
+    batch.run(inputs(3))
+    report = batch.report()
+    line = Progress(3, stream=io.StringIO()).line(report.raw)
+    # Every execution raised (identical calls in flight at once share one execution).
+    assert report.tool_executions >= 1
+    assert f"tool errors {report.tool_executions}" in line
+
+    (tmp_path / "defs.py").write_text(
+        "from batchagent_rs import tool\n"
+        "@tool\n"
+        "def lookup(path: str) -> str:\n"
+        '    """Look a path up."""\n'
+        "    raise KeyError(path)\n"
+    )
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in inputs(4)))
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / ".cache"))
+    env.pop("BATCHAGENT_CACHE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchagent_rs.cli", "run", "--input", "in.jsonl", "-o", "out.jsonl",
+         "--task", "Review {path}.", "--tools", "defs:lookup", "--no-cache",
+         "--backend", "sim://?time_scale=0&seed=3&tool_rounds=1", "--report", "r.json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    cli_report = json.loads((tmp_path / "r.json").read_text())
+    assert cli_report["tool_executions"] >= 1
+    assert cli_report["tool_errors"] == {"lookup": cli_report["tool_executions"]}
+    assert "tool errors" in proc.stdout
