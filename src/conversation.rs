@@ -92,10 +92,11 @@ pub struct Usage {
 
 impl std::ops::AddAssign for Usage {
     fn add_assign(&mut self, rhs: Self) {
-        self.prompt_tokens += rhs.prompt_tokens;
-        self.cached_tokens += rhs.cached_tokens;
-        self.completion_tokens += rhs.completion_tokens;
-        self.cache_creation_tokens += rhs.cache_creation_tokens;
+        // The counts are a server's numbers: an absurd one saturates rather than panics.
+        self.prompt_tokens = self.prompt_tokens.saturating_add(rhs.prompt_tokens);
+        self.cached_tokens = self.cached_tokens.saturating_add(rhs.cached_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(rhs.completion_tokens);
+        self.cache_creation_tokens = self.cache_creation_tokens.saturating_add(rhs.cache_creation_tokens);
     }
 }
 

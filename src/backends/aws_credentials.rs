@@ -227,7 +227,7 @@ fn read_optional(path: &Path) -> Result<Option<IniSections>, CredentialsError> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::arithmetic_side_effects)]
     use super::*;
 
     #[test]

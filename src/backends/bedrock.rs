@@ -528,7 +528,10 @@ impl UsageWire {
     fn to_usage(&self) -> Usage {
         Usage {
             // inputTokens excludes the tokens read from or written to the cache.
-            prompt_tokens: self.input_tokens + self.cache_read_input_tokens + self.cache_write_input_tokens,
+            prompt_tokens: self
+                .input_tokens
+                .saturating_add(self.cache_read_input_tokens)
+                .saturating_add(self.cache_write_input_tokens),
             cached_tokens: self.cache_read_input_tokens,
             completion_tokens: self.output_tokens,
             cache_creation_tokens: self.cache_write_input_tokens,
@@ -873,7 +876,7 @@ fn clip(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::arithmetic_side_effects)]
     use std::sync::Arc;
 
     use super::*;

@@ -116,7 +116,7 @@ impl Fleet {
             .build()
             .map_err(|e| BackendError::Config(format!("HTTP client: {e}")))?;
         let mut endpoints = Vec::with_capacity(members.len());
-        let mut capabilities = members[0].backend.capabilities();
+        let mut capabilities = members.first().map(|m| m.backend.capabilities()).unwrap_or_default();
         for member in members {
             let caps = member.backend.capabilities();
             capabilities = intersect(capabilities, caps);
@@ -171,18 +171,20 @@ impl Fleet {
         let any_serves = self.endpoints.iter().any(|e| e.models.lock().is_ok_and(|m| m.iter().any(|x| x == model)));
         let candidates: Vec<usize> = (0..self.endpoints.len())
             .filter(|i| !tried.contains(i))
-            .filter(|&i| self.endpoints[i].up.load(Relaxed))
-            .filter(|&i| !any_serves || serves(&self.endpoints[i]))
+            .filter(|&i| self.endpoints.get(i).is_some_and(|e| e.up.load(Relaxed)))
+            .filter(|&i| !any_serves || self.endpoints.get(i).is_some_and(serves))
             .collect();
         let load = |i: usize| {
-            let e = &self.endpoints[i];
-            e.outstanding.load(Relaxed) as f64 / e.limit.current().max(1) as f64
+            self.endpoints
+                .get(i)
+                .map_or(f64::INFINITY, |e| e.outstanding.load(Relaxed) as f64 / e.limit.current().max(1) as f64)
         };
         if candidates.is_empty() {
             return None;
         }
         if self.options.routing == Routing::RoundRobin {
-            return Some(candidates[self.turn.fetch_add(1, Relaxed) % candidates.len()]);
+            let turn = self.turn.fetch_add(1, Relaxed);
+            return candidates.get(turn.checked_rem(candidates.len()).unwrap_or(0)).copied();
         }
         let least = candidates.iter().copied().min_by(|&a, &b| load(a).total_cmp(&load(b)))?;
         if keys.is_empty() || self.options.routing != Routing::PrefixAffinity {
@@ -201,10 +203,10 @@ impl Fleet {
             .map(|(i, _)| i);
         let chosen = match preferred {
             Some(p) => {
-                let e = &self.endpoints[p];
-                let outstanding = e.outstanding.load(Relaxed);
-                let overloaded = outstanding >= e.limit.current()
-                    || outstanding > self.endpoints[least].outstanding.load(Relaxed) + self.options.affinity_slack;
+                let outstanding = |i: usize| self.endpoints.get(i).map_or(0, |e| e.outstanding.load(Relaxed));
+                let limit = self.endpoints.get(p).map_or(0, |e| e.limit.current());
+                let overloaded = outstanding(p) >= limit
+                    || outstanding(p) > outstanding(least).saturating_add(self.options.affinity_slack);
                 if overloaded {
                     least
                 } else {

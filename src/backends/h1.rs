@@ -17,6 +17,8 @@
 //! `max_response_bytes` (announced or actually sent) is an error, and so is a read that waits
 //! longer than the idle timeout.
 
+#![warn(clippy::arithmetic_side_effects)]
+
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -125,7 +127,8 @@ impl H1Client {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> Result<H1Response, H1Error> {
-        let mut request = Vec::with_capacity(self.fixed_headers.len() + path.len() + body.len() + 128);
+        let size = self.fixed_headers.len().saturating_add(path.len()).saturating_add(body.len()).saturating_add(128);
+        let mut request = Vec::with_capacity(size);
         request.extend_from_slice(b"POST ");
         request.extend_from_slice(path.as_bytes());
         request.extend_from_slice(b" HTTP/1.1\r\n");
@@ -521,7 +524,7 @@ impl ChunkedDecoder {
                         return Ok(Decoded::NeedMore);
                     }
                     let take = remaining.min(buf.len() as u64);
-                    let left = remaining - take;
+                    let left = remaining.saturating_sub(take);
                     self.state = if left == 0 { ChunkState::DataEnd } else { ChunkState::Data(left) };
                     return Ok(Decoded::Data(buf.split_to(take as usize).freeze()));
                 }
@@ -547,10 +550,11 @@ impl ChunkedDecoder {
 fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, H1Error> {
     match memchr::memchr(b'\n', buf) {
         Some(end) => {
-            let mut line = buf.split_to(end + 1);
+            // `end` is an index into `buf`: `end + 1` is at most its length.
+            let mut line = buf.split_to(end.saturating_add(1));
             line.truncate(end);
             if line.last() == Some(&b'\r') {
-                line.truncate(end - 1);
+                line.truncate(end.saturating_sub(1));
             }
             Ok(Some(line))
         }
@@ -561,7 +565,7 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, H1Error> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::arithmetic_side_effects)]
     use super::*;
 
     fn decode_all(input: &[u8], splits: &[usize]) -> Result<(Vec<u8>, bool), H1Error> {

@@ -182,7 +182,9 @@ impl EngineWatch {
             return;
         }
         // Wait on the first endpoint; the others are checked again on the next call.
-        self.watchers[0].wait_for_room(ceiling).await;
+        if let Some(first) = self.watchers.first() {
+            first.wait_for_room(ceiling).await;
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 //! [`ChatRequest`] into HTTP and the server's answer (streamed or not) into a [`ChatResponse`],
 //! sending [`StreamEvent`]s as they are parsed so the scheduler can start tools early.
 
+#![warn(clippy::indexing_slicing)]
+
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;

@@ -231,7 +231,9 @@ impl OpenAiBackend {
         }
         let mut body = json!({"model": model, "prompt": prompts, "stream": false});
         if let Some(max) = max_tokens {
-            body["max_tokens"] = Value::from(max);
+            if let Some(fields) = body.as_object_mut() {
+                fields.insert("max_tokens".into(), Value::from(max));
+            }
         }
         let call = async {
             let response = self.http.send(self.http.post("/completions", &body)).await?;
@@ -437,7 +439,7 @@ pub(crate) fn tool_json(tool: &ToolDef) -> Value {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::arithmetic_side_effects)]
     use std::sync::Arc;
 
     use super::*;

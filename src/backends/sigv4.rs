@@ -170,19 +170,18 @@ fn uri_encode_into(bytes: &[u8], out: &mut String) {
 }
 
 fn percent_decode(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
+    let mut b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex_val(b[i + 1]), hex_val(b[i + 2])) {
+    while let Some((&first, rest)) = b.split_first() {
+        if let (b'%', [h, l, ..]) = (first, rest) {
+            if let (Some(h), Some(l)) = (hex_val(*h), hex_val(*l)) {
                 out.push(h << 4 | l);
-                i += 3;
+                b = rest.get(2..).unwrap_or_default();
                 continue;
             }
         }
-        out.push(b[i]);
-        i += 1;
+        out.push(first);
+        b = rest;
     }
     out
 }

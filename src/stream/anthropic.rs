@@ -50,11 +50,8 @@ fn clip(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_owned();
     }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &s[..end])
+    let end = (0..=max).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+    format!("{}...", s.get(..end).unwrap_or_default())
 }
 
 // Field names are the wire's.
@@ -96,7 +93,7 @@ impl UsageParts {
     fn to_usage(self) -> Usage {
         Usage {
             // Anthropic's input_tokens excludes the cached parts; ours is the whole prompt.
-            prompt_tokens: self.input + self.cache_read + self.cache_creation,
+            prompt_tokens: self.input.saturating_add(self.cache_read).saturating_add(self.cache_creation),
             cached_tokens: self.cache_read,
             completion_tokens: self.output,
             cache_creation_tokens: self.cache_creation,
@@ -423,7 +420,7 @@ impl crate::stream::sse::SseTurn for AnthropicStreamAssembler {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::arithmetic_side_effects)]
     use super::*;
     use crate::stream::sse::SseParser;
 

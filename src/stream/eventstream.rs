@@ -101,7 +101,7 @@ impl Message {
                 headers.len()
             )));
         }
-        let total = FRAME_OVERHEAD + headers.len() + self.payload.len();
+        let total = FRAME_OVERHEAD.saturating_add(headers.len()).saturating_add(self.payload.len());
         if total > MAX_MESSAGE_LEN {
             return Err(EventStreamError::Encode(format!("message is {total} bytes (max {MAX_MESSAGE_LEN})")));
         }
@@ -226,41 +226,38 @@ impl EventStreamDecoder {
     }
 
     fn next_frame(&mut self) -> Result<Option<Message>, EventStreamError> {
-        if self.buf.len() < 12 {
-            return Ok(None);
-        }
-        let total = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
-        let headers_len = u32::from_be_bytes([self.buf[4], self.buf[5], self.buf[6], self.buf[7]]);
-        let expected = u32::from_be_bytes([self.buf[8], self.buf[9], self.buf[10], self.buf[11]]);
-        let computed = crc32(&self.buf[..8]);
+        let Some((prelude, _)) = self.buf.split_first_chunk::<12>() else { return Ok(None) };
+        let (lengths, crc) = prelude.split_at(8);
+        let (total, headers_len) = lengths.split_at(4);
+        let total = u32::from_be_bytes(total.try_into().unwrap_or_default());
+        let headers_len = u32::from_be_bytes(headers_len.try_into().unwrap_or_default());
+        let expected = u32::from_be_bytes(crc.try_into().unwrap_or_default());
+        let computed = crc32(lengths);
         if computed != expected {
             return Err(EventStreamError::PreludeCrc { offset: self.offset, expected, computed });
         }
         let (total_len, hdr_len) = (total as usize, headers_len as usize);
-        if total_len > MAX_MESSAGE_LEN || hdr_len > MAX_HEADERS_LEN || total_len < FRAME_OVERHEAD + hdr_len {
+        if total_len > MAX_MESSAGE_LEN
+            || hdr_len > MAX_HEADERS_LEN
+            || total_len < FRAME_OVERHEAD.saturating_add(hdr_len)
+        {
             return Err(EventStreamError::BadLength { offset: self.offset, total, headers: headers_len });
         }
-        if self.buf.len() < total_len {
-            return Ok(None);
-        }
-        let body_end = total_len - 4;
-        let expected = u32::from_be_bytes([
-            self.buf[body_end],
-            self.buf[body_end + 1],
-            self.buf[body_end + 2],
-            self.buf[body_end + 3],
-        ]);
+        // `total_len` is at least FRAME_OVERHEAD (16) from here on.
+        let Some(whole) = self.buf.get(..total_len) else { return Ok(None) };
+        let Some((body, crc)) = whole.split_last_chunk::<4>() else { return Ok(None) };
+        let expected = u32::from_be_bytes(*crc);
         // The prelude's 12 bytes were hashed above; continue from that state instead of rehashing.
-        let computed = Crc32::resume(computed).update(&self.buf[8..body_end]).finish();
+        let computed = Crc32::resume(computed).update(body.get(8..).unwrap_or_default()).finish();
         if computed != expected {
             return Err(EventStreamError::MessageCrc { offset: self.offset, expected, computed });
         }
         let mut frame = self.buf.split_to(total_len).freeze();
         let offset = self.offset;
-        self.offset += total_len as u64;
+        self.offset = self.offset.saturating_add(total_len as u64);
         frame.advance(12);
         let headers_bytes = frame.split_to(hdr_len);
-        frame.truncate(frame.len() - 4);
+        frame.truncate(frame.len().saturating_sub(4));
         let headers = decode_headers(&headers_bytes, offset)?;
         Ok(Some(Message { headers, payload: frame }))
     }
@@ -272,14 +269,15 @@ fn decode_headers(mut b: &[u8], offset: u64) -> Result<Vec<Header>, EventStreamE
     while !b.is_empty() {
         let index = headers.len();
         let bad = |reason: &str| EventStreamError::BadHeader { offset, index, reason: reason.to_owned() };
-        let name_len = usize::from(b[0]);
-        b = &b[1..];
-        if b.len() < name_len + 1 {
+        let Some((&name_len, rest)) = b.split_first() else { break };
+        let Some((name, rest)) = rest.split_at_checked(usize::from(name_len)) else {
             return Err(bad("name runs past the headers section"));
-        }
-        let name = std::str::from_utf8(&b[..name_len]).map_err(|_| bad("name is not UTF-8"))?;
-        let tag = b[name_len];
-        b = &b[name_len + 1..];
+        };
+        let Some((&tag, rest)) = rest.split_first() else {
+            return Err(bad("name runs past the headers section"));
+        };
+        b = rest;
+        let name = std::str::from_utf8(name).map_err(|_| bad("name is not UTF-8"))?;
         let value = match tag {
             0 => HeaderValue::Bool(true),
             1 => HeaderValue::Bool(false),
@@ -331,6 +329,8 @@ pub struct Crc32 {
 
 const CRC_TABLE: [[u32; 256]; 8] = crc_tables();
 
+// Table indexes are masked to 0..=255 (or are loop counters below 256 and 8): never out of bounds.
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 const fn crc_tables() -> [[u32; 256]; 8] {
     let mut t = [[0u32; 256]; 8];
     let mut i = 0;
@@ -374,6 +374,8 @@ impl Crc32 {
         Self { state: !crc }
     }
 
+    // Table indexes are masked to 0..=255 or are single bytes; `w` is an 8-byte chunk.
+    #[allow(clippy::indexing_slicing)]
     #[must_use]
     pub fn update(mut self, data: &[u8]) -> Self {
         let mut c = self.state;
@@ -407,7 +409,7 @@ pub fn crc32(data: &[u8]) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::arithmetic_side_effects)]
     use super::*;
     use proptest::prelude::*;
 

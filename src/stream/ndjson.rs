@@ -121,7 +121,7 @@ fn emit(line: &[u8], on_line: &mut impl FnMut(&str)) {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::arithmetic_side_effects)]
     use proptest::prelude::*;
 
     use super::*;

@@ -318,7 +318,7 @@ impl ChatStreamAssembler {
             // Servers that omit `index` send one call's deltas in a row; a new id starts a new call.
             None => match (&call.id, self.calls.last()) {
                 (Some(id), Some(last)) if !last.id.is_empty() && last.id != **id => None,
-                (_, Some(_)) => Some(self.calls.len() - 1),
+                (_, Some(_)) => self.calls.len().checked_sub(1),
                 (_, None) => None,
             },
         };
@@ -338,7 +338,7 @@ impl ChatStreamAssembler {
                 arguments: String::new(),
                 announced: false,
             });
-            self.calls.len() - 1
+            self.calls.len().saturating_sub(1)
         };
         let Some(partial) = self.calls.get_mut(position) else { return Ok(()) };
         if let Some(id) = call.id.filter(|id| !id.is_empty()) {
@@ -531,11 +531,8 @@ fn clip(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+    let end = (0..=max).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+    s.get(..end).unwrap_or_default()
 }
 
 /// Maps an error object found in a body or stream (`{"message","type","code"}`, or the envelope
@@ -587,7 +584,7 @@ fn too_many_calls() -> BackendError {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::arithmetic_side_effects)]
     use super::*;
 
     fn run(chunks: &[&str]) -> (Vec<StreamEvent>, Result<ChatResponse, BackendError>) {

@@ -273,7 +273,7 @@ fn push_lossy(dst: &mut String, bytes: &[u8]) {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::arithmetic_side_effects)]
     use proptest::prelude::*;
 
     use super::*;
