@@ -1,7 +1,7 @@
-//! A fleet sees what really happened: a frozen endpoint (it accepts connections and never answers,
-//! as a server stopped with `SIGSTOP` does) is marked down when its calls time out, and every call gives back
-//! its place in the endpoint's outstanding count, however it ends. Also: a job whose task panics
-//! still gets a result.
+//! A fleet sees what really happened: a frozen endpoint (it accepts connections and never
+//! answers, as a server stopped with `SIGSTOP` does) is marked down when its calls time out, and
+//! every call gives back its place in the endpoint's outstanding count, however it ends. Also: a
+//! job whose task panics still gets a result.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
