@@ -176,17 +176,49 @@ pub enum BackendError {
     Config(String),
 }
 
+/// Phrases (lowercase) of 5xx bodies that blame the request rather than the server's state: sent
+/// again, the same request fails the same way.
+const REQUEST_FAULT_PHRASES: [&str; 6] = [
+    // llama.cpp, when a grammar-constrained output fails its own parser (HTTP 500).
+    "does not match the expected",
+    // llama.cpp, a JSON Schema or grammar it cannot compile.
+    "failed to parse grammar",
+    "failed to parse json schema",
+    "unsupported json schema",
+    // OpenAI-style error types and messages some proxies return with a 5xx.
+    "invalid_request_error",
+    "invalid request",
+];
+
 impl BackendError {
+    /// A failure that goes away by itself (throttling, a flaky or overloaded server, the network):
+    /// worth retrying with backoff. A 5xx whose body says the request is at fault is not.
     pub fn retryable(&self) -> bool {
-        matches!(
-            self,
-            Self::RateLimited { .. }
-                | Self::Server { .. }
-                | Self::Overloaded(_)
-                | Self::Timeout { .. }
-                | Self::Connection(_)
-                | Self::Protocol(_)
-        )
+        match self {
+            Self::Server { .. } => !self.request_at_fault(),
+            _ => matches!(
+                self,
+                Self::RateLimited { .. }
+                    | Self::Overloaded(_)
+                    | Self::Timeout { .. }
+                    | Self::Connection(_)
+                    | Self::Protocol(_)
+            ),
+        }
+    }
+
+    /// The server refused this request as such (a 4xx other than auth and throttling, or a 5xx
+    /// whose body says the request is at fault, as llama.cpp's failed grammar parse does): sending
+    /// it again unchanged gives the same answer.
+    pub fn request_at_fault(&self) -> bool {
+        match self {
+            Self::Rejected { .. } => true,
+            Self::Server { message, .. } => {
+                let message = message.to_ascii_lowercase();
+                REQUEST_FAULT_PHRASES.iter().any(|phrase| message.contains(phrase))
+            }
+            _ => false,
+        }
     }
 
     /// Throttling drives the adaptive concurrency limit down (AIMD).

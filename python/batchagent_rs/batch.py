@@ -137,6 +137,11 @@ class RunReport:
     ttft: dict[str, float | None]
     latency: dict[str, float | None]
     backend: str
+    #: Model answers served from the response cache (not counted in `model_calls`).
+    response_cache_hits: int = 0
+    #: Jobs whose constrained request the server failed deterministically, re-sent with the schema
+    #: in the prompt.
+    schema_fallbacks: int = 0
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,6 +176,10 @@ class RunReport:
         ]
         if self.tool_errors:
             rows.append(("tool errors", ", ".join(f"{k}: {v}" for k, v in sorted(self.tool_errors.items()))))
+        if self.raw.get("response_cache") is not None:
+            rows.insert(4, ("response cache", f"{self.response_cache_hits} answers (no model call)"))
+        if self.schema_fallbacks:
+            rows.append(("schema in prompt", f"{self.schema_fallbacks} jobs (constrained output failed)"))
         if self.errors_by_kind:
             rows.append(("errors", ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_kind.items()))))
         width = max(len(k) for k, _ in rows)
@@ -209,6 +218,8 @@ class RunReport:
             ttft=summary(run["ttft"]),
             latency=summary(run["job_latency"]),
             backend=stats["backend"],
+            response_cache_hits=(stats.get("response_cache") or {}).get("hits", 0),
+            schema_fallbacks=run.get("schema_fallbacks", 0),
             raw=stats,
         )
 

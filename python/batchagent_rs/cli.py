@@ -48,6 +48,7 @@ _SIM_FLAGS = [
         "fault_cut_after_call",
         "rate of tool-call streams cut after the 2nd call starts",
     ),
+    ("--fault-grammar", "fault_grammar", "rate of schema-constrained requests that always fail (HTTP 500)"),
 ]
 
 

@@ -572,7 +572,12 @@ impl PyRun {
 
     /// Counters so far, as JSON (the run report is built from these).
     fn stats_json(&self) -> String {
-        let stats = self.ctx.stats.snapshot();
+        let mut stats = self.ctx.stats.snapshot();
+        let cache_stats = self.response_cache.as_ref().map(|c| c.stats());
+        if let Some(cache) = &cache_stats {
+            // Answers from the response cache are not model calls: none was made.
+            stats.model_calls = stats.model_calls.saturating_sub(cache.hits);
+        }
         let tools = self.ctx.tools.stats();
         let counts = |c: &crate::tools::ToolCounts| {
             serde_json::json!({"requests": c.requests, "executions": c.executions, "cache_hits": c.cache_hits,
@@ -597,10 +602,7 @@ impl PyRun {
             "backend": self.ctx.backend.name(),
             "endpoints": self.ctx.backend.endpoint_stats(),
             "engine": self.ctx.engine.as_ref().map(|e| e.latest()),
-            "response_cache": self.response_cache.as_ref().map(|c| {
-                let s = c.stats();
-                serde_json::json!({"hits": s.hits, "misses": s.misses, "puts": s.puts})
-            }),
+            "response_cache": cache_stats.map(|s| serde_json::json!({"hits": s.hits, "misses": s.misses, "puts": s.puts})),
         });
         value.to_string()
     }

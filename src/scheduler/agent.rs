@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::backends::metrics::EngineWatch;
 use crate::backends::{AgentHints, Backend, BackendError, ChatRequest, ChatResponse, StreamEvent};
-use crate::conversation::{Message, TimeoutKind, ToolCall, Usage};
+use crate::conversation::{Message, Role, TimeoutKind, ToolCall, Usage};
 use crate::limits::AdaptiveLimit;
 use crate::output::{describe, extract_json, CompiledSchema};
 use crate::scheduler::retry::{RetryPolicy, SplitMix64};
@@ -162,14 +162,24 @@ struct Agent<'a> {
     ttft: Option<Duration>,
     repaired: bool,
     rng: SplitMix64,
+    /// Constrained decoding for this job: off after the server failed a constrained request
+    /// deterministically (the schema then goes into the prompt instead).
+    constrained: bool,
 }
 
 pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
     let started = Instant::now();
     ctx.stats.jobs_started.fetch_add(1, Relaxed);
     let rng = SplitMix64::new(ctx.seed ^ job.index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let mut agent =
-        Agent { ctx: &ctx, job_id: &job.id, state: AgentState::default(), ttft: None, repaired: false, rng };
+    let mut agent = Agent {
+        ctx: &ctx,
+        job_id: &job.id,
+        state: AgentState::default(),
+        ttft: None,
+        repaired: false,
+        rng,
+        constrained: ctx.constrained,
+    };
     let outcome = match ctx.spec.agent_timeout {
         Some(limit) => match tokio::time::timeout(limit, agent.run(&job)).await {
             Ok(outcome) => outcome,
@@ -309,6 +319,7 @@ impl Agent<'_> {
         // Lives across the attempts of this turn: what a failed attempt started from its stream is
         // handed to the retry that asks for the same call, never run a second time.
         let mut early = EarlyTools::default();
+        let mut request_faults = 0u32;
         loop {
             attempt += 1;
             self.state.attempts += 1;
@@ -317,7 +328,7 @@ impl Agent<'_> {
                 messages: Arc::new(self.state.messages.clone()),
                 tools: ctx.spec.tools.clone(),
                 tool_choice: None,
-                response_schema: if ctx.constrained { ctx.spec.output_schema.clone() } else { None },
+                response_schema: if self.constrained { ctx.spec.output_schema.clone() } else { None },
                 max_tokens: ctx.spec.max_tokens,
                 temperature: ctx.spec.temperature,
                 request_id: format!("{}-t{}-a{}", self.job_id, self.state.turns, attempt),
@@ -364,7 +375,24 @@ impl Agent<'_> {
                             ctx.slots.set_capacity(ctx.limit.current());
                         }
                     }
-                    if !error.retryable() || attempt >= ctx.spec.max_attempts {
+                    if error.request_at_fault() {
+                        // Deterministic: one more try (a server can still be flaky), then the
+                        // same request is not sent again. A constrained one is sent with the schema
+                        // in the prompt instead.
+                        request_faults += 1;
+                        let again = request_faults == 1 && matches!(error, BackendError::Server { .. });
+                        if !again {
+                            if self.constrained && attempt < ctx.spec.max_attempts {
+                                self.schema_to_prompt();
+                                ctx.stats.schema_fallbacks.fetch_add(1, Relaxed);
+                                continue;
+                            }
+                            return Err(Failure::Backend(error));
+                        }
+                    } else if !error.retryable() {
+                        return Err(Failure::Backend(error));
+                    }
+                    if attempt >= ctx.spec.max_attempts {
                         return Err(Failure::Backend(error));
                     }
                     ctx.stats.retries.fetch_add(1, Relaxed);
@@ -372,6 +400,17 @@ impl Agent<'_> {
                     tokio::time::sleep(delay).await;
                 }
             }
+        }
+    }
+
+    /// Stops asking for constrained decoding for this job and puts the schema instructions into its
+    /// system message, as a run against a backend without constrained decoding does.
+    fn schema_to_prompt(&mut self) {
+        self.constrained = false;
+        let Some(Message { content, .. }) = RunContext::system_message(&self.ctx.spec, false) else { return };
+        match self.state.messages.first_mut() {
+            Some(first) if first.role == Role::System => first.content = content,
+            _ => self.state.messages.insert(0, Message::system(content)),
         }
     }
 

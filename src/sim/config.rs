@@ -21,6 +21,7 @@
 //! | `fault_429` (+ `retry_after` s), `fault_500`, `fault_503`, `fault_reset`, `fault_truncate`, `fault_malformed` | `0` | exclusive fault rates (sum <= 1) |
 //! | `slow_first_byte` (+ `slow_first_byte_ms`, default 2000) | `0` | rate of a delayed first byte |
 //! | `fault_cut_after_call` | `0` | rate of streamed OpenAI replies with two or more tool calls that end (no `finish_reason`, no `[DONE]`) just after the second call starts, when the first is complete; only the first request with a given body, so its retry gets through |
+//! | `fault_grammar` | `0` | rate of grammar-constrained requests (`response_format` with a schema) answered, every time they are sent, with llama.cpp's HTTP 500 "does not match the expected format" |
 
 use std::fmt;
 
@@ -184,6 +185,8 @@ pub struct FaultConfig {
     pub slow_first_byte_ms: u64,
     /// Drawn apart from the exclusive faults, on a body's first sighting only.
     pub fault_cut_after_call: f64,
+    /// Drawn per request body, not per attempt: the same request always fails the same way.
+    pub fault_grammar: f64,
 }
 
 impl Default for FaultConfig {
@@ -199,6 +202,7 @@ impl Default for FaultConfig {
             slow_first_byte: 0.0,
             slow_first_byte_ms: 2000,
             fault_cut_after_call: 0.0,
+            fault_grammar: 0.0,
         }
     }
 }
@@ -216,6 +220,7 @@ impl FaultConfig {
             "slow_first_byte" => self.slow_first_byte = parse_rate(key, value)?,
             "slow_first_byte_ms" => self.slow_first_byte_ms = parse_num(key, value)?,
             "fault_cut_after_call" => self.fault_cut_after_call = parse_rate(key, value)?,
+            "fault_grammar" => self.fault_grammar = parse_rate(key, value)?,
             _ => return Ok(false),
         }
         Ok(true)

@@ -73,11 +73,12 @@ pub struct Faults {
     seed: u64,
     seen: Mutex<HashMap<u64, u32>>,
     injected: [AtomicU64; 8],
+    grammar: AtomicU64,
 }
 
 impl Faults {
     pub fn new(cfg: FaultConfig, seed: u64) -> Self {
-        Self { cfg, seed, seen: Mutex::new(HashMap::new()), injected: Default::default() }
+        Self { cfg, seed, seen: Mutex::new(HashMap::new()), injected: Default::default(), grammar: AtomicU64::new(0) }
     }
 
     pub fn config(&self) -> &FaultConfig {
@@ -130,6 +131,20 @@ impl Faults {
         Decision { fault, slow_first_byte: slow, cut_permille, cut_after_call }
     }
 
+    /// Whether this grammar-constrained request fails its own output parser, as llama.cpp's does
+    /// when the model's output does not match the grammar. A property of the request, not of the
+    /// attempt: sent again, it fails again.
+    pub fn grammar_fails(&self, body: &[u8]) -> bool {
+        if self.cfg.fault_grammar <= 0.0 {
+            return false;
+        }
+        let fails = Draw::new(mix(self.seed ^ 0x0067_7261_6d6d_6172, hash_bytes(body))).chance(self.cfg.fault_grammar);
+        if fails {
+            self.grammar.fetch_add(1, Ordering::Relaxed);
+        }
+        fails
+    }
+
     /// Injected faults by kind name (`429`, `500`, `503`, `reset`, `truncate`, `malformed`,
     /// `slow_first_byte`, `cut_after_call`).
     pub fn injected(&self) -> serde_json::Map<String, serde_json::Value> {
@@ -139,6 +154,7 @@ impl Faults {
         }
         out.insert("slow_first_byte".to_owned(), self.injected[6].load(Ordering::Relaxed).into());
         out.insert("cut_after_call".to_owned(), self.injected[7].load(Ordering::Relaxed).into());
+        out.insert("grammar".to_owned(), self.grammar.load(Ordering::Relaxed).into());
         out
     }
 

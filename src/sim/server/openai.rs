@@ -245,6 +245,12 @@ async fn chat_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Response {
     if let Some(r) = http_fault(&state, &decision, fault_shape).await {
         return r;
     }
+    if req.response_schema.is_some() && state.faults.grammar_fails(raw) {
+        // llama.cpp's words when a constrained output fails its own parser (server-common, 500).
+        let message = "The model produced output that does not match the expected JSON schema format: \
+                       parse error at position 0";
+        return error(StatusCode::INTERNAL_SERVER_ERROR, message, None);
+    }
     let prompt = render_chatml(&req.messages, &req.tools);
     let mut g = match generate(&state, &req, &behaviour, &prompt, max) {
         Ok(g) => g,
