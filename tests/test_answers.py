@@ -25,7 +25,9 @@ def test_a_failed_grammar_parse_is_retried_once_then_the_schema_goes_into_the_pr
     # Every grammar-constrained request fails its own output parser (llama.cpp's HTTP 500), every
     # time it is sent; the same job without `response_format` succeeds.
     with sim.start(time_scale=0, seed=5, fault_grammar=1.0) as server:
-        batch = Batch("Label record {i}.", output=Label, backend=backend_of(server), max_attempts=6)
+        batch = Batch(
+            "Label record {i}.", output=Label, backend=backend_of(server), model="sim-model", max_attempts=6
+        )
         results = batch.run([{"i": i} for i in range(n)])
         stats = server.stats()
     assert all(r.ok for r in results), [r.error for r in results if not r.ok][:2]
@@ -47,6 +49,7 @@ def test_a_request_fault_without_a_fallback_fails_after_one_retry() -> None:
             "Label record {i}.",
             output=Label,
             backend=backend_of(server),
+            model="sim-model",
             max_attempts=6,
             schema_mode="prompt",
         )
@@ -54,7 +57,9 @@ def test_a_request_fault_without_a_fallback_fails_after_one_retry() -> None:
         assert all(r.ok for r in results)
         assert server.stats()["requests"]["total"] == n
     with sim.start(time_scale=0, seed=5, fault_grammar=1.0) as server:
-        batch = Batch("Label record {i}.", output=Label, backend=backend_of(server), max_attempts=1)
+        batch = Batch(
+            "Label record {i}.", output=Label, backend=backend_of(server), model="sim-model", max_attempts=1
+        )
         results = batch.run([{"i": i} for i in range(n)])
     # max_attempts=1: no retry and no fallback; the error says it is not transient.
     assert not any(r.ok for r in results)
@@ -67,10 +72,10 @@ def test_answers_from_the_response_cache_are_not_model_calls(tmp_path: Path) -> 
     n = 10
     cache = tmp_path / "responses.sqlite"
     with sim.start(time_scale=0, seed=2) as server:
-        first = Batch("Say hi to {i}.", backend=backend_of(server), response_cache=cache)
+        first = Batch("Say hi to {i}.", backend=backend_of(server), model="sim-model", response_cache=cache)
         first.run([{"i": i} for i in range(n)])
         assert first.report().model_calls == n
-        second = Batch("Say hi to {i}.", backend=backend_of(server), response_cache=cache)
+        second = Batch("Say hi to {i}.", backend=backend_of(server), model="sim-model", response_cache=cache)
         second.run([{"i": i} for i in range(n)])
         report = second.report()
         assert server.stats()["requests"]["total"] == n
