@@ -44,7 +44,10 @@ class Run:
         """No more inputs."""
     @property
     def window(self) -> int:
-        """Live agents at once; the first feed may hand over this many inputs."""
+        """Live agents at once."""
+    @property
+    def initial_credit(self) -> int:
+        """The window plus the lookahead: the first feed may hand over this many inputs."""
     def wake_fd(self) -> int:
         """A file descriptor that becomes readable when `take_events()` has something."""
     def take_events(

@@ -279,6 +279,8 @@ class Batch:
         keep_session_headers: bool = False,
         max_engine_queue: float | None = None,
         agent_hints: bool = False,
+        lookahead: int | None = None,
+        kv_capacity_tokens: int | None = None,
     ) -> None:
         if backend is None:
             raise TypeError(
@@ -349,6 +351,8 @@ class Batch:
             "routing": routing,
             "keep_session_headers": keep_session_headers,
             "max_engine_queue": max_engine_queue,
+            "lookahead": lookahead,
+            "kv_capacity_tokens": kv_capacity_tokens,
         }
         self._on_result = on_result
         self._tool_threads = tool_threads
@@ -755,7 +759,11 @@ class _Driver:
                 (job_id, i, text)
                 for i, (job_id, text) in enumerate(_input_json(i, x) for i, x in enumerate(self.inputs))
             ]
-        run = _core.Run(json.dumps(batch._spec), json.dumps(self.options))
+        options = self.options
+        if pending is not None and options.get("lookahead") is None:
+            # A list is in memory already: group all of it by prefix.
+            options = options | {"lookahead": len(pending)}
+        run = _core.Run(json.dumps(batch._spec), json.dumps(options))
         if pending is not None:
             run.check_inputs([(i, text) for _, i, text in pending])
         self.run = run
@@ -774,7 +782,7 @@ class _Driver:
         # Registered where the `finally` below is sure to retire it.
         number = batch._run_started(self)
         try:
-            self._feed(run.window)
+            self._feed(run.initial_credit)
             loop.add_reader(fd, self._on_wake)
             while True:
                 results = await self.queue.get()

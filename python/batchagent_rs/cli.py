@@ -435,6 +435,8 @@ def _run(args: argparse.Namespace) -> int:
             max_inflight=int(settings.get("max_inflight") or 64),
             max_turns=int(settings.get("max_turns") or 8),
             **_limits(settings),
+            lookahead=settings.get("lookahead"),
+            kv_capacity_tokens=settings.get("kv_capacity_tokens"),
             journal=journal,
             response_cache=cache,
         )
@@ -571,6 +573,17 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         dest="max_response_bytes",
         type=_positive,
         help="most bytes of one answer read from a server (default 67108864, 64 MiB)",
+    )
+    p.add_argument(
+        "--lookahead",
+        type=_positive,
+        help="inputs read ahead and grouped by shared prefix before dispatch (default 2048)",
+    )
+    p.add_argument(
+        "--kv-capacity-tokens",
+        dest="kv_capacity_tokens",
+        type=_positive,
+        help="the engine's KV cache in tokens, where its /metrics does not say",
     )
     p.add_argument("--journal", help="run journal (default: OUTPUT.journal.sqlite)")
     p.add_argument(

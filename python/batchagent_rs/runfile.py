@@ -29,6 +29,8 @@ SETTINGS: dict[str, Kind] = {
     "idle_timeout": "seconds",
     "agent_timeout": "seconds",
     "max_response_bytes": "int",
+    "lookahead": "int",
+    "kv_capacity_tokens": "int",
     "journal": "path",
     "resume": "bool",
     "no_cache": "bool",

@@ -26,6 +26,11 @@ pub struct EngineMetrics {
     pub prefix_queries: Option<f64>,
     pub prefix_hits: Option<f64>,
     pub prefix_hit_rate: Option<f64>,
+    /// Tokens the KV cache holds: vLLM's `cache_config_info` labels `num_gpu_blocks` x
+    /// `block_size`, SGLang's `max_total_num_tokens`.
+    pub kv_capacity_tokens: Option<f64>,
+    /// Cumulative preemptions (vLLM `num_preemptions`).
+    pub preemptions: Option<f64>,
 }
 
 /// Parses Prometheus text exposition. Sums a metric over its label sets (several models or
@@ -48,6 +53,14 @@ pub fn parse(text: &str) -> EngineMetrics {
             None => line.split_once(char::is_whitespace).unwrap_or((line, "")),
         };
         let Some(Ok(value)) = rest.split_whitespace().next().map(str::parse::<f64>) else { continue };
+        if name == "vllm:cache_config_info" {
+            // An info gauge: the figures are label values, `1` is the sample.
+            let labels = &line[name.len()..line.len() - rest.len()];
+            if let (Some(blocks), Some(size)) = (label(labels, "num_gpu_blocks"), label(labels, "block_size")) {
+                m.kv_capacity_tokens = Some(m.kv_capacity_tokens.unwrap_or(0.0) + blocks * size);
+            }
+            continue;
+        }
         let slot = match name {
             "vllm:num_requests_waiting" | "sglang:num_queue_reqs" => &mut m.waiting,
             "vllm:num_requests_running" | "sglang:num_running_reqs" => &mut m.running,
@@ -60,6 +73,8 @@ pub fn parse(text: &str) -> EngineMetrics {
                 &mut m.prefix_hits
             }
             "sglang:cache_hit_rate" => &mut m.prefix_hit_rate,
+            "sglang:max_total_num_tokens" => &mut m.kv_capacity_tokens,
+            "vllm:num_preemptions_total" | "vllm:num_preemptions" => &mut m.preemptions,
             _ => continue,
         };
         *slot = Some(slot.unwrap_or(0.0) + value);
@@ -84,6 +99,18 @@ impl MetricsSource {
     pub fn new(url: impl Into<String>) -> Self {
         Self { url: url.into(), headers: reqwest::header::HeaderMap::new() }
     }
+}
+
+/// A numeric label value from `{a="1",b="2"}`, if it is there and is a finite non-negative number.
+fn label(labels: &str, key: &str) -> Option<f64> {
+    let inner = labels.strip_prefix('{')?.strip_suffix('}')?;
+    inner
+        .split(',')
+        .find_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            (k.trim() == key).then(|| v.trim().trim_matches('"').parse::<f64>().ok())?
+        })
+        .filter(|v| v.is_finite() && *v >= 0.0)
 }
 
 /// Polls a `/metrics` URL in the background; the latest reading is always at hand.
@@ -222,9 +249,12 @@ vllm:gpu_cache_usage_perc{engine="0",model_name="qwen"} 0.25
 vllm:prefix_cache_queries_total{engine="0",model_name="qwen"} 4000.0
 vllm:prefix_cache_hits_total{engine="0",model_name="qwen"} 3000.0
 vllm:time_to_first_token_seconds_bucket{le="0.001",model_name="qwen"} 0.0
+# TYPE vllm:cache_config_info gauge
+vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="True",num_gpu_blocks="6250",engine="0"} 1.0
+vllm:num_preemptions_total{engine="0",model_name="qwen"} 3.0
 "#;
 
-    const SGLANG: &str = "sglang:num_running_reqs{model_name=\"m\"} 3\nsglang:num_queue_reqs{model_name=\"m\"} 9\nsglang:token_usage{model_name=\"m\"} 0.5\nsglang:cache_hit_rate{model_name=\"m\"} 0.8\n";
+    const SGLANG: &str = "sglang:num_running_reqs{model_name=\"m\"} 3\nsglang:num_queue_reqs{model_name=\"m\"} 9\nsglang:token_usage{model_name=\"m\"} 0.5\nsglang:cache_hit_rate{model_name=\"m\"} 0.8\nsglang:max_total_num_tokens{model_name=\"m\"} 500000\n";
 
     #[test]
     fn reads_vllm_names() {
@@ -233,12 +263,15 @@ vllm:time_to_first_token_seconds_bucket{le="0.001",model_name="qwen"} 0.0
         assert_eq!(m.waiting, Some(7.0));
         assert_eq!(m.kv_usage, Some(0.25));
         assert_eq!(m.prefix_hit_rate, Some(0.75));
+        assert_eq!(m.kv_capacity_tokens, Some(100_000.0));
+        assert_eq!(m.preemptions, Some(3.0));
     }
 
     #[test]
     fn reads_sglang_names() {
         let m = parse(SGLANG);
         assert_eq!((m.running, m.waiting, m.kv_usage, m.prefix_hit_rate), (Some(3.0), Some(9.0), Some(0.5), Some(0.8)));
+        assert_eq!(m.kv_capacity_tokens, Some(500_000.0));
     }
 
     #[test]

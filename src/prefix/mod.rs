@@ -68,12 +68,33 @@ pub const USER_PREFIX_LENGTHS: [usize; 4] = [1 << 10, 1 << 12, 1 << 14, 1 << 16]
 /// message reaches, chained onto it. A router sends a request where its longest known key went.
 pub fn prefix_keys(messages: &[Message], tools: &[ToolDef], keep_session_headers: bool) -> Vec<(u64, usize)> {
     let base = prefix_key(messages, tools, keep_session_headers);
-    let base_len: usize =
-        messages.iter().take_while(|m| m.role == Role::System).map(|m| m.content.len()).sum::<usize>()
-            + tools.iter().map(|t| t.name.len() + t.description.len()).sum::<usize>();
+    let base_len = base_len(messages, tools);
     let mut keys: Vec<(u64, usize)> = base.map(|k| (k, base_len)).into_iter().collect();
-    let Some(user) = messages.iter().find(|m| m.role == Role::User) else { return keys };
-    let text = user.content.as_str();
+    if let Some(user) = messages.iter().find(|m| m.role == Role::User) {
+        push_user_keys(&mut keys, base, base_len, &user.content);
+    }
+    keys
+}
+
+/// The bytes a request's base key covers: system prompt and tool definitions.
+pub fn base_len(messages: &[Message], tools: &[ToolDef]) -> usize {
+    messages.iter().take_while(|m| m.role == Role::System).map(|m| m.content.len()).sum::<usize>()
+        + tools.iter().map(|t| t.name.len() + t.description.len()).sum::<usize>()
+}
+
+/// The longest of [`prefix_keys`] for a request whose base key (system prompt and tools, computed
+/// once per run) is `base` and whose first user message is `user`, without building the messages:
+/// what dispatch ordering groups jobs by.
+pub fn longest_key(base: Option<u64>, base_len: usize, user: &str) -> Option<(u64, usize)> {
+    let mut keys: Vec<(u64, usize)> = base.map(|k| (k, base_len)).into_iter().collect();
+    push_user_keys(&mut keys, base, base_len, user);
+    keys.pop()
+}
+
+fn push_user_keys(keys: &mut Vec<(u64, usize)>, base: Option<u64>, base_len: usize, text: &str) {
+    if text.len() < USER_PREFIX_LENGTHS[0] {
+        return;
+    }
     let mut h = Fnv::new();
     h.write(&base.unwrap_or(0).to_le_bytes());
     let mut hashed = 0;
@@ -86,7 +107,6 @@ pub fn prefix_keys(messages: &[Message], tools: &[ToolDef], keep_session_headers
         hashed = len;
         keys.push((h.0, base_len + len));
     }
-    keys
 }
 
 /// The routing key of a request's shared prefix, or `None` when it has no system prompt and no
@@ -160,6 +180,11 @@ mod tests {
         assert_eq!(a1[0], b1[0], "same system prompt");
         assert_ne!(a1[1], b1[1]);
         assert!(a1.windows(2).all(|w| w[0].1 < w[1].1), "shortest first");
+        let system = [Message::system("You answer questions.")];
+        let base = prefix_key(&system, &[], false);
+        let user = format!("{doc_a}\nthird?");
+        assert_eq!(longest_key(base, base_len(&system, &[]), &user), a1.last().copied());
+        assert_eq!(longest_key(None, 0, "short"), None);
         // A short user message adds no key: nothing long is shared there.
         assert_eq!(prefix_keys(&ask("", "short"), &[], false).len(), 1);
     }

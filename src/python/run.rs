@@ -36,7 +36,7 @@ use crate::scheduler::agent::{Job, JobResult, OutputValidator, RunContext};
 use crate::scheduler::durable::{fingerprint, Durability, JournalTurns};
 use crate::scheduler::feed::{feed_file, prescan};
 use crate::scheduler::retry::RetryPolicy;
-use crate::scheduler::run::run_all;
+use crate::scheduler::run::{run_all, Dispatch, DEFAULT_LOOKAHEAD};
 use crate::scheduler::semaphore::PrioritySemaphore;
 use crate::scheduler::stats::RunStats;
 use crate::spec::{BatchSpec, SpecError};
@@ -291,6 +291,13 @@ struct RunOptions {
     /// Back-pressure: send no new model call while every engine's queue holds more than this.
     #[serde(default)]
     max_engine_queue: Option<f64>,
+    /// Inputs read ahead of the window and grouped by shared prefix (default
+    /// [`DEFAULT_LOOKAHEAD`]; the Python layer passes a list's length).
+    #[serde(default)]
+    lookahead: Option<usize>,
+    /// The engine's KV capacity in tokens, where its `/metrics` does not say.
+    #[serde(default)]
+    kv_capacity_tokens: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -306,6 +313,10 @@ struct FileInput {
 fn default_true() -> bool {
     true
 }
+
+/// Inputs held ahead of the window at most (the job channel's capacity must stay far below
+/// tokio's limit).
+const MAX_LOOKAHEAD: usize = 1 << 32;
 
 struct Running {
     jobs: Option<mpsc::Sender<Job>>,
@@ -327,6 +338,7 @@ pub struct PyRun {
     response_cache: Option<Arc<ResponseCache>>,
     /// Keeps an embedded simulator alive for as long as the run.
     connected: Connected,
+    dispatch: Dispatch,
 }
 
 use crate::python::runtime;
@@ -373,6 +385,17 @@ impl PyRun {
         }
         // The journal and the output open after the input checked out (a refused run leaves no
         // journal behind), and before any request.
+        if options.kv_capacity_tokens == Some(0) {
+            return Err(SchemaError::new_err("kv_capacity_tokens: must be at least 1"));
+        }
+        if options.lookahead.is_some_and(|n| n > MAX_LOOKAHEAD) {
+            return Err(SchemaError::new_err(format!("lookahead: at most {MAX_LOOKAHEAD} inputs")));
+        }
+        let dispatch = Dispatch {
+            lookahead: options.lookahead.unwrap_or(DEFAULT_LOOKAHEAD),
+            kv_capacity_tokens: options.kv_capacity_tokens,
+            feeding: Arc::default(),
+        };
         // Rewriting the output from the journal reads the whole journal: not under the GIL.
         let durable = py
             .allow_threads(|| {
@@ -450,6 +473,7 @@ impl PyRun {
             fatal: Arc::new(Mutex::new(None)),
             response_cache,
             connected,
+            dispatch,
         };
         run.start()?;
         Ok(run)
@@ -466,19 +490,26 @@ impl PyRun {
     }
 
     /// Hands inputs `(id, index, json object)` to the run. Feed no more than the credit
-    /// `take_events()` grants (the first time: `window`), so inputs are consumed lazily.
+    /// `take_events()` grants (the first time: `initial_credit`), so inputs are consumed lazily.
     fn feed(&self, py: Python<'_>, items: Vec<(String, u64, String)>) -> PyResult<()> {
         let sender = self.lock_running()?.jobs.clone().ok_or_else(|| RunError::new_err("the run's input is closed"))?;
         // Checking each job against the journal reads SQLite (and may wait for the writer's
         // queue): not under the GIL.
         let skipped = py.allow_threads(|| -> PyResult<usize> {
+            // Parsed and checked first, sent after: the dispatch loop sees a fed list at once
+            // rather than trickling in while JSON is parsed, so it can group the whole of it.
+            let mut jobs = Vec::with_capacity(items.len());
             let mut skipped = 0;
             for (id, index, json) in items {
                 let job = Job { id, index, input: parse_input(index, &json)?, resume: None };
-                let Some(job) = self.durable.prepare(job, &json) else {
-                    skipped += 1;
-                    continue;
-                };
+                match self.durable.prepare(job, &json) {
+                    Some(job) => jobs.push(job),
+                    None => skipped += 1,
+                }
+            }
+            // A poisoned lock only means a feed failed half-way; the order is still sound.
+            let _feeding = self.dispatch.feeding.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for job in jobs {
                 sender.try_send(job).map_err(|e| match e {
                     mpsc::error::TrySendError::Full(_) => {
                         RunError::new_err("more inputs fed than the run's credit allows")
@@ -498,10 +529,17 @@ impl PyRun {
         Ok(())
     }
 
-    /// Live agents at once; the first feed may hand over this many inputs.
+    /// Live agents at once.
     #[getter]
     fn window(&self) -> usize {
         self.ctx.spec.window
+    }
+
+    /// Inputs the run takes before its first result: the window plus the lookahead (inputs read
+    /// ahead to be grouped by shared prefix). The first feed may hand over this many.
+    #[getter]
+    fn initial_credit(&self) -> usize {
+        self.ctx.spec.window.saturating_add(self.dispatch.lookahead)
     }
 
     /// The file descriptor to watch for readability (`loop.add_reader`): readable means
@@ -634,7 +672,7 @@ impl PyRun {
 impl PyRun {
     fn start(&self) -> PyResult<()> {
         let runtime = runtime()?;
-        let (jobs_tx, jobs_rx) = mpsc::channel(self.ctx.spec.window.max(1));
+        let (jobs_tx, jobs_rx) = mpsc::channel(self.ctx.spec.window.saturating_add(self.dispatch.lookahead).max(1));
         let (results_tx, mut results_rx) = mpsc::unbounded_channel::<JobResult>();
         let ctx = self.ctx.clone();
         let shared = self.shared.clone();
@@ -687,8 +725,9 @@ impl PyRun {
             running.jobs = Some(jobs_tx);
         }
         let (shared, fatal) = (self.shared.clone(), self.fatal.clone());
+        let dispatch = self.dispatch.clone();
         let task = runtime.spawn(async move {
-            run_all(ctx, jobs_rx, results_tx).await;
+            run_all(ctx, dispatch, jobs_rx, results_tx).await;
             // The forwarder ends when the last sender (run_all's and the file feeder's) is gone.
             if let Err(e) = forward.await {
                 // Python waits for `done`: a forwarder that died must still say the run is over.

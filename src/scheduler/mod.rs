@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod durable;
 pub mod feed;
+pub mod order;
 pub mod retry;
 pub mod run;
 pub mod semaphore;

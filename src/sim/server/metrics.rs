@@ -13,7 +13,13 @@ use super::super::engine::{EngineMetrics, TTFT_BUCKETS};
 use super::{bytes_response, AppState};
 
 pub(crate) async fn handler(State(state): State<Arc<AppState>>) -> Response {
-    let text = render(&state.config.model, &state.engine.metrics(), &state.stats.finish_reasons());
+    let profile = state.engine.profile();
+    let cache = CacheConfig {
+        block_size: profile.block_size,
+        num_gpu_blocks: profile.kv_capacity_tokens / profile.block_size.max(1),
+        prefix_caching: profile.enable_prefix_caching,
+    };
+    let text = render(&state.config.model, &state.engine.metrics(), cache, &state.stats.finish_reasons());
     bytes_response(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(text))
 }
 
@@ -30,9 +36,19 @@ fn float(x: f64) -> String {
     }
 }
 
+/// The KV cache's shape as vLLM reports it in `vllm:cache_config_info` (an info gauge whose labels
+/// carry the values): clients size their dispatch by it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CacheConfig {
+    pub block_size: usize,
+    pub num_gpu_blocks: usize,
+    pub prefix_caching: bool,
+}
+
 pub(crate) fn render(
     model: &str,
     m: &EngineMetrics,
+    cache: CacheConfig,
     reasons: &std::collections::BTreeMap<&'static str, u64>,
 ) -> String {
     let label = format!("model_name=\"{}\"", model.replace('\\', "\\\\").replace('"', "\\\""));
@@ -47,7 +63,16 @@ pub(crate) fn render(
         family(&mut out, name, "gauge", help);
         let _ = writeln!(out, "{name}{{{label}}} {}", float(value));
     }
-    let counters: [(&str, &str, u64); 4] = [
+    let name = "vllm:cache_config_info";
+    family(&mut out, name, "gauge", "Information of the LLMEngine CacheConfig.");
+    let _ = writeln!(
+        out,
+        "{name}{{block_size=\"{}\",enable_prefix_caching=\"{}\",num_gpu_blocks=\"{}\",{label}}} 1.0",
+        cache.block_size,
+        if cache.prefix_caching { "True" } else { "False" },
+        cache.num_gpu_blocks
+    );
+    let counters: [(&str, &str, u64); 5] = [
         (
             "vllm:prefix_cache_queries_total",
             "Prefix cache queries, in terms of number of queried tokens.",
@@ -56,6 +81,7 @@ pub(crate) fn render(
         ("vllm:prefix_cache_hits_total", "Prefix cache hits, in terms of number of cached tokens.", m.prefix_hits),
         ("vllm:prompt_tokens_total", "Number of prefill tokens processed.", m.prompt_tokens),
         ("vllm:generation_tokens_total", "Number of generation tokens processed.", m.generation_tokens),
+        ("vllm:num_preemptions_total", "Cumulative number of preemption from the engine.", m.preemptions),
     ];
     for (name, help, value) in counters {
         family(&mut out, name, "counter", help);
@@ -76,4 +102,20 @@ pub(crate) fn render(
     let _ = writeln!(out, "{name}_sum{{{label}}} {}", float(m.ttft.sum));
     let _ = writeln!(out, "{name}_count{{{label}}} {}", m.ttft.count);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_reads_the_kv_capacity_and_preemptions_it_exports() {
+        let m = EngineMetrics { preemptions: 7, kv_usage: 0.5, ..EngineMetrics::default() };
+        let cache = CacheConfig { block_size: 16, num_gpu_blocks: 6250, prefix_caching: true };
+        let text = render("m", &m, cache, &std::collections::BTreeMap::new());
+        let read = crate::backends::metrics::parse(&text);
+        assert_eq!(read.kv_capacity_tokens, Some(100_000.0));
+        assert_eq!(read.preemptions, Some(7.0));
+        assert_eq!(read.kv_usage, Some(0.5));
+    }
 }
