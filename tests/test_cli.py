@@ -382,7 +382,7 @@ def test_run_file_checks_keys_types_and_resolves_paths(tmp_path: Path) -> None:
     assert settings["dashboard"] is True
     assert settings["schema"] == str(tmp_path / "s.json")
     for text, needle in [
-        ("max-inflight = 3\n", "keys use '_'"),
+        ("max-inflite = 3\n", "unknown setting 'max-inflite'"),
         ("quiet = 1\n", "quiet must be true or false"),
         ("max_turns = 0\n", "max_turns"),
         ("task = 'a'\ntask_file = 'b'\n", "not both"),
@@ -454,3 +454,57 @@ def test_price_file_errors(tmp_path: Path) -> None:
         path.write_text(text)
         with pytest.raises(PriceError, match=needle):
             load_prices(str(path))
+
+
+def run_command(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`batchagent ARGS...` (any subcommand)."""
+    env = dict(os.environ)
+    env["XDG_CACHE_HOME"] = str(cwd / ".cache")
+    return subprocess.run(
+        [sys.executable, "-m", "batchagent_rs.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_every_user_error_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    write_prompts(tmp_path / "p.txt", 2)
+    (tmp_path / "bad.toml").write_text('input = "p.txt"\nbackend = "sim://"\nmax_inflite = 4\n')
+    cases = [
+        (("demo", "--profile", "nope"), "nope"),
+        (("demo", "--agents", "0"), "--agents"),
+        (("run", "missing.txt", "--backend", FAST_SIM), "missing.txt"),
+        (("run", "p.txt", "--schema", "nosuchmodule:Model", "--backend", FAST_SIM), "nosuchmodule"),
+        (("run", "p.txt", "-m", "m", "--backend", "nope://host"), "nope"),
+        (("run", "p.txt", "-m", "m", "--backend", "vllm://host:notaport"), "notaport"),
+        (("run", "bad.toml"), "max_inflite"),
+        (("run", "p.txt", "--max-inflight", "zero"), "zero"),
+    ]
+    for args, named in cases:
+        line = one_line_error(run_command(*args, cwd=tmp_path))
+        assert line.startswith("batchagent") and named in line, (args, line)
+
+
+def test_run_file_keys_take_either_spelling(tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text('input = "a.txt"\nmax-inflight = 4\nskip_bad_lines = true\n')
+    settings = load_run_file(str(path))
+    assert settings["max_inflight"] == 4 and settings["skip_bad_lines"] is True
+    path.write_text("max-inflight = 4\nmax_inflight = 5\n")
+    with pytest.raises(RunFileError, match="twice"):
+        load_run_file(str(path))
+
+
+def test_a_run_where_every_job_fails_exits_1_with_the_common_error(tmp_path: Path) -> None:
+    write_prompts(tmp_path / "p.txt", 3)
+    (tmp_path / "s.json").write_text(json.dumps({"type": "object", "properties": {"score": {"type": "integer"}}}))
+    backend = f"{FAST_SIM}&invalid_json_rate=1"
+    proc = run_cli("p.txt", "-o", "o.jsonl", "--schema", "s.json", "--quiet", "--backend", backend, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "every job of this run failed (3)" in proc.stderr and "validation" in proc.stderr, proc.stderr
+    assert "/score" in proc.stderr, proc.stderr
+    assert len(read_results(tmp_path / "o.jsonl")) == 3

@@ -41,11 +41,33 @@ async def run_naive(
     hold_slot_during_tools: bool = True,
     stream: bool = True,
     on_done: Callable[[], None] | None = None,
+    live: dict[str, int] | None = None,
 ) -> NaiveOutcome:
     """Run the batch the naive way. With `hold_slot_during_tools=False` the semaphore wraps only
     each model call (a careful hand-written loop); the default holds it for the whole agent.
-    `stream=False` makes plain (non-streamed) requests; TTFT is then the whole call."""
-    import openai  # the SDK is a test/bench dependency, not a runtime one
+    `stream=False` makes plain (non-streamed) requests; TTFT is then the whole call. `live`, when
+    given, is kept up to date as a run's stats are (`jobs_started`, `jobs_ok`, `jobs_failed`,
+    `prompt_tokens`, `cached_tokens`, `completion_tokens`), for a progress line."""
+    import openai
+
+    counts = live if live is not None else {}
+    for key in (
+        "jobs_started",
+        "jobs_ok",
+        "jobs_failed",
+        "prompt_tokens",
+        "cached_tokens",
+        "completion_tokens",
+    ):
+        counts.setdefault(key, 0)
+
+    def count_usage(usage: Any) -> None:
+        if usage is None:
+            return
+        counts["prompt_tokens"] += usage.prompt_tokens or 0
+        counts["completion_tokens"] += usage.completion_tokens or 0
+        details = getattr(usage, "prompt_tokens_details", None)
+        counts["cached_tokens"] += (getattr(details, "cached_tokens", 0) or 0) if details is not None else 0
 
     client = openai.AsyncOpenAI(base_url=base_url, api_key="not-needed", max_retries=6)
     by_name = {t.name: t for t in tools}
@@ -70,6 +92,7 @@ async def run_naive(
             )
             ttfts.append(time.perf_counter() - started)
             counters["calls"] += 1
+            count_usage(response.usage)
             message = response.choices[0].message
             return message.content or "", [
                 {"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
@@ -87,6 +110,7 @@ async def run_naive(
         calls: dict[int, dict[str, Any]] = {}
         first = True
         async for chunk in chunks:
+            count_usage(getattr(chunk, "usage", None))
             if not chunk.choices:
                 continue
             delta = chunk.choices[0].delta
@@ -151,16 +175,22 @@ async def run_naive(
         return False
 
     async def guarded(item: dict[str, Any]) -> bool:
+        ok = False
         try:
             if hold_slot_during_tools:
                 async with sem:
-                    return await agent(item)
-            return await agent(item)
+                    counts["jobs_started"] += 1
+                    ok = await agent(item)
+            else:
+                counts["jobs_started"] += 1
+                ok = await agent(item)
         except Exception:
-            return False
+            ok = False
         finally:
+            counts["jobs_ok" if ok else "jobs_failed"] += 1
             if on_done is not None:
                 on_done()
+        return ok
 
     started = time.perf_counter()
     outcomes = await asyncio.gather(*(guarded(item) for item in inputs))

@@ -1,5 +1,5 @@
 """Run files: `batchagent run job.toml` reads the same settings as the flags, keys spelled with `_`
-(`max_inflight = 30`, `skip_bad_lines = true`). Paths in a run file are relative to the file, so a
+or `-` (`max_inflight = 30`, `skip-bad-lines = true`). Paths in a run file are relative to the file, so a
 job directory can be run from anywhere."""
 
 from __future__ import annotations
@@ -89,11 +89,14 @@ def load_run_file(path: str) -> dict[str, Any]:
         raise RunFileError(f"{path}: invalid TOML: {exc}") from exc
     base = os.path.dirname(os.path.abspath(path))
     settings: dict[str, Any] = {}
-    for key, value in data.items():
+    for given, value in data.items():
+        # `max-inflight` (the flag's spelling) and `max_inflight` are the same key.
+        key = given.replace("-", "_")
         kind = SETTINGS.get(key)
         if kind is None:
-            hint = " (keys use '_', not '-')" if key.replace("-", "_") in SETTINGS else ""
-            raise RunFileError(f"{path}: unknown setting {key!r}{hint}; known: {', '.join(SETTINGS)}")
+            raise RunFileError(f"{path}: unknown setting {given!r}; known: {', '.join(SETTINGS)}")
+        if key in settings:
+            raise RunFileError(f"{path}: {key} is set twice (as '{key}' and '{key.replace('_', '-')}')")
         settings[key] = _check(path, base, key, kind, value)
     for a, b in (("task", "task_file"), ("system", "system_file")):
         if a in settings and b in settings:
