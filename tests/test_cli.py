@@ -501,9 +501,13 @@ def test_run_file_keys_take_either_spelling(tmp_path: Path) -> None:
 
 def test_a_run_where_every_job_fails_exits_1_with_the_common_error(tmp_path: Path) -> None:
     write_prompts(tmp_path / "p.txt", 3)
-    (tmp_path / "s.json").write_text(json.dumps({"type": "object", "properties": {"score": {"type": "integer"}}}))
+    (tmp_path / "s.json").write_text(
+        json.dumps({"type": "object", "properties": {"score": {"type": "integer"}}})
+    )
     backend = f"{FAST_SIM}&invalid_json_rate=1"
-    proc = run_cli("p.txt", "-o", "o.jsonl", "--schema", "s.json", "--quiet", "--backend", backend, cwd=tmp_path)
+    proc = run_cli(
+        "p.txt", "-o", "o.jsonl", "--schema", "s.json", "--quiet", "--backend", backend, cwd=tmp_path
+    )
     assert proc.returncode == 1, proc.stderr
     assert "every job of this run failed (3)" in proc.stderr and "validation" in proc.stderr, proc.stderr
     assert "/score" in proc.stderr, proc.stderr
