@@ -180,7 +180,7 @@ def run_batchagent(w: AgentWorkload, scale: float, seed: int, warm_prefix: bool 
             seed=seed,
         )
         started = time.perf_counter()
-        results = batch.run(w.inputs(w.agents))
+        results = batch.run(w.inputs(w.agents), progress=False)
         wall = time.perf_counter() - started
         report = batch.report()
         engine = sim_cache(server.stats())
@@ -365,7 +365,7 @@ def run_fleet_side(
                 seed=seed,
             )
             started = time.perf_counter()
-            results = batch.run(items)
+            results = batch.run(items, progress=False)
             wall = time.perf_counter() - started
             report = batch.report()
             ttft = {"p50": report.ttft["p50"], "p95": report.ttft["p95"]}
@@ -458,7 +458,7 @@ def overlap_side(
             stream=stream,
             seed=seed,
         )
-        results: list[Result] = batch.run([{"n": i} for i in range(agents)])
+        results: list[Result] = batch.run([{"n": i} for i in range(agents)], progress=False)
         report = batch.report()
     leads = []
     for first in range(0, len(starts) - parallel + 1, parallel):
