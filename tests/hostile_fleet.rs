@@ -15,7 +15,7 @@ use batchagent::backends::{Backend, BackendError, Capabilities, ChatRequest, Cha
 use batchagent::conversation::{Message, TimeoutKind};
 use batchagent::limits::AdaptiveLimit;
 use batchagent::scheduler::agent::{Job, RunContext};
-use batchagent::scheduler::run::run_all;
+use batchagent::scheduler::run::{run_all, Dispatch};
 use batchagent::scheduler::stats::RunStats;
 use batchagent::scheduler::{PrioritySemaphore, RetryPolicy};
 use batchagent::sim::{SimConfig, SimServer};
@@ -176,7 +176,7 @@ async fn a_job_whose_task_panics_gets_an_internal_error_result() {
         jobs_tx.send(Job { id: format!("job-{index}"), index, input, resume: None }).await.unwrap();
     }
     drop(jobs_tx);
-    run_all(ctx.clone(), jobs_rx, results_tx).await;
+    run_all(ctx.clone(), Dispatch::default(), jobs_rx, results_tx).await;
     let mut results = Vec::new();
     while let Some(result) = results_rx.recv().await {
         results.push(result);
