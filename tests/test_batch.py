@@ -14,6 +14,7 @@ from typing import Any
 import pydantic
 import pytest
 
+import batchagent_rs.batch as batch_module
 from batchagent_rs import Batch, BatchAgent, InputError, Result, SchemaError, tool
 from batchagent_rs.tools import ToolDefinitionError
 
@@ -341,10 +342,14 @@ def _run_with(reader: Any, n: int) -> list[Result]:
     return results
 
 
-def test_fast_sync_tools_move_inline_and_slow_ones_stay_in_the_pool() -> None:
+def test_fast_sync_tools_move_inline_and_slow_ones_stay_in_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     main = threading.current_thread().name
     fast: list[str] = []
-    _run_with(_thread_recording_tool(fast), 60)
+    # On a loaded machine a trivial call can be preempted past 50 us; what is tested here is the move,
+    # not the threshold, so any call under a second counts as fast for this part.
+    with monkeypatch.context() as m:
+        m.setattr(batch_module, "_INLINE_TOOL_SECONDS", 1.0)
+        _run_with(_thread_recording_tool(fast), 60)
     # Timed in the pool first; once measured fast they run on the loop's thread.
     assert fast[0] != main and fast[-1] == main, fast
     slow: list[str] = []
@@ -367,21 +372,26 @@ def test_inline_is_refused_for_async_tools() -> None:
             return x
 
 
-def test_an_inline_tool_that_turns_slow_goes_back_to_the_pool() -> None:
+def test_an_inline_tool_that_turns_slow_goes_back_to_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     main = threading.current_thread().name
     threads: list[str] = []
+    # Any call under a second moves inline (a trivial call can exceed 50 us on a loaded machine); the
+    # tool turns slow, past the 2 ms inline limit, the moment it first runs on the loop's thread.
+    monkeypatch.setattr(batch_module, "_INLINE_TOOL_SECONDS", 1.0)
 
     @tool
     def read_file(path: str) -> str:
         """Read a file."""
-        threads.append(threading.current_thread().name)
-        if len(threads) > 30:
+        name = threading.current_thread().name
+        threads.append(name)
+        if name == main:
             time.sleep(0.005)
         return path
 
     _run_with(read_file, 60)
-    first_slow_inline = next(i for i, name in enumerate(threads) if i >= 30 and name == main)
-    assert main not in threads[first_slow_inline + 1 :], threads
+    # It moved inline once, was slow there, and every later call went back to the pool.
+    assert threads.count(main) == 1, threads
+    assert threads[-1] != main, threads
 
 
 def test_worker_threads_setting_is_checked() -> None:
