@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use batchagent::backends::aws_credentials::{self, AwsCredentials};
+use batchagent::backends::aws_credentials::{self, AwsCredentials, AwsProfile, CredentialSource};
 use batchagent::backends::sigv4::{self, SignableRequest, SigningScope};
 
 const VECTORS: &[&str] = &[
@@ -100,6 +100,13 @@ fn env_of(pairs: &[(&str, String)]) -> impl Fn(&str) -> Option<String> {
     move |k| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
 }
 
+fn keys(profile: &AwsProfile) -> &AwsCredentials {
+    match &profile.source {
+        CredentialSource::Static(keys) => keys,
+        other => panic!("expected static keys, got {other:?}"),
+    }
+}
+
 #[test]
 fn credentials_from_shared_files() {
     let dir = std::env::temp_dir().join(format!("batchagent-aws-{}", std::process::id()));
@@ -125,23 +132,23 @@ fn credentials_from_shared_files() {
     ];
 
     let p = aws_credentials::load_with(None, &env_of(&files)).unwrap();
-    assert_eq!(p.credentials.access_key_id, "AKIDDEFAULT");
-    assert_eq!(p.credentials.secret_access_key(), "secretdefault");
+    assert_eq!(keys(&p).access_key_id, "AKIDDEFAULT");
+    assert_eq!(keys(&p).secret_access_key(), "secretdefault");
     assert_eq!(p.region.as_deref(), Some("us-west-2"));
 
     // AWS_PROFILE selects `[dev]` in credentials and `[profile dev]` in config.
     let mut with_profile = files.to_vec();
     with_profile.push(("AWS_PROFILE", "dev".to_owned()));
     let p = aws_credentials::load_with(None, &env_of(&with_profile)).unwrap();
-    assert_eq!(p.credentials.access_key_id, "AKIDDEV");
-    assert_eq!(p.credentials.session_token.as_deref(), Some("tokendev"));
+    assert_eq!(keys(&p).access_key_id, "AKIDDEV");
+    assert_eq!(keys(&p).session_token.as_ref().map(batchagent::secret::Secret::expose), Some("tokendev"));
     assert_eq!(p.region.as_deref(), Some("eu-central-1"));
 
     // Keys may live in the config file alone; AWS_REGION wins over the file's region.
     let mut region_env = files.to_vec();
     region_env.push(("AWS_REGION", "ap-south-1".to_owned()));
     let p = aws_credentials::load_with(Some("cfgonly"), &env_of(&region_env)).unwrap();
-    assert_eq!(p.credentials.access_key_id, "AKIDCFG");
+    assert_eq!(keys(&p).access_key_id, "AKIDCFG");
     assert_eq!(p.region.as_deref(), Some("ap-south-1"));
 
     // Environment keys win over the files unless a profile is named explicitly.
@@ -149,11 +156,11 @@ fn credentials_from_shared_files() {
     env_keys.push(("AWS_ACCESS_KEY_ID", "AKIDENV".to_owned()));
     env_keys.push(("AWS_SECRET_ACCESS_KEY", "secretenv".to_owned()));
     let p = aws_credentials::load_with(None, &env_of(&env_keys)).unwrap();
-    assert_eq!(p.credentials.access_key_id, "AKIDENV");
-    assert_eq!(p.credentials.session_token, None);
+    assert_eq!(keys(&p).access_key_id, "AKIDENV");
+    assert_eq!(keys(&p).session_token, None);
     assert_eq!(p.region.as_deref(), Some("eu-central-1"), "region from the AWS_PROFILE config section");
     let p = aws_credentials::load_with(Some("default"), &env_of(&env_keys)).unwrap();
-    assert_eq!(p.credentials.access_key_id, "AKIDDEFAULT");
+    assert_eq!(keys(&p).access_key_id, "AKIDDEFAULT");
 
     let err = aws_credentials::load_with(Some("sso"), &env_of(&files)).unwrap_err();
     assert!(err.to_string().contains("sso_session"), "{err}");

@@ -1,19 +1,37 @@
-//! AWS credentials and region the way the AWS CLI finds them: the environment
-//! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_PROFILE`, `AWS_REGION`,
-//! `AWS_DEFAULT_REGION`), then the shared files `~/.aws/credentials` (`[name]` sections) and
-//! `~/.aws/config` (`[default]` and `[profile name]` sections), relocatable with
-//! `AWS_SHARED_CREDENTIALS_FILE` / `AWS_CONFIG_FILE`. Static keys only: profiles that need a
-//! process, SSO or role assumption are reported as such rather than half-handled.
+//! AWS credentials and region the way the AWS CLI and SDKs find them, and a provider that
+//! refreshes temporary credentials before they expire.
+//!
+//! The chain, first match wins: static keys in the environment (`AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`); web identity from the environment
+//! (`AWS_WEB_IDENTITY_TOKEN_FILE` + `AWS_ROLE_ARN`, as EKS sets them); the profile (`AWS_PROFILE` or
+//! `default`) in the shared files `~/.aws/credentials` and `~/.aws/config` (relocatable with
+//! `AWS_SHARED_CREDENTIALS_FILE` / `AWS_CONFIG_FILE`): static keys with an optional session token,
+//! `credential_process`, or `web_identity_token_file` + `role_arn`; the container credentials
+//! endpoint (`AWS_CONTAINER_CREDENTIALS_FULL_URI` or `_RELATIVE_URI`, with
+//! `AWS_CONTAINER_AUTHORIZATION_TOKEN[_FILE]`: ECS, EKS Pod Identity); the EC2 instance metadata
+//! service, `IMDSv2` (`AWS_EC2_METADATA_SERVICE_ENDPOINT`, off with `AWS_EC2_METADATA_DISABLED=true`).
+//! A named profile skips the environment's keys. Profiles that need SSO or `role_arn` with
+//! `source_profile` are reported as unsupported rather than half-handled.
+//!
+//! Every source but static keys returns an expiry; [`CredentialsProvider`] fetches again five
+//! minutes before it, once for all the calls that need credentials at that moment.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::secret::Secret;
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct AwsCredentials {
     pub access_key_id: String,
-    secret_access_key: String,
-    pub session_token: Option<String>,
+    secret_access_key: Secret,
+    pub session_token: Option<Secret>,
+    /// When temporary credentials stop working; `None` for long-term keys.
+    pub expires_at: Option<SystemTime>,
 }
 
 impl AwsCredentials {
@@ -24,13 +42,20 @@ impl AwsCredentials {
     ) -> Self {
         Self {
             access_key_id: access_key_id.into(),
-            secret_access_key: secret_access_key.into(),
-            session_token: session_token.filter(|t| !t.is_empty()),
+            secret_access_key: Secret::new(secret_access_key),
+            session_token: Secret::non_empty(session_token),
+            expires_at: None,
         }
     }
 
+    #[must_use]
+    pub fn expiring_at(mut self, at: SystemTime) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+
     pub fn secret_access_key(&self) -> &str {
-        &self.secret_access_key
+        self.secret_access_key.expose()
     }
 }
 
@@ -39,17 +64,46 @@ impl fmt::Debug for AwsCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AwsCredentials")
             .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &"<redacted>")
-            .field("session_token", &self.session_token.as_ref().map(|_| "<redacted>"))
+            .field("secret_access_key", &self.secret_access_key)
+            .field("session_token", &self.session_token)
+            .field("expires_at", &self.expires_at)
             .finish()
     }
 }
 
-/// Credentials plus the region, if one was configured.
+/// Where credentials come from, and the region, if one was configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AwsProfile {
-    pub credentials: AwsCredentials,
+    pub source: CredentialSource,
     pub region: Option<String>,
+}
+
+/// One source of the chain, resolved (which variables and files named it is settled here; the
+/// credentials themselves are fetched by a [`CredentialsProvider`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialSource {
+    Static(AwsCredentials),
+    /// `credential_process`: a command printing `{"Version": 1, "AccessKeyId", ...}`.
+    Process {
+        command: String,
+    },
+    /// The container credentials endpoint: GET `uri` with `Authorization: <token>`.
+    Container {
+        uri: String,
+        token: Option<Secret>,
+        token_file: Option<PathBuf>,
+    },
+    /// `IMDSv2` at `endpoint` (`http://169.254.169.254`).
+    InstanceMetadata {
+        endpoint: String,
+    },
+    /// STS `AssumeRoleWithWebIdentity` with the token read from `token_file` at each fetch.
+    WebIdentity {
+        role_arn: String,
+        session_name: String,
+        token_file: PathBuf,
+        sts_endpoint: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -64,6 +118,9 @@ pub enum CredentialsError {
     Io { file: String, message: String },
     #[error("{file} line {line}: {message}")]
     Parse { file: String, line: usize, message: String },
+    /// A source that should have answered did not (a process failed, an endpoint is down).
+    #[error("AWS credentials from {source_name}: {message}")]
+    Fetch { source_name: String, message: String },
 }
 
 /// One INI file: section name -> (key -> value). Keys are lower-cased.
@@ -151,7 +208,12 @@ pub fn load_with(profile: Option<&str>, env: &dyn Fn(&str) -> Option<String>) ->
                     region = config_section(&sections, &name).and_then(|s| s.get("region").cloned());
                 }
             }
-            return Ok(AwsProfile { credentials: AwsCredentials::new(id, secret, env("AWS_SESSION_TOKEN")), region });
+            let credentials = AwsCredentials::new(id, secret, env("AWS_SESSION_TOKEN"));
+            return Ok(AwsProfile { source: CredentialSource::Static(credentials), region });
+        }
+        if let (Some(token_file), Some(role_arn)) = (env("AWS_WEB_IDENTITY_TOKEN_FILE"), env("AWS_ROLE_ARN")) {
+            let source = web_identity(env, role_arn, &token_file, env("AWS_ROLE_SESSION_NAME"), env_region.as_deref());
+            return Ok(AwsProfile { source, region: env_region });
         }
     }
     let name = profile.map(str::to_owned).or_else(|| env("AWS_PROFILE")).unwrap_or_else(|| "default".to_owned());
@@ -170,12 +232,23 @@ pub fn load_with(profile: Option<&str>, env: &dyn Fn(&str) -> Option<String>) ->
                 return Err(CredentialsError::MissingSecret { profile: name, file: label.clone() });
             };
             let token = section.get("aws_session_token").or_else(|| section.get("aws_security_token")).cloned();
-            return Ok(AwsProfile { credentials: AwsCredentials::new(id.clone(), secret.clone(), token), region });
+            let credentials = AwsCredentials::new(id.clone(), secret.clone(), token);
+            return Ok(AwsProfile { source: CredentialSource::Static(credentials), region });
+        }
+    }
+    for section in [from_credentials, from_config].into_iter().flatten() {
+        if let Some(command) = section.get("credential_process") {
+            return Ok(AwsProfile { source: CredentialSource::Process { command: command.clone() }, region });
+        }
+        if let (Some(token_file), Some(role_arn)) = (section.get("web_identity_token_file"), section.get("role_arn")) {
+            let session = section.get("role_session_name").cloned();
+            let source = web_identity(env, role_arn.clone(), token_file, session, region.as_deref());
+            return Ok(AwsProfile { source, region });
         }
     }
     for (section, label) in [(from_credentials, &credentials_label), (from_config, &config_label)] {
         let Some(section) = section else { continue };
-        for setting in ["credential_process", "sso_session", "sso_start_url", "role_arn", "web_identity_token_file"] {
+        for setting in ["sso_session", "sso_start_url", "role_arn"] {
             if section.contains_key(setting) {
                 return Err(CredentialsError::Unsupported {
                     profile: name,
@@ -185,7 +258,48 @@ pub fn load_with(profile: Option<&str>, env: &dyn Fn(&str) -> Option<String>) ->
             }
         }
     }
+    if profile.is_none() {
+        if let Some(source) = container_source(env) {
+            return Ok(AwsProfile { source, region });
+        }
+        let disabled = env("AWS_EC2_METADATA_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        if !disabled {
+            let endpoint = env("AWS_EC2_METADATA_SERVICE_ENDPOINT")
+                .map_or_else(|| "http://169.254.169.254".to_owned(), |e| e.trim_end_matches('/').to_owned());
+            return Ok(AwsProfile { source: CredentialSource::InstanceMetadata { endpoint }, region });
+        }
+    }
     Err(CredentialsError::NotFound { profile: name, credentials_file: credentials_label, config_file: config_label })
+}
+
+fn web_identity(
+    env: &dyn Fn(&str) -> Option<String>,
+    role_arn: String,
+    token_file: &str,
+    session_name: Option<String>,
+    region: Option<&str>,
+) -> CredentialSource {
+    // The SDKs' service-specific endpoint override, then the global one, then the regional STS.
+    let sts_endpoint = env("AWS_ENDPOINT_URL_STS").or_else(|| env("AWS_ENDPOINT_URL")).map_or_else(
+        || region.map_or_else(|| "https://sts.amazonaws.com".to_owned(), |r| format!("https://sts.{r}.amazonaws.com")),
+        |e| e.trim_end_matches('/').to_owned(),
+    );
+    let session_name = session_name.unwrap_or_else(|| {
+        let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        format!("batchagent-{secs}")
+    });
+    CredentialSource::WebIdentity { role_arn, session_name, token_file: expand_home(token_file, env), sts_endpoint }
+}
+
+/// ECS task roles and EKS Pod Identity: a full URI, or a path on the ECS agent's address.
+fn container_source(env: &dyn Fn(&str) -> Option<String>) -> Option<CredentialSource> {
+    let uri = env("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        .or_else(|| env("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI").map(|p| format!("http://169.254.170.2{p}")))?;
+    Some(CredentialSource::Container {
+        uri,
+        token: Secret::non_empty(env("AWS_CONTAINER_AUTHORIZATION_TOKEN")),
+        token_file: env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE").map(PathBuf::from),
+    })
 }
 
 /// In the config file every profile but `default` is written `[profile name]`.
@@ -223,6 +337,406 @@ fn read_optional(path: &Path) -> Result<Option<IniSections>, CredentialsError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(CredentialsError::Io { file: path.display().to_string(), message: e.to_string() }),
     }
+}
+
+/// Temporary credentials are fetched again this long before they expire.
+pub const REFRESH_BEFORE: Duration = Duration::from_secs(5 * 60);
+/// After a failed fetch with nothing usable cached, calls fail at once for this long instead of
+/// each waiting on the source again.
+const FAILURE_HOLD: Duration = Duration::from_secs(5);
+/// Most bytes read from a credentials endpoint or process.
+const MAX_CREDENTIALS_BYTES: usize = 64 * 1024;
+
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// Credentials from one [`CredentialSource`], cached and fetched again [`REFRESH_BEFORE`] their
+/// expiry; concurrent callers share one fetch. A failed refresh keeps using credentials that have
+/// not expired yet.
+pub struct CredentialsProvider {
+    source: CredentialSource,
+    http: reqwest::Client,
+    clock: Clock,
+    current: Mutex<Option<Arc<AwsCredentials>>>,
+    failure: Mutex<Option<(Instant, CredentialsError)>>,
+    refresh: tokio::sync::Mutex<()>,
+    fetches: AtomicU64,
+}
+
+impl fmt::Debug for CredentialsProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialsProvider")
+            .field("source", &self.source.name())
+            .field("fetches", &self.fetches.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl CredentialsProvider {
+    pub fn new(source: CredentialSource) -> Result<Self, CredentialsError> {
+        Self::with_clock(source, Arc::new(SystemTime::now))
+    }
+
+    /// With the time read from `clock` (tests move it forward across expiries).
+    pub fn with_clock(source: CredentialSource, clock: Clock) -> Result<Self, CredentialsError> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none());
+        if matches!(source, CredentialSource::Container { .. } | CredentialSource::InstanceMetadata { .. }) {
+            // Link-local and loopback metadata endpoints are never reached through a proxy.
+            builder = builder.no_proxy();
+        }
+        let http = builder.build().map_err(|e| CredentialsError::Fetch {
+            source_name: source.name().to_owned(),
+            message: format!("cannot build the HTTP client: {e}"),
+        })?;
+        let current = match &source {
+            CredentialSource::Static(keys) => Some(Arc::new(keys.clone())),
+            _ => None,
+        };
+        Ok(Self {
+            source,
+            http,
+            clock,
+            current: Mutex::new(current),
+            failure: Mutex::new(None),
+            refresh: tokio::sync::Mutex::new(()),
+            fetches: AtomicU64::new(0),
+        })
+    }
+
+    pub fn source(&self) -> &CredentialSource {
+        &self.source
+    }
+
+    /// How many times the source was asked (not counting static keys).
+    pub fn fetches(&self) -> u64 {
+        self.fetches.load(Ordering::Relaxed)
+    }
+
+    /// Credentials valid for at least [`REFRESH_BEFORE`] more, or the reason there are none.
+    pub async fn credentials(&self) -> Result<Arc<AwsCredentials>, CredentialsError> {
+        if let Some(fresh) = self.cached(REFRESH_BEFORE) {
+            return Ok(fresh);
+        }
+        let _one_fetch = self.refresh.lock().await;
+        if let Some(fresh) = self.cached(REFRESH_BEFORE) {
+            return Ok(fresh);
+        }
+        if let Some(error) = self.held_failure() {
+            return self.cached(Duration::ZERO).ok_or(error);
+        }
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        match self.source.fetch(&self.http).await {
+            Ok(fetched) => {
+                let fetched = Arc::new(fetched);
+                if let Ok(mut current) = self.current.lock() {
+                    *current = Some(fetched.clone());
+                }
+                if let Ok(mut failure) = self.failure.lock() {
+                    *failure = None;
+                }
+                Ok(fetched)
+            }
+            Err(error) => {
+                if let Ok(mut failure) = self.failure.lock() {
+                    *failure = Some((Instant::now(), error.clone()));
+                }
+                // Not expired yet: keep signing with them while the source recovers.
+                self.cached(Duration::ZERO).ok_or(error)
+            }
+        }
+    }
+
+    /// Forget the cached credentials (the server said they expired or were revoked).
+    pub fn invalidate(&self) {
+        if matches!(self.source, CredentialSource::Static(_)) {
+            return;
+        }
+        if let Ok(mut current) = self.current.lock() {
+            *current = None;
+        }
+    }
+
+    fn cached(&self, margin: Duration) -> Option<Arc<AwsCredentials>> {
+        let current = self.current.lock().ok()?.clone()?;
+        match current.expires_at {
+            None => Some(current),
+            Some(at) => at.checked_sub(margin).is_some_and(|deadline| (self.clock)() < deadline).then_some(current),
+        }
+    }
+
+    fn held_failure(&self) -> Option<CredentialsError> {
+        let failure = self.failure.lock().ok()?;
+        let (at, error) = failure.as_ref()?;
+        (at.elapsed() < FAILURE_HOLD).then(|| error.clone())
+    }
+}
+
+impl CredentialSource {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Static(_) => "static keys",
+            Self::Process { .. } => "credential_process",
+            Self::Container { .. } => "the container credentials endpoint",
+            Self::InstanceMetadata { .. } => "the EC2 instance metadata service",
+            Self::WebIdentity { .. } => "web identity (STS AssumeRoleWithWebIdentity)",
+        }
+    }
+
+    fn fail(&self, message: impl Into<String>) -> CredentialsError {
+        let mut message = message.into();
+        if matches!(self, Self::InstanceMetadata { .. }) {
+            // The last source of the chain: off EC2 this is where "no credentials at all" ends up.
+            message.push_str(
+                " (no credentials were found in the environment, the shared files or a container \
+                 endpoint before it)",
+            );
+        }
+        CredentialsError::Fetch { source_name: self.name().to_owned(), message }
+    }
+
+    async fn fetch(&self, http: &reqwest::Client) -> Result<AwsCredentials, CredentialsError> {
+        match self {
+            Self::Static(keys) => Ok(keys.clone()),
+            Self::Process { command } => {
+                let output = run_process(command).await.map_err(|m| self.fail(m))?;
+                let body: serde_json::Value = serde_json::from_slice(&output)
+                    .map_err(|e| self.fail(format!("output is not JSON ({})", e.classify_name())))?;
+                if body.get("Version").and_then(serde_json::Value::as_u64) != Some(1) {
+                    return Err(self.fail("output has no \"Version\": 1"));
+                }
+                keys_from_json(&body, "SessionToken").map_err(|m| self.fail(m))
+            }
+            Self::Container { uri, token, token_file } => {
+                let token = match (token_file, token) {
+                    (Some(path), _) => Some(Secret::new(
+                        std::fs::read_to_string(path)
+                            .map_err(|e| self.fail(format!("cannot read {}: {e}", path.display())))?
+                            .trim(),
+                    )),
+                    (None, token) => token.clone(),
+                };
+                let mut request = http.get(uri);
+                if let Some(token) = &token {
+                    request = request.header(reqwest::header::AUTHORIZATION, token.expose());
+                }
+                let body = read_json(request, self).await?;
+                keys_from_json(&body, "Token").map_err(|m| self.fail(m))
+            }
+            Self::InstanceMetadata { endpoint } => {
+                let token_response = http
+                    .put(format!("{endpoint}/latest/api/token"))
+                    .header("x-aws-ec2-metadata-token-ttl-seconds", "21600")
+                    .send()
+                    .await
+                    .map_err(|e| self.fail(transport(&e)))?;
+                let token = Secret::new(read_text(token_response, self).await?.trim());
+                let roles = http
+                    .get(format!("{endpoint}/latest/meta-data/iam/security-credentials/"))
+                    .header("x-aws-ec2-metadata-token", token.expose())
+                    .send()
+                    .await
+                    .map_err(|e| self.fail(transport(&e)))?;
+                let roles = read_text(roles, self).await?;
+                let role = roles
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty())
+                    .ok_or_else(|| self.fail("the instance has no IAM role (no instance profile attached)"))?;
+                let request = http
+                    .get(format!("{endpoint}/latest/meta-data/iam/security-credentials/{role}"))
+                    .header("x-aws-ec2-metadata-token", token.expose());
+                let body = read_json(request, self).await?;
+                keys_from_json(&body, "Token").map_err(|m| self.fail(m))
+            }
+            Self::WebIdentity { role_arn, session_name, token_file, sts_endpoint } => {
+                let identity = std::fs::read_to_string(token_file)
+                    .map_err(|e| self.fail(format!("cannot read {}: {e}", token_file.display())))?;
+                let form = reqwest::Url::parse_with_params(
+                    "http://form/",
+                    [
+                        ("Action", "AssumeRoleWithWebIdentity"),
+                        ("Version", "2011-06-15"),
+                        ("RoleArn", role_arn.as_str()),
+                        ("RoleSessionName", session_name.as_str()),
+                        ("WebIdentityToken", identity.trim()),
+                    ],
+                )
+                .map_err(|e| self.fail(format!("cannot build the request: {e}")))?;
+                let response = http
+                    .post(format!("{sts_endpoint}/"))
+                    .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                    .body(form.query().unwrap_or_default().to_owned())
+                    .send()
+                    .await
+                    .map_err(|e| self.fail(transport(&e)))?;
+                let xml = read_text(response, self).await?;
+                let field =
+                    |name: &str| xml_field(&xml, name).ok_or_else(|| self.fail(format!("answer has no {name}")));
+                let expires = parse_rfc3339(&field("Expiration")?)
+                    .ok_or_else(|| self.fail("Expiration is not an RFC 3339 time"))?;
+                Ok(AwsCredentials::new(field("AccessKeyId")?, field("SecretAccessKey")?, Some(field("SessionToken")?))
+                    .expiring_at(expires))
+            }
+        }
+    }
+}
+
+/// Runs `credential_process` through the shell, as the AWS CLI does on Unix; its stderr goes to
+/// ours (that is where it asks the user to log in), its stdout is read and never shown.
+async fn run_process(command: &str) -> Result<Vec<u8>, String> {
+    let command = command.to_owned();
+    let output = tokio::task::spawn_blocking(move || {
+        let mut shell = if cfg!(windows) {
+            let mut c = std::process::Command::new("cmd");
+            c.arg("/C");
+            c
+        } else {
+            let mut c = std::process::Command::new("sh");
+            c.arg("-c");
+            c
+        };
+        shell.arg(&command).stdin(std::process::Stdio::null()).stderr(std::process::Stdio::inherit()).output()
+    })
+    .await
+    .map_err(|e| format!("the process did not finish: {e}"))?
+    .map_err(|e| format!("cannot start the process: {e}"))?;
+    if !output.status.success() {
+        return Err(format!("the process failed ({})", output.status));
+    }
+    if output.stdout.len() > MAX_CREDENTIALS_BYTES {
+        return Err(format!("the process printed more than {MAX_CREDENTIALS_BYTES} bytes"));
+    }
+    Ok(output.stdout)
+}
+
+/// A request failure with its causes, without the URL (reqwest prints it, query included).
+fn transport(error: &reqwest::Error) -> String {
+    let full = error.to_string();
+    let mut text = match full.find(" for url (") {
+        Some(i) => full[..i].to_owned(),
+        None => full,
+    };
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// The body of a 2xx answer, bounded; any other status is a failure naming it (never the body,
+/// which may hold a key).
+async fn read_text(mut response: reqwest::Response, source: &CredentialSource) -> Result<String, CredentialsError> {
+    let status = response.status();
+    if !status.is_success() {
+        return Err(source.fail(format!("HTTP {}", status.as_u16())));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| source.fail(transport(&e)))? {
+        if body.len() + chunk.len() > MAX_CREDENTIALS_BYTES {
+            return Err(source.fail(format!("answer longer than {MAX_CREDENTIALS_BYTES} bytes")));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body).map_err(|_| source.fail("answer is not UTF-8"))
+}
+
+async fn read_json(
+    request: reqwest::RequestBuilder,
+    source: &CredentialSource,
+) -> Result<serde_json::Value, CredentialsError> {
+    let response = request.send().await.map_err(|e| source.fail(transport(&e)))?;
+    let text = read_text(response, source).await?;
+    serde_json::from_str(&text).map_err(|e| source.fail(format!("answer is not JSON ({})", e.classify_name())))
+}
+
+trait ClassifyName {
+    fn classify_name(&self) -> &'static str;
+}
+
+impl ClassifyName for serde_json::Error {
+    /// The kind of a JSON error without its position's context, which could quote the input.
+    fn classify_name(&self) -> &'static str {
+        match self.classify() {
+            serde_json::error::Category::Io => "read error",
+            serde_json::error::Category::Syntax => "syntax error",
+            serde_json::error::Category::Data => "unexpected shape",
+            serde_json::error::Category::Eof => "cut short",
+        }
+    }
+}
+
+/// `AccessKeyId`, `SecretAccessKey`, the session token under `token_field`, and `Expiration`
+/// (absent for long-term keys) from a credentials JSON document.
+fn keys_from_json(body: &serde_json::Value, token_field: &str) -> Result<AwsCredentials, String> {
+    let text = |name: &str| body.get(name).and_then(serde_json::Value::as_str).filter(|v| !v.is_empty());
+    let id = text("AccessKeyId").ok_or("answer has no AccessKeyId")?;
+    let secret = text("SecretAccessKey").ok_or("answer has no SecretAccessKey")?;
+    let keys = AwsCredentials::new(id, secret, text(token_field).map(str::to_owned));
+    match text("Expiration") {
+        None => Ok(keys),
+        Some(at) => Ok(keys.expiring_at(parse_rfc3339(at).ok_or("Expiration is not an RFC 3339 time")?)),
+    }
+}
+
+/// The text of the first `<name>...</name>` element (STS answers are flat and unescaped for these).
+fn xml_field(xml: &str, name: &str) -> Option<String> {
+    let open = format!("<{name}>");
+    let start = xml.find(&open)? + open.len();
+    let end = xml.get(start..)?.find(&format!("</{name}>"))? + start;
+    Some(xml.get(start..end)?.trim().to_owned())
+}
+
+/// `2026-12-02T08:00:00Z`, with optional fractional seconds and a `Z` or `+hh:mm` offset.
+pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    let text = text.trim();
+    let (date, time) = text.split_once(['T', 't', ' '])?;
+    let mut date_parts = date.splitn(3, '-');
+    let year: i64 = date_parts.next()?.parse().ok()?;
+    let month: u32 = date_parts.next()?.parse().ok()?;
+    let day: u32 = date_parts.next()?.parse().ok()?;
+    let (clock, offset_secs) = if let Some(clock) = time.strip_suffix(['Z', 'z']) {
+        (clock, 0i64)
+    } else {
+        let split = time.rfind(['+', '-'])?;
+        let (clock, offset) = time.split_at(split);
+        let sign = if offset.starts_with('-') { -1 } else { 1 };
+        let (h, m) = offset.get(1..)?.split_once(':')?;
+        (clock, sign * (h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60))
+    };
+    let mut clock_parts = clock.splitn(3, ':');
+    let hour: i64 = clock_parts.next()?.parse().ok()?;
+    let minute: i64 = clock_parts.next()?.parse().ok()?;
+    let seconds: f64 = clock_parts.next()?.parse().ok()?;
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || !(0.0..61.0).contains(&seconds)
+    {
+        return None;
+    }
+    let days = days_from_civil(year, month, day);
+    let secs = days * 86_400 + hour * 3600 + minute * 60 - offset_secs;
+    let whole = u64::try_from(secs).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(whole) + Duration::from_secs_f64(seconds))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::BoxFuture;
@@ -12,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use super::aws_credentials::{self, AwsCredentials};
+use super::aws_credentials::{self, AwsCredentials, CredentialSource, CredentialsError, CredentialsProvider};
 use super::call::{arguments_object, replay_events};
 use super::http::{limited_body, parse_retry_after, redirect_error, BodyError};
 use super::sigv4::{self, SignableRequest, SigningScope};
@@ -100,7 +101,7 @@ pub struct BedrockBackend {
     endpoint: String,
     /// `Host` as the client will send it (`host[:port]`), which the signature covers.
     host: String,
-    credentials: AwsCredentials,
+    credentials: Arc<CredentialsProvider>,
     options: BedrockOptions,
     name: String,
 }
@@ -124,6 +125,17 @@ impl BedrockBackend {
     pub fn with_options(
         region: &str,
         credentials: AwsCredentials,
+        endpoint: Option<&str>,
+        options: BedrockOptions,
+    ) -> Result<Self, BackendError> {
+        let provider = CredentialsProvider::new(CredentialSource::Static(credentials)).map_err(credentials_error)?;
+        Self::with_provider(region, Arc::new(provider), endpoint, options)
+    }
+
+    /// Signs every call with what `credentials` holds at that moment (refreshed before expiry).
+    pub fn with_provider(
+        region: &str,
+        credentials: Arc<CredentialsProvider>,
         endpoint: Option<&str>,
         options: BedrockOptions,
     ) -> Result<Self, BackendError> {
@@ -169,10 +181,11 @@ impl BedrockBackend {
         options: BedrockOptions,
     ) -> Result<Self, BackendError> {
         let found = aws_credentials::load(profile).map_err(|e| BackendError::Config(e.to_string()))?;
+        let provider = CredentialsProvider::new(found.source).map_err(credentials_error)?;
         let region = region.map(str::to_owned).or(found.region).ok_or_else(|| {
             BackendError::Config("no AWS region: use bedrock://<region>, or set AWS_REGION".to_owned())
         })?;
-        Self::with_options(&region, found.credentials, None, options)
+        Self::with_provider(&region, Arc::new(provider), None, options)
     }
 
     pub fn region(&self) -> &str {
@@ -184,7 +197,12 @@ impl BedrockBackend {
     }
 
     /// Path, signed headers and body of one call.
-    fn signed(&self, request: &ChatRequest, stream: bool) -> Result<(String, HeaderMap, Vec<u8>), BackendError> {
+    fn signed(
+        &self,
+        request: &ChatRequest,
+        stream: bool,
+        credentials: &AwsCredentials,
+    ) -> Result<(String, HeaderMap, Vec<u8>), BackendError> {
         let body = converse_body(request, self.caching_for(&request.model), self.options.default_max_tokens)?;
         let body = serde_json::to_vec(&body).map_err(|e| BackendError::Config(format!("request body: {e}")))?;
         let operation = if stream { "converse-stream" } else { "converse" };
@@ -195,12 +213,12 @@ impl BedrockBackend {
             ("host".to_owned(), self.host.clone()),
             ("x-amz-date".to_owned(), amz_date.clone()),
         ];
-        if let Some(token) = &self.credentials.session_token {
-            to_sign.push(("x-amz-security-token".to_owned(), token.clone()));
+        if let Some(token) = &credentials.session_token {
+            to_sign.push(("x-amz-security-token".to_owned(), token.expose().to_owned()));
         }
         let signature = sigv4::sign(
             &SignableRequest { method: "POST", path: &path, query: "", headers: &to_sign, payload: &body },
-            &self.credentials,
+            credentials,
             &SigningScope { region: &self.region, service: SERVICE, amz_date: &amz_date },
         );
         let mut headers = HeaderMap::new();
@@ -228,7 +246,8 @@ impl BedrockBackend {
         events: Option<mpsc::UnboundedSender<StreamEvent>>,
     ) -> Result<ChatResponse, BackendError> {
         let started = Instant::now();
-        let (path, headers, body) = self.signed(&request, request.stream)?;
+        let credentials = self.credentials.credentials().await.map_err(credentials_error)?;
+        let (path, headers, body) = self.signed(&request, request.stream, &credentials)?;
         let mut response = self
             .client
             .post(format!("{}{path}", self.endpoint))
@@ -245,7 +264,12 @@ impl BedrockBackend {
             return Err(redirect_error(response.status().as_u16(), location));
         }
         if !response.status().is_success() {
-            return Err(http_error(response).await);
+            let error = http_error(response).await;
+            if matches!(error, BackendError::Auth { .. }) {
+                // Expired or revoked temporary credentials: the next call fetches new ones.
+                self.credentials.invalidate();
+            }
+            return Err(error);
         }
         let (limit, idle) = (self.options.max_response_bytes, self.options.idle_timeout);
         if !request.stream {
@@ -846,6 +870,14 @@ pub fn exception_error(kind: &str, message: &str, status: Option<u16>, retry_aft
             Some(s) if s < 500 => BackendError::Rejected { status: s, message },
             s => BackendError::Server { status: s.unwrap_or(500), message: format!("{kind}: {message}") },
         },
+    }
+}
+
+/// A source that did not answer is worth retrying; a configuration that cannot work is not.
+fn credentials_error(error: CredentialsError) -> BackendError {
+    match error {
+        CredentialsError::Fetch { .. } => BackendError::Connection(error.to_string()),
+        other => BackendError::Config(other.to_string()),
     }
 }
 
