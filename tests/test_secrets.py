@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from batchagent_rs import Batch, SchemaError
+from batchagent_rs import BackendUnavailable, Batch, SchemaError
 from batchagent_rs import sim as simulator
 
 SECRETS = {
@@ -121,46 +121,75 @@ def test_no_secret_reaches_any_output(
         f"aws_secret_access_key {SECRETS['AWS_SECRET_ACCESS_KEY']}\n"
         f"[broken aws_session_token={SECRETS['AWS_SESSION_TOKEN']}\n"
     )
-    aws_env = {"AWS_SHARED_CREDENTIALS_FILE": str(credentials), "AWS_REGION": "us-east-1"}
-    aws_env_no_keys = {**aws_env, "AWS_SECRET_ACCESS_KEY": "", "AWS_SESSION_TOKEN": ""}
-    assert runs.run("aws_file", "--backend", "bedrock://us-east-1", env=aws_env_no_keys).returncode != 0
+    # The endpoint override sends Bedrock's calls (and the reachability check) to a local stand-in.
+    stand_in = simulator.start(time_scale=0, seed=5)
+    aws_env_no_keys = {
+        "AWS_SHARED_CREDENTIALS_FILE": str(credentials),
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_BEDROCK_RUNTIME": stand_in.url,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SECRET_ACCESS_KEY": "",
+        "AWS_SESSION_TOKEN": "",
+    }
+    aws_file = runs.run("aws_file", "--backend", "bedrock://us-east-1", env=aws_env_no_keys)
+    assert aws_file.returncode != 0 and "aws_credentials line 3" in aws_file.stderr, aws_file.stderr
 
     # Jobs that fail on the server (every call a 500) with a key the server accepts.
     with simulator.start(time_scale=0, seed=3, fault_500=1.0, api_key=SECRETS["VLLM_API_KEY"]) as failing:
         runs.run("job_errors", "--backend", f"vllm://{failing.url.removeprefix('http://')}")
     assert "server_error" in (tmp_path / "job_errors.jsonl").read_text()
 
-    # In process, with no check first: the model calls themselves get the 401s that quote the key;
-    # Python's log records and the objects a user would print.
+    # In process: the key is revoked while the run goes on (the server restarts with another key),
+    # so the model calls themselves get 401s that quote the key; Python's log records and the
+    # objects a user would print are searched too.
     caplog.set_level(logging.DEBUG)
-    batch = Batch(
-        "Say {n}.",
-        backend=f"vllm://{address}",
-        api_key=SECRETS["batch_api_key"],
-        max_turns=1,
-        max_attempts=1,
-        journal=tmp_path / "in_process.sqlite",
-    )
-    results = batch.run([{"n": i} for i in range(3)])
-    assert all(r.error is not None and r.error.kind == "auth" for r in results)
+    with simulator.start(time_scale=0, seed=4, api_key=SECRETS["batch_api_key"]) as accepting:
+        port = int(accepting.url.rsplit(":", 1)[1])
+        batch = Batch(
+            "Say {n}.",
+            model="sim-model",
+            backend=f"vllm://127.0.0.1:{port}",
+            api_key=SECRETS["batch_api_key"],
+            max_turns=1,
+            max_attempts=1,
+            journal=tmp_path / "in_process.sqlite",
+        )
+        assert batch.run([{"n": 0}])[0].ok
+    with simulator.start(time_scale=0, seed=4, port=port, api_key=SERVER_KEY):
+        results = batch.run([{"n": i} for i in range(1, 4)])
+    assert all(r.error is not None and r.error.kind == "auth" for r in results), results
     shown = [repr(batch), repr(batch.report()), str(batch.report().raw), *(repr(r) for r in results)]
-    dead_batch = Batch("Say {n}.", backend=f"vllm://{dead}", api_key=SECRETS["batch_api_key"], max_turns=1)
-    dead_results = dead_batch.run([{"n": 1}])
-    assert dead_results[0].error is not None and dead_results[0].error.kind == "connection"
-    shown += [repr(r) for r in dead_results]
+    shown += [str(r.error) for r in results]
+    dead_batch = Batch(
+        "Say {n}.", model="m", backend=f"vllm://{dead}", api_key=SECRETS["batch_api_key"], max_turns=1
+    )
+    with pytest.raises(BackendUnavailable) as unreachable:
+        dead_batch.run([{"n": 1}])
+    shown.append(str(unreachable.value))
 
     # The credentials file read when the backend is connected (the CLI's check cannot reach AWS here).
     for name, value in aws_env_no_keys.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
     with pytest.raises(SchemaError) as refused:
-        Batch("Say {n}.", backend="bedrock://us-east-1", max_turns=1).run([{"n": 1}])
+        Batch("Say {n}.", model="m", backend="bedrock://us-east-1", max_turns=1).run([{"n": 1}])
+    stand_in.stop()
     assert "aws_credentials line 3" in str(refused.value)
     shown.append(str(refused.value))
 
     found = {where: leaks(text) for where, text in runs.printed if leaks(text)}
     found.update({str(p.relative_to(tmp_path)): leaks(p.read_bytes()) for p in files_under(tmp_path)})
     found["python logs"] = leaks(caplog.text)
+    # Messages that name a backend given with its key in the query.
+    for make in (
+        lambda: Batch("Say {n}.", backend=f"vllm://{address}?api_key={SECRETS['url_query']}"),
+        lambda: Batch("Say {n}.", model="m", backend=f"vllm://{address}?api_key={SECRETS['url_query']}").run(
+            [{"n": 1}]
+        ),
+    ):
+        with pytest.raises((TypeError, SchemaError, BackendUnavailable)) as named:
+            make()
+        shown.append(str(named.value))
     found["printed objects"] = leaks("\n".join(shown))
     # The credentials file is the user's own; everything else must be clean.
     found = {where: names for where, names in found.items() if names and where != "aws_credentials"}

@@ -31,6 +31,9 @@ def check_backends(
     """Every backend answers within `timeout` seconds and, when `model` is given, serves it; raises
     `BackendUnavailable` naming the backend that did not answer, or listing the models served."""
 
+def display_url(url: str) -> str:
+    """The URL as it may be printed: no query and no user info (either can hold a key)."""
+
 @final
 class Run:
     """One batch run. Created from the spec and options as JSON; starts at once and waits for inputs."""

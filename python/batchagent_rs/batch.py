@@ -292,7 +292,9 @@ class Batch:
             raise TypeError(f"backend=: expected a URL or a list of URLs, got {backend!r}")
         if model is None:
             if not all(b.strip().lower().startswith("sim://") for b in backends):
-                raise TypeError(f"Batch() needs model=: the name of the model {backends[0]} serves")
+                raise TypeError(
+                    f"Batch() needs model=: the name of the model {_core.display_url(backends[0])} serves"
+                )
             # The simulator serves any name; this is the one its /v1/models lists.
             model = "sim-model"
         for t in tools:

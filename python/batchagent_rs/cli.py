@@ -382,7 +382,9 @@ def _run(args: argparse.Namespace) -> int:
     all_sim = all(b.strip().lower().startswith("sim://") for b in backends)
     model = settings.get("model") or ("sim-model" if all_sim else None)
     if model is None:
-        raise UsageError(f"no model: pass --model/-m with the model name {backends[0]} serves")
+        raise UsageError(
+            f"no model: pass --model/-m with the model name {_core.display_url(backends[0])} serves"
+        )
     if "task_file" in settings:
         task = _read_text("--task-file", settings["task_file"])
     else:

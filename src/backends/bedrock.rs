@@ -178,6 +178,7 @@ impl BedrockBackend {
     pub fn from_environment(
         region: Option<&str>,
         profile: Option<&str>,
+        endpoint: Option<&str>,
         options: BedrockOptions,
     ) -> Result<Self, BackendError> {
         let found = aws_credentials::load(profile).map_err(|e| BackendError::Config(e.to_string()))?;
@@ -185,7 +186,7 @@ impl BedrockBackend {
         let region = region.map(str::to_owned).or(found.region).ok_or_else(|| {
             BackendError::Config("no AWS region: use bedrock://<region>, or set AWS_REGION".to_owned())
         })?;
-        Self::with_provider(&region, Arc::new(provider), None, options)
+        Self::with_provider(&region, Arc::new(provider), endpoint, options)
     }
 
     pub fn region(&self) -> &str {

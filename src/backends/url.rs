@@ -123,6 +123,8 @@ pub struct ParsedUrl {
     /// caller starts a simulator); for `bedrock://region` the regional runtime endpoint.
     pub base_url: String,
     pub query: Vec<(String, String)>,
+    /// `bedrock://region`: the region (the endpoint may be overridden, see [`parse_backend_url`]).
+    pub region: Option<String>,
 }
 
 impl ParsedUrl {
@@ -177,9 +179,19 @@ pub fn parse_backend_url_with(url: &str, env: &dyn Fn(&str) -> Option<String>) -
         ));
     }
     let hosted = matches!(scheme, Scheme::OpenAi | Scheme::Anthropic);
+    let mut region = None;
     let base_url = match scheme {
         Scheme::Sim if authority.is_empty() => String::new(),
-        Scheme::Bedrock => bedrock_endpoint(authority)?,
+        Scheme::Bedrock => {
+            let name = bedrock_region(authority, env)?;
+            // The SDKs' endpoint overrides (VPC endpoints, proxies, local stand-ins).
+            let endpoint = match env("AWS_ENDPOINT_URL_BEDROCK_RUNTIME").or_else(|| env("AWS_ENDPOINT_URL")) {
+                Some(url) => url.trim().trim_end_matches('/').to_owned(),
+                None => format!("https://bedrock-runtime.{name}.amazonaws.com"),
+            };
+            region = Some(name);
+            endpoint
+        }
         Scheme::OpenAi | Scheme::Anthropic if authority.is_empty() && tls.is_none() => {
             let (var, default) = match scheme {
                 Scheme::OpenAi => ("OPENAI_BASE_URL", "https://api.openai.com/v1"),
@@ -209,7 +221,7 @@ pub fn parse_backend_url_with(url: &str, env: &dyn Fn(&str) -> Option<String>) -
         reqwest::Url::parse(&base_url)
             .map_err(|e| BackendError::Config(format!("backend URL {shown:?} is not a valid address: {e}")))?;
     }
-    Ok(ParsedUrl { scheme, base_url, query })
+    Ok(ParsedUrl { scheme, base_url, query, region })
 }
 
 /// `OPENAI_BASE_URL` / `ANTHROPIC_BASE_URL`: an http(s) URL with no credentials or query in it.
@@ -236,9 +248,9 @@ fn host_has_port(host: &str) -> bool {
     }
 }
 
-fn bedrock_endpoint(region: &str) -> Result<String, BackendError> {
+fn bedrock_region(region: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, BackendError> {
     let region = if region.is_empty() {
-        std::env::var("AWS_REGION").or_else(|_| std::env::var("AWS_DEFAULT_REGION")).map_err(|_| {
+        env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION")).ok_or_else(|| {
             BackendError::Config("bedrock:// needs a region (bedrock://us-east-1) or AWS_REGION set".into())
         })?
     } else {
@@ -247,7 +259,7 @@ fn bedrock_endpoint(region: &str) -> Result<String, BackendError> {
     if region.is_empty() || !region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
         return Err(BackendError::Config(format!("bedrock region {region:?} is not a region name like us-east-1")));
     }
-    Ok(format!("https://bedrock-runtime.{region}.amazonaws.com"))
+    Ok(region)
 }
 
 fn parse_query(text: &str, shown: &str) -> Result<Vec<(String, String)>, BackendError> {
@@ -308,14 +320,13 @@ pub fn connect(url: &str, options: &BackendOptions) -> Result<Arc<dyn Backend>, 
             return Ok(Arc::new(AnthropicBackend::new(&parsed.base_url, options.api_key.clone(), &options)?))
         }
         Scheme::Bedrock => {
-            // base_url is https://bedrock-runtime.{region}.amazonaws.com
-            let region = parsed
-                .base_url
-                .trim_start_matches("https://bedrock-runtime.")
-                .trim_end_matches(".amazonaws.com")
-                .to_owned();
             let profile = parsed.query_value("profile");
-            return Ok(Arc::new(BedrockBackend::from_environment(Some(&region), profile, (&options).into())?));
+            return Ok(Arc::new(BedrockBackend::from_environment(
+                parsed.region.as_deref(),
+                profile,
+                Some(&parsed.base_url),
+                (&options).into(),
+            )?));
         }
     };
     Ok(Arc::new(OpenAiBackend::new(flavour, &parsed.base_url, &options)?))
@@ -450,6 +461,18 @@ mod tests {
         for bad in ["http+http://h", "bedrock+http://us-east-1", "anthropic+http://"] {
             assert!(parse_backend_url_with(bad, &none).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn bedrock_endpoint_overrides_keep_the_region() {
+        let env =
+            |name: &str| (name == "AWS_ENDPOINT_URL_BEDROCK_RUNTIME").then(|| "http://127.0.0.1:4566/".to_owned());
+        let p = parse_backend_url_with("bedrock://eu-west-1", &env).unwrap();
+        assert_eq!((p.base_url.as_str(), p.region.as_deref()), ("http://127.0.0.1:4566", Some("eu-west-1")));
+        let p = parse_backend_url_with("bedrock://us-east-1", &|_: &str| None).unwrap();
+        assert_eq!(p.base_url, "https://bedrock-runtime.us-east-1.amazonaws.com");
+        let env = |name: &str| (name == "AWS_REGION").then(|| "ap-south-1".to_owned());
+        assert_eq!(parse_backend_url_with("bedrock://", &env).unwrap().region.as_deref(), Some("ap-south-1"));
     }
 
     #[test]

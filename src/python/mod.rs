@@ -73,6 +73,12 @@ fn check_backends(
         .map_err(|e| errors::probe_error(&e))
 }
 
+/// A URL as it may be printed: no query, no user info (either can hold a key).
+#[pyfunction]
+fn display_url(url: &str) -> String {
+    crate::secret::display_url(url)
+}
+
 #[pymodule]
 #[pyo3(name = "_core")]
 fn core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -81,6 +87,7 @@ fn core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<run::PyRun>()?;
     m.add_function(wrap_pyfunction!(check_schema, m)?)?;
     m.add_function(wrap_pyfunction!(check_backends, m)?)?;
+    m.add_function(wrap_pyfunction!(display_url, m)?)?;
     sim::register(m)?;
     Ok(())
 }
