@@ -400,6 +400,7 @@ def fleet_bench(args: argparse.Namespace) -> dict[str, Any]:
             for routing in ("prefix_affinity", "round_robin", "sharded_by_prefix")
         }
     base = sides["round_robin"]["makespan_s"]
+    oracle = sides["sharded_by_prefix"]["makespan_s"]
     return {
         "workload": {
             "prompts": args.prompts,
@@ -414,6 +415,11 @@ def fleet_bench(args: argparse.Namespace) -> dict[str, Any]:
         },
         "sides": sides,
         "speedup": {f"round_robin_vs_{name}": base / side["makespan_s"] for name, side in sides.items()},
+        "vs_oracle": {
+            f"{name}_vs_oracle": side["makespan_s"] / oracle
+            for name, side in sides.items()
+            if name != "sharded_by_prefix"
+        },
     }
 
 
@@ -541,6 +547,8 @@ def table(result: dict[str, Any]) -> str:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
     for name, ratio in result.get("speedup", {}).items():
         lines.append(f"{name}: {ratio:.2f}x")
+    for name, ratio in result.get("vs_oracle", {}).items():
+        lines.append(f"{name} (makespan over the oracle's): {ratio:.2f}x")
     return "\n".join(lines)
 
 

@@ -41,14 +41,17 @@ pub async fn connect_fleet(
         many => {
             let mut members = Vec::with_capacity(many.len());
             let mut sims = Vec::new();
-            let mut metrics_urls = Vec::new();
+            let mut per_member = Vec::with_capacity(many.len());
             for target in many {
                 let (backend, sim, address) = connect_one(target, options).await?;
                 sims.extend(sim);
-                metrics_urls.extend(metrics_url(&address, options)?);
+                per_member.push(metrics_url(&address, options)?);
                 members.push(member(backend, &address, options)?);
             }
-            Ok(Connected { backend: Arc::new(Fleet::new(members, fleet).await?), sims, metrics_urls })
+            let metrics_urls = per_member.iter().flatten().cloned().collect();
+            let mut fleet = Fleet::new(members, fleet).await?;
+            fleet.watch_metrics(per_member);
+            Ok(Connected { backend: Arc::new(fleet), sims, metrics_urls })
         }
     }
 }

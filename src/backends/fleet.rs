@@ -2,7 +2,6 @@
 //! affinity, routing by served model, health checks, failover of in-flight calls, and an adaptive
 //! concurrency limit per endpoint.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,6 +11,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::http::limited_body;
+use super::metrics::{MetricsSource, MetricsWatcher};
+use super::placement::{EndpointView, Placement};
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
 use crate::conversation::TimeoutKind;
 use crate::limits::AdaptiveLimit;
@@ -77,7 +78,7 @@ struct Endpoint {
 }
 
 /// Per-endpoint figures for reports.
-#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
 pub struct EndpointStats {
     pub name: String,
     pub up: bool,
@@ -85,12 +86,22 @@ pub struct EndpointStats {
     pub served: u64,
     pub failovers: u64,
     pub limit: usize,
+    /// Prefix groups placed on this endpoint, and their prefixes' estimated tokens.
+    pub prefix_groups: usize,
+    pub prefix_tokens: usize,
+    /// Calls it took as a busy group's second endpoint.
+    pub spilled_in: u64,
+    /// From its `/metrics`, where it has one.
+    pub kv_capacity_tokens: Option<f64>,
+    pub prefix_hit_rate: Option<f64>,
+    pub preemptions: Option<f64>,
 }
 
 pub struct Fleet {
     name: String,
     endpoints: Arc<Vec<Endpoint>>,
-    affinity: Mutex<HashMap<u64, usize>>,
+    placement: Mutex<Placement>,
+    metrics: Vec<Option<MetricsWatcher>>,
     turn: AtomicUsize,
     options: FleetOptions,
     capabilities: Capabilities,
@@ -99,9 +110,6 @@ pub struct Fleet {
 
 /// Largest `/v1/models` answer read (a list of model names).
 const MAX_MODEL_LIST: usize = 4 * 1024 * 1024;
-
-/// Prefix keys remembered; beyond this the map is cleared (new arrivals re-learn their endpoint).
-const MAX_AFFINITY_KEYS: usize = 100_000;
 
 impl Fleet {
     /// Builds the fleet, reads each endpoint's model list (best effort) and starts the prober on
@@ -137,12 +145,14 @@ impl Fleet {
             });
         }
         let name = format!("fleet[{}]", endpoints.iter().map(|e| e.backend.name()).collect::<Vec<_>>().join(", "));
+        let placement = Mutex::new(Placement::new(endpoints.len(), options.affinity_slack));
         let endpoints = Arc::new(endpoints);
         let prober = tokio::spawn(probe_loop(endpoints.clone(), client, options.probe_interval));
         Ok(Self {
             name,
             endpoints,
-            affinity: Mutex::new(HashMap::new()),
+            placement,
+            metrics: Vec::new(),
             turn: AtomicUsize::new(0),
             options,
             capabilities,
@@ -151,22 +161,41 @@ impl Fleet {
     }
 
     pub fn endpoint_stats(&self) -> Vec<EndpointStats> {
+        let placed = self.placement.lock().map(|p| p.stats()).unwrap_or_default();
         self.endpoints
             .iter()
-            .map(|e| EndpointStats {
-                name: e.backend.name().to_owned(),
-                up: e.up.load(Relaxed),
-                outstanding: e.outstanding.load(Relaxed),
-                served: e.served.load(Relaxed),
-                failovers: e.failovers.load(Relaxed),
-                limit: e.limit.current(),
+            .enumerate()
+            .map(|(i, e)| {
+                let place = placed.get(i).copied();
+                let engine = self.metrics.get(i).and_then(Option::as_ref).and_then(MetricsWatcher::latest);
+                EndpointStats {
+                    name: e.backend.name().to_owned(),
+                    up: e.up.load(Relaxed),
+                    outstanding: e.outstanding.load(Relaxed),
+                    served: e.served.load(Relaxed),
+                    failovers: e.failovers.load(Relaxed),
+                    limit: e.limit.current(),
+                    prefix_groups: place.map_or(0, |p| p.groups),
+                    prefix_tokens: place.map_or(0, |p| p.prefix_tokens),
+                    spilled_in: place.map_or(0, |p| p.spilled_in),
+                    kv_capacity_tokens: engine.as_ref().and_then(|m| m.kv_capacity_tokens),
+                    prefix_hit_rate: engine.as_ref().and_then(|m| m.prefix_hit_rate),
+                    preemptions: engine.as_ref().and_then(|m| m.preemptions),
+                }
             })
             .collect()
     }
 
     /// Chooses an endpoint: among the live ones serving `model` that were not tried yet, the one
-    /// holding the prefix unless it is overloaded, else the least outstanding (relative to its limit).
-    fn pick(&self, model: &str, keys: &[(u64, usize)], tried: &[usize]) -> Option<usize> {
+    /// its prefix group is placed on unless that one's queue is past the bound (see
+    /// [`Placement`]), else the least outstanding (relative to its limit).
+    fn pick(
+        &self,
+        model: &str,
+        keys: &[(u64, usize)],
+        conversation: Option<(u64, bool)>,
+        tried: &[usize],
+    ) -> Option<usize> {
         let serves = |e: &Endpoint| e.models.lock().map_or(true, |m| m.is_empty() || m.iter().any(|x| x == model));
         let any_serves = self.endpoints.iter().any(|e| e.models.lock().is_ok_and(|m| m.iter().any(|x| x == model)));
         let candidates: Vec<usize> = (0..self.endpoints.len())
@@ -187,45 +216,64 @@ impl Fleet {
             return candidates.get(turn.checked_rem(candidates.len()).unwrap_or(0)).copied();
         }
         let least = candidates.iter().copied().min_by(|&a, &b| load(a).total_cmp(&load(b)))?;
-        if keys.is_empty() || self.options.routing != Routing::PrefixAffinity {
+        if self.options.routing != Routing::PrefixAffinity {
             return Some(least);
         }
-        let mut affinity = self.affinity.lock().ok()?;
-        // The longest prefix already placed on a live candidate decides, unless most of this
-        // request's shareable prefix is new (a new document behind a short shared system prompt):
-        // then it goes where there is room, and its keys are learnt there.
-        let longest = keys.last().map_or(0, |&(_, len)| len);
-        let preferred = keys
+        let views: Vec<EndpointView> = self
+            .endpoints
             .iter()
-            .rev()
-            .find_map(|(k, len)| affinity.get(k).copied().filter(|i| candidates.contains(i)).map(|i| (i, *len)))
-            .filter(|&(_, len)| 2 * len >= longest)
-            .map(|(i, _)| i);
-        let chosen = match preferred {
-            Some(p) => {
-                let outstanding = |i: usize| self.endpoints.get(i).map_or(0, |e| e.outstanding.load(Relaxed));
-                let limit = self.endpoints.get(p).map_or(0, |e| e.limit.current());
-                let overloaded = outstanding(p) >= limit
-                    || outstanding(p) > outstanding(least).saturating_add(self.options.affinity_slack);
-                if overloaded {
-                    least
-                } else {
-                    p
-                }
-            }
-            None => least,
-        };
-        if affinity.len() + keys.len() > MAX_AFFINITY_KEYS {
-            affinity.clear();
-        }
-        for &(key, _) in keys {
-            // A key keeps its endpoint while that one is live: a spill-over does not move a prefix.
-            if !affinity.get(&key).is_some_and(|i| candidates.contains(i)) {
-                affinity.insert(key, chosen);
-            }
-        }
-        Some(chosen)
+            .enumerate()
+            .map(|(i, e)| EndpointView {
+                up: e.up.load(Relaxed),
+                eligible: candidates.contains(&i),
+                outstanding: e.outstanding.load(Relaxed),
+                limit: e.limit.current(),
+                kv_tokens: self.kv_tokens(i),
+            })
+            .collect();
+        // The longest shared prefix names the group: a document behind a short common system
+        // prompt is its own group.
+        let group = keys.last().map(|&(key, bytes)| (key, bytes / BYTES_PER_TOKEN));
+        self.placement.lock().ok()?.route(group, conversation, &views)
     }
+
+    /// An endpoint's KV capacity from its `/metrics`, or an equal weight for all where unknown.
+    fn kv_tokens(&self, i: usize) -> usize {
+        self.metrics
+            .get(i)
+            .and_then(Option::as_ref)
+            .and_then(MetricsWatcher::latest)
+            .and_then(|m| m.kv_capacity_tokens)
+            .filter(|&t| t >= 1.0)
+            .map_or(UNKNOWN_KV_TOKENS, |t| t.min(1e12) as usize)
+    }
+
+    /// Reads each endpoint's `/metrics` (KV capacity for placement; hit rate and preemptions for
+    /// the report), in the order of the members. Call on the runtime the fleet runs on.
+    pub fn watch_metrics(&mut self, sources: Vec<Option<MetricsSource>>) {
+        self.metrics =
+            sources.into_iter().map(|s| s.map(|s| MetricsWatcher::start(s, Duration::from_millis(500)))).collect();
+    }
+}
+
+/// Bytes per token, for sizing a prefix without a tokenizer.
+const BYTES_PER_TOKEN: usize = 4;
+
+/// KV capacity taken for an endpoint whose `/metrics` has not said: only ratios between endpoints
+/// matter to placement, so equal endpoints stay equal.
+const UNKNOWN_KV_TOKENS: usize = 65_536;
+
+/// The conversation a request belongs to, from its id (`{job}-t{turn}-a{attempt}`), and whether it
+/// is a later turn (the history is cached where the earlier turns went).
+fn conversation(request_id: &str) -> Option<(u64, bool)> {
+    let (job, rest) = request_id.rsplit_once("-t")?;
+    let (turn, _attempt) = rest.split_once("-a")?;
+    let turn: u32 = turn.parse().ok()?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in job.as_bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    Some((h, turn > 0))
 }
 
 impl Drop for Fleet {
@@ -283,9 +331,10 @@ impl Backend for Fleet {
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>> {
         Box::pin(async move {
             let keys = prefix_keys(&request.messages, &request.tools, self.options.keep_session_headers);
+            let conversation = conversation(&request.request_id);
             let mut tried = Vec::new();
             let mut last_error = None;
-            while let Some(i) = self.pick(&request.model, &keys, &tried) {
+            while let Some(i) = self.pick(&request.model, &keys, conversation, &tried) {
                 let Some(endpoint) = self.endpoints.get(i) else { break };
                 let outstanding = Outstanding::take(&endpoint.outstanding);
                 let outcome = endpoint.backend.chat(request.clone(), events.clone()).await;

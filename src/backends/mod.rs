@@ -95,6 +95,7 @@ pub mod http;
 pub mod metrics;
 pub mod ollama;
 pub mod openai;
+pub mod placement;
 pub mod probe;
 pub mod sigv4;
 pub mod url;

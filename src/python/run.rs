@@ -395,6 +395,7 @@ impl PyRun {
             lookahead: options.lookahead.unwrap_or(DEFAULT_LOOKAHEAD),
             kv_capacity_tokens: options.kv_capacity_tokens,
             feeding: Arc::default(),
+            lanes: options.backends.len().max(1),
         };
         // Rewriting the output from the journal reads the whole journal: not under the GIL.
         let durable = py

@@ -33,7 +33,7 @@ struct Group<T> {
     seen: u64,
     /// The group's prefix is counted in `resident_tokens`.
     counted: bool,
-    /// In `turns`, or the current group.
+    /// In `turns` or in a lane.
     queued: bool,
 }
 
@@ -43,6 +43,9 @@ pub struct OrderOptions {
     pub quantum: usize,
     /// Shared-prefix tokens that may be resident in flight at once (`None`: no gate).
     pub kv_budget_tokens: Option<usize>,
+    /// Groups served at once, taking dispatches in turn: one per engine of a fleet, so that each
+    /// engine has a group of its own instead of all of them sharing one.
+    pub lanes: usize,
 }
 
 /// Jobs waiting for dispatch, grouped by prefix key.
@@ -50,8 +53,8 @@ pub struct PrefixOrder<T> {
     groups: HashMap<u64, Group<T>>,
     /// Groups with pending jobs waiting for their turn, in turn order.
     turns: VecDeque<u64>,
-    /// The group being served and the dispatches it took in this turn.
-    current: Option<(u64, usize)>,
+    /// The groups being served (at most `lanes`) and the dispatches each took in its turn.
+    lanes: VecDeque<(u64, usize)>,
     pending: usize,
     inflight: usize,
     resident_tokens: usize,
@@ -63,11 +66,11 @@ impl<T> PrefixOrder<T> {
         Self {
             groups: HashMap::new(),
             turns: VecDeque::new(),
-            current: None,
+            lanes: VecDeque::new(),
             pending: 0,
             inflight: 0,
             resident_tokens: 0,
-            options: OrderOptions { quantum: options.quantum.max(1), ..options },
+            options: OrderOptions { quantum: options.quantum.max(1), lanes: options.lanes.max(1), ..options },
         }
     }
 
@@ -109,50 +112,64 @@ impl<T> PrefixOrder<T> {
     /// The next job to dispatch and its key, or `None` when nothing is pending or the KV gate holds
     /// the next group until jobs in flight finish.
     pub fn pop(&mut self) -> Option<(u64, T)> {
-        if let Some((key, used)) = self.current {
-            let has_more = self.groups.get(&key).is_some_and(|g| !g.items.is_empty());
-            if !has_more || (used >= self.options.quantum && !self.turns.is_empty()) {
-                self.current = None;
-                match self.groups.get_mut(&key) {
-                    Some(_) if has_more => self.turns.push_back(key),
-                    Some(g) => {
-                        g.queued = false;
-                        self.forget_if_idle(key);
-                    }
-                    None => {}
-                }
-            } else if used >= self.options.quantum {
-                // Nobody else is waiting: a fresh turn.
-                self.current = Some((key, 0));
-            }
-        }
-        let key = if let Some((key, _)) = self.current {
-            key
-        } else {
-            let &key = self.turns.front()?;
+        self.retire_lanes();
+        // Fill free lanes from the line, in order; the gate holds the line (no overtaking), and
+        // while a lane's group waits for room no other group takes a lane before it.
+        let held = self.lanes.iter().any(|&(key, _)| !self.admissible(key));
+        while !held && self.lanes.len() < self.options.lanes {
+            let Some(&key) = self.turns.front() else { break };
             if !self.admissible(key) {
-                return None;
+                break;
             }
             self.turns.pop_front();
-            self.current = Some((key, 0));
-            key
-        };
-        if !self.admissible(key) {
-            return None;
+            self.lanes.push_back((key, 0));
         }
-        let group = self.groups.get_mut(&key)?;
-        let item = group.items.pop_front()?;
-        group.inflight += 1;
-        if !group.counted && group.seen >= 2 {
-            group.counted = true;
-            self.resident_tokens += group.prefix_tokens;
+        // The lanes take dispatches in rotation, so each endpoint of a fleet has a group to run.
+        for _ in 0..self.lanes.len() {
+            let (key, used) = self.lanes.pop_front()?;
+            if !self.admissible(key) {
+                self.lanes.push_back((key, used));
+                continue;
+            }
+            let Some(group) = self.groups.get_mut(&key) else { continue };
+            let Some(item) = group.items.pop_front() else {
+                self.lanes.push_back((key, used));
+                continue;
+            };
+            group.inflight += 1;
+            if !group.counted && group.seen >= 2 {
+                group.counted = true;
+                self.resident_tokens += group.prefix_tokens;
+            }
+            self.lanes.push_back((key, used + 1));
+            self.pending -= 1;
+            self.inflight += 1;
+            return Some((key, item));
         }
-        if let Some((_, used)) = &mut self.current {
-            *used += 1;
+        None
+    }
+
+    /// Ends the turn of a lane whose group is empty, or that used its quantum while another group
+    /// waits (a lane alone with its quantum used starts a fresh turn).
+    fn retire_lanes(&mut self) {
+        for _ in 0..self.lanes.len() {
+            let Some((key, used)) = self.lanes.pop_front() else { break };
+            let has_more = self.groups.get(&key).is_some_and(|g| !g.items.is_empty());
+            if !has_more {
+                if let Some(g) = self.groups.get_mut(&key) {
+                    g.queued = false;
+                }
+                self.forget_if_idle(key);
+            } else if used >= self.options.quantum {
+                if self.turns.is_empty() {
+                    self.lanes.push_back((key, 0));
+                } else {
+                    self.turns.push_back(key);
+                }
+            } else {
+                self.lanes.push_back((key, used));
+            }
         }
-        self.pending -= 1;
-        self.inflight += 1;
-        Some((key, item))
     }
 
     /// A job popped under `key` finished (its group's prefix may leave the engine's cache).
@@ -193,12 +210,16 @@ impl<T> PrefixOrder<T> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::arithmetic_side_effects)]
     use super::*;
     use proptest::prelude::*;
 
     fn order(quantum: usize, budget: Option<usize>) -> PrefixOrder<u64> {
-        PrefixOrder::new(OrderOptions { quantum, kv_budget_tokens: budget })
+        lanes(quantum, budget, 1)
+    }
+
+    fn lanes(quantum: usize, budget: Option<usize>, lanes: usize) -> PrefixOrder<u64> {
+        PrefixOrder::new(OrderOptions { quantum, kv_budget_tokens: budget, lanes })
     }
 
     #[test]
@@ -212,6 +233,17 @@ mod tests {
         // Six runs of ten, in order of each group's first arrival.
         let runs: Vec<u64> = keys.chunk_by(|a, b| a == b).map(|run| run[0]).collect();
         assert_eq!(runs, vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn lanes_interleave_groups_for_a_fleet() {
+        let mut o = lanes(1000, None, 3);
+        for i in 0..30u64 {
+            o.push(i % 5, 20_000, i);
+        }
+        let keys: Vec<u64> = std::iter::from_fn(|| o.pop()).map(|(k, _)| k).collect();
+        assert_eq!(&keys[..6], &[0, 1, 2, 0, 1, 2], "three groups at once, in rotation");
+        assert_eq!(keys.len(), 30);
     }
 
     #[test]
@@ -318,16 +350,17 @@ mod tests {
     proptest! {
         /// Every job pushed comes out exactly once; with nothing in flight a pending job always
         /// comes out (the gate cannot stall the run); and every job's wait, counted in dispatches
-        /// between its push and its pop, is bounded by the turns ahead of it: at most
-        /// `(jobs ahead in its group / quantum + 1)` turns of its group, each preceded by at most
-        /// one turn (a quantum) of every other group.
+        /// between its push and its pop, is bounded by the turns ahead of it: with one lane, at
+        /// most `(jobs ahead in its group / quantum + 1)` turns of its group, each preceded by at
+        /// most one turn (a quantum) of every other group.
         #[test]
         fn every_job_once_and_every_wait_bounded(
             ops in ops(),
             quantum in 1usize..12,
             budget in proptest::option::of(1usize..80_000),
+            width in 1usize..4,
         ) {
-            let mut o = order(quantum, budget);
+            let mut o = lanes(quantum, budget, width);
             let mut h = Harness::default();
             for op in ops {
                 match op {
@@ -358,8 +391,12 @@ mod tests {
             }
             prop_assert_eq!(h.out.len() as u64, h.next_id);
             let q = quantum as u64;
+            let w = width as u64;
             for &(wait, ahead, groups) in &h.waits {
-                let bound = (ahead / q + 1) * groups * q;
+                // One lane: its group's turns, each after at most one turn of every other group.
+                // Several: during each of its turns the other lanes take up to a quantum each too,
+                // and a lane may be mid-turn when the job arrives.
+                let bound = if w == 1 { (ahead / q + 1) * groups * q } else { (ahead / q + 2) * (groups + w) * q };
                 prop_assert!(wait <= bound, "waited {} dispatches, bound {} (ahead {}, groups {})", wait, bound, ahead, groups);
             }
         }

@@ -35,6 +35,7 @@ pub async fn run_all(
     let mut order = PrefixOrder::new(OrderOptions {
         quantum: (16 * ctx.spec.max_inflight).max(MIN_QUANTUM),
         kv_budget_tokens: kv_budget(&ctx, &dispatch),
+        lanes: dispatch.lanes,
     });
     let hold = dispatch.lookahead.max(1);
     let mut tasks = JoinSet::new();
@@ -151,11 +152,13 @@ pub struct Dispatch {
     pub kv_capacity_tokens: Option<usize>,
     /// Held by the feeder while it sends a batch of inputs.
     pub feeding: Arc<Mutex<()>>,
+    /// Prefix groups dispatched at once: the number of endpoints.
+    pub lanes: usize,
 }
 
 impl Default for Dispatch {
     fn default() -> Self {
-        Self { lookahead: DEFAULT_LOOKAHEAD, kv_capacity_tokens: None, feeding: Arc::default() }
+        Self { lookahead: DEFAULT_LOOKAHEAD, kv_capacity_tokens: None, feeding: Arc::default(), lanes: 1 }
     }
 }
 
