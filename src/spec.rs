@@ -20,6 +20,59 @@ pub enum SpecError {
     BadInput { index: u64, message: String },
     #[error("invalid setting '{field}': {message}")]
     Invalid { field: &'static str, message: String },
+    /// A setting that does not deserialize (wrong type, out of range); `field` is its path
+    /// (`max_inflight`, `tools[0].timeout`).
+    #[error("invalid setting '{field}': {message}")]
+    Setting { field: String, message: String },
+}
+
+/// Why a job id cannot be used, if it cannot: ids travel in HTTP headers (`X-Request-Id`), logs and
+/// the journal, where a control character (CR, LF, NUL, ...) would split or corrupt a line.
+pub fn check_job_id(id: &str) -> Result<(), String> {
+    match id.chars().find(|c| c.is_control()) {
+        None => Ok(()),
+        Some(c) => {
+            Err(format!("id {id:?} contains the control character U+{:04X}; ids must be printable", u32::from(c)))
+        }
+    }
+}
+
+/// Deserializes settings from JSON; an error names the field that failed and says what it takes,
+/// in words rather than Rust types ("an integer from 0 to 4294967295", not "u32").
+pub fn parse_settings<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, SpecError> {
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let field = match e.path().to_string() {
+            path if path == "." => "settings".to_owned(),
+            path => path,
+        };
+        SpecError::Setting { field, message: setting_message(e.inner()) }
+    })
+}
+
+#[cold]
+fn setting_message(e: &serde_json::Error) -> String {
+    const WORDS: [(&str, &str); 6] = [
+        ("expected usize", "expected an integer from 0 to 18446744073709551615"),
+        ("expected u64", "expected an integer from 0 to 18446744073709551615"),
+        ("expected u32", "expected an integer from 0 to 4294967295"),
+        ("expected u16", "expected an integer from 0 to 65535"),
+        ("expected f64", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+    ];
+    let mut message = e.to_string();
+    // The position is in JSON the user never wrote (it was built from their arguments).
+    if let Some(at) = message.rfind(" at line ") {
+        message.truncate(at);
+    }
+    for (rust, words) in WORDS {
+        if message.ends_with(rust) {
+            message.truncate(message.len() - rust.len());
+            message.push_str(words);
+            break;
+        }
+    }
+    message
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -261,8 +314,7 @@ impl BatchSpec {
     }
 
     pub fn from_json(text: &str) -> Result<Self, SpecError> {
-        let raw: RawSpec =
-            serde_json::from_str(text).map_err(|e| SpecError::Invalid { field: "spec", message: e.to_string() })?;
+        let raw: RawSpec = parse_settings(text)?;
         if raw.model.trim().is_empty() {
             return Err(SpecError::Invalid { field: "model", message: "must not be empty".into() });
         }
@@ -333,6 +385,25 @@ mod tests {
         let t = Template::parse("Review {path} ({n} lines) {{literal}}").unwrap();
         assert_eq!(t.render(0, &map(&json!({"path": "a.py", "n": 3}))).unwrap(), "Review a.py (3 lines) {literal}");
         assert_eq!(t.variables(), vec!["path", "n"]);
+    }
+
+    #[test]
+    fn out_of_range_settings_name_their_field() {
+        let spec = |extra: &str| format!(r#"{{"model": "m", "task": "t", {extra}}}"#);
+        let cases = [
+            (r#""max_inflight": -5"#, "invalid setting 'max_inflight': invalid value: integer `-5`, expected an integer from 0 to 18446744073709551615"),
+            (r#""max_turns": 5000000000"#, "invalid setting 'max_turns': invalid value: integer `5000000000`, expected an integer from 0 to 4294967295"),
+            (r#""max_tokens": -1"#, "invalid setting 'max_tokens': invalid value: integer `-1`, expected an integer from 0 to 4294967295"),
+            (r#""window": 1.5"#, "invalid setting 'window': invalid type: floating point `1.5`, expected an integer from 0 to 18446744073709551615"),
+            (r#""call_timeout": "x""#, "invalid setting 'call_timeout': invalid type: string \"x\", expected a number"),
+            (r#""tools": [{"name": 3}]"#, "invalid setting 'tools[0].name': invalid type: integer `3`, expected a string"),
+        ];
+        for (extra, expected) in cases {
+            let err = BatchSpec::from_json(&spec(extra)).unwrap_err();
+            assert_eq!(err.to_string(), expected, "{extra}");
+        }
+        let err = BatchSpec::from_json(&spec(r#""max_inflight": 0"#)).unwrap_err();
+        assert_eq!(err.to_string(), "invalid setting 'max_inflight': must be at least 1");
     }
 
     #[test]

@@ -409,3 +409,14 @@ async fn ollama_native_stream_and_body() {
     assert_eq!(whole.content, "whole answer");
     assert_eq!(whole.usage.completion_tokens, 33);
 }
+
+#[tokio::test]
+async fn a_request_id_with_a_line_break_is_refused_before_sending() {
+    let (addr, server) = start().await;
+    let backend = vllm(addr);
+    let mut req = request("stream:vllm_tool_calls.sse", true);
+    req.request_id = "job-1\r\nX-Injected: yes".into();
+    let err = backend.chat(req, None).await.unwrap_err();
+    assert!(matches!(&err, BackendError::Config(m) if m.contains("X-Request-Id")), "{err:?}");
+    assert!(server.seen.lock().unwrap().is_empty(), "a request reached the server");
+}

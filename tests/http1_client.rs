@@ -209,3 +209,19 @@ async fn refused_connections_fail_without_resending_forever() {
     drop(listener);
     assert!(matches!(body_of(&client(port), "/").await, Err(H1Error::Connect(_))));
 }
+
+#[tokio::test]
+async fn a_header_value_with_a_line_break_is_never_written() {
+    let (script, port) = serve(vec![(OK_LENGTH, After::KeepOpen)]).await;
+    let client = client(port);
+    for value in ["r-1\r\nX-Injected: yes", "r-1\nX", "r\0", "r\x7f"] {
+        let err = client.post("/v1/chat/completions", &[("x-request-id", value)], b"{}").await.err();
+        assert!(matches!(&err, Some(H1Error::InvalidHeader(name)) if name == "x-request-id"), "{value:?}: {err:?}");
+    }
+    assert_eq!(script.connections.load(Ordering::SeqCst), 0, "nothing may be sent");
+    // A tab and non-ASCII text are valid field content.
+    assert_eq!(
+        client.post("/v1/chat/completions", &[("x-request-id", "r\t\u{e9}")], b"{}").await.map(|r| r.status()).ok(),
+        Some(200)
+    );
+}

@@ -341,12 +341,8 @@ fn csv_quoting_cases() {
         }
         other => panic!("{other:?}"),
     }
-    match &items[5] {
-        Err(InputError::BadLine { line: 9, index: 5, message, .. }) => {
-            assert!(message.contains("closing quote"), "{message}");
-        }
-        other => panic!("{other:?}"),
-    }
+    // Text after a closing quote is kept, as Python's csv module keeps it.
+    assert_eq!((rec(5).line, rec(5).fields["text"].as_str().unwrap()), (9, "badx"));
     assert_eq!((rec(6).line, rec(6).fields["text"].as_str().unwrap()), (10, "crlf\r\ninside"));
     assert_eq!(rec(6).fields["note"], "end");
     let _ = std::fs::remove_dir_all(&dir);
@@ -354,13 +350,34 @@ fn csv_quoting_cases() {
 
 #[test]
 fn csv_unterminated_quote_names_its_first_line() {
-    let dir = temp_dir("csv-open");
+    let dir = temp_dir("csv-unclosed");
     let path = write(&dir, "in.csv", "a,b\n1,2\n3,\"never\nclosed\n");
     let items = collect(&path, InputFormat::Csv);
     assert_eq!(items.len(), 2);
     assert!(items[0].is_ok());
     match &items[1] {
         Err(InputError::BadLine { line: 3, message, .. }) => assert!(message.contains("never closed"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn csv_errors_name_the_line_a_record_starts_on() {
+    let dir = temp_dir("csv-open");
+    let path = dir.join("in.csv");
+    std::fs::write(&path, b"a,b\r\n1,\"two\r\nlines\"\r\n2,\xff\r\n3\r\n").unwrap();
+    let items = collect(&path, InputFormat::Csv);
+    assert_eq!(items.len(), 3);
+    assert_eq!(items[0].as_ref().unwrap().line, 2);
+    match &items[1] {
+        Err(InputError::BadLine { line: 4, index: 1, message, .. }) => assert!(message.contains("UTF-8"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    match &items[2] {
+        Err(InputError::BadLine { line: 5, index: 2, message, .. }) => {
+            assert!(message.contains("1 field"), "{message}");
+        }
         other => panic!("{other:?}"),
     }
     let dup = write(&dir, "dup.csv", "a,b,a\n1,2,3\n");

@@ -34,13 +34,19 @@ def check_backends(
 def display_url(url: str) -> str:
     """The URL as it may be printed: no query and no user info (either can hold a key)."""
 
+def check_spec(spec_json: str) -> None:
+    """Validate a batch spec as a run would; raises `SchemaError` naming the setting."""
+
 @final
 class Run:
     """One batch run. Created from the spec and options as JSON; starts at once and waits for inputs."""
 
     def __new__(cls, spec_json: str, options_json: str) -> Run: ...
-    def check_inputs(self, items: list[tuple[int, str]]) -> None:
-        """Render the task for `(index, input json)` pairs; raises `InputError` on the first bad one."""
+    def check_inputs(self, items: list[tuple[str, int, str]]) -> list[tuple[int, int]]:
+        """Check `(id, index, input json)`: the task renders, the id is printable and not seen before.
+
+        Raises `InputError` on the first bad one. With the run option `dedupe`, a repeated id is
+        returned as `(index, first index with that id)` instead of raising."""
     def feed(self, items: list[tuple[str, int, str]]) -> None:
         """Hand `(id, index, input json)` to the run; no more than the credit granted so far."""
     def close_input(self) -> None:

@@ -281,6 +281,7 @@ class Batch:
         agent_hints: bool = False,
         lookahead: int | None = None,
         kv_capacity_tokens: int | None = None,
+        dedupe: bool = False,
     ) -> None:
         if backend is None:
             raise TypeError(
@@ -341,6 +342,16 @@ class Batch:
             "warm_prefix": warm_prefix,
             "agent_hints": agent_hints,
         }
+        # Every setting is checked here, naming the one at fault, not when the run starts.
+        _core.check_spec(json.dumps(self._spec))
+        if isinstance(tool_threads, bool) or not isinstance(tool_threads, int) or tool_threads < 1:
+            raise _core.SchemaError(
+                f"invalid setting 'tool_threads': expected an integer of at least 1, got {tool_threads!r}"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise _core.SchemaError(
+                f"invalid setting 'seed': expected an integer from 0 to {2**64 - 1}, got {seed!r}"
+            )
         self._options = {
             "backends": backends,
             "tools": [t.options() for t in tools],
@@ -355,6 +366,7 @@ class Batch:
             "max_engine_queue": max_engine_queue,
             "lookahead": lookahead,
             "kv_capacity_tokens": kv_capacity_tokens,
+            "dedupe": dedupe,
         }
         self._on_result = on_result
         self._tool_threads = tool_threads
@@ -462,6 +474,7 @@ class Batch:
                 "path": os.fspath(input),
                 "format": input_format,
                 "skip_bad_lines": skip_bad_lines,
+                "dedupe": self._options["dedupe"],
             }
         view = _progress_view(None) if progress else None
         callback = on_progress
@@ -766,8 +779,13 @@ class _Driver:
             # A list is in memory already: group all of it by prefix.
             options = options | {"lookahead": len(pending)}
         run = _core.Run(json.dumps(batch._spec), json.dumps(options))
+        skipped: list[Result] = []
         if pending is not None:
-            run.check_inputs([(i, text) for _, i, text in pending])
+            duplicates = run.check_inputs(pending)
+            if duplicates:
+                first_of = dict(duplicates)
+                skipped = [_duplicate(job_id, i, first_of[i]) for job_id, i, _ in pending if i in first_of]
+                pending = [item for item in pending if item[1] not in first_of]
         self.run = run
         if pending is not None:
             self.source = iter(pending)
@@ -784,6 +802,10 @@ class _Driver:
         # Registered where the `finally` below is sure to retire it.
         number = batch._run_started(self)
         try:
+            if skipped:
+                for result in skipped:
+                    self._deliver(result)
+                self._emit(skipped)
             self._feed(run.initial_credit)
             loop.add_reader(fd, self._on_wake)
             while True:
@@ -838,8 +860,11 @@ class _Driver:
             index, raw = item
             try:
                 job_id, text = _input_json(index, raw)
-                self.run.check_inputs([(index, text)])
-                chunk.append((job_id, index, text))
+                duplicates = self.run.check_inputs([(job_id, index, text)])
+                if duplicates:
+                    bad.append(_duplicate(job_id, index, duplicates[0][1]))
+                else:
+                    chunk.append((job_id, index, text))
             except _core.InputError as exc:
                 # An input read lazily cannot fail the whole batch: it becomes a failed result.
                 bad.append(_bad_input(index, raw, str(exc)))
@@ -1138,6 +1163,23 @@ def _bad_input(index: int, raw: Any, message: str) -> Result:
         ok=False,
         output=None,
         error=ErrorInfo(kind="bad_input", message=message, retryable=False, attempts=0),
+        usage=Usage(),
+        turns=0,
+        tool_calls=0,
+        attempts=0,
+        ttft=None,
+        total=0.0,
+    )
+
+
+def _duplicate(job_id: str, index: int, first: int) -> Result:
+    message = f"input {index}: id {job_id!r} is also the id of input {first}; skipped"
+    return Result(
+        id=job_id,
+        index=index,
+        ok=False,
+        output=None,
+        error=ErrorInfo(kind="duplicate", message=message, retryable=False, attempts=0),
         usage=Usage(),
         turns=0,
         tool_calls=0,

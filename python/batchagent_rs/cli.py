@@ -439,6 +439,7 @@ def _run(args: argparse.Namespace) -> int:
             kv_capacity_tokens=settings.get("kv_capacity_tokens"),
             journal=journal,
             response_cache=cache,
+            dedupe=bool(settings.get("dedupe")),
         )
     except (SchemaError, TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
@@ -492,12 +493,18 @@ def _run(args: argparse.Namespace) -> int:
         overrides=prices,
     )
     skipped = int(report.raw.get("run", {}).get("jobs_skipped", 0))
+    duplicates = int(report.raw.get("run", {}).get("duplicates_skipped", 0))
     if not quiet:
         print(
             f"\nbatchagent run report ({output})\n{report.table()}\n"
             + (
                 f"{'finished earlier'.ljust(21)}  {skipped} (in the journal, not sent again)\n"
                 if skipped
+                else ""
+            )
+            + (
+                f"{'duplicate ids'.ljust(21)}  {duplicates} (skipped; see 'duplicate' in the output)\n"
+                if duplicates
                 else ""
             )
             + f"{'estimated cost'.ljust(21)}  {cost.describe()}"
@@ -513,6 +520,7 @@ def _run(args: argparse.Namespace) -> int:
             "journal": journal,
             "resumed": resume,
             "finished_earlier": skipped,
+            "duplicates_skipped": duplicates,
             "endpoints": report.raw.get("endpoints"),
             "started_at": started,
         }
@@ -629,6 +637,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="a malformed input line becomes a failed result instead of stopping the run",
+    )
+    p.add_argument(
+        "--dedupe",
+        dest="dedupe",
+        action="store_true",
+        default=None,
+        help="a line whose id an earlier line has gets a 'duplicate' result instead of stopping the run",
     )
     p.add_argument(
         "--prices", help="JSON price table overriding the built-in one (dollars per million tokens)"

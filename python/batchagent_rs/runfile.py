@@ -38,6 +38,7 @@ SETTINGS: dict[str, Kind] = {
     "quiet": "bool",
     "report": "path",
     "skip_bad_lines": "bool",
+    "dedupe": "bool",
     "prices": "path",
 }
 

@@ -61,6 +61,8 @@ pub enum H1Error {
     TooLarge(TooLarge),
     #[error("no byte from the server for {0:?}")]
     IdleTimeout(Duration),
+    #[error("header {0} has a value with a control character; the request was not sent")]
+    InvalidHeader(String),
 }
 
 /// A server's address, the `Host` header and the headers sent with every request.
@@ -127,6 +129,9 @@ impl H1Client {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> Result<H1Response, H1Error> {
+        if let Some((name, _)) = headers.iter().find(|(_, value)| !super::http::is_field_value(value.as_bytes())) {
+            return Err(H1Error::InvalidHeader((*name).to_owned()));
+        }
         let size = self.fixed_headers.len().saturating_add(path.len()).saturating_add(body.len()).saturating_add(128);
         let mut request = Vec::with_capacity(size);
         request.extend_from_slice(b"POST ");

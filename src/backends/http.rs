@@ -118,6 +118,12 @@ impl Response {
     }
 }
 
+/// Whether `value` may be sent as an HTTP field value (RFC 9110 section 5.5: visible characters,
+/// spaces, tabs and obs-text; no CR, LF, NUL or other control character).
+pub fn is_field_value(value: &[u8]) -> bool {
+    value.iter().all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
+
 /// Whether reqwest would route plain HTTP through a proxy (it reads these variables).
 fn proxy_configured() -> bool {
     ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"]
@@ -239,6 +245,11 @@ impl HttpClient {
 
     /// Sends the request; a non-2xx answer becomes the matching [`BackendError`].
     pub async fn send(&self, post: Post<'_>) -> Result<Response, BackendError> {
+        // Per-request values (a job's `X-Request-Id`) are checked here for both transports: a CR
+        // or LF would end the header early and let the rest be read as headers of its own.
+        if let Some((name, _)) = post.headers.iter().find(|(_, value)| !is_field_value(value.as_bytes())) {
+            return Err(BackendError::Config(format!("header {name} has a value with a control character")));
+        }
         let response = if let Some(fast) = &self.fast {
             let full_path;
             let path = match post.target {
@@ -379,6 +390,7 @@ impl HttpClient {
             H1Error::IdleTimeout(limit) => BackendError::Timeout { which: TimeoutKind::Idle, after: *limit },
             H1Error::TooLarge(e) => (*e).into(),
             H1Error::Protocol(_) => BackendError::Protocol(self.redact(&err.to_string())),
+            H1Error::InvalidHeader(_) => BackendError::Config(err.to_string()),
             _ => BackendError::Connection(self.redact(&format!("error sending request: {err}"))),
         }
     }

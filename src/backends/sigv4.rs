@@ -145,11 +145,15 @@ pub fn canonical_query(query: &str) -> String {
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (uri_encode(&percent_decode(k)), uri_encode(&percent_decode(v)))
+            (uri_encode(&decoded(k)), uri_encode(&decoded(v)))
         })
         .collect();
     pairs.sort();
     pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&")
+}
+
+fn decoded(text: &str) -> Vec<u8> {
+    percent_encoding::percent_decode_str(text).collect()
 }
 
 /// Percent-encode everything but the unreserved set `A-Z a-z 0-9 - . _ ~`, with upper-case hex.
@@ -166,32 +170,6 @@ fn uri_encode_into(bytes: &[u8], out: &mut String) {
         } else {
             let _ = write!(out, "%{b:02X}");
         }
-    }
-}
-
-fn percent_decode(s: &str) -> Vec<u8> {
-    let mut b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    while let Some((&first, rest)) = b.split_first() {
-        if let (b'%', [h, l, ..]) = (first, rest) {
-            if let (Some(h), Some(l)) = (hex_val(*h), hex_val(*l)) {
-                out.push(h << 4 | l);
-                b = rest.get(2..).unwrap_or_default();
-                continue;
-            }
-        }
-        out.push(first);
-        b = rest;
-    }
-    out
-}
-
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
     }
 }
 

@@ -7,26 +7,29 @@
 //! `x-amz-...: ...`: per-session headers some harnesses inject) change every session but not the
 //! work, so they are stripped before hashing unless the caller keeps them.
 
+use std::hash::Hasher;
+
 use crate::conversation::{Message, Role, ToolDef};
 
 /// FNV-1a, 64-bit: stable across processes and versions (routing keys may be logged and compared).
-#[derive(Clone, Copy)]
-struct Fnv(u64);
+struct Fnv(fnv::FnvHasher);
 
 impl Fnv {
-    const fn new() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
+    fn new() -> Self {
+        Self(fnv::FnvHasher::default())
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
+        self.0.write(bytes);
     }
 
+    /// A byte that never occurs in UTF-8, between fields.
     fn write_sep(&mut self) {
-        self.write(&[0xff]);
+        self.0.write(&[0xff]);
+    }
+
+    fn value(&self) -> u64 {
+        self.0.finish()
     }
 }
 
@@ -105,7 +108,7 @@ fn push_user_keys(keys: &mut Vec<(u64, usize)>, base: Option<u64>, base_len: usi
         // Byte prefixes: a cut inside a UTF-8 character is fine for hashing.
         h.write(&text.as_bytes()[hashed..len]);
         hashed = len;
-        keys.push((h.0, base_len + len));
+        keys.push((h.value(), base_len + len));
     }
 }
 
@@ -130,7 +133,7 @@ pub fn prefix_key(messages: &[Message], tools: &[ToolDef], keep_session_headers:
         h.write_sep();
         any = true;
     }
-    any.then_some(h.0)
+    any.then_some(h.value())
 }
 
 #[cfg(test)]

@@ -40,7 +40,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 pub fn spec_error(error: &SpecError) -> PyErr {
     match error {
         SpecError::MissingVariable { .. } | SpecError::BadInput { .. } => InputError::new_err(error.to_string()),
-        SpecError::Template { .. } | SpecError::Invalid { .. } => SchemaError::new_err(error.to_string()),
+        SpecError::Template { .. } | SpecError::Invalid { .. } | SpecError::Setting { .. } => {
+            SchemaError::new_err(error.to_string())
+        }
     }
 }
 

@@ -79,6 +79,12 @@ fn display_url(url: &str) -> String {
     crate::secret::display_url(url)
 }
 
+/// Validates a batch spec (as JSON text) the way a run will; raises `SchemaError` naming the setting.
+#[pyfunction]
+fn check_spec(spec_json: &str) -> PyResult<()> {
+    crate::spec::BatchSpec::from_json(spec_json).map(drop).map_err(|e| errors::spec_error(&e))
+}
+
 #[pymodule]
 #[pyo3(name = "_core")]
 fn core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -88,6 +94,7 @@ fn core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_schema, m)?)?;
     m.add_function(wrap_pyfunction!(check_backends, m)?)?;
     m.add_function(wrap_pyfunction!(display_url, m)?)?;
+    m.add_function(wrap_pyfunction!(check_spec, m)?)?;
     sim::register(m)?;
     Ok(())
 }

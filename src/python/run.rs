@@ -34,12 +34,12 @@ use crate::python::errors::{backend_error, spec_error, InputError, JournalError,
 use crate::scheduler::agent::TurnSink;
 use crate::scheduler::agent::{Job, JobResult, OutputValidator, RunContext};
 use crate::scheduler::durable::{fingerprint, Durability, JournalTurns};
-use crate::scheduler::feed::{feed_file, prescan};
+use crate::scheduler::feed::{feed_file, prescan, SeenIds};
 use crate::scheduler::retry::RetryPolicy;
 use crate::scheduler::run::{run_all, Dispatch, DEFAULT_LOOKAHEAD};
 use crate::scheduler::semaphore::PrioritySemaphore;
 use crate::scheduler::stats::RunStats;
-use crate::spec::{BatchSpec, SpecError};
+use crate::spec::{check_job_id, parse_settings, BatchSpec, SpecError};
 use crate::store::{InputFormat, ResponseCache};
 use crate::tools::{OnToolError, ToolConfig, ToolExecutor, ToolPool};
 
@@ -298,6 +298,10 @@ struct RunOptions {
     /// The engine's KV capacity in tokens, where its `/metrics` does not say.
     #[serde(default)]
     kv_capacity_tokens: Option<usize>,
+    /// Inputs fed from Python: an id seen before is returned by `check_inputs` as a duplicate to
+    /// skip, instead of raising `InputError`.
+    #[serde(default)]
+    dedupe: bool,
 }
 
 #[derive(Deserialize)]
@@ -308,6 +312,10 @@ struct FileInput {
     format: Option<String>,
     #[serde(default)]
     skip_bad_lines: bool,
+    /// Keep the first input of each id and skip the rest (a result of kind `duplicate` each),
+    /// instead of refusing the file.
+    #[serde(default)]
+    dedupe: bool,
 }
 
 fn default_true() -> bool {
@@ -330,8 +338,11 @@ pub struct PyRun {
     running: Mutex<Running>,
     cancelled: AtomicBool,
     durable: Arc<Durability>,
-    input: Option<(PathBuf, InputFormat)>,
+    input: Option<(PathBuf, InputFormat, bool)>,
     input_total: Option<u64>,
+    /// Ids of the inputs checked so far (`check_inputs`), to find a repeated one.
+    seen: Mutex<SeenIds>,
+    dedupe: bool,
     deliver: bool,
     /// The first error that makes the run's output incomplete (a failed journal or output write).
     fatal: Arc<Mutex<Option<String>>>,
@@ -350,8 +361,7 @@ impl PyRun {
     #[new]
     fn new(py: Python<'_>, spec_json: &str, options_json: &str) -> PyResult<Self> {
         let spec = BatchSpec::from_json(spec_json).map_err(|e| spec_error(&e))?;
-        let options: RunOptions =
-            serde_json::from_str(options_json).map_err(|e| SchemaError::new_err(format!("run options: {e}")))?;
+        let options: RunOptions = parse_settings(options_json).map_err(|e| spec_error(&e))?;
         let schema = spec
             .output_schema
             .as_deref()
@@ -378,9 +388,9 @@ impl PyRun {
                 None => InputFormat::Auto,
             };
             let total = py
-                .allow_threads(|| prescan(&file.path, format, &spec.task, file.skip_bad_lines))
+                .allow_threads(|| prescan(&file.path, format, &spec.task, file.skip_bad_lines, file.dedupe))
                 .map_err(|e| InputError::new_err(e.to_string()))?;
-            input = Some((file.path.clone(), format));
+            input = Some((file.path.clone(), format, file.dedupe));
             input_total = Some(total);
         }
         // The journal and the output open after the input checked out (a refused run leaves no
@@ -470,6 +480,8 @@ impl PyRun {
             durable: Arc::new(durable),
             input,
             input_total,
+            seen: Mutex::new(SeenIds::default()),
+            dedupe: options.dedupe,
             deliver: options.deliver_results,
             fatal: Arc::new(Mutex::new(None)),
             response_cache,
@@ -480,14 +492,29 @@ impl PyRun {
         Ok(run)
     }
 
-    /// Renders the task for each input without running anything: the first input that cannot be
-    /// used raises `InputError` naming its index and the missing variable.
-    fn check_inputs(&self, items: Vec<(u64, String)>) -> PyResult<()> {
-        for (index, json) in items {
+    /// Checks inputs `(id, index, json object)` without running anything: the first input that
+    /// cannot be used (a missing template variable, an id with a control character, an id an
+    /// earlier input has) raises `InputError` naming its index. With `dedupe`, a repeated id is
+    /// returned instead, as `(index, index of the first input with that id)`, to be skipped.
+    fn check_inputs(&self, items: Vec<(String, u64, String)>) -> PyResult<Vec<(u64, u64)>> {
+        let mut seen = self.seen.lock().map_err(|_| RunError::new_err("run state poisoned"))?;
+        let mut duplicates = Vec::new();
+        for (id, index, json) in items {
             let input = parse_input(index, &json)?;
             self.ctx.spec.task.render(index, &input).map_err(|e| spec_error(&e))?;
+            check_job_id(&id).map_err(|message| InputError::new_err(format!("input {index}: {message}")))?;
+            if let Some(first) = seen.insert(&id, index) {
+                if !self.dedupe {
+                    return Err(InputError::new_err(format!(
+                        "input {index}: id {id:?} is also the id of input {first}; ids must be unique \
+                         (dedupe=True keeps the first and skips the rest)"
+                    )));
+                }
+                self.ctx.stats.duplicates_skipped.fetch_add(1, Relaxed);
+                duplicates.push((index, first));
+            }
         }
-        Ok(())
+        Ok(duplicates)
     }
 
     /// Hands inputs `(id, index, json object)` to the run. Feed no more than the credit
@@ -712,13 +739,13 @@ impl PyRun {
             shared.post(|outbox| outbox.done = true);
         });
         let mut running = self.lock_running()?;
-        if let Some((path, format)) = self.input.clone() {
+        if let Some((path, format, dedupe)) = self.input.clone() {
             let durable = self.durable.clone();
             let stats = self.ctx.stats.clone();
             let results = results_tx.clone();
             let fatal = self.fatal.clone();
             runtime.spawn_blocking(move || {
-                if let Err(e) = feed_file(&path, format, &durable, &stats, &jobs_tx, &results) {
+                if let Err(e) = feed_file(&path, format, dedupe, &durable, &stats, &jobs_tx, &results) {
                     record_fatal(&fatal, e.to_string());
                 }
             });

@@ -156,6 +156,16 @@ impl Durability {
         (results, first_error)
     }
 
+    /// Writes a result that has no journal entry of its own: an input skipped because an earlier
+    /// input has its id (the journal keys results by id, and that id belongs to the earlier one).
+    /// A resumed run meets the duplicate again and writes it again after rewriting the output.
+    pub fn write_unjournaled(&self, result: &JobResult) -> Result<(), DurableError> {
+        if let Some(sink) = &self.sink {
+            sink.write_value(result)?;
+        }
+        Ok(())
+    }
+
     /// Makes everything written so far durable, without blocking the calling thread.
     pub async fn flush(&self) -> Result<(), DurableError> {
         if let Some(journal) = &self.journal {

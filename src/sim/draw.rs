@@ -1,14 +1,14 @@
-//! Deterministic pseudo-random draws. Hand-written (FNV-1a, `SplitMix64`) rather than `std`'s hasher,
-//! whose output may change between Rust releases: a seed must replay the same run on any toolchain.
+//! Deterministic pseudo-random draws: FNV-1a (the `fnv` crate) and `SplitMix64` rather than `std`'s
+//! hasher, whose output may change between Rust releases: a seed must replay the same run on any
+//! toolchain.
+
+use std::hash::Hasher;
 
 /// 64-bit FNV-1a of `bytes`.
 pub fn hash_bytes(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    let mut h = fnv::FnvHasher::default();
+    h.write(bytes);
+    h.finish()
 }
 
 /// Combine two hashes (`SplitMix64` finaliser over their sum), order-sensitive.

@@ -15,7 +15,6 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 /// Parent hash of a prompt's first block.
 const ROOT_HASH: u64 = 0x9e37_79b9_7f4a_7c15;
-const FNV64_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 /// Chained hashes of the full `block_size`-token blocks of `tokens` (a trailing partial block has none).
 pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
@@ -39,13 +38,12 @@ pub fn chain_hashes(parent: Option<u64>, tokens: &[u32], block_size: usize) -> V
 }
 
 fn hash_block(parent: u64, block: &[u32]) -> u64 {
-    let mut h = parent ^ 0xcbf2_9ce4_8422_2325;
+    // FNV-1a seeded with the parent's hash, so a block's hash covers everything before it.
+    let mut fnv = fnv::FnvHasher::with_key(parent ^ 0xcbf2_9ce4_8422_2325);
     for &t in block {
-        for b in t.to_le_bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(FNV64_PRIME);
-        }
+        fnv.write(&t.to_le_bytes());
     }
+    let mut h = fnv.finish();
     // A final avalanche (splitmix64) so hashes of blocks that differ in one token differ widely.
     h ^= h >> 30;
     h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -1,6 +1,6 @@
 //! Engine profiles: the serving limits of a vLLM-like engine and a step-time model fitted on real
-//! hardware. The built-in profiles are JSON files under `src/sim/profiles/`, embedded at build time;
-//! `benches/` holds the script that measures them and each file records how it was fitted.
+//! hardware. The built-in profiles are the JSON files under `benches/calibration/`, where the script
+//! that measures them writes them, embedded at build time; each file records how it was fitted.
 
 use std::path::Path;
 use std::time::Duration;
@@ -92,8 +92,8 @@ pub enum ProfileError {
 }
 
 const BUILTIN: &[(&str, &str)] = &[
-    ("h100-qwen2.5-7b", include_str!("profiles/h100-qwen2.5-7b.json")),
-    ("h100-qwen2.5-0.5b", include_str!("profiles/h100-qwen2.5-0.5b.json")),
+    ("h100-qwen2.5-7b", include_str!("../../benches/calibration/h100-qwen2.5-7b.json")),
+    ("h100-qwen2.5-0.5b", include_str!("../../benches/calibration/h100-qwen2.5-0.5b.json")),
 ];
 
 impl Profile {

@@ -15,7 +15,7 @@
 //!    and fewer symbol merges; a chunk that would end inside a multi-byte UTF-8 character is extended
 //!    to the end of that character, so no character is split (CJK text gives a token per 2
 //!    characters). Each chunk is one token.
-//! 3. A token's id is the 32-bit FNV-1a hash of its bytes, so the same text always gives the same ids
+//! 3. A token's id is the 64-bit FNV-1a hash of its bytes folded to 32 bits, so the same text always gives the same ids
 //!    and equal chunks share an id, as equal BPE pieces do.
 //!
 //! Consequence worth knowing: the tokens of a prefix of a text that ends at a token boundary of the
@@ -26,9 +26,6 @@
 const WORD_CHUNK: usize = 6;
 /// Bytes per token inside a run of whitespace or symbols.
 const OTHER_CHUNK: usize = 4;
-
-const FNV32_OFFSET: u32 = 0x811c_9dc5;
-const FNV32_PRIME: u32 = 0x0100_0193;
 
 /// Token ids of `text`.
 pub fn tokenize(text: &str) -> Vec<u32> {
@@ -52,12 +49,8 @@ pub fn pieces(text: &str) -> Vec<&str> {
 }
 
 fn fnv1a(bytes: &[u8]) -> u32 {
-    let mut h = FNV32_OFFSET;
-    for &b in bytes {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(FNV32_PRIME);
-    }
-    h
+    let h = crate::sim::draw::hash_bytes(bytes);
+    (h ^ (h >> 32)) as u32
 }
 
 /// Word bytes: a non-ASCII byte is always part of a multi-byte character, and every byte of such a

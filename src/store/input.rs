@@ -1,5 +1,6 @@
-//! Lazy input readers: JSONL, CSV (RFC 4180) and plain text, one record at a time through a
-//! `BufReader`, so memory stays flat however large the file. Every record carries the line it
+//! Lazy input readers: JSONL, CSV (RFC 4180, parsed by `csv-core`, the `csv` crate's parser) and
+//! plain text, one record at a time through a `BufReader`, so memory stays flat however large the
+//! file. Every record carries the line it
 //! starts on, for error messages a person can act on, and its index among the file's records.
 
 use std::fs::File;
@@ -86,13 +87,26 @@ impl InputRecord {
     }
 }
 
-/// A CSV record as read: its first line, its raw fields, and what was wrong with it if anything.
-type CsvRecord = (u64, Vec<Vec<u8>>, Option<String>);
-
 enum Kind {
     Jsonl,
-    Csv { header: Vec<String> },
+    /// Quoted fields (with commas, doubled quotes, line breaks), CRLF and a leading UTF-8 BOM as
+    /// `csv-core` reads them. A quote inside an unquoted field is kept literally, as Python's
+    /// `csv` and Excel do, and so is text after a closing quote. Physical lines are fed to the
+    /// parser one at a time, so each record knows the line it starts on.
+    Csv(Box<CsvKind>),
     Text,
+}
+
+struct CsvKind {
+    parser: csv_core::Reader,
+    header: Vec<String>,
+    /// The current record's fields, back to back, and where each ends (the first `count` of
+    /// `ends`); both grow to the largest record seen.
+    fields: Vec<u8>,
+    ends: Vec<usize>,
+    count: usize,
+    /// Bytes of `InputReader::buf` the parser has consumed.
+    consumed: usize,
 }
 
 /// Streaming reader over an input file; an `Iterator` of records. A malformed record is an
@@ -115,7 +129,14 @@ impl InputReader {
     pub fn open(path: &Path, format: InputFormat) -> Result<Self, InputError> {
         let file = File::open(path).map_err(|source| InputError::Open { path: path.to_path_buf(), source })?;
         let kind = match format.resolve(path) {
-            InputFormat::Csv => Kind::Csv { header: Vec::new() },
+            InputFormat::Csv => Kind::Csv(Box::new(CsvKind {
+                parser: csv_core::Reader::new(),
+                header: Vec::new(),
+                fields: vec![0; 4096],
+                ends: vec![0; 64],
+                count: 0,
+                consumed: 0,
+            })),
             InputFormat::Text => Kind::Text,
             InputFormat::Jsonl | InputFormat::Auto => Kind::Jsonl,
         };
@@ -128,9 +149,11 @@ impl InputReader {
             buf: Vec::with_capacity(4096),
             done: false,
         };
-        if let Kind::Csv { .. } = reader.kind {
+        if let Kind::Csv(_) = reader.kind {
             let header = reader.read_header()?;
-            reader.kind = Kind::Csv { header };
+            if let Kind::Csv(csv) = &mut reader.kind {
+                csv.header = header;
+            }
         }
         Ok(reader)
     }
@@ -159,108 +182,6 @@ impl InputReader {
 
     fn bad_line(&self, line: u64, index: u64, message: String) -> InputError {
         InputError::BadLine { path: self.path.clone(), line, index, message }
-    }
-
-    fn read_header(&mut self) -> Result<Vec<String>, InputError> {
-        let header_err = |path: &Path, message: String| InputError::BadHeader { path: path.to_path_buf(), message };
-        let Some((line, fields, error)) = self.read_csv_record()? else { return Ok(Vec::new()) };
-        if let Some(message) = error {
-            return Err(header_err(&self.path, format!("line {line}: {message}")));
-        }
-        let mut names: Vec<String> = Vec::with_capacity(fields.len());
-        for (i, raw) in fields.into_iter().enumerate() {
-            let name = String::from_utf8(raw)
-                .map_err(|_| header_err(&self.path, format!("column {} is not valid UTF-8", i + 1)))?;
-            if names.contains(&name) {
-                return Err(header_err(&self.path, format!("column name {name:?} appears twice")));
-            }
-            names.push(name);
-        }
-        Ok(names)
-    }
-
-    /// Reads one CSV record: its first line, its raw fields, and what was wrong with it if anything.
-    /// Blank lines between records are skipped.
-    fn read_csv_record(&mut self) -> Result<Option<CsvRecord>, InputError> {
-        #[derive(PartialEq, Clone, Copy)]
-        enum State {
-            FieldStart,
-            Unquoted,
-            Quoted,
-            /// A quote seen inside a quoted field: the closing one, or the first of a doubled pair.
-            QuoteInQuoted,
-        }
-        loop {
-            if !self.read_line()? {
-                return Ok(None);
-            }
-            if !self.buf.iter().all(|&b| b == b'\n' || b == b'\r') {
-                break;
-            }
-        }
-        let first_line = self.line;
-        let mut fields: Vec<Vec<u8>> = Vec::new();
-        let mut field: Vec<u8> = Vec::new();
-        let mut state = State::FieldStart;
-        let mut error: Option<String> = None;
-        loop {
-            let line = std::mem::take(&mut self.buf);
-            // Without its terminator (LF or CRLF); inside quotes the terminator is field content.
-            let mut content_len = line.len();
-            if line[..content_len].ends_with(b"\n") {
-                content_len -= 1;
-            }
-            if line[..content_len].ends_with(b"\r") {
-                content_len -= 1;
-            }
-            for (i, &b) in line.iter().enumerate() {
-                let in_terminator = i >= content_len;
-                state = match state {
-                    State::Quoted if b == b'"' => State::QuoteInQuoted,
-                    State::Quoted => {
-                        field.push(b);
-                        State::Quoted
-                    }
-                    _ if in_terminator => state,
-                    State::FieldStart if b == b'"' => State::Quoted,
-                    State::QuoteInQuoted if b == b'"' => {
-                        field.push(b'"');
-                        State::Quoted
-                    }
-                    State::FieldStart | State::Unquoted | State::QuoteInQuoted if b == b',' => {
-                        fields.push(std::mem::take(&mut field));
-                        State::FieldStart
-                    }
-                    State::QuoteInQuoted => {
-                        if error.is_none() {
-                            error = Some(format!(
-                                "unexpected {:?} after the closing quote of field {}",
-                                char::from(b),
-                                fields.len() + 1
-                            ));
-                        }
-                        field.push(b);
-                        State::Unquoted
-                    }
-                    // A quote inside an unquoted field is kept literally, as most CSV writers and
-                    // readers (Python's csv, Excel) do, rather than rejecting the row.
-                    State::FieldStart | State::Unquoted => {
-                        field.push(b);
-                        State::Unquoted
-                    }
-                };
-            }
-            self.buf = line;
-            if state != State::Quoted {
-                break;
-            }
-            if !self.read_line()? {
-                error = Some(format!("a quoted field opened on line {first_line} is never closed"));
-                break;
-            }
-        }
-        fields.push(field);
-        Ok(Some((first_line, fields, error)))
     }
 
     fn next_jsonl(&mut self) -> Option<Result<InputRecord, InputError>> {
@@ -317,28 +238,108 @@ impl InputReader {
         }
     }
 
+    fn read_header(&mut self) -> Result<Vec<String>, InputError> {
+        let header_err = |path: &Path, message: String| InputError::BadHeader { path: path.to_path_buf(), message };
+        let Some((line, unclosed)) = self.read_csv_record()? else { return Ok(Vec::new()) };
+        if unclosed {
+            return Err(header_err(&self.path, format!("line {line}: {}", never_closed(line))));
+        }
+        let Kind::Csv(csv) = &self.kind else { return Ok(Vec::new()) };
+        let mut names: Vec<String> = Vec::with_capacity(csv.count);
+        for (i, raw) in csv_fields(csv).enumerate() {
+            let name = std::str::from_utf8(raw)
+                .map_err(|_| header_err(&self.path, format!("column {} is not valid UTF-8", i + 1)))?;
+            if names.iter().any(|seen| seen == name) {
+                return Err(header_err(&self.path, format!("column name {name:?} appears twice")));
+            }
+            names.push(name.to_owned());
+        }
+        Ok(names)
+    }
+
+    /// Parses the next CSV record into the parser's buffers: the line it starts on, and whether it
+    /// ran to the end of the file inside a quoted field. Blank lines between records are skipped.
+    fn read_csv_record(&mut self) -> Result<Option<(u64, bool)>, InputError> {
+        use csv_core::ReadRecordResult;
+        // What is left of the current line once a record ended: nothing, the LF of a CRLF, or
+        // (after a lone CR, which also ends a record) the start of the next record.
+        loop {
+            let Kind::Csv(csv) = &self.kind else { return Ok(None) };
+            let rest = self.buf.get(csv.consumed..).unwrap_or_default();
+            if !rest.iter().all(|&b| b == b'\r' || b == b'\n') {
+                break;
+            }
+            if !self.read_line()? {
+                return Ok(None);
+            }
+            if let Kind::Csv(csv) = &mut self.kind {
+                csv.consumed = 0;
+            }
+        }
+        let first_line = self.line;
+        let (mut nfields, mut nends) = (0, 0);
+        let mut at_eof = false;
+        // Whether the last line fed ended in LF: a record still open after it is open inside quotes.
+        let mut fed_lf = false;
+        loop {
+            let Kind::Csv(csv) = &mut self.kind else { return Ok(None) };
+            let input = if at_eof { &[][..] } else { self.buf.get(csv.consumed..).unwrap_or_default() };
+            let (result, nin, nout, nend) =
+                csv.parser.read_record(input, &mut csv.fields[nfields..], &mut csv.ends[nends..]);
+            csv.consumed += nin;
+            nfields += nout;
+            nends += nend;
+            match result {
+                ReadRecordResult::Record => {
+                    csv.count = nends;
+                    // A line that ended in LF without ending the record ended inside quotes.
+                    let unclosed = at_eof && fed_lf;
+                    return Ok(Some((first_line, unclosed)));
+                }
+                ReadRecordResult::End => return Ok(None),
+                ReadRecordResult::OutputFull => {
+                    let grown = (csv.fields.len() * 2).max(4096);
+                    csv.fields.resize(grown, 0);
+                }
+                ReadRecordResult::OutputEndsFull => {
+                    let grown = (csv.ends.len() * 2).max(64);
+                    csv.ends.resize(grown, 0);
+                }
+                ReadRecordResult::InputEmpty => {
+                    fed_lf = self.buf.ends_with(b"\n");
+                    if !self.read_line()? {
+                        at_eof = true;
+                    } else if let Kind::Csv(csv) = &mut self.kind {
+                        csv.consumed = 0;
+                    }
+                }
+            }
+        }
+    }
+
     fn next_csv(&mut self) -> Option<Result<InputRecord, InputError>> {
-        let (line, raw, error) = match self.read_csv_record() {
+        let (line, unclosed) = match self.read_csv_record() {
             Ok(Some(record)) => record,
             Ok(None) => return None,
             Err(e) => return Some(Err(e)),
         };
         let index = self.next_index();
-        if let Some(message) = error {
+        if unclosed {
+            return Some(Err(self.bad_line(line, index, never_closed(line))));
+        }
+        let Kind::Csv(csv) = &self.kind else { return None };
+        let count = csv.count;
+        if count != csv.header.len() {
+            let message = format!("the row has {count} field(s), the header has {}", csv.header.len());
             return Some(Err(self.bad_line(line, index, message)));
         }
-        let Kind::Csv { header } = &self.kind else { return None };
-        if raw.len() != header.len() {
-            let message = format!("the row has {} field(s), the header has {}", raw.len(), header.len());
-            return Some(Err(self.bad_line(line, index, message)));
-        }
-        let mut fields = Map::with_capacity(header.len());
-        for (i, (name, value)) in header.iter().zip(raw).enumerate() {
-            let Ok(value) = String::from_utf8(value) else {
+        let mut fields = Map::with_capacity(count);
+        for (i, (name, value)) in csv.header.iter().zip(csv_fields(csv)).enumerate() {
+            let Ok(value) = std::str::from_utf8(value) else {
                 let message = format!("field {} ({name:?}) is not valid UTF-8", i + 1);
                 return Some(Err(self.bad_line(line, index, message)));
             };
-            fields.insert(name.clone(), Value::String(value));
+            fields.insert(name.clone(), Value::String(value.to_owned()));
         }
         Some(Ok(InputRecord { line, index, fields }))
     }
@@ -359,7 +360,7 @@ impl Iterator for InputReader {
         }
         let item = match self.kind {
             Kind::Jsonl => self.next_jsonl(),
-            Kind::Csv { .. } => self.next_csv(),
+            Kind::Csv(_) => self.next_csv(),
             Kind::Text => self.next_text(),
         };
         match &item {
@@ -368,6 +369,21 @@ impl Iterator for InputReader {
         }
         item
     }
+}
+
+/// The fields of the record last parsed.
+fn csv_fields(csv: &CsvKind) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0;
+    csv.ends.iter().take(csv.count).map(move |&end| {
+        let field = csv.fields.get(start..end).unwrap_or_default();
+        start = end;
+        field
+    })
+}
+
+#[cold]
+fn never_closed(line: u64) -> String {
+    format!("a quoted field opened on line {line} or after it is never closed")
 }
 
 fn trim_ascii(bytes: &[u8]) -> &[u8] {
