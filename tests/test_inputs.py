@@ -28,7 +28,12 @@ def requests(server: Any) -> int:
 
 
 def batch_on(server: Any, **options: Any) -> Batch:
-    return Batch("Say hi to {name}.", backend="vllm://" + server.url.removeprefix("http://"), **options)
+    return Batch(
+        "Say hi to {name}.",
+        model="sim-model",
+        backend="vllm://" + server.url.removeprefix("http://"),
+        **options,
+    )
 
 
 def rows(*ids: Any) -> list[dict[str, Any]]:
