@@ -198,7 +198,8 @@ def test_cli_schema_file_enforces_pattern(tmp_path: Path) -> None:
     (tmp_path / "schema.json").write_text(json.dumps(schema))
     write_prompts(tmp_path / "p.txt", 3)
     proc = run_cli("p.txt", "-o", "o.jsonl", "--schema", "schema.json", "--backend", FAST_SIM, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    # Every job failed: the command says so with exit status 1.
+    assert proc.returncode == 1, proc.stderr
     results = read_results(tmp_path / "o.jsonl")
     assert len(results) == 3 and not any(r["ok"] for r in results), results
     assert all("/code" in r["error"]["message"] and "^[0-9]+$" in r["error"]["message"] for r in results), (
