@@ -47,6 +47,7 @@ def run_side(
     with sim.start(profile=profile, time_scale=scale, seed=seed, output_tokens="uniform:20:60") as server:
         batch = Batch(
             TASK,
+            model="sim-model",
             backend="vllm://" + server.url.removeprefix("http://"),
             max_inflight=inflight,
             max_turns=1,
