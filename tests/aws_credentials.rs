@@ -291,6 +291,26 @@ async fn instance_metadata_v2_needs_its_session_token() {
 }
 
 #[tokio::test]
+async fn no_credentials_anywhere_is_a_configuration_error_not_a_retry() {
+    // The chain ends at the metadata service; here it does not answer (nothing listens).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let env = |name: &str| match name {
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT" => Some(url.clone()),
+        "HOME" => Some("/nonexistent".to_owned()),
+        _ => None,
+    };
+    let provider = Arc::new(CredentialsProvider::new(aws_credentials::load_with(None, &env).unwrap().source).unwrap());
+    let backend =
+        BedrockBackend::with_provider("us-east-1", provider, Some("http://127.0.0.1:9"), BedrockOptions::default())
+            .unwrap();
+    let err = backend.chat(request(), None).await.unwrap_err();
+    assert!(matches!(&err, BackendError::Config(m) if m.starts_with("no AWS credentials")), "{err:?}");
+    assert!(!err.retryable());
+}
+
+#[tokio::test]
 async fn web_identity_assumes_the_role_through_sts() {
     let clock = Clock::starting_now();
     let issuer = Issuer::new(clock.clone());

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -118,6 +118,10 @@ pub enum CredentialsError {
     Io { file: String, message: String },
     #[error("{file} line {line}: {message}")]
     Parse { file: String, line: usize, message: String },
+    /// The chain ended at the instance metadata service, which never answered: off EC2, this
+    /// means no credentials are configured anywhere (not worth retrying).
+    #[error("no AWS credentials: none in the environment or the shared files, no container endpoint, and {message}")]
+    NoneFound { message: String },
     /// A source that should have answered did not (a process failed, an endpoint is down).
     #[error("AWS credentials from {source_name}: {message}")]
     Fetch { source_name: String, message: String },
@@ -360,6 +364,7 @@ pub struct CredentialsProvider {
     failure: Mutex<Option<(Instant, CredentialsError)>>,
     refresh: tokio::sync::Mutex<()>,
     fetches: AtomicU64,
+    ever_fetched: AtomicBool,
 }
 
 impl fmt::Debug for CredentialsProvider {
@@ -402,6 +407,7 @@ impl CredentialsProvider {
             failure: Mutex::new(None),
             refresh: tokio::sync::Mutex::new(()),
             fetches: AtomicU64::new(0),
+            ever_fetched: AtomicBool::new(false),
         })
     }
 
@@ -429,6 +435,7 @@ impl CredentialsProvider {
         self.fetches.fetch_add(1, Ordering::Relaxed);
         match self.source.fetch(&self.http).await {
             Ok(fetched) => {
+                self.ever_fetched.store(true, Ordering::Relaxed);
                 let fetched = Arc::new(fetched);
                 if let Ok(mut current) = self.current.lock() {
                     *current = Some(fetched.clone());
@@ -439,6 +446,14 @@ impl CredentialsProvider {
                 Ok(fetched)
             }
             Err(error) => {
+                let error = match (&self.source, error) {
+                    (CredentialSource::InstanceMetadata { .. }, CredentialsError::Fetch { message, .. })
+                        if !self.ever_fetched.load(Ordering::Relaxed) =>
+                    {
+                        CredentialsError::NoneFound { message: format!("the EC2 instance metadata service: {message}") }
+                    }
+                    (_, error) => error,
+                };
                 if let Ok(mut failure) = self.failure.lock() {
                     *failure = Some((Instant::now(), error.clone()));
                 }
@@ -485,15 +500,7 @@ impl CredentialSource {
     }
 
     fn fail(&self, message: impl Into<String>) -> CredentialsError {
-        let mut message = message.into();
-        if matches!(self, Self::InstanceMetadata { .. }) {
-            // The last source of the chain: off EC2 this is where "no credentials at all" ends up.
-            message.push_str(
-                " (no credentials were found in the environment, the shared files or a container \
-                 endpoint before it)",
-            );
-        }
-        CredentialsError::Fetch { source_name: self.name().to_owned(), message }
+        CredentialsError::Fetch { source_name: self.name().to_owned(), message: message.into() }
     }
 
     async fn fetch(&self, http: &reqwest::Client) -> Result<AwsCredentials, CredentialsError> {
