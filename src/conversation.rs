@@ -170,6 +170,13 @@ pub enum BackendError {
     Protocol(String),
     #[error("request rejected HTTP {status}: {message}")]
     Rejected { status: u16, message: String },
+    /// The prompt (with the room asked for the answer) does not fit the model's context window.
+    #[error(
+        "prompt too long for the model's context{}{} (HTTP {status}): {message}",
+        prompt_tokens.map(|n| format!(": {n} tokens requested")).unwrap_or_default(),
+        context_tokens.map(|n| format!(", {n} available")).unwrap_or_default()
+    )]
+    ContextLength { status: u16, prompt_tokens: Option<u64>, context_tokens: Option<u64>, message: String },
     #[error("authentication failed HTTP {status}: {message}")]
     Auth { status: u16, message: String },
     #[error("invalid backend configuration: {0}")]
@@ -226,6 +233,27 @@ impl BackendError {
         matches!(self, Self::RateLimited { .. } | Self::Overloaded(_))
     }
 
+    /// A client error (4xx) from a server: `ContextLength` when its message says the prompt does
+    /// not fit the context window (with the numbers the server gave), `Rejected` otherwise.
+    #[cold]
+    pub fn rejected(status: u16, message: String) -> Self {
+        Self::rejected_with_code(status, message, None)
+    }
+
+    /// As [`BackendError::rejected`], also taking the error object's `code` (OpenAI names a context
+    /// overflow `context_length_exceeded` there).
+    #[cold]
+    pub fn rejected_with_code(status: u16, message: String, code: Option<&str>) -> Self {
+        let overflow =
+            context_overflow(&message).or_else(|| (code == Some("context_length_exceeded")).then_some((None, None)));
+        match overflow {
+            Some((prompt_tokens, context_tokens)) => {
+                Self::ContextLength { status, prompt_tokens, context_tokens, message }
+            }
+            None => Self::Rejected { status, message },
+        }
+    }
+
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::RateLimited { retry_after, .. } => *retry_after,
@@ -243,8 +271,117 @@ impl BackendError {
             Self::Connection(_) => "connection",
             Self::Protocol(_) => "protocol",
             Self::Rejected { .. } => "rejected",
+            Self::ContextLength { .. } => "context_length",
             Self::Auth { .. } => "auth",
             Self::Config(_) => "config",
         }
+    }
+}
+
+/// `(prompt tokens, context tokens)` as far as the message gives them, when it says the prompt is
+/// longer than the context window, in the words of the servers we speak to:
+/// - llama.cpp: "request (18039 tokens) exceeds the available context size (2048 tokens), ..."
+/// - vLLM and OpenAI (`context_length_exceeded`): "This model's maximum context length is 4096
+///   tokens. However, you requested 5000 tokens (...)" / "... your messages resulted in 5000
+///   tokens" / "... your request has 5000 input tokens"
+/// - SGLang: "The input (5000 tokens) is longer than the model's context length (4096 tokens)."
+/// - Anthropic: "prompt is too long: 208310 tokens > 200000 maximum"
+/// - Bedrock: "Input is too long for requested model." (no numbers)
+fn context_overflow(message: &str) -> Option<(Option<u64>, Option<u64>)> {
+    let lower = message.to_ascii_lowercase();
+    let after = |marker: &str| lower.find(marker).and_then(|i| leading_number(&lower[i + marker.len()..]));
+    if lower.contains("exceeds the available context size") {
+        return Some((after("request ("), after("available context size (")));
+    }
+    if lower.contains("maximum context length is") {
+        let prompt = after("you requested ").or_else(|| after("resulted in ")).or_else(|| after("request has "));
+        return Some((prompt, after("maximum context length is ")));
+    }
+    if lower.contains("longer than the model's context length") {
+        return Some((after("input ("), after("context length (")));
+    }
+    if lower.contains("prompt is too long") {
+        return Some((after("prompt is too long: "), after(" > ")));
+    }
+    if lower.contains("context_length_exceeded") || lower.contains("input is too long") {
+        return Some((None, None));
+    }
+    None
+}
+
+/// The number at the start of `text` (`,` and `_` digit separators allowed), if it starts with one.
+fn leading_number(text: &str) -> Option<u64> {
+    let digits: String = text
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == ',' || *c == '_')
+        .filter(char::is_ascii_digit)
+        .collect();
+    // 20 digits would overflow: such a number is not a token count.
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(message: &str) -> BackendError {
+        BackendError::rejected(400, message.to_owned())
+    }
+
+    fn numbers(e: &BackendError) -> (Option<u64>, Option<u64>) {
+        match e {
+            BackendError::ContextLength { prompt_tokens, context_tokens, .. } => (*prompt_tokens, *context_tokens),
+            other => panic!("not a context-length error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn context_overflow_messages_of_each_server() {
+        let cases = [
+            (
+                "request (18039 tokens) exceeds the available context size (2048 tokens), try increasing it",
+                (Some(18039), Some(2048)),
+            ),
+            (
+                "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens (4000 in \
+                 the messages, 1000 in the completion). Please reduce the length of the messages or completion.",
+                (Some(5000), Some(4096)),
+            ),
+            (
+                "This model's maximum context length is 8192 tokens. However, your messages resulted in 9,001 \
+                 tokens. Please reduce the length of the messages.",
+                (Some(9001), Some(8192)),
+            ),
+            (
+                "This model's maximum context length is 2048 tokens. However, your request has 3000 input tokens.",
+                (Some(3000), Some(2048)),
+            ),
+            (
+                "The input (5000 tokens) is longer than the model's context length (4096 tokens).",
+                (Some(5000), Some(4096)),
+            ),
+            ("prompt is too long: 208310 tokens > 200000 maximum", (Some(208_310), Some(200_000))),
+            ("Input is too long for requested model.", (None, None)),
+        ];
+        for (message, expected) in cases {
+            let e = kind(message);
+            assert_eq!(e.kind(), "context_length", "{message}");
+            assert!(!e.retryable());
+            assert_eq!(numbers(&e), expected, "{message}");
+        }
+        let shown = kind(cases[0].0).to_string();
+        assert!(shown.contains("18039 tokens requested, 2048 available"), "{shown}");
+    }
+
+    #[test]
+    fn other_client_errors_stay_rejected() {
+        for message in ["max_tokens too large", "The model `x` does not exist.", "context is fine", ""] {
+            assert_eq!(kind(message), BackendError::Rejected { status: 400, message: message.to_owned() });
+        }
+        // A token count too large to be one is left out, not wrapped around.
+        assert_eq!(numbers(&kind("prompt is too long: 99999999999999999999999 tokens > 5 maximum")), (None, Some(5)));
     }
 }

@@ -167,6 +167,7 @@ async fn a_job_whose_task_panics_gets_an_internal_error_result() {
         queue_ceiling: None,
         system: None,
         constrained: false,
+        accept_truncated: false,
         seed: 0,
     });
     let (jobs_tx, jobs_rx) = mpsc::channel(8);

@@ -75,7 +75,7 @@ class Run:
                 tuple[str, str, bool, int] | None,
                 tuple[int, int, int, int],
                 tuple[int, int, int],
-                bool,
+                tuple[bool, bool, str | None],
                 float | None,
                 float,
             ]
@@ -86,7 +86,9 @@ class Run:
         """`(tool_calls, batch_calls, validations, results, credit, done)`; each result is
         `(id, index, ok, output_json, text, (kind, message, retryable, attempts) | None,
         (prompt, cached, completion, cache_creation tokens), (turns, tool_calls, attempts),
-        repaired, ttft_s, total_s)`."""
+        (repaired, truncated, finish_reason), ttft, total)`; `attempts` is 1 + the retries of the
+        job's model calls (0 when none was made). Results of jobs an earlier run finished (a
+        journal) come too, once each."""
     def complete_tools(self, items: list[tuple[int, bool, str]]) -> None:
         """Answers `(call id, ok, text)` for tool calls."""
     def complete_batches(self, items: list[tuple[int, bool, list[tuple[bool, str]], str]]) -> None:

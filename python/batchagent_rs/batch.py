@@ -34,7 +34,7 @@ import pydantic
 
 from . import _core
 from .notebook import NotebookProgress
-from .progress import Progress
+from .progress import Progress, tool_not_run
 from .tools import Tool, encode_result
 
 __all__ = ["Batch", "BatchAgent", "ErrorInfo", "Result", "RunReport", "Usage"]
@@ -90,8 +90,11 @@ class Result:
     total: float
     text: str | None = None
     repaired: bool = False
+    finish_reason: str | None = None
+    truncated: bool = False
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as the JSONL output writes it (the same names as the attributes)."""
         output = self.output
         if isinstance(output, pydantic.BaseModel):
             output = output.model_dump(mode="json")
@@ -100,11 +103,15 @@ class Result:
             "index": self.index,
             "ok": self.ok,
             "output": output,
+            "text": self.text,
             "error": None if self.error is None else vars(self.error),
             "usage": vars(self.usage),
             "turns": self.turns,
             "tool_calls": self.tool_calls,
             "attempts": self.attempts,
+            "repaired": self.repaired,
+            "finish_reason": self.finish_reason,
+            "truncated": self.truncated,
             "ttft": self.ttft,
             "total": self.total,
         }
@@ -123,13 +130,17 @@ class RunReport:
     retries: int
     throttled: int
     validation_retries: int
+    length_finishes: int
+    truncated_accepted: int
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
     cache_hit_rate: float
     tool_requests: int
     tool_executions: int
+    tool_coalesced: int
     tool_cache_hits: int
+    tool_not_run: int
     tools_started_early: int
     # Tool executions that ended in an error (raised, timed out, rejected their arguments), by tool.
     tool_errors: dict[str, int]
@@ -158,16 +169,21 @@ class RunReport:
             ("agents/s", f"{self.agents_per_second:.1f}"),
             ("model calls", f"{self.model_calls} ({self.retries} retries, {self.throttled} throttled)"),
             (
+                "cut off at max_tokens",
+                f"{self.length_finishes} model calls"
+                + (
+                    f" ({self.truncated_accepted} repaired answers accepted)"
+                    if self.truncated_accepted
+                    else ""
+                ),
+            ),
+            (
                 "tokens",
                 f"{self.prompt_tokens} prompt ({self.cached_tokens} cached), "
                 f"{self.completion_tokens} completion",
             ),
             ("prefix cache hit rate", f"{self.cache_hit_rate:.1%}"),
-            (
-                "tool calls",
-                f"{self.tool_requests} requested, {self.tool_executions} executed, "
-                f"{self.tool_cache_hits} from cache",
-            ),
+            ("tool calls", _tool_counts(self)),
             (
                 "TTFT p50 / p95 / p99",
                 f"{ms(self.ttft.get('p50'))} / {ms(self.ttft.get('p95'))} / {ms(self.ttft.get('p99'))}",
@@ -205,13 +221,17 @@ class RunReport:
             retries=run["retries"],
             throttled=run["throttled"],
             validation_retries=run["validation_retries"],
+            length_finishes=run["length_finishes"],
+            truncated_accepted=run["truncated_accepted"],
             prompt_tokens=prompt,
             cached_tokens=run["cached_tokens"],
             completion_tokens=run["completion_tokens"],
             cache_hit_rate=run["cached_tokens"] / prompt if prompt else 0.0,
             tool_requests=tools["requests"],
             tool_executions=tools["executions"],
+            tool_coalesced=tools["coalesced"],
             tool_cache_hits=tools["cache_hits"],
+            tool_not_run=tool_not_run(tools),
             tools_started_early=run["tools_started_early"],
             tool_errors=dict(stats.get("tool_errors", {})),
             errors_by_kind=dict(run["errors_by_kind"]),
@@ -222,6 +242,16 @@ class RunReport:
             schema_fallbacks=run.get("schema_fallbacks", 0),
             raw=stats,
         )
+
+
+def _tool_counts(report: RunReport) -> str:
+    text = (
+        f"{report.tool_requests} requested: {report.tool_executions} executed, "
+        f"{report.tool_coalesced} shared an identical call in flight, {report.tool_cache_hits} from cache"
+    )
+    if report.tool_not_run:
+        text += f", {report.tool_not_run} not run (unknown tool, bad arguments or cancelled)"
+    return text
 
 
 OnResult = Callable[[Result], Any]
@@ -236,7 +266,7 @@ _ResultTuple = tuple[
     "tuple[str, str, bool, int] | None",
     tuple[int, int, int, int],
     tuple[int, int, int],
-    bool,
+    "tuple[bool, bool, str | None]",
     "float | None",
     float,
 ]
@@ -282,6 +312,7 @@ class Batch:
         lookahead: int | None = None,
         kv_capacity_tokens: int | None = None,
         dedupe: bool = False,
+        accept_truncated: bool = False,
     ) -> None:
         if backend is None:
             raise TypeError(
@@ -367,6 +398,7 @@ class Batch:
             "lookahead": lookahead,
             "kv_capacity_tokens": kv_capacity_tokens,
             "dedupe": dedupe,
+            "accept_truncated": accept_truncated,
         }
         self._on_result = on_result
         self._tool_threads = tool_threads
@@ -390,19 +422,27 @@ class Batch:
         _core.check_backends(self._backends, self._model, self._api_key)
         self._checked = True
 
-    def run(self, inputs: Inputs, *, progress: bool | None = None) -> list[Result]:
+    def run(
+        self, inputs: Inputs, *, progress: bool | None = None, retry_failed: bool = False
+    ) -> list[Result]:
         """Run every input; returns results in input order. Inside a running event loop (a
         notebook) the run goes on a private loop in a worker thread while this call waits.
 
         `progress`: a live progress line, on stderr in a terminal, updated in place in a notebook;
-        by default on when stderr is a terminal or in IPython/Jupyter."""
-        show = _want_progress(progress)
-        return _blocking(lambda: self.arun(inputs, progress=show))
+        by default on when stderr is a terminal or in IPython/Jupyter.
 
-    async def arun(self, inputs: Inputs, *, progress: bool = False) -> list[Result]:
-        """Run every input; returns results in input order."""
+        With `journal=` set, inputs whose result the journal holds are not run again (their result
+        comes from the journal); `retry_failed=True` runs the failed ones again."""
+        show = _want_progress(progress)
+        return _blocking(lambda: self.arun(inputs, progress=show, retry_failed=retry_failed))
+
+    async def arun(
+        self, inputs: Inputs, *, progress: bool = False, retry_failed: bool = False
+    ) -> list[Result]:
+        """Run every input; returns results in input order (see `run` for `retry_failed`)."""
+        options = self._run_options(retry_failed)
         view = _progress_view(_count(inputs)) if progress else None
-        driver = _Driver(self, _rows(inputs), self._options, None if view is None else _updater(view), 0.1)
+        driver = _Driver(self, _rows(inputs), options, None if view is None else _updater(view), 0.1)
         # Results go straight into one list: no hand-over through the queue and the generator.
         results = driver.collected = []
         try:
@@ -414,9 +454,9 @@ class Batch:
         results.sort(key=_by_index)
         return results
 
-    async def stream(self, inputs: Inputs) -> AsyncIterator[Result]:
+    async def stream(self, inputs: Inputs, *, retry_failed: bool = False) -> AsyncIterator[Result]:
         """Yield results in completion order. Cancelling the iteration cancels the run."""
-        driver = _Driver(self, _rows(inputs), self._options, None, 0.0)
+        driver = _Driver(self, _rows(inputs), self._run_options(retry_failed), None, 0.0)
         # Closed here, not whenever the abandoned generator is collected: leaving the loop early
         # cancels the run before the caller's next statement.
         async with contextlib.aclosing(driver.results()) as results:
@@ -433,6 +473,7 @@ class Batch:
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         progress_interval: float = 0.2,
         progress: bool | None = None,
+        retry_failed: bool = False,
     ) -> RunReport:
         """Run every record of an input file (JSONL, CSV, or text with one prompt per line) and
         write one JSON line per result to `output`, all inside the core: memory stays flat however
@@ -448,6 +489,7 @@ class Batch:
                 on_progress=on_progress,
                 progress_interval=progress_interval,
                 progress=show,
+                retry_failed=retry_failed,
             )
         )
 
@@ -461,8 +503,9 @@ class Batch:
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         progress_interval: float = 0.2,
         progress: bool = False,
+        retry_failed: bool = False,
     ) -> RunReport:
-        options = dict(self._options)
+        options = self._run_options(retry_failed)
         options["output"] = os.fspath(output)
         options["deliver_results"] = False
         rows: Iterable[dict[str, Any]] | None = None
@@ -491,6 +534,11 @@ class Batch:
         # This run's own figures, whatever else runs on the batch meanwhile.
         assert driver.final is not None
         return RunReport.from_stats(*driver.final)
+
+    def _run_options(self, retry_failed: bool) -> dict[str, Any]:
+        if retry_failed and self._options["journal"] is None:
+            raise ValueError("retry_failed=True needs a journal (Batch(journal=...)) holding the earlier run")
+        return {**self._options, "retry_failed": retry_failed}
 
     def report(self) -> RunReport:
         """Aggregates of the latest run: while runs are going, the live figures of the one started
@@ -746,6 +794,7 @@ class _Driver:
         self.background: set[asyncio.Future[Any]] = set()
         self.executor: ThreadPoolExecutor | None = None
         self.source: Iterator[Any] | None = None
+        self.reader: _LazyInputs | None = None
         # When set, results are appended here instead of going through `batches()`.
         self.collected: list[Result] | None = None
         # The run's stats and wall time once it has ended.
@@ -787,15 +836,17 @@ class _Driver:
                 skipped = [_duplicate(job_id, i, first_of[i]) for job_id, i, _ in pending if i in first_of]
                 pending = [item for item in pending if item[1] not in first_of]
         self.run = run
+        loop = asyncio.get_running_loop()
         if pending is not None:
             self.source = iter(pending)
         elif self.inputs is not None:
-            self.source = enumerate(self.inputs)
+            # A lazy iterable may block (a slow generator): it is read in a thread of its own, so
+            # the first input goes out as soon as it is there, not once a window of them is.
+            self.reader = _LazyInputs(enumerate(self.inputs), loop, self._on_read)
         self.checked = pending is not None
         self.queue: asyncio.Queue[list[Result] | None] = asyncio.Queue()
         self.failure: BaseException | None = None
         self.started = started = time.perf_counter()
-        loop = asyncio.get_running_loop()
         fd = run.wake_fd()
         finished = False
         ticker = loop.create_task(self._tick()) if self.on_progress is not None else None
@@ -822,6 +873,8 @@ class _Driver:
         finally:
             if ticker is not None:
                 ticker.cancel()
+            if self.reader is not None:
+                self.reader.stop()
             loop.remove_reader(fd)
             if not finished:
                 run.cancel()
@@ -849,7 +902,12 @@ class _Driver:
 
     def _feed(self, credit: int) -> None:
         """Hand the run up to `credit` more inputs (the dispatch window's free places)."""
-        if credit <= 0 or self.source is None:
+        if credit <= 0:
+            return
+        if self.reader is not None:
+            self.reader.grant(credit)
+            return
+        if self.source is None:
             return
         chunk: list[tuple[str, int, str]] = []
         bad: list[Result] = []
@@ -879,6 +937,38 @@ class _Driver:
             self._emit(bad)
             # Their places in the window are free again.
             self._feed(len(bad))
+
+    def _on_read(self, items: list[tuple[int, Any]], ended: bool, error: BaseException | None) -> None:
+        """Inputs the lazy reader took from the iterable (on the loop's thread)."""
+        try:
+            chunk: list[tuple[str, int, str]] = []
+            bad: list[Result] = []
+            for index, raw in items:
+                try:
+                    job_id, text = _input_json(index, raw)
+                    duplicates = self.run.check_inputs([(job_id, index, text)])
+                    if duplicates:
+                        bad.append(_duplicate(job_id, index, duplicates[0][1]))
+                    else:
+                        chunk.append((job_id, index, text))
+                except _core.InputError as exc:
+                    bad.append(_bad_input(index, raw, str(exc)))
+            if chunk:
+                self.run.feed(chunk)
+            if error is not None:
+                raise error
+            if ended:
+                self.reader = None
+                self.run.close_input()
+            if bad:
+                for result in bad:
+                    self._deliver(result)
+                self._emit(bad)
+                self._feed(len(bad))
+        except BaseException as exc:  # the iterable raised, or the run refused the inputs
+            self.failure = exc
+            self.run.cancel()
+            self.queue.put_nowait(None)
 
     def _on_wake(self) -> None:
         try:
@@ -1057,7 +1147,8 @@ class _Driver:
             return validation_id, False, _describe_validation(exc)
 
     def _result(self, item: _ResultTuple) -> Result:
-        job_id, index, ok, output_json, text, error, usage, counts, repaired, ttft, total = item
+        job_id, index, ok, output_json, text, error, usage, counts, flags, ttft, total = item
+        repaired, truncated, finish_reason = flags
         output: Any = None
         if ok:
             if self.model_type is not None:
@@ -1094,6 +1185,8 @@ class _Driver:
                 "total": total,
                 "text": text,
                 "repaired": repaired,
+                "finish_reason": finish_reason,
+                "truncated": truncated,
             },
         )
 
@@ -1111,6 +1204,86 @@ class _Driver:
 
 
 _clock = time.perf_counter
+
+
+class _LazyInputs:
+    """Reads `(index, input)` pairs from a lazy iterable in a thread of its own, never more than
+    the credit granted (the dispatch window keeps memory bounded), and hands them to `deliver` on
+    the event loop: one loop wake-up for whatever was read since the last one."""
+
+    def __init__(
+        self,
+        items: Iterator[tuple[int, Any]],
+        loop: asyncio.AbstractEventLoop,
+        deliver: Callable[[list[tuple[int, Any]], bool, BaseException | None], None],
+    ) -> None:
+        self._items = items
+        self._loop = loop
+        self._deliver = deliver
+        self._cond = threading.Condition()
+        self._credit = 0
+        self._stopped = False
+        self._buffer: list[tuple[int, Any]] = []
+        self._ended = False
+        self._error: BaseException | None = None
+        self._scheduled = False
+        self._thread = threading.Thread(target=self._read, name="batchagent-inputs", daemon=True)
+        self._thread.start()
+
+    def grant(self, credit: int) -> None:
+        with self._cond:
+            self._credit += credit
+            self._cond.notify()
+
+    def stop(self) -> None:
+        """No more reading. A `next()` in progress finishes (it cannot be interrupted); its item
+        is dropped."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _read(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                while self._credit == 0 and not self._stopped:
+                    cond.wait()
+                if self._stopped:
+                    return
+                self._credit -= 1
+            error: BaseException | None = None
+            ended = False
+            try:
+                item = next(self._items)
+            except StopIteration:
+                ended = True
+            except BaseException as exc:
+                ended, error = True, exc
+            with cond:
+                if self._stopped:
+                    return
+                if ended:
+                    self._ended, self._error = True, error
+                else:
+                    self._buffer.append(item)
+                schedule = not self._scheduled
+                self._scheduled = True
+            if schedule:
+                try:
+                    self._loop.call_soon_threadsafe(self._flush)
+                except RuntimeError:  # the loop is closed: the run is over
+                    return
+            if ended:
+                return
+
+    def _flush(self) -> None:
+        with self._cond:
+            items, self._buffer = self._buffer, []
+            ended, error = self._ended, self._error
+            self._scheduled = False
+            stopped = self._stopped
+        if not stopped:
+            self._deliver(items, ended, error)
 
 
 def _call_sync_tool(t: Tool, arguments: str) -> tuple[bool, str]:

@@ -50,6 +50,7 @@ _SIM_FLAGS = [
         "rate of tool-call streams cut after the 2nd call starts",
     ),
     ("--fault-grammar", "fault_grammar", "rate of schema-constrained requests that always fail (HTTP 500)"),
+    ("--max-model-len", "max_model_len", "context window: longer requests get vLLM's 400 (default: none)"),
 ]
 
 
@@ -403,15 +404,18 @@ def _run(args: argparse.Namespace) -> int:
         except PriceError as exc:
             raise UsageError(str(exc)) from exc
     journal = settings.get("journal") or output + ".journal.sqlite"
-    resume = bool(settings.get("resume"))
+    retry_failed = bool(settings.get("retry_failed"))
+    # Retrying the failed jobs of a run is resuming it, with those jobs counted as not finished.
+    resume = bool(settings.get("resume")) or retry_failed
     journal_exists = os.path.exists(journal)
     if journal_exists and not resume:
         raise UsageError(
             f"journal {journal} already holds a run: pass --resume to continue it (finished jobs are not "
-            "sent again), or delete it to start over"
+            "sent again; --retry-failed also runs the failed ones again), or delete it to start over"
         )
     if resume and not journal_exists:
-        raise UsageError(f"--resume: there is no journal at {journal} to resume")
+        flag = "--retry-failed" if retry_failed else "--resume"
+        raise UsageError(f"{flag}: there is no journal at {journal} to resume")
     cache: str | None = None
     if not settings.get("no_cache"):
         cache = default_cache_path()
@@ -437,6 +441,8 @@ def _run(args: argparse.Namespace) -> int:
             **_limits(settings),
             lookahead=settings.get("lookahead"),
             kv_capacity_tokens=settings.get("kv_capacity_tokens"),
+            max_tokens=int(settings["max_tokens"]) if settings.get("max_tokens") else None,
+            accept_truncated=bool(settings.get("accept_truncated")),
             journal=journal,
             response_cache=cache,
             dedupe=bool(settings.get("dedupe")),
@@ -465,6 +471,7 @@ def _run(args: argparse.Namespace) -> int:
                 on_progress=view.update,
                 progress_interval=0.2,
                 progress=False,
+                retry_failed=retry_failed,
             )
             view.close(report.raw)
     except KeyboardInterrupt:
@@ -519,6 +526,7 @@ def _run(args: argparse.Namespace) -> int:
             "output": output,
             "journal": journal,
             "resumed": resume,
+            "retried_failed": retry_failed,
             "finished_earlier": skipped,
             "duplicates_skipped": duplicates,
             "endpoints": report.raw.get("endpoints"),
@@ -624,6 +632,27 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--journal", help="run journal (default: OUTPUT.journal.sqlite)")
     p.add_argument(
         "--resume", action="store_true", default=None, help="continue the run recorded in the journal"
+    )
+    p.add_argument(
+        "--retry-failed",
+        dest="retry_failed",
+        action="store_true",
+        default=None,
+        help="resume the run in the journal and run its failed jobs again (ok results are kept)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        dest="max_tokens",
+        type=_positive,
+        help="most tokens per model answer (server default)",
+    )
+    p.add_argument(
+        "--accept-truncated",
+        dest="accept_truncated",
+        action="store_true",
+        default=None,
+        help="accept a structured answer cut off at max_tokens once its JSON is repaired (marked truncated); "
+        "by default it is a failed result of kind truncated",
     )
     p.add_argument(
         "--no-cache", dest="no_cache", action="store_true", default=None, help="bypass the response cache"

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, TextIO
 
-from .progress import counters, fmt_duration
+from .progress import counters, fmt_duration, tool_not_run
 
 __all__ = ["Dashboard", "DashboardLogHandler"]
 
@@ -235,8 +235,10 @@ class Dashboard:
             )
         else:
             first = f"{c['done']} done   elapsed {fmt_duration(elapsed)}"
+        slots = f"/{c['max_inflight']}" if c["max_inflight"] else ""
         counts = (
-            f"{_GREEN}ok {c['ok']}{_RESET}   {_RED}failed {c['failed']}{_RESET}   in flight {c['in_flight']}"
+            f"{_GREEN}ok {c['ok']}{_RESET}   {_RED}failed {c['failed']}{_RESET}"
+            f"   model calls in flight {c['in_flight']}{slots}   agents in tools {c['in_tools']}"
         )
         if c["skipped"]:
             counts += f"   resumed past {c['skipped']} finished earlier"
@@ -261,9 +263,12 @@ class Dashboard:
             f"retries       {run['retries']} ({run['throttled']} throttled)",
             f"validation    {run.get('validation_retries', 0)} retries,"
             f" {run.get('repaired_outputs', 0)} repaired",
-            f"tools         {tools.get('requests', 0)} requested, {tools.get('executions', 0)} run,"
-            f" {tools.get('cache_hits', 0)} cached",
+            f"tools         {tools.get('requests', 0)} requested: {tools.get('executions', 0)} run,"
+            f" {tools.get('coalesced', 0)} shared, {tools.get('cache_hits', 0)} cached"
+            + (f", {not_run} not run" if (not_run := tool_not_run(tools)) else ""),
         ]
+        if run.get("length_finishes"):
+            rows.append(f"max_tokens    {run['length_finishes']} answers cut off")
         errors = dict(run.get("errors_by_kind", []))
         if errors:
             rows.append("errors        " + ", ".join(f"{k} {v}" for k, v in sorted(errors.items())))
@@ -339,7 +344,7 @@ class Dashboard:
         if not isinstance(item, dict):
             return _DIM + "(unreadable line)" + _RESET
         ident = str(item.get("id", item.get("index", "?")))[:16]
-        total = item.get("total_s")
+        total = item.get("total")
         timing = f"{float(total):6.2f}s" if isinstance(total, int | float) else "     - "
         if item.get("ok"):
             output = item.get("output")

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any, TextIO
 
-__all__ = ["BarLogHandler", "Progress", "counters", "fmt_duration"]
+__all__ = ["BarLogHandler", "Progress", "counters", "fmt_duration", "tool_not_run"]
 
 
 def fmt_duration(seconds: float) -> str:
@@ -20,6 +20,14 @@ def fmt_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def tool_not_run(tools: dict[str, Any]) -> int:
+    """Tool calls requested that neither ran, nor joined an identical call in flight, nor came from
+    the cache: refused up front (unknown tool, arguments that are not JSON) or still queued when
+    the run stopped. With it, requested = executed + coalesced + from cache + not run."""
+    shared = sum(int(tools.get(k, 0)) for k in ("executions", "coalesced", "cache_hits"))
+    return max(int(tools.get("requests", 0)) - shared, 0)
 
 
 def counters(stats: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +48,12 @@ def counters(stats: dict[str, Any]) -> dict[str, Any]:
         "failed": failed,
         "skipped": skipped,
         "done": ok + failed + skipped,
-        "in_flight": max(int(run["jobs_started"]) - ok - failed, 0),
+        # Model calls sent and not answered yet: each holds an inference slot, so this never
+        # exceeds max_inflight. Agents waiting on tools hold none and are counted apart.
+        "in_flight": int(run.get("model_calls_in_flight", 0)),
+        "in_tools": int(run.get("agents_in_tools", 0)),
+        "max_inflight": stats.get("max_inflight"),
+        "length_finishes": int(run.get("length_finishes", 0)),
         "tokens": prompt + int(run["completion_tokens"]),
         "prefix_hit": int(run["cached_tokens"]) / prompt if prompt else 0.0,
         "response_hits": hits,
@@ -98,7 +111,12 @@ class Progress:
             parts.append(f"[{bar}] {done}/{self.total} {frac:4.0%} ETA {fmt_duration(eta)}")
         else:
             parts.append(f"{c['done']} done, elapsed {fmt_duration(elapsed)}")
+        # Model calls in flight (at most max_inflight); agents waiting on tools hold no slot.
         counts = f"ok {c['ok']} failed {c['failed']} in flight {c['in_flight']}"
+        if c["in_tools"]:
+            counts += f" in tools {c['in_tools']}"
+        if c["length_finishes"]:
+            counts += f" cut off {c['length_finishes']}"
         if c["skipped"]:
             counts += f" resumed past {c['skipped']}"
         if c["tool_errors"]:

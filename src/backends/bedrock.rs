@@ -855,7 +855,8 @@ pub fn exception_error(kind: &str, message: &str, status: Option<u16>, retry_aft
             BackendError::Server { status: status.unwrap_or(424), message }
         }
         "modeltimeoutexception" => BackendError::Server { status: status.unwrap_or(408), message },
-        "validationexception" | "resourcenotfoundexception" | "servicequotaexceededexception" => {
+        "validationexception" => BackendError::rejected(status.unwrap_or(400), message),
+        "resourcenotfoundexception" | "servicequotaexceededexception" => {
             BackendError::Rejected { status: status.unwrap_or(400), message }
         }
         "accessdeniedexception"
@@ -868,7 +869,7 @@ pub fn exception_error(kind: &str, message: &str, status: Option<u16>, retry_aft
             Some(429) => BackendError::RateLimited { status: 429, retry_after },
             Some(503) => BackendError::Overloaded(message),
             Some(s @ (401 | 403)) => BackendError::Auth { status: s, message },
-            Some(s) if s < 500 => BackendError::Rejected { status: s, message },
+            Some(s) if s < 500 => BackendError::rejected(s, message),
             s => BackendError::Server { status: s.unwrap_or(500), message: format!("{kind}: {message}") },
         },
     }

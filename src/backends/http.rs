@@ -428,6 +428,9 @@ impl HttpClient {
             BackendError::Rejected { status, message } => {
                 BackendError::Rejected { status, message: self.redact(&message) }
             }
+            BackendError::ContextLength { status, prompt_tokens, context_tokens, message } => {
+                BackendError::ContextLength { status, prompt_tokens, context_tokens, message: self.redact(&message) }
+            }
             BackendError::Auth { status, message } => BackendError::Auth { status, message: self.redact(&message) },
             BackendError::Overloaded(m) => BackendError::Overloaded(self.redact(&m)),
             BackendError::Connection(m) => BackendError::Connection(self.redact(&m)),
@@ -549,7 +552,10 @@ pub fn status_error(status: u16, retry_after: Option<&str>, body: &[u8], now: Sy
         503 => BackendError::Overloaded(body_message(body, status)),
         401 | 403 => BackendError::Auth { status, message: body_message(body, status) },
         500..=599 => BackendError::Server { status, message: body_message(body, status) },
-        _ => BackendError::Rejected { status, message: body_message(body, status) },
+        _ => {
+            let code = memchr::memmem::find(body, b"context_length_exceeded").map(|_| "context_length_exceeded");
+            BackendError::rejected_with_code(status, body_message(body, status), code)
+        }
     }
 }
 

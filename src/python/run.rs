@@ -49,8 +49,9 @@ type Pending<T> = Mutex<HashMap<u64, Reply<T>>>;
 /// `(batch id, ok, per-call (ok, text), error)` as Python sends it.
 type BatchAnswer = (u64, bool, Vec<(bool, String)>, String);
 /// A finished job as Python receives it: `(id, index, ok, output_json, text, error, usage, counts,
-/// repaired, ttft_s, total_s)` with `error = (kind, message, retryable, attempts)`, `usage =
-/// (prompt, cached, completion, cache_creation)` and `counts = (turns, tool_calls, attempts)`.
+/// (repaired, truncated, finish_reason), ttft, total)` with `error = (kind, message, retryable,
+/// attempts)`, `usage = (prompt, cached, completion, cache_creation)` and `counts = (turns,
+/// tool_calls, attempts)`.
 /// Tuples rather than JSON: no serialising here and no parsing there.
 type ResultTuple = (
     String,
@@ -61,7 +62,7 @@ type ResultTuple = (
     Option<(String, String, bool, u32)>,
     (u64, u64, u64, u64),
     (u32, u32, u32),
-    bool,
+    (bool, bool, Option<String>),
     Option<f64>,
     f64,
 );
@@ -86,7 +87,7 @@ fn result_tuple(r: JobResult) -> ResultTuple {
         r.error.map(|e| (e.kind, e.message, e.retryable, e.attempts)),
         (u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.cache_creation_tokens),
         (r.turns, r.tool_calls, r.attempts),
-        r.repaired,
+        (r.repaired, r.truncated, r.finish_reason),
         r.ttft_s,
         r.total_s,
     )
@@ -271,6 +272,12 @@ struct RunOptions {
     journal: Option<PathBuf>,
     #[serde(default)]
     journal_force: bool,
+    /// Drop the journal's failed results so those jobs run again.
+    #[serde(default)]
+    retry_failed: bool,
+    /// Accept structured answers cut off at `max_tokens` once repaired (marked `truncated`).
+    #[serde(default)]
+    accept_truncated: bool,
     /// Results are written here (JSONL) by the core.
     #[serde(default)]
     output: Option<PathBuf>,
@@ -414,6 +421,7 @@ impl PyRun {
                     options.journal.as_deref(),
                     &fingerprint(spec_json),
                     options.journal_force,
+                    options.retry_failed,
                     options.output.as_deref(),
                 )
             })
@@ -469,6 +477,7 @@ impl PyRun {
             queue_ceiling: options.max_engine_queue,
             system,
             constrained,
+            accept_truncated: options.accept_truncated,
             seed: options.seed,
             spec: Arc::new(spec),
         });
@@ -521,18 +530,33 @@ impl PyRun {
     /// `take_events()` grants (the first time: `initial_credit`), so inputs are consumed lazily.
     fn feed(&self, py: Python<'_>, items: Vec<(String, u64, String)>) -> PyResult<()> {
         let sender = self.lock_running()?.jobs.clone().ok_or_else(|| RunError::new_err("the run's input is closed"))?;
+        // Whether a skipped job's earlier result is looked up (for Python, which wants one result
+        // per input even when the journal already had some).
+        let earlier_wanted = self.deliver && self.durable.journal().is_some();
         // Checking each job against the journal reads SQLite (and may wait for the writer's
         // queue): not under the GIL.
-        let skipped = py.allow_threads(|| -> PyResult<usize> {
+        let (skipped, mut earlier) = py.allow_threads(|| -> PyResult<(usize, Vec<JobResult>)> {
             // Parsed and checked first, sent after: the dispatch loop sees a fed list at once
             // rather than trickling in while JSON is parsed, so it can group the whole of it.
             let mut jobs = Vec::with_capacity(items.len());
             let mut skipped = 0;
+            let mut earlier = Vec::new();
             for (id, index, json) in items {
-                let job = Job { id, index, input: parse_input(index, &json)?, resume: None };
-                match self.durable.prepare(job, &json) {
-                    Some(job) => jobs.push(job),
-                    None => skipped += 1,
+                let input = parse_input(index, &json)?;
+                let skipped_id = earlier_wanted.then(|| id.clone());
+                let job = Job { id, index, input, resume: None };
+                if let Some(job) = self.durable.prepare(job, &json) {
+                    jobs.push(job);
+                } else {
+                    skipped += 1;
+                    // Finished in an earlier run: Python still gets its result, so a resumed
+                    // `run` returns one result per input.
+                    if let Some(id) = skipped_id {
+                        earlier.extend(self.durable.earlier_result(&id).map(|mut r| {
+                            r.index = index;
+                            r
+                        }));
+                    }
                 }
             }
             // A poisoned lock only means a feed failed half-way; the order is still sound.
@@ -547,12 +571,15 @@ impl PyRun {
                     }
                 })?;
             }
-            Ok(skipped)
+            Ok((skipped, earlier))
         })?;
         if skipped > 0 {
             // Finished in an earlier run: their places in the window are free at once.
             self.ctx.stats.jobs_skipped.fetch_add(skipped as u64, Relaxed);
-            self.shared.post(|outbox| outbox.credit += skipped);
+            self.shared.post(|outbox| {
+                outbox.credit += skipped;
+                outbox.results.append(&mut earlier);
+            });
         }
         Ok(())
     }

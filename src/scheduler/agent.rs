@@ -3,7 +3,7 @@
 //! flight; tool waits, backoff sleeps and validation hold none.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,7 +56,9 @@ pub struct AgentState {
     pub turns: u32,
     pub tool_calls: u32,
     pub usage: Usage,
-    pub attempts: u32,
+    /// Model calls sent again after a retryable failure (429, 5xx, reset, timeout).
+    #[serde(default)]
+    pub retries: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -65,6 +67,7 @@ pub struct JobError {
     pub message: String,
     /// The failure was of a kind that is retried (429, 5xx, reset, timeout) and the attempts ran out.
     pub retryable: bool,
+    /// As [`JobResult::attempts`].
     pub attempts: u32,
 }
 
@@ -84,10 +87,21 @@ pub struct JobResult {
     pub usage: Usage,
     pub turns: u32,
     pub tool_calls: u32,
-    /// Model-call attempts, retries included.
+    /// 1 + the retries of its model calls (0 when no call was made): a clean job is 1 however
+    /// many turns it took (those are `turns`).
     pub attempts: u32,
     pub repaired: bool,
+    /// How the last model call ended, in OpenAI's words (`stop`, `length`, `tool_calls`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+    /// The final answer was cut off at `max_tokens` (`finish_reason` `length`).
+    #[serde(default)]
+    pub truncated: bool,
+    /// Seconds to the first token of the first model call.
+    #[serde(rename = "ttft", alias = "ttft_s")]
     pub ttft_s: Option<f64>,
+    /// Seconds from the job's start to its result.
+    #[serde(rename = "total", alias = "total_s")]
     pub total_s: f64,
 }
 
@@ -110,6 +124,9 @@ pub struct RunContext {
     pub system: Option<Message>,
     /// Ask the backend for constrained decoding of the final answer.
     pub constrained: bool,
+    /// Accept a structured answer cut off at `max_tokens` once repair closed its JSON (marked
+    /// `truncated`); otherwise such an answer fails the job with kind `truncated`.
+    pub accept_truncated: bool,
     pub seed: u64,
 }
 
@@ -153,6 +170,7 @@ enum Failure {
     Template(String),
     /// A tool declared `on_error = raise` failed.
     Tool(String),
+    Truncated,
 }
 
 struct Agent<'a> {
@@ -161,6 +179,10 @@ struct Agent<'a> {
     state: AgentState,
     ttft: Option<Duration>,
     repaired: bool,
+    truncated: bool,
+    finish_reason: Option<String>,
+    /// A model call was sent (in this run or, for a resumed job, in an earlier one).
+    called: bool,
     rng: SplitMix64,
     /// Constrained decoding for this job: off after the server failed a constrained request
     /// deterministically (the schema then goes into the prompt instead).
@@ -177,6 +199,9 @@ pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
         state: AgentState::default(),
         ttft: None,
         repaired: false,
+        truncated: false,
+        finish_reason: None,
+        called: false,
         rng,
         constrained: ctx.constrained,
     };
@@ -189,6 +214,7 @@ pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
     };
     let elapsed = started.elapsed();
     ctx.stats.job_latency.record(elapsed);
+    let attempts = if agent.called || agent.state.turns > 0 { 1 + agent.state.retries } else { 0 };
     let mut result = JobResult {
         id: job.id.clone(),
         index: job.index,
@@ -199,8 +225,10 @@ pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
         usage: agent.state.usage,
         turns: agent.state.turns,
         tool_calls: agent.state.tool_calls,
-        attempts: agent.state.attempts,
+        attempts,
         repaired: agent.repaired,
+        finish_reason: agent.finish_reason.take(),
+        truncated: agent.truncated,
         ttft_s: agent.ttft.map(|d| d.as_secs_f64()),
         total_s: elapsed.as_secs_f64(),
     };
@@ -219,7 +247,6 @@ pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
             }
         }
         Err(failure) => {
-            let attempts = agent.state.attempts;
             let error = match failure {
                 Failure::Backend(e) => {
                     JobError { kind: e.kind().into(), message: e.to_string(), retryable: e.retryable(), attempts }
@@ -237,6 +264,18 @@ pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
                     JobError { kind: "bad_input".into(), message, retryable: false, attempts }
                 }
                 Failure::Tool(message) => JobError { kind: "tool".into(), message, retryable: false, attempts },
+                // Not retryable: the same request with the same `max_tokens` is cut off again; a
+                // larger limit is the caller's choice (its cost and the server's context are theirs).
+                Failure::Truncated => JobError {
+                    kind: "truncated".into(),
+                    message: format!(
+                        "the answer was cut off at max_tokens={} (finish_reason \"length\") before its JSON was \
+                         complete; raise max_tokens, or pass accept_truncated=True to accept the repaired JSON",
+                        ctx.spec.max_tokens.map_or_else(|| "the server's limit".to_owned(), |n| n.to_string())
+                    ),
+                    retryable: false,
+                    attempts,
+                },
             };
             ctx.stats.jobs_failed.fetch_add(1, Relaxed);
             ctx.stats.count_error(&error.kind);
@@ -264,10 +303,26 @@ impl Agent<'_> {
             let response = self.model_call().await?;
             self.state.turns += 1;
             if response.0.tool_calls.is_empty() {
+                let cut_off = response.0.finish_reason == "length";
                 let text = response.0.content;
-                let Some(schema) = &ctx.schema else { return Ok((text, None)) };
+                let Some(schema) = &ctx.schema else {
+                    self.truncated = cut_off;
+                    return Ok((text, None));
+                };
+                // Repair would close the JSON of a cut-off answer, changing what it says: only on
+                // the caller's explicit say-so.
+                if cut_off && !ctx.accept_truncated {
+                    self.truncated = true;
+                    return Err(Failure::Truncated);
+                }
                 match self.check_output(schema, &text).await {
-                    Ok(value) => return Ok((text, Some(value))),
+                    Ok(value) => {
+                        if cut_off {
+                            self.truncated = true;
+                            ctx.stats.truncated_accepted.fetch_add(1, Relaxed);
+                        }
+                        return Ok((text, Some(value)));
+                    }
                     Err(feedback) => {
                         validation_failures += 1;
                         if validation_failures > ctx.spec.validation_retries {
@@ -322,7 +377,6 @@ impl Agent<'_> {
         let mut request_faults = 0u32;
         loop {
             attempt += 1;
-            self.state.attempts += 1;
             let request = ChatRequest {
                 model: ctx.spec.model.clone(),
                 messages: Arc::new(self.state.messages.clone()),
@@ -347,11 +401,12 @@ impl Agent<'_> {
                 engine.wait_for_room(ceiling).await;
             }
             let permit = ctx.slots.acquire(remaining).await;
+            self.called = true;
             ctx.stats.model_calls.fetch_add(1, Relaxed);
-            ctx.stats.model_calls_in_flight.fetch_add(1, Relaxed);
+            let in_flight = Gauge::enter(&ctx.stats.model_calls_in_flight);
             let started = Instant::now();
             let outcome = self.streamed_call(request, &mut early).await;
-            ctx.stats.model_calls_in_flight.fetch_sub(1, Relaxed);
+            drop(in_flight);
             drop(permit);
             match outcome {
                 Ok(response) => {
@@ -362,6 +417,12 @@ impl Agent<'_> {
                     }
                     self.state.usage += response.usage;
                     ctx.stats.add_usage(&response.usage);
+                    if response.finish_reason == "length" {
+                        ctx.stats.length_finishes.fetch_add(1, Relaxed);
+                    }
+                    if !response.finish_reason.is_empty() {
+                        self.finish_reason = Some(response.finish_reason.clone());
+                    }
                     if ctx.limit.on_success() {
                         ctx.slots.set_capacity(ctx.limit.current());
                     }
@@ -396,6 +457,7 @@ impl Agent<'_> {
                         return Err(Failure::Backend(error));
                     }
                     ctx.stats.retries.fetch_add(1, Relaxed);
+                    self.state.retries += 1;
                     let delay = ctx.retry.delay(attempt, error.retry_after(), self.rng.next_f64());
                     tokio::time::sleep(delay).await;
                 }
@@ -474,6 +536,8 @@ impl Agent<'_> {
         let calls = response.tool_calls;
         self.ctx.stats.tool_calls.fetch_add(calls.len() as u64, Relaxed);
         self.state.tool_calls += calls.len() as u32;
+        // Counted before any call starts: whoever sees a tool running sees its agent waiting.
+        let waiting = Gauge::enter(&self.ctx.stats.agents_in_tools);
         let handles: Vec<_> =
             calls.iter().map(|call| early.take(call).unwrap_or_else(|| spawn_tool(&self.ctx.tools, call))).collect();
         // What the stream started and the final turn did not ask for is not waited on.
@@ -492,6 +556,7 @@ impl Agent<'_> {
                 Err(join) => format!("Error: the tool call was interrupted ({join})"),
             });
         }
+        drop(waiting);
         if let Some(message) = raised {
             return Err(Failure::Tool(message));
         }
@@ -560,6 +625,23 @@ impl Drop for EarlyTools {
         for (_, _, handle) in &self.carried {
             handle.abort();
         }
+    }
+}
+
+/// One unit of a gauge for as long as it lives: an agent cancelled mid-wait (timeout, Ctrl-C)
+/// leaves the count as surely as one that finishes.
+struct Gauge<'a>(&'a AtomicU64);
+
+impl<'a> Gauge<'a> {
+    fn enter(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 

@@ -41,13 +41,23 @@ impl Durability {
     /// Opens the journal (failing before any request if it cannot be written) and the output. On
     /// a resume the output is rewritten from the journal: it may hold lines of results the journal
     /// never committed before a crash, and the journal is the truth.
+    ///
+    /// With `retry_failed`, the journal's failed results are dropped first: those jobs run again
+    /// and the output holds their new results in place of the old ones.
     pub fn open(
         journal: Option<&Path>,
         fingerprint: &str,
         force: bool,
+        retry_failed: bool,
         output: Option<&Path>,
     ) -> Result<Self, DurableError> {
-        let journal = journal.map(|path| Journal::open(path, fingerprint, force)).transpose()?.map(Arc::new);
+        let mut journal = journal.map(|path| Journal::open(path, fingerprint, force)).transpose()?;
+        if retry_failed {
+            if let Some(journal) = &mut journal {
+                journal.forget_failed()?;
+            }
+        }
+        let journal = journal.map(Arc::new);
         let mut previously_finished = 0;
         let sink = match output {
             None => None,
@@ -90,6 +100,12 @@ impl Durability {
             None => journal.record_start(&job.id, job.index, input_json),
         }
         Some(job)
+    }
+
+    /// The result an earlier run recorded for `job_id` (a job `prepare` skipped).
+    pub fn earlier_result(&self, job_id: &str) -> Option<JobResult> {
+        let json = self.journal.as_ref()?.result_json(job_id)?;
+        serde_json::from_str(&json).ok()
     }
 
     /// Commits `results` to the journal, then writes them to the output, and returns those to

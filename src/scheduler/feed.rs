@@ -200,6 +200,8 @@ pub fn bad_input(id: String, index: u64, message: String) -> JobResult {
         tool_calls: 0,
         attempts: 0,
         repaired: false,
+        finish_reason: None,
+        truncated: false,
         ttft_s: None,
         total_s: 0.0,
     }

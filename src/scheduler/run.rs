@@ -138,6 +138,8 @@ fn panicked(stats: &RunStats, id: String, index: u64, payload: &(dyn Any + Send)
         tool_calls: 0,
         attempts: 0,
         repaired: false,
+        finish_reason: None,
+        truncated: false,
         ttft_s: None,
         total_s: 0.0,
     }

@@ -102,7 +102,15 @@ pub struct RunStats {
     /// Inputs skipped because an earlier input had the same id (`dedupe`).
     pub duplicates_skipped: AtomicU64,
     pub model_calls: AtomicU64,
+    /// Model calls sent and not yet answered: each holds an inference slot, so never more than
+    /// `max_inflight`.
     pub model_calls_in_flight: AtomicU64,
+    /// Agents waiting on their tool calls (they hold no inference slot).
+    pub agents_in_tools: AtomicU64,
+    /// Model calls the server stopped at `max_tokens` (`finish_reason` `length`).
+    pub length_finishes: AtomicU64,
+    /// Structured answers cut off at `max_tokens`, repaired and accepted (`accept_truncated`).
+    pub truncated_accepted: AtomicU64,
     pub retries: AtomicU64,
     pub throttled: AtomicU64,
     pub validation_retries: AtomicU64,
@@ -150,6 +158,9 @@ impl RunStats {
             duplicates_skipped: self.duplicates_skipped.load(Relaxed),
             model_calls: self.model_calls.load(Relaxed),
             model_calls_in_flight: self.model_calls_in_flight.load(Relaxed),
+            agents_in_tools: self.agents_in_tools.load(Relaxed),
+            length_finishes: self.length_finishes.load(Relaxed),
+            truncated_accepted: self.truncated_accepted.load(Relaxed),
             retries: self.retries.load(Relaxed),
             throttled: self.throttled.load(Relaxed),
             validation_retries: self.validation_retries.load(Relaxed),
@@ -177,6 +188,9 @@ pub struct StatsSnapshot {
     pub duplicates_skipped: u64,
     pub model_calls: u64,
     pub model_calls_in_flight: u64,
+    pub agents_in_tools: u64,
+    pub length_finishes: u64,
+    pub truncated_accepted: u64,
     pub retries: u64,
     pub throttled: u64,
     pub validation_retries: u64,

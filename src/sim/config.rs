@@ -256,6 +256,9 @@ pub struct SimConfig {
     /// When set, every route but `/sim/stats` answers 401 to a request without this key, as a
     /// gateway in front of an engine does.
     pub api_key: Option<Secret>,
+    /// The context window (vLLM's `--max-model-len`): a request whose prompt plus `max_tokens`
+    /// exceeds it is refused with a 400 in the server's words. `None`: only the KV cache bounds it.
+    pub max_model_len: Option<u32>,
 }
 
 impl Default for SimConfig {
@@ -274,6 +277,7 @@ impl Default for SimConfig {
             cache_min_tokens: 1024,
             ttft_window: 4096,
             api_key: None,
+            max_model_len: None,
         }
     }
 }
@@ -337,6 +341,13 @@ impl SimConfig {
                 self.time_scale = scale;
             }
             "seed" => self.seed = parse_num(key, value)?,
+            "max_model_len" => {
+                let limit: u32 = parse_num(key, value)?;
+                if limit == 0 {
+                    return Err(invalid(key, value, "a context holds at least 1 token"));
+                }
+                self.max_model_len = Some(limit);
+            }
             "model" => {
                 value.clone_into(&mut self.model);
                 self.model_pinned = true;

@@ -242,6 +242,36 @@ impl Journal {
         self.finished.lock().unwrap_or_else(PoisonError::into_inner).contains(&hash128(job_id.as_bytes()))
     }
 
+    /// Removes the failed results (`"ok": false`) so their jobs run again (`--retry-failed`);
+    /// returns how many. Call it right after opening, before any record: the delete goes through a
+    /// connection of its own, ahead of the writer's first commit.
+    pub fn forget_failed(&mut self) -> Result<u64, JournalError> {
+        let err = |e: rusqlite::Error| JournalError::Open { path: self.path.clone(), reason: e.to_string() };
+        let conn = connect(&self.path).map_err(err)?;
+        let ids: Vec<String> = conn
+            .prepare("DELETE FROM results WHERE json_extract(result, '$.ok') = 0 RETURNING job_id")
+            .and_then(|mut stmt| stmt.query_map([], |r| r.get(0))?.collect())
+            .map_err(err)?;
+        let finished = self.finished.get_mut().unwrap_or_else(PoisonError::into_inner);
+        for id in &ids {
+            finished.remove(&hash128(id.as_bytes()));
+        }
+        self.previously_finished = self.previously_finished.saturating_sub(ids.len() as u64);
+        Ok(ids.len() as u64)
+    }
+
+    /// The recorded result of `job_id`, if it has one (a read failure counts in `read_errors`).
+    pub fn result_json(&self, job_id: &str) -> Option<String> {
+        let reader = self.reader();
+        let found = reader
+            .prepare_cached("SELECT result FROM results WHERE job_id = ?1")
+            .and_then(|mut stmt| stmt.query_row([job_id], |r| r.get(0)).optional());
+        found.unwrap_or_else(|_| {
+            self.read_errors.fetch_add(1, Ordering::Relaxed);
+            None
+        })
+    }
+
     /// The last committed turn of unfinished job `job_id`, recorded under input index `index`. A
     /// state recorded for the same id at another index belongs to different input and is not
     /// returned. Read failures count in [`JournalStats::read_errors`] and give `None` (the job then

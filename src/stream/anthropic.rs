@@ -37,10 +37,10 @@ pub fn error_from_object(value: &Value, status: Option<u16>) -> BackendError {
         ("authentication_error" | "permission_error", _) | (_, Some(401 | 403)) => {
             BackendError::Auth { status: status.unwrap_or(401), message }
         }
-        ("invalid_request_error", _) => BackendError::Rejected { status: status.unwrap_or(400), message },
+        ("invalid_request_error", _) => BackendError::rejected(status.unwrap_or(400), message),
         ("not_found_error", _) => BackendError::Rejected { status: status.unwrap_or(404), message },
         ("request_too_large", _) => BackendError::Rejected { status: status.unwrap_or(413), message },
-        (_, Some(s)) if s < 500 => BackendError::Rejected { status: s, message },
+        (_, Some(s)) if s < 500 => BackendError::rejected(s, message),
         // `api_error` and anything unknown mid-stream: the server failed; worth a retry.
         (_, s) => BackendError::Server { status: s.unwrap_or(500), message },
     }

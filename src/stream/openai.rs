@@ -553,7 +553,11 @@ pub fn error_object(value: &Value) -> BackendError {
             BackendError::RateLimited { status: 429, retry_after: None }
         }
         (Some(s @ (401 | 403)), _) => BackendError::Auth { status: s, message },
-        (Some(s), _) if s < 500 => BackendError::Rejected { status: s, message },
+        (Some(s), _) if s < 500 => BackendError::rejected(s, message),
+        // OpenAI's `{"code": "context_length_exceeded"}` carries no status number.
+        (None, _) if obj.get("code").and_then(Value::as_str) == Some("context_length_exceeded") => {
+            BackendError::rejected_with_code(400, message, Some("context_length_exceeded"))
+        }
         // An error in the middle of a stream with no status is the engine failing: retryable.
         (s, _) => BackendError::Server { status: s.unwrap_or(500), message },
     }

@@ -278,7 +278,7 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, _headers: Heade
     let prompt = render_chatml(&parsed.req.messages, &parsed.req.tools);
     let mut g = match generate(&state, &parsed.req, &behaviour, &prompt, Some(parsed.max_tokens)) {
         Ok(g) => g,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", &e),
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", &e.anthropic()),
     };
     let (creation, read) = parsed.breakpoints.last().map_or((0, 0), |_| {
         let (c, r) = state.prompt_cache.account(&parsed.breakpoints, state.config.cache_min_tokens as usize);

@@ -325,15 +325,51 @@ pub(crate) struct Finish {
     pub queue_time: Duration,
 }
 
+/// Why a request is refused before it reaches the engine (a 400), worded per protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    EmptyPrompt,
+    /// The prompt plus the tokens asked for do not fit `limit` (the context, or the KV cache).
+    TooLong {
+        prompt: usize,
+        completion: usize,
+        limit: usize,
+    },
+}
+
+impl Refusal {
+    /// vLLM's words (also used for Ollama's endpoints).
+    pub(crate) fn vllm(self) -> String {
+        match self {
+            Self::EmptyPrompt => "The prompt is empty.".to_owned(),
+            Self::TooLong { prompt, completion, limit } => format!(
+                "This model's maximum context length is {limit} tokens. However, you requested {} tokens ({prompt} in the messages, {completion} in the completion). Please reduce the length of the messages or completion.",
+                prompt + completion
+            ),
+        }
+    }
+
+    /// Anthropic's words.
+    pub(crate) fn anthropic(self) -> String {
+        match self {
+            Self::EmptyPrompt => "messages: at least one message is required".to_owned(),
+            Self::TooLong { prompt, completion, limit } => {
+                format!("prompt is too long: {} tokens > {limit} maximum", prompt + completion)
+            }
+        }
+    }
+}
+
 /// Decide the reply and submit the prompt. `prompt` is the engine's view: the rendered chat, or a
-/// raw completion prompt. An error (the text of a 400) when the request can never fit the KV cache.
+/// raw completion prompt. Refused when the prompt and the tokens asked for exceed the context
+/// (`max_model_len`) or can never fit the KV cache.
 pub(crate) fn generate(
     state: &AppState,
     req: &AgentRequest,
     behaviour: &BehaviourConfig,
     prompt: &str,
     max_tokens: Option<u32>,
-) -> Result<Generation, String> {
+) -> Result<Generation, Refusal> {
     let reply = behaviour::reply(behaviour, state.config.seed, req);
     let pieces = behaviour::pieces(&reply);
     let max_new = max_tokens.map_or(pieces.len(), |m| pieces.len().min(m as usize));
@@ -344,13 +380,17 @@ pub(crate) fn generate(
     let profile = state.engine.profile();
     let capacity = profile.kv_capacity_blocks() * profile.block_size;
     if prompt_tokens == 0 {
-        return Err("The prompt is empty.".to_owned());
+        return Err(Refusal::EmptyPrompt);
+    }
+    if let Some(limit) = state.config.max_model_len {
+        // As vLLM: the prompt plus the `max_tokens` asked for (one token when not given) must fit.
+        let completion = max_tokens.map_or(1, |m| m as usize);
+        if prompt_tokens + completion > limit as usize {
+            return Err(Refusal::TooLong { prompt: prompt_tokens, completion, limit: limit as usize });
+        }
     }
     if prompt_tokens + max_new_tokens > capacity {
-        return Err(format!(
-            "This model's maximum context length is {capacity} tokens. However, you requested {} tokens ({prompt_tokens} in the messages, {max_new_tokens} in the completion). Please reduce the length of the messages or completion.",
-            prompt_tokens + max_new_tokens
-        ));
+        return Err(Refusal::TooLong { prompt: prompt_tokens, completion: max_new_tokens, limit: capacity });
     }
     let events = state.engine.submit(EngineRequest { prompt: tokens, max_new_tokens, ..EngineRequest::default() });
     Ok(Generation { reply, pieces, max_new, prompt_tokens, events })

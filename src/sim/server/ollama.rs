@@ -125,7 +125,7 @@ pub(crate) async fn chat(State(state): State<Arc<AppState>>, _headers: HeaderMap
     let prompt = render_chatml(&req.messages, &req.tools);
     let mut g = match generate(&state, &req, &behaviour, &prompt, num_predict) {
         Ok(g) => g,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.vllm()),
     };
     let model = state.config.answer_model(body.get("model").and_then(Value::as_str));
     if body.get("stream").and_then(Value::as_bool).unwrap_or(true) {

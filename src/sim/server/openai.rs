@@ -254,7 +254,7 @@ async fn chat_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Response {
     let prompt = render_chatml(&req.messages, &req.tools);
     let mut g = match generate(&state, &req, &behaviour, &prompt, max) {
         Ok(g) => g,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e, Some("messages")),
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.vllm(), Some("messages")),
     };
     let id = format!("chatcmpl-{rid}");
     let created = unix_now();
@@ -393,7 +393,7 @@ async fn completions_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Respo
         .iter()
         .map(|p| {
             let req = AgentRequest { messages: vec![Message::user(p.clone())], ..AgentRequest::default() };
-            generate(&state, &req, &behaviour, p, max)
+            generate(&state, &req, &behaviour, p, max).map_err(super::Refusal::vllm)
         })
         .collect();
     let mut gens = match gens {
@@ -500,7 +500,7 @@ pub(crate) async fn models(State(state): State<Arc<AppState>>) -> Response {
         StatusCode::OK,
         &json!({"object": "list", "data": [{
             "id": model, "object": "model", "created": unix_now(), "owned_by": "vllm", "root": model,
-            "parent": null, "max_model_len": 32768, "permission": []
+            "parent": null, "max_model_len": state.config.max_model_len.unwrap_or(32768), "permission": []
         }]}),
     )
 }
