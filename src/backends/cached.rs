@@ -9,11 +9,11 @@ use tokio::sync::mpsc;
 
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
 use crate::conversation::{ToolCall, Usage};
-use crate::store::{cache_key, ResponseCache};
+use crate::store::{cache_key, CacheWriter};
 
 pub struct CachedBackend {
     inner: Arc<dyn Backend>,
-    cache: Arc<ResponseCache>,
+    writer: CacheWriter,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -25,8 +25,9 @@ struct Stored {
 }
 
 impl CachedBackend {
-    pub fn new(inner: Arc<dyn Backend>, cache: Arc<ResponseCache>) -> Self {
-        Self { inner, cache }
+    /// Answers are stored by `writer`'s thread, in groups, never on the caller's thread.
+    pub fn new(inner: Arc<dyn Backend>, writer: CacheWriter) -> Self {
+        Self { inner, writer }
     }
 
     fn key(request: &ChatRequest) -> String {
@@ -63,10 +64,16 @@ impl Backend for CachedBackend {
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>> {
         Box::pin(async move {
             let key = Self::key(&request);
-            let cache = self.cache.clone();
-            let lookup_key = key.clone();
-            // SQLite is blocking I/O: keep it off the async workers.
-            let hit = tokio::task::spawn_blocking(move || cache.get(&lookup_key)).await.ok().flatten();
+            let cache = Arc::clone(self.writer.cache());
+            let hit = if cache.may_contain(&key) {
+                let lookup_key = key.clone();
+                // SQLite is blocking I/O: keep it off the async workers.
+                tokio::task::spawn_blocking(move || cache.get(&lookup_key)).await.ok().flatten()
+            } else {
+                // Certainly not stored (every request of a new batch): no lookup at all.
+                cache.count_miss();
+                None
+            };
             if let Some(stored) = hit.and_then(|json| serde_json::from_str::<Stored>(&json).ok()) {
                 // Served from the cache: no prompt was processed and no tokens generated now.
                 return Ok(ChatResponse {
@@ -85,9 +92,8 @@ impl Backend for CachedBackend {
                 finish_reason: response.finish_reason.clone(),
             };
             if let Ok(json) = serde_json::to_string(&stored) {
-                let cache = self.cache.clone();
-                // A failed cache write costs a future hit, never this call.
-                tokio::task::spawn_blocking(move || cache.put(&key, &json));
+                // A failed or dropped cache write costs a future hit, never this call.
+                self.writer.put(key, json);
             }
             Ok(response)
         })

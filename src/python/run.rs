@@ -40,7 +40,7 @@ use crate::scheduler::run::{run_all, Dispatch, DEFAULT_LOOKAHEAD};
 use crate::scheduler::semaphore::PrioritySemaphore;
 use crate::scheduler::stats::RunStats;
 use crate::spec::{check_job_id, parse_settings, BatchSpec, SpecError};
-use crate::store::{InputFormat, ResponseCache};
+use crate::store::{CacheWriter, InputFormat, ResponseCache};
 use crate::tools::{OnToolError, ToolConfig, ToolExecutor, ToolPool};
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
@@ -447,7 +447,8 @@ impl PyRun {
         let mut response_cache = None;
         if let Some(path) = &options.response_cache {
             let cache = Arc::new(ResponseCache::open(path).map_err(|e| JournalError::new_err(e.to_string()))?);
-            connected.backend = Arc::new(CachedBackend::new(connected.backend, cache.clone()));
+            let writer = CacheWriter::start(cache.clone()).map_err(|e| JournalError::new_err(e.to_string()))?;
+            connected.backend = Arc::new(CachedBackend::new(connected.backend, writer));
             response_cache = Some(cache);
         }
         let shared = Arc::new(Shared::new().map_err(|e| RunError::new_err(format!("wake-up socket: {e}")))?);

@@ -9,8 +9,10 @@
 //! not promised to be.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -38,6 +40,8 @@ pub struct CacheStats {
     pub evicted: u64,
     /// Lookups that failed inside SQLite and were answered as misses.
     pub read_errors: u64,
+    /// Answers not stored because the writer was that far behind (bounded memory).
+    pub dropped: u64,
 }
 
 /// Default bound on the stored response bytes: large enough for millions of typical answers.
@@ -46,6 +50,16 @@ pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
 /// Lookups record their use time in memory and write it back in one transaction per this many,
 /// so a hit costs a read, not a write.
 const TOUCH_BATCH: usize = 256;
+
+/// Answers queued for the writer thread; past this they are dropped (a later run pays for them
+/// again), so a slow disk never grows memory.
+const WRITE_QUEUE: usize = 4096;
+/// Most answers stored in one transaction.
+const WRITE_GROUP: usize = 1024;
+
+/// Bits of the presence filter (2 MiB): with k = 3, about 1% false positives at a million entries
+/// and 10% at four million; a false positive only costs a lookup.
+const FILTER_BITS: usize = 1 << 24;
 
 /// The response cache: a SQLite table `responses(key, response, size, last_used)`.
 pub struct ResponseCache {
@@ -57,6 +71,12 @@ pub struct ResponseCache {
     puts: AtomicU64,
     evicted: AtomicU64,
     read_errors: AtomicU64,
+    dropped: AtomicU64,
+    /// A Bloom filter over the keys stored, so that a miss (every request of a new batch) is
+    /// answered from memory, without a lookup. Filled from the file by the writer when it starts;
+    /// entries another process adds later are not in it (they are misses here).
+    filter: Box<[AtomicU64]>,
+    filter_ready: AtomicBool,
 }
 
 struct Inner {
@@ -118,7 +138,79 @@ impl ResponseCache {
             puts: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             read_errors: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            filter: (0..FILTER_BITS / 64).map(|_| AtomicU64::new(0)).collect(),
+            filter_ready: AtomicBool::new(false),
         })
+    }
+
+    /// False when `key` is certainly not stored (answered from memory); true when it may be.
+    pub fn may_contain(&self, key: &str) -> bool {
+        if !self.filter_ready.load(Ordering::Acquire) {
+            return true;
+        }
+        filter_bits(key).iter().all(|&bit| self.filter[bit / 64].load(Ordering::Relaxed) & (1 << (bit % 64)) != 0)
+    }
+
+    /// Counts a lookup that [`ResponseCache::may_contain`] answered.
+    pub fn count_miss(&self) {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn remember(&self, key: &str) {
+        for bit in filter_bits(key) {
+            self.filter[bit / 64].fetch_or(1 << (bit % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Fills the presence filter from the file; until then every key may be stored.
+    fn load_filter(&self) -> Result<(), rusqlite::Error> {
+        let inner = self.lock();
+        let mut stmt = inner.conn.prepare("SELECT key FROM responses")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            self.remember(
+                row.get_ref(0)?.as_str().map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+                })?,
+            );
+        }
+        self.filter_ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Stores several answers in one transaction (the writer thread's path).
+    fn put_many(&self, entries: &[(String, String)]) -> Result<(), CacheError> {
+        let Some((first_key, _)) = entries.first() else { return Ok(()) };
+        let mut inner = self.lock();
+        let put_err = |source| CacheError::Put { path: self.path.clone(), key: first_key.clone(), source };
+        let now = now_millis();
+        let mut added = 0u64;
+        {
+            let tx = inner.conn.transaction().map_err(put_err)?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO responses(key, response, size, last_used) VALUES(?1, ?2, ?3, ?4)
+                         ON CONFLICT(key) DO UPDATE SET response = excluded.response, size = excluded.size,
+                             last_used = excluded.last_used",
+                    )
+                    .map_err(put_err)?;
+                for (key, response) in entries {
+                    let size = (key.len() + response.len()) as u64;
+                    stmt.execute(params![key, response, size as i64, now]).map_err(put_err)?;
+                    added += size;
+                }
+            }
+            tx.commit().map_err(put_err)?;
+        }
+        self.puts.fetch_add(entries.len() as u64, Ordering::Relaxed);
+        // A replaced entry is counted twice until the next prune recounts: pruning early is harmless.
+        inner.stored_bytes += added;
+        if inner.stored_bytes > self.max_bytes {
+            self.prune(&mut inner)?;
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -181,6 +273,7 @@ impl ResponseCache {
             .and_then(|mut stmt| stmt.execute(params![key, response_json, size as i64, now_millis()]))
             .map_err(put_err)?;
         self.puts.fetch_add(1, Ordering::Relaxed);
+        self.remember(key);
         inner.stored_bytes = inner.stored_bytes.saturating_sub(previous.unwrap_or(0).max(0) as u64) + size;
         if inner.stored_bytes > self.max_bytes {
             self.prune(&mut inner)?;
@@ -201,6 +294,7 @@ impl ResponseCache {
             puts: self.puts.load(Ordering::Relaxed),
             evicted: self.evicted.load(Ordering::Relaxed),
             read_errors: self.read_errors.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
         }
     }
 
@@ -243,6 +337,77 @@ impl Drop for ResponseCache {
         // Dropping cannot report: use times are advisory, losing them only skews eviction order.
         let _ = write_touches(inner);
     }
+}
+
+/// Stores answers off the caller's thread: one thread, a bounded queue, one transaction per group.
+/// Dropping it stores what is queued and stops the thread.
+pub struct CacheWriter {
+    cache: Arc<ResponseCache>,
+    queue: Option<SyncSender<(String, String)>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CacheWriter {
+    /// Starts the writer thread, which first fills the cache's presence filter.
+    pub fn start(cache: Arc<ResponseCache>) -> Result<Self, CacheError> {
+        let (queue, entries) = mpsc::sync_channel::<(String, String)>(WRITE_QUEUE);
+        let path = cache.path.clone();
+        let thread = {
+            let cache = Arc::clone(&cache);
+            std::thread::Builder::new()
+                .name("batchagent-cache".into())
+                .spawn(move || {
+                    // Without the filter every lookup goes to the file: slower, never wrong.
+                    let _ = cache.load_filter();
+                    let mut group = Vec::with_capacity(WRITE_GROUP);
+                    while let Ok(entry) = entries.recv() {
+                        group.push(entry);
+                        while group.len() < WRITE_GROUP {
+                            match entries.try_recv() {
+                                Ok(entry) => group.push(entry),
+                                Err(_) => break,
+                            }
+                        }
+                        // A failed store costs a future hit, never a result.
+                        let _ = cache.put_many(&group);
+                        group.clear();
+                    }
+                })
+                .map_err(|e| CacheError::Open { path, reason: format!("starting the writer: {e}") })?
+        };
+        Ok(Self { cache, queue: Some(queue), thread: Some(thread) })
+    }
+
+    pub fn cache(&self) -> &Arc<ResponseCache> {
+        &self.cache
+    }
+
+    /// Queues an answer; never blocks. Visible to lookups at once through the presence filter, and
+    /// in the file once the writer has stored it.
+    pub fn put(&self, key: String, response_json: String) {
+        self.cache.remember(&key);
+        let Some(queue) = &self.queue else { return };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = queue.try_send((key, response_json)) {
+            self.cache.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for CacheWriter {
+    fn drop(&mut self) {
+        self.queue = None;
+        if let Some(thread) = self.thread.take() {
+            // A panicked writer has stored what it could; nothing else to do at drop.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Three 24-bit positions taken from the key's 128-bit digest (its hex text, or a hash of it).
+fn filter_bits(key: &str) -> [usize; 3] {
+    let digest = u128::from_str_radix(key, 16).unwrap_or_else(|_| hash128(key.as_bytes()));
+    let mask = (FILTER_BITS - 1) as u128;
+    [(digest & mask) as usize, ((digest >> 40) & mask) as usize, ((digest >> 80) & mask) as usize]
 }
 
 fn write_touches(inner: &mut Inner) -> Result<(), rusqlite::Error> {
@@ -470,6 +635,32 @@ mod tests {
         drop(cache);
         let reopened = ResponseCache::open(&path).unwrap();
         assert!(reopened.get("k10").is_some());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_writer_stores_in_groups_and_misses_are_answered_from_memory() {
+        let dir = std::env::temp_dir().join(format!("ba-cache-writer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("c.sqlite");
+        let cache = Arc::new(ResponseCache::open(&path).unwrap());
+        let stored = cache_key("m", "[\"old\"]", "[]", "{}");
+        cache.put(&stored, "old").unwrap();
+        let writer = CacheWriter::start(Arc::clone(&cache)).unwrap();
+        let keys: Vec<String> = (0..100).map(|i| cache_key("m", &format!("[{i}]"), "[]", "{}")).collect();
+        for key in &keys {
+            writer.put(key.clone(), format!("answer {key}"));
+        }
+        drop(writer);
+        let stats = cache.stats();
+        assert_eq!((stats.puts, stats.dropped), (101, 0));
+        for key in keys.iter().chain([&stored]) {
+            assert!(cache.may_contain(key), "stored keys pass the filter");
+            assert!(cache.get(key).is_some());
+        }
+        let absent: Vec<String> = (0..1000).map(|i| cache_key("other", &i.to_string(), "", "")).collect();
+        let passed = absent.iter().filter(|k| cache.may_contain(k)).count();
+        assert!(passed < 10, "{passed} of 1000 absent keys passed an almost empty filter");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

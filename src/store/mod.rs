@@ -6,7 +6,7 @@ pub mod input;
 pub mod journal;
 pub mod sink;
 
-pub use cache::{cache_key, hash128, CacheError, CacheStats, ResponseCache};
+pub use cache::{cache_key, hash128, CacheError, CacheStats, CacheWriter, ResponseCache};
 pub use input::{InputError, InputFormat, InputReader, InputRecord};
 pub use journal::{Checkpoint, Journal, JournalError, JournalResults, JournalStats};
 pub use sink::{JsonlSink, SinkError, TornLine};
