@@ -82,3 +82,24 @@ def test_answers_from_the_response_cache_are_not_model_calls(tmp_path: Path) -> 
     assert report.model_calls == 0
     assert report.response_cache_hits == n
     assert "response cache" in report.table()
+
+
+def test_another_model_behind_the_same_name_and_url_is_a_cache_miss(tmp_path: Path) -> None:
+    n = 6
+    cache = tmp_path / "responses.sqlite"
+
+    def run(server: sim.Simulator) -> Batch:
+        batch = Batch("Say hi to {i}.", backend=backend_of(server), model="sim-model", response_cache=cache)
+        batch.run([{"i": i} for i in range(n)])
+        return batch
+
+    with sim.start(time_scale=0, seed=2, model_root="checkpoint-a") as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        run(server)
+        assert run(server).report().response_cache_hits == n, "same endpoint, same model: hits"
+    # The same URL and model name, another checkpoint behind them (`root` in /v1/models).
+    with sim.start(time_scale=0, seed=2, model_root="checkpoint-b", port=port) as server:
+        report = run(server).report()
+        assert server.stats()["requests"]["total"] == n
+    assert report.response_cache_hits == 0
+    assert report.model_calls == n

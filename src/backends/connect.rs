@@ -17,6 +17,8 @@ pub struct Connected {
     pub sims: Vec<SimServer>,
     /// Prometheus `/metrics` of the endpoints that have one (vLLM, SGLang, Dynamo, sim).
     pub metrics_urls: Vec<MetricsSource>,
+    /// The URL each endpoint is reached at (an embedded simulator's own loopback address).
+    pub addresses: Vec<String>,
 }
 
 pub async fn connect(urls: &[String], options: &ConnectOptions) -> Result<Connected, BackendError> {
@@ -36,22 +38,25 @@ pub async fn connect_fleet(
                 backend,
                 sims: sim.into_iter().collect(),
                 metrics_urls: metrics_url(&address, options)?.into_iter().collect(),
+                addresses: vec![address],
             })
         }
         many => {
             let mut members = Vec::with_capacity(many.len());
             let mut sims = Vec::new();
             let mut per_member = Vec::with_capacity(many.len());
+            let mut addresses = Vec::with_capacity(many.len());
             for target in many {
                 let (backend, sim, address) = connect_one(target, options).await?;
                 sims.extend(sim);
                 per_member.push(metrics_url(&address, options)?);
                 members.push(member(backend, &address, options)?);
+                addresses.push(address);
             }
             let metrics_urls = per_member.iter().flatten().cloned().collect();
             let mut fleet = Fleet::new(members, fleet).await?;
             fleet.watch_metrics(per_member);
-            Ok(Connected { backend: Arc::new(fleet), sims, metrics_urls })
+            Ok(Connected { backend: Arc::new(fleet), sims, metrics_urls, addresses })
         }
     }
 }

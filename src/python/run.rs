@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 
 use std::path::PathBuf;
 
-use crate::backends::cached::CachedBackend;
+use crate::backends::cached::{endpoint_identity, CachedBackend};
 use crate::backends::connect::{connect_fleet, ConnectOptions, Connected};
 use crate::backends::fleet::{FleetOptions, Routing};
 use crate::backends::metrics::EngineWatch;
@@ -448,7 +448,10 @@ impl PyRun {
         if let Some(path) = &options.response_cache {
             let cache = Arc::new(ResponseCache::open(path).map_err(|e| JournalError::new_err(e.to_string()))?);
             let writer = CacheWriter::start(cache.clone()).map_err(|e| JournalError::new_err(e.to_string()))?;
-            connected.backend = Arc::new(CachedBackend::new(connected.backend, writer));
+            let identity = py.allow_threads(|| {
+                runtime.block_on(endpoint_identity(&connected.addresses, &spec.model, connect_options.api_key.as_ref()))
+            });
+            connected.backend = Arc::new(CachedBackend::new(connected.backend, writer, identity));
             response_cache = Some(cache);
         }
         let shared = Arc::new(Shared::new().map_err(|e| RunError::new_err(format!("wake-up socket: {e}")))?);

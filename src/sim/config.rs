@@ -246,6 +246,9 @@ pub struct SimConfig {
     /// Set by the `model` option: requests for any other name are answered 404, as a real server
     /// does. Unset, the simulator serves whatever name it is asked for.
     pub model_pinned: bool,
+    /// What `/v1/models` gives as the model's `root` (the checkpoint behind the name); the name
+    /// itself when unset.
+    pub model_root: Option<String>,
     pub behaviour: BehaviourConfig,
     pub faults: FaultConfig,
     pub prefix_caching: bool,
@@ -271,6 +274,7 @@ impl Default for SimConfig {
             seed: 0,
             model: "sim-model".to_owned(),
             model_pinned: false,
+            model_root: None,
             behaviour: BehaviourConfig::default(),
             faults: FaultConfig::default(),
             prefix_caching: true,
@@ -352,6 +356,7 @@ impl SimConfig {
                 value.clone_into(&mut self.model);
                 self.model_pinned = true;
             }
+            "model_root" => self.model_root = Some(value.to_owned()),
             "api_key" => self.api_key = Secret::non_empty(Some(value.to_owned())),
             "prefix_caching" => self.prefix_caching = parse_bool(key, value)?,
             "cache_min_tokens" => self.cache_min_tokens = parse_num(key, value)?,

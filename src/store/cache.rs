@@ -429,15 +429,17 @@ fn now_millis() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// The cache key of one model request: 32 hex digits of a 128-bit hash over the model name, the
-/// messages, the tools and the sampling parameters. Each part is length-prefixed, so moving bytes
-/// from one part to the next changes the key. The JSON texts must be produced canonically by the
-/// caller (serde's field order is fixed, so serializing the same request twice gives the same text).
-pub fn cache_key(model: &str, messages_json: &str, tools_json: &str, sampling_json: &str) -> String {
+/// The cache key of one model request: 32 hex digits of a 128-bit hash over the endpoint's identity
+/// (its URL and the model it serves, see [`crate::backends::cached::endpoint_identity`]), the model
+/// name, the messages, the tools and the sampling parameters. Each part is length-prefixed, so
+/// moving bytes from one part to the next changes the key. The JSON texts must be produced
+/// canonically by the caller (serde's field order is fixed, so serializing the same request twice
+/// gives the same text).
+pub fn cache_key(endpoint: &str, model: &str, messages_json: &str, tools_json: &str, sampling_json: &str) -> String {
     let mut h = Sip13::new(KEY0, KEY1);
     // A version tag: changing how requests are keyed invalidates old entries instead of misreading them.
-    h.write_part(b"batchagent-response-v1");
-    for part in [model, messages_json, tools_json, sampling_json] {
+    h.write_part(b"batchagent-response-v2");
+    for part in [endpoint, model, messages_json, tools_json, sampling_json] {
         h.write_part(part.as_bytes());
     }
     format!("{:032x}", h.finish128())
@@ -599,12 +601,13 @@ mod tests {
 
     #[test]
     fn cache_key_separates_parts_and_is_stable() {
-        let a = cache_key("m", "[1]", "[]", "{}");
-        assert_eq!(a, cache_key("m", "[1]", "[]", "{}"));
+        let a = cache_key("e", "m", "[1]", "[]", "{}");
+        assert_eq!(a, cache_key("e", "m", "[1]", "[]", "{}"));
         assert_eq!(a.len(), 32);
-        assert_ne!(a, cache_key("m[", "1]", "[]", "{}"));
-        assert_ne!(a, cache_key("m", "[1]", "[]", "{\"temperature\":0}"));
-        assert_ne!(cache_key("", "ab", "", ""), cache_key("", "a", "b", ""));
+        assert_ne!(a, cache_key("e", "m[", "1]", "[]", "{}"));
+        assert_ne!(a, cache_key("other endpoint", "m", "[1]", "[]", "{}"));
+        assert_ne!(a, cache_key("e", "m", "[1]", "[]", "{\"temperature\":0}"));
+        assert_ne!(cache_key("", "", "ab", "", ""), cache_key("", "", "a", "b", ""));
     }
 
     #[test]
@@ -644,10 +647,10 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("c.sqlite");
         let cache = Arc::new(ResponseCache::open(&path).unwrap());
-        let stored = cache_key("m", "[\"old\"]", "[]", "{}");
+        let stored = cache_key("e", "m", "[\"old\"]", "[]", "{}");
         cache.put(&stored, "old").unwrap();
         let writer = CacheWriter::start(Arc::clone(&cache)).unwrap();
-        let keys: Vec<String> = (0..100).map(|i| cache_key("m", &format!("[{i}]"), "[]", "{}")).collect();
+        let keys: Vec<String> = (0..100).map(|i| cache_key("e", "m", &format!("[{i}]"), "[]", "{}")).collect();
         for key in &keys {
             writer.put(key.clone(), format!("answer {key}"));
         }
@@ -658,7 +661,7 @@ mod tests {
             assert!(cache.may_contain(key), "stored keys pass the filter");
             assert!(cache.get(key).is_some());
         }
-        let absent: Vec<String> = (0..1000).map(|i| cache_key("other", &i.to_string(), "", "")).collect();
+        let absent: Vec<String> = (0..1000).map(|i| cache_key("e", "other", &i.to_string(), "", "")).collect();
         let passed = absent.iter().filter(|k| cache.may_contain(k)).count();
         assert!(passed < 10, "{passed} of 1000 absent keys passed an almost empty filter");
         let _ = std::fs::remove_dir_all(&dir);
