@@ -63,6 +63,17 @@ def test_the_simulator_serves_the_readme_model_name() -> None:
     assert results[0].ok, results[0].error
 
 
+def test_a_simulator_server_without_a_pinned_model_passes_the_check_for_any_name() -> None:
+    # `batchagent sim serve` without --model, reached as a vLLM server: the check lets any name through.
+    with simulator.start(time_scale=0) as server:
+        host = server.url.removeprefix("http://")
+        batch = Batch("Say {x}.", model="qwen2.5-7b", backend=f"vllm://{host}", max_turns=1)
+        batch.check()
+        results = batch.run([{"x": 1}])
+        assert results[0].ok, results[0].error
+        assert chat_requests(server) == 1
+
+
 def test_a_dataframe_is_read_as_rows() -> None:
     pd = pytest.importorskip("pandas")
     frame = pd.DataFrame(

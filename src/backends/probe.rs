@@ -142,6 +142,10 @@ fn reason(error: &reqwest::Error) -> String {
 
 fn parse_listing(listing: Listing, body: &[u8]) -> Option<Vec<String>> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    if value.get("serves_any_model") == Some(&serde_json::Value::Bool(true)) {
+        // An unpinned simulator (`batchagent sim serve` without --model) answers any name.
+        return None;
+    }
     let (array, field) = match listing {
         Listing::OpenAi => (value.get("data")?.as_array()?, "id"),
         Listing::Ollama => (value.get("models")?.as_array()?, "name"),
@@ -218,6 +222,14 @@ mod tests {
         assert_eq!(url("llamacpp://h"), Some(("http://h:8080/v1/models".into(), Listing::None)));
         assert_eq!(url("anthropic://"), Some(("https://api.anthropic.com/v1/models".into(), Listing::None)));
         assert_eq!(url("sim://?time_scale=0"), None);
+    }
+
+    #[test]
+    fn an_unpinned_simulator_lists_no_name_to_check() {
+        let unpinned = br#"{"object":"list","data":[{"id":"sim-model"}],"serves_any_model":true}"#;
+        assert_eq!(parse_listing(Listing::OpenAi, unpinned), None);
+        let pinned = br#"{"object":"list","data":[{"id":"sim-model"}]}"#;
+        assert_eq!(parse_listing(Listing::OpenAi, pinned), Some(vec!["sim-model".to_owned()]));
     }
 
     #[test]

@@ -497,11 +497,14 @@ async fn completions_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Respo
 pub(crate) async fn models(State(state): State<Arc<AppState>>) -> Response {
     let model = &state.config.model;
     let root = state.config.model_root.as_ref().unwrap_or(model);
-    json_response(
-        StatusCode::OK,
-        &json!({"object": "list", "data": [{
-            "id": model, "object": "model", "created": unix_now(), "owned_by": "vllm", "root": root,
-            "parent": null, "max_model_len": state.config.max_model_len.unwrap_or(32768), "permission": []
-        }]}),
-    )
+    let mut listing = json!({"object": "list", "data": [{
+        "id": model, "object": "model", "created": unix_now(), "owned_by": "vllm", "root": root,
+        "parent": null, "max_model_len": state.config.max_model_len.unwrap_or(32768), "permission": []
+    }]});
+    if !state.config.model_pinned {
+        // Not a vLLM field: it tells a client's pre-run check that any model name is served here
+        // (OpenAI-compatible clients ignore fields they do not know).
+        listing["serves_any_model"] = json!(true);
+    }
+    json_response(StatusCode::OK, &listing)
 }
