@@ -156,7 +156,7 @@ def test_no_secret_reaches_any_output(
         )
         assert batch.run([{"n": 0}])[0].ok
     with simulator.start(time_scale=0, seed=4, port=port, api_key=SERVER_KEY):
-        results = batch.run([{"n": i} for i in range(1, 4)])
+        results = batch.run([{"id": f"after-revoke-{i}", "n": i} for i in range(1, 4)])
     assert all(r.error is not None and r.error.kind == "auth" for r in results), results
     shown = [repr(batch), repr(batch.report()), str(batch.report().raw), *(repr(r) for r in results)]
     shown += [str(r.error) for r in results]
