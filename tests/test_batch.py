@@ -329,13 +329,14 @@ def _thread_recording_tool(threads: list[str], delay: float = 0.0, **options: An
     return read_file
 
 
-def _run_with(reader: Any, n: int) -> list[Result]:
+def _run_with(reader: Any, n: int, window: int | None = None) -> list[Result]:
     batch = Batch(
         "Review {path} for bugs.",
         tools=[reader],
         output=Review,
         backend=f"sim://?{FAST}&tool_rounds=1",
         max_inflight=4,
+        window=window,
     )
     results = batch.run(inputs(n))
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
@@ -349,7 +350,9 @@ def test_fast_sync_tools_move_inline_and_slow_ones_stay_in_the_pool(monkeypatch:
     # not the threshold, so any call under a second counts as fast for this part.
     with monkeypatch.context() as m:
         m.setattr(batch_module, "_INLINE_TOOL_SECONDS", 1.0)
-        _run_with(_thread_recording_tool(fast), 60)
+        # One agent at a time: each call is timed before the next one is dispatched, so the move
+        # happens after the eighth call whatever the machine's load.
+        _run_with(_thread_recording_tool(fast), 60, window=1)
     # Timed in the pool first; once measured fast they run on the loop's thread.
     assert fast[0] != main and fast[-1] == main, fast
     slow: list[str] = []
@@ -388,7 +391,7 @@ def test_an_inline_tool_that_turns_slow_goes_back_to_the_pool(monkeypatch: pytes
             time.sleep(0.005)
         return path
 
-    _run_with(read_file, 60)
+    _run_with(read_file, 60, window=1)
     # It moved inline once, was slow there, and every later call went back to the pool.
     assert threads.count(main) == 1, threads
     assert threads[-1] != main, threads
