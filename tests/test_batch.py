@@ -266,7 +266,9 @@ def test_ctrl_c_stops_a_run_cleanly(tmp_path: Any) -> None:
     # exit status is the interrupt's, whatever the machine's speed.
     script = tmp_path / "run.py"
     script.write_text(
-        "import asyncio, sys\n"
+        "import asyncio, faulthandler, sys\n"
+        # Should the interrupt ever be lost, every thread's stack goes to stderr (the failure shows it).
+        "faulthandler.dump_traceback_later(45, exit=True)\n"
         "from batchagent_rs import Batch, tool\n"
         "announced = False\n"
         "@tool\n"
