@@ -266,7 +266,10 @@ def test_ctrl_c_stops_a_run_cleanly(tmp_path: Any) -> None:
     # exit status is the interrupt's, whatever the machine's speed.
     script = tmp_path / "run.py"
     script.write_text(
-        "import asyncio, faulthandler, sys\n"
+        "import asyncio, faulthandler, signal, sys\n"
+        # A test runner started in the background (`cmd &`, nohup, some CI agents) passes SIGINT on
+        # ignored, and Python then installs no Ctrl-C handler: give the run what a terminal gives it.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         # Should the interrupt ever be lost, every thread's stack goes to stderr (the failure shows it).
         "faulthandler.dump_traceback_later(45, exit=True)\n"
         "from batchagent_rs import Batch, tool\n"
@@ -293,7 +296,12 @@ def test_ctrl_c_stops_a_run_cleanly(tmp_path: Any) -> None:
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "in tool"
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130, err
     assert "interrupted" in out
     # The journal is intact: it opens and holds the first turns written before the interrupt.
