@@ -843,7 +843,6 @@ class _Driver:
             # A lazy iterable may block (a slow generator): it is read in a thread of its own, so
             # the first input goes out as soon as it is there, not once a window of them is.
             self.reader = _LazyInputs(enumerate(self.inputs), loop, self._on_read)
-        self.checked = pending is not None
         self.queue: asyncio.Queue[list[Result] | None] = asyncio.Queue()
         self.failure: BaseException | None = None
         self.started = started = time.perf_counter()
@@ -909,34 +908,13 @@ class _Driver:
             return
         if self.source is None:
             return
-        chunk: list[tuple[str, int, str]] = []
-        bad: list[Result] = []
-        for item in itertools.islice(self.source, credit):
-            if self.checked:
-                chunk.append(item)
-                continue
-            index, raw = item
-            try:
-                job_id, text = _input_json(index, raw)
-                duplicates = self.run.check_inputs([(job_id, index, text)])
-                if duplicates:
-                    bad.append(_duplicate(job_id, index, duplicates[0][1]))
-                else:
-                    chunk.append((job_id, index, text))
-            except _core.InputError as exc:
-                # An input read lazily cannot fail the whole batch: it becomes a failed result.
-                bad.append(_bad_input(index, raw, str(exc)))
+        # A list, checked whole up front; lazy inputs go through `_on_read`.
+        chunk = list(itertools.islice(self.source, credit))
         if chunk:
             self.run.feed(chunk)
-        if len(chunk) + len(bad) < credit:
+        if len(chunk) < credit:
             self.source = None
             self.run.close_input()
-        if bad:
-            for result in bad:
-                self._deliver(result)
-            self._emit(bad)
-            # Their places in the window are free again.
-            self._feed(len(bad))
 
     def _on_read(self, items: list[tuple[int, Any]], ended: bool, error: BaseException | None) -> None:
         """Inputs the lazy reader took from the iterable (on the loop's thread)."""
