@@ -1,0 +1,16 @@
+"""GPU kernels of the embedded engine (Triton), each with a plain PyTorch reference in `reference`.
+
+- `paged_decode_attention`: one decode query per sequence over a paged KV cache, grouped-query
+  heads served by one read of each KV token;
+- `cascade_decode_attention`: the same where groups of sequences share a prefix, whose KV is read
+  once per tile of stacked queries instead of once per sequence, merged with each sequence's own
+  suffix by log-sum-exp.
+
+Importing this package needs `torch` and `triton`; the kernels run on CUDA devices (or under
+`TRITON_INTERPRET=1` on the CPU, slowly, for debugging).
+"""
+
+from .cascade import cascade_decode_attention
+from .paged_attention import paged_decode_attention
+
+__all__ = ["cascade_decode_attention", "paged_decode_attention"]
