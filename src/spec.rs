@@ -230,6 +230,8 @@ pub struct BatchSpec {
     pub warm_prefix: bool,
     /// Send Dynamo agent hints.
     pub agent_hints: bool,
+    /// Fields merged into every request body (`extra_body=`); a job's own extra fields go on top.
+    pub extra_body: Option<Arc<Map<String, Value>>>,
 }
 
 #[derive(Deserialize)]
@@ -273,6 +275,8 @@ struct RawSpec {
     warm_prefix: bool,
     #[serde(default)]
     agent_hints: bool,
+    #[serde(default)]
+    extra_body: Option<Map<String, Value>>,
 }
 
 fn default_max_turns() -> u32 {
@@ -366,6 +370,7 @@ impl BatchSpec {
             stream: raw.stream,
             warm_prefix: raw.warm_prefix,
             agent_hints: raw.agent_hints,
+            extra_body: raw.extra_body.filter(|m| !m.is_empty()).map(Arc::new),
         })
     }
 }

@@ -181,6 +181,7 @@ fn request() -> ChatRequest {
         stream: false,
         hints: None,
         text_deltas: false,
+        extra_body: None,
     }
 }
 

@@ -209,6 +209,7 @@ fn request(model: &str, stream: bool) -> ChatRequest {
         stream,
         hints: None,
         text_deltas: true,
+        extra_body: None,
     }
 }
 

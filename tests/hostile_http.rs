@@ -147,6 +147,7 @@ fn request(stream: bool) -> ChatRequest {
         stream,
         hints: None,
         text_deltas: false,
+        extra_body: None,
     }
 }
 

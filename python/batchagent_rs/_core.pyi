@@ -26,10 +26,20 @@ def check_schema(schema_json: str) -> None:
     """Compile a JSON Schema as a run would; raises `SchemaError` naming the bad part."""
 
 def check_backends(
-    backends: list[str], model: str | None = None, api_key: str | None = None, timeout: float = 3.0
+    backends: list[str],
+    model: str | None = None,
+    api_key: str | None = None,
+    timeout: float = 3.0,
+    extra_headers: list[tuple[str, str]] = ...,
 ) -> None:
     """Every backend answers within `timeout` seconds and, when `model` is given, serves it; raises
-    `BackendUnavailable` naming the backend that did not answer, or listing the models served."""
+    `BackendUnavailable` naming the backend that did not answer, or listing the models served.
+    `extra_headers` go with the probes as with the model calls; a bad one raises `SchemaError`."""
+
+def check_headers(headers: list[tuple[str, str]]) -> None:
+    """Check `extra_headers`: valid names, not the framing headers (Content-Length, Host, ...), no
+    CR, LF or other control character in a value; raises `SchemaError` naming the header, never its
+    value."""
 
 def display_url(url: str) -> str:
     """The URL as it may be printed: no query and no user info (either can hold a key)."""
@@ -42,13 +52,15 @@ class Run:
     """One batch run. Created from the spec and options as JSON; starts at once and waits for inputs."""
 
     def __new__(cls, spec_json: str, options_json: str) -> Run: ...
-    def check_inputs(self, items: list[tuple[str, int, str]]) -> list[tuple[int, int]]:
-        """Check `(id, index, input json)`: the task renders, the id is printable and not seen before.
+    def check_inputs(self, items: list[tuple[str, int, str, str | None]]) -> list[tuple[int, int]]:
+        """Check `(id, index, input json, extra body json)`: the task renders, the id is printable and
+        not seen before, the extra body (the input's own `extra_body` fields) is a JSON object.
 
         Raises `InputError` on the first bad one. With the run option `dedupe`, a repeated id is
         returned as `(index, first index with that id)` instead of raising."""
-    def feed(self, items: list[tuple[str, int, str]]) -> None:
-        """Hand `(id, index, input json)` to the run; no more than the credit granted so far."""
+    def feed(self, items: list[tuple[str, int, str, str | None]]) -> None:
+        """Hand `(id, index, input json, extra body json)` to the run; no more than the credit
+        granted so far."""
     def close_input(self) -> None:
         """No more inputs."""
     @property

@@ -23,6 +23,7 @@ from collections.abc import (
     Coroutine,
     Iterable,
     Iterator,
+    Mapping,
     Sequence,
     Sized,
 )
@@ -313,6 +314,8 @@ class Batch:
         kv_capacity_tokens: int | None = None,
         dedupe: bool = False,
         accept_truncated: bool = False,
+        extra_body: ExtraBody | None = None,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> None:
         if backend is None:
             raise TypeError(
@@ -351,6 +354,20 @@ class Batch:
             raise TypeError("output must be a pydantic model class, a JSON Schema dict, or None")
         if schema is not None:
             _core.check_schema(json.dumps(schema))
+        self._extra_body_fn: Callable[[dict[str, Any]], Any] | None = None
+        static_extra: dict[str, Any] | None = None
+        if callable(extra_body):
+            self._extra_body_fn = extra_body
+        elif isinstance(extra_body, dict):
+            try:
+                static_extra = json.loads(json.dumps(extra_body))
+            except (TypeError, ValueError) as exc:
+                raise _core.SchemaError(f"extra_body: cannot be encoded as JSON: {exc}") from exc
+        elif extra_body is not None:
+            raise TypeError(
+                f"extra_body: expected a dict or a function of the input returning a dict, got {extra_body!r}"
+            )
+        headers = _check_headers(extra_headers)
         self._spec = {
             "model": model,
             "system": system,
@@ -372,6 +389,7 @@ class Batch:
             "stream": stream,
             "warm_prefix": warm_prefix,
             "agent_hints": agent_hints,
+            "extra_body": static_extra,
         }
         # Every setting is checked here, naming the one at fault, not when the run starts.
         _core.check_spec(json.dumps(self._spec))
@@ -399,6 +417,7 @@ class Batch:
             "kv_capacity_tokens": kv_capacity_tokens,
             "dedupe": dedupe,
             "accept_truncated": accept_truncated,
+            "extra_headers": headers,
         }
         self._on_result = on_result
         self._tool_threads = tool_threads
@@ -411,6 +430,7 @@ class Batch:
         self._backends = backends
         self._model = model
         self._api_key = api_key
+        self._headers = headers
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -419,7 +439,7 @@ class Batch:
         the run will send) and the model is one they serve. Raises `BackendUnavailable` naming the
         backend that did not answer, or listing the models served. The first run of a batch calls
         it; call it yourself to fail earlier."""
-        _core.check_backends(self._backends, self._model, self._api_key)
+        _core.check_backends(self._backends, self._model, self._api_key, extra_headers=self._headers)
         self._checked = True
 
     def run(
@@ -512,6 +532,11 @@ class Batch:
         if input_format == "parquet" or (input_format == "auto" and os.fspath(input).endswith(".parquet")):
             # Parquet is read here (pyarrow), a record batch at a time; the rest stays in the core.
             rows = _parquet_rows(os.fspath(input))
+        elif self._extra_body_fn is not None:
+            raise ValueError(
+                "extra_body as a function of the input needs the inputs read in Python: pass them to "
+                "run()/stream() (a generator reading the file keeps memory flat), or give a dict"
+            )
         else:
             options["input"] = {
                 "path": os.fspath(input),
@@ -755,7 +780,31 @@ def _blocking(make: Callable[[], Coroutine[Any, Any, _R]]) -> _R:
 _INPUT_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
 
 
-def _input_json(index: int, item: Any) -> tuple[str, str]:
+def _check_headers(headers: Mapping[str, str] | None) -> list[tuple[str, str]]:
+    """`extra_headers` as the core takes them; a bad one raises `SchemaError` naming the header,
+    never showing its value."""
+    if headers is None:
+        return []
+    if not isinstance(headers, Mapping):
+        raise TypeError(
+            f"extra_headers: expected a dict of header names to values, got {type(headers).__name__}"
+        )
+    out = []
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError(f"extra_headers: names and values must be strings (header {name!r})")
+        out.append((name, value))
+    _core.check_headers(out)
+    return out
+
+
+ExtraBody = dict[str, Any] | Callable[[dict[str, Any]], dict[str, Any] | None]
+
+# An input as the core takes it: id, index, the input as JSON, its own extra body fields as JSON.
+_Fed = tuple[str, int, str, "str | None"]
+
+
+def _input_json(index: int, item: Any, extra_body: Callable[[dict[str, Any]], Any] | None = None) -> _Fed:
     if not isinstance(item, dict):
         raise _core.InputError(f"input {index}: expected a dict, got {type(item).__name__}")
     try:
@@ -763,7 +812,22 @@ def _input_json(index: int, item: Any) -> tuple[str, str]:
     except (TypeError, ValueError) as exc:
         raise _core.InputError(f"input {index}: cannot be encoded as JSON: {exc}") from exc
     job_id = item.get("id")
-    return (str(job_id) if job_id is not None else str(index)), text
+    extra = None
+    if extra_body is not None:
+        try:
+            fields = extra_body(item)
+        except Exception as exc:
+            raise _core.InputError(f"input {index}: extra_body raised {type(exc).__name__}: {exc}") from exc
+        if fields is not None:
+            if not isinstance(fields, dict):
+                raise _core.InputError(
+                    f"input {index}: extra_body returned {type(fields).__name__}, not a dict"
+                )
+            try:
+                extra = _INPUT_ENCODER.encode(fields)
+            except (TypeError, ValueError) as exc:
+                raise _core.InputError(f"input {index}: extra_body cannot be encoded as JSON: {exc}") from exc
+    return (str(job_id) if job_id is not None else str(index)), index, text, extra
 
 
 class _Driver:
@@ -816,13 +880,11 @@ class _Driver:
         if not batch._checked:
             # Before anything is sent: a dead backend or a model it does not serve raises here.
             await asyncio.get_running_loop().run_in_executor(None, batch.check)
-        pending: list[tuple[str, int, str]] | None = None
+        pending: list[_Fed] | None = None
+        extra_body = batch._extra_body_fn
         if isinstance(self.inputs, Sequence):
             # A list can be checked whole before anything is sent.
-            pending = [
-                (job_id, i, text)
-                for i, (job_id, text) in enumerate(_input_json(i, x) for i, x in enumerate(self.inputs))
-            ]
+            pending = [_input_json(i, x, extra_body) for i, x in enumerate(self.inputs)]
         options = self.options
         if pending is not None and options.get("lookahead") is None:
             # A list is in memory already: group all of it by prefix.
@@ -833,7 +895,7 @@ class _Driver:
             duplicates = run.check_inputs(pending)
             if duplicates:
                 first_of = dict(duplicates)
-                skipped = [_duplicate(job_id, i, first_of[i]) for job_id, i, _ in pending if i in first_of]
+                skipped = [_duplicate(job_id, i, first_of[i]) for job_id, i, _, _ in pending if i in first_of]
                 pending = [item for item in pending if item[1] not in first_of]
         self.run = run
         loop = asyncio.get_running_loop()
@@ -919,16 +981,16 @@ class _Driver:
     def _on_read(self, items: list[tuple[int, Any]], ended: bool, error: BaseException | None) -> None:
         """Inputs the lazy reader took from the iterable (on the loop's thread)."""
         try:
-            chunk: list[tuple[str, int, str]] = []
+            chunk: list[_Fed] = []
             bad: list[Result] = []
             for index, raw in items:
                 try:
-                    job_id, text = _input_json(index, raw)
-                    duplicates = self.run.check_inputs([(job_id, index, text)])
+                    fed = _input_json(index, raw, self.batch._extra_body_fn)
+                    duplicates = self.run.check_inputs([fed])
                     if duplicates:
-                        bad.append(_duplicate(job_id, index, duplicates[0][1]))
+                        bad.append(_duplicate(fed[0], index, duplicates[0][1]))
                     else:
-                        chunk.append((job_id, index, text))
+                        chunk.append(fed)
                 except _core.InputError as exc:
                     bad.append(_bad_input(index, raw, str(exc)))
             if chunk:

@@ -261,10 +261,10 @@ def load_tools(specs: Sequence[str]) -> list[Tool]:
     return tools
 
 
-def check_backends(backends: Sequence[str], model: str | None) -> None:
+def check_backends(backends: Sequence[str], model: str | None, headers: dict[str, str] | None = None) -> None:
     """Every backend must answer, and serve the model, before the first request is sent."""
     try:
-        _core.check_backends(list(backends), model, None, _PROBE_TIMEOUT)
+        _core.check_backends(list(backends), model, None, _PROBE_TIMEOUT, list((headers or {}).items()))
     except (BackendUnavailable, SchemaError) as exc:
         raise UsageError(str(exc)) from exc
 
@@ -427,7 +427,7 @@ def _run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             cache = None
-    check_backends(backends, model)
+    check_backends(backends, model, _headers(settings.get("extra_headers")))
     try:
         batch = Batch(
             task,
@@ -446,6 +446,8 @@ def _run(args: argparse.Namespace) -> int:
             journal=journal,
             response_cache=cache,
             dedupe=bool(settings.get("dedupe")),
+            extra_body=settings.get("extra_body"),
+            extra_headers=_headers(settings.get("extra_headers")),
         )
     except (SchemaError, TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
@@ -677,7 +679,48 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prices", help="JSON price table overriding the built-in one (dollars per million tokens)"
     )
+    p.add_argument(
+        "--extra-body",
+        dest="extra_body",
+        type=_json_object,
+        help="a JSON object merged into every request body (e.g. "
+        "'{\"top_k\": 20}' for vLLM; see the README for each backend)",
+    )
+    p.add_argument(
+        "-H",
+        "--header",
+        dest="extra_headers",
+        action="append",
+        type=_header,
+        metavar="'NAME: VALUE'",
+        help="a header sent with every request; repeat it for more",
+    )
     p.set_defaults(func=_cmd_run)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        # The text is not shown: it may be a credential.
+        raise argparse.ArgumentTypeError("expected 'Name: value'")
+    return name.strip(), value.strip()
+
+
+def _headers(value: Any) -> dict[str, str] | None:
+    """Headers from a run file (a table) or from the flags (a list of pairs)."""
+    if value is None or isinstance(value, dict):
+        return value
+    return dict(value)
 
 
 def _limits(settings: dict[str, Any]) -> dict[str, Any]:

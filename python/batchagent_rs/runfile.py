@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 __all__ = ["SETTINGS", "RunFileError", "load_run_file"]
 
-Kind = Literal["str", "path", "int", "seconds", "bool", "list"]
+Kind = Literal["str", "path", "int", "seconds", "bool", "list", "table", "headers"]
 
 SETTINGS: dict[str, Kind] = {
     "input": "path",
@@ -43,6 +43,9 @@ SETTINGS: dict[str, Kind] = {
     "skip_bad_lines": "bool",
     "dedupe": "bool",
     "prices": "path",
+    # `[extra_body]`: fields merged into every request body; `[extra_headers]`: name = "value".
+    "extra_body": "table",
+    "extra_headers": "headers",
 }
 
 
@@ -68,6 +71,15 @@ def _check(path: str, base: str, key: str, kind: Kind, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise RunFileError(f"{path}: {key} must be a positive number of seconds, got {value!r}")
         return float(value)
+    if kind == "table":
+        if not isinstance(value, dict):
+            raise RunFileError(f"{path}: {key} must be a table ([{key}] with its fields), got {value!r}")
+        return value
+    if kind == "headers":
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            # The values are not shown: a header may carry a credential.
+            raise RunFileError(f"{path}: {key} must be a table of header names to string values")
+        return dict(value)
     if kind == "list":
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not items or not all(isinstance(v, str) and v for v in items):

@@ -239,6 +239,11 @@ pub fn messages_body(
     if request.stream {
         body.insert("stream".into(), json!(true));
     }
+    if let Some(extra) = &request.extra_body {
+        // As the anthropic SDK's `extra_body`: top-level fields of the Messages request
+        // (`top_k`, `metadata`, `thinking`, ...), replacing those built here.
+        super::call::merge_extra_body(&mut body, extra);
+    }
     Ok(Value::Object(body))
 }
 

@@ -484,7 +484,47 @@ pub fn converse_body(
         }
         body.insert("toolConfig".into(), Value::Object(config));
     }
+    if let Some(extra) = &request.extra_body {
+        merge_converse_extra(&mut body, extra);
+    }
     Ok(Value::Object(body))
+}
+
+/// The top-level fields of a Converse request (Bedrock API reference, "Converse", request body).
+const CONVERSE_FIELDS: [&str; 10] = [
+    "messages",
+    "system",
+    "inferenceConfig",
+    "toolConfig",
+    "guardrailConfig",
+    "additionalModelRequestFields",
+    "additionalModelResponseFieldPaths",
+    "promptVariables",
+    "requestMetadata",
+    "performanceConfig",
+];
+
+/// `extra_body` on Bedrock: a key that is a Converse field replaces that field; any other key
+/// (`top_k`, `anthropic_beta`, `reasoning_config`, ...) is a model-specific field, which Converse
+/// takes only inside `additionalModelRequestFields` (it refuses unknown top-level fields).
+fn merge_converse_extra(body: &mut Map<String, Value>, extra: &Map<String, Value>) {
+    let mut model_fields = Map::new();
+    for (key, value) in extra {
+        if CONVERSE_FIELDS.contains(&key.as_str()) {
+            body.insert(key.clone(), value.clone());
+        } else {
+            model_fields.insert(key.clone(), value.clone());
+        }
+    }
+    if model_fields.is_empty() {
+        return;
+    }
+    match body.get_mut("additionalModelRequestFields") {
+        Some(Value::Object(fields)) => fields.extend(model_fields),
+        _ => {
+            body.insert("additionalModelRequestFields".into(), Value::Object(model_fields));
+        }
+    }
 }
 
 fn push_blocks(messages: &mut Vec<(Role, Vec<Value>)>, role: Role, blocks: Vec<Value>) {
@@ -944,6 +984,7 @@ mod tests {
             stream: true,
             hints: None,
             text_deltas: true,
+            extra_body: None,
         }
     }
 
@@ -969,6 +1010,23 @@ mod tests {
         assert_eq!(body["toolConfig"]["tools"][1], json!({"cachePoint":{"type":"default"}}));
         assert_eq!(body["toolConfig"]["toolChoice"], json!({"any":{}}));
         assert_eq!(body["inferenceConfig"], json!({"maxTokens":4096,"temperature":0.5}));
+    }
+
+    #[test]
+    fn extra_body_fields_go_where_converse_takes_them() {
+        let mut req = request(vec![Message::user("hi")], None);
+        let extra = json!({
+            "top_k": 40,
+            "additionalModelRequestFields": {"anthropic_beta": ["x"]},
+            "performanceConfig": {"latency": "optimized"},
+            "inferenceConfig": {"maxTokens": 5},
+        });
+        req.extra_body = extra.as_object().cloned().map(Arc::new);
+        let body = converse_body(&req, false, 10).unwrap();
+        assert_eq!(body["additionalModelRequestFields"], json!({"anthropic_beta": ["x"], "top_k": 40}));
+        assert_eq!(body["performanceConfig"], json!({"latency": "optimized"}));
+        assert_eq!(body["inferenceConfig"], json!({"maxTokens": 5}));
+        assert!(body.get("top_k").is_none(), "Converse refuses unknown top-level fields");
     }
 
     #[test]

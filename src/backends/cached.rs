@@ -39,13 +39,17 @@ impl CachedBackend {
     fn key(&self, request: &ChatRequest) -> String {
         let messages = serde_json::to_string(&*request.messages).unwrap_or_default();
         let tools = serde_json::to_string(&*request.tools).unwrap_or_default();
-        let sampling = serde_json::json!({
+        let mut sampling = serde_json::json!({
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "tool_choice": request.tool_choice,
             "schema": request.response_schema.as_deref(),
-        })
-        .to_string();
+        });
+        // Only when set, so the keys of answers stored without it stay the same.
+        if let (Some(extra), Some(fields)) = (&request.extra_body, sampling.as_object_mut()) {
+            fields.insert("extra_body".into(), serde_json::Value::Object((**extra).clone()));
+        }
+        let sampling = sampling.to_string();
         cache_key(&self.identity, &request.model, &messages, &tools, &sampling)
     }
 }

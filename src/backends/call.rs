@@ -12,6 +12,14 @@ use super::http::{HttpClient, Response};
 use super::{BackendError, ChatResponse, StreamEvent};
 use crate::conversation::TimeoutKind;
 
+/// Merges `extra` into a request body: each key replaces the body's field of that name (the
+/// openai SDK's `extra_body` semantics), so a user's value wins over the one built here.
+pub fn merge_extra_body(body: &mut Map<String, Value>, extra: &Map<String, Value>) {
+    for (key, value) in extra {
+        body.insert(key.clone(), value.clone());
+    }
+}
+
 /// Runs one model call under its overall time limit (`call_timeout`).
 pub async fn with_call_timeout<T>(
     limit: Duration,

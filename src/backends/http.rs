@@ -124,6 +124,29 @@ pub fn is_field_value(value: &[u8]) -> bool {
     value.iter().all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
 }
 
+/// Headers the client writes itself from the request it sends; one given by the user would
+/// contradict them (a second `Content-Length` makes the request ambiguous to every proxy).
+const FRAMING_HEADERS: [&str; 6] = ["content-length", "transfer-encoding", "host", "connection", "te", "upgrade"];
+
+/// Checks a user-given header (`extra_headers=`): a valid field name, not one of the framing
+/// headers, and a value without CR, LF or other control characters. The message names the
+/// header, never its value (which may be a credential).
+pub fn check_header(name: &str, value: &str) -> Result<(), String> {
+    if HeaderName::from_bytes(name.as_bytes()).is_err() {
+        return Err(format!("extra_headers: {name:?} is not a valid HTTP header name"));
+    }
+    if FRAMING_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h)) {
+        return Err(format!("extra_headers: {name} is set by the client from the request itself"));
+    }
+    if !is_field_value(value.as_bytes()) {
+        return Err(format!(
+            "extra_headers: the value of {name} contains a control character (CR, LF, NUL, ...), \
+             which HTTP does not allow"
+        ));
+    }
+    Ok(())
+}
+
 /// Whether reqwest would route plain HTTP through a proxy (it reads these variables).
 fn proxy_configured() -> bool {
     ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"]
@@ -608,6 +631,15 @@ fn clip_chars(s: &str, max: usize) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn user_headers_are_checked_without_showing_their_value() {
+        assert!(check_header("X-Team", "evals\tone").is_ok());
+        let err = check_header("X-Key", "sk-secret\r\nX-Injected: 1").unwrap_err();
+        assert!(err.contains("X-Key") && !err.contains("sk-secret"), "{err}");
+        assert!(check_header("X Key", "v").is_err());
+        assert!(check_header("transfer-encoding", "chunked").is_err());
+    }
 
     fn at(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)

@@ -60,6 +60,10 @@ pub struct ChatRequest {
     /// Send [`StreamEvent::TextDelta`]s to the events channel. Off for agents, which only start
     /// tool calls early: building and sending every delta was a third of a streamed call's CPU.
     pub text_deltas: bool,
+    /// Fields merged into the request body as the backend builds it (`Batch(extra_body=...)`),
+    /// overriding the fields of the same name, as the openai SDK's `extra_body` does; see
+    /// [`call::merge_extra_body`] and each backend for where they go.
+    pub extra_body: Option<Arc<serde_json::Map<String, Value>>>,
 }
 
 /// A connection to one inference server (or a fleet of them).

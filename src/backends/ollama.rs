@@ -211,6 +211,9 @@ impl OllamaBackend {
             body.insert("options".into(), Value::Object(options));
         }
         body.insert("stream".into(), Value::Bool(request.stream));
+        if let Some(extra) = &request.extra_body {
+            super::call::merge_extra_body(&mut body, extra);
+        }
         Value::Object(body)
     }
 

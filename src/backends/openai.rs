@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use super::call::{whole_turn, with_call_timeout};
+use super::call::{merge_extra_body, whole_turn, with_call_timeout};
 use super::http::{AuthStyle, Endpoint, HttpClient};
 use super::url::BackendOptions;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
@@ -157,7 +157,11 @@ impl OpenAiBackend {
     /// The JSON body of a `/chat/completions` request, as a value (the bytes sent are
     /// [`request_bytes`](Self::request_bytes)).
     pub fn request_body(&self, request: &ChatRequest) -> Value {
-        serde_json::to_value(self.wire_request(request)).unwrap_or(Value::Null)
+        let mut body = serde_json::to_value(self.wire_request(request)).unwrap_or(Value::Null);
+        if let (Some(extra), Some(fields)) = (&request.extra_body, body.as_object_mut()) {
+            merge_extra_body(fields, extra);
+        }
+        body
     }
 
     /// The JSON body of a `/chat/completions` request, serialised straight from the request: no
@@ -172,6 +176,14 @@ impl OpenAiBackend {
             wire.tools = Some(WireTools::Raw(json));
         }
         wire.messages.system = request.messages.first().and_then(|m| prepared_system(system, m));
+        if let Some(extra) = &request.extra_body {
+            // Keys of `extra_body` replace the built fields: through a `Value`, only when set.
+            let mut body = serde_json::to_value(&wire).unwrap_or(Value::Null);
+            if let Some(fields) = body.as_object_mut() {
+                merge_extra_body(fields, extra);
+            }
+            return serde_json::to_vec(&body).unwrap_or_default();
+        }
         serde_json::to_vec(&wire).unwrap_or_default()
     }
 
@@ -469,6 +481,7 @@ mod tests {
             stream: true,
             hints: Some(AgentHints { priority: 3, remaining_turns: 1, expected_output_tokens: Some(200) }),
             text_deltas: true,
+            extra_body: None,
         }
     }
 
@@ -515,6 +528,20 @@ mod tests {
         let mut fourth = request();
         Arc::make_mut(&mut fourth.messages).remove(0);
         assert_eq!(as_sent(&fourth), backend.request_body(&fourth));
+    }
+
+    #[test]
+    fn extra_body_replaces_built_fields_in_the_bytes_sent() {
+        let backend = backend(Flavour::Vllm, false);
+        let mut request = request();
+        let extra = json!({"max_tokens": 7, "top_k": 20, "chat_template_kwargs": {"enable_thinking": false}});
+        request.extra_body = extra.as_object().cloned().map(Arc::new);
+        let sent = serde_json::from_slice::<Value>(&backend.request_bytes(&request)).unwrap();
+        assert_eq!(sent, backend.request_body(&request));
+        assert_eq!(sent["max_tokens"], 7);
+        assert_eq!(sent["top_k"], 20);
+        assert_eq!(sent["chat_template_kwargs"]["enable_thinking"], false);
+        assert_eq!(sent["tools"][0]["function"]["name"], "read", "the rest of the body is unchanged");
     }
 
     #[test]

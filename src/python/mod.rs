@@ -53,7 +53,7 @@ fn check_schema(schema_json: &str) -> PyResult<()> {
 /// will send), and `model`, when given, is one they serve. Raises `BackendUnavailable` saying which
 /// backend did not answer, or which models are served.
 #[pyfunction]
-#[pyo3(signature = (backends, model=None, api_key=None, timeout=3.0))]
+#[pyo3(signature = (backends, model=None, api_key=None, timeout=3.0, extra_headers=Vec::new()))]
 #[allow(clippy::needless_pass_by_value)] // PyO3 extracts a list into an owned Vec.
 fn check_backends(
     py: Python<'_>,
@@ -61,16 +61,32 @@ fn check_backends(
     model: Option<&str>,
     api_key: Option<String>,
     timeout: f64,
+    extra_headers: Vec<(String, String)>,
 ) -> PyResult<()> {
+    for (name, value) in &extra_headers {
+        crate::backends::http::check_header(name, value).map_err(errors::SchemaError::new_err)?;
+    }
     let timeout = std::time::Duration::try_from_secs_f64(timeout)
         .map_err(|_| errors::SchemaError::new_err(format!("timeout: {timeout} is not a number of seconds")))?;
     let options = crate::backends::url::BackendOptions {
         api_key: crate::secret::Secret::non_empty(api_key),
+        extra_headers,
         ..Default::default()
     };
     let runtime = runtime()?;
     py.allow_threads(|| runtime.block_on(crate::backends::probe::check(&backends, &options, model, timeout)))
         .map_err(|e| errors::probe_error(&e))
+}
+
+/// Checks headers given as `extra_headers`: valid names, not the framing headers, no control
+/// characters in values. Raises `SchemaError` naming the header (never its value).
+#[pyfunction]
+#[allow(clippy::needless_pass_by_value)] // PyO3 extracts a list into an owned Vec.
+fn check_headers(headers: Vec<(String, String)>) -> PyResult<()> {
+    for (name, value) in &headers {
+        crate::backends::http::check_header(name, value).map_err(errors::SchemaError::new_err)?;
+    }
+    Ok(())
 }
 
 /// A URL as it may be printed: no query, no user info (either can hold a key).
@@ -94,6 +110,7 @@ fn core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_schema, m)?)?;
     m.add_function(wrap_pyfunction!(check_backends, m)?)?;
     m.add_function(wrap_pyfunction!(display_url, m)?)?;
+    m.add_function(wrap_pyfunction!(check_headers, m)?)?;
     m.add_function(wrap_pyfunction!(check_spec, m)?)?;
     sim::register(m)?;
     Ok(())

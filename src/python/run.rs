@@ -309,6 +309,9 @@ struct RunOptions {
     /// skip, instead of raising `InputError`.
     #[serde(default)]
     dedupe: bool,
+    /// Headers sent with every request (`extra_headers=`), checked by `check_header`.
+    #[serde(default)]
+    extra_headers: Vec<(String, String)>,
 }
 
 #[derive(Deserialize)]
@@ -433,8 +436,12 @@ impl PyRun {
             keep_session_headers: options.keep_session_headers,
             ..FleetOptions::default()
         };
+        for (name, value) in &options.extra_headers {
+            crate::backends::http::check_header(name, value).map_err(SchemaError::new_err)?;
+        }
         let connect_options = ConnectOptions {
             api_key: options.api_key,
+            extra_headers: options.extra_headers,
             agent_hints: spec.agent_hints,
             request_timeout: spec.call_timeout,
             idle_timeout: Some(spec.idle_timeout),
@@ -509,11 +516,12 @@ impl PyRun {
     /// cannot be used (a missing template variable, an id with a control character, an id an
     /// earlier input has) raises `InputError` naming its index. With `dedupe`, a repeated id is
     /// returned instead, as `(index, index of the first input with that id)`, to be skipped.
-    fn check_inputs(&self, items: Vec<(String, u64, String)>) -> PyResult<Vec<(u64, u64)>> {
+    fn check_inputs(&self, items: Vec<FedInput>) -> PyResult<Vec<(u64, u64)>> {
         let mut seen = self.seen.lock().map_err(|_| RunError::new_err("run state poisoned"))?;
         let mut duplicates = Vec::new();
-        for (id, index, json) in items {
+        for (id, index, json, extra) in items {
             let input = parse_input(index, &json)?;
+            parse_extra_body(index, extra.as_deref())?;
             self.ctx.spec.task.render(index, &input).map_err(|e| spec_error(&e))?;
             check_job_id(&id).map_err(|message| InputError::new_err(format!("input {index}: {message}")))?;
             if let Some(first) = seen.insert(&id, index) {
@@ -532,7 +540,7 @@ impl PyRun {
 
     /// Hands inputs `(id, index, json object)` to the run. Feed no more than the credit
     /// `take_events()` grants (the first time: `initial_credit`), so inputs are consumed lazily.
-    fn feed(&self, py: Python<'_>, items: Vec<(String, u64, String)>) -> PyResult<()> {
+    fn feed(&self, py: Python<'_>, items: Vec<FedInput>) -> PyResult<()> {
         let sender = self.lock_running()?.jobs.clone().ok_or_else(|| RunError::new_err("the run's input is closed"))?;
         // Whether a skipped job's earlier result is looked up (for Python, which wants one result
         // per input even when the journal already had some).
@@ -545,10 +553,11 @@ impl PyRun {
             let mut jobs = Vec::with_capacity(items.len());
             let mut skipped = 0;
             let mut earlier = Vec::new();
-            for (id, index, json) in items {
+            for (id, index, json, extra) in items {
                 let input = parse_input(index, &json)?;
+                let extra_body = parse_extra_body(index, extra.as_deref())?;
                 let skipped_id = earlier_wanted.then(|| id.clone());
-                let job = Job { id, index, input, resume: None };
+                let job = Job { id, index, input, resume: None, extra_body };
                 if let Some(job) = self.durable.prepare(job, &json) {
                     jobs.push(job);
                 } else {
@@ -828,6 +837,22 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 fn record_fatal(slot: &Mutex<Option<String>>, message: String) {
     if let Ok(mut slot) = slot.lock() {
         slot.get_or_insert(message);
+    }
+}
+
+/// An input as Python hands it over: id, index, the input as a JSON object, and the request-body
+/// fields of `extra_body=` as a function of the input (a JSON object), if any.
+type FedInput = (String, u64, String, Option<String>);
+
+fn parse_extra_body(index: u64, json: Option<&str>) -> PyResult<Option<Arc<Map<String, Value>>>> {
+    let Some(json) = json else { return Ok(None) };
+    match serde_json::from_str::<Value>(json) {
+        Ok(Value::Object(map)) if map.is_empty() => Ok(None),
+        Ok(Value::Object(map)) => Ok(Some(Arc::new(map))),
+        Ok(other) => {
+            Err(InputError::new_err(format!("input {index}: extra_body returned {}, not a dict", type_name(&other))))
+        }
+        Err(e) => Err(InputError::new_err(format!("input {index}: extra_body is not JSON: {e}"))),
     }
 }
 

@@ -47,6 +47,9 @@ pub struct Job {
     pub input: Map<String, Value>,
     /// A durable state from an earlier run of this job (resume).
     pub resume: Option<AgentState>,
+    /// This input's own request-body fields (`extra_body=` as a function of the input), merged
+    /// over the batch's.
+    pub extra_body: Option<Arc<Map<String, Value>>>,
 }
 
 /// What survives a crash: the conversation so far and the counters that go into the result.
@@ -187,6 +190,24 @@ struct Agent<'a> {
     /// Constrained decoding for this job: off after the server failed a constrained request
     /// deterministically (the schema then goes into the prompt instead).
     constrained: bool,
+    /// The batch's `extra_body` with this job's own on top, built once for all its calls.
+    extra_body: Option<Arc<Map<String, Value>>>,
+}
+
+/// The batch's extra body fields with a job's own merged over them (a job's key wins).
+fn job_extra_body(
+    batch: Option<&Arc<Map<String, Value>>>,
+    job: Option<&Arc<Map<String, Value>>>,
+) -> Option<Arc<Map<String, Value>>> {
+    match (batch, job) {
+        (None, None) => None,
+        (Some(one), None) | (None, Some(one)) => Some(Arc::clone(one)),
+        (Some(batch), Some(job)) => {
+            let mut merged = (**batch).clone();
+            merged.extend(job.iter().map(|(k, v)| (k.clone(), v.clone())));
+            Some(Arc::new(merged))
+        }
+    }
 }
 
 pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
@@ -204,6 +225,7 @@ pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
         called: false,
         rng,
         constrained: ctx.constrained,
+        extra_body: job_extra_body(ctx.spec.extra_body.as_ref(), job.extra_body.as_ref()),
     };
     let outcome = match ctx.spec.agent_timeout {
         Some(limit) => match tokio::time::timeout(limit, agent.run(&job)).await {
@@ -393,6 +415,7 @@ impl Agent<'_> {
                     expected_output_tokens: ctx.spec.max_tokens,
                 }),
                 text_deltas: false,
+                extra_body: self.extra_body.clone(),
             };
             // Agents nearer completion go first (fewer remaining turns = lower urgency value);
             // the semaphore's aging keeps fresh agents from starving.

@@ -322,6 +322,7 @@ mod tests {
             stream: true,
             hints: None,
             text_deltas: false,
+            extra_body: None,
         };
         let (model_tx, model_rx) = std_mpsc::channel();
         let backend = Arc::clone(&connected.backend);

@@ -148,7 +148,7 @@ pub fn feed_file(
                 } else {
                     String::new()
                 };
-                let job = Job { id, index: record.index, input: record.fields, resume: None };
+                let job = Job { id, index: record.index, input: record.fields, resume: None, extra_body: None };
                 match durable.prepare(job, &input_json) {
                     Some(job) => {
                         if jobs.blocking_send(job).is_err() {

@@ -258,6 +258,7 @@ async fn warm_up(ctx: &RunContext) {
         stream: false,
         hints: None,
         text_deltas: false,
+        extra_body: ctx.spec.extra_body.clone(),
     };
     let permit = ctx.slots.acquire(0).await;
     // A failed warm-up only costs the cache hit; the jobs themselves report real errors.
