@@ -1,6 +1,9 @@
 """Decode-attention kernels of the embedded engine on a GPU, side by side with plain PyTorch.
 
-    python benches/kernels.py --out benches/results/kernels-h200.json
+(Not named `kernels.py`: scripts in benches/ run with benches/ first on sys.path, and a module
+named `kernels` there would shadow the `kernels` package, which transformers also probes for.)
+
+    python benches/decode_attention.py --out benches/results/kernels-h200.json
 
 For each model shape (Qwen2.5-7B: 28 query / 4 KV heads of 128; Qwen2.5-0.5B: 14 / 2 of 64) and
 a decode step of workload W (256 sequences, a 1,024-token shared prefix, then each sequence's own
@@ -115,7 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", default="benches/results/kernels.json")
+    parser.add_argument("--out", default="benches/results/decode-attention.json")
     parser.add_argument("--seqs", type=int, default=256)
     args = parser.parse_args()
     bw = copy_bandwidth()
