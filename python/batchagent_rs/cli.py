@@ -788,7 +788,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--profile",
         default="h100-qwen2.5-7b",
-        help="simulated engine: h100-qwen2.5-7b (default) or h100-qwen2.5-0.5b, or a profile JSON file",
+        help=(
+            "simulated engine: h100-qwen2.5-7b (default), h100-qwen2.5-0.5b, h200-qwen2.5-7b, "
+            "h200-qwen2.5-0.5b, or a profile JSON file"
+        ),
     )
     demo.add_argument(
         "--repeat", type=_positive, default=3, help="runs of each side; the median is shown (default 3)"

@@ -94,6 +94,8 @@ pub enum ProfileError {
 const BUILTIN: &[(&str, &str)] = &[
     ("h100-qwen2.5-7b", include_str!("../../benches/calibration/h100-qwen2.5-7b.json")),
     ("h100-qwen2.5-0.5b", include_str!("../../benches/calibration/h100-qwen2.5-0.5b.json")),
+    ("h200-qwen2.5-7b", include_str!("../../benches/calibration/h200-qwen2.5-7b.json")),
+    ("h200-qwen2.5-0.5b", include_str!("../../benches/calibration/h200-qwen2.5-0.5b.json")),
 ];
 
 impl Profile {
