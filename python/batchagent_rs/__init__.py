@@ -10,6 +10,7 @@ from ._core import (
     __version__,
 )
 from .batch import Batch, BatchAgent, ErrorInfo, Result, RunReport, Usage
+from .tables import results_to_arrow, results_to_pandas, write_parquet
 from .tools import Tool, tool
 
 __all__ = [
@@ -27,5 +28,8 @@ __all__ = [
     "Tool",
     "Usage",
     "__version__",
+    "results_to_arrow",
+    "results_to_pandas",
     "tool",
+    "write_parquet",
 ]

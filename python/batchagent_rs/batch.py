@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import pydantic
 
-from . import _core
+from . import _core, tables
 from .notebook import NotebookProgress
 from .progress import Progress, tool_not_run
 from .tools import Tool, encode_result
@@ -159,6 +159,11 @@ class RunReport:
     def to_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in vars(self).items() if k != "raw"}
         return data
+
+    def to_pandas(self) -> Any:
+        """The report as a one-row pandas DataFrame, nested figures flattened (`ttft_p50`,
+        `errors_by_kind_timeout`): the reports of several runs concatenate into one table."""
+        return tables.report_to_pandas(self)
 
     def table(self) -> str:
         def ms(v: float | None) -> str:
@@ -495,9 +500,12 @@ class Batch:
         progress: bool | None = None,
         retry_failed: bool = False,
     ) -> RunReport:
-        """Run every record of an input file (JSONL, CSV, or text with one prompt per line) and
-        write one JSON line per result to `output`, all inside the core: memory stays flat however
-        large the file. With `journal=` set on the batch, a re-run resumes where the last one stopped.
+        """Run every record of an input file (JSONL, CSV, Parquet, or text with one prompt per line)
+        and write one JSON line per result to `output`, all inside the core: memory stays flat
+        however large the file. An `output` ending in `.parquet` is written as Parquet (the columns
+        of `results_to_arrow`) once the run is complete; until then its results stream to
+        `OUTPUT.partial.jsonl`, which is removed after the conversion. With `journal=` set on the
+        batch, a re-run resumes where the last one stopped.
         Works inside a running event loop as `run()` does; `progress` as in `run()`."""
         show = _want_progress(progress)
         return _blocking(
@@ -526,7 +534,13 @@ class Batch:
         retry_failed: bool = False,
     ) -> RunReport:
         options = self._run_options(retry_failed)
-        options["output"] = os.fspath(output)
+        output = os.fspath(output)
+        # Parquet cannot be appended to: the core streams JSONL beside it (rewritten from the
+        # journal on resume), converted once the run is complete and then removed.
+        parquet = output.endswith(".parquet")
+        if parquet:
+            tables.require_pyarrow()  # before any request, not after the run
+        options["output"] = output + ".partial.jsonl" if parquet else output
         options["deliver_results"] = False
         rows: Iterable[dict[str, Any]] | None = None
         if input_format == "parquet" or (input_format == "auto" and os.fspath(input).endswith(".parquet")):
@@ -556,6 +570,11 @@ class Batch:
         finally:
             if view is not None:
                 _close_view(view, driver)
+        if parquet:
+            await asyncio.get_running_loop().run_in_executor(
+                None, tables.read_jsonl_to_parquet, options["output"], output
+            )
+            os.remove(options["output"])
         # This run's own figures, whatever else runs on the batch meanwhile.
         assert driver.final is not None
         return RunReport.from_stats(*driver.final)
@@ -640,41 +659,21 @@ def _output(
     return output_schema
 
 
-Inputs = Iterable[dict[str, Any]]
-"""Dicts (a list is checked whole before anything is sent; any other iterable is read lazily), or
-a pandas DataFrame (each row a dict of its columns, read a chunk at a time)."""
-
-_FRAME_CHUNK = 4096
-
-
-def _is_frame(inputs: object) -> bool:
-    # Duck-typed: pandas is not a dependency.
-    return all(hasattr(inputs, name) for name in ("columns", "iloc", "to_dict", "itertuples"))
+Inputs = Iterable[dict[str, Any]] | Any
+"""Dicts (a list is checked whole before anything is sent; any other iterable is read lazily), or a
+table read lazily a chunk at a time: a pandas DataFrame, a pyarrow Table, RecordBatch or
+RecordBatchReader, a Hugging Face `datasets.Dataset`, or a numpy record (structured) array. A row is
+a dict of its columns; missing values are None."""
 
 
-def _rows(inputs: Inputs) -> Inputs:
-    if not _is_frame(inputs):
-        return inputs
-    return _frame_rows(inputs)
-
-
-def _frame_rows(frame: Any) -> Iterator[dict[str, Any]]:
-    for start in range(0, len(frame), _FRAME_CHUNK):
-        for row in frame.iloc[start : start + _FRAME_CHUNK].to_dict("records"):
-            yield {str(k): _cell(v) for k, v in row.items()}
-
-
-def _cell(value: Any) -> Any:
-    """A DataFrame's missing values (NaN, NaT, pd.NA) become None (JSON null)."""
-    if isinstance(value, float) and value != value:
-        return None
-    if type(value).__name__ in ("NAType", "NaTType"):
-        return None
-    return value
+def _rows(inputs: Inputs) -> Any:
+    return tables.rows(inputs)
 
 
 def _count(inputs: Inputs) -> int | None:
-    return len(inputs) if isinstance(inputs, Sized) else None
+    if isinstance(inputs, Sized):
+        return len(inputs)
+    return tables.count(inputs)
 
 
 def _want_progress(progress: bool | None) -> bool:

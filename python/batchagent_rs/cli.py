@@ -24,6 +24,7 @@ from .dashboard import Dashboard, DashboardLogHandler
 from .pricing import Price, PriceError, estimate, load_prices
 from .progress import BarLogHandler, Progress
 from .runfile import SETTINGS, RunFileError, load_run_file
+from .tables import require_pyarrow
 from .tools import Tool, ToolDefinitionError, tool
 
 _SIM_FLAGS = [
@@ -458,7 +459,14 @@ def _run(args: argparse.Namespace) -> int:
         print(
             "batchagent: --dashboard needs a terminal on stderr; showing log lines instead", file=sys.stderr
         )
-    output_existed = os.path.exists(output)
+    # A Parquet output is written at the end; until then the results stream to a JSONL beside it.
+    streamed = output + ".partial.jsonl" if output.endswith(".parquet") else output
+    if streamed != output:
+        try:
+            require_pyarrow()
+        except ImportError as exc:
+            raise UsageError(f"-o {output}: {exc}") from exc
+    output_existed = os.path.exists(streamed)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     view = _View(mode, output)
     report: RunReport | None = None
@@ -488,7 +496,9 @@ def _run(args: argparse.Namespace) -> int:
         view.close(None)
         if view.jobs_started == 0:
             # Refused before any job ran: leave no empty journal behind that would ask for --resume.
-            _remove_new_files(journal if not journal_exists else None, output if not output_existed else None)
+            _remove_new_files(
+                journal if not journal_exists else None, streamed if not output_existed else None
+            )
         raise UsageError(str(exc)) from exc
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -554,6 +564,8 @@ def _run(args: argparse.Namespace) -> int:
 def _most_common_error(output: str) -> tuple[str, str, int]:
     """The (kind, message) most failed results in the output file share, and how many."""
     counts: Counter[tuple[str, str]] = Counter()
+    if output.endswith(".parquet"):
+        return _most_common_parquet_error(output)
     try:
         with open(output, encoding="utf-8") as fh:
             for line in fh:
@@ -571,6 +583,20 @@ def _most_common_error(output: str) -> tuple[str, str, int]:
     return kind, message, count
 
 
+def _most_common_parquet_error(output: str) -> tuple[str, str, int]:
+    import pyarrow.parquet as pq
+
+    counts: Counter[tuple[str, str]] = Counter()
+    for batch in pq.ParquetFile(output).iter_batches(columns=["error_kind", "error_message"]):
+        for kind, message in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
+            if kind is not None:
+                counts[(str(kind), str(message))] += 1
+    if not counts:
+        return "unknown", "(no error message in the output)", 0
+    (kind, message), count = counts.most_common(1)[0]
+    return kind, message, count
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "target",
@@ -579,7 +605,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="the input file, or a run file holding the settings",
     )
     p.add_argument("--input", help="input: JSONL (one object a line), CSV, or text (one prompt a line)")
-    p.add_argument("-o", "--output", help="results, one JSON line per input (default: INPUT.results.jsonl)")
+    p.add_argument(
+        "-o",
+        "--output",
+        help="results, one JSON line per input (default: INPUT.results.jsonl); a name ending in .parquet "
+        "writes Parquet (needs pyarrow) once the run is complete",
+    )
     task = p.add_mutually_exclusive_group()
     task.add_argument("--task", help="the task template; {field} takes an input's field (default: {prompt})")
     task.add_argument("--task-file", dest="task_file", help="read the task template from a file")

@@ -1,9 +1,11 @@
 """Estimated cost of a run: per-model prices in US dollars per million tokens.
 
-The built-in table holds list prices of common hosted models (standard tier, no batch discount) and
-drifts as providers change them; `load_prices()` reads a JSON file whose entries override or extend
-it. Self-hosted engines (vLLM, SGLang, Ollama, ...) have no per-token price: their cost is 0 unless
-the user's table names the model.
+The built-in table holds list prices of common hosted models (standard tier, no batch discount) as
+they were on `PRICES_TAKEN`, and drifts as providers change them. With the `genai-prices` package
+installed (`pip install 'batchagent[prices]'`), its maintained data is used instead wherever it knows
+the model (`price_table()` shows the refreshed table). `load_prices()` reads a JSON file whose
+entries override both. Self-hosted engines (vLLM, SGLang, Ollama, ...) have no per-token price: their
+cost is 0 unless the user's table names the model.
 """
 
 from __future__ import annotations
@@ -12,9 +14,21 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
-__all__ = ["PRICES", "Cost", "Price", "PriceError", "estimate", "find_price", "load_prices"]
+__all__ = [
+    "PRICES",
+    "PRICES_TAKEN",
+    "Cost",
+    "Price",
+    "PriceError",
+    "PriceTable",
+    "estimate",
+    "find_price",
+    "load_prices",
+    "price_table",
+]
 
 
 class PriceError(ValueError):
@@ -65,8 +79,73 @@ PRICES: dict[str, Price] = {
     "amazon.nova-micro": Price(0.035, 0.00875, 0.14),
 }
 
-# Backends whose requests are billed per token by a provider; every other scheme is self-hosted.
-_HOSTED_SCHEMES = ("openai", "anthropic", "bedrock")
+#: The day the figures of `PRICES` were taken from the providers' price pages.
+PRICES_TAKEN = "2026-11-25"
+
+# Backends whose requests are billed per token by a provider, and the provider's id in genai-prices;
+# every other scheme is self-hosted.
+_HOSTED_SCHEMES = {"openai": "openai", "anthropic": "anthropic", "bedrock": "aws"}
+
+
+@dataclass(frozen=True)
+class PriceTable:
+    """Prices by model name, with where they come from and when they were taken (an ISO date, or
+    the version of the package whose bundled data they are)."""
+
+    prices: Mapping[str, Price]
+    source: str
+    taken: str
+
+
+def _genai_prices() -> ModuleType | None:
+    try:
+        import genai_prices
+    except ImportError:
+        return None
+    return genai_prices
+
+
+def _genai_version(module: ModuleType) -> str:
+    return f"genai-prices {getattr(module, '__version__', '')}".strip()
+
+
+def _genai_lookup(module: ModuleType, model: str, provider: str | None) -> tuple[str, Price, str] | None:
+    """(the package's model id, dollars per million tokens, when its data was taken) or None."""
+    usage = module.Usage
+    try:
+        # Priced on a thousand tokens, not a million: tiered prices (long context) would apply to
+        # a million-token request.
+        fresh = module.calc_price(usage(input_tokens=1000, output_tokens=1000), model, provider_id=provider)
+        cached = module.calc_price(
+            usage(input_tokens=1000, cache_read_tokens=1000), model, provider_id=provider
+        )
+    except LookupError:
+        return None
+    price = Price(
+        input=float(fresh.input_price) * 1000,
+        cached_input=float(cached.input_price) * 1000,
+        output=float(fresh.output_price) * 1000,
+    )
+    updated = fresh.auto_update_timestamp
+    taken = f"{_genai_version(module)}, updated {updated:%Y-%m-%d}" if updated else _genai_version(module)
+    return str(fresh.model.id), price, taken
+
+
+def price_table() -> PriceTable:
+    """The built-in table, refreshed from genai-prices when it is installed: each model it knows
+    takes its price there; the others keep the built-in figure."""
+    module = _genai_prices()
+    if module is None:
+        return PriceTable(dict(PRICES), "built-in table", PRICES_TAKEN)
+    prices = dict(PRICES)
+    taken = _genai_version(module)
+    for name in PRICES:
+        found = _genai_lookup(module, name, None)
+        if found is not None:
+            _, prices[name], taken = found
+    return PriceTable(
+        prices, f"{_genai_version(module)} (built-in table of {PRICES_TAKEN} where it has no price)", taken
+    )
 
 
 @dataclass(frozen=True)
@@ -162,22 +241,30 @@ def estimate(
     overrides: Mapping[str, Price] | None = None,
 ) -> Cost:
     """The cost of the tokens a run used. The user's table wins; then a self-hosted backend costs 0;
-    then the built-in table; an unknown hosted model costs 0 with a note saying so."""
+    then genai-prices' data (when installed), then the built-in table; an unknown hosted model costs
+    0 with a note saying so. The note names the source and the date of the price."""
     uncached = max(prompt_tokens - cached_tokens, 0)
 
-    def priced(key: str, price: Price, source: str) -> Cost:
+    def priced(key: str, price: Price, source: str, when: str = "") -> Cost:
         dollars = (
             uncached * price.input + cached_tokens * price.cached_input + completion_tokens * price.output
         ) / 1e6
-        return Cost(dollars, model, price, f"{source} price for {key}")
+        return Cost(dollars, model, price, f"{source} price for {key}{when}")
 
     if overrides:
         found = find_price(model, overrides)
         if found is not None:
             return priced(*found, "your")
-    if not any(_scheme(b) in _HOSTED_SCHEMES for b in backends):
+    hosted = [_HOSTED_SCHEMES[_scheme(b)] for b in backends if _scheme(b) in _HOSTED_SCHEMES]
+    if not hosted:
         return Cost(0.0, model, None, "self-hosted backend: no per-token price; pass --prices to set one")
+    module = _genai_prices()
+    if module is not None:
+        looked_up = _genai_lookup(module, model, hosted[0])
+        if looked_up is not None:
+            name, price, taken = looked_up
+            return priced(name, price, taken)
     found = find_price(model, PRICES)
     if found is not None:
-        return priced(*found, "list")
+        return priced(*found, "list", f" (table of {PRICES_TAKEN})")
     return Cost(0.0, model, None, f"no price known for model {model!r}; pass --prices to set one")

@@ -5,8 +5,13 @@ job directory can be run from anywhere."""
 from __future__ import annotations
 
 import os
-import tomllib
+import sys
 from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, as a package before 3.11
+    import tomli as tomllib
 
 __all__ = ["SETTINGS", "RunFileError", "load_run_file"]
 
