@@ -4,6 +4,7 @@
     python benches/workloads.py --workload research   --out bench-results/workloads-research.json
     python benches/workloads.py --workload fleet      --out bench-results/workloads-fleet.json
     python benches/workloads.py --workload overlap    --out bench-results/workloads-overlap.json
+    python benches/workloads.py --workload mixed      --out bench-results/workloads-mixed.json
 
 definitive  100 two-turn agents, a ~2,048-token shared system prompt, one 800 ms tool call each over
             10 distinct arguments, max_inflight=32, profile h100-qwen2.5-7b. Baseline: the naive
@@ -11,10 +12,18 @@ definitive  100 two-turn agents, a ~2,048-token shared system prompt, one 800 ms
             (`batchagent_rs.baseline.run_naive`); also the careful variant that holds it only around
             model calls, to show where the win comes from.
 research    20 two-turn agents, ~2,048-token prefix, a 400 ms `web_search` over 9 distinct queries.
+mixed       120 agents of 1, 4 and 7 turns (40 each, interleaved), scripted per input through
+            `extra_body={"sim": {"tool_rounds": k}}` (the openai SDK's `extra_body` on the baseline),
+            one 300 ms uncached tool call per tool round, ~2,048-token prefix, max_inflight=32.
 fleet       2,000 single-turn prompts sharing five long prefixes over three simulators: the fleet's
             prefix-affinity routing against round-robin, same prompts, same seeds.
 overlap     streaming tool dispatch: agents whose turn asks for several tools at once; how much
             earlier a tool starts than the turn's end, with the stream against without.
+
+For the agent workloads (definitive, research, mixed) the JSON and the table also give a lower bound
+on the makespan: the engine's busy time (read from the simulator's `sim:engine_busy_seconds_total`,
+the least any side needed, at the step costs observed) and the tools' critical path (the longest
+chain of tool waits of any agent), and the share of that bound each side reached.
 
 Each simulator is fresh for each side (same seed), so neither side inherits the other's cache.
 `--time-scale` scales the simulated engine and every tool sleep alike, so ratios keep their meaning.
@@ -27,10 +36,12 @@ import asyncio
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +94,10 @@ class AgentWorkload:
     inputs: Callable[[int], list[dict[str, Any]]]
     prefix_tokens: int = 2048
     sim_options: dict[str, Any] = field(default_factory=dict)
+    max_turns: int = 4
+    # Per input: its own request-body fields (`extra_body`), and how many tool rounds it makes.
+    extra_body: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    tool_rounds: Callable[[dict[str, Any]], int] = lambda _item: 1
 
 
 def lookup_tools(seconds: float, starts: list[float]) -> list[Any]:
@@ -94,6 +109,17 @@ def lookup_tools(seconds: float, starts: list[float]) -> list[Any]:
         return json.dumps({"topic": topic, "notes": f"Measured notes about {topic}."})
 
     return [lookup]
+
+
+def probe_tools(seconds: float, starts: list[float]) -> list[Any]:
+    @tool(cache=False)
+    async def probe(target: str) -> str:
+        """Probe a target and report what was found (not cached: every call is a new probe)."""
+        starts.append(time.perf_counter())
+        await asyncio.sleep(seconds)
+        return json.dumps({"target": target, "found": f"state of {target}"})
+
+    return [probe]
 
 
 def search_tools(seconds: float, starts: list[float]) -> list[Any]:
@@ -156,6 +182,89 @@ def research() -> AgentWorkload:
     )
 
 
+MIXED_ROUNDS = (0, 3, 6)  # tool rounds: agents of 1, 4 and 7 turns
+
+
+def mixed() -> AgentWorkload:
+    return AgentWorkload(
+        name="mixed",
+        agents=120,
+        max_inflight=32,
+        tool_seconds=0.3,
+        distinct_args=1000,
+        task="Case {n}: find out what is wrong with {topic}. Probe as you need, then answer.",
+        make_tools=probe_tools,
+        output=Finding,
+        inputs=lambda n: [
+            {
+                "id": f"m-{i:04d}",
+                "topic": TOPICS[i % len(TOPICS)],
+                "n": i,
+                "rounds": MIXED_ROUNDS[i % len(MIXED_ROUNDS)],
+            }
+            for i in range(n)
+        ],
+        max_turns=8,
+        extra_body=lambda item: {"sim": {"tool_rounds": item["rounds"]}},
+        tool_rounds=lambda item: int(item["rounds"]),
+    )
+
+
+def engine_steps(url: str, scale: float) -> dict[str, float]:
+    """The simulator's busy time and step costs from its Prometheus `/metrics`, in real seconds:
+    `busy_s`, `steps`, `base_step_s` (the fixed cost of one step) and `decode_seq_s` (the cost of
+    one sequence in a decode step), as observed over the run."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    # `sim:engine_steps_total{model_name="m"} 42`, `sim:engine_step_seconds_total{part="base",...} 0.5`
+    line = re.compile(r'^(?P<name>sim:\w+)\{(?:part="(?P<part>\w+)",)?[^}]*\} (?P<value>\S+)$', re.M)
+    values = {
+        m["name"] + (f".{m['part']}" if m["part"] else ""): float(m["value"]) for m in line.finditer(text)
+    }
+    steps = values["sim:engine_steps_total"]
+    decode_seqs = values["sim:engine_step_decode_seqs_total"]
+    per_step = values["sim:engine_step_seconds_total.base"] / steps if steps else 0.0
+    per_seq = values["sim:engine_step_seconds_total.decode"] / decode_seqs if decode_seqs else 0.0
+    return {
+        "busy_s": values["sim:engine_busy_seconds_total"] * scale,
+        "steps": steps,
+        "base_step_s": per_step * scale,
+        "decode_seq_s": per_seq * scale,
+    }
+
+
+def lower_bound(
+    w: AgentWorkload, sides: dict[str, dict[str, Any]], completion_tokens: list[int], scale: float
+) -> dict[str, Any]:
+    """No schedule finishes before the engine has run its steps, nor before the agent with the
+    longest chain has run it. The engine's busy time is the least any side needed, its steps at the
+    costs observed. An agent's chain is its tool waits (each round at the tool's duration: a call
+    that joins an identical one in flight still waits for it) plus its own output tokens, one step
+    each at the cheapest step observed (the fixed step cost plus one decode sequence); the tools'
+    critical path is the longest such chain. The engine serves other agents during one agent's
+    tool waits, so the two overlap in any schedule and the bound is the larger; their sum is
+    given too, as a reference that no schedule has to reach."""
+    busy = min(side["engine"]["busy_s"] for side in sides.values())
+    engine = sides["batchagent"]["engine"]
+    token_s = engine["base_step_s"] + engine["decode_seq_s"]
+    chains = [
+        w.tool_rounds(item) * w.tool_seconds * scale + tokens * token_s
+        for item, tokens in zip(w.inputs(w.agents), completion_tokens, strict=True)
+    ]
+    critical = max(chains)
+    bound = max(busy, critical)
+    return {
+        "engine_busy_s": busy,
+        "tools_critical_path_s": critical,
+        "tool_waits_on_critical_path_s": max(w.tool_rounds(item) for item in w.inputs(w.agents))
+        * w.tool_seconds
+        * scale,
+        "lower_bound_s": bound,
+        "busy_plus_critical_path_s": busy + critical,
+        "share_of_bound": {name: bound / side["makespan_s"] for name, side in sides.items()},
+    }
+
+
 def agent_sim_options(w: AgentWorkload) -> dict[str, Any]:
     return {
         "tool_rounds": 1,
@@ -175,16 +284,18 @@ def run_batchagent(w: AgentWorkload, scale: float, seed: int, warm_prefix: bool 
             model="sim-model",
             backend="vllm://" + server.url.removeprefix("http://"),
             max_inflight=w.max_inflight,
-            max_turns=4,
+            max_turns=w.max_turns,
             warm_prefix=warm_prefix,
             seed=seed,
+            extra_body=w.extra_body,
         )
         started = time.perf_counter()
         results = batch.run(w.inputs(w.agents), progress=False)
         wall = time.perf_counter() - started
         report = batch.report()
-        engine = sim_cache(server.stats())
+        engine = sim_cache(server.stats()) | engine_steps(server.url, scale)
     return {
+        "completion_tokens": [r.usage.completion_tokens for r in results],
         "makespan_s": wall,
         "ok": sum(r.ok for r in results),
         "failed": sum(not r.ok for r in results),
@@ -213,11 +324,12 @@ def run_baseline(w: AgentWorkload, scale: float, seed: int, hold_slot_during_too
                 tools=w.make_tools(w.tool_seconds * scale, starts),
                 output=w.output,
                 max_inflight=w.max_inflight,
-                max_turns=4,
+                max_turns=w.max_turns,
                 hold_slot_during_tools=hold_slot_during_tools,
+                extra_body=w.extra_body,
             )
         )
-        engine = sim_cache(server.stats())
+        engine = sim_cache(server.stats()) | engine_steps(server.url, scale)
     return {
         "makespan_s": outcome.wall_seconds,
         "ok": outcome.ok,
@@ -261,9 +373,12 @@ def agent_bench(w: AgentWorkload, scale: float, seed: int, careful: bool, repeat
         if name != "batchagent"
     }
     return {
+        "bound": lower_bound(w, sides, sides["batchagent"].pop("completion_tokens"), scale),
         "workload": {
             "agents": w.agents,
             "max_inflight": w.max_inflight,
+            "max_turns": w.max_turns,
+            "tool_rounds": sorted({w.tool_rounds(item) for item in w.inputs(w.agents)}),
             "prefix_tokens": w.prefix_tokens,
             "tool_seconds": w.tool_seconds,
             "distinct_tool_args": w.distinct_args,
@@ -300,7 +415,7 @@ def document(k: int, tokens: int) -> str:
 
 def fleet_profile(kv_tokens: int, directory: str) -> str:
     root = Path(__file__).resolve().parent.parent
-    profile = json.loads((root / "src" / "sim" / "profiles" / f"{PROFILE}.json").read_text())
+    profile = json.loads((root / "benches" / "calibration" / f"{PROFILE}.json").read_text())
     profile["name"] = f"{PROFILE}-kv{kv_tokens}"
     profile["kv_capacity_tokens"] = kv_tokens
     path = Path(directory) / f"{profile['name']}.json"
@@ -549,12 +664,23 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"{name}: {ratio:.2f}x")
     for name, ratio in result.get("vs_oracle", {}).items():
         lines.append(f"{name} (makespan over the oracle's): {ratio:.2f}x")
+    bound = result.get("bound")
+    if bound is not None:
+        lines.append(
+            f"lower bound {bound['lower_bound_s']:.2f} s = max(engine busy {bound['engine_busy_s']:.2f} s, "
+            f"tools' critical path {bound['tools_critical_path_s']:.2f} s); their sum "
+            f"{bound['busy_plus_critical_path_s']:.2f} s"
+        )
+        for name, share in bound["share_of_bound"].items():
+            lines.append(f"{name}: {share:.0%} of the bound")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", choices=["definitive", "research", "fleet", "overlap"], required=True)
+    p.add_argument(
+        "--workload", choices=["definitive", "research", "mixed", "fleet", "overlap"], required=True
+    )
     p.add_argument("--out", type=Path, help="JSON file (default bench-results/workloads-<name>.json)")
     p.add_argument(
         "--time-scale", type=float, default=1.0, help="engine and tool sleeps alike (1 = real time)"
@@ -583,7 +709,7 @@ def main() -> None:
     elif args.workload == "overlap":
         result = overlap_bench(args)
     else:
-        w = definitive() if args.workload == "definitive" else research()
+        w = {"definitive": definitive, "research": research, "mixed": mixed}[args.workload]()
         if args.agents:
             w.agents = args.agents
         result = agent_bench(w, args.time_scale, args.seed, careful=not args.no_careful, repeat=args.repeat)

@@ -84,3 +84,30 @@ def test_kv_capacity_is_checked_and_the_simulator_exports_it() -> None:
     blocks, size = int(labels["num_gpu_blocks"].strip('"')), int(labels["block_size"].strip('"'))
     assert size == 16 and blocks * size > 500_000  # an H100's 7B KV cache
     assert "vllm:num_preemptions_total{" in text
+
+
+def test_the_simulator_exports_its_busy_time_and_step_costs() -> None:
+    with simulator.start(profile="h100-qwen2.5-7b", time_scale=0) as server:
+        results = Batch(TASK, model="sim-model", backend=f"vllm://{server.url[7:]}", max_turns=1).run(
+            items(8)
+        )
+        assert all(r.ok for r in results)
+        with urllib.request.urlopen(server.url + "/metrics") as response:
+            text = response.read().decode()
+        engine = server.stats()["engine"]
+    values = {
+        line.split("{")[0] + line.split("part=")[-1].split(",")[0] * ("part=" in line): float(
+            line.split()[-1]
+        )
+        for line in text.splitlines()
+        if line.startswith("sim:")
+    }
+    busy = values["sim:engine_busy_seconds_total"]
+    # Busy no longer than the simulated clock, split by the formula's terms without a remainder.
+    assert 0 < busy <= engine["sim_time_seconds"] + 1e-9
+    parts = [v for k, v in values.items() if k.startswith('sim:engine_step_seconds_total"')]
+    assert len(parts) == 5 and abs(sum(parts) - busy) < 1e-6
+    assert values["sim:engine_steps_total"] == engine["steps"] > 0
+    tokens = sum(r.usage.prompt_tokens - r.usage.cached_tokens for r in results)
+    assert values["sim:engine_step_prefill_tokens_total"] >= tokens
+    assert values["sim:engine_step_decode_seqs_total"] > 0

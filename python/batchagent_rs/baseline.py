@@ -42,12 +42,14 @@ async def run_naive(
     stream: bool = True,
     on_done: Callable[[], None] | None = None,
     live: dict[str, int] | None = None,
+    extra_body: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> NaiveOutcome:
     """Run the batch the naive way. With `hold_slot_during_tools=False` the semaphore wraps only
     each model call (a careful hand-written loop); the default holds it for the whole agent.
     `stream=False` makes plain (non-streamed) requests; TTFT is then the whole call. `live`, when
     given, is kept up to date as a run's stats are (`jobs_started`, `jobs_ok`, `jobs_failed`,
-    `prompt_tokens`, `cached_tokens`, `completion_tokens`), for a progress line."""
+    `prompt_tokens`, `cached_tokens`, `completion_tokens`), for a progress line. `extra_body`, a
+    function of the input, gives each agent's calls the SDK's `extra_body`."""
     import openai
 
     counts = live if live is not None else {}
@@ -82,13 +84,14 @@ async def run_naive(
             f"to this JSON Schema:\n```json\n{schema}\n```"
         )
 
-    async def call_model(messages: list[dict[str, Any]]) -> Any:
+    async def call_model(messages: list[dict[str, Any]], extra: dict[str, Any] | None) -> Any:
         started = time.perf_counter()
         if not stream:
             response = await client.chat.completions.create(
                 model=model,
                 messages=messages,  # type: ignore[arg-type]
                 tools=tool_defs or openai.NOT_GIVEN,  # type: ignore[arg-type]
+                extra_body=extra,
             )
             ttfts.append(time.perf_counter() - started)
             counters["calls"] += 1
@@ -105,6 +108,7 @@ async def run_naive(
             tools=tool_defs or openai.NOT_GIVEN,
             stream=True,
             stream_options={"include_usage": True},
+            extra_body=extra,
         )
         content: list[str] = []
         calls: dict[int, dict[str, Any]] = {}
@@ -143,12 +147,13 @@ async def run_naive(
             {"role": "system", "content": system},
             {"role": "user", "content": task.format(**item)},
         ]
+        extra = None if extra_body is None else extra_body(item)
         for _ in range(max_turns):
             if hold_slot_during_tools:
-                text, calls = await call_model(messages)
+                text, calls = await call_model(messages, extra)
             else:
                 async with sem:
-                    text, calls = await call_model(messages)
+                    text, calls = await call_model(messages, extra)
             if not calls:
                 if output is None:
                     return True

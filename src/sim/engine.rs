@@ -120,6 +120,15 @@ pub struct EngineMetrics {
     /// `vllm:num_preemptions`
     pub preemptions: u64,
     pub steps: u64,
+    /// Simulated time spent in steps (the engine's busy time; `sim_time` less the idle gaps).
+    pub busy: Duration,
+    /// Busy time split by the terms of the step-time formula (`profile::STEP_PARTS`), in seconds.
+    pub busy_parts: [f64; 5],
+    /// What the steps did, summed over steps: prompt tokens computed, decode sequence-steps, KV
+    /// tokens read by decode.
+    pub step_prefill_tokens: u64,
+    pub step_decode_seqs: u64,
+    pub step_kv_tokens_read: u64,
     /// Simulated time since the engine started.
     pub sim_time: Duration,
     /// `vllm:time_to_first_token_seconds`
@@ -491,6 +500,16 @@ impl Scheduler {
         self.m.steps += 1;
     }
 
+    fn account_step(&mut self, load: &StepLoad, took: Duration) {
+        self.m.busy += took;
+        for (total, us) in self.m.busy_parts.iter_mut().zip(self.profile.step.parts_us(load)) {
+            *total += us / 1e6;
+        }
+        self.m.step_prefill_tokens += load.prefill_tokens;
+        self.m.step_decode_seqs += load.decode_seqs;
+        self.m.step_kv_tokens_read += load.kv_tokens_read;
+    }
+
     fn snapshot(&self) -> EngineMetrics {
         let c = self.cache.stats();
         EngineMetrics {
@@ -548,7 +567,9 @@ async fn run(shared: Arc<Shared>, mut sched: Scheduler, time_scale: f64) {
             tokio::task::yield_now().await;
             continue;
         };
-        sched.now += sched.profile.step.step_time(&load);
+        let took = sched.profile.step.step_time(&load);
+        sched.now += took;
+        sched.account_step(&load, took);
         let due = start.checked_add(scaled(sched.now, time_scale));
         match due {
             Some(due) if time_scale > 0.0 && due > Instant::now() + SLEEP_SLACK => tokio::time::sleep_until(due).await,
@@ -618,6 +639,11 @@ mod tests {
         assert_eq!(total, Duration::from_micros(1100 + 4 * 1010));
         let m = engine.metrics();
         assert_eq!((m.prompt_tokens, m.generation_tokens, m.requests_finished, m.steps), (100, 5, 1, 5));
+        // Busy the whole time, and the split adds up: 5 base terms, 100 prefill tokens, 4 decodes.
+        assert_eq!(m.busy, total);
+        assert_eq!((m.step_prefill_tokens, m.step_decode_seqs), (100, 4));
+        assert!((m.busy_parts.iter().sum::<f64>() - total.as_secs_f64()).abs() < 1e-9, "{:?}", m.busy_parts);
+        assert!((m.busy_parts[0] - 0.005).abs() < 1e-9, "{:?}", m.busy_parts);
         assert_eq!(m.ttft.count, 1);
         // 1.1 ms falls in the (0.001, 0.005] bucket.
         assert_eq!(m.ttft.counts[1], 1);

@@ -41,13 +41,23 @@ pub struct StepLoad {
     pub kv_tokens_read: u64,
 }
 
+/// The terms of the step-time formula, in the order of [`StepModel::parts_us`].
+pub const STEP_PARTS: [&str; 5] = ["base", "prefill", "prefill_attention", "decode", "kv_read"];
+
 impl StepModel {
+    /// A step's time split by the terms of the formula, in microseconds (see [`STEP_PARTS`]).
+    pub fn parts_us(&self, load: &StepLoad) -> [f64; 5] {
+        [
+            self.base_us,
+            self.prefill_token_us * load.prefill_tokens as f64,
+            self.prefill_attn_ns * load.prefill_attn as f64 / 1000.0,
+            self.decode_seq_us * load.decode_seqs as f64,
+            self.kv_read_ns * load.kv_tokens_read as f64 / 1000.0,
+        ]
+    }
+
     pub fn step_time(&self, load: &StepLoad) -> Duration {
-        let us = self.base_us
-            + self.prefill_token_us * load.prefill_tokens as f64
-            + self.prefill_attn_ns * load.prefill_attn as f64 / 1000.0
-            + self.decode_seq_us * load.decode_seqs as f64
-            + self.kv_read_ns * load.kv_tokens_read as f64 / 1000.0;
+        let us: f64 = self.parts_us(load).iter().sum();
         // Whole nanoseconds keep the virtual clock exact and runs reproducible across platforms.
         Duration::from_nanos((us * 1000.0).round().max(0.0) as u64)
     }

@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 
 use super::super::engine::{EngineMetrics, TTFT_BUCKETS};
+use super::super::profile::STEP_PARTS;
 use super::{bytes_response, AppState};
 
 pub(crate) async fn handler(State(state): State<Arc<AppState>>) -> Response {
@@ -87,6 +88,26 @@ pub(crate) fn render(
         family(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name}{{{label}}} {value}");
     }
+    // Not vLLM's: the engine's busy time and what its steps cost, so a benchmark can compute the
+    // makespan no scheduler could beat at these step costs.
+    let name = "sim:engine_busy_seconds_total";
+    family(&mut out, name, "counter", "Simulated seconds the engine spent in steps.");
+    let _ = writeln!(out, "{name}{{{label}}} {}", float(m.busy.as_secs_f64()));
+    let name = "sim:engine_step_seconds_total";
+    family(&mut out, name, "counter", "Busy seconds by term of the step-time formula.");
+    for (part, seconds) in STEP_PARTS.iter().zip(m.busy_parts) {
+        let _ = writeln!(out, "{name}{{part=\"{part}\",{label}}} {}", float(seconds));
+    }
+    let step_counters: [(&str, &str, u64); 4] = [
+        ("sim:engine_steps_total", "Engine steps run.", m.steps),
+        ("sim:engine_step_prefill_tokens_total", "Prompt tokens computed in steps.", m.step_prefill_tokens),
+        ("sim:engine_step_decode_seqs_total", "Decode sequence-steps.", m.step_decode_seqs),
+        ("sim:engine_step_kv_tokens_read_total", "KV tokens read by decode steps.", m.step_kv_tokens_read),
+    ];
+    for (name, help, value) in step_counters {
+        family(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name}{{{label}}} {value}");
+    }
     let name = "vllm:request_success_total";
     family(&mut out, name, "counter", "Count of successfully processed requests.");
     for reason in ["stop", "length", "abort"] {
@@ -117,5 +138,22 @@ mod tests {
         assert_eq!(read.kv_capacity_tokens, Some(100_000.0));
         assert_eq!(read.preemptions, Some(7.0));
         assert_eq!(read.kv_usage, Some(0.5));
+    }
+
+    #[test]
+    fn busy_time_and_step_costs_are_exported() {
+        let m = EngineMetrics {
+            busy: std::time::Duration::from_millis(1500),
+            busy_parts: [0.5, 0.75, 0.0, 0.25, 0.0],
+            steps: 42,
+            step_decode_seqs: 9,
+            ..EngineMetrics::default()
+        };
+        let cache = CacheConfig { block_size: 16, num_gpu_blocks: 1, prefix_caching: true };
+        let text = render("m", &m, cache, &std::collections::BTreeMap::new());
+        assert!(text.contains("sim:engine_busy_seconds_total{model_name=\"m\"} 1.5\n"), "{text}");
+        assert!(text.contains("sim:engine_step_seconds_total{part=\"prefill\",model_name=\"m\"} 0.75\n"));
+        assert!(text.contains("sim:engine_steps_total{model_name=\"m\"} 42\n"));
+        assert!(text.contains("sim:engine_step_decode_seqs_total{model_name=\"m\"} 9\n"));
     }
 }

@@ -152,6 +152,15 @@ impl Stats {
                 "requests_rejected": engine.requests_rejected,
                 "requests_aborted": engine.requests_aborted,
                 "sim_time_seconds": engine.sim_time.as_secs_f64(),
+                "busy_seconds": engine.busy.as_secs_f64(),
+                "busy_seconds_by_part": crate::sim::profile::STEP_PARTS
+                    .iter()
+                    .zip(engine.busy_parts)
+                    .map(|(part, s)| ((*part).to_owned(), serde_json::Value::from(s)))
+                    .collect::<serde_json::Map<_, _>>(),
+                "step_prefill_tokens": engine.step_prefill_tokens,
+                "step_decode_seqs": engine.step_decode_seqs,
+                "step_kv_tokens_read": engine.step_kv_tokens_read,
             },
             "ttft_seconds": {
                 "recent": inner.ttft.iter().copied().collect::<Vec<f64>>(),
