@@ -69,6 +69,26 @@ impl Message {
     }
 }
 
+/// How a compaction summary opens: the number of tool-calling turns it stands for, so a reader (a
+/// model, the simulator's scripted agent) knows how far the work had gone.
+const SUMMARY_OPENING: &str = "[Summary of ";
+const SUMMARY_CLOSING: &str = " earlier turns, compacted to fit the context]\n";
+
+/// The user message that replaces `turns` earlier tool-calling turns with their summary.
+pub fn compaction_summary(turns: u32, summary: &str) -> Message {
+    Message::user(format!("{SUMMARY_OPENING}{turns}{SUMMARY_CLOSING}{summary}"))
+}
+
+/// The turns a compaction summary stands for, when `message` is one.
+pub fn summarised_turns(message: &Message) -> Option<u32> {
+    if message.role != Role::User {
+        return None;
+    }
+    let rest = message.content.strip_prefix(SUMMARY_OPENING)?;
+    let (number, after) = rest.split_at(rest.find(|c: char| !c.is_ascii_digit())?);
+    after.starts_with(SUMMARY_CLOSING).then(|| number.parse().ok()).flatten()
+}
+
 /// A tool offered to the model: name, description and the JSON Schema of its arguments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToolDef {

@@ -232,6 +232,28 @@ pub struct BatchSpec {
     pub agent_hints: bool,
     /// Fields merged into every request body (`extra_body=`); a job's own extra fields go on top.
     pub extra_body: Option<Arc<Map<String, Value>>>,
+    pub compaction: CompactionSpec,
+}
+
+/// When and how an agent's conversation is made to fit the context (see
+/// [`crate::scheduler::compaction`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactionSpec {
+    /// Compact at all; off, a conversation that outgrows the context fails as the server says.
+    pub enabled: bool,
+    /// The caller's limit on a request's tokens (prompt plus `max_tokens`); the backend's
+    /// `max_model_len` applies too, and the lower of the two wins.
+    pub max_context_tokens: Option<u64>,
+    /// Turns at the end of the conversation whose tool outputs are kept whole (only cut to
+    /// `tool_output_chars`) and which a summary never replaces.
+    pub keep_turns: u32,
+    /// Tool outputs longer than this (in characters) are cut, head and tail kept, with a marker.
+    pub tool_output_chars: usize,
+    /// The model that summarises the oldest turns when dropping tool outputs is not enough; `None`
+    /// with no summariser backend: no summaries.
+    pub model: Option<String>,
+    /// Tokens a summary may take.
+    pub summary_tokens: u32,
 }
 
 #[derive(Deserialize)]
@@ -277,6 +299,28 @@ struct RawSpec {
     agent_hints: bool,
     #[serde(default)]
     extra_body: Option<Map<String, Value>>,
+    #[serde(default = "default_true")]
+    compaction: bool,
+    #[serde(default)]
+    max_context_tokens: Option<u64>,
+    #[serde(default = "default_keep_turns")]
+    compaction_keep_turns: u32,
+    #[serde(default = "default_tool_output_chars")]
+    compaction_tool_output_chars: usize,
+    #[serde(default)]
+    compaction_model: Option<String>,
+    #[serde(default = "default_summary_tokens")]
+    compaction_summary_tokens: u32,
+}
+
+fn default_keep_turns() -> u32 {
+    4
+}
+fn default_tool_output_chars() -> usize {
+    4000
+}
+fn default_summary_tokens() -> u32 {
+    512
 }
 
 fn default_max_turns() -> u32 {
@@ -303,6 +347,9 @@ fn default_max_response_bytes() -> u64 {
 fn default_true() -> bool {
     true
 }
+
+/// Room for the head, the tail and the marker of a cut tool output.
+const MIN_TOOL_OUTPUT_CHARS: usize = 200;
 
 fn seconds(field: &'static str, value: f64) -> Result<Duration, SpecError> {
     Duration::try_from_secs_f64(value)
@@ -334,6 +381,27 @@ impl BatchSpec {
         let window = raw.window.unwrap_or_else(|| (raw.max_inflight * 4).max(256));
         if window == 0 {
             return Err(SpecError::Invalid { field: "window", message: "must be at least 1".into() });
+        }
+        if raw.max_context_tokens == Some(0) {
+            return Err(SpecError::Invalid { field: "max_context_tokens", message: "must be at least 1".into() });
+        }
+        if raw.compaction_keep_turns == 0 {
+            return Err(SpecError::Invalid { field: "compaction_keep_turns", message: "must be at least 1".into() });
+        }
+        if raw.compaction_tool_output_chars < MIN_TOOL_OUTPUT_CHARS {
+            return Err(SpecError::Invalid {
+                field: "compaction_tool_output_chars",
+                message: format!("must be at least {MIN_TOOL_OUTPUT_CHARS}, got {}", raw.compaction_tool_output_chars),
+            });
+        }
+        if raw.compaction_summary_tokens == 0 {
+            return Err(SpecError::Invalid {
+                field: "compaction_summary_tokens",
+                message: "must be at least 1".into(),
+            });
+        }
+        if raw.compaction_model.as_deref().is_some_and(|m| m.trim().is_empty()) {
+            return Err(SpecError::Invalid { field: "compaction_model", message: "must not be empty".into() });
         }
         let mut names = std::collections::HashSet::new();
         for tool in &raw.tools {
@@ -371,6 +439,14 @@ impl BatchSpec {
             warm_prefix: raw.warm_prefix,
             agent_hints: raw.agent_hints,
             extra_body: raw.extra_body.filter(|m| !m.is_empty()).map(Arc::new),
+            compaction: CompactionSpec {
+                enabled: raw.compaction,
+                max_context_tokens: raw.max_context_tokens,
+                keep_turns: raw.compaction_keep_turns,
+                tool_output_chars: raw.compaction_tool_output_chars,
+                model: raw.compaction_model,
+                summary_tokens: raw.compaction_summary_tokens,
+            },
         })
     }
 }

@@ -425,3 +425,59 @@ async fn faults_break_responses_as_configured() {
     assert!(events.last().unwrap().1.contains("overloaded_error"));
     sim.stop().await;
 }
+
+#[tokio::test]
+async fn tokenize_counts_what_a_chat_request_with_the_same_messages_is_charged() {
+    let sim = start("max_model_len=4096&output_tokens=fixed:3").await;
+    let messages = json!([
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "What is the weather in Paris today, and tomorrow?"},
+    ]);
+    let chat = json_of(
+        post(
+            &format!("{}/v1/chat/completions", sim.url()),
+            &json!({"model": "m", "messages": messages, "tools": weather_tools()}),
+        )
+        .await,
+    )
+    .await;
+    let charged = chat["usage"]["prompt_tokens"].as_u64().unwrap();
+    // vLLM's TokenizeChatRequest and TokenizeResponse.
+    let resp = post(
+        &format!("{}/tokenize", sim.url()),
+        &json!({"model": "m", "messages": messages, "tools": weather_tools(), "add_generation_prompt": true}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let counted = json_of(resp).await;
+    assert_eq!(counted["count"].as_u64(), Some(charged));
+    assert_eq!(counted["tokens"].as_array().unwrap().len() as u64, charged);
+    assert_eq!(counted["max_model_len"], 4096);
+    assert_eq!(counted["token_strs"], Value::Null);
+    // Without the generation prompt, the open assistant turn is not counted.
+    let without = json_of(
+        post(
+            &format!("{}/tokenize", sim.url()),
+            &json!({"model": "m", "messages": messages, "tools": weather_tools(), "add_generation_prompt": false}),
+        )
+        .await,
+    )
+    .await;
+    assert!(without["count"].as_u64().unwrap() < charged);
+    // A TokenizeCompletionRequest: the prompt as it is, with the pieces when asked.
+    let plain = json_of(
+        post(
+            &format!("{}/tokenize", sim.url()),
+            &json!({"model": "m", "prompt": "hello world", "return_token_strs": true}),
+        )
+        .await,
+    )
+    .await;
+    let pieces: Vec<&str> = plain["token_strs"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    assert_eq!(pieces.concat(), "hello world");
+    assert_eq!(plain["count"].as_u64().unwrap() as usize, pieces.len());
+    let bad = post(&format!("{}/tokenize", sim.url()), &json!({"model": "m"})).await;
+    assert_eq!(bad.status(), 400);
+    // Not a model call: the request counters do not move.
+    assert_eq!(sim.stats()["requests"]["total"], 1);
+}

@@ -154,6 +154,11 @@ class RunReport:
     #: Jobs whose constrained request the server failed deterministically, re-sent with the schema
     #: in the prompt.
     schema_fallbacks: int = 0
+    #: Conversations compacted to fit the context before a model call, the summaries written for
+    #: that, and the prompt tokens compaction took off (counted before against after).
+    compactions: int = 0
+    compaction_summaries: int = 0
+    compaction_tokens_dropped: int = 0
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -202,6 +207,14 @@ class RunReport:
             rows.insert(4, ("response cache", f"{self.response_cache_hits} answers (no model call)"))
         if self.schema_fallbacks:
             rows.append(("schema in prompt", f"{self.schema_fallbacks} jobs (constrained output failed)"))
+        if self.compactions:
+            rows.append(
+                (
+                    "compaction",
+                    f"{self.compactions} conversations compacted ({self.compaction_summaries} summaries), "
+                    f"{self.compaction_tokens_dropped} prompt tokens dropped",
+                )
+            )
         if self.errors_by_kind:
             rows.append(("errors", ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_kind.items()))))
         width = max(len(k) for k, _ in rows)
@@ -246,6 +259,9 @@ class RunReport:
             backend=stats["backend"],
             response_cache_hits=(stats.get("response_cache") or {}).get("hits", 0),
             schema_fallbacks=run.get("schema_fallbacks", 0),
+            compactions=run.get("compactions", 0),
+            compaction_summaries=run.get("compaction_summaries", 0),
+            compaction_tokens_dropped=run.get("compaction_tokens_dropped", 0),
             raw=stats,
         )
 
@@ -321,6 +337,13 @@ class Batch:
         accept_truncated: bool = False,
         extra_body: ExtraBody | None = None,
         extra_headers: Mapping[str, str] | None = None,
+        max_context_tokens: int | None = None,
+        compaction: bool = True,
+        compaction_keep_turns: int = 4,
+        compaction_tool_output_chars: int = 4000,
+        compaction_model: str | None = None,
+        compaction_backend: str | None = None,
+        compaction_summary_tokens: int = 512,
     ) -> None:
         if backend is None:
             raise TypeError(
@@ -395,6 +418,12 @@ class Batch:
             "warm_prefix": warm_prefix,
             "agent_hints": agent_hints,
             "extra_body": static_extra,
+            "compaction": compaction,
+            "max_context_tokens": max_context_tokens,
+            "compaction_keep_turns": compaction_keep_turns,
+            "compaction_tool_output_chars": compaction_tool_output_chars,
+            "compaction_model": compaction_model,
+            "compaction_summary_tokens": compaction_summary_tokens,
         }
         # Every setting is checked here, naming the one at fault, not when the run starts.
         _core.check_spec(json.dumps(self._spec))
@@ -423,6 +452,7 @@ class Batch:
             "dedupe": dedupe,
             "accept_truncated": accept_truncated,
             "extra_headers": headers,
+            "compaction_backend": compaction_backend,
         }
         self._on_result = on_result
         self._tool_threads = tool_threads

@@ -444,6 +444,7 @@ def _run(args: argparse.Namespace) -> int:
             kv_capacity_tokens=settings.get("kv_capacity_tokens"),
             max_tokens=int(settings["max_tokens"]) if settings.get("max_tokens") else None,
             accept_truncated=bool(settings.get("accept_truncated")),
+            **_compaction(settings),
             journal=journal,
             response_cache=cache,
             dedupe=bool(settings.get("dedupe")),
@@ -688,6 +689,30 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "by default it is a failed result of kind truncated",
     )
     p.add_argument(
+        "--max-context-tokens",
+        dest="max_context_tokens",
+        type=_positive,
+        help="compact an agent's conversation before a call that would exceed this many tokens "
+        "(default: the backend's max_model_len from /v1/models, where it reports one)",
+    )
+    p.add_argument(
+        "--no-compaction",
+        dest="no_compaction",
+        action="store_true",
+        default=None,
+        help="never compact; a conversation that outgrows the context fails with kind context_length",
+    )
+    p.add_argument(
+        "--compaction-model",
+        dest="compaction_model",
+        help="model that summarises the oldest turns when dropping old tool outputs is not enough",
+    )
+    p.add_argument(
+        "--compaction-backend",
+        dest="compaction_backend",
+        help="backend URL of the compaction model (default: the run's backend)",
+    )
+    p.add_argument(
         "--no-cache", dest="no_cache", action="store_true", default=None, help="bypass the response cache"
     )
     p.add_argument("--dashboard", action="store_true", default=None, help="a live multi-panel view")
@@ -752,6 +777,19 @@ def _headers(value: Any) -> dict[str, str] | None:
     if value is None or isinstance(value, dict):
         return value
     return dict(value)
+
+
+def _compaction(settings: dict[str, Any]) -> dict[str, Any]:
+    """The compaction settings that were set, as `Batch` keywords."""
+    out: dict[str, Any] = {}
+    if settings.get("max_context_tokens") is not None:
+        out["max_context_tokens"] = int(settings["max_context_tokens"])
+    if settings.get("no_compaction"):
+        out["compaction"] = False
+    for key in ("compaction_model", "compaction_backend"):
+        if settings.get(key):
+            out[key] = settings[key]
+    return out
 
 
 def _limits(settings: dict[str, Any]) -> dict[str, Any]:

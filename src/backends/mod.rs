@@ -102,4 +102,5 @@ pub mod openai;
 pub mod placement;
 pub mod probe;
 pub mod sigv4;
+pub mod tokenize;
 pub mod url;

@@ -310,6 +310,26 @@ pub(crate) fn role_name(role: Role) -> &'static str {
     }
 }
 
+/// A vLLM `/tokenize` body for a chat (`TokenizeChatRequest`): the messages and tools exactly as a
+/// `/chat/completions` request sends them, with the generation prompt the model call adds.
+pub(crate) fn tokenize_chat_body(model: &str, messages: &[Message], tools: &[ToolDef]) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct TokenizeChat<'a> {
+        model: &'a str,
+        messages: WireMessages<'a>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tools: Option<WireTools<'a>>,
+        add_generation_prompt: bool,
+    }
+    let body = TokenizeChat {
+        model,
+        messages: WireMessages { messages, system: None },
+        tools: (!tools.is_empty()).then_some(WireTools::Typed(tools)),
+        add_generation_prompt: true,
+    };
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
 /// A `/chat/completions` body borrowing from its [`ChatRequest`].
 #[derive(Serialize)]
 struct WireRequest<'a> {

@@ -33,6 +33,7 @@ use crate::output::CompiledSchema;
 use crate::python::errors::{backend_error, spec_error, InputError, JournalError, RunError, SchemaError};
 use crate::scheduler::agent::TurnSink;
 use crate::scheduler::agent::{Job, JobResult, OutputValidator, RunContext};
+use crate::scheduler::compaction::Compactor;
 use crate::scheduler::durable::{fingerprint, Durability, JournalTurns};
 use crate::scheduler::feed::{feed_file, prescan, SeenIds};
 use crate::scheduler::retry::RetryPolicy;
@@ -312,6 +313,9 @@ struct RunOptions {
     /// Headers sent with every request (`extra_headers=`), checked by `check_header`.
     #[serde(default)]
     extra_headers: Vec<(String, String)>,
+    /// Where the compaction summariser runs (a backend URL); the run's backend when not given.
+    #[serde(default)]
+    compaction_backend: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -359,6 +363,8 @@ pub struct PyRun {
     response_cache: Option<Arc<ResponseCache>>,
     /// Keeps an embedded simulator alive for as long as the run.
     connected: Connected,
+    /// The compaction summariser's own backend (and simulator), when it has one.
+    _summariser: Option<Connected>,
     dispatch: Dispatch,
 }
 
@@ -451,6 +457,31 @@ impl PyRun {
         let mut connected = py
             .allow_threads(|| runtime.block_on(connect_fleet(&urls, &connect_options, fleet_options)))
             .map_err(|e| backend_error(&e))?;
+        let summariser = match &options.compaction_backend {
+            Some(url) => Some(
+                py.allow_threads(|| {
+                    runtime.block_on(connect_fleet(
+                        std::slice::from_ref(url),
+                        &connect_options,
+                        FleetOptions::default(),
+                    ))
+                })
+                .map_err(|e| backend_error(&e))?,
+            ),
+            None => None,
+        };
+        let compactor = py
+            .allow_threads(|| {
+                runtime.block_on(Compactor::resolve(
+                    &spec,
+                    &connected.addresses,
+                    &connect_options,
+                    &connected.backend,
+                    summariser.as_ref().map(|s| s.backend.clone()),
+                ))
+            })
+            .map_err(|e| backend_error(&e))?
+            .map(Arc::new);
         let mut response_cache = None;
         if let Some(path) = &options.response_cache {
             let cache = Arc::new(ResponseCache::open(path).map_err(|e| JournalError::new_err(e.to_string()))?);
@@ -490,6 +521,7 @@ impl PyRun {
             constrained,
             accept_truncated: options.accept_truncated,
             seed: options.seed,
+            compactor,
             spec: Arc::new(spec),
         });
         let run = Self {
@@ -506,6 +538,7 @@ impl PyRun {
             fatal: Arc::new(Mutex::new(None)),
             response_cache,
             connected,
+            _summariser: summariser,
             dispatch,
         };
         run.start()?;

@@ -18,6 +18,7 @@ use crate::backends::{AgentHints, Backend, BackendError, ChatRequest, ChatRespon
 use crate::conversation::{Message, Role, TimeoutKind, ToolCall, Usage};
 use crate::limits::AdaptiveLimit;
 use crate::output::{describe, extract_json, CompiledSchema};
+use crate::scheduler::compaction::{self, Compactor};
 use crate::scheduler::retry::{RetryPolicy, SplitMix64};
 use crate::scheduler::semaphore::PrioritySemaphore;
 use crate::scheduler::stats::RunStats;
@@ -62,6 +63,11 @@ pub struct AgentState {
     /// Model calls sent again after a retryable failure (429, 5xx, reset, timeout).
     #[serde(default)]
     pub retries: u32,
+    /// Times the conversation was compacted to fit the context, and the prompt tokens that took off.
+    #[serde(default)]
+    pub compactions: u32,
+    #[serde(default)]
+    pub compacted_tokens: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -131,6 +137,8 @@ pub struct RunContext {
     /// `truncated`); otherwise such an answer fails the job with kind `truncated`.
     pub accept_truncated: bool,
     pub seed: u64,
+    /// Compaction of conversations that outgrow the context; `None` when off or no limit is known.
+    pub compactor: Option<Arc<Compactor>>,
 }
 
 impl RunContext {
@@ -322,6 +330,12 @@ impl Agent<'_> {
         let mut validation_failures = 0u32;
         let mut base_len: Option<usize> = None;
         while self.state.turns < ctx.spec.max_turns {
+            if let Some(compactor) = &ctx.compactor {
+                let removed = self.compact(compactor).await;
+                if let Some(base) = base_len.as_mut() {
+                    *base -= removed;
+                }
+            }
             let response = self.model_call().await?;
             self.state.turns += 1;
             if response.0.tool_calls.is_empty() {
@@ -370,6 +384,114 @@ impl Agent<'_> {
             }
         }
         Err(Failure::MaxTurns)
+    }
+
+    /// Makes the conversation fit the prompt budget before a model call (see
+    /// [`crate::scheduler::compaction`]); returns how many messages a summary took out. Counted
+    /// only when a bound on its size says it might not fit.
+    async fn compact(&mut self, compactor: &Compactor) -> usize {
+        let ctx = self.ctx;
+        let tools = ctx.spec.tools.clone();
+        if crate::backends::tokenize::upper_bound(&self.state.messages, &tools) <= compactor.budget {
+            return 0;
+        }
+        let before = self.count(compactor).await;
+        if before <= compactor.budget {
+            return 0;
+        }
+        let mut now = before;
+        let mut removed = 0;
+        let keep = compactor.keep_turns;
+        if compaction::cut_long_outputs(&mut self.state.messages, compactor.tool_output_chars) {
+            now = self.count(compactor).await;
+        }
+        if now > compactor.budget && compaction::drop_old_outputs(&mut self.state.messages, keep) {
+            now = self.count(compactor).await;
+        }
+        if let Some(summariser) = &compactor.summariser {
+            for keep in [keep, 1] {
+                if now <= compactor.budget {
+                    break;
+                }
+                let Some(span) = compaction::summary_span(&self.state.messages, keep) else { continue };
+                // The summariser reads at most the budget's worth (about 3 characters a token).
+                let text = compaction::transcript(&self.state.messages[span.clone()], compactor.budget as usize * 3);
+                let Some(summary) = self.summarise(summariser, text).await else {
+                    ctx.stats.compaction_failures.fetch_add(1, Relaxed);
+                    break;
+                };
+                removed += compaction::replace_with_summary(&mut self.state.messages, span, &summary);
+                ctx.stats.compaction_summaries.fetch_add(1, Relaxed);
+                now = self.count(compactor).await;
+            }
+        }
+        if now < before {
+            self.state.compactions += 1;
+            self.state.compacted_tokens += before - now;
+            ctx.stats.compactions.fetch_add(1, Relaxed);
+            ctx.stats.compaction_tokens_dropped.fetch_add(before - now, Relaxed);
+        }
+        if now > compactor.budget {
+            // Sent as it is: the server has the last word on what fits.
+            ctx.stats.compaction_short.fetch_add(1, Relaxed);
+        }
+        removed
+    }
+
+    async fn count(&self, compactor: &Compactor) -> u64 {
+        let count = compactor.tokenizer.count(&self.state.messages, &self.ctx.spec.tools).await;
+        let counter = if count.exact { &self.ctx.stats.tokens_counted } else { &self.ctx.stats.tokens_estimated };
+        counter.fetch_add(1, Relaxed);
+        count.tokens
+    }
+
+    /// One summary from the summariser model (retried as model calls are), its usage the job's;
+    /// `None` when it could not be had.
+    async fn summarise(&mut self, summariser: &compaction::Summariser, transcript: String) -> Option<String> {
+        let ctx = self.ctx;
+        let remaining = ctx.spec.max_turns.saturating_sub(self.state.turns);
+        for attempt in 1..=ctx.spec.max_attempts {
+            let request = ChatRequest {
+                model: summariser.model.clone(),
+                messages: Arc::new(vec![
+                    Message::system(compaction::SUMMARY_PROMPT),
+                    Message::user(transcript.clone()),
+                ]),
+                tools: Arc::default(),
+                tool_choice: None,
+                response_schema: None,
+                max_tokens: Some(summariser.max_tokens),
+                temperature: ctx.spec.temperature,
+                request_id: format!("{}-t{}-compact-a{attempt}", self.job_id, self.state.turns),
+                stream: false,
+                hints: None,
+                text_deltas: false,
+                // The job's extra fields are for the run's backend; another server may reject them.
+                extra_body: if summariser.shared_backend { self.extra_body.clone() } else { None },
+            };
+            let permit = if summariser.shared_backend { Some(ctx.slots.acquire(remaining).await) } else { None };
+            ctx.stats.compaction_calls.fetch_add(1, Relaxed);
+            let outcome = tokio::time::timeout(
+                ctx.spec.call_timeout.saturating_add(CALL_TIMEOUT_BACKSTOP),
+                summariser.backend.chat(request, None),
+            )
+            .await;
+            drop(permit);
+            match outcome {
+                Ok(Ok(response)) => {
+                    self.state.usage += response.usage;
+                    ctx.stats.add_usage(&response.usage);
+                    let summary = response.content.trim();
+                    return (!summary.is_empty()).then(|| summary.to_owned());
+                }
+                Ok(Err(error)) if error.retryable() && attempt < ctx.spec.max_attempts => {
+                    let delay = ctx.retry.delay(attempt, error.retry_after(), self.rng.next_f64());
+                    tokio::time::sleep(delay).await;
+                }
+                _ => return None,
+            }
+        }
+        None
     }
 
     /// Extract (and repair) JSON, check it against the schema, then run the Python validator.

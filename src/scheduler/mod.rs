@@ -2,6 +2,7 @@
 //! and the agent loop that drives each job through its turns.
 
 pub mod agent;
+pub mod compaction;
 pub mod durable;
 pub mod feed;
 pub mod order;

@@ -119,6 +119,22 @@ pub struct RunStats {
     pub repaired_outputs: AtomicU64,
     pub tool_calls: AtomicU64,
     pub tools_started_early: AtomicU64,
+    /// Conversations compacted before a model call.
+    pub compactions: AtomicU64,
+    /// Summaries that replaced the oldest turns of a conversation.
+    pub compaction_summaries: AtomicU64,
+    /// Model calls made to the summariser (retries included).
+    pub compaction_calls: AtomicU64,
+    /// Summaries that could not be had (the conversation went on without one).
+    pub compaction_failures: AtomicU64,
+    /// Model calls sent still over the budget after compaction.
+    pub compaction_short: AtomicU64,
+    /// Prompt tokens compaction took off, before against after.
+    pub compaction_tokens_dropped: AtomicU64,
+    /// Conversations counted by the server's tokenizer (`/tokenize`).
+    pub tokens_counted: AtomicU64,
+    /// Conversations whose size was estimated (no tokenizer to ask).
+    pub tokens_estimated: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub cached_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
@@ -168,6 +184,14 @@ impl RunStats {
             repaired_outputs: self.repaired_outputs.load(Relaxed),
             tool_calls: self.tool_calls.load(Relaxed),
             tools_started_early: self.tools_started_early.load(Relaxed),
+            compactions: self.compactions.load(Relaxed),
+            compaction_summaries: self.compaction_summaries.load(Relaxed),
+            compaction_calls: self.compaction_calls.load(Relaxed),
+            compaction_failures: self.compaction_failures.load(Relaxed),
+            compaction_short: self.compaction_short.load(Relaxed),
+            compaction_tokens_dropped: self.compaction_tokens_dropped.load(Relaxed),
+            tokens_counted: self.tokens_counted.load(Relaxed),
+            tokens_estimated: self.tokens_estimated.load(Relaxed),
             prompt_tokens: self.prompt_tokens.load(Relaxed),
             cached_tokens: self.cached_tokens.load(Relaxed),
             completion_tokens: self.completion_tokens.load(Relaxed),
@@ -198,6 +222,14 @@ pub struct StatsSnapshot {
     pub repaired_outputs: u64,
     pub tool_calls: u64,
     pub tools_started_early: u64,
+    pub compactions: u64,
+    pub compaction_summaries: u64,
+    pub compaction_calls: u64,
+    pub compaction_failures: u64,
+    pub compaction_short: u64,
+    pub compaction_tokens_dropped: u64,
+    pub tokens_counted: u64,
+    pub tokens_estimated: u64,
     pub prompt_tokens: u64,
     pub cached_tokens: u64,
     pub completion_tokens: u64,

@@ -13,7 +13,7 @@ use super::config::{BehaviourConfig, SimError};
 use super::draw::{hash_bytes, mix, Draw};
 use super::schema_gen;
 use super::tokenizer;
-use crate::conversation::{Message, Role, ToolCall, ToolDef};
+use crate::conversation::{summarised_turns, Message, Role, ToolCall, ToolDef};
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum ToolChoice {
@@ -82,7 +82,15 @@ pub fn with_overrides(base: &BehaviourConfig, overrides: &Value) -> Result<Behav
 pub fn reply(cfg: &BehaviourConfig, seed: u64, req: &AgentRequest) -> Reply {
     let conversation = conversation_hash(&req.messages);
     let mut draw = Draw::new(mix(seed, conversation));
-    let rounds_done = req.messages.iter().filter(|m| m.role == Role::Assistant && !m.tool_calls.is_empty()).count();
+    // A compaction summary stands for the turns it replaced: the agent knows how far it had got.
+    let rounds_done = req
+        .messages
+        .iter()
+        .map(|m| match summarised_turns(m) {
+            Some(turns) => turns as usize,
+            None => usize::from(m.role == Role::Assistant && !m.tool_calls.is_empty()),
+        })
+        .sum::<usize>();
     let wants_tools = !req.tools.is_empty()
         && match &req.tool_choice {
             ToolChoice::None => false,

@@ -145,6 +145,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
+        .route("/tokenize", post(openai::tokenize))
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/metrics", get(metrics::handler))
         .route("/v1/messages", post(anthropic::messages))
@@ -191,6 +192,7 @@ async fn count_route(State(state): State<Arc<AppState>>, req: Request, next: Nex
         p @ ("/v1/chat/completions"
         | "/v1/completions"
         | "/v1/models"
+        | "/tokenize"
         | "/health"
         | "/metrics"
         | "/v1/messages"

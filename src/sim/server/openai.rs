@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use super::super::behaviour::{AgentRequest, Piece, ToolChoice};
 use super::super::engine::EngineEvent;
 use super::super::faults::Fault;
+use super::super::tokenizer;
 use super::{
     faulty_body, finish, generate, http_fault, json_response, on_event, openai_tools, parse_body, partial_text,
     render_chatml, request_behaviour, request_id, sse_data, stream_response, unix_now, AppState, ErrorShape, FrameSink,
@@ -494,12 +495,60 @@ async fn completions_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Respo
     faulty_body(&decision, StatusCode::OK, &value)
 }
 
+/// vLLM's `/tokenize`: a `TokenizeChatRequest` (`messages`, optional `tools`,
+/// `add_generation_prompt` default true) is rendered with the chat template the model calls are;
+/// a `TokenizeCompletionRequest` (`prompt`) is tokenized as it is. The answer is vLLM's
+/// `TokenizeResponse`: `count`, `max_model_len`, `tokens`, and `token_strs` when
+/// `return_token_strs` is set.
+pub(crate) async fn tokenize(State(state): State<Arc<AppState>>, raw: Bytes) -> Response {
+    let body = match parse_body(&raw) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e, None),
+    };
+    if let Some(r) = check_common(&state, &body) {
+        return r;
+    }
+    let text = if body.get("messages").is_some() {
+        let parsed = (|| -> Result<_, String> { Ok((parse_messages(&body)?, openai_tools(&body)?)) })();
+        let (messages, tools) = match parsed {
+            Ok(p) => p,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &e, None),
+        };
+        let mut text = render_chatml(&messages, &tools);
+        if body.get("add_generation_prompt").and_then(Value::as_bool) == Some(false) {
+            text.truncate(text.len() - "<|im_start|>assistant\n".len());
+        }
+        text
+    } else {
+        match body.get("prompt") {
+            Some(Value::String(prompt)) => prompt.clone(),
+            _ => return error(StatusCode::BAD_REQUEST, "either `messages` or a `prompt` string is required", None),
+        }
+    };
+    let tokens = tokenizer::tokenize(&text);
+    let token_strs = if body.get("return_token_strs").and_then(Value::as_bool) == Some(true) {
+        json!(tokenizer::pieces(&text))
+    } else {
+        Value::Null
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "count": tokens.len(), "max_model_len": state.config.max_model_len.unwrap_or(DEFAULT_MAX_MODEL_LEN),
+            "tokens": tokens, "token_strs": token_strs,
+        }),
+    )
+}
+
+/// What `/v1/models` and `/tokenize` report as the context window when `max_model_len` is not set.
+const DEFAULT_MAX_MODEL_LEN: u32 = 32768;
+
 pub(crate) async fn models(State(state): State<Arc<AppState>>) -> Response {
     let model = &state.config.model;
     let root = state.config.model_root.as_ref().unwrap_or(model);
     let mut listing = json!({"object": "list", "data": [{
         "id": model, "object": "model", "created": unix_now(), "owned_by": "vllm", "root": root,
-        "parent": null, "max_model_len": state.config.max_model_len.unwrap_or(32768), "permission": []
+        "parent": null, "max_model_len": state.config.max_model_len.unwrap_or(DEFAULT_MAX_MODEL_LEN), "permission": []
     }]});
     if !state.config.model_pinned {
         // Not a vLLM field: it tells a client's pre-run check that any model name is served here
