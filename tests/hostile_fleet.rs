@@ -176,7 +176,17 @@ async fn a_job_whose_task_panics_gets_an_internal_error_result() {
     let (results_tx, mut results_rx) = mpsc::unbounded_channel();
     for index in 0..3u64 {
         let input = serde_json::json!({"x": index}).as_object().unwrap().clone();
-        jobs_tx.send(Job { id: format!("job-{index}"), index, input, resume: None, extra_body: None }).await.unwrap();
+        jobs_tx
+            .send(Job {
+                id: format!("job-{index}"),
+                index,
+                input,
+                resume: None,
+                extra_body: None,
+                keep_conversation: false,
+            })
+            .await
+            .unwrap();
     }
     drop(jobs_tx);
     run_all(ctx.clone(), Dispatch::default(), jobs_rx, results_tx).await;

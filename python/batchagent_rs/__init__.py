@@ -10,6 +10,8 @@ from ._core import (
     __version__,
 )
 from .batch import Batch, BatchAgent, ErrorInfo, Result, RunReport, Usage
+from .mcp import McpError, McpTools, mcp_tools
+from .population import Population, PopulationReport
 from .tables import results_to_arrow, results_to_pandas, write_parquet
 from .tools import Tool, tool
 
@@ -21,6 +23,10 @@ __all__ = [
     "ErrorInfo",
     "InputError",
     "JournalError",
+    "McpError",
+    "McpTools",
+    "Population",
+    "PopulationReport",
     "Result",
     "RunError",
     "RunReport",
@@ -28,6 +34,7 @@ __all__ = [
     "Tool",
     "Usage",
     "__version__",
+    "mcp_tools",
     "results_to_arrow",
     "results_to_pandas",
     "tool",

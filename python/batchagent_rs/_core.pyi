@@ -47,6 +47,12 @@ def display_url(url: str) -> str:
 def check_spec(spec_json: str) -> None:
     """Validate a batch spec as a run would; raises `SchemaError` naming the setting."""
 
+def save_population(path: str, settings_json: str, tick: int, agents: list[tuple[str, str]]) -> None:
+    """Writes a population (settings, steps taken, agent states) to `path` in the journal's format."""
+
+def load_population(path: str) -> tuple[str, int, list[tuple[str, str]]]:
+    """Reads a population written by `save_population`."""
+
 @final
 class Run:
     """One batch run. Created from the spec and options as JSON; starts at once and waits for inputs."""
@@ -61,6 +67,21 @@ class Run:
     def feed(self, items: list[tuple[str, int, str, str | None]]) -> None:
         """Hand `(id, index, input json, extra body json)` to the run; no more than the credit
         granted so far."""
+    def feed_agents(
+        self,
+        items: list[tuple[str, str, int, str | None, str | None]],
+        max_context_tokens: int | None = None,
+    ) -> list[tuple[str, str]]:
+        """Starts one step of persistent agents `(agent id, job id, index, text, fields JSON)`, each
+        from its conversation so far plus its observation (`text` as is, or `fields` rendered by the
+        task template). Steps over `max_context_tokens` (estimated) are returned as `(job id,
+        message)` and do not start."""
+    def expire(self, job_ids: list[str]) -> None:
+        """These steps' answers, when they come, do not enter their agents' histories."""
+    def agent_states(self, agents: list[str]) -> list[tuple[str, str]]:
+        """`(agent id, state JSON)` of each agent that has a history."""
+    def restore_agents(self, items: list[tuple[str, str]]) -> None:
+        """Sets agents' states as `agent_states` returns them."""
     def close_input(self) -> None:
         """No more inputs."""
     @property

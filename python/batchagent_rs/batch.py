@@ -36,7 +36,7 @@ import pydantic
 from . import _core, tables
 from .notebook import NotebookProgress
 from .progress import Progress, tool_not_run
-from .tools import Tool, encode_result
+from .tools import Tool, encode_result, flatten_tools
 
 __all__ = ["Batch", "BatchAgent", "ErrorInfo", "Result", "RunReport", "Usage"]
 
@@ -302,7 +302,7 @@ class Batch:
         task: str,
         *,
         system: str | None = None,
-        tools: Sequence[Tool] = (),
+        tools: Sequence[Tool | Sequence[Tool]] = (),
         output: type[pydantic.BaseModel] | dict[str, Any] | None = None,
         model: str | None = None,
         backend: str | Sequence[str] | None = None,
@@ -360,9 +360,8 @@ class Batch:
                 )
             # The simulator serves any name; this is the one its /v1/models lists.
             model = "sim-model"
-        for t in tools:
-            if not isinstance(t, Tool):
-                raise TypeError(f"tools: {t!r} is not a tool; decorate it with @batchagent_rs.tool")
+        # A tool source (an MCP server's tools) counts as its tools.
+        tools = flatten_tools(tools)
         self._tools = {t.name: t for t in tools}
         if len(self._tools) != len(tools):
             raise _core.SchemaError("tools: two tools have the same name")

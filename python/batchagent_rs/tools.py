@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, overload
 
 import pydantic
 
-__all__ = ["Tool", "tool"]
+__all__ = ["Tool", "http_get", "list_dir", "read_file", "tool", "web_search"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,7 +32,9 @@ class Tool:
     name: str
     description: str
     parameters: dict[str, Any]
-    arguments_model: type[pydantic.BaseModel]
+    #: Validates the model's arguments; `None` for a tool whose schema is used as it is (an MCP
+    #: server's), whose arguments are passed on as the JSON object the model wrote.
+    arguments_model: type[pydantic.BaseModel] | None
     cache: bool = False
     cache_ttl: float | None = None
     cache_max_entries: int = 10_000
@@ -70,9 +72,38 @@ class Tool:
 
     def parse_arguments(self, arguments_json: str) -> dict[str, Any]:
         """Validate the model's arguments; raises `pydantic.ValidationError`."""
+        if self.arguments_model is None:
+            return _json_object(self.name, arguments_json)
         model = self.arguments_model.model_validate_json(arguments_json)
         # A model's `__dict__` holds exactly its fields (extras and private attributes live apart).
         return dict(model.__dict__)
+
+
+class _JsonObject(pydantic.RootModel[dict[str, Any]]):
+    pass
+
+
+def _json_object(name: str, arguments_json: str) -> dict[str, Any]:
+    # Through pydantic so a bad argument string fails as every other tool's does.
+    return _JsonObject.model_validate_json(arguments_json or "{}").root
+
+
+def flatten_tools(tools: Iterable[Tool | Iterable[Tool]]) -> list[Tool]:
+    """`tools=` as given: tools, and tool sources (a list of tools, an MCP server's) in place."""
+    if isinstance(tools, (str, bytes, Tool)):
+        raise TypeError(f"tools: expected a list of tools, got {tools!r}")
+    flat: list[Tool] = []
+    for item in tools:
+        if isinstance(item, Tool):
+            flat.append(item)
+        elif isinstance(item, Iterable) and not isinstance(item, (str, bytes, dict)):
+            for inner in item:
+                if not isinstance(inner, Tool):
+                    raise TypeError(f"tools: {inner!r} is not a tool; decorate it with @batchagent_rs.tool")
+                flat.append(inner)
+        else:
+            raise TypeError(f"tools: {item!r} is not a tool; decorate it with @batchagent_rs.tool")
+    return flat
 
 
 def encode_result(value: Any) -> str:
@@ -196,3 +227,7 @@ def tool(
         return _make_tool(inner, **options)
 
     return wrap
+
+
+# The built-in tools are tool factories: `batchagent_rs.tools.read_file(root=...)`.
+from .builtin_tools import http_get, list_dir, read_file, web_search  # noqa: E402

@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 use pyo3::prelude::*;
 
 mod errors;
+mod population;
 mod run;
 mod sim;
 
@@ -112,6 +113,8 @@ fn core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(display_url, m)?)?;
     m.add_function(wrap_pyfunction!(check_headers, m)?)?;
     m.add_function(wrap_pyfunction!(check_spec, m)?)?;
+    m.add_function(wrap_pyfunction!(population::save_population, m)?)?;
+    m.add_function(wrap_pyfunction!(population::load_population, m)?)?;
     sim::register(m)?;
     Ok(())
 }

@@ -36,6 +36,7 @@ use crate::scheduler::agent::{Job, JobResult, OutputValidator, RunContext};
 use crate::scheduler::compaction::Compactor;
 use crate::scheduler::durable::{fingerprint, Durability, JournalTurns};
 use crate::scheduler::feed::{feed_file, prescan, SeenIds};
+use crate::scheduler::population::Population;
 use crate::scheduler::retry::RetryPolicy;
 use crate::scheduler::run::{run_all, Dispatch, DEFAULT_LOOKAHEAD};
 use crate::scheduler::semaphore::PrioritySemaphore;
@@ -67,6 +68,9 @@ type ResultTuple = (
     Option<f64>,
     f64,
 );
+/// One step of a persistent agent as Python sends it: `(agent id, job id, index, observation text,
+/// observation fields as JSON)`, one of the last two given.
+type AgentStep = (String, String, u64, Option<String>, Option<String>);
 /// `(tool_calls, batch_calls, validations, results, credit, done)`.
 type Events = (
     Vec<(u64, String, String)>,
@@ -366,6 +370,8 @@ pub struct PyRun {
     /// The compaction summariser's own backend (and simulator), when it has one.
     _summariser: Option<Connected>,
     dispatch: Dispatch,
+    /// The conversations of persistent agents stepped through this run (`feed_agents`).
+    population: Mutex<Population>,
 }
 
 use crate::python::runtime;
@@ -540,6 +546,7 @@ impl PyRun {
             connected,
             _summariser: summariser,
             dispatch,
+            population: Mutex::default(),
         };
         run.start()?;
         Ok(run)
@@ -590,7 +597,7 @@ impl PyRun {
                 let input = parse_input(index, &json)?;
                 let extra_body = parse_extra_body(index, extra.as_deref())?;
                 let skipped_id = earlier_wanted.then(|| id.clone());
-                let job = Job { id, index, input, resume: None, extra_body };
+                let job = Job { id, index, input, resume: None, extra_body, keep_conversation: false };
                 if let Some(job) = self.durable.prepare(job, &json) {
                     jobs.push(job);
                 } else {
@@ -626,6 +633,111 @@ impl PyRun {
                 outbox.credit += skipped;
                 outbox.results.append(&mut earlier);
             });
+        }
+        Ok(())
+    }
+
+    /// Starts one step of persistent agents, each from its conversation so far plus its new
+    /// observation: items `(agent id, job id, index, text, fields)` where the observation is `text`
+    /// as it is, or `fields` (a JSON object) rendered by the task template. Every observation is
+    /// rendered and every id checked before any step starts. A step whose request would hold more
+    /// than `max_context_tokens` (estimated from its size) does not start: it is returned as
+    /// `(job id, message)`. Finished steps come back through `take_events` like any job; a
+    /// successful one becomes its agent's history unless `expire` was called for it first.
+    #[pyo3(signature = (items, max_context_tokens=None))]
+    fn feed_agents(
+        &self,
+        py: Python<'_>,
+        items: Vec<AgentStep>,
+        max_context_tokens: Option<usize>,
+    ) -> PyResult<Vec<(String, String)>> {
+        let sender = self.lock_running()?.jobs.clone().ok_or_else(|| RunError::new_err("the run's input is closed"))?;
+        py.allow_threads(|| {
+            let mut steps = Vec::with_capacity(items.len());
+            for (agent, job_id, index, text, fields) in items {
+                check_job_id(&job_id).map_err(|message| InputError::new_err(format!("agent {agent:?}: {message}")))?;
+                let observation = match (text, fields) {
+                    (Some(text), _) => text,
+                    (None, Some(json)) => {
+                        let fields = parse_input(index, &json)?;
+                        self.ctx.spec.task.render(index, &fields).map_err(|e| {
+                            InputError::new_err(format!("agent {agent:?}: observation: {}", without_index(&e)))
+                        })?
+                    }
+                    (None, None) => return Err(InputError::new_err(format!("agent {agent:?}: no observation"))),
+                };
+                steps.push((agent, job_id, index, observation));
+            }
+            let mut refused = Vec::new();
+            let mut jobs = Vec::with_capacity(steps.len());
+            {
+                let mut population = self.lock_population()?;
+                let system = self.ctx.system.as_ref();
+                for (agent, job_id, index, observation) in steps {
+                    if let Some(limit) = max_context_tokens {
+                        let wanted = population.estimated_tokens(&agent, &observation, system, &self.ctx.spec.tools)
+                            + self.ctx.spec.max_tokens.map_or(0, |n| n as usize);
+                        if wanted > limit {
+                            refused.push((
+                                job_id,
+                                format!(
+                                    "agent {agent:?}: the conversation would hold about {wanted} tokens \
+                                     (estimated from its size, answer included), over max_context_tokens={limit}"
+                                ),
+                            ));
+                            continue;
+                        }
+                    }
+                    jobs.push(population.start(&agent, job_id, index, observation, system));
+                }
+            }
+            let _feeding = self.dispatch.feeding.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for job in jobs {
+                sender.try_send(job).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => {
+                        RunError::new_err("more steps started than the run's window holds")
+                    }
+                    mpsc::error::TrySendError::Closed(_) => {
+                        RunError::new_err("the run stopped before taking all steps")
+                    }
+                })?;
+            }
+            Ok(refused)
+        })
+    }
+
+    /// The caller stopped waiting for these steps (its deadline passed): when they finish, their
+    /// results still come back (their tokens count) but their conversations are dropped.
+    #[allow(clippy::needless_pass_by_value)] // PyO3 extracts a list into an owned Vec.
+    fn expire(&self, job_ids: Vec<String>) -> PyResult<()> {
+        self.lock_population()?.expire(job_ids.iter().map(String::as_str));
+        Ok(())
+    }
+
+    /// The state of each agent that has one, as `(agent id, JSON)`: its conversation (without the
+    /// system message) and counters over its accepted steps.
+    fn agent_states(&self, agents: Vec<String>) -> PyResult<Vec<(String, String)>> {
+        let population = self.lock_population()?;
+        agents
+            .into_iter()
+            .filter_map(|agent| {
+                let state = population.agent(&agent)?;
+                Some(
+                    serde_json::to_string(state)
+                        .map(|json| (agent, json))
+                        .map_err(|e| RunError::new_err(format!("agent state: {e}"))),
+                )
+            })
+            .collect()
+    }
+
+    /// Sets agents' states `(agent id, JSON)` as `agent_states` returns them (a loaded population).
+    fn restore_agents(&self, items: Vec<(String, String)>) -> PyResult<()> {
+        let mut population = self.lock_population()?;
+        for (agent, json) in items {
+            let state = serde_json::from_str(&json)
+                .map_err(|e| InputError::new_err(format!("agent {agent:?}: state cannot be read: {e}")))?;
+            population.set_agent(agent, state);
         }
         Ok(())
     }
@@ -678,6 +790,15 @@ impl PyRun {
             (events, std::mem::take(&mut outbox.results))
         };
         // Converted outside the lock: tokio threads posting meanwhile never wait on it.
+        let mut results = results;
+        {
+            // Persistent agents' steps settle here, on the caller's thread: a step that `expire`
+            // reached before this take is dropped, one taken before it is kept, never both.
+            let mut population = self.lock_population()?;
+            for result in &mut results {
+                population.finish(result);
+            }
+        }
         let results = results.into_iter().map(result_tuple).collect();
         let (tool_calls, batch_calls, validations, credit, done) = events;
         Ok((tool_calls, batch_calls, validations, results, credit, done))
@@ -844,6 +965,10 @@ impl PyRun {
         Ok(())
     }
 
+    fn lock_population(&self) -> PyResult<std::sync::MutexGuard<'_, Population>> {
+        self.population.lock().map_err(|_| RunError::new_err("run state poisoned"))
+    }
+
     fn lock_running(&self) -> PyResult<std::sync::MutexGuard<'_, Running>> {
         self.running.lock().map_err(|_| RunError::new_err("run state poisoned"))
     }
@@ -886,6 +1011,16 @@ fn parse_extra_body(index: u64, json: Option<&str>) -> PyResult<Option<Arc<Map<S
             Err(InputError::new_err(format!("input {index}: extra_body returned {}, not a dict", type_name(&other))))
         }
         Err(e) => Err(InputError::new_err(format!("input {index}: extra_body is not JSON: {e}"))),
+    }
+}
+
+/// A template error without its "input N:" prefix (an agent is named instead).
+fn without_index(error: &SpecError) -> String {
+    match error {
+        SpecError::MissingVariable { variable, available, .. } => {
+            format!("template variable '{variable}' is missing (the observation has: {available})")
+        }
+        other => other.to_string(),
     }
 }
 

@@ -46,11 +46,14 @@ pub struct Job {
     pub id: String,
     pub index: u64,
     pub input: Map<String, Value>,
-    /// A durable state from an earlier run of this job (resume).
+    /// A durable state from an earlier run of this job (resume), or the conversation a persistent
+    /// agent starts this step from (its history and the new observation).
     pub resume: Option<AgentState>,
     /// This input's own request-body fields (`extra_body=` as a function of the input), merged
     /// over the batch's.
     pub extra_body: Option<Arc<Map<String, Value>>>,
+    /// Hand the finished conversation back in [`JobResult::conversation`] (persistent agents).
+    pub keep_conversation: bool,
 }
 
 /// What survives a crash: the conversation so far and the counters that go into the result.
@@ -112,6 +115,10 @@ pub struct JobResult {
     /// Seconds from the job's start to its result.
     #[serde(rename = "total", alias = "total_s")]
     pub total_s: f64,
+    /// The whole conversation, the final answer included, of a successful job that asked for it
+    /// ([`Job::keep_conversation`]). Not journaled: a persistent agent's history is its owner's.
+    #[serde(skip)]
+    pub conversation: Option<Vec<Message>>,
 }
 
 /// Everything the agents of one run share.
@@ -261,11 +268,17 @@ pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
         truncated: agent.truncated,
         ttft_s: agent.ttft.map(|d| d.as_secs_f64()),
         total_s: elapsed.as_secs_f64(),
+        conversation: None,
     };
     match outcome {
         Ok((text, output)) => {
             ctx.stats.jobs_ok.fetch_add(1, Relaxed);
             result.ok = true;
+            if job.keep_conversation {
+                let mut messages = std::mem::take(&mut agent.state.messages);
+                messages.push(Message::assistant(text.clone(), Vec::new()));
+                result.conversation = Some(messages);
+            }
             // Without a schema the answer text is the output; with one, the text is kept beside
             // the validated value (what the model actually wrote, for debugging).
             match output {

@@ -148,7 +148,14 @@ pub fn feed_file(
                 } else {
                     String::new()
                 };
-                let job = Job { id, index: record.index, input: record.fields, resume: None, extra_body: None };
+                let job = Job {
+                    id,
+                    index: record.index,
+                    input: record.fields,
+                    resume: None,
+                    extra_body: None,
+                    keep_conversation: false,
+                };
                 match durable.prepare(job, &input_json) {
                     Some(job) => {
                         if jobs.blocking_send(job).is_err() {
@@ -204,6 +211,7 @@ pub fn bad_input(id: String, index: u64, message: String) -> JobResult {
         truncated: false,
         ttft_s: None,
         total_s: 0.0,
+        conversation: None,
     }
 }
 

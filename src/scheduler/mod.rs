@@ -6,6 +6,7 @@ pub mod compaction;
 pub mod durable;
 pub mod feed;
 pub mod order;
+pub mod population;
 pub mod retry;
 pub mod run;
 pub mod semaphore;

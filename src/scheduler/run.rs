@@ -142,6 +142,7 @@ fn panicked(stats: &RunStats, id: String, index: u64, payload: &(dyn Any + Send)
         truncated: false,
         ttft_s: None,
         total_s: 0.0,
+        conversation: None,
     }
 }
 

@@ -85,6 +85,7 @@ enum Op {
     Start { job_id: String, index: u64, input_json: String },
     Turn { job_id: String, turn: u32, state_json: String },
     Result { job_id: String, index: u64, result_json: String },
+    Meta { key: String, value: String },
     Flush(oneshot::Sender<()>),
 }
 
@@ -316,6 +317,39 @@ impl Journal {
     /// Records the final result of `job_id`. Returns false, recording nothing, when the job already
     /// has one: the caller must then not emit it again. Blocks while the queue is full: not for a
     /// runtime thread.
+    /// Stores `value` under `key` in the journal's key-value table (settings of what the journal
+    /// holds, beside its schema version and fingerprint).
+    pub fn record_meta(&self, key: &str, value: &str) {
+        self.send(Op::Meta { key: key.to_owned(), value: value.to_owned() });
+    }
+
+    /// The value stored under `key` by [`Journal::record_meta`] (committed records only).
+    pub fn meta(&self, key: &str) -> Result<Option<String>, JournalError> {
+        let reader = self.reader();
+        reader
+            .prepare_cached("SELECT value FROM meta WHERE key = ?1")
+            .and_then(|mut stmt| stmt.query_row([key], |r| r.get(0)).optional())
+            .map_err(|source| JournalError::Read { path: self.path.clone(), source })
+    }
+
+    /// Every unfinished job's last durable turn, as `(job id, index, checkpoint)` in index order
+    /// (committed records only).
+    pub fn checkpoints(&self) -> Result<Vec<(String, u64, Checkpoint)>, JournalError> {
+        let reader = self.reader();
+        let read = || -> rusqlite::Result<Vec<(String, u64, Checkpoint)>> {
+            let mut stmt = reader.prepare(
+                "SELECT c.job_id, j.idx, c.turn, c.state FROM checkpoints c JOIN jobs j ON j.job_id = c.job_id
+                 WHERE NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = c.job_id)
+                 ORDER BY j.idx, c.job_id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, Checkpoint { turn: r.get(2)?, state_json: r.get(3)? }))
+            })?;
+            rows.collect()
+        };
+        read().map_err(|source| JournalError::Read { path: self.path.clone(), source })
+    }
+
     pub fn record_result(&self, job_id: &str, index: u64, result_json: &str) -> bool {
         if !self.first_result(job_id) {
             return false;
@@ -647,6 +681,10 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<bool, rusqlite::Error> {
             }
             Ok(inserted == 1)
         }
+        Op::Meta { key, value } => {
+            tx.prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES(?1, ?2)")?.execute([key, value])?;
+            Ok(true)
+        }
         Op::Flush(_) => Ok(false),
     }
 }
@@ -704,6 +742,24 @@ mod tests {
         assert_eq!(stats.jobs_finished, 0);
         assert!(stats.first_write_error.is_some());
         assert!(j.flush().is_err(), "the error stays");
+    }
+
+    #[test]
+    fn meta_and_checkpoints_read_back_in_index_order() {
+        let path = temp("meta");
+        let j = Journal::open(&path, "fp", false).unwrap();
+        j.record_meta("population", "{\"tick\":3}");
+        for (id, index) in [("b", 1), ("a", 0), ("c", 2)] {
+            j.record_start(id, index, "{}");
+            j.record_turn(id, 3, &format!("[{index}]"));
+        }
+        assert!(j.record_result("c", 2, "{}"));
+        j.flush().unwrap();
+        assert_eq!(j.meta("population").unwrap().as_deref(), Some("{\"tick\":3}"));
+        assert_eq!(j.meta("absent").unwrap(), None);
+        let rows = j.checkpoints().unwrap();
+        let ids: Vec<_> = rows.iter().map(|(id, index, c)| (id.as_str(), *index, c.state_json.as_str())).collect();
+        assert_eq!(ids, vec![("a", 0, "[0]"), ("b", 1, "[1]")], "finished jobs have no checkpoint");
     }
 
     #[test]

@@ -1,0 +1,220 @@
+"""Tick latency of a population of persistent agents, side by side with what people write by hand.
+
+    python benches/ticks.py --out benches/results/ticks.json
+
+The simulator with the h100-qwen2.5-7b profile at real time (time scale 1); 1, 4, 16, 64 and 256
+agents; 20 ticks; a ~2048-token system prompt every agent shares, a ~200-token observation per
+agent and tick, 30-token decisions. Every agent keeps its whole conversation across ticks on every
+side. Sides:
+
+population      `Population.step`: a tick's calls go out together through the Rust core
+gather          `asyncio.gather` over the official `openai` SDK, one chat call per agent
+naive           one chat call per agent, awaited one after another (openai SDK)
+
+Each side and size gets a fresh simulator (same seed), so none inherits another's prefix cache.
+Figures per side and size: per-tick p50 / p95 / max and the ratio of p50 to the same side's
+one-agent tick. The naive side runs fewer ticks at 64 and 256 agents (`--naive-ticks`): one of its
+ticks there takes a minute or more; the JSON says how many ticks each figure is over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workloads import document, sim_cache
+
+from batchagent_rs import Population, sim
+
+PROFILE = "h100-qwen2.5-7b"
+MODEL = "sim-model"
+
+
+def system_prompt(tokens: int) -> str:
+    return "You are one trader of a simulated market. Read the tick's news and decide.\n\n" + document(
+        0, tokens
+    )
+
+
+def observation(agent: int, tick: int, tokens: int) -> str:
+    # Distinct per agent and tick from the first word on: no free prefix hits beyond the history.
+    words = "price volume spread order book bid ask momentum rumour filing".split()
+    text = [f"Tick {tick}, trader {agent}."]
+    i = 0
+    while sum(len(w) + 1 for w in text) < tokens * 4:
+        text.append(words[(i * 7 + agent * 3 + tick) % len(words)] + f"{(i * 31 + agent * 17 + tick) % 997}")
+        i += 1
+    return " ".join(text)
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q * len(ordered))) - 1]
+
+
+def summary(ticks: list[float]) -> dict[str, Any]:
+    return {
+        "ticks": len(ticks),
+        "p50": quantile(ticks, 0.5),
+        "p95": quantile(ticks, 0.95),
+        "max": max(ticks),
+        "seconds": ticks,
+    }
+
+
+def run_population(url: str, agents: int, ticks: int, system: str, obs_tokens: int) -> dict[str, Any]:
+    ids = [f"t{i}" for i in range(agents)]
+    seconds: list[float] = []
+    with Population(ids, system=system, model=MODEL, backend="vllm://" + url.removeprefix("http://")) as pop:
+        for tick in range(ticks):
+            observations = {a: observation(i, tick, obs_tokens) for i, a in enumerate(ids)}
+            started = time.perf_counter()
+            results = pop.step(observations)
+            seconds.append(time.perf_counter() - started)
+            failed = [r.error for r in results.values() if not r.ok]
+            if failed:
+                raise RuntimeError(f"population tick {tick}: {failed[:3]}")
+        report = pop.report()
+    return summary(seconds) | {
+        "prompt_tokens": report.prompt_tokens,
+        "cached_tokens": report.cached_tokens,
+        "completion_tokens": report.completion_tokens,
+    }
+
+
+async def run_sdk(
+    url: str, agents: int, ticks: int, system: str, obs_tokens: int, gather: bool
+) -> dict[str, Any]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    histories: list[list[dict[str, str]]] = [[{"role": "system", "content": system}] for _ in range(agents)]
+    usage = {"prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0}
+
+    async def decide(i: int, tick: int) -> None:
+        messages = histories[i] + [{"role": "user", "content": observation(i, tick, obs_tokens)}]
+        response = await client.chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
+        answer = response.choices[0].message.content or ""
+        histories[i] = [*messages, {"role": "assistant", "content": answer}]
+        if response.usage is not None:
+            usage["prompt_tokens"] += response.usage.prompt_tokens
+            usage["completion_tokens"] += response.usage.completion_tokens
+            details = response.usage.prompt_tokens_details
+            usage["cached_tokens"] += (details.cached_tokens or 0) if details is not None else 0
+
+    seconds: list[float] = []
+    try:
+        for tick in range(ticks):
+            started = time.perf_counter()
+            if gather:
+                await asyncio.gather(*(decide(i, tick) for i in range(agents)))
+            else:
+                for i in range(agents):
+                    await decide(i, tick)
+            seconds.append(time.perf_counter() - started)
+    finally:
+        await client.close()
+    return summary(seconds) | usage
+
+
+def side(name: str, agents: int, ticks: int, args: argparse.Namespace, system: str) -> dict[str, Any]:
+    with sim.start(
+        profile=PROFILE, time_scale=args.time_scale, seed=args.seed, output_tokens="fixed:30"
+    ) as server:
+        if name == "population":
+            outcome = run_population(server.url, agents, ticks, system, args.observation_tokens)
+        else:
+            outcome = asyncio.run(
+                run_sdk(server.url, agents, ticks, system, args.observation_tokens, gather=name == "gather")
+            )
+        outcome["sim"] = sim_cache(server.stats())
+    return outcome
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--agents", default="1,4,16,64,256")
+    p.add_argument("--ticks", type=int, default=20)
+    p.add_argument(
+        "--naive-ticks",
+        default="64:5,256:2",
+        help="ticks of the naive side at these sizes (AGENTS:TICKS,...); --ticks elsewhere",
+    )
+    p.add_argument("--sides", default="population,gather,naive")
+    p.add_argument("--system-tokens", type=int, default=2048)
+    p.add_argument("--observation-tokens", type=int, default=200)
+    p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--out", default="benches/results/ticks.json")
+    p.add_argument(
+        "--note", default="", help="free text stored in the JSON (e.g. how loaded the machine was)"
+    )
+    args = p.parse_args()
+    sizes = [int(x) for x in args.agents.split(",")]
+    naive_ticks = {int(k): int(v) for k, v in (x.split(":") for x in args.naive_ticks.split(",") if x)}
+    system = system_prompt(args.system_tokens)
+    results: dict[str, dict[str, Any]] = {}
+    for name in args.sides.split(","):
+        results[name] = {}
+        for agents in sizes:
+            ticks = naive_ticks.get(agents, args.ticks) if name == "naive" else args.ticks
+            outcome = side(name, agents, ticks, args, system)
+            results[name][str(agents)] = outcome
+            one = results[name].get("1")
+            ratio = outcome["p50"] / one["p50"] if one else None
+            outcome["ratio_to_one_agent"] = ratio
+            print(
+                f"{name:>10} {agents:>4} agents  {ticks:>2} ticks  p50 {outcome['p50'] * 1000:8.0f} ms  "
+                f"p95 {outcome['p95'] * 1000:8.0f} ms  x{ratio:.2f} of one agent"
+                if ratio
+                else "",
+                flush=True,
+            )
+    side_by_side = {
+        str(agents): {
+            name: results[name][str(agents)]["p50"] / results["population"][str(agents)]["p50"]
+            for name in results
+            if str(agents) in results[name]
+        }
+        for agents in sizes
+        if "population" in results and str(agents) in results["population"]
+    }
+    targets = {}
+    if "population" in results:
+        pop = results["population"]
+        if "64" in pop:
+            targets["64_within_3x_one_agent"] = pop["64"]["ratio_to_one_agent"] <= 3
+        if "256" in pop:
+            targets["256_within_6x_one_agent"] = pop["256"]["ratio_to_one_agent"] <= 6
+    document_out = {
+        "bench": "ticks",
+        "command": " ".join(["python", *sys.argv]),
+        "profile": PROFILE,
+        "time_scale": args.time_scale,
+        "system_tokens": args.system_tokens,
+        "observation_tokens": args.observation_tokens,
+        "decision_tokens": 30,
+        "ticks": args.ticks,
+        "naive_ticks": naive_ticks,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "note": args.note},
+        "sides": results,
+        "p50_relative_to_population": side_by_side,
+        "targets": targets,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(document_out, indent=2))
+    print(json.dumps({"p50_relative_to_population": side_by_side, "targets": targets}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,663 @@
+"""`Population`: persistent agents stepped in ticks (games, social and market simulations).
+
+Every agent keeps its own conversation across ticks. A tick hands each agent its observation; the
+model calls of all agents go out together (the engine batches them), grouped so the shared system
+prompt is computed once, and the tick returns when every agent has decided or the deadline passed.
+Scheduling, HTTP, tool calls and the conversations themselves live in the Rust core; this module
+checks observations, answers the core's tool and validation requests, and keeps the tick figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydantic
+
+from . import _core
+from .batch import Batch, ErrorInfo, Result, Usage, _Driver
+from .tools import Tool, flatten_tools
+
+__all__ = ["Population", "PopulationReport"]
+
+Observation = "str | Mapping[str, Any]"
+
+# Steps held in the core at once, as a multiple of the population: one tick's steps plus those of
+# earlier ticks still finishing after their deadline.
+_WINDOW_TICKS = 4
+
+
+@dataclass(frozen=True)
+class PopulationReport:
+    """Figures of the ticks run since the population was created or loaded."""
+
+    agents: int
+    ticks: int
+    #: Seconds from a tick's start to its return: `p50`, `p95`, `max`, `mean`.
+    tick_latency: dict[str, float | None]
+    #: Each tick's seconds, in order.
+    tick_seconds: list[float]
+    #: Agent steps run (one per agent observed per tick).
+    steps: int
+    #: Steps that got no answer before the deadline (a `Result` of error kind `deadline`).
+    deadline_misses: int
+    #: Answers that came after their tick's deadline: discarded, their tokens counted below.
+    late_answers: int
+    model_calls: int
+    tool_calls: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    #: Share of prompt tokens the engine served from its prefix cache.
+    cache_hit_rate: float
+    errors_by_kind: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def table(self) -> str:
+        def ms(v: float | None) -> str:
+            return "-" if v is None else f"{v * 1000:.0f} ms"
+
+        lat = self.tick_latency
+        rows = [
+            ("agents", str(self.agents)),
+            ("ticks", str(self.ticks)),
+            ("tick p50 / p95 / max", f"{ms(lat['p50'])} / {ms(lat['p95'])} / {ms(lat['max'])}"),
+            ("model calls", str(self.model_calls)),
+            (
+                "tokens",
+                f"{self.prompt_tokens} prompt ({self.cached_tokens} cached), "
+                f"{self.completion_tokens} completion",
+            ),
+            ("prefix cache hit rate", f"{self.cache_hit_rate:.1%}"),
+            ("deadline misses", f"{self.deadline_misses} ({self.late_answers} late answers discarded)"),
+        ]
+        if self.errors_by_kind:
+            rows.append(("errors", ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_kind.items()))))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+@dataclass
+class _Tick:
+    number: int
+    started: float
+    #: Job id -> agent id, for the steps not answered yet.
+    waiting: dict[str, str]
+    results: dict[str, Result] = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Population:
+    """Agents `ids`, each with its own conversation, stepped one tick at a time.
+
+    - `system`: the system prompt every agent shares (sent byte-identical, so the engine computes
+      its prefix once; one warm-up request per population makes the first tick a cache hit).
+    - `output`: a pydantic model (or JSON Schema) each decision must satisfy.
+    - `task`: a template (`{name}` fields) that renders dict observations; string observations are
+      sent as they are.
+    - `deadline`: seconds; agents not answered by then get a `Result` of error kind `deadline` and
+      the tick returns. Their late answers are discarded (their tokens still count in `report()`)
+      and their conversations stay as they were before the tick.
+    - `max_context_tokens`: a step whose conversation would exceed it (estimated from its size, the
+      answer's `max_tokens` included) is not sent: its `Result` has error kind `context_length`
+      and the agent's history is unchanged.
+    - Other settings as in `Batch`; `max_inflight` defaults to the number of agents, so a tick's
+      calls all go out together.
+    """
+
+    def __init__(
+        self,
+        ids: Sequence[str],
+        *,
+        system: str | None = None,
+        output: type[pydantic.BaseModel] | dict[str, Any] | None = None,
+        tools: Sequence[Tool | Sequence[Tool]] = (),
+        model: str | None = None,
+        backend: str | Sequence[str] | None = None,
+        max_context_tokens: int | None = None,
+        deadline: float | None = None,
+        task: str | None = None,
+        max_turns: int = 8,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        max_inflight: int | None = None,
+        max_attempts: int = 6,
+        validation_retries: int = 2,
+        call_timeout: float = 600.0,
+        stream: bool | None = None,
+        warm_prefix: bool = True,
+        schema_mode: str = "auto",
+        api_key: str | None = None,
+        seed: int = 0,
+        tool_threads: int = 64,
+    ) -> None:
+        if isinstance(ids, str) or not isinstance(ids, Sequence):
+            raise TypeError(f"ids: expected a list of agent ids, got {type(ids).__name__}")
+        ids = list(ids)
+        for i, agent in enumerate(ids):
+            if not isinstance(agent, str) or not agent:
+                raise _core.InputError(f"ids[{i}]: an agent id is a non-empty string, got {agent!r}")
+        seen: dict[str, int] = {}
+        for i, agent in enumerate(ids):
+            if agent in seen:
+                raise _core.InputError(
+                    f"ids[{i}]: {agent!r} is also ids[{seen[agent]}]; agent ids must be unique"
+                )
+            seen[agent] = i
+        if not ids:
+            raise _core.InputError("ids: a population needs at least one agent")
+        if deadline is not None and (
+            isinstance(deadline, bool)
+            or not isinstance(deadline, (int, float))
+            or not math.isfinite(deadline)
+            or deadline <= 0
+        ):
+            raise _core.SchemaError(
+                f"invalid setting 'deadline': expected a positive number of seconds, got {deadline!r}"
+            )
+        if max_context_tokens is not None and (
+            isinstance(max_context_tokens, bool)
+            or not isinstance(max_context_tokens, int)
+            or max_context_tokens < 1
+        ):
+            raise _core.SchemaError(
+                "invalid setting 'max_context_tokens': expected a positive integer, "
+                f"got {max_context_tokens!r}"
+            )
+        n = len(ids)
+        tools = flatten_tools(tools)
+        self._batch = Batch(
+            task if task is not None else "{observation}",
+            system=system,
+            tools=tools,
+            output=output,
+            model=model,
+            backend=backend,
+            max_inflight=max_inflight if max_inflight is not None else n,
+            max_turns=max_turns,
+            window=_WINDOW_TICKS * n,
+            max_attempts=max_attempts,
+            validation_retries=validation_retries,
+            call_timeout=call_timeout,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stream=stream,
+            warm_prefix=warm_prefix,
+            schema_mode=schema_mode,
+            api_key=api_key,
+            seed=seed,
+            tool_threads=tool_threads,
+            lookahead=_WINDOW_TICKS * n,
+        )
+        self._ids = ids
+        self._index = seen
+        self._task = task
+        self._deadline = None if deadline is None else float(deadline)
+        self._max_context_tokens = max_context_tokens
+        # What `save` writes: the constructor's settings, except tools, output type and secrets.
+        self._settings: dict[str, Any] = {
+            "ids": ids,
+            "system": system,
+            "task": task,
+            "model": self._batch._model,
+            "backend": [_core.display_url(b) for b in self._batch._backends],
+            "output_schema": self._batch._spec["output_schema"],
+            "tools": [t.name for t in tools],
+            "max_context_tokens": max_context_tokens,
+            "deadline": self._deadline,
+            "max_turns": max_turns,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "max_inflight": max_inflight,
+            "max_attempts": max_attempts,
+            "validation_retries": validation_retries,
+            "call_timeout": call_timeout,
+            "stream": stream,
+            "warm_prefix": warm_prefix,
+            "schema_mode": schema_mode,
+            "seed": seed,
+        }
+        self._tick = 0
+        self._driver: _PopulationDriver | None = None
+        # Agent states read by `load`, handed to the core when it starts.
+        self._restored: list[tuple[str, str]] = []
+        self._stepping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
+        self._tick_seconds: list[float] = []
+        self._steps = 0
+        self._misses = 0
+        self._errors: dict[str, int] = {}
+
+    # -- public API -----------------------------------------------------------------------------
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    @property
+    def ticks(self) -> int:
+        """Ticks taken so far (a loaded population continues its count)."""
+        return self._tick
+
+    def step(self, observations: Mapping[str, str | Mapping[str, Any]]) -> dict[str, Result]:
+        """One tick: each observed agent's decision, by agent id (in the order of `ids`). Agents
+        without an observation sit this tick out. Inside a running event loop (a notebook) the
+        tick runs on the population's own loop in a worker thread while this call waits."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            results: dict[str, Result] = self._on_own_loop(observations)
+            return results
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["value"] = self._on_own_loop(observations)
+            except BaseException as exc:
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=work, name="batchagent-tick", daemon=True)
+        worker.start()
+        worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]  # type: ignore[no-any-return]
+
+    async def astep(self, observations: Mapping[str, str | Mapping[str, Any]]) -> dict[str, Result]:
+        """One tick (see `step`). Use either `step` or `astep` with one population: tools called by
+        steps that outlive their deadline finish on the loop that started them."""
+        if self._stepping:
+            raise RuntimeError("a tick is already in progress; await it before starting the next")
+        items = self._observations(observations)
+        if not items:
+            return {}
+        self._stepping = True
+        try:
+            driver = await self._started()
+            return await driver.tick(self, items)
+        finally:
+            self._stepping = False
+
+    def drain(self) -> None:
+        """Waits for the steps still running after their tick's deadline. Their answers are
+        discarded; once they are in, `report()` counts their tokens."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._on_own_loop(self.adrain())
+            return
+        raise RuntimeError("drain() inside a running event loop: await adrain() instead")
+
+    async def adrain(self) -> None:
+        """Async form of `drain`."""
+        if self._driver is not None:
+            await self._driver.drain()
+
+    def report(self) -> PopulationReport:
+        """Per-tick latency (p50 / p95 / max), tokens, prefix-cache hits and deadline misses of
+        the ticks run since the population was created or loaded."""
+        stats = self._driver.stats() if self._driver is not None else None
+        run = stats["run"] if stats is not None else {}
+        ticks = sorted(self._tick_seconds)
+        prompt = run.get("prompt_tokens", 0)
+        return PopulationReport(
+            agents=len(self._ids),
+            ticks=len(ticks),
+            tick_latency={
+                "p50": _quantile(ticks, 0.5),
+                "p95": _quantile(ticks, 0.95),
+                "max": ticks[-1] if ticks else None,
+                "mean": sum(ticks) / len(ticks) if ticks else None,
+            },
+            tick_seconds=list(self._tick_seconds),
+            steps=self._steps,
+            deadline_misses=self._misses,
+            late_answers=self._driver.late_answers if self._driver is not None else 0,
+            model_calls=run.get("model_calls", 0),
+            tool_calls=run.get("tool_calls", 0),
+            prompt_tokens=prompt,
+            cached_tokens=run.get("cached_tokens", 0),
+            completion_tokens=run.get("completion_tokens", 0),
+            cache_hit_rate=run.get("cached_tokens", 0) / prompt if prompt else 0.0,
+            errors_by_kind=dict(self._errors),
+        )
+
+    def history(self, agent: str) -> list[dict[str, Any]]:
+        """The conversation of `agent` so far (without the system prompt), as messages
+        `{"role", "content", "tool_calls"?, "tool_call_id"?, "name"?}`."""
+        if agent not in self._index:
+            raise KeyError(f"no agent {agent!r} in this population")
+        for name, state in self._states():
+            if name == agent:
+                messages: list[dict[str, Any]] = json.loads(state)["messages"]
+                return messages
+        return []
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes the population (settings, tick count, every agent's conversation) to `path`, an
+        SQLite file in the run journal's format, replacing it whole. Steps still running after
+        their deadline are not saved (their answers are discarded anyway). Tools, the output
+        model and the API key are not saved: give them to `load` again."""
+        if self._stepping:
+            raise RuntimeError("save(): a tick is in progress; save between ticks")
+        _core.save_population(os.fspath(path), json.dumps(self._settings), self._tick, self._states())
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        tools: Sequence[Tool | Sequence[Tool]] = (),
+        output: type[pydantic.BaseModel] | dict[str, Any] | None = None,
+        backend: str | Sequence[str] | None = None,
+        api_key: str | None = None,
+        **overrides: Any,
+    ) -> Population:
+        """A population saved by `save`, ready to step on from its last tick. The saved tools must
+        be given again (by the same names); `output` defaults to the saved JSON Schema (decisions
+        then come back as dicts); `backend` to the saved URL without its query (give it again to
+        keep URL options); any other constructor setting may be overridden."""
+        settings_json, tick, agents = _core.load_population(os.fspath(path))
+        settings: dict[str, Any] = json.loads(settings_json)
+        given = flatten_tools(tools)
+        saved_tools = list(settings.pop("tools", []))
+        missing = sorted(set(saved_tools) - {t.name for t in given})
+        if missing:
+            raise _core.SchemaError(
+                f"load({os.fspath(path)!r}): the population used tools {missing} not given again; "
+                "pass tools=[...]"
+            )
+        schema = settings.pop("output_schema", None)
+        saved_backend = settings.pop("backend")
+        settings.update(overrides)
+        population = cls(
+            settings.pop("ids"),
+            tools=given,
+            output=output if output is not None else schema,
+            backend=backend if backend is not None else saved_backend,
+            api_key=api_key,
+            **settings,
+        )
+        population._tick = tick
+        population._restored = agents
+        return population
+
+    def close(self) -> None:
+        """Stops the steps still running and releases the backend (and `sim://` simulator)."""
+        driver, self._driver = self._driver, None
+        if driver is not None:
+            driver.close()
+        loop, self._loop = self._loop, None
+        if loop is not None and not loop.is_running():
+            loop.close()
+
+    def __enter__(self) -> Population:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _on_own_loop(self, work: Any) -> Any:
+        """Runs a tick (`work`: observations, or a coroutine) on the population's own event loop,
+        kept across ticks so work started by a tick (tools of steps past their deadline) finishes
+        on the loop it started on."""
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+            loop = self._loop
+            task = loop.create_task(work if asyncio.iscoroutine(work) else self.astep(work))
+            try:
+                return loop.run_until_complete(task)
+            except KeyboardInterrupt:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    loop.run_until_complete(task)
+                raise
+
+    def _observations(self, observations: Mapping[str, Any]) -> list[tuple[str, int, str | None, str | None]]:
+        if not isinstance(observations, Mapping):
+            raise TypeError(
+                f"observations: expected a dict of agent id -> observation, got {type(observations).__name__}"
+            )
+        items: list[tuple[str, int, str | None, str | None]] = []
+        for agent, observation in observations.items():
+            index = self._index.get(agent)
+            if index is None:
+                raise _core.InputError(f"observations: {agent!r} is not an agent of this population")
+            if isinstance(observation, str):
+                items.append((agent, index, observation, None))
+            elif isinstance(observation, Mapping):
+                if self._task is None:
+                    raise _core.InputError(
+                        f"observations[{agent!r}]: a dict observation needs a template; "
+                        "give Population(task='... {field} ...')"
+                    )
+                try:
+                    fields = json.dumps(dict(observation), default=str, ensure_ascii=False)
+                except (TypeError, ValueError) as exc:
+                    raise _core.InputError(
+                        f"observations[{agent!r}]: cannot be encoded as JSON: {exc}"
+                    ) from exc
+                items.append((agent, index, None, fields))
+            else:
+                raise _core.InputError(
+                    f"observations[{agent!r}]: expected a string or a dict, got {type(observation).__name__}"
+                )
+        items.sort(key=lambda item: item[1])
+        return items
+
+    async def _started(self) -> _PopulationDriver:
+        if self._driver is None:
+            driver = _PopulationDriver(self._batch)
+            await driver.start()
+            if self._restored:
+                driver.run.restore_agents(self._restored)
+                self._restored = []
+            self._driver = driver
+        return self._driver
+
+    def _states(self) -> list[tuple[str, str]]:
+        if self._driver is None:
+            return list(self._restored)
+        return self._driver.run.agent_states(self._ids)
+
+    def _record(self, seconds: float, results: dict[str, Result]) -> None:
+        self._tick_seconds.append(seconds)
+        self._steps += len(results)
+        for result in results.values():
+            if result.error is not None:
+                self._errors[result.error.kind] = self._errors.get(result.error.kind, 0) + 1
+                if result.error.kind == "deadline":
+                    self._misses += 1
+
+
+class _PopulationDriver(_Driver):
+    """Answers the core's requests for a population's run, which stays open across ticks."""
+
+    def __init__(self, batch: Batch) -> None:
+        super().__init__(batch, None, batch._run_options(False), None, 0.0)
+        self.current: _Tick | None = None
+        #: Job id -> (agent, tick) of every step in the core, late ones included.
+        self.steps: dict[str, tuple[str, int]] = {}
+        self.late_answers = 0
+        #: Set when a step finishes, while a tick waits for room in the window.
+        self.room: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        batch = self.batch
+        if not batch._checked:
+            await asyncio.get_running_loop().run_in_executor(None, batch.check)
+        self.run = _core.Run(json.dumps(batch._spec), json.dumps(self.options))
+        self.started = time.perf_counter()
+        self.failure: BaseException | None = None
+
+    async def tick(
+        self, population: Population, items: list[tuple[str, int, str | None, str | None]]
+    ) -> dict[str, Result]:
+        run = self.run
+        loop = asyncio.get_running_loop()
+        fd = run.wake_fd()
+        loop.add_reader(fd, self._on_wake)
+        tick: _Tick | None = None
+        try:
+            # Steps of earlier ticks still finishing hold places in the window.
+            while len(self.steps) + len(items) > run.window:
+                self.room = asyncio.Event()
+                await self.room.wait()
+                self._raise_failure()
+            self.room = None
+            number = population._tick + 1
+            started = time.perf_counter()
+            job_ids = {agent: f"{agent}#{number}" for agent, *_ in items}
+            refused = dict(
+                run.feed_agents(
+                    [(agent, job_ids[agent], index, text, fields) for agent, index, text, fields in items],
+                    population._max_context_tokens,
+                )
+            )
+            # Counted once its steps are started: refused observations leave no tick behind.
+            population._tick = number
+            tick = _Tick(number, started, {job_ids[a]: a for a, *_ in items if job_ids[a] not in refused})
+            for job_id, agent in tick.waiting.items():
+                self.steps[job_id] = (agent, number)
+            for agent, index, *_ in items:
+                if job_ids[agent] in refused:
+                    tick.results[agent] = _failed(
+                        agent, index, "context_length", refused[job_ids[agent]], 0, 0.0
+                    )
+            self.current = tick
+            if tick.waiting:
+                timeout = population._deadline
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(tick.done.wait(), timeout)
+            self._raise_failure()
+            elapsed = time.perf_counter() - started
+            if tick.waiting:
+                run.expire(list(tick.waiting))
+                for agent in tick.waiting.values():
+                    message = (
+                        f"agent {agent!r}: no decision within the deadline of {population._deadline} s "
+                        f"(tick {number}); a later answer is discarded"
+                    )
+                    tick.results[agent] = _failed(
+                        agent, population._index[agent], "deadline", message, 1, elapsed
+                    )
+                tick.waiting = {}
+            results = {agent: tick.results[agent] for agent, *_ in items}
+            population._record(elapsed, results)
+            return results
+        finally:
+            if tick is not None and tick.waiting:
+                # Cancelled (Ctrl-C, a task cancelled): the steps go on, their answers unwanted.
+                run.expire(list(tick.waiting))
+            self.current = None
+            loop.remove_reader(fd)
+
+    async def drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        fd = self.run.wake_fd()
+        loop.add_reader(fd, self._on_wake)
+        try:
+            while self.steps:
+                self.room = asyncio.Event()
+                await self.room.wait()
+                self._raise_failure()
+        finally:
+            self.room = None
+            loop.remove_reader(fd)
+
+    def stats(self) -> dict[str, Any]:
+        return json.loads(self.run.stats_json())  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.run.cancel()
+        for task in list(self.background):
+            task.cancel()
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
+
+    def _on_wake(self) -> None:
+        try:
+            tool_calls, batch_calls, validations, finished, _credit, _done = self.run.take_events()
+            loop = asyncio.get_running_loop()
+            if tool_calls:
+                self._dispatch_tools(self.run, loop, tool_calls)
+            for call in batch_calls:
+                self._track(loop.create_task(self._run_batch(self.run, *call)))
+            if validations:
+                self.run.complete_validations([self._validate(*v) for v in validations])
+            for item in finished:
+                self._finished(item)
+        except BaseException as exc:  # surfaced by the tick, never lost in a loop callback
+            self.failure = exc
+            if self.current is not None:
+                self.current.done.set()
+            if self.room is not None:
+                self.room.set()
+
+    def _finished(self, item: Any) -> None:
+        job_id = item[0]
+        step = self.steps.pop(job_id, None)
+        result = self._result(item)
+        if self.room is not None:
+            self.room.set()
+        if step is None:
+            return
+        agent, number = step
+        tick = self.current
+        if tick is None or tick.number != number or job_id not in tick.waiting:
+            self.late_answers += 1
+            return
+        del tick.waiting[job_id]
+        # The core knows the step by its job id; the caller knows the agent.
+        tick.results[agent] = _as_agent(result, agent)
+        if not tick.waiting:
+            tick.done.set()
+
+
+def _as_agent(result: Result, agent: str) -> Result:
+    fields = dict(vars(result))
+    fields["id"] = agent
+    return Result(**fields)
+
+
+def _failed(agent: str, index: int, kind: str, message: str, attempts: int, total: float) -> Result:
+    return Result(
+        id=agent,
+        index=index,
+        ok=False,
+        output=None,
+        error=ErrorInfo(kind=kind, message=message, retryable=False, attempts=attempts),
+        usage=Usage(),
+        turns=0,
+        tool_calls=0,
+        attempts=attempts,
+        ttft=None,
+        total=total,
+    )
+
+
+def _quantile(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank quantile of an ascending list."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[rank - 1]

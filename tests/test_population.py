@@ -1,0 +1,210 @@
+"""Populations of persistent agents stepped in ticks, against the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pytest
+
+from batchagent_rs import InputError, JournalError, Population, SchemaError, tool
+
+FAST = "sim://?time_scale=0&seed=7"
+SYSTEM = "You are a trader in a market of many traders. Decide one action per tick. " * 40
+
+
+class Action(pydantic.BaseModel):
+    move: str
+    amount: int
+
+
+def contents(history: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(m["role"], m["content"]) for m in history]
+
+
+def test_each_agent_keeps_its_conversation_across_ticks() -> None:
+    ids = [f"a{i}" for i in range(6)]
+    with Population(
+        ids, system=SYSTEM, output=Action, backend=FAST, task="price {price}, cash {cash}"
+    ) as pop:
+        first = pop.step({a: {"price": 10 + i, "cash": 100} for i, a in enumerate(ids)})
+        assert list(first) == ids
+        assert all(r.ok and isinstance(r.output, Action) for r in first.values()), first
+        assert [r.id for r in first.values()] == ids
+        # Only some agents step in the second tick; a string observation is sent as it is.
+        second = pop.step({"a1": "market closed early", "a4": {"price": 3, "cash": 7}})
+        assert list(second) == ["a1", "a4"]
+        assert pop.ticks == 2
+        history = pop.history("a1")
+        assert contents(history)[0] == ("user", "price 11, cash 100")
+        assert contents(history)[2] == ("user", "market closed early")
+        assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+        assert Action.model_validate_json(history[1]["content"]) == first["a1"].output
+        assert Action.model_validate_json(history[3]["content"]) == second["a1"].output
+        assert [m["role"] for m in pop.history("a0")] == ["user", "assistant"]
+        # The second tick's requests carried the history: more prompt tokens than the first's.
+        assert second["a1"].usage.prompt_tokens > first["a1"].usage.prompt_tokens
+        report = pop.report()
+        assert (report.agents, report.ticks, report.steps, report.deadline_misses) == (6, 2, 8, 0)
+        assert report.tick_latency["p50"] is not None and report.tick_latency["max"] is not None
+        # The system prompt was warmed once and shared: every step's prompt started with a hit.
+        assert all(r.usage.cached_tokens > 0 for r in first.values())
+        assert report.cache_hit_rate > 0.5
+
+
+def test_observations_are_checked_before_anything_is_sent() -> None:
+    with Population(["a", "b"], backend=FAST, task="price {price}") as pop:
+        with pytest.raises(InputError, match="'zed' is not an agent"):
+            pop.step({"zed": "hello"})
+        with pytest.raises(
+            InputError, match=r"agent \"b\": observation: template variable 'price' is missing"
+        ):
+            pop.step({"a": {"price": 1}, "b": {"cost": 2}})
+        with pytest.raises(InputError, match="expected a string or a dict"):
+            pop.step({"a": 3})
+        assert pop.history("a") == [] and pop.ticks == 0
+        assert pop.report().model_calls == 0
+    with Population(["a"], backend=FAST) as pop, pytest.raises(InputError, match="needs a template"):
+        pop.step({"a": {"price": 1}})
+    with pytest.raises(InputError, match="unique"):
+        Population(["a", "a"], backend=FAST)
+    with pytest.raises(SchemaError, match="deadline"):
+        Population(["a"], backend=FAST, deadline=0)
+
+
+def test_a_tick_with_tool_calls_records_them_in_the_history() -> None:
+    calls: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    @tool
+    def quote(symbol: str) -> str:
+        """Look up a price."""
+        with lock:
+            calls.append({"symbol": symbol})
+        return f"{symbol}: 42"
+
+    ids = ["x", "y", "z"]
+    with Population(
+        ids, system=SYSTEM, output=Action, tools=[quote], backend=FAST + "&tool_rounds=1&distinct_args=100"
+    ) as pop:
+        first = pop.step({a: f"tick 1 for {a}" for a in ids})
+        assert all(r.ok and r.tool_calls == 1 and r.turns == 2 for r in first.values()), first
+        assert len(calls) == 3
+        for agent in ids:
+            roles = [m["role"] for m in pop.history(agent)]
+            assert roles == ["user", "assistant", "tool", "assistant"], roles
+            call = pop.history(agent)[1]["tool_calls"][0]
+            assert call["name"] == "quote"
+            assert pop.history(agent)[2]["content"].endswith(": 42")
+        second = pop.step({a: "tick 2" for a in ids})
+        assert all(r.ok and r.tool_calls == 0 for r in second.values())
+        assert [m["role"] for m in pop.history("y")][4:] == ["user", "assistant"]
+        assert pop.report().tool_calls == 3
+
+
+def test_deadline_misses_are_results_and_late_answers_are_discarded() -> None:
+    release = threading.Event()
+    blocked: list[str] = []
+    lock = threading.Lock()
+
+    @tool
+    def research(topic: str) -> str:
+        """Research a topic."""
+        with lock:
+            first = not blocked
+            blocked.append(topic)
+        if first:
+            # The first call of the tick waits until the test lets it go, after the deadline.
+            release.wait(timeout=60)
+        return "done"
+
+    ids = ["p", "q", "r", "s"]
+    with Population(
+        ids, output=Action, tools=[research], backend=FAST + "&tool_rounds=1&distinct_args=100", deadline=3.0
+    ) as pop:
+        results = pop.step({a: f"news for {a}" for a in ids})
+        late = [a for a, r in results.items() if not r.ok]
+        assert len(late) == 1, results
+        miss = results[late[0]]
+        assert miss.error is not None and miss.error.kind == "deadline"
+        assert "deadline of 3.0 s" in miss.error.message
+        assert all(r.ok for a, r in results.items() if a not in late)
+        completion_on_time = sum(r.usage.completion_tokens for r in results.values())
+        release.set()
+        pop.drain()
+        report = pop.report()
+        assert (report.deadline_misses, report.late_answers) == (1, 1)
+        # The late answer's tokens count, though its decision was discarded.
+        assert report.completion_tokens > completion_on_time
+        # No half-recorded tick: the late agent's history is as it was before the tick.
+        assert pop.history(late[0]) == []
+        # It steps on from there.
+        again = pop.step({late[0]: "news again"})
+        assert again[late[0]].ok
+        assert contents(pop.history(late[0]))[0] == ("user", "news again")
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    @tool
+    def quote(symbol: str) -> str:
+        """Look up a price."""
+        return "7"
+
+    backend = FAST + "&tool_rounds=1"
+    path = tmp_path / "market.sqlite"
+    pop = Population(
+        ["a", "b"], system=SYSTEM, output=Action, tools=[quote], backend=backend, task="p={p}", deadline=30.0
+    )
+    pop.step({"a": {"p": 1}, "b": {"p": 2}})
+    pop.step({"a": {"p": 3}})
+    before = {a: pop.history(a) for a in ("a", "b")}
+    pop.save(path)
+    pop.close()
+
+    with pytest.raises(SchemaError, match=r"tools \['quote'\] not given again"):
+        Population.load(path, backend=backend)
+    loaded = Population.load(path, tools=[quote], output=Action, backend=backend)
+    assert loaded.ids == ["a", "b"] and loaded.ticks == 2
+    assert {a: loaded.history(a) for a in ("a", "b")} == before
+    results = loaded.step({"a": {"p": 5}, "b": {"p": 6}})
+    assert all(r.ok and isinstance(r.output, Action) for r in results.values())
+    assert loaded.ticks == 3
+    assert loaded.history("a")[: len(before["a"])] == before["a"]
+    assert contents(loaded.history("a"))[len(before["a"])] == ("user", "p=5")
+    # Saved again over the same file, then loaded without an output type: decisions are dicts.
+    loaded.save(path)
+    loaded.close()
+    plain = Population.load(path, tools=[quote], backend=backend)
+    decision = plain.step({"b": {"p": 9}})["b"]
+    assert decision.ok and set(decision.output) == {"move", "amount"}
+    plain.close()
+
+    with pytest.raises(JournalError, match="no such file"):
+        Population.load(tmp_path / "absent.sqlite")
+
+
+def test_a_conversation_over_max_context_tokens_is_not_sent() -> None:
+    with Population(["a", "b"], backend=FAST, max_context_tokens=60) as pop:
+        first = pop.step({"a": "short", "b": "x" * 400})
+        assert first["a"].ok
+        refused = first["b"]
+        assert refused.error is not None and refused.error.kind == "context_length"
+        assert "max_context_tokens=60" in refused.error.message
+        assert pop.history("b") == []
+        assert pop.report().model_calls == 1
+
+
+def test_astep_runs_on_the_callers_loop() -> None:
+    async def main() -> tuple[int, int]:
+        pop = Population(["a", "b", "c"], output=Action, backend=FAST)
+        try:
+            one = await pop.astep({"a": "1", "b": "2", "c": "3"})
+            two = await pop.astep({"a": "4"})
+            return sum(r.ok for r in one.values()), sum(r.ok for r in two.values())
+        finally:
+            pop.close()
+
+    assert asyncio.run(main()) == (3, 1)
