@@ -15,8 +15,7 @@ Each side and size gets a fresh simulator (same seed), so none inherits another'
 Figures per side and size: per-tick p50 / p95 / max and the ratio of p50 to the same side's
 one-agent tick. The naive side runs fewer ticks at 64 and 256 agents (`--naive-ticks`): one of its
 ticks there take a minute or more, and so does the gather side at 64 and 256 (`--gather-ticks`); the
-JSON says how many ticks each figure is over. `engine` is the simulator's own busy time per tick
-(its simulated GPU time): the floor no client can go under.
+JSON says how many ticks each figure is over.
 """
 
 from __future__ import annotations
@@ -183,11 +182,9 @@ def main() -> None:
             one = results[name].get("1")
             ratio = outcome["p50"] / one["p50"] if one else None
             outcome["ratio_to_one_agent"] = ratio
-            engine = outcome["sim"]["sim_seconds"] / ticks
             print(
                 f"{name:>10} {agents:>4} agents  {ticks:>2} ticks  p50 {outcome['p50'] * 1000:8.0f} ms  "
-                f"p95 {outcome['p95'] * 1000:8.0f} ms  x{ratio or 0:.2f} of one agent  "
-                f"engine {engine * 1000:.0f} ms/tick",
+                f"p95 {outcome['p95'] * 1000:8.0f} ms  x{ratio or 0:.2f} of one agent",
                 flush=True,
             )
             # Written as it goes: a long run stopped half-way keeps what it measured.
