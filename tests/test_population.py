@@ -186,8 +186,8 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
         Population.load(tmp_path / "absent.sqlite")
 
 
-def test_a_conversation_over_max_context_tokens_is_not_sent() -> None:
-    with Population(["a", "b"], backend=FAST, max_context_tokens=60) as pop:
+def test_without_compaction_a_conversation_over_max_context_tokens_is_not_sent() -> None:
+    with Population(["a", "b"], backend=FAST, max_context_tokens=60, compaction=False) as pop:
         first = pop.step({"a": "short", "b": "x" * 400})
         assert first["a"].ok
         refused = first["b"]
@@ -195,6 +195,25 @@ def test_a_conversation_over_max_context_tokens_is_not_sent() -> None:
         assert "max_context_tokens=60" in refused.error.message
         assert pop.history("b") == []
         assert pop.report().model_calls == 1
+
+
+def test_conversations_are_compacted_to_stay_under_max_context_tokens() -> None:
+    ids = ["a", "b"]
+    news = "The market moved on rumours of a merger between two large suppliers. " * 5
+    with Population(
+        ids, backend=FAST, max_context_tokens=400, compaction_model="sim-model", compaction_keep_turns=1
+    ) as pop:
+        for tick in range(8):
+            results = pop.step({a: f"tick {tick}: {news}" for a in ids})
+            assert all(r.ok for r in results.values()), results
+        report = pop.report()
+        assert report.compactions > 0
+        for agent in ids:
+            history = pop.history(agent)
+            # The first observation (the task) stays; older ticks were summarised away.
+            assert history[0]["content"].startswith("tick 0:")
+            assert len(history) < 2 * 8
+            assert history[-2]["content"].startswith("tick 7:")
 
 
 def test_astep_runs_on_the_callers_loop() -> None:

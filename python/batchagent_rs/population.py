@@ -59,6 +59,8 @@ class PopulationReport:
     #: Share of prompt tokens the engine served from its prefix cache.
     cache_hit_rate: float
     errors_by_kind: dict[str, int]
+    #: Conversations compacted before a model call to stay under the context limit.
+    compactions: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -108,9 +110,12 @@ class Population:
     - `deadline`: seconds; agents not answered by then get a `Result` of error kind `deadline` and
       the tick returns. Their late answers are discarded (their tokens still count in `report()`)
       and their conversations stay as they were before the tick.
-    - `max_context_tokens`: a step whose conversation would exceed it (estimated from its size, the
-      answer's `max_tokens` included) is not sent: its `Result` has error kind `context_length`
-      and the agent's history is unchanged.
+    - `max_context_tokens`: each agent's conversation is compacted before a model call that would
+      exceed it (or the backend's `max_model_len`), as in `Batch` (`compaction_*` settings; a
+      `compaction_model` summarises the oldest turns), and the compacted conversation is the one
+      the agent keeps. With `compaction=False`, a step whose conversation would exceed it
+      (estimated from its size, the answer's `max_tokens` included) is not sent: its `Result` has
+      error kind `context_length` and the agent's history is unchanged.
     - Other settings as in `Batch`; `max_inflight` defaults to the number of agents, so a tick's
       calls all go out together.
     """
@@ -140,6 +145,12 @@ class Population:
         api_key: str | None = None,
         seed: int = 0,
         tool_threads: int = 64,
+        compaction: bool = True,
+        compaction_keep_turns: int = 4,
+        compaction_tool_output_chars: int = 4000,
+        compaction_model: str | None = None,
+        compaction_backend: str | None = None,
+        compaction_summary_tokens: int = 512,
     ) -> None:
         if isinstance(ids, str) or not isinstance(ids, Sequence):
             raise TypeError(f"ids: expected a list of agent ids, got {type(ids).__name__}")
@@ -198,12 +209,21 @@ class Population:
             seed=seed,
             tool_threads=tool_threads,
             lookahead=_WINDOW_TICKS * n,
+            max_context_tokens=max_context_tokens,
+            compaction=compaction,
+            compaction_keep_turns=compaction_keep_turns,
+            compaction_tool_output_chars=compaction_tool_output_chars,
+            compaction_model=compaction_model,
+            compaction_backend=compaction_backend,
+            compaction_summary_tokens=compaction_summary_tokens,
         )
         self._ids = ids
         self._index = seen
         self._task = task
         self._deadline = None if deadline is None else float(deadline)
-        self._max_context_tokens = max_context_tokens
+        # Without compaction, a step over the limit is refused before it is sent; with it, the
+        # agent loop compacts the conversation before each call.
+        self._refuse_over = None if compaction else max_context_tokens
         # What `save` writes: the constructor's settings, except tools, output type and secrets.
         self._settings: dict[str, Any] = {
             "ids": ids,
@@ -226,6 +246,11 @@ class Population:
             "warm_prefix": warm_prefix,
             "schema_mode": schema_mode,
             "seed": seed,
+            "compaction": compaction,
+            "compaction_keep_turns": compaction_keep_turns,
+            "compaction_tool_output_chars": compaction_tool_output_chars,
+            "compaction_model": compaction_model,
+            "compaction_summary_tokens": compaction_summary_tokens,
         }
         self._tick = 0
         self._driver: _PopulationDriver | None = None
@@ -331,6 +356,7 @@ class Population:
             completion_tokens=run.get("completion_tokens", 0),
             cache_hit_rate=run.get("cached_tokens", 0) / prompt if prompt else 0.0,
             errors_by_kind=dict(self._errors),
+            compactions=run.get("compactions", 0),
         )
 
     def history(self, agent: str) -> list[dict[str, Any]]:
@@ -525,7 +551,7 @@ class _PopulationDriver(_Driver):
             refused = dict(
                 run.feed_agents(
                     [(agent, job_ids[agent], index, text, fields) for agent, index, text, fields in items],
-                    population._max_context_tokens,
+                    population._refuse_over,
                 )
             )
             # Counted once its steps are started: refused observations leave no tick behind.
