@@ -154,3 +154,21 @@ class SimServer:
 
 def start_sim(options: dict[str, str | int | float | bool]) -> SimServer:
     """Start a simulator with the options of a `sim://` URL query; returns once it listens."""
+
+@final
+class TokenCounter:
+    """Counts chat prompts' tokens as a backend will (its `/tokenize` where it has one; an
+    embedded simulator's own tokenizer), and reads its context window from `/v1/models`."""
+
+    def __new__(cls, backend: str, model: str, api_key: str | None = None) -> TokenCounter: ...
+    @property
+    def window(self) -> int | None:
+        """The context window the backend reports (`max_model_len`), if it does."""
+    @property
+    def exact(self) -> bool:
+        """Whether counts come from the backend's tokenizer (an estimate otherwise)."""
+    def count(self, prompts: list[tuple[str | None, str]]) -> list[int]:
+        """Prompt tokens of chat requests of (system message or None, user message)."""
+
+def system_prompt(spec_json: str) -> str | None:
+    """The system message a run of this spec sends with the schema in the prompt."""

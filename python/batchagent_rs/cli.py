@@ -397,6 +397,9 @@ def _run(args: argparse.Namespace) -> int:
         else settings.get("system")
     )
     schema = load_schema(settings["schema"]) if settings.get("schema") else None
+    if settings.get("reduce_schema") and not settings.get("reduce_task"):
+        raise UsageError("--reduce-schema needs --reduce-task: what to do with the results")
+    reduce_schema = load_schema(settings["reduce_schema"]) if settings.get("reduce_schema") else None
     tools = load_tools(settings.get("tools") or [])
     prices: dict[str, Price] = {}
     if settings.get("prices"):
@@ -504,6 +507,10 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
 
+    reduced_file: str | None = None
+    if settings.get("reduce_task"):
+        reduced_file = _reduce_output(settings, reduce_schema, output, model, backends, journal)
+
     cost = estimate(
         model=model,
         backends=backends,
@@ -528,6 +535,7 @@ def _run(args: argparse.Namespace) -> int:
                 else ""
             )
             + f"{'estimated cost'.ljust(21)}  {cost.describe()}"
+            + (f"\n{'reduced output'.ljust(21)}  {reduced_file}" if reduced_file else "")
         )
     if settings.get("report"):
         data = {
@@ -713,6 +721,27 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="backend URL of the compaction model (default: the run's backend)",
     )
     p.add_argument(
+        "--reduce-task",
+        dest="reduce_task",
+        help="after the run, combine the ok results into one with this task; written to "
+        "OUTPUT.reduced.json (out.jsonl -> out.reduced.json)",
+    )
+    p.add_argument(
+        "--reduce-schema",
+        dest="reduce_schema",
+        help="the reduced output's schema: module:Model or schema.json",
+    )
+    p.add_argument("--reduce-model", dest="reduce_model", help="model of the reduce (default: --model)")
+    p.add_argument(
+        "--reduce-backend", dest="reduce_backend", help="backend of the reduce (default: --backend)"
+    )
+    p.add_argument(
+        "--reduce-fan-in",
+        dest="reduce_fan_in",
+        type=_positive,
+        help="results combined by one reduce call at most (default 16); more go through a tree of calls",
+    )
+    p.add_argument(
         "--no-cache", dest="no_cache", action="store_true", default=None, help="bypass the response cache"
     )
     p.add_argument("--dashboard", action="store_true", default=None, help="a live multi-panel view")
@@ -777,6 +806,61 @@ def _headers(value: Any) -> dict[str, str] | None:
     if value is None or isinstance(value, dict):
         return value
     return dict(value)
+
+
+def reduced_path(output: str) -> str:
+    """Where `--reduce-task` writes the reduced output: beside the results, `OUTPUT.reduced.json`
+    (`out.jsonl` -> `out.reduced.json`)."""
+    return os.path.splitext(output)[0] + ".reduced.json"
+
+
+def _reduce_output(
+    settings: dict[str, Any],
+    schema: Any,
+    output: str,
+    model: str,
+    backends: list[str],
+    journal: str,
+) -> str:
+    """Reduces the ok results of the output file into one (`--reduce-task`, `--reduce-schema`) and
+    writes it as one JSON object (the `Result`'s fields) to `reduced_path(output)`. Finished groups
+    are kept in the run's journal, so `--resume` does not send them again."""
+    from .workflows import reduce
+
+    # In input order: the file is in completion order, which a resumed run does not repeat, and
+    # the groups (and so what the journal holds for them) must be the same each time.
+    records = []
+    with open(output, encoding="utf-8") as lines:
+        for line in lines:
+            if line.strip():
+                record = json.loads(line)
+                if record.get("ok"):
+                    records.append((record.get("index", 0), record.get("output")))
+    items = [item for _, item in sorted(records, key=lambda r: r[0])]
+    if not items:
+        raise UsageError(f"--reduce-task: no ok result in {output} to reduce")
+    reduce_backend = settings.get("reduce_backend")
+    try:
+        result = reduce(
+            items,
+            task=settings["reduce_task"],
+            output=schema,
+            model=settings.get("reduce_model") or model,
+            backend=reduce_backend or backends,
+            fan_in=int(settings.get("reduce_fan_in") or 16),
+            max_tokens=int(settings["max_tokens"]) if settings.get("max_tokens") else None,
+            journal=journal,
+        )
+    except (SchemaError, TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    path = reduced_path(output)
+    with open(path, "w", encoding="utf-8") as out:
+        json.dump(result.to_dict(), out, ensure_ascii=False)
+        out.write("\n")
+    if not result.ok:
+        assert result.error is not None
+        print(f"batchagent: the reduce failed ({result.error.kind}): {result.error.message}", file=sys.stderr)
+    return path
 
 
 def _compaction(settings: dict[str, Any]) -> dict[str, Any]:

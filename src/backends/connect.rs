@@ -116,6 +116,6 @@ fn metrics_url(address: &str, options: &ConnectOptions) -> Result<Option<Metrics
 }
 
 /// `sim://` or `sim://?options` (no host) asks for an embedded simulator.
-fn is_embedded_sim(target: &str) -> bool {
+pub fn is_embedded_sim(target: &str) -> bool {
     target.strip_prefix("sim://").is_some_and(|rest| rest.is_empty() || rest.starts_with('?') || rest.starts_with('/'))
 }

@@ -9,6 +9,7 @@ mod errors;
 mod population;
 mod run;
 mod sim;
+mod tokens;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -115,6 +116,8 @@ fn core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_spec, m)?)?;
     m.add_function(wrap_pyfunction!(population::save_population, m)?)?;
     m.add_function(wrap_pyfunction!(population::load_population, m)?)?;
+    m.add_class::<tokens::PyTokenCounter>()?;
+    m.add_function(wrap_pyfunction!(tokens::system_prompt, m)?)?;
     sim::register(m)?;
     Ok(())
 }

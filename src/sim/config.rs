@@ -287,6 +287,12 @@ impl Default for SimConfig {
 }
 
 impl SimConfig {
+    /// The context window `/v1/models` and `/tokenize` report: `max_model_len`, or 32,768 tokens
+    /// when it is not set (and nothing is refused for length but what the KV cache cannot hold).
+    pub fn context_window(&self) -> u32 {
+        self.max_model_len.unwrap_or(32768)
+    }
+
     /// Parse `sim://` or `sim://?profile=h100-qwen2.5-0.5b&time_scale=0.01&seed=7&fault_429=0.05`.
     /// A host part (`sim://127.0.0.1:8000?...`) sets where the embedded server listens.
     pub fn from_url(url: &str) -> Result<SimConfig, SimError> {

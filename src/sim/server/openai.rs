@@ -534,21 +534,18 @@ pub(crate) async fn tokenize(State(state): State<Arc<AppState>>, raw: Bytes) -> 
     json_response(
         StatusCode::OK,
         &json!({
-            "count": tokens.len(), "max_model_len": state.config.max_model_len.unwrap_or(DEFAULT_MAX_MODEL_LEN),
+            "count": tokens.len(), "max_model_len": state.config.context_window(),
             "tokens": tokens, "token_strs": token_strs,
         }),
     )
 }
-
-/// What `/v1/models` and `/tokenize` report as the context window when `max_model_len` is not set.
-const DEFAULT_MAX_MODEL_LEN: u32 = 32768;
 
 pub(crate) async fn models(State(state): State<Arc<AppState>>) -> Response {
     let model = &state.config.model;
     let root = state.config.model_root.as_ref().unwrap_or(model);
     let mut listing = json!({"object": "list", "data": [{
         "id": model, "object": "model", "created": unix_now(), "owned_by": "vllm", "root": root,
-        "parent": null, "max_model_len": state.config.max_model_len.unwrap_or(DEFAULT_MAX_MODEL_LEN), "permission": []
+        "parent": null, "max_model_len": state.config.context_window(), "permission": []
     }]});
     if !state.config.model_pinned {
         // Not a vLLM field: it tells a client's pre-run check that any model name is served here
