@@ -306,19 +306,19 @@ class Batch:
         output: type[pydantic.BaseModel] | dict[str, Any] | None = None,
         model: str | None = None,
         backend: str | Sequence[str] | None = None,
-        max_inflight: int = 64,
+        max_inflight: int | None = None,
         max_turns: int = 8,
         window: int | None = None,
         max_attempts: int = 6,
         validation_retries: int = 2,
-        call_timeout: float = 600.0,
+        call_timeout: float | None = None,
         agent_timeout: float | None = None,
         idle_timeout: float = 300.0,
         max_response_bytes: int = 64 * 1024 * 1024,
         max_tokens: int | None = None,
         temperature: float | None = None,
         stream: bool | None = None,
-        warm_prefix: bool = True,
+        warm_prefix: bool | None = None,
         schema_mode: str = "auto",
         on_result: OnResult | None = None,
         api_key: str | None = None,
@@ -344,7 +344,34 @@ class Batch:
         compaction_model: str | None = None,
         compaction_backend: str | None = None,
         compaction_summary_tokens: int = 512,
+        mode: str = "online",
+        batch_retry: str = "batch",
+        batch_poll_interval: float = 5.0,
+        batch_max_poll_interval: float = 60.0,
+        batch_linger: float = 1.0,
+        batch_max_requests: int | None = None,
+        batch_max_bytes: int | None = None,
     ) -> None:
+        if mode not in ("online", "provider_batch"):
+            raise ValueError(f"mode: expected 'online' or 'provider_batch', got {mode!r}")
+        if batch_retry not in ("batch", "online"):
+            raise ValueError(f"batch_retry: expected 'batch' or 'online', got {batch_retry!r}")
+        provider_batch = mode == "provider_batch"
+        if provider_batch and tools:
+            raise _core.SchemaError(
+                "mode='provider_batch' runs single-turn jobs: a job with tools needs several model turns"
+            )
+        if max_inflight is None:
+            # A batch call only waits for its row: many rows in flight is what fills a batch.
+            max_inflight = 50_000 if provider_batch else 64
+        if provider_batch and window is None:
+            window = max_inflight
+        if call_timeout is None:
+            # A batch may take its whole 24-hour completion window, and then be re-submitted.
+            call_timeout = 3 * 86_400.0 if provider_batch else 600.0
+        if warm_prefix is None:
+            # A warm-up request would be a row of its own, hours later: no use to a batch.
+            warm_prefix = not provider_batch
         if backend is None:
             raise TypeError(
                 'Batch() needs backend=: where the model runs, e.g. backend="vllm://localhost:8000", '
@@ -452,6 +479,16 @@ class Batch:
             "accept_truncated": accept_truncated,
             "extra_headers": headers,
             "compaction_backend": compaction_backend,
+            "provider_batch": {
+                "retry": batch_retry,
+                "poll_interval": batch_poll_interval,
+                "max_poll_interval": batch_max_poll_interval,
+                "linger": batch_linger,
+                "max_requests": batch_max_requests or 0,
+                "max_bytes": batch_max_bytes or 0,
+            }
+            if provider_batch
+            else None,
         }
         self._on_result = on_result
         self._tool_threads = tool_threads

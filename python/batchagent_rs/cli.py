@@ -21,7 +21,7 @@ from . import __version__, _core
 from ._core import BackendTimeout, BackendUnavailable, InputError, JournalError, RunError, SchemaError
 from .batch import Batch, RunReport
 from .dashboard import Dashboard, DashboardLogHandler
-from .pricing import Price, PriceError, estimate, load_prices
+from .pricing import Price, PriceError, at_batch_price, estimate, load_prices
 from .progress import BarLogHandler, Progress
 from .runfile import SETTINGS, RunFileError, load_run_file
 from .tables import require_pyarrow
@@ -440,7 +440,7 @@ def _run(args: argparse.Namespace) -> int:
             output=schema,
             model=model,
             backend=backends,
-            max_inflight=int(settings.get("max_inflight") or 64),
+            max_inflight=int(settings["max_inflight"]) if settings.get("max_inflight") else None,
             max_turns=int(settings.get("max_turns") or 8),
             **_limits(settings),
             lookahead=settings.get("lookahead"),
@@ -453,6 +453,7 @@ def _run(args: argparse.Namespace) -> int:
             dedupe=bool(settings.get("dedupe")),
             extra_body=settings.get("extra_body"),
             extra_headers=_headers(settings.get("extra_headers")),
+            **_provider_batch(settings),
         )
     except (SchemaError, TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
@@ -519,6 +520,8 @@ def _run(args: argparse.Namespace) -> int:
         completion_tokens=report.completion_tokens,
         overrides=prices,
     )
+    if settings.get("provider_batch"):
+        cost = at_batch_price(cost)
     skipped = int(report.raw.get("run", {}).get("jobs_skipped", 0))
     duplicates = int(report.raw.get("run", {}).get("duplicates_skipped", 0))
     if not quiet:
@@ -551,6 +554,7 @@ def _run(args: argparse.Namespace) -> int:
             "finished_earlier": skipped,
             "duplicates_skipped": duplicates,
             "endpoints": report.raw.get("endpoints"),
+            "provider_batch": report.raw.get("provider_batch"),
             "started_at": started,
         }
         try:
@@ -780,6 +784,38 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         metavar="'NAME: VALUE'",
         help="a header sent with every request; repeat it for more",
     )
+    p.add_argument(
+        "--provider-batch",
+        dest="provider_batch",
+        action="store_true",
+        default=None,
+        help="send single-turn jobs through the provider's batch API (OpenAI Batch, Anthropic Message "
+        "Batches): half the price, results within 24 h; --resume re-attaches to the batches in flight",
+    )
+    p.add_argument(
+        "--batch-retry",
+        dest="batch_retry",
+        choices=("batch", "online"),
+        help="where a call whose batch row failed is retried: in a new batch (default) or online",
+    )
+    p.add_argument(
+        "--batch-poll-interval",
+        dest="batch_poll_interval",
+        type=_seconds,
+        help="first wait before polling a batch, doubled after each poll (default 5 s)",
+    )
+    p.add_argument(
+        "--batch-max-poll-interval",
+        dest="batch_max_poll_interval",
+        type=_seconds,
+        help="longest wait between polls (default 60 s)",
+    )
+    p.add_argument(
+        "--batch-linger",
+        dest="batch_linger",
+        type=_seconds,
+        help="a batch is submitted once no new row came for this long, or when full (default 1 s)",
+    )
     p.set_defaults(func=_cmd_run)
 
 
@@ -874,6 +910,14 @@ def _compaction(settings: dict[str, Any]) -> dict[str, Any]:
         if settings.get(key):
             out[key] = settings[key]
     return out
+
+
+def _provider_batch(settings: dict[str, Any]) -> dict[str, Any]:
+    """The provider batch settings that were given, as `Batch` keywords."""
+    if not settings.get("provider_batch"):
+        return {}
+    keys = ("batch_retry", "batch_poll_interval", "batch_max_poll_interval", "batch_linger")
+    return {"mode": "provider_batch", **{key: settings[key] for key in keys if settings.get(key) is not None}}
 
 
 def _limits(settings: dict[str, Any]) -> dict[str, Any]:

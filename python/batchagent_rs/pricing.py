@@ -171,6 +171,17 @@ class Cost:
         return f"${self.dollars:,.4f} ({self.note})"
 
 
+# OpenAI Batch and Anthropic Message Batches bill half the online price, input and output alike.
+BATCH_DISCOUNT = 0.5
+
+
+def at_batch_price(cost: Cost) -> Cost:
+    """The cost of the same tokens sent through a provider batch API."""
+    if cost.price is None:
+        return cost
+    return Cost(cost.dollars * BATCH_DISCOUNT, cost.model, cost.price, f"{cost.note}, batch API: 50% off")
+
+
 def _boundary_match(key: str, model: str) -> bool:
     # Provider ids wrap the name: "openai/gpt-4o-2024-08-06", "us.anthropic.claude-3-5-sonnet-...-v2:0".
     pattern = r"(?:^|[/.:])" + re.escape(key) + r"(?:$|[-:@./])"

@@ -122,6 +122,14 @@ class Progress:
         if c["tool_errors"]:
             counts += f" tool errors {c['tool_errors']}"
         parts.append(counts)
+        batches = stats.get("provider_batch")
+        if isinstance(batches, dict):
+            # Provider batch mode: rows wait hours in batches, so batches are what moves.
+            parts.append(
+                f"batches submitted {batches.get('batches_submitted', 0)}"
+                f" in progress {batches.get('batches_in_progress', 0)}"
+                f" rows done {batches.get('rows_done', 0)}/{batches.get('rows_submitted', 0)}"
+            )
         cache = f"prefix cache {c['prefix_hit']:.0%}"
         if c["response_lookups"]:
             cache += f" response cache {c['response_hits'] / c['response_lookups']:.0%}"

@@ -60,6 +60,11 @@ SETTINGS: dict[str, Kind] = {
     # `[extra_body]`: fields merged into every request body; `[extra_headers]`: name = "value".
     "extra_body": "table",
     "extra_headers": "headers",
+    "provider_batch": "bool",
+    "batch_retry": "str",
+    "batch_poll_interval": "seconds",
+    "batch_max_poll_interval": "seconds",
+    "batch_linger": "seconds",
 }
 
 

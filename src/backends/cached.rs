@@ -67,6 +67,10 @@ impl Backend for CachedBackend {
         self.inner.endpoint_stats()
     }
 
+    fn batch_stats(&self) -> Option<serde_json::Value> {
+        self.inner.batch_stats()
+    }
+
     fn chat(
         &self,
         request: ChatRequest,

@@ -78,6 +78,12 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// Provider batch figures (batches submitted, in progress, rows done), for the progress line
+    /// and reports; `None` for online backends.
+    fn batch_stats(&self) -> Option<serde_json::Value> {
+        None
+    }
+
     /// Make one model call. Stream events (if `events` is given) are sent as they are parsed; a
     /// closed receiver is ignored.
     fn chat(
@@ -101,6 +107,7 @@ pub mod ollama;
 pub mod openai;
 pub mod placement;
 pub mod probe;
+pub mod provider_batch;
 pub mod sigv4;
 pub mod tokenize;
 pub mod url;

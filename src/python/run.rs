@@ -28,13 +28,14 @@ use crate::backends::cached::{endpoint_identity, CachedBackend};
 use crate::backends::connect::{connect_fleet, ConnectOptions, Connected};
 use crate::backends::fleet::{FleetOptions, Routing};
 use crate::backends::metrics::EngineWatch;
+use crate::backends::provider_batch::{BatchLedger, ProviderBatchBackend, ProviderBatchOptions, RowRetry};
 use crate::limits::AdaptiveLimit;
 use crate::output::CompiledSchema;
 use crate::python::errors::{backend_error, spec_error, InputError, JournalError, RunError, SchemaError};
 use crate::scheduler::agent::TurnSink;
 use crate::scheduler::agent::{Job, JobResult, OutputValidator, RunContext};
 use crate::scheduler::compaction::Compactor;
-use crate::scheduler::durable::{fingerprint, Durability, JournalTurns};
+use crate::scheduler::durable::{fingerprint, Durability, JournalBatches, JournalTurns};
 use crate::scheduler::feed::{feed_file, prescan, SeenIds};
 use crate::scheduler::population::Population;
 use crate::scheduler::retry::RetryPolicy;
@@ -320,6 +321,61 @@ struct RunOptions {
     /// Where the compaction summariser runs (a backend URL); the run's backend when not given.
     #[serde(default)]
     compaction_backend: Option<String>,
+    /// Send the model calls through the provider's batch API (single-turn jobs).
+    #[serde(default)]
+    provider_batch: Option<ProviderBatchSettings>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProviderBatchSettings {
+    #[serde(default)]
+    retry: RowRetry,
+    #[serde(default = "default_poll_interval")]
+    poll_interval: f64,
+    #[serde(default = "default_max_poll_interval")]
+    max_poll_interval: f64,
+    #[serde(default = "default_linger")]
+    linger: f64,
+    #[serde(default)]
+    max_requests: usize,
+    #[serde(default)]
+    max_bytes: usize,
+    #[serde(default = "default_max_resubmits")]
+    max_resubmits: u32,
+}
+
+fn default_poll_interval() -> f64 {
+    5.0
+}
+fn default_max_poll_interval() -> f64 {
+    60.0
+}
+fn default_linger() -> f64 {
+    1.0
+}
+fn default_max_resubmits() -> u32 {
+    5
+}
+
+impl ProviderBatchSettings {
+    fn into_options(self) -> Result<ProviderBatchOptions, SpecError> {
+        let positive = |field: &'static str, v: f64| {
+            Duration::try_from_secs_f64(v).ok().filter(|d| !d.is_zero()).ok_or_else(|| SpecError::Invalid {
+                field,
+                message: format!("{v} is not a positive number of seconds"),
+            })
+        };
+        Ok(ProviderBatchOptions {
+            retry: self.retry,
+            poll_interval: positive("batch_poll_interval", self.poll_interval)?,
+            max_poll_interval: positive("batch_max_poll_interval", self.max_poll_interval)?,
+            linger: positive("batch_linger", self.linger)?,
+            max_requests: self.max_requests,
+            max_bytes: self.max_bytes,
+            max_resubmits: self.max_resubmits,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -488,6 +544,32 @@ impl PyRun {
             })
             .map_err(|e| backend_error(&e))?
             .map(Arc::new);
+        if let Some(settings) = options.provider_batch {
+            let batch = settings.into_options().map_err(|e| spec_error(&e))?;
+            if !spec.tools.is_empty() {
+                return Err(SchemaError::new_err(
+                    "provider batch mode runs single-turn jobs: a job with tools needs several model turns",
+                ));
+            }
+            let [address] = connected.addresses.as_slice() else {
+                return Err(SchemaError::new_err("provider batch mode takes one backend URL, not a fleet"));
+            };
+            let journal = durable.journal().map(|j| JournalBatches(j.clone()));
+            let open = journal.as_ref().map(JournalBatches::open).transpose();
+            let open = open.map_err(|e| JournalError::new_err(e.to_string()))?.unwrap_or_default();
+            let ledger = journal.map(|j| Arc::new(j) as Arc<dyn BatchLedger>);
+            let _guard = runtime.enter();
+            let backend = ProviderBatchBackend::connect(
+                address,
+                &connect_options,
+                batch,
+                connected.backend.clone(),
+                ledger,
+                open,
+            )
+            .map_err(|e| backend_error(&e))?;
+            connected.backend = Arc::new(backend);
+        }
         let mut response_cache = None;
         if let Some(path) = &options.response_cache {
             let cache = Arc::new(ResponseCache::open(path).map_err(|e| JournalError::new_err(e.to_string()))?);
@@ -861,6 +943,7 @@ impl PyRun {
             "previously_finished": self.durable.previously_finished,
             "backend": self.ctx.backend.name(),
             "endpoints": self.ctx.backend.endpoint_stats(),
+            "provider_batch": self.ctx.backend.batch_stats(),
             "engine": self.ctx.engine.as_ref().map(|e| e.latest()),
             "response_cache": cache_stats.map(|s| serde_json::json!({"hits": s.hits, "misses": s.misses, "puts": s.puts})),
         });

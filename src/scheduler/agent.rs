@@ -225,6 +225,19 @@ fn job_extra_body(
     }
 }
 
+/// The id of one model call: job id, turn, attempt (`review-7-t0-a1`).
+pub fn request_id(job_id: &str, turn: u32, attempt: u32) -> String {
+    format!("{job_id}-t{turn}-a{attempt}")
+}
+
+/// A [`request_id`] split into the call (job id and turn) and its attempt; `None` for another id.
+pub fn split_request_id(id: &str) -> Option<(&str, u32)> {
+    let (call, attempt) = id.rsplit_once("-a")?;
+    let attempt = attempt.parse().ok().filter(|_| attempt.bytes().all(|b| b.is_ascii_digit()))?;
+    let (_, turn) = call.rsplit_once("-t")?;
+    (!turn.is_empty() && turn.bytes().all(|b| b.is_ascii_digit())).then_some((call, attempt))
+}
+
 pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
     let started = Instant::now();
     ctx.stats.jobs_started.fetch_add(1, Relaxed);
@@ -542,7 +555,7 @@ impl Agent<'_> {
                 response_schema: if self.constrained { ctx.spec.output_schema.clone() } else { None },
                 max_tokens: ctx.spec.max_tokens,
                 temperature: ctx.spec.temperature,
-                request_id: format!("{}-t{}-a{}", self.job_id, self.state.turns, attempt),
+                request_id: request_id(self.job_id, self.state.turns, attempt),
                 stream: ctx.spec.streams(),
                 hints: ctx.spec.agent_hints.then(|| AgentHints {
                     priority: -i64::from(remaining),
@@ -821,6 +834,13 @@ mod tests {
 
     fn finished(text: &'static str) -> ToolHandle {
         tokio::spawn(async move { Ok(Arc::from(text)) })
+    }
+
+    #[test]
+    fn request_ids_split_into_call_and_attempt() {
+        assert_eq!(split_request_id(&request_id("job-a1-t2", 3, 12)), Some(("job-a1-t2-t3", 12)));
+        assert_eq!(split_request_id("batchagent-warm-up"), None);
+        assert_eq!(split_request_id("x-t-a1"), None);
     }
 
     #[tokio::test]

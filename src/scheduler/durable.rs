@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
+use crate::backends::provider_batch::{BatchLedger, BatchRecord};
 use crate::scheduler::agent::{AgentState, Job, JobResult, TurnSink};
 use crate::store::{hash128, Journal, JournalError, JsonlSink, SinkError};
 
@@ -210,6 +211,36 @@ impl TurnSink for JournalTurns {
                 journal.record_turn_async(&job_id, turn, json).await;
             }
         })
+    }
+}
+
+/// Provider batches recorded in the run's journal: a resumed run re-attaches to those not ended.
+pub struct JournalBatches(pub Arc<Journal>);
+
+impl BatchLedger for JournalBatches {
+    fn submitted(&self, record: BatchRecord) -> BoxFuture<'static, ()> {
+        let journal = Arc::clone(&self.0);
+        Box::pin(async move {
+            // A failed write is counted by the journal and fails its next flush: the run reports it.
+            let _ = journal.record_batch(&record.batch_id, &record.api, &record.custom_ids).await;
+        })
+    }
+
+    fn ended(&self, batch_id: String) -> BoxFuture<'static, ()> {
+        let journal = Arc::clone(&self.0);
+        Box::pin(async move { journal.record_batch_ended(&batch_id).await })
+    }
+}
+
+impl JournalBatches {
+    /// The batches still open, as the backend takes them.
+    pub fn open(&self) -> Result<Vec<BatchRecord>, JournalError> {
+        Ok(self
+            .0
+            .open_batches()?
+            .into_iter()
+            .map(|b| BatchRecord { api: b.api, batch_id: b.batch_id, custom_ids: b.custom_ids })
+            .collect())
     }
 }
 

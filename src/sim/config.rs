@@ -21,6 +21,9 @@
 //! | `fault_429` (+ `retry_after` s), `fault_500`, `fault_503`, `fault_reset`, `fault_truncate`, `fault_malformed` | `0` | exclusive fault rates (sum <= 1) |
 //! | `slow_first_byte` (+ `slow_first_byte_ms`, default 2000) | `0` | rate of a delayed first byte |
 //! | `fault_cut_after_call` | `0` | rate of streamed OpenAI replies with two or more tool calls that end (no `finish_reason`, no `[DONE]`) just after the second call starts, when the first is complete; only the first request with a given body, so its retry gets through |
+//! | `batch_delay` | `60` | real seconds (not scaled by `time_scale`) from creating a provider batch (`/v1/batches`, `/v1/messages/batches`) to its end; rows finish spread over it; `POST /sim/batches/complete` ends every running batch at once |
+//! | `batch_failure_rate` | `0` | rate of batch rows answered with a server error (500 / `api_error`) |
+//! | `batch_expire_rate` | `0` | rate of batches whose completion window ends half-way: rows not finished by then expire |
 //! | `fault_grammar` | `0` | rate of grammar-constrained requests (`response_format` with a schema) answered, every time they are sent, with llama.cpp's HTTP 500 "does not match the expected format" |
 
 use std::fmt;
@@ -232,6 +235,21 @@ impl FaultConfig {
     }
 }
 
+/// How the provider batch APIs behave: when a batch ends, which rows fail, which batches expire.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchSimConfig {
+    /// Real seconds from creation to the end of a batch (not scaled by `time_scale`).
+    pub delay: f64,
+    pub failure_rate: f64,
+    pub expire_rate: f64,
+}
+
+impl Default for BatchSimConfig {
+    fn default() -> Self {
+        Self { delay: 60.0, failure_rate: 0.0, expire_rate: 0.0 }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimConfig {
     pub host: String,
@@ -259,6 +277,7 @@ pub struct SimConfig {
     /// When set, every route but `/sim/stats` answers 401 to a request without this key, as a
     /// gateway in front of an engine does.
     pub api_key: Option<Secret>,
+    pub batches: BatchSimConfig,
     /// The context window (vLLM's `--max-model-len`): a request whose prompt plus `max_tokens`
     /// exceeds it is refused with a 400 in the server's words. `None`: only the KV cache bounds it.
     pub max_model_len: Option<u32>,
@@ -281,6 +300,7 @@ impl Default for SimConfig {
             cache_min_tokens: 1024,
             ttft_window: 4096,
             api_key: None,
+            batches: BatchSimConfig::default(),
             max_model_len: None,
         }
     }
@@ -372,6 +392,15 @@ impl SimConfig {
                     return Err(invalid(key, value, "keep at least 1 TTFT"));
                 }
             }
+            "batch_delay" => {
+                let delay: f64 = parse_num(key, value)?;
+                if !delay.is_finite() || delay < 0.0 {
+                    return Err(invalid(key, value, "a delay is a finite number of seconds >= 0"));
+                }
+                self.batches.delay = delay;
+            }
+            "batch_failure_rate" => self.batches.failure_rate = parse_rate(key, value)?,
+            "batch_expire_rate" => self.batches.expire_rate = parse_rate(key, value)?,
             _ => {
                 if !self.behaviour.set(key, value)? && !self.faults.set(key, value)? {
                     return Err(SimError::UnknownOption(key.to_owned()));

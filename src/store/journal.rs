@@ -82,11 +82,44 @@ pub struct JournalStats {
 }
 
 enum Op {
-    Start { job_id: String, index: u64, input_json: String },
-    Turn { job_id: String, turn: u32, state_json: String },
-    Result { job_id: String, index: u64, result_json: String },
-    Meta { key: String, value: String },
+    Start {
+        job_id: String,
+        index: u64,
+        input_json: String,
+    },
+    Turn {
+        job_id: String,
+        turn: u32,
+        state_json: String,
+    },
+    Result {
+        job_id: String,
+        index: u64,
+        result_json: String,
+    },
+    Meta {
+        key: String,
+        value: String,
+    },
+    /// A provider batch was created holding these rows (`custom_ids_json`, a JSON array).
+    Batch {
+        batch_id: String,
+        api: String,
+        custom_ids_json: String,
+    },
+    /// A provider batch ended and its rows were handed on.
+    BatchEnded {
+        batch_id: String,
+    },
     Flush(oneshot::Sender<()>),
+}
+
+/// A provider batch recorded in the journal and not yet ended: a resumed run re-attaches to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenBatch {
+    pub batch_id: String,
+    pub api: String,
+    pub custom_ids: Vec<String>,
 }
 
 /// How the writer is set up; tests change it to stand in for a full or a stalled disk.
@@ -368,6 +401,38 @@ impl Journal {
         true
     }
 
+    /// Records a provider batch and its rows, and waits for the commit: once this returns, a
+    /// resumed run knows the batch and re-attaches to it instead of submitting its rows again.
+    pub async fn record_batch(&self, batch_id: &str, api: &str, custom_ids: &[String]) -> Result<(), JournalError> {
+        let custom_ids_json = serde_json::to_string(custom_ids).unwrap_or_else(|_| "[]".into());
+        self.send_async(Op::Batch { batch_id: batch_id.to_owned(), api: api.to_owned(), custom_ids_json }).await;
+        self.commit().await
+    }
+
+    /// Marks a provider batch as ended (its rows were handed on); committed with the next group.
+    pub async fn record_batch_ended(&self, batch_id: &str) {
+        self.send_async(Op::BatchEnded { batch_id: batch_id.to_owned() }).await;
+    }
+
+    /// The provider batches recorded and not ended, oldest first.
+    pub fn open_batches(&self) -> Result<Vec<OpenBatch>, JournalError> {
+        let reader = self.reader();
+        let read_err = |source| JournalError::Read { path: self.path.clone(), source };
+        let mut stmt = reader
+            .prepare("SELECT batch_id, api, custom_ids FROM provider_batches WHERE ended = 0 ORDER BY rowid")
+            .map_err(read_err)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+            .map_err(read_err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (batch_id, api, ids) = row.map_err(read_err)?;
+            let custom_ids = serde_json::from_str(&ids).unwrap_or_default();
+            out.push(OpenBatch { batch_id, api, custom_ids });
+        }
+        Ok(out)
+    }
+
     /// Waits until everything queued before this call is committed. Fails if any write of this
     /// handle has failed so far (the error stays: a journal with a hole cannot promise a resume).
     /// Blocks: not for a runtime thread (use [`Journal::commit`] there).
@@ -541,7 +606,10 @@ fn init_schema(conn: &mut Connection, path: &Path, fingerprint: &str, force: boo
          CREATE TABLE IF NOT EXISTS checkpoints(
              job_id TEXT PRIMARY KEY NOT NULL, turn INTEGER NOT NULL, state TEXT NOT NULL);
          CREATE TABLE IF NOT EXISTS results(job_id TEXT PRIMARY KEY NOT NULL, idx INTEGER NOT NULL, result TEXT NOT NULL);
-         CREATE INDEX IF NOT EXISTS results_idx ON results(idx, job_id);",
+         CREATE INDEX IF NOT EXISTS results_idx ON results(idx, job_id);
+         CREATE TABLE IF NOT EXISTS provider_batches(
+             batch_id TEXT PRIMARY KEY NOT NULL, api TEXT NOT NULL, custom_ids TEXT NOT NULL,
+             ended INTEGER NOT NULL DEFAULT 0);",
     )
     .map_err(open_err)?;
     let meta = |key: &str| -> Result<Option<String>, JournalError> {
@@ -669,6 +737,18 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<bool, rusqlite::Error> {
                  WHERE excluded.turn >= checkpoints.turn",
             )?
             .execute(params![job_id, turn, state_json])?;
+            Ok(true)
+        }
+        Op::Batch { batch_id, api, custom_ids_json } => {
+            tx.prepare_cached(
+                "INSERT INTO provider_batches(batch_id, api, custom_ids) VALUES(?1, ?2, ?3)
+                 ON CONFLICT(batch_id) DO NOTHING",
+            )?
+            .execute(params![batch_id, api, custom_ids_json])?;
+            Ok(true)
+        }
+        Op::BatchEnded { batch_id } => {
+            tx.prepare_cached("UPDATE provider_batches SET ended = 1 WHERE batch_id = ?1")?.execute([batch_id])?;
             Ok(true)
         }
         Op::Result { job_id, index, result_json } => {

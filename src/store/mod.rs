@@ -8,5 +8,5 @@ pub mod sink;
 
 pub use cache::{cache_key, hash128, CacheError, CacheStats, CacheWriter, ResponseCache};
 pub use input::{InputError, InputFormat, InputReader, InputRecord};
-pub use journal::{Checkpoint, Journal, JournalError, JournalResults, JournalStats};
+pub use journal::{Checkpoint, Journal, JournalError, JournalResults, JournalStats, OpenBatch};
 pub use sink::{JsonlSink, SinkError, TornLine};

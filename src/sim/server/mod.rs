@@ -6,6 +6,7 @@
 //! requests of any protocol is a shared token prefix for the engine's prefix cache.
 
 mod anthropic;
+mod batches;
 mod metrics;
 mod ollama;
 mod openai;
@@ -43,6 +44,7 @@ pub(crate) struct AppState {
     faults: Faults,
     stats: Stats,
     prompt_cache: anthropic::PromptCacheTable,
+    batches: batches::BatchStore,
 }
 
 /// A running simulator bound to `host:port`.
@@ -69,6 +71,7 @@ impl SimServer {
             faults: Faults::new(config.faults.clone(), config.seed),
             stats: Stats::new(config.ttft_window),
             prompt_cache: anthropic::PromptCacheTable::default(),
+            batches: batches::BatchStore::default(),
             engine,
             config,
         });
@@ -149,6 +152,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/metrics", get(metrics::handler))
         .route("/v1/messages", post(anthropic::messages))
+        .merge(batches::routes())
         .route("/api/chat", post(ollama::chat))
         .route("/api/tags", get(ollama::tags))
         .route(
@@ -207,7 +211,11 @@ async fn count_route(State(state): State<Arc<AppState>>, req: Request, next: Nex
 }
 
 fn stats_json(state: &AppState) -> Value {
-    state.stats.snapshot(&state.faults, &state.engine.metrics(), &state.config)
+    let mut snapshot = state.stats.snapshot(&state.faults, &state.engine.metrics(), &state.config);
+    if let Some(fields) = snapshot.as_object_mut() {
+        fields.insert("batches".into(), state.batches.counters());
+    }
+    snapshot
 }
 
 pub(crate) fn json_response(status: StatusCode, value: &Value) -> Response {
@@ -605,7 +613,11 @@ pub(crate) fn openai_tools(body: &Value) -> Result<Vec<ToolDef>, String> {
 
 /// RFC 3339 UTC timestamp with nanoseconds, as Ollama writes `created_at`.
 pub(crate) fn rfc3339_now() -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    rfc3339_at(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default())
+}
+
+/// RFC 3339 UTC timestamp of a time given as the duration since the Unix epoch.
+pub(crate) fn rfc3339_at(now: Duration) -> String {
     let secs = now.as_secs();
     let days = i64::try_from(secs / 86_400).unwrap_or(0);
     let rem = secs % 86_400;
