@@ -47,7 +47,11 @@ def chat_body(i: int) -> dict[str, Any]:
 
 
 def test_openai_sdk_uploads_creates_polls_and_downloads(server: sim.Simulator) -> None:
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="sim", max_retries=0)
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="sim", max_retries=0) as client:
+        check_openai_sdk(server, client)
+
+
+def check_openai_sdk(server: sim.Simulator, client: openai.OpenAI) -> None:
     lines = [
         {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": chat_body(i)}
         for i in range(3)
@@ -93,7 +97,11 @@ def test_openai_sdk_uploads_creates_polls_and_downloads(server: sim.Simulator) -
 
 
 def test_anthropic_sdk_creates_polls_and_reads_results(server: sim.Simulator) -> None:
-    client = anthropic.Anthropic(base_url=server.url, api_key="sim", max_retries=0)
+    with anthropic.Anthropic(base_url=server.url, api_key="sim", max_retries=0) as client:
+        check_anthropic_sdk(server, client)
+
+
+def check_anthropic_sdk(server: sim.Simulator, client: anthropic.Anthropic) -> None:
     params: Any = {"model": "sim-model", "max_tokens": 64, "messages": [{"role": "user", "content": "Hello"}]}
     batch = client.messages.batches.create(requests=[{"custom_id": "a-1", "params": params}])
     assert batch.processing_status == "in_progress" and batch.request_counts.processing == 1
