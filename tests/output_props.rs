@@ -325,7 +325,7 @@ fn pydantic_review_reports_each_mistake_where_it_is() {
     let expected = [
         ("/bugs/1/title", "expected at least 3 characters, got 1"),
         ("/bugs/1/severity", "expected one of \"low\", \"medium\", \"high\", got string \"urgent\""),
-        ("/bugs/1/location", "unexpected property 'col'"),
+        ("/bugs/1/location", "unexpected property 'col'; allowed: 'file', 'line'"),
         ("/bugs/1/location/line", "expected a number >= 1, got 0"),
         ("/bugs/2", "missing required property 'kind'"),
         ("/bugs/2/tags/1", "expected string, got integer 3"),

@@ -15,6 +15,7 @@
 //! echoing a large value back.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use jsonschema::error::{TypeKind, ValidationErrorKind};
 use jsonschema::{Draft, ValidationError, Validator};
@@ -41,6 +42,8 @@ pub struct Violation {
 #[derive(Debug, Clone)]
 pub struct CompiledSchema {
     validator: Validator,
+    /// The schema as given: a message about an unexpected property lists the allowed ones from it.
+    schema: Arc<Value>,
 }
 
 /// One line per violation, for feeding back to the model in a retry.
@@ -66,7 +69,7 @@ impl CompiledSchema {
             .should_validate_formats(true)
             .build(schema)
             .map_err(|e| SchemaError::Invalid { pointer: e.instance_path().to_string(), message: e.to_string() })?;
-        Ok(Self { validator })
+        Ok(Self { validator, schema: Arc::new(schema.clone()) })
     }
 
     /// All violations, each with the instance path (JSON pointer, e.g. /bugs/2) and a message a
@@ -83,7 +86,7 @@ impl CompiledSchema {
         }
         let mut violations = Vec::new();
         for error in self.validator.iter_errors(instance) {
-            push_violations(&error, &mut violations);
+            push_violations(&self.schema, instance, &error, &mut violations);
         }
         if violations.is_empty() {
             // `is_valid` and `iter_errors` disagreeing would be a bug in the crate; never pass
@@ -96,12 +99,16 @@ impl CompiledSchema {
 
 /// The violations one error stands for: itself, or for an `anyOf` / `oneOf` that no alternative
 /// matches, the errors of the one alternative whose type fits (what the model most likely meant).
-fn push_violations(error: &ValidationError<'_>, out: &mut Vec<Violation>) {
+fn push_violations(schema: &Value, instance: &Value, error: &ValidationError<'_>, out: &mut Vec<Violation>) {
     let path = error.instance_path().to_string();
     let (ValidationErrorKind::AnyOf { context: branches } | ValidationErrorKind::OneOfNotValid { context: branches }) =
         error.kind()
     else {
-        out.push(Violation { path, message: message(error) });
+        let violation = Violation { path, message: message(schema, instance, error) };
+        // One object's several refused properties may each give the same message.
+        if !out.contains(&violation) {
+            out.push(violation);
+        }
         return;
     };
     // An alternative is not what the model meant when the value has another type, or when a
@@ -121,7 +128,7 @@ fn push_violations(error: &ValidationError<'_>, out: &mut Vec<Violation>) {
         branches.iter().filter(|branch| !branch.iter().any(misfit)).collect();
     if let [only] = fitting.as_slice() {
         for inner in *only {
-            push_violations(inner, out);
+            push_violations(schema, instance, inner, out);
         }
         return;
     }
@@ -143,15 +150,53 @@ fn push_violations(error: &ValidationError<'_>, out: &mut Vec<Violation>) {
     }
     let mut text = format!("matches none of the {} allowed alternatives", branches.len());
     for (i, branch) in branches.iter().enumerate() {
-        let messages: Vec<String> = branch.iter().map(message).collect();
+        let messages: Vec<String> = branch.iter().map(|e| message(schema, instance, e)).collect();
         let _ = write!(text, "; alternative {}: {}", i + 1, messages.join(", "));
     }
     out.push(Violation { path, message: text });
 }
 
+fn unexpected_properties(unexpected: &[String]) -> String {
+    let names: Vec<String> = unexpected.iter().map(|name| format!("'{name}'")).collect();
+    let noun = if names.len() == 1 { "property" } else { "properties" };
+    format!("unexpected {noun} {}", names.join(", "))
+}
+
+/// Most allowed property names listed after an unexpected one; a longer list is left out.
+const LISTED_PROPERTIES: usize = 20;
+
+/// Appends what the object that refused a property allows: its `properties` by name and its
+/// `patternProperties` by pattern, read from the schema object holding the failed keyword (the
+/// error's schema path is canonical, `$ref`s already resolved to where the keyword is written).
+fn allowed_properties(schema: &Value, error: &ValidationError<'_>, text: &mut String) {
+    let keyword_at = error.schema_path().to_string();
+    let Some((parent, _)) = keyword_at.rsplit_once('/') else { return };
+    let Some(object) = schema.pointer(parent) else { return };
+    let names: Vec<&str> = object
+        .get("properties")
+        .and_then(Value::as_object)
+        .map(|p| p.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    let patterns: Vec<&str> = object
+        .get("patternProperties")
+        .and_then(Value::as_object)
+        .map(|p| p.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    if names.is_empty() && patterns.is_empty() {
+        text.push_str("; no properties are allowed");
+        return;
+    }
+    if names.len() + patterns.len() > LISTED_PROPERTIES {
+        return;
+    }
+    let mut allowed: Vec<String> = names.iter().map(|name| format!("'{name}'")).collect();
+    allowed.extend(patterns.iter().map(|pattern| format!("names matching '{pattern}'")));
+    let _ = write!(text, "; allowed: {}", allowed.join(", "));
+}
+
 /// One violation in words. The crate's own message, with the value shown shortened, is the
 /// fallback for the rarer keywords.
-fn message(error: &ValidationError<'_>) -> String {
+fn message(schema: &Value, instance: &Value, error: &ValidationError<'_>) -> String {
     let got = show(error.instance());
     match error.kind() {
         ValidationErrorKind::Type { kind } => format!("expected {}, got {got}", type_names(kind)),
@@ -159,12 +204,14 @@ fn message(error: &ValidationError<'_>) -> String {
             Value::String(name) => format!("missing required property '{name}'"),
             other => format!("missing required property {other}"),
         },
-        ValidationErrorKind::AdditionalProperties { unexpected }
-        | ValidationErrorKind::UnevaluatedProperties { unexpected } => {
-            let names: Vec<String> = unexpected.iter().map(|name| format!("'{name}'")).collect();
-            let noun = if names.len() == 1 { "property" } else { "properties" };
-            format!("unexpected {noun} {}", names.join(", "))
+        ValidationErrorKind::AdditionalProperties { unexpected } => {
+            let mut text = unexpected_properties(unexpected);
+            allowed_properties(schema, error, &mut text);
+            text
         }
+        // Properties evaluated elsewhere (`allOf`, `$ref` siblings) are allowed too, so the
+        // object's own `properties` would be an incomplete list: none is given.
+        ValidationErrorKind::UnevaluatedProperties { unexpected } => unexpected_properties(unexpected),
         ValidationErrorKind::Enum { options } => format!("expected {}, got {got}", one_of_values(options)),
         ValidationErrorKind::Constant { expected_value } => format!("expected {expected_value}, got {got}"),
         ValidationErrorKind::Pattern { pattern } => format!("expected a string matching '{pattern}', got {got}"),
@@ -186,7 +233,18 @@ fn message(error: &ValidationError<'_>) -> String {
         ValidationErrorKind::MultipleOf { multiple_of } => {
             format!("expected a number that is a multiple of {multiple_of}, got {}", error.instance())
         }
-        ValidationErrorKind::FalseSchema => "no value is allowed here".to_owned(),
+        // `additionalProperties: false` beside no `properties` or `patternProperties` fails each
+        // property's value this way, at the object's path: every property is unexpected.
+        ValidationErrorKind::FalseSchema => {
+            let object = instance.pointer(&error.instance_path().to_string()).and_then(Value::as_object);
+            match object {
+                Some(object) if error.schema_path().to_string().ends_with("/additionalProperties") => {
+                    let names: Vec<String> = object.keys().take(LISTED_PROPERTIES).cloned().collect();
+                    format!("{}; no properties are allowed", unexpected_properties(&names))
+                }
+                _ => "no value is allowed here".to_owned(),
+            }
+        }
         ValidationErrorKind::Not { .. } => "must not match the schema given in 'not'".to_owned(),
         ValidationErrorKind::UniqueItems => match equal_items(error.instance()) {
             Some((i, j)) => format!("items {i} and {j} are equal; items must be unique"),
@@ -402,7 +460,43 @@ mod tests {
         );
         assert!(s.validate(&json!({"a": 1, "xa": 1})).is_ok());
         assert_eq!(errors(&s, json!({"xa": "1"})), one("/xa", "expected integer, got string \"1\""));
-        assert_eq!(errors(&s, json!({"zz": 1})), one("", "unexpected property 'zz'"));
+        assert_eq!(
+            errors(&s, json!({"zz": 1})),
+            one("", "unexpected property 'zz'; allowed: 'a', names matching '^x'")
+        );
+    }
+
+    /// An unexpected property is named with the ones allowed in its place, also in a model reached
+    /// through `$ref` (pydantic's nested models with `extra="forbid"`).
+    #[test]
+    fn unexpected_properties_list_the_allowed_ones() {
+        let s = schema(json!({
+            "type": "object",
+            "properties": {"bug": {"$ref": "#/$defs/Bug"}, "severity": {"type": "integer"}},
+            "additionalProperties": false,
+            "$defs": {"Bug": {
+                "type": "object",
+                "properties": {"file": {"type": "string"}, "line": {"type": "integer"}},
+                "additionalProperties": false
+            }}
+        }));
+        assert_eq!(
+            errors(&s, json!({"severity": 1, "sevrity": 2})),
+            one("", "unexpected property 'sevrity'; allowed: 'bug', 'severity'")
+        );
+        assert_eq!(
+            errors(&s, json!({"bug": {"file": "a.rs", "lines": 3}})),
+            one("/bug", "unexpected property 'lines'; allowed: 'file', 'line'")
+        );
+        let s = schema(json!({"type": "object", "additionalProperties": false}));
+        assert_eq!(errors(&s, json!({"a": 1})), one("", "unexpected property 'a'; no properties are allowed"));
+        assert_eq!(
+            errors(&s, json!({"a": 1, "b": 2})),
+            one("", "unexpected properties 'a', 'b'; no properties are allowed")
+        );
+        let many: serde_json::Map<String, Value> = (0..30).map(|i| (format!("p{i}"), json!({}))).collect();
+        let s = schema(json!({"properties": many, "additionalProperties": false}));
+        assert_eq!(errors(&s, json!({"q": 1})), one("", "unexpected property 'q'"), "a long list is left out");
     }
 
     #[test]
