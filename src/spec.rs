@@ -230,6 +230,8 @@ pub struct BatchSpec {
     pub warm_prefix: bool,
     /// Send Dynamo agent hints.
     pub agent_hints: bool,
+    /// Send the engine's own request priority where it takes one (vLLM `priority`).
+    pub engine_hints: bool,
     /// Fields merged into every request body (`extra_body=`); a job's own extra fields go on top.
     pub extra_body: Option<Arc<Map<String, Value>>>,
     pub compaction: CompactionSpec,
@@ -297,6 +299,8 @@ struct RawSpec {
     warm_prefix: bool,
     #[serde(default)]
     agent_hints: bool,
+    #[serde(default)]
+    engine_hints: bool,
     #[serde(default)]
     extra_body: Option<Map<String, Value>>,
     #[serde(default = "default_true")]
@@ -438,6 +442,7 @@ impl BatchSpec {
             stream: raw.stream,
             warm_prefix: raw.warm_prefix,
             agent_hints: raw.agent_hints,
+            engine_hints: raw.engine_hints,
             extra_body: raw.extra_body.filter(|m| !m.is_empty()).map(Arc::new),
             compaction: CompactionSpec {
                 enabled: raw.compaction,

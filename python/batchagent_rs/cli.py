@@ -452,6 +452,7 @@ def _run(args: argparse.Namespace) -> int:
             response_cache=cache,
             dedupe=bool(settings.get("dedupe")),
             extra_body=settings.get("extra_body"),
+            engine_hints=bool(settings.get("engine_hints")),
             extra_headers=_headers(settings.get("extra_headers")),
             **_provider_batch(settings),
         )
@@ -767,6 +768,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--prices", help="JSON price table overriding the built-in one (dollars per million tokens)"
+    )
+    p.add_argument(
+        "--engine-hints",
+        dest="engine_hints",
+        action="store_true",
+        default=None,
+        help="send vLLM's request priority (agents nearer completion first); the server must run "
+        "with --scheduling-policy priority",
     )
     p.add_argument(
         "--extra-body",

@@ -57,6 +57,7 @@ SETTINGS: dict[str, Kind] = {
     "skip_bad_lines": "bool",
     "dedupe": "bool",
     "prices": "path",
+    "engine_hints": "bool",
     # `[extra_body]`: fields merged into every request body; `[extra_headers]`: name = "value".
     "extra_body": "table",
     "extra_headers": "headers",

@@ -79,6 +79,7 @@ pub struct OpenAiBackend {
     /// `{api_base}/chat/completions`, parsed once.
     chat_url: Endpoint,
     agent_hints: bool,
+    engine_priority: bool,
     prepared: Mutex<Prepared>,
 }
 
@@ -126,6 +127,7 @@ impl std::fmt::Debug for OpenAiBackend {
             .field("http", &self.http)
             .field("chat_url", &self.chat_url)
             .field("agent_hints", &self.agent_hints)
+            .field("engine_priority", &self.engine_priority)
             .finish_non_exhaustive()
     }
 }
@@ -146,6 +148,7 @@ impl OpenAiBackend {
             http,
             chat_url,
             agent_hints: options.agent_hints,
+            engine_priority: options.engine_priority,
             prepared: Mutex::default(),
         })
     }
@@ -209,6 +212,12 @@ impl OpenAiBackend {
             }
             _ => None,
         };
+        // vLLM's `priority`: lower is served first (and preempted last) under
+        // `--scheduling-policy priority`; the remaining turns are the semaphore's own order.
+        let priority = match &request.hints {
+            Some(hints) if self.engine_priority && self.flavour == Flavour::Vllm => Some(hints.remaining_turns),
+            _ => None,
+        };
         // OpenAI deprecated `max_tokens` for chat and its reasoning models reject it.
         let (max_tokens, max_completion_tokens) =
             if self.flavour == Flavour::OpenAi { (None, request.max_tokens) } else { (request.max_tokens, None) };
@@ -224,6 +233,7 @@ impl OpenAiBackend {
             stream: request.stream,
             stream_options: request.stream.then_some(StreamOptions { include_usage: true }),
             nvext,
+            priority,
         }
     }
 
@@ -353,6 +363,8 @@ struct WireRequest<'a> {
     stream_options: Option<StreamOptions>,
     #[serde(skip_serializing_if = "Option::is_none")]
     nvext: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    priority: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -577,6 +589,25 @@ mod tests {
         assert_eq!(body["nvext"]["agent_hints"], json!({"priority": 3, "osl": 200, "speculative_prefill": true}));
         assert!(body.get("response_format").is_none(), "dynamo is not promised json_schema");
         assert!(backend(Flavour::Dynamo, false).request_body(&request()).get("nvext").is_none());
+    }
+
+    #[test]
+    fn vllm_priority_only_when_asked_and_only_to_vllm() {
+        let with = |flavour: Flavour, on: bool| {
+            let options = BackendOptions { engine_priority: on, ..BackendOptions::default() };
+            OpenAiBackend::new(flavour, "http://127.0.0.1:1", &options).unwrap().request_body(&request())
+        };
+        // One turn left: served before agents with more to go.
+        assert_eq!(with(Flavour::Vllm, true)["priority"], 1);
+        assert!(with(Flavour::Vllm, false).get("priority").is_none());
+        for other in [Flavour::Sglang, Flavour::OpenAi, Flavour::Dynamo, Flavour::Generic] {
+            assert!(with(other, true).get("priority").is_none(), "{other:?}");
+        }
+        let mut plain = request();
+        plain.hints = None;
+        let options = BackendOptions { engine_priority: true, ..BackendOptions::default() };
+        let backend = OpenAiBackend::new(Flavour::Vllm, "http://127.0.0.1:1", &options).unwrap();
+        assert!(backend.request_body(&plain).get("priority").is_none());
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub struct BackendOptions {
     pub max_response_bytes: usize,
     /// Send NVIDIA Dynamo `nvext.agent_hints` when a request carries hints.
     pub agent_hints: bool,
+    /// Send vLLM's `priority` request field when a request carries hints (vLLM refuses it unless
+    /// started with `--scheduling-policy priority`, so it is never sent by default).
+    pub engine_priority: bool,
     pub extra_headers: Vec<(String, String)>,
 }
 
@@ -39,6 +42,7 @@ impl Default for BackendOptions {
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             agent_hints: false,
+            engine_priority: false,
             extra_headers: Vec::new(),
         }
     }
@@ -53,6 +57,7 @@ impl fmt::Debug for BackendOptions {
             .field("idle_timeout", &self.idle_timeout)
             .field("max_response_bytes", &self.max_response_bytes)
             .field("agent_hints", &self.agent_hints)
+            .field("engine_priority", &self.engine_priority)
             .field("extra_headers", &self.extra_headers.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
             .finish()
     }

@@ -511,6 +511,7 @@ impl PyRun {
             api_key: options.api_key,
             extra_headers: options.extra_headers,
             agent_hints: spec.agent_hints,
+            engine_priority: spec.engine_hints,
             request_timeout: spec.call_timeout,
             idle_timeout: Some(spec.idle_timeout),
             max_response_bytes: spec.max_response_bytes,

@@ -557,7 +557,7 @@ impl Agent<'_> {
                 temperature: ctx.spec.temperature,
                 request_id: request_id(self.job_id, self.state.turns, attempt),
                 stream: ctx.spec.streams(),
-                hints: ctx.spec.agent_hints.then(|| AgentHints {
+                hints: (ctx.spec.agent_hints || ctx.spec.engine_hints).then(|| AgentHints {
                     priority: -i64::from(remaining),
                     remaining_turns: remaining,
                     expected_output_tokens: ctx.spec.max_tokens,
