@@ -182,7 +182,7 @@ def test_settings_out_of_range_name_the_setting() -> None:
 
 CRASHING = textwrap.dedent(
     """
-    import os, sys
+    import os, sqlite3, sys, time
     from pathlib import Path
     from batchagent_rs import Batch, tool
 
@@ -195,6 +195,18 @@ CRASHING = textwrap.dedent(
         calls += 1
         marker = Path(os.environ["CRASH_MARKER"])
         if calls == int(os.environ["CRASH_AFTER"]) and not marker.exists():
+            # Crash only once the journal holds a checkpoint at or past DURABLE_TURN (its writer
+            # commits in the background): the test then knows a compacted turn is on disk.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    with sqlite3.connect(f"file:{sys.argv[2]}?mode=ro", uri=True) as db:
+                        [(turn,)] = db.execute("SELECT max(turn) FROM checkpoints").fetchall()
+                    if turn is not None and turn >= int(os.environ["DURABLE_TURN"]):
+                        break
+                except sqlite3.Error:
+                    pass
+                time.sleep(0.01)
             marker.write_text(str(calls))
             os._exit(1)
         return f"record {record}: " + "the quick brown fox jumps over the lazy dog " * 40
@@ -212,7 +224,9 @@ def test_a_run_killed_after_compacting_resumes_from_the_compacted_conversation(t
     script = tmp_path / "agent.py"
     script.write_text(CRASHING)
     journal = tmp_path / "run.sqlite"
-    env = dict(os.environ, CRASH_MARKER=str(tmp_path / "crashed"), CRASH_AFTER="22", SYSTEM=SYSTEM)
+    env = dict(
+        os.environ, CRASH_MARKER=str(tmp_path / "crashed"), CRASH_AFTER="22", DURABLE_TURN="15", SYSTEM=SYSTEM
+    )
     with sim.start(
         time_scale=0, seed=3, tool_rounds=ROUNDS, max_model_len=6144, output_tokens="fixed:20"
     ) as server:
@@ -228,7 +242,7 @@ def test_a_run_killed_after_compacting_resumes_from_the_compacted_conversation(t
         with sqlite3.connect(journal) as db:
             [(turn, state)] = db.execute("SELECT turn, state FROM checkpoints").fetchall()
         saved = json.loads(state)
-        # The checkpoint of the last tool turn may not have reached the disk before the exit.
+        # The tool waited for turn 15 to be on disk; later turns may not have reached it.
         assert 15 <= turn <= 21 and saved["compactions"] > 0
         # The journal holds the conversation as it was sent: compacted.
         assert any("dropped to fit the context" in m["content"] for m in saved["messages"])
