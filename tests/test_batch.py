@@ -327,6 +327,26 @@ def test_parquet_input_is_read_lazily_into_the_output(tmp_path: Any) -> None:
     assert sorted(r["id"] for r in lines) == sorted(f"row-{i}" for i in range(300))
 
 
+def test_parquet_duplicates_and_refused_rows_are_written_to_the_output(tmp_path: Any) -> None:
+    import json
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    ids = ["a", "b", "a", "bad\nid", "b", "c"]
+    table = pa.table({"id": ids, "path": [f"f{i}.py" for i in range(len(ids))]})
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=2)
+    batch = Batch("Review {path}.", backend=f"sim://?{FAST}", dedupe=True)
+    report = batch.run_file(tmp_path / "in.parquet", tmp_path / "out.jsonl")
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    kinds = {r["index"]: r["error"]["kind"] if r.get("error") else "ok" for r in lines}
+    assert len(lines) == len(ids), "one line per row"
+    assert kinds == {0: "ok", 1: "ok", 2: "duplicate", 3: "bad_input", 4: "duplicate", 5: "ok"}
+    assert "id of input 0" in next(r["error"]["message"] for r in lines if r["index"] == 2)
+    assert report.ok == 3
+    assert report.raw["run"]["duplicates_skipped"] == 2
+
+
 def _thread_recording_tool(threads: list[str], delay: float = 0.0, **options: Any) -> Any:
     @tool(**options)
     def read_file(path: str) -> str:

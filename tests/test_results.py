@@ -18,7 +18,7 @@ from typing import Any
 import pydantic
 import pytest
 
-from batchagent_rs import Batch, tool
+from batchagent_rs import Batch, JournalError, Result, tool
 
 FAST = "time_scale=0&seed=3"
 
@@ -157,6 +157,17 @@ def test_bad_items_of_a_lazy_input_become_failed_results() -> None:
     assert [r.index for r in results] == list(range(600))
     assert [r.ok for r in results] == [bool(i % 7) for i in range(600)]
     assert all(r.error.kind == "bad_input" for r in results if r.error is not None)
+
+
+def test_a_panic_in_the_result_forwarder_gives_each_input_an_internal_result() -> None:
+    seen: list[Result] = []
+    batch = Batch("Summarise {x}.", backend=f"sim://?{FAST}", on_result=seen.append)
+    # The core's fault hook: every batch of results panics on its way to Python.
+    batch._options["_panic_forwarder"] = True
+    with pytest.raises(JournalError, match="internal error: the result forwarder panicked"):
+        batch.run(inputs(20))
+    assert sorted(r.index for r in seen) == list(range(20)), "every input has a result, none is waited for"
+    assert all(r.error is not None and r.error.kind == "internal" for r in seen), seen[:2]
 
 
 def test_model_calls_in_flight_are_bounded_and_tool_waits_counted_apart() -> None:

@@ -58,12 +58,46 @@ class Run:
     """One batch run. Created from the spec and options as JSON; starts at once and waits for inputs."""
 
     def __new__(cls, spec_json: str, options_json: str) -> Run: ...
-    def check_inputs(self, items: list[tuple[str, int, str, str | None]]) -> list[tuple[int, int]]:
+    def check_inputs(
+        self, items: list[tuple[str, int, str, str | None]]
+    ) -> list[
+        tuple[
+            str,
+            int,
+            bool,
+            str | None,
+            str | None,
+            tuple[str, str, bool, int] | None,
+            tuple[int, int, int, int],
+            tuple[int, int, int],
+            tuple[bool, bool, str | None],
+            float | None,
+            float,
+        ]
+    ]:
         """Check `(id, index, input json, extra body json)`: the task renders, the id is printable and
         not seen before, the extra body (the input's own `extra_body` fields) is a JSON object.
 
         Raises `InputError` on the first bad one. With the run option `dedupe`, a repeated id is
-        returned as `(index, first index with that id)` instead of raising."""
+        skipped instead: its result (kind `duplicate`, as `take_events()` gives results) is written
+        to the output file if the run has one, and returned."""
+    def refuse_input(
+        self, id: str, index: int, message: str
+    ) -> tuple[
+        str,
+        int,
+        bool,
+        str | None,
+        str | None,
+        tuple[str, str, bool, int] | None,
+        tuple[int, int, int, int],
+        tuple[int, int, int],
+        tuple[bool, bool, str | None],
+        float | None,
+        float,
+    ]:
+        """A lazily read input that `check_inputs` refused with `message`: its result (kind
+        `bad_input`), counted, written to the output file if the run has one."""
     def feed(self, items: list[tuple[str, int, str, str | None]]) -> None:
         """Hand `(id, index, input json, extra body json)` to the run; no more than the credit
         granted so far."""

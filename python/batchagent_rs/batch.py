@@ -959,11 +959,10 @@ class _Driver:
         run = _core.Run(json.dumps(batch._spec), json.dumps(options))
         skipped: list[Result] = []
         if pending is not None:
-            duplicates = run.check_inputs(pending)
-            if duplicates:
-                first_of = dict(duplicates)
-                skipped = [_duplicate(job_id, i, first_of[i]) for job_id, i, _, _ in pending if i in first_of]
-                pending = [item for item in pending if item[1] not in first_of]
+            skipped = [self._result(item) for item in run.check_inputs(pending)]
+            if skipped:
+                gone = {result.index for result in skipped}
+                pending = [item for item in pending if item[1] not in gone]
         self.run = run
         loop = asyncio.get_running_loop()
         if pending is not None:
@@ -1049,17 +1048,20 @@ class _Driver:
         """Inputs the lazy reader took from the iterable (on the loop's thread)."""
         try:
             chunk: list[_Fed] = []
-            bad: list[Result] = []
+            # Results of the inputs that do not run (the core writes them to the output file).
+            bad: list[_ResultTuple] = []
             for index, raw in items:
                 try:
                     fed = _input_json(index, raw, self.batch._extra_body_fn)
                     duplicates = self.run.check_inputs([fed])
                     if duplicates:
-                        bad.append(_duplicate(fed[0], index, duplicates[0][1]))
+                        bad.extend(duplicates)
                     else:
                         chunk.append(fed)
                 except _core.InputError as exc:
-                    bad.append(_bad_input(index, raw, str(exc)))
+                    raw_id = raw.get("id") if isinstance(raw, dict) else None
+                    job_id = str(index if raw_id is None else raw_id)
+                    bad.append(self.run.refuse_input(job_id, index, str(exc)))
             if chunk:
                 self.run.feed(chunk)
             if error is not None:
@@ -1068,9 +1070,10 @@ class _Driver:
                 self.reader = None
                 self.run.close_input()
             if bad:
-                for result in bad:
+                refused = [self._result(item) for item in bad]
+                for result in refused:
                     self._deliver(result)
-                self._emit(bad)
+                self._emit(refused)
                 self._feed(len(bad))
         except BaseException as exc:  # the iterable raised, or the run refused the inputs
             self.failure = exc
@@ -1433,40 +1436,6 @@ def _parquet_rows(path: str) -> Iterator[dict[str, Any]]:
         raise _core.InputError(f"input {path}: {exc}") from exc
     for batch in source.iter_batches(batch_size=4096):
         yield from batch.to_pylist()
-
-
-def _bad_input(index: int, raw: Any, message: str) -> Result:
-    job_id = raw.get("id") if isinstance(raw, dict) else None
-    return Result(
-        id=str(job_id) if job_id is not None else str(index),
-        index=index,
-        ok=False,
-        output=None,
-        error=ErrorInfo(kind="bad_input", message=message, retryable=False, attempts=0),
-        usage=Usage(),
-        turns=0,
-        tool_calls=0,
-        attempts=0,
-        ttft=None,
-        total=0.0,
-    )
-
-
-def _duplicate(job_id: str, index: int, first: int) -> Result:
-    message = f"input {index}: id {job_id!r} is also the id of input {first}; skipped"
-    return Result(
-        id=job_id,
-        index=index,
-        ok=False,
-        output=None,
-        error=ErrorInfo(kind="duplicate", message=message, retryable=False, attempts=0),
-        usage=Usage(),
-        turns=0,
-        tool_calls=0,
-        attempts=0,
-        ttft=None,
-        total=0.0,
-    )
 
 
 async def _logged(awaitable: Awaitable[Any], index: int) -> None:

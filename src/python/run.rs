@@ -11,11 +11,13 @@ use std::collections::HashMap;
 use std::io::Write as _;
 use std::os::fd::AsRawFd as _;
 use std::os::unix::net::UnixStream;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use futures_util::FutureExt as _;
 use pyo3::prelude::*;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -36,10 +38,10 @@ use crate::scheduler::agent::TurnSink;
 use crate::scheduler::agent::{Job, JobResult, OutputValidator, RunContext};
 use crate::scheduler::compaction::Compactor;
 use crate::scheduler::durable::{fingerprint, Durability, JournalBatches, JournalTurns};
-use crate::scheduler::feed::{feed_file, prescan, SeenIds};
+use crate::scheduler::feed::{bad_input, feed_file, prescan, SeenIds};
 use crate::scheduler::population::Population;
 use crate::scheduler::retry::RetryPolicy;
-use crate::scheduler::run::{run_all, Dispatch, DEFAULT_LOOKAHEAD};
+use crate::scheduler::run::{panic_message, run_all, Dispatch, DEFAULT_LOOKAHEAD};
 use crate::scheduler::semaphore::PrioritySemaphore;
 use crate::scheduler::stats::RunStats;
 use crate::spec::{check_job_id, parse_settings, BatchSpec, SpecError};
@@ -324,6 +326,10 @@ struct RunOptions {
     /// Send the model calls through the provider's batch API (single-turn jobs).
     #[serde(default)]
     provider_batch: Option<ProviderBatchSettings>,
+    /// A fault for the test of what a panic in the result forwarder does: each batch of results
+    /// panics on its way to Python. The Python API never sets it.
+    #[serde(default, rename = "_panic_forwarder")]
+    panic_forwarder: bool,
 }
 
 #[derive(Deserialize)]
@@ -418,6 +424,7 @@ pub struct PyRun {
     seen: Mutex<SeenIds>,
     dedupe: bool,
     deliver: bool,
+    panic_forwarder: bool,
     /// The first error that makes the run's output incomplete (a failed journal or output write).
     fatal: Arc<Mutex<Option<String>>>,
     response_cache: Option<Arc<ResponseCache>>,
@@ -624,6 +631,7 @@ impl PyRun {
             seen: Mutex::new(SeenIds::default()),
             dedupe: options.dedupe,
             deliver: options.deliver_results,
+            panic_forwarder: options.panic_forwarder,
             fatal: Arc::new(Mutex::new(None)),
             response_cache,
             connected,
@@ -638,27 +646,42 @@ impl PyRun {
     /// Checks inputs `(id, index, json object)` without running anything: the first input that
     /// cannot be used (a missing template variable, an id with a control character, an id an
     /// earlier input has) raises `InputError` naming its index. With `dedupe`, a repeated id is
-    /// returned instead, as `(index, index of the first input with that id)`, to be skipped.
-    fn check_inputs(&self, items: Vec<FedInput>) -> PyResult<Vec<(u64, u64)>> {
-        let mut seen = self.seen.lock().map_err(|_| RunError::new_err("run state poisoned"))?;
+    /// skipped instead: its result (kind `duplicate`) is written to the output file, if the run
+    /// has one, and returned.
+    fn check_inputs(&self, py: Python<'_>, items: Vec<FedInput>) -> PyResult<Vec<ResultTuple>> {
         let mut duplicates = Vec::new();
-        for (id, index, json, extra) in items {
-            let input = parse_input(index, &json)?;
-            parse_extra_body(index, extra.as_deref())?;
-            self.ctx.spec.task.render(index, &input).map_err(|e| spec_error(&e))?;
-            check_job_id(&id).map_err(|message| InputError::new_err(format!("input {index}: {message}")))?;
-            if let Some(first) = seen.insert(&id, index) {
-                if !self.dedupe {
-                    return Err(InputError::new_err(format!(
-                        "input {index}: id {id:?} is also the id of input {first}; ids must be unique \
-                         (dedupe=True keeps the first and skips the rest)"
-                    )));
+        {
+            let mut seen = self.seen.lock().map_err(|_| RunError::new_err("run state poisoned"))?;
+            for (id, index, json, extra) in items {
+                let input = parse_input(index, &json)?;
+                parse_extra_body(index, extra.as_deref())?;
+                self.ctx.spec.task.render(index, &input).map_err(|e| spec_error(&e))?;
+                check_job_id(&id).map_err(|message| InputError::new_err(format!("input {index}: {message}")))?;
+                if let Some(first) = seen.insert(&id, index) {
+                    if !self.dedupe {
+                        return Err(InputError::new_err(format!(
+                            "input {index}: id {id:?} is also the id of input {first}; ids must be unique \
+                             (dedupe=True keeps the first and skips the rest)"
+                        )));
+                    }
+                    self.ctx.stats.duplicates_skipped.fetch_add(1, Relaxed);
+                    let message = format!("input {index}: id {id:?} is also the id of input {first}; skipped");
+                    duplicates.push(JobResult::failed(id, index, "duplicate", message));
                 }
-                self.ctx.stats.duplicates_skipped.fetch_add(1, Relaxed);
-                duplicates.push((index, first));
             }
         }
-        Ok(duplicates)
+        self.write_unjournaled(py, &duplicates);
+        Ok(duplicates.into_iter().map(result_tuple).collect())
+    }
+
+    /// An input read lazily that `check_inputs` refused with `message`: a failed result of kind
+    /// `bad_input`, counted, written to the output file if the run has one, and returned.
+    fn refuse_input(&self, py: Python<'_>, id: String, index: u64, message: String) -> ResultTuple {
+        self.ctx.stats.jobs_failed.fetch_add(1, Relaxed);
+        self.ctx.stats.count_error("bad_input");
+        let result = bad_input(id, index, message);
+        self.write_unjournaled(py, std::slice::from_ref(&result));
+        result_tuple(result)
     }
 
     /// Hands inputs `(id, index, json object)` to the run. Feed no more than the credit
@@ -976,6 +999,19 @@ impl PyRun {
 }
 
 impl PyRun {
+    /// Results of inputs that never became jobs: not journaled (a resumed run meets the same inputs
+    /// again and writes them again), written to the output file. A failed write makes the run's
+    /// output incomplete, which `error()` says at the end.
+    fn write_unjournaled(&self, py: Python<'_>, results: &[JobResult]) {
+        if results.is_empty() {
+            return;
+        }
+        let written = py.allow_threads(|| results.iter().try_for_each(|r| self.durable.write_unjournaled(r)));
+        if let Err(e) = written {
+            record_fatal(&self.fatal, e.to_string());
+        }
+    }
+
     fn start(&self) -> PyResult<()> {
         let runtime = runtime()?;
         let (jobs_tx, jobs_rx) = mpsc::channel(self.ctx.spec.window.saturating_add(self.dispatch.lookahead).max(1));
@@ -986,6 +1022,7 @@ impl PyRun {
         let fatal = self.fatal.clone();
         let deliver = self.deliver;
         let feeds_from_python = self.input.is_none();
+        let panic_hook = self.panic_forwarder;
         let forward = runtime.spawn(async move {
             while let Some(result) = results_rx.recv().await {
                 let mut batch = vec![result];
@@ -993,21 +1030,43 @@ impl PyRun {
                     batch.push(more);
                 }
                 let freed = batch.len();
-                // Handed to Python (`stream`, `on_result`) only once committed: what a user has
-                // seen is never run again by a resume.
-                let (mut batch, error) = durable.commit(batch).await;
-                if let Some(e) = error {
-                    record_fatal(&fatal, e.to_string());
-                }
-                // When the core reads the inputs itself and Python does not want the results,
-                // nothing here concerns Python: no wake-up (it would cost a syscall and a loop turn
-                // per batch of results for nothing).
-                if deliver || feeds_from_python {
+                // Which inputs this batch answers, should handing it over panic: each still gets a
+                // result. Only kept when Python wants the results.
+                let answers: Vec<(String, u64)> =
+                    if deliver { batch.iter().map(|r| (r.id.clone(), r.index)).collect() } else { Vec::new() };
+                let handed = AssertUnwindSafe(async {
+                    assert!(!panic_hook, "injected by the run option _panic_forwarder");
+                    // Handed to Python (`stream`, `on_result`) only once committed: what a user has
+                    // seen is never run again by a resume.
+                    let (mut batch, error) = durable.commit(batch).await;
+                    if let Some(e) = error {
+                        record_fatal(&fatal, e.to_string());
+                    }
+                    // When the core reads the inputs itself and Python does not want the results,
+                    // nothing here concerns Python: no wake-up (it would cost a syscall and a loop
+                    // turn per batch of results for nothing).
+                    if deliver || feeds_from_python {
+                        shared.post(|outbox| {
+                            outbox.credit += freed;
+                            if deliver {
+                                outbox.results.append(&mut batch);
+                            }
+                        });
+                    }
+                })
+                .catch_unwind()
+                .await;
+                if let Err(payload) = handed {
+                    let message =
+                        format!("internal error: the result forwarder panicked: {}", panic_message(&*payload));
+                    record_fatal(&fatal, message.clone());
+                    let mut failed: Vec<JobResult> = answers
+                        .into_iter()
+                        .map(|(id, index)| JobResult::failed(id, index, "internal", message.clone()))
+                        .collect();
                     shared.post(|outbox| {
                         outbox.credit += freed;
-                        if deliver {
-                            outbox.results.append(&mut batch);
-                        }
+                        outbox.results.append(&mut failed);
                     });
                 }
             }
@@ -1039,7 +1098,7 @@ impl PyRun {
                 // Python waits for `done`: a forwarder that died must still say the run is over.
                 if e.is_panic() {
                     let payload = e.into_panic();
-                    let message = panic_message(payload.as_ref());
+                    let message = panic_message(&*payload);
                     record_fatal(&fatal, format!("internal error: the result forwarder panicked: {message}"));
                 }
                 shared.post(|outbox| outbox.done = true);
@@ -1066,14 +1125,6 @@ impl Drop for PyRun {
             }
         }
     }
-}
-
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
-    payload
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(no message)")
 }
 
 fn record_fatal(slot: &Mutex<Option<String>>, message: String) {

@@ -121,6 +121,30 @@ pub struct JobResult {
     pub conversation: Option<Vec<Message>>,
 }
 
+impl JobResult {
+    /// The result of a job that ran no model call: failed with `kind` and `message`.
+    pub fn failed(id: String, index: u64, kind: &str, message: String) -> Self {
+        Self {
+            id,
+            index,
+            ok: false,
+            output: None,
+            text: None,
+            error: Some(JobError { kind: kind.to_owned(), message, retryable: false, attempts: 0 }),
+            usage: Usage::default(),
+            turns: 0,
+            tool_calls: 0,
+            attempts: 0,
+            repaired: false,
+            finish_reason: None,
+            truncated: false,
+            ttft_s: None,
+            total_s: 0.0,
+            conversation: None,
+        }
+    }
+}
+
 /// Everything the agents of one run share.
 pub struct RunContext {
     pub spec: Arc<BatchSpec>,

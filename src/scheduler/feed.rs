@@ -9,8 +9,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::conversation::Usage;
-use crate::scheduler::agent::{Job, JobError, JobResult};
+use crate::scheduler::agent::{Job, JobResult};
 use crate::scheduler::durable::Durability;
 use crate::scheduler::stats::RunStats;
 use crate::spec::{check_job_id, Template};
@@ -187,32 +186,11 @@ pub fn feed_file(
 pub fn duplicate(id: String, index: u64, line: u64, first_line: u64, skipped: bool) -> JobResult {
     let outcome = if skipped { "skipped" } else { "not run" };
     let message = format!("line {line}: id {id:?} is also the id of line {first_line}; {outcome}");
-    let mut result = bad_input(id, index, message);
-    if let Some(error) = &mut result.error {
-        error.kind = "duplicate".into();
-    }
-    result
+    JobResult::failed(id, index, "duplicate", message)
 }
 
 pub fn bad_input(id: String, index: u64, message: String) -> JobResult {
-    JobResult {
-        id,
-        index,
-        ok: false,
-        output: None,
-        text: None,
-        error: Some(JobError { kind: "bad_input".into(), message, retryable: false, attempts: 0 }),
-        usage: Usage::default(),
-        turns: 0,
-        tool_calls: 0,
-        attempts: 0,
-        repaired: false,
-        finish_reason: None,
-        truncated: false,
-        ttft_s: None,
-        total_s: 0.0,
-        conversation: None,
-    }
+    JobResult::failed(id, index, "bad_input", message)
 }
 
 #[cfg(test)]

@@ -16,9 +16,9 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::task::JoinSet;
 
 use crate::backends::ChatRequest;
-use crate::conversation::{Message, Usage};
+use crate::conversation::Message;
 use crate::prefix::{base_len, longest_key, prefix_key};
-use crate::scheduler::agent::{run_job, Job, JobError, JobResult, RunContext};
+use crate::scheduler::agent::{run_job, Job, JobResult, RunContext};
 use crate::scheduler::order::{OrderOptions, PrefixOrder};
 use crate::scheduler::stats::RunStats;
 
@@ -113,37 +113,19 @@ pub async fn run_all(
 /// The result of a job whose task panicked: error kind `internal`, with the panic's message.
 #[cold]
 fn panicked(stats: &RunStats, id: String, index: u64, payload: &(dyn Any + Send)) -> JobResult {
-    let message = payload
+    let message = panic_message(payload);
+    stats.jobs_failed.fetch_add(1, Relaxed);
+    stats.count_error("internal");
+    JobResult::failed(id, index, "internal", format!("internal error: the job's task panicked: {message}"))
+}
+
+/// The message a panic was raised with (`panic!` gives a `&str` or a `String`).
+pub fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    payload
         .downcast_ref::<&str>()
         .copied()
         .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(no message)");
-    let error = JobError {
-        kind: "internal".into(),
-        message: format!("internal error: the job's task panicked: {message}"),
-        retryable: false,
-        attempts: 0,
-    };
-    stats.jobs_failed.fetch_add(1, Relaxed);
-    stats.count_error(&error.kind);
-    JobResult {
-        id,
-        index,
-        ok: false,
-        output: None,
-        text: None,
-        error: Some(error),
-        usage: Usage::default(),
-        turns: 0,
-        tool_calls: 0,
-        attempts: 0,
-        repaired: false,
-        finish_reason: None,
-        truncated: false,
-        ttft_s: None,
-        total_s: 0.0,
-        conversation: None,
-    }
+        .unwrap_or("(no message)")
 }
 
 /// Jobs read ahead of the dispatch window, to be grouped by shared prefix.
