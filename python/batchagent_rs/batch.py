@@ -1083,13 +1083,7 @@ class _Driver:
     def _on_wake(self) -> None:
         try:
             tool_calls, batch_calls, validations, finished, credit, done = self.run.take_events()
-            loop = asyncio.get_running_loop()
-            if tool_calls:
-                self._dispatch_tools(self.run, loop, tool_calls)
-            for call in batch_calls:
-                self._track(loop.create_task(self._run_batch(self.run, *call)))
-            if validations:
-                self.run.complete_validations([self._validate(*v) for v in validations])
+            self._serve_calls(tool_calls, batch_calls, validations)
             if finished:
                 results = [self._result(item) for item in finished]
                 if self.batch._on_result is not None:
@@ -1104,6 +1098,16 @@ class _Driver:
             self.failure = exc
             self.run.cancel()
             self.queue.put_nowait(None)
+
+    def _serve_calls(self, tool_calls: list[Any], batch_calls: list[Any], validations: list[Any]) -> None:
+        """Starts the tool calls and batch-tool calls of one wake-up and answers its validations."""
+        loop = asyncio.get_running_loop()
+        if tool_calls:
+            self._dispatch_tools(self.run, loop, tool_calls)
+        for call in batch_calls:
+            self._track(loop.create_task(self._run_batch(self.run, *call)))
+        if validations:
+            self.run.complete_validations([self._validate(*v) for v in validations])
 
     def _emit(self, results: list[Result]) -> None:
         if self.collected is not None:

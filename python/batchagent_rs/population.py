@@ -623,13 +623,7 @@ class _PopulationDriver(_Driver):
     def _on_wake(self) -> None:
         try:
             tool_calls, batch_calls, validations, finished, _credit, _done = self.run.take_events()
-            loop = asyncio.get_running_loop()
-            if tool_calls:
-                self._dispatch_tools(self.run, loop, tool_calls)
-            for call in batch_calls:
-                self._track(loop.create_task(self._run_batch(self.run, *call)))
-            if validations:
-                self.run.complete_validations([self._validate(*v) for v in validations])
+            self._serve_calls(tool_calls, batch_calls, validations)
             for item in finished:
                 self._finished(item)
         except BaseException as exc:  # surfaced by the tick, never lost in a loop callback
