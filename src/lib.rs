@@ -3,6 +3,7 @@
 
 pub mod backends;
 pub mod conversation;
+pub mod diff;
 pub mod limits;
 pub mod output;
 pub mod prefix;

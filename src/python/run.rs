@@ -958,8 +958,17 @@ impl PyRun {
             .filter(|(_, c)| c.errors > 0)
             .map(|(name, c)| (name.clone(), c.errors.into()))
             .collect();
+        let journal = self.durable.journal().map(|j| {
+            let s = j.stats();
+            serde_json::json!({"jobs_started": s.jobs_started, "jobs_finished": s.jobs_finished,
+                               "turns_written": s.turns_written, "write_errors": s.write_errors,
+                               "checkpoint_bytes": s.checkpoint_bytes,
+                               "checkpoint_encoded_bytes": s.checkpoint_encoded_bytes,
+                               "blocks_written": s.blocks_written, "blocks_deleted": s.blocks_deleted})
+        });
         let value = serde_json::json!({
             "run": stats,
+            "journal": journal,
             "tools": tool_json,
             "tool_errors": tool_errors,
             "max_inflight": self.ctx.slots.capacity(),
