@@ -13,6 +13,7 @@ pub mod sim;
 pub mod spec;
 pub mod store;
 pub mod stream;
+pub mod telemetry;
 pub mod tools;
 
 #[cfg(feature = "python")]

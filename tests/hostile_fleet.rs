@@ -171,6 +171,7 @@ async fn a_job_whose_task_panics_gets_an_internal_error_result() {
         accept_truncated: false,
         seed: 0,
         compactor: None,
+        trace: None,
     });
     let (jobs_tx, jobs_rx) = mpsc::channel(8);
     let (results_tx, mut results_rx) = mpsc::unbounded_channel();

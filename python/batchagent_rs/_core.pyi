@@ -126,6 +126,13 @@ class Run:
         """The window plus the lookahead: the first feed may hand over this many inputs."""
     def wake_fd(self) -> int:
         """A file descriptor that becomes readable when `take_events()` has something."""
+    def take_traces(self) -> list[str]:
+        """The span records of the jobs that finished since the last take (a traced run: option
+        `trace`), one JSON object each: `id`, `index`, `ok`, `error` (the kind), `message`, `turns`,
+        `tool_calls`, `usage`, `start_ns`, `end_ns` (Unix nanoseconds), `calls` (model calls: `turn`,
+        `model`, `start_ns`, `end_ns`, `attempts`, `stream`, `compaction`, `ttft`, `usage`,
+        `finish_reason`, `error`) and `tools` (`turn`, `name`, `call_id`, `start_ns`, `end_ns`,
+        `error`)."""
     def take_events(
         self,
     ) -> tuple[
@@ -168,6 +175,11 @@ class Run:
         tools with any), `backend`, `endpoints`, `engine`, `response_cache`."""
     def cancel(self) -> None:
         """Stop every agent now."""
+    @property
+    def metrics_url(self) -> str | None:
+        """`http://host:port/metrics` while the run serves its figures (option `metrics`)."""
+    def stop_metrics(self) -> None:
+        """Stops serving `/metrics`; returns once the port is free."""
     @property
     def sim_url(self) -> str | None:
         """Base URL of the embedded simulator when the backend is `sim://`."""

@@ -29,14 +29,17 @@ from collections.abc import (
 )
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pydantic
 
-from . import _core, tables
+from . import _core, tables, tracing
 from .notebook import NotebookProgress
 from .progress import Progress, tool_not_run
 from .tools import Tool, encode_result, flatten_tools
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["Batch", "BatchAgent", "ErrorInfo", "Result", "RunReport", "Usage"]
 
@@ -352,6 +355,9 @@ class Batch:
         batch_linger: float = 1.0,
         batch_max_requests: int | None = None,
         batch_max_bytes: int | None = None,
+        trace: bool | TracerProvider | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
     ) -> None:
         if mode not in ("online", "provider_batch"):
             raise ValueError(f"mode: expected 'online' or 'provider_batch', got {mode!r}")
@@ -492,6 +498,22 @@ class Batch:
             if provider_batch
             else None,
         }
+        if not (trace is None or isinstance(trace, bool) or hasattr(trace, "get_tracer")):
+            raise TypeError(
+                f"trace=: expected None, True, False or an OpenTelemetry TracerProvider, got {trace!r}"
+            )
+        self._trace = trace
+        if metrics_port is not None and (
+            isinstance(metrics_port, bool)
+            or not isinstance(metrics_port, int)
+            or not 0 <= metrics_port <= 65535
+        ):
+            raise _core.SchemaError(
+                f"invalid setting 'metrics_port': expected a port from 0 to 65535, got {metrics_port!r}"
+            )
+        if metrics_port is not None:
+            host = f"[{metrics_host}]" if ":" in metrics_host else metrics_host
+            self._options["metrics"] = f"{host}:{metrics_port}"
         self._on_result = on_result
         self._tool_threads = tool_threads
         # Each run keeps its own state in its `_Driver`; the batch only remembers which runs are
@@ -679,6 +701,14 @@ class Batch:
         self._running.pop(number, None)
         if self._finished is None or self._finished[0] < number:
             self._finished = (number, stats, wall)
+
+    @property
+    def metrics_url(self) -> str | None:
+        """`http://host:port/metrics` of the run started last, while it goes (`metrics_port=`); the
+        endpoint closes when the run ends."""
+        if not self._running:
+            return None
+        return self._running[max(self._running)].run.metrics_url
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -930,6 +960,8 @@ class _Driver:
         self.collected: list[Result] | None = None
         # The run's stats and wall time once it has ended.
         self.final: tuple[dict[str, Any], float] | None = None
+        # Makes the spans of finished jobs when the run is traced.
+        self.spans: tracing.SpanWriter | None = None
 
     async def results(self) -> AsyncGenerator[Result, None]:
         batches = self.batches()
@@ -956,7 +988,16 @@ class _Driver:
         if pending is not None and options.get("lookahead") is None:
             # A list is in memory already: group all of it by prefix.
             options = options | {"lookahead": len(pending)}
+        provider = tracing.resolve_tracer_provider(batch._trace)
+        if provider is not None:
+            options = options | {"trace": True}
         run = _core.Run(json.dumps(batch._spec), json.dumps(options))
+        if provider is not None:
+            from opentelemetry import context as otel_context
+
+            self.spans = tracing.SpanWriter(
+                provider, otel_context.get_current(), batch._backends, batch._spec, run.sim_url
+            )
         skipped: list[Result] = []
         if pending is not None:
             skipped = [self._result(item) for item in run.check_inputs(pending)]
@@ -1005,6 +1046,7 @@ class _Driver:
             loop.remove_reader(fd)
             if not finished:
                 run.cancel()
+            run.stop_metrics()
             for task in list(self.background):
                 task.cancel()
             if self.executor is not None:
@@ -1084,6 +1126,8 @@ class _Driver:
         try:
             tool_calls, batch_calls, validations, finished, credit, done = self.run.take_events()
             self._serve_calls(tool_calls, batch_calls, validations)
+            if self.spans is not None:
+                self._write_spans()
             if finished:
                 results = [self._result(item) for item in finished]
                 if self.batch._on_result is not None:
@@ -1098,6 +1142,14 @@ class _Driver:
             self.failure = exc
             self.run.cancel()
             self.queue.put_nowait(None)
+
+    def _write_spans(self) -> None:
+        assert self.spans is not None
+        try:
+            self.spans.write(self.run.take_traces())
+        except Exception:
+            log.exception("making the run's trace spans failed; the run goes on without them")
+            self.spans = None
 
     def _serve_calls(self, tool_calls: list[Any], batch_calls: list[Any], validations: list[Any]) -> None:
         """Starts the tool calls and batch-tool calls of one wake-up and answers its validations."""

@@ -26,6 +26,7 @@ from .progress import BarLogHandler, Progress
 from .runfile import SETTINGS, RunFileError, load_run_file
 from .tables import require_pyarrow
 from .tools import Tool, ToolDefinitionError, tool
+from .tracing import otlp_tracer_provider
 
 _SIM_FLAGS = [
     ("--tool-rounds", "tool_rounds", "tool-calling turns before the answer (default 1)"),
@@ -361,11 +362,25 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     settings, base = _merged_settings(args)
+    if not settings.get("trace"):
+        return _run(settings, base)
+    try:
+        provider = otlp_tracer_provider()
+    except ImportError as exc:
+        raise UsageError(str(exc)) from exc
+    from opentelemetry import trace as otel_trace
+
+    # Global, so every batch of the command (the reduce too) traces into it.
+    otel_trace.set_tracer_provider(provider)
+    try:
+        return _run(settings, base)
+    finally:
+        # Exports the spans still buffered.
+        provider.shutdown()
+
+
+def _run(settings: dict[str, Any], base: str | None) -> int:
     # Modules named by --schema and --tools are found next to the run file first, then here.
     for folder in (os.getcwd(), base):
         if folder is not None and folder not in sys.path:
@@ -455,6 +470,8 @@ def _run(args: argparse.Namespace) -> int:
             engine_hints=bool(settings.get("engine_hints")),
             extra_headers=_headers(settings.get("extra_headers")),
             **_provider_batch(settings),
+            metrics_port=settings.get("metrics_port"),
+            metrics_host=settings.get("metrics_host") or "127.0.0.1",
         )
     except (SchemaError, TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
@@ -825,6 +842,24 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         type=_seconds,
         help="a batch is submitted once no new row came for this long, or when full (default 1 s)",
     )
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        default=None,
+        help="OpenTelemetry spans of every job, model call and tool call, exported over OTLP/HTTP to "
+        "OTEL_EXPORTER_OTLP_ENDPOINT (default http://localhost:4318); needs batchagent[otel]",
+    )
+    p.add_argument(
+        "--metrics-port",
+        dest="metrics_port",
+        type=_port,
+        help="serve the run's figures for Prometheus on http://HOST:PORT/metrics while it runs",
+    )
+    p.add_argument(
+        "--metrics-host",
+        dest="metrics_host",
+        help="address the metrics endpoint binds (default 127.0.0.1; 0.0.0.0 for every interface)",
+    )
     p.set_defaults(func=_cmd_run)
 
 
@@ -942,6 +977,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value < 65536:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
     return value
 
 

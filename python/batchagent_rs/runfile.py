@@ -66,6 +66,9 @@ SETTINGS: dict[str, Kind] = {
     "batch_poll_interval": "seconds",
     "batch_max_poll_interval": "seconds",
     "batch_linger": "seconds",
+    "trace": "bool",
+    "metrics_port": "int",
+    "metrics_host": "str",
 }
 
 

@@ -44,8 +44,10 @@ use crate::scheduler::retry::RetryPolicy;
 use crate::scheduler::run::{panic_message, run_all, Dispatch, DEFAULT_LOOKAHEAD};
 use crate::scheduler::semaphore::PrioritySemaphore;
 use crate::scheduler::stats::RunStats;
+use crate::scheduler::trace::{JobTrace, TraceClock};
 use crate::spec::{check_job_id, parse_settings, BatchSpec, SpecError};
 use crate::store::{CacheWriter, InputFormat, ResponseCache};
+use crate::telemetry::prometheus::{self, MetricsServer};
 use crate::tools::{OnToolError, ToolConfig, ToolExecutor, ToolPool};
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
@@ -107,6 +109,8 @@ struct Outbox {
     batch_calls: Vec<(u64, String, Vec<String>)>,
     validations: Vec<(u64, String, String)>,
     results: Vec<JobResult>,
+    /// Span records of finished jobs of a traced run, as JSON (`take_traces`).
+    traces: Vec<String>,
     /// Free places in the dispatch window since the last take: Python may feed this many inputs.
     credit: usize,
     done: bool,
@@ -326,6 +330,12 @@ struct RunOptions {
     /// Send the model calls through the provider's batch API (single-turn jobs).
     #[serde(default)]
     provider_batch: Option<ProviderBatchSettings>,
+    /// Record span data of every job for OpenTelemetry (`take_traces`).
+    #[serde(default)]
+    trace: bool,
+    /// Serve the run's figures for Prometheus on `host:port` (`GET /metrics`).
+    #[serde(default)]
+    metrics: Option<String>,
     /// A fault for the test of what a panic in the result forwarder does: each batch of results
     /// panics on its way to Python. The Python API never sets it.
     #[serde(default, rename = "_panic_forwarder")]
@@ -435,6 +445,9 @@ pub struct PyRun {
     dispatch: Dispatch,
     /// The conversations of persistent agents stepped through this run (`feed_agents`).
     population: Mutex<Population>,
+    /// The run's `/metrics` endpoint, while it serves.
+    metrics: Mutex<Option<MetricsServer>>,
+    metrics_url: Option<String>,
 }
 
 use crate::python::runtime;
@@ -618,9 +631,25 @@ impl PyRun {
             accept_truncated: options.accept_truncated,
             seed: options.seed,
             compactor,
+            trace: options.trace.then(TraceClock::start),
             spec: Arc::new(spec),
         });
+        let metrics = match &options.metrics {
+            Some(addr) => {
+                let (ctx, cache) = (ctx.clone(), response_cache.clone());
+                let render: Arc<dyn Fn() -> String + Send + Sync> =
+                    Arc::new(move || prometheus::render(&ctx, cache.as_ref().map_or(0, |c| c.stats().hits)));
+                let server = py
+                    .allow_threads(|| runtime.block_on(MetricsServer::start(addr, render)))
+                    .map_err(|e| RunError::new_err(format!("metrics endpoint {addr}: {e}")))?;
+                Some(server)
+            }
+            None => None,
+        };
+        let metrics_url = metrics.as_ref().map(MetricsServer::url);
         let run = Self {
+            metrics: Mutex::new(metrics),
+            metrics_url,
             shared,
             ctx,
             running: Mutex::new(Running { jobs: None, task: None }),
@@ -910,6 +939,13 @@ impl PyRun {
         Ok((tool_calls, batch_calls, validations, results, credit, done))
     }
 
+    /// The span records of the jobs that finished since the last take, one JSON object each (see
+    /// `trace_json`); always empty when the run is not traced.
+    fn take_traces(&self) -> PyResult<Vec<String>> {
+        let mut outbox = self.shared.outbox.lock().map_err(|_| RunError::new_err("run state poisoned"))?;
+        Ok(std::mem::take(&mut outbox.traces))
+    }
+
     /// Answers for tool calls: `(call id, ok, text)`; text is the result, or the error message.
     fn complete_tools(&self, items: Vec<(u64, bool, String)>) {
         for (id, ok, text) in items {
@@ -979,6 +1015,7 @@ impl PyRun {
             "provider_batch": self.ctx.backend.batch_stats(),
             "engine": self.ctx.engine.as_ref().map(|e| e.latest()),
             "response_cache": cache_stats.map(|s| serde_json::json!({"hits": s.hits, "misses": s.misses, "puts": s.puts})),
+            "metrics_url": self.metrics_url,
         });
         value.to_string()
     }
@@ -992,6 +1029,22 @@ impl PyRun {
             task.abort();
         }
         self.shared.post(|outbox| outbox.done = true);
+        Ok(())
+    }
+
+    /// `http://host:port/metrics` while the run serves its figures (option `metrics`).
+    #[getter]
+    fn metrics_url(&self) -> Option<String> {
+        self.metrics_url.clone()
+    }
+
+    /// Stops serving `/metrics`; returns once the port is free. Also done when the run is dropped.
+    fn stop_metrics(&self, py: Python<'_>) -> PyResult<()> {
+        let server = self.metrics.lock().map_err(|_| RunError::new_err("run state poisoned"))?.take();
+        if let Some(mut server) = server {
+            let runtime = runtime()?;
+            py.allow_threads(|| runtime.block_on(server.stop()));
+        }
         Ok(())
     }
 
@@ -1039,6 +1092,7 @@ impl PyRun {
                     batch.push(more);
                 }
                 let freed = batch.len();
+                let mut traces: Vec<String> = batch.iter_mut().filter_map(trace_json).collect();
                 // Which inputs this batch answers, should handing it over panic: each still gets a
                 // result. Only kept when Python wants the results.
                 let answers: Vec<(String, u64)> =
@@ -1054,9 +1108,10 @@ impl PyRun {
                     // When the core reads the inputs itself and Python does not want the results,
                     // nothing here concerns Python: no wake-up (it would cost a syscall and a loop
                     // turn per batch of results for nothing).
-                    if deliver || feeds_from_python {
+                    if deliver || feeds_from_python || !traces.is_empty() {
                         shared.post(|outbox| {
                             outbox.credit += freed;
+                            outbox.traces.append(&mut traces);
                             if deliver {
                                 outbox.results.append(&mut batch);
                             }
@@ -1134,6 +1189,38 @@ impl Drop for PyRun {
             }
         }
     }
+}
+
+/// A finished job's span records with what its span needs of the result: `{id, index, ok, error,
+/// message, turns, tool_calls, usage, start_ns, end_ns, calls, tools}` (`error` the kind).
+fn trace_json(result: &mut JobResult) -> Option<String> {
+    #[derive(serde::Serialize)]
+    struct Traced<'a> {
+        id: &'a str,
+        index: u64,
+        ok: bool,
+        error: Option<&'a str>,
+        message: Option<&'a str>,
+        turns: u32,
+        tool_calls: u32,
+        usage: &'a crate::conversation::Usage,
+        #[serde(flatten)]
+        trace: &'a JobTrace,
+    }
+    let trace = result.trace.take()?;
+    let error = result.error.as_ref();
+    serde_json::to_string(&Traced {
+        id: &result.id,
+        index: result.index,
+        ok: result.ok,
+        error: error.map(|e| e.kind.as_str()),
+        message: error.map(|e| e.message.as_str()),
+        turns: result.turns,
+        tool_calls: result.tool_calls,
+        usage: &result.usage,
+        trace: &trace,
+    })
+    .ok()
 }
 
 fn record_fatal(slot: &Mutex<Option<String>>, message: String) {

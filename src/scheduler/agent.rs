@@ -22,6 +22,7 @@ use crate::scheduler::compaction::{self, Compactor};
 use crate::scheduler::retry::{RetryPolicy, SplitMix64};
 use crate::scheduler::semaphore::PrioritySemaphore;
 use crate::scheduler::stats::RunStats;
+use crate::scheduler::trace::{CallSpan, JobTrace, ToolSpan, TraceClock};
 use crate::spec::{BatchSpec, SchemaMode};
 use crate::tools::{canonical_arguments, OnToolError, ToolError, ToolPool};
 
@@ -119,6 +120,9 @@ pub struct JobResult {
     /// ([`Job::keep_conversation`]). Not journaled: a persistent agent's history is its owner's.
     #[serde(skip)]
     pub conversation: Option<Vec<Message>>,
+    /// The job's span records, when the run is traced. Not journaled.
+    #[serde(skip)]
+    pub trace: Option<Box<JobTrace>>,
 }
 
 impl JobResult {
@@ -141,6 +145,7 @@ impl JobResult {
             ttft_s: None,
             total_s: 0.0,
             conversation: None,
+            trace: None,
         }
     }
 }
@@ -170,6 +175,8 @@ pub struct RunContext {
     pub seed: u64,
     /// Compaction of conversations that outgrow the context; `None` when off or no limit is known.
     pub compactor: Option<Arc<Compactor>>,
+    /// Set when the run is traced: jobs then record their calls ([`JobTrace`]).
+    pub trace: Option<TraceClock>,
 }
 
 impl RunContext {
@@ -231,6 +238,8 @@ struct Agent<'a> {
     constrained: bool,
     /// The batch's `extra_body` with this job's own on top, built once for all its calls.
     extra_body: Option<Arc<Map<String, Value>>>,
+    /// The job's span records, when the run is traced.
+    trace: Option<Box<JobTrace>>,
 }
 
 /// The batch's extra body fields with a job's own merged over them (a job's key wins).
@@ -265,6 +274,8 @@ pub fn split_request_id(id: &str) -> Option<(&str, u32)> {
 pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
     let started = Instant::now();
     ctx.stats.jobs_started.fetch_add(1, Relaxed);
+    // Left however the job ends: its result, a panic, or the run cancelled.
+    let _running = Gauge::enter(&ctx.stats.jobs_running);
     let rng = SplitMix64::new(ctx.seed ^ job.index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut agent = Agent {
         ctx: &ctx,
@@ -278,6 +289,7 @@ pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
         rng,
         constrained: ctx.constrained,
         extra_body: job_extra_body(ctx.spec.extra_body.as_ref(), job.extra_body.as_ref()),
+        trace: ctx.trace.map(|clock| Box::new(JobTrace { start_ns: clock.ns(started), ..JobTrace::default() })),
     };
     let outcome = match ctx.spec.agent_timeout {
         Some(limit) => match tokio::time::timeout(limit, agent.run(&job)).await {
@@ -306,7 +318,12 @@ pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
         ttft_s: agent.ttft.map(|d| d.as_secs_f64()),
         total_s: elapsed.as_secs_f64(),
         conversation: None,
+        trace: None,
     };
+    if let (Some(clock), Some(mut trace)) = (ctx.trace, agent.trace.take()) {
+        trace.end_ns = clock.ns(started + elapsed);
+        result.trace = Some(trace);
+    }
     match outcome {
         Ok((text, output)) => {
             ctx.stats.jobs_ok.fetch_add(1, Relaxed);
@@ -500,7 +517,11 @@ impl Agent<'_> {
     async fn summarise(&mut self, summariser: &compaction::Summariser, transcript: String) -> Option<String> {
         let ctx = self.ctx;
         let remaining = ctx.spec.max_turns.saturating_sub(self.state.turns);
+        let mut span = self.call_span(&summariser.model, false, true);
         for attempt in 1..=ctx.spec.max_attempts {
+            if let Some((_, span)) = &mut span {
+                span.attempts = attempt;
+            }
             let request = ChatRequest {
                 model: summariser.model.clone(),
                 messages: Arc::new(vec![
@@ -531,6 +552,7 @@ impl Agent<'_> {
                 Ok(Ok(response)) => {
                     self.state.usage += response.usage;
                     ctx.stats.add_usage(&response.usage);
+                    self.end_call_span(span, Ok(&response));
                     let summary = response.content.trim();
                     return (!summary.is_empty()).then(|| summary.to_owned());
                 }
@@ -538,10 +560,55 @@ impl Agent<'_> {
                     let delay = ctx.retry.delay(attempt, error.retry_after(), self.rng.next_f64());
                     tokio::time::sleep(delay).await;
                 }
-                _ => return None,
+                Ok(Err(error)) => {
+                    self.end_call_span(span, Err(error.kind()));
+                    return None;
+                }
+                Err(_) => {
+                    self.end_call_span(span, Err("timeout"));
+                    return None;
+                }
             }
         }
         None
+    }
+
+    /// A model call's span record, started now, when the run is traced.
+    fn call_span(&self, model: &str, stream: bool, compaction: bool) -> Option<(Instant, CallSpan)> {
+        self.trace.as_ref()?;
+        Some((
+            Instant::now(),
+            CallSpan {
+                turn: self.state.turns,
+                model: model.to_owned(),
+                start_ns: 0,
+                end_ns: 0,
+                attempts: 0,
+                stream,
+                compaction,
+                ttft: None,
+                usage: Usage::default(),
+                finish_reason: None,
+                error: None,
+            },
+        ))
+    }
+
+    fn end_call_span(&mut self, span: Option<(Instant, CallSpan)>, outcome: Result<&ChatResponse, &str>) {
+        let (Some((started, mut span)), Some(clock), Some(trace)) = (span, self.ctx.trace, self.trace.as_mut()) else {
+            return;
+        };
+        span.start_ns = clock.ns(started);
+        span.end_ns = clock.ns(Instant::now());
+        match outcome {
+            Ok(response) => {
+                span.ttft = response.ttft.map(|d| d.as_secs_f64());
+                span.usage = response.usage;
+                span.finish_reason = (!response.finish_reason.is_empty()).then(|| response.finish_reason.clone());
+            }
+            Err(kind) => span.error = Some(kind.to_owned()),
+        }
+        trace.calls.push(span);
     }
 
     /// Extract (and repair) JSON, check it against the schema, then run the Python validator.
@@ -569,8 +636,12 @@ impl Agent<'_> {
         // handed to the retry that asks for the same call, never run a second time.
         let mut early = EarlyTools::default();
         let mut request_faults = 0u32;
-        loop {
+        let mut span = self.call_span(&ctx.spec.model, ctx.spec.streams(), false);
+        let outcome = loop {
             attempt += 1;
+            if let Some((_, span)) = &mut span {
+                span.attempts = attempt;
+            }
             let request = ChatRequest {
                 model: ctx.spec.model.clone(),
                 messages: Arc::new(self.state.messages.clone()),
@@ -621,7 +692,7 @@ impl Agent<'_> {
                     if ctx.limit.on_success() {
                         ctx.slots.set_capacity(ctx.limit.current());
                     }
-                    return Ok((response, early));
+                    break Ok((response, early));
                 }
                 Err(error) => {
                     early.attempt_failed();
@@ -643,19 +714,29 @@ impl Agent<'_> {
                                 ctx.stats.schema_fallbacks.fetch_add(1, Relaxed);
                                 continue;
                             }
-                            return Err(Failure::Backend(error));
+                            break Err(error);
                         }
                     } else if !error.retryable() {
-                        return Err(Failure::Backend(error));
+                        break Err(error);
                     }
                     if attempt >= ctx.spec.max_attempts {
-                        return Err(Failure::Backend(error));
+                        break Err(error);
                     }
                     ctx.stats.retries.fetch_add(1, Relaxed);
                     self.state.retries += 1;
                     let delay = ctx.retry.delay(attempt, error.retry_after(), self.rng.next_f64());
                     tokio::time::sleep(delay).await;
                 }
+            }
+        };
+        match outcome {
+            Ok((response, early)) => {
+                self.end_call_span(span, Ok(&response));
+                Ok((response, early))
+            }
+            Err(error) => {
+                self.end_call_span(span, Err(error.kind()));
+                Err(Failure::Backend(error))
             }
         }
     }
@@ -740,16 +821,32 @@ impl Agent<'_> {
         let mut results = Vec::with_capacity(calls.len());
         let mut raised = None;
         for (call, handle) in calls.iter().zip(handles) {
-            results.push(match handle.await {
-                Ok(Ok(text)) => text.to_string(),
-                Ok(Err(error)) => {
+            let (text, times) = match handle.await {
+                Ok(ToolOutcome { result: Ok(text), started, ended }) => {
+                    (text.to_string(), Some((started, ended, false)))
+                }
+                Ok(ToolOutcome { result: Err(error), started, ended }) => {
                     if raised.is_none() && self.raises(&call.name, &error) {
                         raised = Some(error.to_string());
                     }
-                    format!("Error: {error}")
+                    (format!("Error: {error}"), Some((started, ended, true)))
                 }
-                Err(join) => format!("Error: the tool call was interrupted ({join})"),
-            });
+                Err(join) => (format!("Error: the tool call was interrupted ({join})"), None),
+            };
+            if let (Some(clock), Some(trace), Some((started, ended, error))) =
+                (self.ctx.trace, self.trace.as_mut(), times)
+            {
+                trace.tools.push(ToolSpan {
+                    // The turn of the model call that asked for it (counted once it answered).
+                    turn: self.state.turns.saturating_sub(1),
+                    name: call.name.clone(),
+                    call_id: call.id.clone(),
+                    start_ns: clock.ns(started),
+                    end_ns: clock.ns(ended),
+                    error,
+                });
+            }
+            results.push(text);
         }
         drop(waiting);
         if let Some(message) = raised {
@@ -769,7 +866,14 @@ impl Agent<'_> {
     }
 }
 
-type ToolHandle = JoinHandle<Result<Arc<str>, ToolError>>;
+/// A tool call's result, with when it started and when the result was there.
+struct ToolOutcome {
+    result: Result<Arc<str>, ToolError>,
+    started: Instant,
+    ended: Instant,
+}
+
+type ToolHandle = JoinHandle<ToolOutcome>;
 
 /// Tool calls started from the stream of one turn's model call, kept across that call's retries.
 #[derive(Default)]
@@ -840,11 +944,15 @@ impl Drop for Gauge<'_> {
     }
 }
 
-fn spawn_tool(pool: &Arc<ToolPool>, call: &ToolCall) -> JoinHandle<Result<Arc<str>, ToolError>> {
+fn spawn_tool(pool: &Arc<ToolPool>, call: &ToolCall) -> ToolHandle {
     let pool = pool.clone();
     let name = call.name.clone();
     let arguments = call.arguments.clone();
-    tokio::spawn(async move { pool.call(&name, &arguments).await })
+    let started = Instant::now();
+    tokio::spawn(async move {
+        let result = pool.call(&name, &arguments).await;
+        ToolOutcome { result, started, ended: Instant::now() }
+    })
 }
 
 #[cfg(test)]
@@ -857,7 +965,8 @@ mod tests {
     }
 
     fn finished(text: &'static str) -> ToolHandle {
-        tokio::spawn(async move { Ok(Arc::from(text)) })
+        let started = Instant::now();
+        tokio::spawn(async move { ToolOutcome { result: Ok(Arc::from(text)), started, ended: Instant::now() } })
     }
 
     #[test]
@@ -879,7 +988,7 @@ mod tests {
         assert!(early.take(&call("b1", "search", r#"{"q":"y","lang":"en"}"#)).is_none());
         // The same call, spelled differently and under a new id: its execution is taken over, once.
         let taken = early.take(&call("b2", "search", "{ \"lang\": \"en\",\n \"q\": \"x\" }")).unwrap();
-        assert_eq!(&*taken.await.unwrap().unwrap(), "found");
+        assert_eq!(&*taken.await.unwrap().result.unwrap(), "found");
         assert!(early.take(&call("b3", "search", r#"{"q":"x","lang":"en"}"#)).is_none());
     }
 
@@ -890,6 +999,6 @@ mod tests {
         early.current.insert(first.id.clone(), (first, finished("one")));
         assert!(early.take(&call("c2", "search", r#"{"q":"x"}"#)).is_none(), "another id is another call");
         let taken = early.take(&call("c1", "search", r#"{"q":"x"}"#)).unwrap();
-        assert_eq!(&*taken.await.unwrap().unwrap(), "one");
+        assert_eq!(&*taken.await.unwrap().result.unwrap(), "one");
     }
 }

@@ -11,6 +11,7 @@ pub mod retry;
 pub mod run;
 pub mod semaphore;
 pub mod stats;
+pub mod trace;
 
 pub use crate::limits::{aimd, AdaptiveLimit};
 pub use retry::{RetryPolicy, SplitMix64};

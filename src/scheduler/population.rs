@@ -250,6 +250,7 @@ mod tests {
             ttft_s: None,
             total_s: 0.0,
             conversation: ok.then_some(messages),
+            trace: None,
         }
     }
 

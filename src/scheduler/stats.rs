@@ -64,6 +64,30 @@ impl Histogram {
         None
     }
 
+    /// The sum of the samples, in seconds.
+    pub fn sum(&self) -> f64 {
+        self.sum_us.load(Relaxed) as f64 / 1e6
+    }
+
+    /// For each bound (seconds, ascending), the samples at or below it, as Prometheus' cumulative
+    /// buckets count them; a sample within 2% under a bound may fall on either side of it.
+    pub fn cumulative(&self, bounds: &[f64]) -> Vec<u64> {
+        let mut counts = Vec::with_capacity(bounds.len());
+        let mut seen = 0u64;
+        let mut next = 0usize;
+        for &bound in bounds {
+            let us = bound * 1e6;
+            // Buckets below this one hold only samples under GROWTH^(last - 1) <= `us`.
+            let last = if us <= 1.0 { 0 } else { ((us.ln() / GROWTH.ln()) as usize + 1).min(BUCKETS) };
+            while next < last {
+                seen += self.buckets[next].load(Relaxed);
+                next += 1;
+            }
+            counts.push(seen);
+        }
+        counts
+    }
+
     pub fn mean(&self) -> Option<f64> {
         let count = self.count();
         (count > 0).then(|| self.sum_us.load(Relaxed) as f64 / count as f64 / 1e6)
@@ -96,6 +120,8 @@ pub struct LatencySummary {
 #[derive(Debug, Default)]
 pub struct RunStats {
     pub jobs_started: AtomicU64,
+    /// Jobs started and not finished.
+    pub jobs_running: AtomicU64,
     pub jobs_ok: AtomicU64,
     pub jobs_failed: AtomicU64,
     pub jobs_skipped: AtomicU64,
@@ -256,5 +282,15 @@ mod tests {
         assert!((p99 - 0.99).abs() / 0.99 < 0.02, "p99 {p99}");
         assert!((h.mean().unwrap() - 0.5005).abs() < 0.001);
         assert_eq!(Histogram::default().quantile(0.5), None);
+    }
+
+    #[test]
+    fn cumulative_buckets_count_the_samples_at_or_below_each_bound() {
+        let h = Histogram::default();
+        for ms in [1u64, 5, 20, 20, 300, 4000] {
+            h.record(Duration::from_millis(ms));
+        }
+        assert_eq!(h.cumulative(&[0.0005, 0.01, 0.1, 1.0, 10.0]), vec![0, 2, 4, 5, 6]);
+        assert!((h.sum() - 4.346).abs() < 1e-6);
     }
 }
