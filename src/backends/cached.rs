@@ -36,7 +36,7 @@ impl CachedBackend {
         Self { inner, writer, identity }
     }
 
-    fn key(&self, request: &ChatRequest) -> String {
+    fn key(&self, request: &ChatRequest) -> u128 {
         let messages = serde_json::to_string(&*request.messages).unwrap_or_default();
         let tools = serde_json::to_string(&*request.tools).unwrap_or_default();
         let mut sampling = serde_json::json!({
@@ -79,10 +79,9 @@ impl Backend for CachedBackend {
         Box::pin(async move {
             let key = self.key(&request);
             let cache = Arc::clone(self.writer.cache());
-            let hit = if cache.may_contain(&key) {
-                let lookup_key = key.clone();
+            let hit = if cache.may_contain(key) {
                 // SQLite is blocking I/O: keep it off the async workers.
-                tokio::task::spawn_blocking(move || cache.get(&lookup_key)).await.ok().flatten()
+                tokio::task::spawn_blocking(move || cache.get(key)).await.ok().flatten()
             } else {
                 // Certainly not stored (every request of a new batch): no lookup at all.
                 cache.count_miss();

@@ -7,15 +7,23 @@
 //! below the odds of a disk corrupting the stored answer. SipHash is not used for secrecy here; the
 //! fixed key only has to be stable across versions and machines, which `std`'s `DefaultHasher` is
 //! not promised to be.
+//!
+//! Layout, chosen for the write path (a new batch stores every answer it gets): the table
+//! `cache_entries` is append-only in rowid order, so a stored answer lands at the end of the table
+//! instead of at a random place in a B-tree keyed by a random hash; the only random-order structure
+//! is the index over the 16-byte binary keys, and the writer thread inserts into it in sorted
+//! groups of up to [`WRITE_GROUP`] answers, one transaction each. Eviction deletes from the lowest
+//! rowids (the oldest entries); an entry that is used while in the older half of the table moves
+//! to its end, so what is evicted first was neither stored nor used recently (an approximation of
+//! least-recently-used that needs no index on use times).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 /// Failures of the response cache. Lookups never fail (an unreadable entry is a miss); opening and
 /// storing do.
@@ -23,8 +31,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 pub enum CacheError {
     #[error("response cache {path}: {reason}")]
     Open { path: PathBuf, reason: String },
-    #[error("response cache {path}: storing key {key}: {source}")]
-    Put { path: PathBuf, key: String, source: rusqlite::Error },
+    #[error("response cache {path}: storing key {key:032x}: {source}")]
+    Put { path: PathBuf, key: u128, source: rusqlite::Error },
     #[error("response cache {path}: pruning: {source}")]
     Prune { path: PathBuf, source: rusqlite::Error },
     #[error("response cache: no cache directory (neither XDG_CACHE_HOME nor HOME is set)")]
@@ -47,25 +55,48 @@ pub struct CacheStats {
 /// Default bound on the stored response bytes: large enough for millions of typical answers.
 pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
 
-/// Lookups record their use time in memory and write it back in one transaction per this many,
+/// Lookups remember what they used in memory and write it back in one transaction per this many,
 /// so a hit costs a read, not a write.
 const TOUCH_BATCH: usize = 256;
 
-/// Answers queued for the writer thread; past this they are dropped (a later run pays for them
-/// again), so a slow disk never grows memory.
-const WRITE_QUEUE: usize = 4096;
-/// Most answers stored in one transaction.
-const WRITE_GROUP: usize = 1024;
+/// Most answers stored in one transaction, sorted by key so that the key index is walked in order.
+const WRITE_GROUP: usize = 16_384;
+/// Most response bytes held for one transaction: with long answers a group closes before it
+/// reaches [`WRITE_GROUP`] entries.
+const WRITE_GROUP_BYTES: usize = 16 << 20;
+/// Longest time an answer waits in a group before the group is stored anyway.
+const WRITE_GROUP_WAIT: Duration = Duration::from_secs(1);
+/// Answers (and their bytes) held for the writer while it stores the previous group: past this
+/// they are dropped (a later run pays for them again), so a slow disk never grows memory.
+const WRITE_QUEUE: usize = 2 * WRITE_GROUP;
+const WRITE_QUEUE_BYTES: usize = 2 * WRITE_GROUP_BYTES;
+
+/// SQLite page cache per connection, in KiB (SQLite's negative `cache_size`): the key index of
+/// about 200k entries fits, and memory stays bounded however large the file grows.
+const PAGE_CACHE_KIB: i64 = 8 * 1024;
 
 /// Bits of the presence filter (2 MiB): with k = 3, about 1% false positives at a million entries
 /// and 10% at four million; a false positive only costs a lookup.
 const FILTER_BITS: usize = 1 << 24;
 
-/// The response cache: a SQLite table `responses(key, response, size, last_used)`.
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS cache_entries(
+        id INTEGER PRIMARY KEY,
+        key BLOB NOT NULL,
+        size INTEGER NOT NULL,
+        response TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX IF NOT EXISTS cache_entries_key ON cache_entries(key);";
+
+/// The response cache: a SQLite table `cache_entries(id, key, size, response)` (see the module
+/// documentation for why this layout).
 pub struct ResponseCache {
     path: PathBuf,
     max_bytes: u64,
     inner: Mutex<Inner>,
+    /// Bytes of keys and responses stored, as far as this handle knows: other processes sharing
+    /// the file make it approximate between prunes, which recount it.
+    stored_bytes: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
     puts: AtomicU64,
@@ -81,10 +112,18 @@ pub struct ResponseCache {
 
 struct Inner {
     conn: Connection,
-    /// Bytes stored, as far as this handle knows: other processes sharing the file make it
-    /// approximate between prunes, which recount it.
-    stored_bytes: u64,
-    touched: Vec<(String, i64)>,
+    /// Entries used since the last write-back: (rowid, key).
+    touched: Vec<(i64, u128)>,
+}
+
+fn connect(path: &Path) -> Result<Connection, String> {
+    let conn = Connection::open(path).map_err(|e| e.to_string())?;
+    conn.busy_timeout(Duration::from_secs(10)).map_err(|e| e.to_string())?;
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-{PAGE_CACHE_KIB};"
+    ))
+    .map_err(|e| e.to_string())?;
+    Ok(conn)
 }
 
 impl ResponseCache {
@@ -105,34 +144,24 @@ impl ResponseCache {
     }
 
     /// Opens or creates the cache, keeping at most about `max_bytes` of responses: past the bound the
-    /// least recently used entries are deleted down to 90% of it.
+    /// oldest entries (by storage or, in the older half, by use) are deleted down to 90% of it.
     pub fn open_with_limit(path: &Path, max_bytes: u64) -> Result<Self, CacheError> {
         let open_err = |reason: String| CacheError::Open { path: path.to_path_buf(), reason };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
                 .map_err(|e| open_err(format!("creating directory {}: {e}", parent.display())))?;
         }
-        let conn = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| open_err(e.to_string()))?;
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL;
-             PRAGMA synchronous=NORMAL;
-             CREATE TABLE IF NOT EXISTS responses(
-                 key TEXT PRIMARY KEY NOT NULL,
-                 response TEXT NOT NULL,
-                 size INTEGER NOT NULL,
-                 last_used INTEGER NOT NULL
-             ) WITHOUT ROWID;
-             CREATE INDEX IF NOT EXISTS responses_last_used ON responses(last_used);",
-        )
-        .map_err(|e| open_err(e.to_string()))?;
+        let conn = connect(path).map_err(open_err)?;
+        conn.execute_batch(SCHEMA).map_err(|e| open_err(e.to_string()))?;
+        drop_text_keyed_layout(&conn).map_err(|e| open_err(format!("dropping the older layout: {e}")))?;
         let stored: i64 = conn
-            .query_row("SELECT COALESCE(SUM(size), 0) FROM responses", [], |r| r.get(0))
+            .query_row("SELECT COALESCE(SUM(size), 0) FROM cache_entries", [], |r| r.get(0))
             .map_err(|e| open_err(e.to_string()))?;
         Ok(Self {
             path: path.to_path_buf(),
             max_bytes,
-            inner: Mutex::new(Inner { conn, stored_bytes: stored.max(0) as u64, touched: Vec::new() }),
+            inner: Mutex::new(Inner { conn, touched: Vec::new() }),
+            stored_bytes: AtomicU64::new(stored.max(0) as u64),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             puts: AtomicU64::new(0),
@@ -145,7 +174,7 @@ impl ResponseCache {
     }
 
     /// False when `key` is certainly not stored (answered from memory); true when it may be.
-    pub fn may_contain(&self, key: &str) -> bool {
+    pub fn may_contain(&self, key: u128) -> bool {
         if !self.filter_ready.load(Ordering::Acquire) {
             return true;
         }
@@ -157,58 +186,60 @@ impl ResponseCache {
         self.misses.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn remember(&self, key: &str) {
+    fn remember(&self, key: u128) {
         for bit in filter_bits(key) {
             self.filter[bit / 64].fetch_or(1 << (bit % 64), Ordering::Relaxed);
         }
     }
 
-    /// Fills the presence filter from the file; until then every key may be stored.
-    fn load_filter(&self) -> Result<(), rusqlite::Error> {
-        let inner = self.lock();
-        let mut stmt = inner.conn.prepare("SELECT key FROM responses")?;
+    /// Fills the presence filter from the file (the key index alone is read); until then every
+    /// key may be stored.
+    fn load_filter(&self, conn: &Connection) -> Result<(), rusqlite::Error> {
+        let mut stmt = conn.prepare("SELECT key FROM cache_entries INDEXED BY cache_entries_key")?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
-            self.remember(
-                row.get_ref(0)?.as_str().map_err(|e| {
-                    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-                })?,
-            );
+            if let Some(key) = key_from_blob(row.get_ref(0)?.as_blob().ok()) {
+                self.remember(key);
+            }
         }
         self.filter_ready.store(true, Ordering::Release);
         Ok(())
     }
 
-    /// Stores several answers in one transaction (the writer thread's path).
-    fn put_many(&self, entries: &[(String, String)]) -> Result<(), CacheError> {
-        let Some((first_key, _)) = entries.first() else { return Ok(()) };
-        let mut inner = self.lock();
-        let put_err = |source| CacheError::Put { path: self.path.clone(), key: first_key.clone(), source };
-        let now = now_millis();
+    /// Stores several answers in one transaction (the writer thread's path): sorted by key, the
+    /// last answer of a key winning, each appended at the end of the table.
+    fn put_many(&self, conn: &mut Connection, entries: &mut Vec<(u128, String)>) -> Result<(), CacheError> {
+        let Some(&(first_key, _)) = entries.first() else { return Ok(()) };
+        // Stable: of several answers for one key, the last queued stays last.
+        entries.sort_by_key(|(key, _)| *key);
+        let put_err = |source| CacheError::Put { path: self.path.clone(), key: first_key, source };
         let mut added = 0u64;
+        let mut stored = 0u64;
         {
-            let tx = inner.conn.transaction().map_err(put_err)?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(put_err)?;
             {
                 let mut stmt = tx
-                    .prepare_cached(
-                        "INSERT INTO responses(key, response, size, last_used) VALUES(?1, ?2, ?3, ?4)
-                         ON CONFLICT(key) DO UPDATE SET response = excluded.response, size = excluded.size,
-                             last_used = excluded.last_used",
-                    )
+                    .prepare_cached("INSERT OR REPLACE INTO cache_entries(key, size, response) VALUES(?1, ?2, ?3)")
                     .map_err(put_err)?;
-                for (key, response) in entries {
-                    let size = (key.len() + response.len()) as u64;
-                    stmt.execute(params![key, response, size as i64, now]).map_err(put_err)?;
+                let mut rest = entries.iter().peekable();
+                while let Some((key, response)) = rest.next() {
+                    if rest.peek().is_some_and(|(next, _)| next == key) {
+                        continue;
+                    }
+                    let size = (16 + response.len()) as u64;
+                    stmt.execute(params![&key.to_be_bytes()[..], size as i64, response]).map_err(put_err)?;
                     added += size;
+                    stored += 1;
                 }
             }
             tx.commit().map_err(put_err)?;
         }
-        self.puts.fetch_add(entries.len() as u64, Ordering::Relaxed);
+        entries.clear();
+        self.puts.fetch_add(stored, Ordering::Relaxed);
         // A replaced entry is counted twice until the next prune recounts: pruning early is harmless.
-        inner.stored_bytes += added;
-        if inner.stored_bytes > self.max_bytes {
-            self.prune(&mut inner)?;
+        let total = self.stored_bytes.fetch_add(added, Ordering::Relaxed) + added;
+        if total > self.max_bytes {
+            self.prune(conn)?;
         }
         Ok(())
     }
@@ -224,19 +255,20 @@ impl ResponseCache {
     }
 
     /// The cached response for `key` (from [`cache_key`]), if any.
-    pub fn get(&self, key: &str) -> Option<String> {
+    pub fn get(&self, key: u128) -> Option<String> {
         let mut inner = self.lock();
-        let found = inner
-            .conn
-            .prepare_cached("SELECT response FROM responses WHERE key = ?1")
-            .and_then(|mut stmt| stmt.query_row([key], |r| r.get::<_, String>(0)).optional());
+        let found =
+            inner.conn.prepare_cached("SELECT id, response FROM cache_entries WHERE key = ?1").and_then(|mut stmt| {
+                stmt.query_row([&key.to_be_bytes()[..]], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+                    .optional()
+            });
         match found {
-            Ok(Some(response)) => {
+            Ok(Some((id, response))) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
-                inner.touched.push((key.to_owned(), now_millis()));
+                inner.touched.push((id, key));
                 if inner.touched.len() >= TOUCH_BATCH {
-                    // Use times are advisory (they only order evictions): a failed write-back is
-                    // dropped rather than turning a hit into an error.
+                    // Use is advisory (it only orders evictions): a failed write-back is dropped
+                    // rather than turning a hit into an error.
                     let _ = write_touches(&mut inner);
                 }
                 Some(response)
@@ -253,35 +285,16 @@ impl ResponseCache {
         }
     }
 
-    /// Stores `response_json` under `key`, replacing an older entry, then prunes if over the bound.
-    pub fn put(&self, key: &str, response_json: &str) -> Result<(), CacheError> {
+    /// Stores `response_json` under `key` at once, replacing an older entry, then prunes if over
+    /// the bound.
+    pub fn put(&self, key: u128, response_json: &str) -> Result<(), CacheError> {
         let mut inner = self.lock();
-        let size = (key.len() + response_json.len()) as u64;
-        let put_err = |source| CacheError::Put { path: self.path.clone(), key: key.to_owned(), source };
-        let previous: Option<i64> = inner
-            .conn
-            .prepare_cached("SELECT size FROM responses WHERE key = ?1")
-            .and_then(|mut stmt| stmt.query_row([key], |r| r.get(0)).optional())
-            .map_err(put_err)?;
-        inner
-            .conn
-            .prepare_cached(
-                "INSERT INTO responses(key, response, size, last_used) VALUES(?1, ?2, ?3, ?4)
-                 ON CONFLICT(key) DO UPDATE SET response = excluded.response, size = excluded.size,
-                     last_used = excluded.last_used",
-            )
-            .and_then(|mut stmt| stmt.execute(params![key, response_json, size as i64, now_millis()]))
-            .map_err(put_err)?;
-        self.puts.fetch_add(1, Ordering::Relaxed);
+        self.put_many(&mut inner.conn, &mut vec![(key, response_json.to_owned())])?;
         self.remember(key);
-        inner.stored_bytes = inner.stored_bytes.saturating_sub(previous.unwrap_or(0).max(0) as u64) + size;
-        if inner.stored_bytes > self.max_bytes {
-            self.prune(&mut inner)?;
-        }
         Ok(())
     }
 
-    /// Writes back pending use times so another process's pruning sees them.
+    /// Writes back pending uses so another process's pruning sees them.
     pub fn sync(&self) -> Result<(), CacheError> {
         let mut inner = self.lock();
         write_touches(&mut inner).map_err(|source| CacheError::Prune { path: self.path.clone(), source })
@@ -300,32 +313,34 @@ impl ResponseCache {
 
     /// Bytes of keys and responses stored, as last counted by this handle.
     pub fn stored_bytes(&self) -> u64 {
-        self.lock().stored_bytes
+        self.stored_bytes.load(Ordering::Relaxed)
     }
 
-    fn prune(&self, inner: &mut Inner) -> Result<(), CacheError> {
+    /// Deletes the oldest entries (lowest rowids) down to 90% of the bound, in one statement.
+    fn prune(&self, conn: &mut Connection) -> Result<(), CacheError> {
         let err = |source| CacheError::Prune { path: self.path.clone(), source };
-        write_touches(inner).map_err(err)?;
         let low_water = self.max_bytes / 10 * 9;
-        let tx = inner.conn.transaction().map_err(err)?;
-        let mut stored: i64 =
-            tx.query_row("SELECT COALESCE(SUM(size), 0) FROM responses", [], |r| r.get(0)).map_err(err)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+        let total: i64 =
+            tx.query_row("SELECT COALESCE(SUM(size), 0) FROM cache_entries", [], |r| r.get(0)).map_err(err)?;
+        let mut stored = total.max(0) as u64;
         let mut evicted = 0u64;
+        let mut cut = None;
         {
-            let mut oldest = tx.prepare("SELECT key, size FROM responses ORDER BY last_used").map_err(err)?;
-            let mut delete = tx.prepare("DELETE FROM responses WHERE key = ?1").map_err(err)?;
+            let mut oldest = tx.prepare("SELECT id, size FROM cache_entries ORDER BY id").map_err(err)?;
             let mut rows = oldest.query([]).map_err(err)?;
-            while stored.max(0) as u64 > low_water {
+            while stored > low_water {
                 let Some(row) = rows.next().map_err(err)? else { break };
-                let key: String = row.get(0).map_err(err)?;
-                let size: i64 = row.get(1).map_err(err)?;
-                delete.execute([&key]).map_err(err)?;
-                stored -= size;
+                cut = Some(row.get::<_, i64>(0).map_err(err)?);
+                stored = stored.saturating_sub(row.get::<_, i64>(1).map_err(err)?.max(0) as u64);
                 evicted += 1;
             }
         }
+        if let Some(cut) = cut {
+            tx.execute("DELETE FROM cache_entries WHERE id <= ?1", [cut]).map_err(err)?;
+        }
         tx.commit().map_err(err)?;
-        inner.stored_bytes = stored.max(0) as u64;
+        self.stored_bytes.store(stored, Ordering::Relaxed);
         self.evicted.fetch_add(evicted, Ordering::Relaxed);
         Ok(())
     }
@@ -334,68 +349,112 @@ impl ResponseCache {
 impl Drop for ResponseCache {
     fn drop(&mut self) {
         let inner = self.inner.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Dropping cannot report: use times are advisory, losing them only skews eviction order.
+        // Dropping cannot report: uses are advisory, losing them only skews eviction order.
         let _ = write_touches(inner);
     }
 }
 
-/// Stores answers off the caller's thread: one thread, a bounded queue, one transaction per group.
-/// Dropping it stores what is queued and stops the thread.
+/// Stores answers off the caller's thread: one thread with its own connection, one transaction
+/// per sorted group. Callers append to a shared list under a lock and wake the thread only when a
+/// group is full (a wake-up per answer cost more than storing it); otherwise it takes what is
+/// there every [`WRITE_GROUP_WAIT`]. Dropping it stores what is queued and stops the thread.
 pub struct CacheWriter {
     cache: Arc<ResponseCache>,
-    queue: Option<SyncSender<(String, String)>>,
+    queue: Arc<WriteQueue>,
     thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct WriteQueue {
+    pending: Mutex<Pending>,
+    full: Condvar,
+}
+
+#[derive(Default)]
+struct Pending {
+    entries: Vec<(u128, String)>,
+    bytes: usize,
+    closed: bool,
+}
+
+impl WriteQueue {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // The list is valid whatever a panicking holder did to it.
+        self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits until a group is full, [`WRITE_GROUP_WAIT`] has passed or the writer is dropped, then
+    /// swaps the pending answers into `group` (an empty list with room); true once closed.
+    fn take(&self, group: &mut Vec<(u128, String)>) -> bool {
+        let deadline = Instant::now() + WRITE_GROUP_WAIT;
+        let mut pending = self.lock();
+        while !pending.closed && pending.entries.len() < WRITE_GROUP && pending.bytes < WRITE_GROUP_BYTES {
+            let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else { break };
+            pending = self.full.wait_timeout(pending, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+        }
+        std::mem::swap(&mut pending.entries, group);
+        pending.bytes = 0;
+        pending.closed
+    }
 }
 
 impl CacheWriter {
     /// Starts the writer thread, which first fills the cache's presence filter.
     pub fn start(cache: Arc<ResponseCache>) -> Result<Self, CacheError> {
-        let (queue, entries) = mpsc::sync_channel::<(String, String)>(WRITE_QUEUE);
         let path = cache.path.clone();
+        let open_err = |reason: String| CacheError::Open { path: path.clone(), reason };
+        let mut conn = connect(&path).map_err(open_err)?;
+        let queue = Arc::new(WriteQueue::default());
         let thread = {
-            let cache = Arc::clone(&cache);
+            let (cache, queue) = (Arc::clone(&cache), Arc::clone(&queue));
             std::thread::Builder::new()
                 .name("batchagent-cache".into())
                 .spawn(move || {
                     // Without the filter every lookup goes to the file: slower, never wrong.
-                    let _ = cache.load_filter();
+                    let _ = cache.load_filter(&conn);
                     let mut group = Vec::with_capacity(WRITE_GROUP);
-                    while let Ok(entry) = entries.recv() {
-                        group.push(entry);
-                        while group.len() < WRITE_GROUP {
-                            match entries.try_recv() {
-                                Ok(entry) => group.push(entry),
-                                Err(_) => break,
-                            }
-                        }
+                    loop {
+                        let closed = queue.take(&mut group);
                         // A failed store costs a future hit, never a result.
-                        let _ = cache.put_many(&group);
+                        let _ = cache.put_many(&mut conn, &mut group);
                         group.clear();
+                        if closed {
+                            break;
+                        }
                     }
                 })
-                .map_err(|e| CacheError::Open { path, reason: format!("starting the writer: {e}") })?
+                .map_err(|e| open_err(format!("starting the writer: {e}")))?
         };
-        Ok(Self { cache, queue: Some(queue), thread: Some(thread) })
+        Ok(Self { cache, queue, thread: Some(thread) })
     }
 
     pub fn cache(&self) -> &Arc<ResponseCache> {
         &self.cache
     }
 
-    /// Queues an answer; never blocks. Visible to lookups at once through the presence filter, and
-    /// in the file once the writer has stored it.
-    pub fn put(&self, key: String, response_json: String) {
-        self.cache.remember(&key);
-        let Some(queue) = &self.queue else { return };
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = queue.try_send((key, response_json)) {
+    /// Queues an answer; never waits on the disk. Visible to lookups at once through the presence
+    /// filter, and in the file once the writer has stored its group (within about
+    /// [`WRITE_GROUP_WAIT`]).
+    pub fn put(&self, key: u128, response_json: String) {
+        self.cache.remember(key);
+        let mut pending = self.queue.lock();
+        if pending.closed || pending.entries.len() >= WRITE_QUEUE || pending.bytes >= WRITE_QUEUE_BYTES {
             self.cache.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let before = pending.bytes;
+        pending.bytes += response_json.len();
+        pending.entries.push((key, response_json));
+        if pending.entries.len() == WRITE_GROUP || (before < WRITE_GROUP_BYTES && pending.bytes >= WRITE_GROUP_BYTES) {
+            self.queue.full.notify_one();
         }
     }
 }
 
 impl Drop for CacheWriter {
     fn drop(&mut self) {
-        self.queue = None;
+        self.queue.lock().closed = true;
+        self.queue.full.notify_one();
         if let Some(thread) = self.thread.take() {
             // A panicked writer has stored what it could; nothing else to do at drop.
             let _ = thread.join();
@@ -403,46 +462,63 @@ impl Drop for CacheWriter {
     }
 }
 
-/// Three 24-bit positions taken from the key's 128-bit digest (its hex text, or a hash of it).
-fn filter_bits(key: &str) -> [usize; 3] {
-    let digest = u128::from_str_radix(key, 16).unwrap_or_else(|_| hash128(key.as_bytes()));
+/// Three 24-bit positions taken from the key's 128-bit digest.
+fn filter_bits(key: u128) -> [usize; 3] {
     let mask = (FILTER_BITS - 1) as u128;
-    [(digest & mask) as usize, ((digest >> 40) & mask) as usize, ((digest >> 80) & mask) as usize]
+    [(key & mask) as usize, ((key >> 40) & mask) as usize, ((key >> 80) & mask) as usize]
 }
 
+fn key_from_blob(blob: Option<&[u8]>) -> Option<u128> {
+    Some(u128::from_be_bytes(blob?.try_into().ok()?))
+}
+
+/// Moves entries used while in the older half of the table to its end (new rowids), so eviction,
+/// which deletes from the lowest rowids, reaches them last.
 fn write_touches(inner: &mut Inner) -> Result<(), rusqlite::Error> {
     if inner.touched.is_empty() {
         return Ok(());
     }
-    let touched = std::mem::take(&mut inner.touched);
-    let tx = inner.conn.transaction()?;
+    let mut touched = std::mem::take(&mut inner.touched);
+    touched.sort_unstable();
+    touched.dedup();
+    let tx = inner.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
-        let mut stmt = tx.prepare_cached("UPDATE responses SET last_used = MAX(last_used, ?2) WHERE key = ?1")?;
-        for (key, at) in &touched {
-            stmt.execute(params![key, at])?;
+        let (low, high): (Option<i64>, Option<i64>) =
+            tx.query_row("SELECT MIN(id), MAX(id) FROM cache_entries", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let (Some(low), Some(mut next)) = (low, high) else { return tx.commit() };
+        let middle = low + (next - low) / 2;
+        // The key check skips a row id that eviction freed and a later insert reused.
+        let mut stmt = tx.prepare_cached("UPDATE cache_entries SET id = ?1 WHERE id = ?2 AND key = ?3")?;
+        for (id, key) in touched.into_iter().filter(|&(id, _)| id < middle) {
+            next += 1;
+            stmt.execute(params![next, id, &key.to_be_bytes()[..]])?;
         }
     }
     tx.commit()
 }
 
-fn now_millis() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+/// The table of the text-keyed layout (`responses`) held answers under v2 keys, which are never
+/// looked up again (see [`cache_key`]): it is dropped, its space reused.
+fn drop_text_keyed_layout(conn: &Connection) -> Result<(), rusqlite::Error> {
+    conn.execute_batch("DROP TABLE IF EXISTS responses")
 }
 
-/// The cache key of one model request: 32 hex digits of a 128-bit hash over the endpoint's identity
+/// The cache key of one model request: a 128-bit hash over the endpoint's identity
 /// (its URL and the model it serves, see [`crate::backends::cached::endpoint_identity`]), the model
 /// name, the messages, the tools and the sampling parameters. Each part is length-prefixed, so
 /// moving bytes from one part to the next changes the key. The JSON texts must be produced
 /// canonically by the caller (serde's field order is fixed, so serializing the same request twice
 /// gives the same text).
-pub fn cache_key(endpoint: &str, model: &str, messages_json: &str, tools_json: &str, sampling_json: &str) -> String {
+pub fn cache_key(endpoint: &str, model: &str, messages_json: &str, tools_json: &str, sampling_json: &str) -> u128 {
     let mut h = Sip13::new(KEY0, KEY1);
-    // A version tag: changing how requests are keyed invalidates old entries instead of misreading them.
-    h.write_part(b"batchagent-response-v2");
+    // A version tag: changing how requests are keyed invalidates old entries instead of misreading
+    // them. v2 keys were computed by a hasher that lost the partial word of a short part (distinct
+    // requests could share a key): none of them is read again.
+    h.write_part(b"batchagent-response-v3");
     for part in [endpoint, model, messages_json, tools_json, sampling_json] {
         h.write_part(part.as_bytes());
     }
-    format!("{:032x}", h.finish128())
+    h.finish128()
 }
 
 /// A stable 128-bit digest of `bytes` (SipHash-1-3, fixed keys).
@@ -516,6 +592,10 @@ impl<const C: usize, const D: usize> SipHasher128<C, D> {
                 self.compress(m);
             }
         }
+        if bytes.is_empty() {
+            // All of it went into the partial word, which stays partial.
+            return;
+        }
         let mut words = bytes.chunks_exact(8);
         for word in &mut words {
             let mut buf = [0u8; 8];
@@ -588,6 +668,19 @@ mod tests {
     }
 
     #[test]
+    fn many_short_writes_equal_one_write() {
+        let input: Vec<u8> = (0u8..=200).collect();
+        let whole = hash128(&input);
+        for step in 1..=9 {
+            let mut h = Sip13::new(KEY0, KEY1);
+            for piece in input.chunks(step) {
+                h.write(piece);
+            }
+            assert_eq!(h.finish128(), whole, "pieces of {step}");
+        }
+    }
+
+    #[test]
     fn incremental_writes_equal_one_write() {
         let input: Vec<u8> = (0u8..=200).collect();
         let whole = hash128(&input);
@@ -603,67 +696,147 @@ mod tests {
     fn cache_key_separates_parts_and_is_stable() {
         let a = cache_key("e", "m", "[1]", "[]", "{}");
         assert_eq!(a, cache_key("e", "m", "[1]", "[]", "{}"));
-        assert_eq!(a.len(), 32);
         assert_ne!(a, cache_key("e", "m[", "1]", "[]", "{}"));
         assert_ne!(a, cache_key("other endpoint", "m", "[1]", "[]", "{}"));
         assert_ne!(a, cache_key("e", "m", "[1]", "[]", "{\"temperature\":0}"));
         assert_ne!(cache_key("", "", "ab", "", ""), cache_key("", "", "a", "b", ""));
     }
 
-    #[test]
-    fn get_put_and_lru_pruning() {
-        let dir = std::env::temp_dir().join(format!("ba-cache-unit-{}", std::process::id()));
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ba-cache-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn k(i: u64) -> u128 {
+        cache_key("e", "m", &format!("[{i}]"), "[]", "{}")
+    }
+
+    #[test]
+    fn get_put_and_pruning_oldest_unused_first() {
+        let dir = temp_dir("unit");
         let path = dir.join("nested").join("c.sqlite");
         let cache = ResponseCache::open_with_limit(&path, 10_000).unwrap();
-        assert_eq!(cache.get("k0"), None);
-        let body = "x".repeat(1000);
-        cache.put("k0", &body).unwrap();
-        cache.put("k0", &body).unwrap();
-        assert_eq!(cache.stored_bytes(), 1002);
+        assert_eq!(cache.get(k(0)), None);
+        let body = "x".repeat(984);
+        cache.put(k(0), &body).unwrap();
+        cache.put(k(0), &body).unwrap();
+        assert_eq!(cache.stats().puts, 2);
         for i in 1..9 {
-            cache.put(&format!("k{i}"), &body).unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(2));
+            cache.put(k(i), &body).unwrap();
         }
-        // k0 is the oldest insert, but using it makes k1 the least recently used.
-        assert_eq!(cache.get("k0").as_deref(), Some(body.as_str()));
+        // k0 is the oldest entry, but using it (in the older half) makes k1 the first to go.
+        assert_eq!(cache.get(k(0)).as_deref(), Some(body.as_str()));
         cache.sync().unwrap();
-        cache.put("k9", &body).unwrap();
-        cache.put("k10", &body).unwrap();
+        cache.put(k(9), &body).unwrap();
+        cache.put(k(10), &body).unwrap();
         assert!(cache.stored_bytes() <= 10_000);
-        assert_eq!(cache.get("k1"), None, "least recently used entry evicted");
-        assert!(cache.get("k0").is_some(), "recently used entry kept");
-        assert!(cache.get("k10").is_some());
+        assert_eq!(cache.get(k(1)), None, "the oldest unused entry is evicted");
+        assert!(cache.get(k(0)).is_some(), "a used entry is kept");
+        assert!(cache.get(k(10)).is_some());
         assert!(cache.stats().evicted >= 1);
         drop(cache);
         let reopened = ResponseCache::open(&path).unwrap();
-        assert!(reopened.get("k10").is_some());
+        assert!(reopened.get(k(10)).is_some());
+        assert!(reopened.stored_bytes() <= 10_000);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_replaced_answer_is_the_one_read_back() {
+        let dir = temp_dir("replace");
+        let path = dir.join("c.sqlite");
+        let cache = ResponseCache::open(&path).unwrap();
+        cache.put(k(1), "first").unwrap();
+        cache.put(k(2), "other").unwrap();
+        cache.put(k(1), "second").unwrap();
+        assert_eq!(cache.get(k(1)).as_deref(), Some("second"));
+        let rows: i64 = cache.lock().conn.query_row("SELECT COUNT(*) FROM cache_entries", [], |r| r.get(0)).unwrap();
+        assert_eq!(rows, 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn the_writer_stores_in_groups_and_misses_are_answered_from_memory() {
-        let dir = std::env::temp_dir().join(format!("ba-cache-writer-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = temp_dir("writer");
         let path = dir.join("c.sqlite");
         let cache = Arc::new(ResponseCache::open(&path).unwrap());
         let stored = cache_key("e", "m", "[\"old\"]", "[]", "{}");
-        cache.put(&stored, "old").unwrap();
+        cache.put(stored, "old").unwrap();
         let writer = CacheWriter::start(Arc::clone(&cache)).unwrap();
-        let keys: Vec<String> = (0..100).map(|i| cache_key("e", "m", &format!("[{i}]"), "[]", "{}")).collect();
-        for key in &keys {
-            writer.put(key.clone(), format!("answer {key}"));
+        let keys: Vec<u128> = (0..100).map(k).collect();
+        for &key in &keys {
+            writer.put(key, format!("answer {key:x}"));
         }
+        // The same key twice in one group: the later answer is the one kept.
+        writer.put(keys[7], "newer".into());
         drop(writer);
         let stats = cache.stats();
         assert_eq!((stats.puts, stats.dropped), (101, 0));
-        for key in keys.iter().chain([&stored]) {
+        for &key in keys.iter().chain([&stored]) {
             assert!(cache.may_contain(key), "stored keys pass the filter");
             assert!(cache.get(key).is_some());
         }
-        let absent: Vec<String> = (0..1000).map(|i| cache_key("e", "other", &i.to_string(), "", "")).collect();
-        let passed = absent.iter().filter(|k| cache.may_contain(k)).count();
+        assert_eq!(cache.get(keys[7]).as_deref(), Some("newer"));
+        let absent: Vec<u128> = (0..1000).map(|i| cache_key("e", "other", &i.to_string(), "", "")).collect();
+        let passed = absent.iter().filter(|&&key| cache.may_contain(key)).count();
         assert!(passed < 10, "{passed} of 1000 absent keys passed an almost empty filter");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_reopened_writer_loads_its_filter_from_the_file() {
+        let dir = temp_dir("refilter");
+        let path = dir.join("c.sqlite");
+        {
+            let cache = Arc::new(ResponseCache::open(&path).unwrap());
+            let writer = CacheWriter::start(Arc::clone(&cache)).unwrap();
+            writer.put(k(5), "five".into());
+        }
+        let cache = Arc::new(ResponseCache::open(&path).unwrap());
+        let writer = CacheWriter::start(Arc::clone(&cache)).unwrap();
+        // The writer fills the filter before it stores anything: once this answer is stored, the
+        // filter holds what the file held.
+        writer.put(k(6), "six".into());
+        drop(writer);
+        assert!(cache.may_contain(k(5)));
+        assert_eq!(cache.get(k(5)).as_deref(), Some("five"));
+        assert!(!cache.may_contain(k(7)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_text_keyed_layout_is_dropped() {
+        let dir = temp_dir("old-layout");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.sqlite");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE responses(key TEXT PRIMARY KEY NOT NULL, response TEXT NOT NULL,
+                     size INTEGER NOT NULL, last_used INTEGER NOT NULL) WITHOUT ROWID;
+                 INSERT INTO responses VALUES('00', 'old', 5, 0);",
+            )
+            .unwrap();
+        }
+        let cache = ResponseCache::open(&path).unwrap();
+        let old: i64 = cache
+            .lock()
+            .conn
+            .query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'responses'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(old, 0);
+        cache.put(k(1), "new").unwrap();
+        assert_eq!(cache.get(k(1)).as_deref(), Some("new"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn keys_of_requests_that_differ_in_one_character_differ() {
+        let keys: std::collections::HashSet<u128> = (0..10_000).map(k).collect();
+        assert_eq!(keys.len(), 10_000);
+        let parts: std::collections::HashSet<u128> =
+            (0..1000).map(|i| cache_key("e", "m", &format!("[{i}]"), "[]", &format!("{{\"t\":{i}}}"))).collect();
+        assert_eq!(parts.len(), 1000);
     }
 }
