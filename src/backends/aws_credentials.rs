@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use super::http::{error_chain, limited_body, BodyError};
 use crate::secret::Secret;
 
 #[derive(Clone, PartialEq, Eq)]
@@ -537,14 +538,14 @@ impl CredentialSource {
                     .header("x-aws-ec2-metadata-token-ttl-seconds", "21600")
                     .send()
                     .await
-                    .map_err(|e| self.fail(transport(&e)))?;
+                    .map_err(|e| self.fail(error_chain(&e)))?;
                 let token = Secret::new(read_text(token_response, self).await?.trim());
                 let roles = http
                     .get(format!("{endpoint}/latest/meta-data/iam/security-credentials/"))
                     .header("x-aws-ec2-metadata-token", token.expose())
                     .send()
                     .await
-                    .map_err(|e| self.fail(transport(&e)))?;
+                    .map_err(|e| self.fail(error_chain(&e)))?;
                 let roles = read_text(roles, self).await?;
                 let role = roles
                     .lines()
@@ -577,7 +578,7 @@ impl CredentialSource {
                     .body(form.query().unwrap_or_default().to_owned())
                     .send()
                     .await
-                    .map_err(|e| self.fail(transport(&e)))?;
+                    .map_err(|e| self.fail(error_chain(&e)))?;
                 let xml = read_text(response, self).await?;
                 let field =
                     |name: &str| xml_field(&xml, name).ok_or_else(|| self.fail(format!("answer has no {name}")));
@@ -618,47 +619,25 @@ async fn run_process(command: &str) -> Result<Vec<u8>, String> {
     Ok(output.stdout)
 }
 
-/// A request failure with its causes, without the URL (reqwest prints it, query included).
-fn transport(error: &reqwest::Error) -> String {
-    let full = error.to_string();
-    let mut text = match full.find(" for url (") {
-        Some(i) => full[..i].to_owned(),
-        None => full,
-    };
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 /// The body of a 2xx answer, bounded; any other status is a failure naming it (never the body,
 /// which may hold a key).
-async fn read_text(mut response: reqwest::Response, source: &CredentialSource) -> Result<String, CredentialsError> {
+async fn read_text(response: reqwest::Response, source: &CredentialSource) -> Result<String, CredentialsError> {
     let status = response.status();
     if !status.is_success() {
         return Err(source.fail(format!("HTTP {}", status.as_u16())));
     }
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| source.fail(transport(&e)))? {
-        if body.len() + chunk.len() > MAX_CREDENTIALS_BYTES {
-            return Err(source.fail(format!("answer longer than {MAX_CREDENTIALS_BYTES} bytes")));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    String::from_utf8(body).map_err(|_| source.fail("answer is not UTF-8"))
+    let body = limited_body(response, MAX_CREDENTIALS_BYTES, None).await.map_err(|e| match e {
+        BodyError::Transport(e) => source.fail(error_chain(&e)),
+        other => source.fail(other.into_backend().to_string()),
+    })?;
+    String::from_utf8(body.into()).map_err(|_| source.fail("answer is not UTF-8"))
 }
 
 async fn read_json(
     request: reqwest::RequestBuilder,
     source: &CredentialSource,
 ) -> Result<serde_json::Value, CredentialsError> {
-    let response = request.send().await.map_err(|e| source.fail(transport(&e)))?;
+    let response = request.send().await.map_err(|e| source.fail(error_chain(&e)))?;
     let text = read_text(response, source).await?;
     serde_json::from_str(&text).map_err(|e| source.fail(format!("answer is not JSON ({})", e.classify_name())))
 }

@@ -9,6 +9,7 @@ use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::http::limited_body;
 use super::url::{parse_backend_url, Scheme};
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
 use crate::conversation::{ToolCall, Usage};
@@ -180,17 +181,11 @@ async fn get_json(client: &reqwest::Client, url: &str, api_key: Option<&Secret>)
     if let Some(key) = api_key {
         request = request.bearer_auth(key.expose());
     }
-    let mut response = request.send().await.ok()?;
+    let response = request.send().await.ok()?;
     if !response.status().is_success() {
         return None;
     }
     // A model listing is small: a body past 1 MiB is not one, and is not read further.
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.ok()? {
-        if body.len() + chunk.len() > 1 << 20 {
-            return None;
-        }
-        body.extend_from_slice(&chunk);
-    }
+    let body = limited_body(response, 1 << 20, None).await.ok()?;
     serde_json::from_slice(&body).ok()
 }

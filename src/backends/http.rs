@@ -465,7 +465,7 @@ impl HttpClient {
 }
 
 /// The error text with its causes ("error sending request: connection refused"), without the URL.
-fn error_chain(err: &reqwest::Error) -> String {
+pub fn error_chain(err: &reqwest::Error) -> String {
     use std::error::Error as _;
     let mut text = strip_url(err);
     let mut source = err.source();
