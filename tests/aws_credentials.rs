@@ -408,6 +408,256 @@ async fn credential_process_from_the_profile() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// STS `AssumeRole` on loopback: checks each request's `SigV4` signature (service `sts`, region
+/// `eu-west-1`) against the secret of the key that signed it (the base profile's, or one it issued)
+/// and records (role, signing key, session name, external id, duration) per call.
+async fn sts_assume_role(issuer: Arc<Issuer>, calls: Arc<Mutex<Vec<[String; 5]>>>) -> String {
+    issuer.issued.lock().unwrap().insert("AKIABASE".into(), "base-secret-wJalrXUtnFEMI".into());
+    serve(Router::new().route(
+        "/",
+        post(move |uri: Uri, headers: HeaderMap, body: String| {
+            let (issuer, calls) = (issuer.clone(), calls.clone());
+            async move {
+                let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+                let auth = header("authorization");
+                let id = auth.split("Credential=").nth(1).and_then(|s| s.split('/').next()).unwrap_or_default();
+                let Some(secret) = issuer.issued.lock().unwrap().get(id).cloned() else {
+                    return (StatusCode::FORBIDDEN, "unknown key").into_response();
+                };
+                let signed = auth.split("SignedHeaders=").nth(1).and_then(|s| s.split(',').next()).unwrap_or_default();
+                let signed_headers: Vec<(String, String)> =
+                    signed.split(';').map(|n| (n.to_owned(), header(n))).collect();
+                let token = header("x-amz-security-token");
+                let keys = AwsCredentials::new(id, secret, Some(token.clone()));
+                let expected = sigv4::sign(
+                    &SignableRequest {
+                        method: "POST",
+                        path: uri.path(),
+                        query: "",
+                        headers: &signed_headers,
+                        payload: body.as_bytes(),
+                    },
+                    &keys,
+                    &SigningScope { region: "eu-west-1", service: "sts", amz_date: &header("x-amz-date") },
+                );
+                let issued_token_ok =
+                    id == "AKIABASE" || token == format!("token-{}", id.trim_start_matches("ASIATEST"));
+                if expected.authorization != auth || !issued_token_ok {
+                    return (StatusCode::FORBIDDEN, "signature does not match").into_response();
+                }
+                let form: HashMap<String, String> =
+                    reqwest::Url::parse(&format!("http://x/?{body}")).unwrap().query_pairs().into_owned().collect();
+                if form.get("Action").map(String::as_str) != Some("AssumeRole") {
+                    return StatusCode::BAD_REQUEST.into_response();
+                }
+                let get = |n: &str| form.get(n).cloned().unwrap_or_default();
+                calls.lock().unwrap().push([
+                    get("RoleArn"),
+                    id.to_owned(),
+                    get("RoleSessionName"),
+                    get("ExternalId"),
+                    get("DurationSeconds"),
+                ]);
+                let keys = issuer.issue();
+                let field = |n: &str| keys[n].as_str().unwrap().to_owned();
+                format!(
+                    "<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><AssumeRoleResult>\
+                     <AssumedRoleUser><Arn>{}</Arn><AssumedRoleId>AROA:s</AssumedRoleId></AssumedRoleUser>\
+                     <Credentials><AccessKeyId>{}</AccessKeyId><SecretAccessKey>{}</SecretAccessKey>\
+                     <SessionToken>{}</SessionToken><Expiration>{}</Expiration></Credentials>\
+                     </AssumeRoleResult><ResponseMetadata><RequestId>r</RequestId></ResponseMetadata>\
+                     </AssumeRoleResponse>",
+                    get("RoleArn"),
+                    field("AccessKeyId"),
+                    field("SecretAccessKey"),
+                    field("SessionToken"),
+                    field("Expiration"),
+                )
+                .into_response()
+            }
+        }),
+    ))
+    .await
+}
+
+fn files_env(dir: &std::path::Path, extra: Vec<(&'static str, String)>) -> impl Fn(&str) -> Option<String> {
+    let mut vars: HashMap<&'static str, String> = extra.into_iter().collect();
+    vars.insert("AWS_CONFIG_FILE", dir.join("config").display().to_string());
+    vars.insert("AWS_SHARED_CREDENTIALS_FILE", dir.join("credentials").display().to_string());
+    vars.insert("HOME", dir.display().to_string());
+    move |name: &str| vars.get(name).cloned()
+}
+
+#[tokio::test]
+async fn chained_source_profiles_assume_each_role_signed_by_the_one_before() {
+    let clock = Clock::starting_now();
+    let issuer = Issuer::new(clock.clone());
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let url = sts_assume_role(issuer.clone(), calls.clone()).await;
+    let dir = temp_dir("assume-role");
+    std::fs::write(
+        dir.join("credentials"),
+        "[base]\naws_access_key_id = AKIABASE\naws_secret_access_key = base-secret-wJalrXUtnFEMI\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("config"),
+        "[profile middle]\nrole_arn = arn:aws:iam::111111111111:role/middle\nsource_profile = base\n\
+         role_session_name = hop\n\n\
+         [profile batch]\nrole_arn = arn:aws:iam::222222222222:role/batch\nsource_profile = middle\n\
+         role_session_name = nightly\nexternal_id = ext-42\nduration_seconds = 1800\nregion = eu-west-1\n\n\
+         [profile loop-a]\nrole_arn = arn:aws:iam::1:role/a\nsource_profile = loop-b\n\
+         [profile loop-b]\nrole_arn = arn:aws:iam::1:role/b\nsource_profile = loop-a\n\
+         [profile orphan]\nrole_arn = arn:aws:iam::1:role/o\n",
+    )
+    .unwrap();
+    let env = files_env(&dir, vec![("AWS_ENDPOINT_URL_STS", url)]);
+    let profile = aws_credentials::load_with(Some("batch"), &env).unwrap();
+    assert_eq!(profile.region.as_deref(), Some("eu-west-1"));
+    let provider = CredentialsProvider::with_clock(profile.source, clock.as_fn()).unwrap();
+    let keys = provider.credentials().await.unwrap();
+    assert_eq!(keys.access_key_id, "ASIATEST2");
+    assert_eq!(keys.session_token.as_ref().map(|t| t.expose().to_owned()).as_deref(), Some("token-2"));
+    assert_eq!(keys.expires_at, parse_rfc3339(&rfc3339(clock.now() + Duration::from_secs(HOUR))));
+    let expected = |middle: &str| {
+        vec![
+            ["arn:aws:iam::111111111111:role/middle", "AKIABASE", "hop", "", ""].map(str::to_owned),
+            ["arn:aws:iam::222222222222:role/batch", middle, "nightly", "ext-42", "1800"].map(str::to_owned),
+        ]
+    };
+    assert_eq!(*calls.lock().unwrap(), expected("ASIATEST1"));
+    // Cached until the refresh window: no call to STS.
+    provider.credentials().await.unwrap();
+    assert_eq!(calls.lock().unwrap().len(), 2);
+    // Past the expiry the whole chain is walked again.
+    clock.advance(HOUR);
+    assert_eq!(provider.credentials().await.unwrap().access_key_id, "ASIATEST4");
+    assert_eq!(calls.lock().unwrap()[2..], expected("ASIATEST3")[..]);
+
+    let err = aws_credentials::load_with(Some("loop-a"), &env).unwrap_err().to_string();
+    assert!(err.contains("loops back") && err.contains("loop-a"), "{err}");
+    let err = aws_credentials::load_with(Some("orphan"), &env).unwrap_err().to_string();
+    assert!(err.contains("source_profile"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The SSO portal's `GetRoleCredentials` on loopback: answers for the bearer tokens it knows.
+async fn sso_portal(issuer: Arc<Issuer>, calls: Arc<Mutex<Vec<(String, String)>>>) -> String {
+    serve(Router::new().route(
+        "/federation/credentials",
+        get(move |uri: Uri, headers: HeaderMap| {
+            let (issuer, calls) = (issuer.clone(), calls.clone());
+            async move {
+                let query: HashMap<String, String> =
+                    reqwest::Url::parse(&format!("http://x{uri}")).unwrap().query_pairs().into_owned().collect();
+                let token = headers.get("x-amz-sso_bearer_token").and_then(|v| v.to_str().ok()).unwrap_or_default();
+                if !token.starts_with("sso-access-token-") {
+                    return (StatusCode::UNAUTHORIZED, "{\"message\":\"Session token not found or invalid\"}")
+                        .into_response();
+                }
+                calls.lock().unwrap().push((query["account_id"].clone(), query["role_name"].clone()));
+                let keys = issuer.issue();
+                let expiration_ms = u64::try_from(
+                    parse_rfc3339(keys["Expiration"].as_str().unwrap())
+                        .unwrap()
+                        .duration_since(UNIX_EPOCH)
+                        .unwrap()
+                        .as_millis(),
+                )
+                .unwrap();
+                json_response(&json!({"roleCredentials": {
+                    "accessKeyId": keys["AccessKeyId"],
+                    "secretAccessKey": keys["SecretAccessKey"],
+                    "sessionToken": keys["SessionToken"],
+                    "expiration": expiration_ms,
+                }}))
+            }
+        }),
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn sso_profiles_exchange_the_cached_login_at_the_portal() {
+    let clock = Clock::starting_now();
+    let issuer = Issuer::new(clock.clone());
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let url = sso_portal(issuer.clone(), calls.clone()).await;
+    let dir = temp_dir("sso");
+    std::fs::write(
+        dir.join("config"),
+        "[profile dev]\nsso_session = corp\nsso_account_id = 123456789012\nsso_role_name = Bedrock\n\
+         region = us-west-2\n\n\
+         [sso-session corp]\nsso_start_url = https://corp.awsapps.com/start\nsso_region = us-east-1\n\
+         sso_registration_scopes = sso:account:access\n\n\
+         [profile legacy]\nsso_start_url = https://legacy.awsapps.com/start\nsso_region = us-east-1\n\
+         sso_account_id = 210987654321\nsso_role_name = Old\n\n\
+         [profile revoked]\nsso_session = gone\nsso_account_id = 1\nsso_role_name = R\n\
+         [sso-session gone]\nsso_start_url = https://gone.awsapps.com/start\nsso_region = us-east-1\n\n\
+         [profile fresh]\nsso_session = fresh\nsso_account_id = 1\nsso_role_name = R\n\
+         [sso-session fresh]\nsso_start_url = https://fresh.awsapps.com/start\nsso_region = us-east-1\n",
+    )
+    .unwrap();
+    let cache = dir.join(".aws").join("sso").join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let valid_until = rfc3339(clock.now() + Duration::from_secs(8 * HOUR));
+    // File names as the AWS CLI writes them: SHA-1 of the session name, or of the legacy start URL.
+    let cached = |token: &str, expires: &str| {
+        json!({"startUrl": "https://corp.awsapps.com/start", "region": "us-east-1", "accessToken": token,
+               "expiresAt": expires, "refreshToken": "refresh-secret", "clientId": "c", "clientSecret": "s"})
+        .to_string()
+    };
+    std::fs::write(
+        cache.join("ee0bfd2552fbd840c02cc48b6e823320543c450f.json"),
+        cached("sso-access-token-corp", &valid_until),
+    )
+    .unwrap();
+    let legacy_expired = rfc3339(clock.now() - Duration::from_secs(60));
+    std::fs::write(
+        cache.join("79e435d7a515078e81c9dffc35f38d5687ebd3a7.json"),
+        cached("sso-access-token-legacy-secret", &legacy_expired),
+    )
+    .unwrap();
+    let env = files_env(&dir, vec![("AWS_ENDPOINT_URL_SSO", url)]);
+
+    let profile = aws_credentials::load_with(Some("dev"), &env).unwrap();
+    assert_eq!(profile.region.as_deref(), Some("us-west-2"));
+    let provider = CredentialsProvider::with_clock(profile.source, clock.as_fn()).unwrap();
+    let keys = provider.credentials().await.unwrap();
+    assert_eq!((keys.access_key_id.as_str(), keys.secret_access_key()), ("ASIATEST1", "secret-1-wJalrXUtnFEMI"));
+    assert_eq!(keys.expires_at, parse_rfc3339(&rfc3339(clock.now() + Duration::from_secs(HOUR))));
+    assert_eq!(*calls.lock().unwrap(), vec![("123456789012".to_owned(), "Bedrock".to_owned())]);
+    provider.credentials().await.unwrap();
+    assert_eq!(calls.lock().unwrap().len(), 1, "cached until the refresh window");
+    clock.advance(HOUR);
+    assert_eq!(provider.credentials().await.unwrap().access_key_id, "ASIATEST2");
+
+    // A login past its expiry is not sent anywhere; the error says what to do and shows no token.
+    let provider = CredentialsProvider::with_clock(
+        aws_credentials::load_with(Some("legacy"), &env).unwrap().source,
+        clock.as_fn(),
+    )
+    .unwrap();
+    let err = provider.credentials().await.unwrap_err().to_string();
+    assert!(err.contains("expired") && err.contains("aws sso login"), "{err}");
+    assert!(!err.contains("sso-access-token") && !err.contains("refresh-secret"), "{err}");
+    assert_eq!(calls.lock().unwrap().len(), 2);
+
+    // A token the portal does not accept, and a session that never logged in.
+    std::fs::write(cache.join("a6dfdeaa3a44a4c52d44284847d7160892b4017e.json"), cached("revoked-secret", &valid_until))
+        .unwrap();
+    let fetch_err = |name: &str| {
+        let source = aws_credentials::load_with(Some(name), &env).unwrap().source;
+        let provider = CredentialsProvider::with_clock(source, clock.as_fn()).unwrap();
+        async move { provider.credentials().await.unwrap_err().to_string() }
+    };
+    let err = fetch_err("revoked").await;
+    assert!(err.contains("HTTP 401") && err.contains("aws sso login") && !err.contains("revoked-secret"), "{err}");
+    let err = fetch_err("fresh").await;
+    assert!(err.contains("no cached SSO login") && err.contains("aws sso login"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn rfc3339_times() {
     let at = |s: &str| parse_rfc3339(s).map(|t| t.duration_since(UNIX_EPOCH).unwrap().as_secs_f64());

@@ -10,8 +10,17 @@
 //! endpoint (`AWS_CONTAINER_CREDENTIALS_FULL_URI` or `_RELATIVE_URI`, with
 //! `AWS_CONTAINER_AUTHORIZATION_TOKEN[_FILE]`: ECS, EKS Pod Identity); the EC2 instance metadata
 //! service, `IMDSv2` (`AWS_EC2_METADATA_SERVICE_ENDPOINT`, off with `AWS_EC2_METADATA_DISABLED=true`).
-//! A named profile skips the environment's keys. Profiles that need SSO or `role_arn` with
-//! `source_profile` are reported as unsupported rather than half-handled.
+//! A named profile skips the environment's keys.
+//!
+//! A profile with `role_arn` and `source_profile` (or `credential_source`) assumes the role through
+//! STS `AssumeRole`, signed with the source's credentials (`role_session_name`, `external_id`,
+//! `duration_seconds` honoured; source profiles may themselves assume roles, a cycle is an error).
+//! A profile with `sso_session` (or the legacy `sso_start_url`), `sso_account_id` and
+//! `sso_role_name` reads the access token `aws sso login` cached in `~/.aws/sso/cache` and asks
+//! the SSO portal for the role's credentials. STS and the portal are reached at
+//! `AWS_ENDPOINT_URL_STS` / `AWS_ENDPOINT_URL_SSO` (else `AWS_ENDPOINT_URL`) when set, as the SDKs
+//! do. Not supported, and reported as such: `mfa_serial` (it needs a code typed in) and refreshing
+//! an expired SSO token (run `aws sso login` again).
 //!
 //! Every source but static keys returns an expiry; [`CredentialsProvider`] fetches again five
 //! minutes before it, once for all the calls that need credentials at that moment.
@@ -24,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::http::{error_chain, limited_body, BodyError};
+use super::sigv4::{self, SignableRequest, SigningScope};
 use crate::secret::Secret;
 
 #[derive(Clone, PartialEq, Eq)]
@@ -105,6 +115,25 @@ pub enum CredentialSource {
         token_file: PathBuf,
         sts_endpoint: String,
     },
+    /// STS `AssumeRole`, signed (`SigV4`, service `sts`, `sts_region`) with the credentials of `source`,
+    /// fetched again at each refresh.
+    AssumeRole {
+        role_arn: String,
+        session_name: String,
+        external_id: Option<String>,
+        duration_seconds: Option<u32>,
+        sts_endpoint: String,
+        sts_region: String,
+        source: Box<CredentialSource>,
+    },
+    /// IAM Identity Center: the access token `aws sso login` cached in `token_file`, exchanged at the
+    /// portal's `GetRoleCredentials` for the role's credentials.
+    Sso {
+        token_file: PathBuf,
+        account_id: String,
+        role_name: String,
+        portal_endpoint: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -115,6 +144,10 @@ pub enum CredentialsError {
     MissingSecret { profile: String, file: String },
     #[error("AWS profile {profile:?} in {file} uses {setting}, which is not supported: export static keys (e.g. `aws configure export-credentials --format env`)")]
     Unsupported { profile: String, file: String, setting: String },
+    /// A profile whose settings do not make a usable source (`role_arn` with nothing to assume it
+    /// with, a `source_profile` that does not exist or loops back, an SSO profile missing a field).
+    #[error("AWS profile {profile:?}: {message}")]
+    Profile { profile: String, message: String },
     #[error("cannot read {file}: {message}")]
     Io { file: String, message: String },
     #[error("{file} line {line}: {message}")]
@@ -222,46 +255,10 @@ pub fn load_with(profile: Option<&str>, env: &dyn Fn(&str) -> Option<String>) ->
         }
     }
     let name = profile.map(str::to_owned).or_else(|| env("AWS_PROFILE")).unwrap_or_else(|| "default".to_owned());
-    let (credentials_path, credentials_label) = shared_file(env, "AWS_SHARED_CREDENTIALS_FILE", "credentials");
-    let (config_path, config_label) = shared_file(env, "AWS_CONFIG_FILE", "config");
-    let credentials_file = read_optional(&credentials_path)?;
-    let config_file = read_optional(&config_path)?;
-    let from_credentials = credentials_file.as_ref().and_then(|s| s.get(&name));
-    let from_config = config_file.as_ref().and_then(|s| config_section(s, &name));
-    let region = env_region.or_else(|| from_config.and_then(|s| s.get("region").cloned()));
-
-    for (section, label) in [(from_credentials, &credentials_label), (from_config, &config_label)] {
-        let Some(section) = section else { continue };
-        if let Some(id) = section.get("aws_access_key_id") {
-            let Some(secret) = section.get("aws_secret_access_key") else {
-                return Err(CredentialsError::MissingSecret { profile: name, file: label.clone() });
-            };
-            let token = section.get("aws_session_token").or_else(|| section.get("aws_security_token")).cloned();
-            let credentials = AwsCredentials::new(id.clone(), secret.clone(), token);
-            return Ok(AwsProfile { source: CredentialSource::Static(credentials), region });
-        }
-    }
-    for section in [from_credentials, from_config].into_iter().flatten() {
-        if let Some(command) = section.get("credential_process") {
-            return Ok(AwsProfile { source: CredentialSource::Process { command: command.clone() }, region });
-        }
-        if let (Some(token_file), Some(role_arn)) = (section.get("web_identity_token_file"), section.get("role_arn")) {
-            let session = section.get("role_session_name").cloned();
-            let source = web_identity(env, role_arn.clone(), token_file, session, region.as_deref());
-            return Ok(AwsProfile { source, region });
-        }
-    }
-    for (section, label) in [(from_credentials, &credentials_label), (from_config, &config_label)] {
-        let Some(section) = section else { continue };
-        for setting in ["sso_session", "sso_start_url", "role_arn"] {
-            if section.contains_key(setting) {
-                return Err(CredentialsError::Unsupported {
-                    profile: name,
-                    file: label.clone(),
-                    setting: setting.to_owned(),
-                });
-            }
-        }
+    let files = SharedFiles::read(env)?;
+    let region = env_region.or_else(|| files.config_value(&name, "region").cloned());
+    if let Some(source) = files.profile_source(&name, env, region.as_deref(), &mut Vec::new())? {
+        return Ok(AwsProfile { source, region });
     }
     if profile.is_none() {
         if let Some(source) = container_source(env) {
@@ -269,12 +266,234 @@ pub fn load_with(profile: Option<&str>, env: &dyn Fn(&str) -> Option<String>) ->
         }
         let disabled = env("AWS_EC2_METADATA_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));
         if !disabled {
-            let endpoint = env("AWS_EC2_METADATA_SERVICE_ENDPOINT")
-                .map_or_else(|| "http://169.254.169.254".to_owned(), |e| e.trim_end_matches('/').to_owned());
-            return Ok(AwsProfile { source: CredentialSource::InstanceMetadata { endpoint }, region });
+            return Ok(AwsProfile {
+                source: CredentialSource::InstanceMetadata { endpoint: imds_endpoint(env) },
+                region,
+            });
         }
     }
-    Err(CredentialsError::NotFound { profile: name, credentials_file: credentials_label, config_file: config_label })
+    Err(CredentialsError::NotFound {
+        profile: name,
+        credentials_file: files.credentials_label,
+        config_file: files.config_label,
+    })
+}
+
+/// The shared credentials and config files, read once.
+struct SharedFiles {
+    credentials: Option<IniSections>,
+    config: Option<IniSections>,
+    credentials_label: String,
+    config_label: String,
+}
+
+impl SharedFiles {
+    fn read(env: &dyn Fn(&str) -> Option<String>) -> Result<Self, CredentialsError> {
+        let (credentials_path, credentials_label) = shared_file(env, "AWS_SHARED_CREDENTIALS_FILE", "credentials");
+        let (config_path, config_label) = shared_file(env, "AWS_CONFIG_FILE", "config");
+        Ok(Self {
+            credentials: read_optional(&credentials_path)?,
+            config: read_optional(&config_path)?,
+            credentials_label,
+            config_label,
+        })
+    }
+
+    /// The profile's sections, the credentials file's first, each with the file it is in.
+    fn sections(&self, name: &str) -> [(Option<&HashMap<String, String>>, &str); 2] {
+        [
+            (self.credentials.as_ref().and_then(|s| s.get(name)), self.credentials_label.as_str()),
+            (self.config.as_ref().and_then(|s| config_section(s, name)), self.config_label.as_str()),
+        ]
+    }
+
+    fn config_value(&self, name: &str, key: &str) -> Option<&String> {
+        self.config.as_ref().and_then(|s| config_section(s, name)).and_then(|s| s.get(key))
+    }
+
+    /// A setting of the profile, from whichever file has it (the credentials file first).
+    fn value(&self, name: &str, key: &str) -> Option<&String> {
+        self.sections(name).into_iter().find_map(|(section, _)| section?.get(key))
+    }
+
+    /// The file that holds a setting of the profile.
+    fn file_with(&self, name: &str, key: &str) -> Option<&str> {
+        self.sections(name)
+            .into_iter()
+            .find(|(section, _)| section.is_some_and(|s| s.contains_key(key)))
+            .map(|(_, f)| f)
+    }
+
+    /// The source profile `name` describes, `None` when it names none. `chain` holds the profiles
+    /// whose roles are being resolved, to catch a `source_profile` loop.
+    fn profile_source(
+        &self,
+        name: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        region: Option<&str>,
+        chain: &mut Vec<String>,
+    ) -> Result<Option<CredentialSource>, CredentialsError> {
+        let profile_err = |message: String| CredentialsError::Profile { profile: name.to_owned(), message };
+        let mut static_keys = None;
+        for (section, label) in self.sections(name) {
+            let Some(section) = section else { continue };
+            if let Some(id) = section.get("aws_access_key_id") {
+                let Some(secret) = section.get("aws_secret_access_key") else {
+                    return Err(CredentialsError::MissingSecret { profile: name.to_owned(), file: label.to_owned() });
+                };
+                let token = section.get("aws_session_token").or_else(|| section.get("aws_security_token")).cloned();
+                static_keys = Some(CredentialSource::Static(AwsCredentials::new(id.clone(), secret.clone(), token)));
+                break;
+            }
+        }
+        let role_arn = self.value(name, "role_arn");
+        // As in the SDKs: a profile used as another's source, with keys of its own, is those keys.
+        if !chain.is_empty() && static_keys.is_some() {
+            return Ok(static_keys);
+        }
+        if let Some(role_arn) = role_arn {
+            if let Some(token_file) = self.value(name, "web_identity_token_file") {
+                let session = self.value(name, "role_session_name").cloned();
+                return Ok(Some(web_identity(env, role_arn.clone(), token_file, session, region)));
+            }
+            if let Some(file) = self.file_with(name, "mfa_serial") {
+                return Err(CredentialsError::Unsupported {
+                    profile: name.to_owned(),
+                    file: file.to_owned(),
+                    setting: "mfa_serial".to_owned(),
+                });
+            }
+            chain.push(name.to_owned());
+            let source = match (self.value(name, "source_profile"), self.value(name, "credential_source")) {
+                (Some(source), _) if source == name => static_keys
+                    .ok_or_else(|| profile_err("source_profile names the profile itself, which has no keys".into()))?,
+                (Some(source), _) if chain.iter().any(|seen| seen == source) => {
+                    return Err(profile_err(format!(
+                        "source_profile loops back to {source:?} ({})",
+                        chain.join(" -> ")
+                    )));
+                }
+                (Some(source), _) => self
+                    .profile_source(source, env, region, chain)?
+                    .ok_or_else(|| profile_err(format!("source_profile {source:?} has no credentials")))?,
+                (None, Some(kind)) => named_credential_source(kind, env)
+                    .ok_or_else(|| profile_err(format!("credential_source {kind:?} gave no credentials")))?,
+                (None, None) => {
+                    return Err(profile_err(
+                        "role_arn needs source_profile, credential_source or web_identity_token_file".into(),
+                    ));
+                }
+            };
+            let duration_seconds = match self.value(name, "duration_seconds") {
+                None => None,
+                Some(text) => Some(
+                    text.parse::<u32>()
+                        .map_err(|_| profile_err(format!("duration_seconds {text:?} is not a number of seconds")))?,
+                ),
+            };
+            let (sts_endpoint, sts_region) = sts_endpoint(env, region);
+            return Ok(Some(CredentialSource::AssumeRole {
+                role_arn: role_arn.clone(),
+                session_name: self.value(name, "role_session_name").cloned().unwrap_or_else(default_session_name),
+                external_id: self.value(name, "external_id").cloned(),
+                duration_seconds,
+                sts_endpoint,
+                sts_region,
+                source: Box::new(source),
+            }));
+        }
+        if static_keys.is_some() {
+            return Ok(static_keys);
+        }
+        if let Some(command) = self.value(name, "credential_process") {
+            return Ok(Some(CredentialSource::Process { command: command.clone() }));
+        }
+        if self.value(name, "sso_session").is_some() || self.value(name, "sso_start_url").is_some() {
+            return self.sso_source(name, env).map(Some);
+        }
+        Ok(None)
+    }
+
+    /// An SSO profile: `sso_session` naming an `[sso-session NAME]` section of the config file (the
+    /// token is cached under the session's name), or the legacy `sso_start_url` and `sso_region` in
+    /// the profile (cached under the start URL).
+    fn sso_source(
+        &self,
+        name: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<CredentialSource, CredentialsError> {
+        let profile_err = |message: String| CredentialsError::Profile { profile: name.to_owned(), message };
+        let (cache_key, sso_region) = if let Some(session) = self.value(name, "sso_session") {
+            let section =
+                self.config.as_ref().and_then(|s| s.get(&format!("sso-session {session}"))).ok_or_else(|| {
+                    profile_err(format!("sso_session {session:?} has no [sso-session {session}] section"))
+                })?;
+            let region = section
+                .get("sso_region")
+                .ok_or_else(|| profile_err(format!("[sso-session {session}] has no sso_region")))?;
+            (session.clone(), region.clone())
+        } else {
+            let start_url = self.value(name, "sso_start_url").cloned().unwrap_or_default();
+            let region =
+                self.value(name, "sso_region").ok_or_else(|| profile_err("sso_start_url without sso_region".into()))?;
+            (start_url, region.clone())
+        };
+        let field =
+            |key: &str| self.value(name, key).cloned().ok_or_else(|| profile_err(format!("SSO profile without {key}")));
+        let portal_endpoint = env("AWS_ENDPOINT_URL_SSO").or_else(|| env("AWS_ENDPOINT_URL")).map_or_else(
+            || format!("https://portal.sso.{sso_region}.amazonaws.com"),
+            |e| e.trim_end_matches('/').to_owned(),
+        );
+        Ok(CredentialSource::Sso {
+            token_file: expand_home("~/.aws/sso/cache", env).join(format!("{}.json", sha1_hex(cache_key.as_bytes()))),
+            account_id: field("sso_account_id")?,
+            role_name: field("sso_role_name")?,
+            portal_endpoint,
+        })
+    }
+}
+
+/// `credential_source` of a role profile: where the keys that assume the role come from.
+fn named_credential_source(kind: &str, env: &dyn Fn(&str) -> Option<String>) -> Option<CredentialSource> {
+    match kind {
+        "Environment" => {
+            let (id, secret) = (env("AWS_ACCESS_KEY_ID")?, env("AWS_SECRET_ACCESS_KEY")?);
+            Some(CredentialSource::Static(AwsCredentials::new(id, secret, env("AWS_SESSION_TOKEN"))))
+        }
+        "EcsContainer" => container_source(env),
+        "Ec2InstanceMetadata" => Some(CredentialSource::InstanceMetadata { endpoint: imds_endpoint(env) }),
+        _ => None,
+    }
+}
+
+fn imds_endpoint(env: &dyn Fn(&str) -> Option<String>) -> String {
+    env("AWS_EC2_METADATA_SERVICE_ENDPOINT")
+        .map_or_else(|| "http://169.254.169.254".to_owned(), |e| e.trim_end_matches('/').to_owned())
+}
+
+/// The SDKs' service-specific endpoint override, then the global one, then the regional STS (the
+/// global endpoint without a region); and the region to sign for (`us-east-1` for the global one).
+fn sts_endpoint(env: &dyn Fn(&str) -> Option<String>, region: Option<&str>) -> (String, String) {
+    let endpoint = env("AWS_ENDPOINT_URL_STS").or_else(|| env("AWS_ENDPOINT_URL")).map_or_else(
+        || region.map_or_else(|| "https://sts.amazonaws.com".to_owned(), |r| format!("https://sts.{r}.amazonaws.com")),
+        |e| e.trim_end_matches('/').to_owned(),
+    );
+    (endpoint, region.unwrap_or("us-east-1").to_owned())
+}
+
+fn default_session_name() -> String {
+    let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    format!("batchagent-{secs}")
+}
+
+/// The SSO token cache names its files by the SHA-1 of the session name or start URL.
+fn sha1_hex(bytes: &[u8]) -> String {
+    use sha1::Digest as _;
+    use std::fmt::Write as _;
+    sha1::Sha1::digest(bytes).iter().fold(String::with_capacity(40), |mut hex, b| {
+        let _ = write!(hex, "{b:02x}");
+        hex
+    })
 }
 
 fn web_identity(
@@ -284,15 +503,8 @@ fn web_identity(
     session_name: Option<String>,
     region: Option<&str>,
 ) -> CredentialSource {
-    // The SDKs' service-specific endpoint override, then the global one, then the regional STS.
-    let sts_endpoint = env("AWS_ENDPOINT_URL_STS").or_else(|| env("AWS_ENDPOINT_URL")).map_or_else(
-        || region.map_or_else(|| "https://sts.amazonaws.com".to_owned(), |r| format!("https://sts.{r}.amazonaws.com")),
-        |e| e.trim_end_matches('/').to_owned(),
-    );
-    let session_name = session_name.unwrap_or_else(|| {
-        let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        format!("batchagent-{secs}")
-    });
+    let (sts_endpoint, _) = sts_endpoint(env, region);
+    let session_name = session_name.unwrap_or_else(default_session_name);
     CredentialSource::WebIdentity { role_arn, session_name, token_file: expand_home(token_file, env), sts_endpoint }
 }
 
@@ -434,7 +646,7 @@ impl CredentialsProvider {
             return self.cached(Duration::ZERO).ok_or(error);
         }
         self.fetches.fetch_add(1, Ordering::Relaxed);
-        match self.source.fetch(&self.http).await {
+        match self.source.fetch(&self.http, (self.clock)()).await {
             Ok(fetched) => {
                 self.ever_fetched.store(true, Ordering::Relaxed);
                 let fetched = Arc::new(fetched);
@@ -497,6 +709,8 @@ impl CredentialSource {
             Self::Container { .. } => "the container credentials endpoint",
             Self::InstanceMetadata { .. } => "the EC2 instance metadata service",
             Self::WebIdentity { .. } => "web identity (STS AssumeRoleWithWebIdentity)",
+            Self::AssumeRole { .. } => "the role's source profile (STS AssumeRole)",
+            Self::Sso { .. } => "SSO (IAM Identity Center)",
         }
     }
 
@@ -504,7 +718,8 @@ impl CredentialSource {
         CredentialsError::Fetch { source_name: self.name().to_owned(), message: message.into() }
     }
 
-    async fn fetch(&self, http: &reqwest::Client) -> Result<AwsCredentials, CredentialsError> {
+    /// Fetches from the source; `now` is the provider's clock (a cached SSO login is checked against it).
+    async fn fetch(&self, http: &reqwest::Client, now: SystemTime) -> Result<AwsCredentials, CredentialsError> {
         match self {
             Self::Static(keys) => Ok(keys.clone()),
             Self::Process { command } => {
@@ -561,34 +776,188 @@ impl CredentialSource {
             Self::WebIdentity { role_arn, session_name, token_file, sts_endpoint } => {
                 let identity = std::fs::read_to_string(token_file)
                     .map_err(|e| self.fail(format!("cannot read {}: {e}", token_file.display())))?;
-                let form = reqwest::Url::parse_with_params(
-                    "http://form/",
-                    [
-                        ("Action", "AssumeRoleWithWebIdentity"),
-                        ("Version", "2011-06-15"),
-                        ("RoleArn", role_arn.as_str()),
-                        ("RoleSessionName", session_name.as_str()),
-                        ("WebIdentityToken", identity.trim()),
-                    ],
-                )
-                .map_err(|e| self.fail(format!("cannot build the request: {e}")))?;
+                let form = form_body(&[
+                    ("Action", "AssumeRoleWithWebIdentity"),
+                    ("Version", "2011-06-15"),
+                    ("RoleArn", role_arn.as_str()),
+                    ("RoleSessionName", session_name.as_str()),
+                    ("WebIdentityToken", identity.trim()),
+                ]);
                 let response = http
                     .post(format!("{sts_endpoint}/"))
                     .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-                    .body(form.query().unwrap_or_default().to_owned())
+                    .body(form)
                     .send()
                     .await
                     .map_err(|e| self.fail(error_chain(&e)))?;
-                let xml = read_text(response, self).await?;
-                let field =
-                    |name: &str| xml_field(&xml, name).ok_or_else(|| self.fail(format!("answer has no {name}")));
-                let expires = parse_rfc3339(&field("Expiration")?)
-                    .ok_or_else(|| self.fail("Expiration is not an RFC 3339 time"))?;
-                Ok(AwsCredentials::new(field("AccessKeyId")?, field("SecretAccessKey")?, Some(field("SessionToken")?))
-                    .expiring_at(expires))
+                sts_credentials(response, self).await
+            }
+            Self::AssumeRole {
+                role_arn,
+                session_name,
+                external_id,
+                duration_seconds,
+                sts_endpoint,
+                sts_region,
+                source,
+            } => {
+                let keys = Box::pin(source.fetch(http, now)).await?;
+                let duration = duration_seconds.map(|d| d.to_string());
+                let mut form = vec![
+                    ("Action", "AssumeRole"),
+                    ("Version", "2011-06-15"),
+                    ("RoleArn", role_arn.as_str()),
+                    ("RoleSessionName", session_name.as_str()),
+                ];
+                if let Some(id) = external_id {
+                    form.push(("ExternalId", id.as_str()));
+                }
+                if let Some(duration) = &duration {
+                    form.push(("DurationSeconds", duration.as_str()));
+                }
+                let url = reqwest::Url::parse(&format!("{sts_endpoint}/"))
+                    .map_err(|e| self.fail(format!("STS endpoint is not a URL: {e}")))?;
+                let response = signed_post(http, &url, form_body(&form), &keys, sts_region, "sts", now)
+                    .await
+                    .map_err(|e| self.fail(e))?;
+                sts_credentials(response, self).await
+            }
+            Self::Sso { token_file, account_id, role_name, portal_endpoint } => {
+                let login = || format!("run `aws sso login` (the cached login is {})", token_file.display());
+                let text = std::fs::read_to_string(token_file)
+                    .map_err(|e| self.fail(format!("no cached SSO login ({e}): {}", login())))?;
+                let cached: SsoToken = serde_json::from_str(&text).map_err(|e| {
+                    self.fail(format!("the cached SSO login is not readable ({}): {}", e.classify_name(), login()))
+                })?;
+                let expires = parse_rfc3339(&cached.expires_at)
+                    .ok_or_else(|| self.fail(format!("the cached SSO login has no valid expiresAt: {}", login())))?;
+                if expires <= now {
+                    return Err(self.fail(format!("the SSO login expired: {}", login())));
+                }
+                let mut url = reqwest::Url::parse(&format!("{portal_endpoint}/federation/credentials"))
+                    .map_err(|e| self.fail(format!("SSO portal endpoint is not a URL: {e}")))?;
+                url.query_pairs_mut().append_pair("account_id", account_id).append_pair("role_name", role_name);
+                let mut token = reqwest::header::HeaderValue::from_str(cached.access_token.expose()).map_err(|_| {
+                    self.fail(format!("the cached SSO access token is not a header value: {}", login()))
+                })?;
+                token.set_sensitive(true);
+                let response = http
+                    .get(url)
+                    .header("x-amz-sso_bearer_token", token)
+                    .send()
+                    .await
+                    .map_err(|e| self.fail(error_chain(&e)))?;
+                if matches!(response.status().as_u16(), 401 | 403) {
+                    return Err(self.fail(format!(
+                        "the SSO portal refused the cached login (HTTP {}): {}",
+                        response.status().as_u16(),
+                        login()
+                    )));
+                }
+                let answer: RoleCredentialsAnswer = serde_json::from_str(&read_text(response, self).await?)
+                    .map_err(|e| self.fail(format!("answer is not GetRoleCredentials JSON ({})", e.classify_name())))?;
+                let keys = answer.role_credentials;
+                Ok(AwsCredentials::new(
+                    keys.access_key_id,
+                    keys.secret_access_key.expose(),
+                    Some(keys.session_token.expose().to_owned()),
+                )
+                .expiring_at(SystemTime::UNIX_EPOCH + Duration::from_millis(keys.expiration)))
             }
         }
     }
+}
+
+/// What `aws sso login` caches (`~/.aws/sso/cache/*.json`); other fields (the refresh token, the
+/// client registration) are not read.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SsoToken {
+    access_token: Secret,
+    expires_at: String,
+}
+
+/// The SSO portal's `GetRoleCredentials` answer; `expiration` is in milliseconds since the epoch.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RoleCredentialsAnswer {
+    role_credentials: RoleCredentials,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RoleCredentials {
+    access_key_id: String,
+    secret_access_key: Secret,
+    session_token: Secret,
+    expiration: u64,
+}
+
+/// `application/x-www-form-urlencoded` text of `pairs` (every byte but the unreserved ones
+/// percent-encoded, as the AWS SDKs write query-protocol bodies).
+fn form_body(pairs: &[(&str, &str)]) -> String {
+    let encoded: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", sigv4::uri_encode(k.as_bytes()), sigv4::uri_encode(v.as_bytes())))
+        .collect();
+    encoded.join("&")
+}
+
+/// The `Credentials` of an STS answer (`AssumeRole` and `AssumeRoleWithWebIdentity` share them).
+async fn sts_credentials(
+    response: reqwest::Response,
+    source: &CredentialSource,
+) -> Result<AwsCredentials, CredentialsError> {
+    let xml = read_text(response, source).await?;
+    let field = |name: &str| xml_field(&xml, name).ok_or_else(|| source.fail(format!("answer has no {name}")));
+    let expires =
+        parse_rfc3339(&field("Expiration")?).ok_or_else(|| source.fail("Expiration is not an RFC 3339 time"))?;
+    Ok(AwsCredentials::new(field("AccessKeyId")?, field("SecretAccessKey")?, Some(field("SessionToken")?))
+        .expiring_at(expires))
+}
+
+/// A form `body` posted to `url`, signed with `SigV4` for `service` in `region` (the AWS query
+/// protocol: STS).
+async fn signed_post(
+    http: &reqwest::Client,
+    url: &reqwest::Url,
+    body: String,
+    keys: &AwsCredentials,
+    region: &str,
+    service: &str,
+    now: SystemTime,
+) -> Result<reqwest::Response, String> {
+    let host = match (url.host_str(), url.port()) {
+        (Some(host), Some(port)) => format!("{host}:{port}"),
+        (Some(host), None) => host.to_owned(),
+        (None, _) => return Err("the endpoint has no host".to_owned()),
+    };
+    let amz_date = sigv4::amz_date(now);
+    let mut signed = vec![
+        ("content-type".to_owned(), "application/x-www-form-urlencoded; charset=utf-8".to_owned()),
+        ("host".to_owned(), host),
+        ("x-amz-date".to_owned(), amz_date.clone()),
+    ];
+    if let Some(token) = &keys.session_token {
+        signed.push(("x-amz-security-token".to_owned(), token.expose().to_owned()));
+    }
+    let signature = sigv4::sign(
+        &SignableRequest { method: "POST", path: url.path(), query: "", headers: &signed, payload: body.as_bytes() },
+        keys,
+        &SigningScope { region, service, amz_date: &amz_date },
+    );
+    let mut headers = reqwest::header::HeaderMap::new();
+    for (name, value) in signed.iter().chain(std::iter::once(&("authorization".to_owned(), signature.authorization))) {
+        if name == "host" {
+            continue;
+        }
+        let name = reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?;
+        let mut value = reqwest::header::HeaderValue::from_str(value)
+            .map_err(|_| format!("header {name} has characters not allowed in HTTP"))?;
+        value.set_sensitive(true);
+        headers.insert(name, value);
+    }
+    http.post(url.clone()).headers(headers).body(body).send().await.map_err(|e| error_chain(&e))
 }
 
 /// Runs `credential_process` through the shell, as the AWS CLI does on Unix; its stderr goes to
