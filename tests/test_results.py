@@ -318,3 +318,33 @@ def test_cli_retry_failed_without_a_journal_is_a_usage_error(tmp_path: Path) -> 
     proc = run_cli("prompts.txt", "--backend", f"sim://?{FAST}", "--retry-failed", cwd=tmp_path)
     assert proc.returncode == 2
     assert "--retry-failed: there is no journal" in proc.stderr
+
+
+def test_without_a_schema_the_answer_is_the_output_and_text_stays_empty() -> None:
+    # The core hands a schema-less answer over once, as the text, and says it is the output.
+    [plain] = Batch("Say {x}.", backend=f"sim://?{FAST}").run(inputs(1))
+    assert plain.ok and isinstance(plain.output, str) and plain.output
+    assert plain.text is None and plain.to_dict()["text"] is None
+    [structured] = Batch("Summarise {x}.", output=Summary, backend=f"sim://?{FAST}").run(inputs(1))
+    assert structured.ok and isinstance(structured.output, Summary)
+    assert structured.text is not None and json.loads(structured.text)["summary"] == structured.output.summary
+
+
+def test_a_run_from_sync_code_never_formats_its_results() -> None:
+    # `asyncio.run` formats the repr of its SIGINT handler, which reaches the main task's result:
+    # with answers of megabytes that was two more copies of every one.
+    from batchagent_rs import batch as batch_module
+
+    formatted: list[int] = []
+
+    class Answer:
+        def __repr__(self) -> str:
+            formatted.append(1)
+            return "Answer()"
+
+    async def make() -> list[Answer]:
+        return [Answer()]
+
+    [answer] = batch_module._blocking(make)
+    assert isinstance(answer, Answer)
+    assert formatted == []

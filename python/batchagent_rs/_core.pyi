@@ -70,7 +70,7 @@ class Run:
             tuple[str, str, bool, int] | None,
             tuple[int, int, int, int],
             tuple[int, int, int],
-            tuple[bool, bool, str | None],
+            tuple[bool, bool, str | None, bool],
             float | None,
             float,
         ]
@@ -92,7 +92,7 @@ class Run:
         tuple[str, str, bool, int] | None,
         tuple[int, int, int, int],
         tuple[int, int, int],
-        tuple[bool, bool, str | None],
+        tuple[bool, bool, str | None, bool],
         float | None,
         float,
     ]:
@@ -149,7 +149,7 @@ class Run:
                 tuple[str, str, bool, int] | None,
                 tuple[int, int, int, int],
                 tuple[int, int, int],
-                tuple[bool, bool, str | None],
+                tuple[bool, bool, str | None, bool],
                 float | None,
                 float,
             ]
@@ -160,9 +160,10 @@ class Run:
         """`(tool_calls, batch_calls, validations, results, credit, done)`; each result is
         `(id, index, ok, output_json, text, (kind, message, retryable, attempts) | None,
         (prompt, cached, completion, cache_creation tokens), (turns, tool_calls, attempts),
-        (repaired, truncated, finish_reason), ttft, total)`; `attempts` is 1 + the retries of the
-        job's model calls (0 when none was made). Results of jobs an earlier run finished (a
-        journal) come too, once each."""
+        (repaired, truncated, finish_reason, text_is_output), ttft, total)`; `attempts` is 1 + the
+        retries of the job's model calls (0 when none was made). Without a schema the output is the
+        answer text: it comes once, as `text`, with `text_is_output` set and no `output_json`.
+        Results of jobs an earlier run finished (a journal) come too, once each."""
     def complete_tools(self, items: list[tuple[int, bool, str]]) -> None:
         """Answers `(call id, ok, text)` for tool calls."""
     def complete_batches(self, items: list[tuple[int, bool, list[tuple[bool, str]], str]]) -> None:

@@ -291,7 +291,7 @@ _ResultTuple = tuple[
     "tuple[str, str, bool, int] | None",
     tuple[int, int, int, int],
     tuple[int, int, int],
-    "tuple[bool, bool, str | None]",
+    "tuple[bool, bool, str | None, bool]",
     "float | None",
     float,
 ]
@@ -843,7 +843,16 @@ def _blocking(make: Callable[[], Coroutine[Any, Any, _R]]) -> _R:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(make())
+        # The value goes back through a box, not as the main task's result: at its end
+        # `asyncio.run` formats an error message with the repr of its SIGINT handler, which holds
+        # the main task, whose repr holds its result: every answer's full text, copied twice.
+        box: list[_R] = []
+
+        async def main() -> None:
+            box.append(await make())
+
+        asyncio.run(main())
+        return box[0]
     loop = asyncio.new_event_loop()
     task = loop.create_task(make())
     outcome: dict[str, Any] = {}
@@ -1314,7 +1323,8 @@ class _Driver:
 
     def _result(self, item: _ResultTuple) -> Result:
         job_id, index, ok, output_json, text, error, usage, counts, flags, ttft, total = item
-        repaired, truncated, finish_reason = flags
+        # Without a schema the core hands the answer over once, as `text`, and says it is the output.
+        repaired, truncated, finish_reason, text_is_output = flags
         output: Any = None
         if ok:
             if self.model_type is not None:
@@ -1349,7 +1359,7 @@ class _Driver:
                 "attempts": attempts,
                 "ttft": ttft,
                 "total": total,
-                "text": text,
+                "text": None if text_is_output else text,
                 "repaired": repaired,
                 "finish_reason": finish_reason,
                 "truncated": truncated,

@@ -40,10 +40,14 @@ pub async fn whole_turn(
     events: Option<&mpsc::UnboundedSender<StreamEvent>>,
     text_deltas: bool,
 ) -> Result<ChatResponse, BackendError> {
-    let bytes = http.read_body(response).await?;
-    let text =
-        std::str::from_utf8(&bytes).map_err(|e| BackendError::Protocol(format!("{what} body is not UTF-8: {e}")))?;
-    let turn = parse(text).map_err(|e| http.redact_error(e))?;
+    let turn = {
+        // The body is parsed in place (the answer's text is its one copy) and freed before the
+        // answer goes on.
+        let bytes = http.read_body(response).await?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|e| BackendError::Protocol(format!("{what} body is not UTF-8: {e}")))?;
+        parse(text).map_err(|e| http.redact_error(e))?
+    };
     if let Some(tx) = events {
         replay_events(&turn, tx, text_deltas);
     }

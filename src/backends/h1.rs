@@ -454,7 +454,12 @@ impl H1Response {
 
     async fn fill(&mut self) -> Result<usize, H1Error> {
         let Some(stream) = self.stream.as_mut() else { return Ok(0) };
-        if self.buf.capacity().saturating_sub(self.buf.len()) < READ_SIZE / 4 {
+        let spare = self.buf.capacity().saturating_sub(self.buf.len());
+        // A body of known length that fits the spare room is read into it as it is: growing the
+        // buffer at its last bytes would copy the whole body into one twice its size.
+        let rest_fits = matches!(self.framing, Framing::Length(remaining)
+            if remaining.saturating_sub(self.buf.len() as u64) <= spare as u64);
+        if spare < READ_SIZE / 4 && !rest_fits {
             self.buf.reserve(READ_SIZE);
         }
         match self.client.read_timeout {

@@ -56,9 +56,10 @@ type Pending<T> = Mutex<HashMap<u64, Reply<T>>>;
 /// `(batch id, ok, per-call (ok, text), error)` as Python sends it.
 type BatchAnswer = (u64, bool, Vec<(bool, String)>, String);
 /// A finished job as Python receives it: `(id, index, ok, output_json, text, error, usage, counts,
-/// (repaired, truncated, finish_reason), ttft, total)` with `error = (kind, message, retryable,
-/// attempts)`, `usage = (prompt, cached, completion, cache_creation)` and `counts = (turns,
-/// tool_calls, attempts)`.
+/// (repaired, truncated, finish_reason, text_is_output), ttft, total)` with `error = (kind,
+/// message, retryable, attempts)`, `usage = (prompt, cached, completion, cache_creation)` and
+/// `counts = (turns, tool_calls, attempts)`. Without a schema the output is the answer text: it
+/// comes as `text` with `text_is_output` set and no `output_json`.
 /// Tuples rather than JSON: no serialising here and no parsing there.
 type ResultTuple = (
     String,
@@ -69,7 +70,7 @@ type ResultTuple = (
     Option<(String, String, bool, u32)>,
     (u64, u64, u64, u64),
     (u32, u32, u32),
-    (bool, bool, Option<String>),
+    (bool, bool, Option<String>, bool),
     Option<f64>,
     f64,
 );
@@ -88,16 +89,22 @@ type Events = (
 
 fn result_tuple(r: JobResult) -> ResultTuple {
     let u = r.usage;
+    // A long answer without a schema is moved into one Python string, not written out as JSON text
+    // for Python to parse back (two more copies of it, and of the peak memory).
+    let (output_json, text, text_is_output) = match (r.output, r.text) {
+        (Some(Value::String(answer)), None) => (None, Some(answer), true),
+        (output, text) => (output.map(|v| v.to_string()), text, false),
+    };
     (
         r.id,
         r.index,
         r.ok,
-        r.output.map(|v| v.to_string()),
-        r.text,
+        output_json,
+        text,
         r.error.map(|e| (e.kind, e.message, e.retryable, e.attempts)),
         (u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.cache_creation_tokens),
         (r.turns, r.tool_calls, r.attempts),
-        (r.repaired, r.truncated, r.finish_reason),
+        (r.repaired, r.truncated, r.finish_reason, text_is_output),
         r.ttft_s,
         r.total_s,
     )
