@@ -232,6 +232,11 @@ pub struct BatchSpec {
     pub agent_hints: bool,
     /// Send the engine's own request priority where it takes one (vLLM `priority`).
     pub engine_hints: bool,
+    /// Requests per minute allowed per endpoint, set by hand (otherwise learned from the answers'
+    /// rate-limit headers).
+    pub rpm: Option<u64>,
+    /// Tokens (prompt + completion) per minute allowed per endpoint, set by hand.
+    pub tpm: Option<u64>,
     /// Fields merged into every request body (`extra_body=`); a job's own extra fields go on top.
     pub extra_body: Option<Arc<Map<String, Value>>>,
     pub compaction: CompactionSpec,
@@ -301,6 +306,10 @@ struct RawSpec {
     agent_hints: bool,
     #[serde(default)]
     engine_hints: bool,
+    #[serde(default)]
+    rpm: Option<u64>,
+    #[serde(default)]
+    tpm: Option<u64>,
     #[serde(default)]
     extra_body: Option<Map<String, Value>>,
     #[serde(default = "default_true")]
@@ -376,6 +385,14 @@ impl BatchSpec {
         if raw.max_turns == 0 {
             return Err(SpecError::Invalid { field: "max_turns", message: "must be at least 1".into() });
         }
+        for (field, value) in [("rpm", raw.rpm), ("tpm", raw.tpm)] {
+            if value == Some(0) {
+                return Err(SpecError::Invalid {
+                    field,
+                    message: "must be at least 1 (leave it out for no limit)".into(),
+                });
+            }
+        }
         if raw.max_inflight == 0 {
             return Err(SpecError::Invalid { field: "max_inflight", message: "must be at least 1".into() });
         }
@@ -443,6 +460,8 @@ impl BatchSpec {
             warm_prefix: raw.warm_prefix,
             agent_hints: raw.agent_hints,
             engine_hints: raw.engine_hints,
+            rpm: raw.rpm,
+            tpm: raw.tpm,
             extra_body: raw.extra_body.filter(|m| !m.is_empty()).map(Arc::new),
             compaction: CompactionSpec {
                 enabled: raw.compaction,

@@ -468,6 +468,8 @@ def _run(settings: dict[str, Any], base: str | None) -> int:
             dedupe=bool(settings.get("dedupe")),
             extra_body=settings.get("extra_body"),
             engine_hints=bool(settings.get("engine_hints")),
+            rpm=int(settings["rpm"]) if settings.get("rpm") else None,
+            tpm=int(settings["tpm"]) if settings.get("tpm") else None,
             extra_headers=_headers(settings.get("extra_headers")),
             **_provider_batch(settings),
             metrics_port=settings.get("metrics_port"),
@@ -658,6 +660,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "-c", "--max-inflight", dest="max_inflight", type=_positive, help="model calls in flight (default 64)"
     )
     p.add_argument("--max-turns", dest="max_turns", type=_positive, help="model turns per job (default 8)")
+    p.add_argument(
+        "--rpm",
+        type=_positive,
+        help="requests per minute per endpoint (default: learned from the API's rate-limit headers)",
+    )
+    p.add_argument(
+        "--tpm",
+        type=_positive,
+        help="tokens (prompt + max_tokens) per minute per endpoint (default: learned from the headers)",
+    )
     p.add_argument(
         "--call-timeout",
         dest="call_timeout",

@@ -30,6 +30,8 @@ SETTINGS: dict[str, Kind] = {
     "model": "str",
     "max_inflight": "int",
     "max_turns": "int",
+    "rpm": "int",
+    "tpm": "int",
     "call_timeout": "seconds",
     "idle_timeout": "seconds",
     "agent_timeout": "seconds",

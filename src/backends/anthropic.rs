@@ -8,11 +8,12 @@ use futures_util::future::BoxFuture;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use super::call::{arguments_object, whole_turn, with_call_timeout};
+use super::call::{arguments_object, estimate, whole_turn, with_call_timeout};
 use super::http::{AuthStyle, HttpClient};
 use super::url::BackendOptions;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
 use crate::conversation::Role;
+use crate::limits::pacer::Ticket;
 use crate::secret::Secret;
 use crate::stream::anthropic::{parse_message, AnthropicStreamAssembler};
 
@@ -74,6 +75,8 @@ impl AnthropicBackend {
         }
         let http = HttpClient::new(base_url, &options, Some(key), AuthStyle::Header("x-api-key"))?;
         let name = format!("anthropic {}", http.base_url());
+        // The API's limits are learned from its answers: the first call goes alone.
+        http.pacer().probe_first();
         Ok(Self { http, name, settings })
     }
 
@@ -86,10 +89,12 @@ impl AnthropicBackend {
         &self,
         request: ChatRequest,
         events: Option<mpsc::UnboundedSender<StreamEvent>>,
+        ticket: Ticket,
     ) -> Result<ChatResponse, BackendError> {
         let body = self.request_body(&request)?;
         let started = Instant::now();
-        let mut response = self.http.send(self.http.post("/v1/messages", &body)).await.map_err(overloaded_529)?;
+        let mut response =
+            self.http.send(self.http.post("/v1/messages", &body).ticket(ticket)).await.map_err(overloaded_529)?;
         if !request.stream {
             let (events, deltas) = (events.as_ref(), request.text_deltas);
             return whole_turn(&self.http, response, "Anthropic message", parse_message, events, deltas).await;
@@ -134,7 +139,11 @@ impl Backend for AnthropicBackend {
         request: ChatRequest,
         events: Option<mpsc::UnboundedSender<StreamEvent>>,
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>> {
-        Box::pin(with_call_timeout(self.http.request_timeout(), self.chat_inner(request, events)))
+        Box::pin(async move {
+            // Waiting for the rate limit is not part of the call's time limit.
+            let ticket = self.http.admit(estimate(&request, Some(self.settings.default_max_tokens))).await;
+            with_call_timeout(self.http.request_timeout(), self.chat_inner(request, events, ticket)).await
+        })
     }
 }
 

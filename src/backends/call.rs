@@ -9,8 +9,9 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use super::http::{HttpClient, Response};
-use super::{BackendError, ChatResponse, StreamEvent};
+use super::{BackendError, ChatRequest, ChatResponse, StreamEvent};
 use crate::conversation::TimeoutKind;
+use crate::limits::Estimate;
 
 /// Merges `extra` into a request body: each key replaces the body's field of that name (the
 /// openai SDK's `extra_body` semantics), so a user's value wins over the one built here.
@@ -18,6 +19,18 @@ pub fn merge_extra_body(body: &mut Map<String, Value>, extra: &Map<String, Value
     for (key, value) in extra {
         body.insert(key.clone(), value.clone());
     }
+}
+
+/// What a model call will cost against a rate limit, before it is sent: the text of its messages
+/// (contents and tool-call arguments) at four characters a token, plus its `max_tokens` (or
+/// `default_max_tokens` where the wire protocol always sends one).
+pub fn estimate(request: &ChatRequest, default_max_tokens: Option<u32>) -> Estimate {
+    let chars: usize = request
+        .messages
+        .iter()
+        .map(|m| m.content.len() + m.tool_calls.iter().map(|c| c.name.len() + c.arguments.len()).sum::<usize>())
+        .sum();
+    Estimate::from_text_len(chars, request.max_tokens.or(default_max_tokens))
 }
 
 /// Runs one model call under its overall time limit (`call_timeout`).

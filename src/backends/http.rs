@@ -19,7 +19,9 @@ use super::h1::{H1Client, H1Error, H1Response};
 use super::url::BackendOptions;
 use super::{BackendError, ChatResponse, StreamEvent};
 use crate::conversation::TimeoutKind;
-use crate::limits::TooLarge;
+pub use crate::limits::headers::parse_retry_after;
+use crate::limits::pacer::{Estimate, Pacer, Ticket};
+use crate::limits::{RateLimitHeaders, TooLarge};
 use crate::secret::Secret;
 use crate::stream::sse::SseParser;
 pub use crate::stream::sse::SseTurn;
@@ -38,6 +40,15 @@ pub enum AuthStyle {
     Header(&'static str),
 }
 
+/// Tells the pacer that a request it admitted has ended, when dropped.
+struct Ended<'a>(&'a Pacer);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.0.answered();
+    }
+}
+
 /// A pooled client bound to one server: the lean HTTP/1.1 client of [`h1`](super::h1) for
 /// plain `http://` servers reached without a proxy, reqwest for everything else.
 #[derive(Clone)]
@@ -53,6 +64,8 @@ pub struct HttpClient {
     idle_timeout: Option<Duration>,
     connect_timeout: Duration,
     max_response_bytes: usize,
+    /// Paces the model calls sent to this server by its rate limits (see [`Pacer`]).
+    pacer: Arc<Pacer>,
 }
 
 impl fmt::Debug for HttpClient {
@@ -71,6 +84,8 @@ pub struct Post<'a> {
     target: Target<'a>,
     body: Vec<u8>,
     headers: Vec<(&'static str, String)>,
+    /// The pacer's admission of this request: its answer's rate-limit headers are read.
+    ticket: Option<Ticket>,
 }
 
 enum Target<'a> {
@@ -82,6 +97,13 @@ impl Post<'_> {
     #[must_use]
     pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
         self.headers.push((name, value.into()));
+        self
+    }
+
+    /// Marks the request as admitted by the client's pacer, which then learns from the answer.
+    #[must_use]
+    pub fn ticket(mut self, ticket: Ticket) -> Self {
+        self.ticket = Some(ticket);
         self
     }
 }
@@ -228,7 +250,18 @@ impl HttpClient {
             idle_timeout: options.idle_timeout,
             connect_timeout: options.connect_timeout,
             max_response_bytes: options.max_response_bytes,
+            pacer: Arc::new(Pacer::new(options.rate_limits)),
         })
+    }
+
+    /// Waits until the server's rate limits (set by hand or stated in its headers) allow a
+    /// request of this cost; the ticket goes on the request ([`Post::ticket`]).
+    pub async fn admit(&self, estimate: Estimate) -> Ticket {
+        self.pacer.admit(estimate).await
+    }
+
+    pub fn pacer(&self) -> &Arc<Pacer> {
+        &self.pacer
     }
 
     /// Most bytes read of one response body (`max_response_bytes`).
@@ -258,12 +291,17 @@ impl HttpClient {
 
     /// A JSON POST to `base_url + path` with the auth and extra headers.
     pub fn post<'a>(&self, path: &'a str, body: &Value) -> Post<'a> {
-        Post { target: Target::Path(path), body: serde_json::to_vec(body).unwrap_or_default(), headers: Vec::new() }
+        Post {
+            target: Target::Path(path),
+            body: serde_json::to_vec(body).unwrap_or_default(),
+            headers: Vec::new(),
+            ticket: None,
+        }
     }
 
     /// A POST of an already serialised JSON body to an [`Endpoint`].
     pub fn post_to<'a>(&self, endpoint: &'a Endpoint, body: Vec<u8>) -> Post<'a> {
-        Post { target: Target::Endpoint(endpoint), body, headers: Vec::new() }
+        Post { target: Target::Endpoint(endpoint), body, headers: Vec::new(), ticket: None }
     }
 
     /// Sends the request; a non-2xx answer becomes the matching [`BackendError`].
@@ -273,6 +311,10 @@ impl HttpClient {
         if let Some((name, _)) = post.headers.iter().find(|(_, value)| !is_field_value(value.as_bytes())) {
             return Err(BackendError::Config(format!("header {name} has a value with a control character")));
         }
+        let ticket = post.ticket;
+        // However the request ends (answered, failed, cancelled), requests held back until the
+        // first answer go on.
+        let _ended = ticket.map(|_| Ended(&self.pacer));
         let response = if let Some(fast) = &self.fast {
             let full_path;
             let path = match post.target {
@@ -299,6 +341,15 @@ impl HttpClient {
             Response::Reqwest(request.send().await.map_err(|e| self.transport_error(&e))?, 0)
         };
         let status = response.status();
+        if let Some(ticket) = &ticket {
+            let mut stated = RateLimitHeaders::parse(|name| response.header(name), SystemTime::now());
+            if status != 429 {
+                // A 503's `Retry-After` is about that call (an engine that is overloaded), not a
+                // rate limit: the call's own retry waits for it.
+                stated.retry_after = None;
+            }
+            self.pacer.observe(ticket, &stated);
+        }
         if (200..300).contains(&status) {
             return Ok(response);
         }
@@ -580,20 +631,6 @@ pub fn status_error(status: u16, retry_after: Option<&str>, body: &[u8], now: Sy
             BackendError::rejected_with_code(status, body_message(body, status), code)
         }
     }
-}
-
-/// `Retry-After` as delay-seconds or an HTTP-date (RFC 9110 10.2.3). A date in the past means now.
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    // Not in the RFC, but some proxies send fractional seconds.
-    if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)));
-    }
-    let when = httpdate::parse_http_date(value).ok()?;
-    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// The human part of an error body: `error.message`, `message`, `detail` or `error` (as servers

@@ -9,12 +9,13 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use super::call::{whole_turn, with_call_timeout};
+use super::call::{estimate, whole_turn, with_call_timeout};
 use super::http::{AuthStyle, HttpClient};
 use super::openai::{role_name, tool_json};
 use super::url::BackendOptions;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
 use crate::conversation::{Message, Role, ToolCall, Usage};
+use crate::limits::pacer::Ticket;
 use crate::stream::ndjson::{NdjsonParser, StreamEnd};
 use crate::stream::openai::normalise_finish_reason;
 
@@ -221,10 +222,11 @@ impl OllamaBackend {
         &self,
         request: ChatRequest,
         events: Option<mpsc::UnboundedSender<StreamEvent>>,
+        ticket: Ticket,
     ) -> Result<ChatResponse, BackendError> {
         let body = self.request_body(&request);
         let started = Instant::now();
-        let mut response = self.http.send(self.http.post("/api/chat", &body)).await?;
+        let mut response = self.http.send(self.http.post("/api/chat", &body).ticket(ticket)).await?;
         let mut turn = Turn::new(&request.request_id, request.text_deltas);
         let mut out = Vec::new();
         if !request.stream {
@@ -284,7 +286,11 @@ impl Backend for OllamaBackend {
         request: ChatRequest,
         events: Option<mpsc::UnboundedSender<StreamEvent>>,
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>> {
-        Box::pin(with_call_timeout(self.http.request_timeout(), self.chat_inner(request, events)))
+        Box::pin(async move {
+            // Waiting for the rate limit is not part of the call's time limit.
+            let ticket = self.http.admit(estimate(&request, None)).await;
+            with_call_timeout(self.http.request_timeout(), self.chat_inner(request, events, ticket)).await
+        })
     }
 }
 

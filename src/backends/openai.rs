@@ -12,11 +12,12 @@ use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use super::call::{merge_extra_body, whole_turn, with_call_timeout};
+use super::call::{estimate, merge_extra_body, whole_turn, with_call_timeout};
 use super::http::{AuthStyle, Endpoint, HttpClient};
 use super::url::BackendOptions;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
 use crate::conversation::{Message, Role, ToolCall, ToolDef, Usage};
+use crate::limits::pacer::{Estimate, Ticket};
 use crate::stream::openai::{parse_chat_completion, parse_completions, ChatStreamAssembler};
 
 /// Which server sits behind the `OpenAI`-compatible API.
@@ -142,6 +143,10 @@ impl OpenAiBackend {
         let key = options.api_key.clone().filter(|k| !k.is_empty());
         let http = HttpClient::new(&api_base, options, key, AuthStyle::Bearer)?;
         let chat_url = http.endpoint("/chat/completions")?;
+        if flavour == Flavour::OpenAi {
+            // A hosted API's limits are learned from its answers: the first call goes alone.
+            http.pacer().probe_first();
+        }
         Ok(Self {
             flavour,
             name: format!("{} {api_base}", flavour.label()),
@@ -257,8 +262,12 @@ impl OpenAiBackend {
                 fields.insert("max_tokens".into(), Value::from(max));
             }
         }
+        let chars = prompts.iter().map(String::len).sum();
+        let mut cost = Estimate::from_text_len(chars, max_tokens);
+        cost.output = cost.output.saturating_mul(prompts.len() as u64);
+        let ticket = self.http.admit(cost).await;
         let call = async {
-            let response = self.http.send(self.http.post("/completions", &body)).await?;
+            let response = self.http.send(self.http.post("/completions", &body).ticket(ticket)).await?;
             let bytes = self.http.read_body(response).await?;
             let text = std::str::from_utf8(&bytes)
                 .map_err(|e| BackendError::Protocol(format!("completions body is not UTF-8: {e}")))?;
@@ -271,8 +280,9 @@ impl OpenAiBackend {
         &self,
         request: ChatRequest,
         events: Option<mpsc::UnboundedSender<StreamEvent>>,
+        ticket: Ticket,
     ) -> Result<ChatResponse, BackendError> {
-        let mut post = self.http.post_to(&self.chat_url, self.request_bytes(&request));
+        let mut post = self.http.post_to(&self.chat_url, self.request_bytes(&request)).ticket(ticket);
         if self.flavour.sends_request_id() && !request.request_id.is_empty() {
             post = post.header("X-Request-Id", request.request_id.as_str());
         }
@@ -307,7 +317,11 @@ impl Backend for OpenAiBackend {
         request: ChatRequest,
         events: Option<mpsc::UnboundedSender<StreamEvent>>,
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>> {
-        Box::pin(with_call_timeout(self.http.request_timeout(), self.chat_inner(request, events)))
+        Box::pin(async move {
+            // Waiting for the rate limit is not part of the call's time limit.
+            let ticket = self.http.admit(estimate(&request, None)).await;
+            with_call_timeout(self.http.request_timeout(), self.chat_inner(request, events, ticket)).await
+        })
     }
 }
 

@@ -31,6 +31,9 @@ pub struct BackendOptions {
     /// started with `--scheduling-policy priority`, so it is never sent by default).
     pub engine_priority: bool,
     pub extra_headers: Vec<(String, String)>,
+    /// Requests and tokens per minute set by hand (`rpm=`, `tpm=`); otherwise learned from the
+    /// rate-limit headers of the answers.
+    pub rate_limits: crate::limits::HandLimits,
 }
 
 impl Default for BackendOptions {
@@ -44,6 +47,7 @@ impl Default for BackendOptions {
             agent_hints: false,
             engine_priority: false,
             extra_headers: Vec::new(),
+            rate_limits: crate::limits::HandLimits::default(),
         }
     }
 }
@@ -58,6 +62,7 @@ impl fmt::Debug for BackendOptions {
             .field("max_response_bytes", &self.max_response_bytes)
             .field("agent_hints", &self.agent_hints)
             .field("engine_priority", &self.engine_priority)
+            .field("rate_limits", &self.rate_limits)
             .field("extra_headers", &self.extra_headers.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
             .finish()
     }

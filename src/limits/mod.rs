@@ -1,9 +1,14 @@
-//! Limits that protect a run: the adaptive concurrency limit (AIMD) driven by throttling, and the
-//! bounds on what a server may send, so that no answer can exhaust the client's memory.
+//! Limits that protect a run: the adaptive concurrency limit (AIMD) driven by throttling, request
+//! and token pacing from the rate limits hosted APIs state in their headers, and the bounds on what
+//! a server may send, so that no answer can exhaust the client's memory.
 
 pub mod aimd;
+pub mod headers;
+pub mod pacer;
 
 pub use aimd::AdaptiveLimit;
+pub use headers::RateLimitHeaders;
+pub use pacer::{Estimate, HandLimits, Pacer};
 
 /// Default of `max_response_bytes`: the most bytes of one response body (streamed or not) read
 /// from a server, and so the bound of every buffer fed from it (SSE lines and event data, NDJSON

@@ -32,6 +32,7 @@ use crate::backends::fleet::{FleetOptions, Routing};
 use crate::backends::metrics::EngineWatch;
 use crate::backends::provider_batch::{BatchLedger, ProviderBatchBackend, ProviderBatchOptions, RowRetry};
 use crate::limits::AdaptiveLimit;
+use crate::limits::HandLimits;
 use crate::output::CompiledSchema;
 use crate::python::errors::{backend_error, spec_error, InputError, JournalError, RunError, SchemaError};
 use crate::scheduler::agent::TurnSink;
@@ -539,6 +540,7 @@ impl PyRun {
             extra_headers: options.extra_headers,
             agent_hints: spec.agent_hints,
             engine_priority: spec.engine_hints,
+            rate_limits: HandLimits { rpm: spec.rpm, tpm: spec.tpm },
             request_timeout: spec.call_timeout,
             idle_timeout: Some(spec.idle_timeout),
             max_response_bytes: spec.max_response_bytes,
@@ -550,11 +552,9 @@ impl PyRun {
         let summariser = match &options.compaction_backend {
             Some(url) => Some(
                 py.allow_threads(|| {
-                    runtime.block_on(connect_fleet(
-                        std::slice::from_ref(url),
-                        &connect_options,
-                        FleetOptions::default(),
-                    ))
+                    // `rpm=` / `tpm=` are the run's backend's limits, not the summariser's.
+                    let options = ConnectOptions { rate_limits: HandLimits::default(), ..connect_options.clone() };
+                    runtime.block_on(connect_fleet(std::slice::from_ref(url), &options, FleetOptions::default()))
                 })
                 .map_err(|e| backend_error(&e))?,
             ),

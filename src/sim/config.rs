@@ -24,6 +24,7 @@
 //! | `batch_delay` | `60` | real seconds (not scaled by `time_scale`) from creating a provider batch (`/v1/batches`, `/v1/messages/batches`) to its end; rows finish spread over it; `POST /sim/batches/complete` ends every running batch at once |
 //! | `batch_failure_rate` | `0` | rate of batch rows answered with a server error (500 / `api_error`) |
 //! | `batch_expire_rate` | `0` | rate of batches whose completion window ends half-way: rows not finished by then expire |
+//! | `rate_limit_rpm`, `rate_limit_tpm` | none | requests / tokens per minute, enforced in real time (not scaled by `time_scale`) as hosted APIs do: a token bucket holding `rate_limit_burst` seconds of allowance (default `60`: one minute's; `1` enforces 3,000 RPM as 50 requests a second, as `OpenAI` says it may), refilled continuously; a request's tokens are its messages' characters / 4 plus its `max_tokens`; every answer of `/v1/chat/completions` and `/v1/completions` carries `OpenAI`'s `x-ratelimit-*` headers, of `/v1/messages` Anthropic's `anthropic-ratelimit-*`; beyond the limit, 429 with `retry-after` |
 //! | `fault_grammar` | `0` | rate of grammar-constrained requests (`response_format` with a schema) answered, every time they are sent, with llama.cpp's HTTP 500 "does not match the expected format" |
 
 use std::fmt;
@@ -281,6 +282,12 @@ pub struct SimConfig {
     /// The context window (vLLM's `--max-model-len`): a request whose prompt plus `max_tokens`
     /// exceeds it is refused with a 400 in the server's words. `None`: only the KV cache bounds it.
     pub max_model_len: Option<u32>,
+    /// Requests per minute allowed (`rate_limit_rpm`); `None`: no limit.
+    pub rate_limit_rpm: Option<u64>,
+    /// Tokens per minute allowed (`rate_limit_tpm`); `None`: no limit.
+    pub rate_limit_tpm: Option<u64>,
+    /// Seconds of allowance the rate-limit buckets hold (`rate_limit_burst`).
+    pub rate_limit_burst: f64,
 }
 
 impl Default for SimConfig {
@@ -302,6 +309,9 @@ impl Default for SimConfig {
             api_key: None,
             batches: BatchSimConfig::default(),
             max_model_len: None,
+            rate_limit_rpm: None,
+            rate_limit_tpm: None,
+            rate_limit_burst: 60.0,
         }
     }
 }
@@ -381,6 +391,24 @@ impl SimConfig {
             "model" => {
                 value.clone_into(&mut self.model);
                 self.model_pinned = true;
+            }
+            "rate_limit_rpm" | "rate_limit_tpm" => {
+                let limit: u64 = parse_num(key, value)?;
+                if limit == 0 {
+                    return Err(invalid(key, value, "a limit allows at least 1 per minute"));
+                }
+                if key == "rate_limit_rpm" {
+                    self.rate_limit_rpm = Some(limit);
+                } else {
+                    self.rate_limit_tpm = Some(limit);
+                }
+            }
+            "rate_limit_burst" => {
+                let seconds: f64 = parse_num(key, value)?;
+                if !seconds.is_finite() || !(0.001..=60.0).contains(&seconds) {
+                    return Err(invalid(key, value, "seconds of allowance, above 0 and at most 60"));
+                }
+                self.rate_limit_burst = seconds;
             }
             "model_root" => self.model_root = Some(value.to_owned()),
             "api_key" => self.api_key = Secret::non_empty(Some(value.to_owned())),

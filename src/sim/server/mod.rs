@@ -10,6 +10,7 @@ mod batches;
 mod metrics;
 mod ollama;
 mod openai;
+mod ratelimit;
 mod stats;
 
 use std::io;
@@ -45,6 +46,8 @@ pub(crate) struct AppState {
     stats: Stats,
     prompt_cache: anthropic::PromptCacheTable,
     batches: batches::BatchStore,
+    /// `rate_limit_rpm` / `rate_limit_tpm`, when either is set.
+    limiter: Option<ratelimit::RateLimiter>,
 }
 
 /// A running simulator bound to `host:port`.
@@ -72,6 +75,7 @@ impl SimServer {
             stats: Stats::new(config.ttft_window),
             prompt_cache: anthropic::PromptCacheTable::default(),
             batches: batches::BatchStore::default(),
+            limiter: ratelimit::RateLimiter::new(config.rate_limit_rpm, config.rate_limit_tpm, config.rate_limit_burst),
             engine,
             config,
         });
@@ -159,6 +163,7 @@ fn router(state: Arc<AppState>) -> Router {
             "/sim/stats",
             get(|State(s): State<Arc<AppState>>| async move { json_response(StatusCode::OK, &stats_json(&s)) }),
         )
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), ratelimit::layer))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), require_key))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), count_route))
         .with_state(state)
@@ -214,6 +219,9 @@ fn stats_json(state: &AppState) -> Value {
     let mut snapshot = state.stats.snapshot(&state.faults, &state.engine.metrics(), &state.config);
     if let Some(fields) = snapshot.as_object_mut() {
         fields.insert("batches".into(), state.batches.counters());
+        if let Some(limiter) = &state.limiter {
+            fields.insert("rate_limit".into(), limiter.stats());
+        }
     }
     snapshot
 }
