@@ -11,6 +11,13 @@ calls are both measured unless `--stream` or `--no-stream` picks one. Writes JSO
 CPU time is less noisy than wall time on a shared machine but not immune to it (caches, frequency,
 other builds): `--repeat K` runs each client K times and reports the median, and the JSON records the
 load average around every run.
+
+`--previous PYTHON` adds a third client: the same BatchAgent workload run by another interpreter (a
+virtual environment holding an earlier build, e.g. `git worktree add ../base REV` and `maturin
+develop --profile ci` in a venv there), interleaved run by run with the current build so both see the
+same load; each row then carries `vs_previous`, the current build's cost over the earlier one's.
+
+    python benches/overhead.py --previous ../base/.venv/bin/python --clients batchagent previous
 """
 
 from __future__ import annotations
@@ -214,13 +221,17 @@ def _start_sim() -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def _run_child(kind: str, url: str, n: int, inflight: int, stream: bool) -> dict[str, Any]:
+def _run_child(
+    kind: str, url: str, n: int, inflight: int, stream: bool, previous: str | None
+) -> dict[str, Any]:
+    # The earlier build runs this same script's BatchAgent child under its own interpreter.
+    python = previous if kind == "previous" and previous else sys.executable
     out = subprocess.run(
         [
-            sys.executable,
+            python,
             __file__,
             "--child",
-            kind,
+            "batchagent" if kind == "previous" else kind,
             "--url",
             url,
             "--agents",
@@ -242,28 +253,35 @@ def _run_child(kind: str, url: str, n: int, inflight: int, stream: bool) -> dict
     return m
 
 
-def _measure(kind: str, n: int, inflight: int, stream: bool, repeat: int) -> dict[str, Any]:
-    """Runs the client `repeat` times, each against a fresh simulator; keeps the median run."""
-    runs = []
+def _measure(
+    kinds: list[str], n: int, inflight: int, stream: bool, repeat: int, previous: str | None
+) -> dict[str, dict[str, Any]]:
+    """Runs each client `repeat` times, each run against a fresh simulator, the clients taking turns
+    within each round so that they see the same load; keeps each client's median run."""
+    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
     for _ in range(repeat):
-        proc, url = _start_sim()
-        load_before = os.getloadavg()[0]
-        try:
-            m = _run_child(kind, url, n, inflight, stream)
-        finally:
-            proc.terminate()
-            proc.wait()
-        m["load_before"], m["load_after"] = load_before, os.getloadavg()[0]
-        if m["ok"] != n:
-            print(
-                f"warning: {kind} N={n} stream={stream}: only {m['ok']} of {n} agents ended ok",
-                file=sys.stderr,
-            )
-        runs.append(m)
-    runs.sort(key=lambda m: m["cpu_us_per_agent_turn"])
-    best = dict(runs[len(runs) // 2])
-    best["runs_us_per_agent_turn"] = [round(m["cpu_us_per_agent_turn"], 2) for m in runs]
-    return best
+        for kind in kinds:
+            proc, url = _start_sim()
+            load_before = os.getloadavg()[0]
+            try:
+                m = _run_child(kind, url, n, inflight, stream, previous)
+            finally:
+                proc.terminate()
+                proc.wait()
+            m["load_before"], m["load_after"] = load_before, os.getloadavg()[0]
+            if m["ok"] != n:
+                print(
+                    f"warning: {kind} N={n} stream={stream}: only {m['ok']} of {n} agents ended ok",
+                    file=sys.stderr,
+                )
+            runs[kind].append(m)
+    medians = {}
+    for kind, measured in runs.items():
+        measured.sort(key=lambda m: m["cpu_us_per_agent_turn"])
+        best = dict(measured[len(measured) // 2])
+        best["runs_us_per_agent_turn"] = [round(m["cpu_us_per_agent_turn"], 2) for m in measured]
+        medians[kind] = best
+    return medians
 
 
 def main() -> None:
@@ -279,13 +297,25 @@ def main() -> None:
     )
     p.add_argument("--repeat", type=int, default=1, help="runs per client and N; the median is reported")
     p.add_argument(
-        "--clients", nargs="+", choices=["batchagent", "baseline"], default=["batchagent", "baseline"]
+        "--clients",
+        nargs="+",
+        choices=["batchagent", "baseline", "previous"],
+        default=None,
+        help="default: batchagent and baseline, plus previous with --previous",
+    )
+    p.add_argument(
+        "--previous",
+        metavar="PYTHON",
+        help="an interpreter with an earlier BatchAgent build installed: measured beside this one",
     )
     p.add_argument("--out", default="bench-results/overhead.json")
     p.add_argument("--child", choices=["batchagent", "baseline"], help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     args = p.parse_args()
     modes: list[bool] = args.modes if args.modes is not None else [False, True]
+    clients: list[str] = args.clients or ["batchagent", "baseline"] + (["previous"] if args.previous else [])
+    if "previous" in clients and not args.previous:
+        p.error("the previous client needs --previous PYTHON")
     if args.child:
         fn = child_batchagent if args.child == "batchagent" else child_baseline
         print(json.dumps(fn(args.url, args.agents[0], args.max_inflight, modes[0])))
@@ -295,10 +325,9 @@ def main() -> None:
     for stream in modes:
         for n in args.agents:
             row: dict[str, Any] = {"agents": n, "stream": stream}
-            for kind in args.clients:
-                row[kind] = _measure(kind, n, args.max_inflight, stream, max(args.repeat, 1))
+            row.update(_measure(clients, n, args.max_inflight, stream, max(args.repeat, 1), args.previous))
             line = f"{'stream' if stream else 'plain':>6}  N={n:>6}"
-            for kind in args.clients:
+            for kind in clients:
                 line += (
                     f"  {kind} {row[kind]['cpu_us_per_agent_turn']:8.1f} us/agent-turn ({row[kind]['ok']} ok)"
                 )
@@ -307,6 +336,11 @@ def main() -> None:
                     row["baseline"]["cpu_us_per_agent_turn"] / row["batchagent"]["cpu_us_per_agent_turn"]
                 )
                 line += f"  ratio {row['ratio']:.1f}x"
+            if "batchagent" in row and "previous" in row:
+                row["vs_previous"] = (
+                    row["batchagent"]["cpu_us_per_agent_turn"] / row["previous"]["cpu_us_per_agent_turn"]
+                )
+                line += f"  current/previous {row['vs_previous']:.2f}"
             rows.append(row)
             print(line, flush=True)
     result = {
@@ -314,6 +348,7 @@ def main() -> None:
         "unit": "client CPU microseconds (user+sys) per agent-turn",
         "max_inflight": args.max_inflight,
         "repeat": args.repeat,
+        "previous": args.previous,
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
