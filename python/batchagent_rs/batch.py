@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import inspect
 import itertools
 import json
@@ -162,6 +163,9 @@ class RunReport:
     compactions: int = 0
     compaction_summaries: int = 0
     compaction_tokens_dropped: int = 0
+    #: `mode="auto"`: the calls and tokens each route took, `{"batch": {...}, "online": {...}}`, with
+    #: the batch turnaround and the agents' turns the routing assumed at the end; `None` otherwise.
+    auto_routes: dict[str, Any] | None = None
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,6 +222,16 @@ class RunReport:
                     f"{self.compaction_tokens_dropped} prompt tokens dropped",
                 )
             )
+        if self.auto_routes is not None:
+            batch, online = self.auto_routes["batch"], self.auto_routes["online"]
+            rows.append(
+                (
+                    "auto mode",
+                    f"{batch['calls']} calls through the batch API "
+                    f"({batch['prompt_tokens'] + batch['completion_tokens']} tokens at half price), "
+                    f"{online['calls']} online",
+                )
+            )
         if self.errors_by_kind:
             rows.append(("errors", ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_kind.items()))))
         width = max(len(k) for k, _ in rows)
@@ -265,6 +279,7 @@ class RunReport:
             compactions=run.get("compactions", 0),
             compaction_summaries=run.get("compaction_summaries", 0),
             compaction_tokens_dropped=run.get("compaction_tokens_dropped", 0),
+            auto_routes=(stats.get("provider_batch") or {}).get("auto"),
             raw=stats,
         )
 
@@ -280,6 +295,19 @@ def _tool_counts(report: RunReport) -> str:
 
 
 OnResult = Callable[[Result], Any]
+
+
+def _seconds_left(deadline: float | datetime.timedelta | datetime.datetime | None) -> float:
+    """Seconds from now to `deadline`: a number of seconds or a timedelta from the start of the run,
+    or a datetime (naive ones are local time)."""
+    if isinstance(deadline, datetime.datetime):
+        return max((deadline.astimezone() - datetime.datetime.now().astimezone()).total_seconds(), 0.0)
+    if isinstance(deadline, datetime.timedelta):
+        deadline = deadline.total_seconds()
+    if deadline is None or isinstance(deadline, bool) or not deadline >= 0:
+        raise ValueError(f"deadline: expected seconds >= 0, a timedelta or a datetime, got {deadline!r}")
+    return float(deadline)
+
 
 # A finished job as the core hands it over (see `_core.Run.take_events`).
 _ResultTuple = tuple[
@@ -360,13 +388,33 @@ class Batch:
         trace: bool | TracerProvider | None = None,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
+        deadline: float | datetime.timedelta | datetime.datetime | None = None,
+        batch_turnaround: float | None = None,
+        online_inflight: int = 64,
     ) -> None:
-        if mode not in ("online", "provider_batch"):
-            raise ValueError(f"mode: expected 'online' or 'provider_batch', got {mode!r}")
+        if mode not in ("online", "provider_batch", "auto"):
+            raise ValueError(f"mode: expected 'online', 'provider_batch' or 'auto', got {mode!r}")
         if batch_retry not in ("batch", "online"):
             raise ValueError(f"batch_retry: expected 'batch' or 'online', got {batch_retry!r}")
-        provider_batch = mode == "provider_batch"
-        if provider_batch and tools:
+        if mode == "auto" and deadline is None:
+            raise ValueError(
+                "mode='auto' needs deadline=: seconds from the start of the run (or a timedelta, or a "
+                "datetime) by which every input must be done; calls go through the batch API when "
+                "that leaves time for them, online otherwise"
+            )
+        if mode != "auto" and (deadline is not None or batch_turnaround is not None):
+            raise ValueError("deadline= and batch_turnaround= apply to mode='auto' only")
+        if batch_turnaround is not None and not batch_turnaround > 0:
+            raise ValueError(
+                f"batch_turnaround: expected a positive number of seconds, got {batch_turnaround!r}"
+            )
+        if online_inflight < 1:
+            raise ValueError(f"online_inflight: expected at least 1, got {online_inflight!r}")
+        if mode == "auto":
+            _seconds_left(deadline)  # a bad deadline is refused here, not when the run starts
+        self._deadline = deadline
+        provider_batch = mode in ("provider_batch", "auto")
+        if mode == "provider_batch" and tools:
             raise _core.SchemaError(
                 "mode='provider_batch' runs single-turn jobs: a job with tools needs several model turns"
             )
@@ -498,6 +546,10 @@ class Batch:
                 "linger": batch_linger,
                 "max_requests": batch_max_requests or 0,
                 "max_bytes": batch_max_bytes or 0,
+                # The deadline's seconds are counted from the start of each run (see _run_options).
+                "auto": {"deadline": 0.0, "turnaround": batch_turnaround, "online_inflight": online_inflight}
+                if mode == "auto"
+                else None,
             }
             if provider_batch
             else None,
@@ -676,7 +728,14 @@ class Batch:
     def _run_options(self, retry_failed: bool) -> dict[str, Any]:
         if retry_failed and self._options["journal"] is None:
             raise ValueError("retry_failed=True needs a journal (Batch(journal=...)) holding the earlier run")
-        return {**self._options, "retry_failed": retry_failed}
+        options: dict[str, Any] = {**self._options, "retry_failed": retry_failed}
+        batch: dict[str, Any] | None = options.get("provider_batch")
+        if batch is not None and batch.get("auto") is not None:
+            options["provider_batch"] = {
+                **batch,
+                "auto": {**batch["auto"], "deadline": _seconds_left(self._deadline)},
+            }
+        return options
 
     def report(self) -> RunReport:
         """Aggregates of the latest run: while runs are going, the live figures of the one started

@@ -21,7 +21,7 @@ from . import __version__, _core
 from ._core import BackendTimeout, BackendUnavailable, InputError, JournalError, RunError, SchemaError
 from .batch import Batch, RunReport
 from .dashboard import Dashboard, DashboardLogHandler
-from .pricing import Price, PriceError, at_batch_price, estimate, load_prices
+from .pricing import Price, PriceError, at_batch_price, auto_cost, estimate, load_prices
 from .progress import BarLogHandler, Progress
 from .runfile import SETTINGS, RunFileError, load_run_file
 from .tables import require_pyarrow
@@ -540,8 +540,11 @@ def _run(settings: dict[str, Any], base: str | None) -> int:
         completion_tokens=report.completion_tokens,
         overrides=prices,
     )
+    saved = 0.0
     if settings.get("provider_batch"):
         cost = at_batch_price(cost)
+    elif report.auto_routes is not None:
+        cost, saved = auto_cost(report.auto_routes, model=model, backends=backends, overrides=prices)
     skipped = int(report.raw.get("run", {}).get("jobs_skipped", 0))
     duplicates = int(report.raw.get("run", {}).get("duplicates_skipped", 0))
     if not quiet:
@@ -558,6 +561,11 @@ def _run(settings: dict[str, Any], base: str | None) -> int:
                 else ""
             )
             + f"{'estimated cost'.ljust(21)}  {cost.describe()}"
+            + (
+                f"\n{'saved by batch API'.ljust(21)}  ${saved:,.4f}"
+                if report.auto_routes is not None and cost.price is not None
+                else ""
+            )
             + (f"\n{'reduced output'.ljust(21)}  {reduced_file}" if reduced_file else "")
         )
     if settings.get("report"):
@@ -575,6 +583,7 @@ def _run(settings: dict[str, Any], base: str | None) -> int:
             "duplicates_skipped": duplicates,
             "endpoints": report.raw.get("endpoints"),
             "provider_batch": report.raw.get("provider_batch"),
+            "saved_by_batch_api_usd": round(saved, 6) if report.auto_routes is not None else None,
             "started_at": started,
         }
         try:
@@ -831,6 +840,22 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "Batches): half the price, results within 24 h; --resume re-attaches to the batches in flight",
     )
     p.add_argument(
+        "--auto-deadline",
+        dest="auto_deadline",
+        type=_seconds,
+        metavar="SECONDS",
+        help="auto mode, for agents too: each model call goes through the provider's batch API when "
+        "the deadline (seconds from the start) leaves time for the agent's remaining turns, online "
+        "otherwise; the report says what went where and the cost saved",
+    )
+    p.add_argument(
+        "--batch-turnaround",
+        dest="batch_turnaround",
+        type=_seconds,
+        help="auto mode: a batch's turnaround assumed until one has come back (default 24 h, the "
+        "providers' completion window)",
+    )
+    p.add_argument(
         "--batch-retry",
         dest="batch_retry",
         choices=("batch", "online"),
@@ -970,10 +995,26 @@ def _compaction(settings: dict[str, Any]) -> dict[str, Any]:
 
 def _provider_batch(settings: dict[str, Any]) -> dict[str, Any]:
     """The provider batch settings that were given, as `Batch` keywords."""
-    if not settings.get("provider_batch"):
+    auto = settings.get("auto_deadline") is not None
+    if settings.get("provider_batch") and auto:
+        raise UsageError(
+            "--provider-batch and --auto-deadline: choose one (auto mode uses the batch API too)"
+        )
+    if settings.get("batch_turnaround") is not None and not auto:
+        raise UsageError("--batch-turnaround applies to auto mode only (--auto-deadline)")
+    if not settings.get("provider_batch") and not auto:
         return {}
-    keys = ("batch_retry", "batch_poll_interval", "batch_max_poll_interval", "batch_linger")
-    return {"mode": "provider_batch", **{key: settings[key] for key in keys if settings.get(key) is not None}}
+    keys = (
+        "batch_retry",
+        "batch_poll_interval",
+        "batch_max_poll_interval",
+        "batch_linger",
+        "batch_turnaround",
+    )
+    given = {key: settings[key] for key in keys if settings.get(key) is not None}
+    if auto:
+        return {"mode": "auto", "deadline": settings["auto_deadline"], **given}
+    return {"mode": "provider_batch", **given}
 
 
 def _limits(settings: dict[str, Any]) -> dict[str, Any]:

@@ -182,6 +182,35 @@ def at_batch_price(cost: Cost) -> Cost:
     return Cost(cost.dollars * BATCH_DISCOUNT, cost.model, cost.price, f"{cost.note}, batch API: 50% off")
 
 
+def auto_cost(
+    routes: Mapping[str, Any],
+    *,
+    model: str,
+    backends: Sequence[str],
+    overrides: Mapping[str, Price] | None = None,
+) -> tuple[Cost, float]:
+    """The cost of an auto-mode run (`RunReport.auto_routes`): its online tokens at the online price
+    and its batch tokens at the batch price; and the dollars the batch API saved against sending
+    every call online."""
+
+    def at(route: str) -> Cost:
+        r = routes[route]
+        return estimate(
+            model=model,
+            backends=backends,
+            prompt_tokens=int(r["prompt_tokens"]),
+            cached_tokens=int(r["cached_tokens"]),
+            completion_tokens=int(r["completion_tokens"]),
+            overrides=overrides,
+        )
+
+    online, batch = at("online"), at("batch")
+    discounted = at_batch_price(batch)
+    total = online.dollars + discounted.dollars
+    note = f"{online.note}; calls through the batch API at 50% off"
+    return Cost(total, model, online.price, note), batch.dollars - discounted.dollars
+
+
 def _boundary_match(key: str, model: str) -> bool:
     # Provider ids wrap the name: "openai/gpt-4o-2024-08-06", "us.anthropic.claude-3-5-sonnet-...-v2:0".
     pattern = r"(?:^|[/.:])" + re.escape(key) + r"(?:$|[-:@./])"

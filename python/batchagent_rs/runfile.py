@@ -71,6 +71,8 @@ SETTINGS: dict[str, Kind] = {
     "trace": "bool",
     "metrics_port": "int",
     "metrics_host": "str",
+    "auto_deadline": "seconds",
+    "batch_turnaround": "seconds",
 }
 
 

@@ -94,6 +94,7 @@ pub trait Backend: Send + Sync {
 }
 
 pub mod anthropic;
+pub mod auto;
 pub mod aws_credentials;
 pub mod bedrock;
 pub mod cached;

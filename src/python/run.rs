@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 
 use std::path::PathBuf;
 
+use crate::backends::auto::{AutoBackend, AutoOptions, DEFAULT_TURNAROUND};
 use crate::backends::cached::{endpoint_identity, CachedBackend};
 use crate::backends::connect::{connect_fleet, ConnectOptions, Connected};
 use crate::backends::fleet::{FleetOptions, Routing};
@@ -367,6 +368,43 @@ struct ProviderBatchSettings {
     max_bytes: usize,
     #[serde(default = "default_max_resubmits")]
     max_resubmits: u32,
+    /// `mode="auto"`: each call goes through the batch API or online, by the deadline.
+    #[serde(default)]
+    auto: Option<AutoSettings>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AutoSettings {
+    /// Seconds from the start of the run to the deadline.
+    deadline: f64,
+    /// A batch call's turnaround assumed until one has come back (seconds).
+    #[serde(default)]
+    turnaround: Option<f64>,
+    online_inflight: usize,
+}
+
+impl AutoSettings {
+    fn into_options(self, max_turns: u32) -> Result<AutoOptions, SpecError> {
+        let seconds = |field: &'static str, v: f64| {
+            Duration::try_from_secs_f64(v)
+                .map_err(|_| SpecError::Invalid { field, message: format!("{v} is not a number of seconds >= 0") })
+        };
+        let left = seconds("deadline", self.deadline)?;
+        let prior_turnaround = match self.turnaround {
+            Some(t) => seconds("batch_turnaround", t)?,
+            None => DEFAULT_TURNAROUND,
+        };
+        if self.online_inflight == 0 {
+            return Err(SpecError::Invalid { field: "online_inflight", message: "must be at least 1".into() });
+        }
+        Ok(AutoOptions {
+            deadline: std::time::Instant::now() + left,
+            prior_turnaround,
+            max_turns,
+            online_inflight: self.online_inflight,
+        })
+    }
 }
 
 fn default_poll_interval() -> f64 {
@@ -572,9 +610,11 @@ impl PyRun {
             })
             .map_err(|e| backend_error(&e))?
             .map(Arc::new);
-        if let Some(settings) = options.provider_batch {
+        if let Some(mut settings) = options.provider_batch {
+            let auto = settings.auto.take().map(|a| a.into_options(spec.max_turns)).transpose();
+            let auto = auto.map_err(|e| spec_error(&e))?;
             let batch = settings.into_options().map_err(|e| spec_error(&e))?;
-            if !spec.tools.is_empty() {
+            if auto.is_none() && !spec.tools.is_empty() {
                 return Err(SchemaError::new_err(
                     "provider batch mode runs single-turn jobs: a job with tools needs several model turns",
                 ));
@@ -596,7 +636,10 @@ impl PyRun {
                 open,
             )
             .map_err(|e| backend_error(&e))?;
-            connected.backend = Arc::new(backend);
+            connected.backend = match auto {
+                Some(auto) => Arc::new(AutoBackend::new(backend, connected.backend.clone(), auto)),
+                None => Arc::new(backend),
+            };
         }
         let mut response_cache = None;
         if let Some(path) = &options.response_cache {
