@@ -10,6 +10,7 @@ from ._core import (
     __version__,
 )
 from .batch import Batch, BatchAgent, ErrorInfo, Result, RunReport, Usage
+from .fleet import FleetHandle, worker
 from .mcp import McpError, McpTools, mcp_tools
 from .population import Population, PopulationReport
 from .tables import results_to_arrow, results_to_pandas, write_parquet
@@ -30,6 +31,7 @@ __all__ = [
     "Batch",
     "BatchAgent",
     "ErrorInfo",
+    "FleetHandle",
     "InputError",
     "JournalError",
     "McpError",
@@ -54,5 +56,6 @@ __all__ = [
     "results_to_arrow",
     "results_to_pandas",
     "tool",
+    "worker",
     "write_parquet",
 ]

@@ -219,3 +219,32 @@ class TokenCounter:
 
 def system_prompt(spec_json: str) -> str | None:
     """The system message a run of this spec sends with the schema in the prompt."""
+
+@final
+class FleetClient:
+    """A connection to the Redis of a worker fleet; commands are retried while Redis is
+    unreachable, for up to `outage_seconds`."""
+
+    def __new__(cls, url: str, outage_seconds: float = 30.0) -> FleetClient: ...
+    def create_run(self, spec_json: str) -> tuple[str, str]:
+        """Create a run for the spec (stored once per fingerprint): `(run id, fingerprint)`."""
+    def add_jobs(self, run_id: str, items: list[tuple[str, int, str, str | None]]) -> None:
+        """Add inputs `(id, index, input JSON, extra_body JSON)` to the run's stream, in order."""
+    def add_file(self, run_id: str, spec_json: str, path: str, format: str = "auto") -> int:
+        """Add every record of an input file, checked whole first; returns the number of inputs."""
+    def close_run(self, run_id: str, total: int) -> None:
+        """Mark the run's input complete with `total` inputs."""
+    def load_spec(self, run_id: str) -> tuple[str, str]:
+        """`(fingerprint, spec JSON)` of a run."""
+    def open_runs(self) -> list[str]:
+        """Runs that are not complete, oldest first."""
+    def refuse(self, run_id: str, worker: str, message: str) -> None:
+        """Record that `worker` does not take the run, and why."""
+    def status_json(self, run_id: str) -> str:
+        """The run's status as JSON."""
+    def results_since(
+        self, run_id: str, cursor: str, count: int = 1000, block_ms: int = 0
+    ) -> tuple[str, list[str]]:
+        """Results written after `cursor` ("0" from the start): `(next cursor, JSON lines)`."""
+    def collect(self, run_id: str, path: str) -> int | None:
+        """Write one line per input, in input order; `None` while the run is not complete."""

@@ -42,6 +42,8 @@ from .tools import Tool, encode_result, flatten_tools
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
 
+    from .fleet import FleetHandle
+
 __all__ = ["Batch", "BatchAgent", "ErrorInfo", "Result", "RunReport", "Usage"]
 
 log = logging.getLogger("batchagent")
@@ -777,6 +779,21 @@ class Batch:
     def spec(self) -> dict[str, Any]:
         """The settings sent to the core (for inspection and journaling)."""
         return dict(self._spec)
+
+    def submit(self, inputs: Iterable[dict[str, Any]], *, redis: str) -> FleetHandle:
+        """Puts this batch and its inputs on a new run of the Redis worker fleet (`redis=` a URL,
+        `redis://host:6379/0`) and returns its handle (`status()`, `results()`, `collect(path)`)
+        once every input is on the stream; `batchagent worker` processes run it. Tools and the
+        output model must be importable by the workers (module-level, not in `__main__`)."""
+        from .fleet import submit
+
+        return submit(self, inputs, self._fleet_url(redis))
+
+    @staticmethod
+    def _fleet_url(redis: str) -> str:
+        if not isinstance(redis, str) or not redis.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis=: expected a redis:// URL, got {redis!r}")
+        return redis
 
 
 class BatchAgent:
@@ -1535,6 +1552,33 @@ def _call_sync_tool(t: Tool, arguments: str) -> tuple[bool, str]:
         return True, encode_result(t.fn(**kwargs))
     except Exception as exc:
         return False, f"{type(exc).__name__}: {exc}"
+
+
+def _result_from_json(line: str) -> Result:
+    """A result as the core writes it to JSONL (the worker fleet's results)."""
+    r = json.loads(line)
+    error = r.get("error")
+    usage = r.get("usage") or {}
+    return _make(
+        Result,
+        {
+            "id": r["id"],
+            "index": r["index"],
+            "ok": r["ok"],
+            "output": r.get("output"),
+            "error": None if error is None else ErrorInfo(**error),
+            "usage": Usage(**usage),
+            "turns": r.get("turns", 0),
+            "tool_calls": r.get("tool_calls", 0),
+            "attempts": r.get("attempts", 0),
+            "ttft": r.get("ttft_s"),
+            "total": r.get("total_s", 0.0),
+            "text": r.get("text"),
+            "repaired": r.get("repaired", False),
+            "finish_reason": r.get("finish_reason"),
+            "truncated": r.get("truncated", False),
+        },
+    )
 
 
 def _by_index(result: Result) -> int:

@@ -1111,7 +1111,204 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     _add_sim_options(serve)
     serve.set_defaults(func=_cmd_sim_serve)
+    _add_fleet_commands(sub)
     return parser
+
+
+# -- the worker fleet: submit / worker / status / collect ------------------------------------------
+
+
+def _add_fleet_commands(sub: Any) -> None:
+    submit = sub.add_parser(
+        "submit",
+        help="put a run file's inputs on a Redis stream for workers (prints the run id)",
+        description=(
+            "Store the run file's settings in Redis and stream its inputs there; `batchagent worker` "
+            "processes on any machine run them. The run id is the last line printed."
+        ),
+    )
+    submit.add_argument("run_file", help="a run file (the one `batchagent run` takes)")
+    submit.add_argument("--redis", required=True, help="redis://host:6379/0")
+    submit.add_argument("--input", help="the input file (default: the run file's input)")
+    submit.set_defaults(func=_cmd_submit)
+
+    work = sub.add_parser(
+        "worker",
+        help="run jobs of the fleet's runs (any number of workers, any machine)",
+        description=(
+            "Read jobs of submitted runs from Redis and run them; a job of a worker that died is taken "
+            "over after its lease and resumes from its last finished turn."
+        ),
+    )
+    work.add_argument("--redis", required=True, help="redis://host:6379/0")
+    work.add_argument(
+        "-c",
+        "--max-inflight",
+        type=_positive,
+        help="this worker's model calls in flight (default: the run's)",
+    )
+    work.add_argument(
+        "--tools-from", action="append", default=[], help="a module to import first (repeatable)"
+    )
+    work.add_argument("--run", help="work on this run only, and exit once it is complete")
+    work.add_argument(
+        "--lease-seconds",
+        type=_seconds,
+        default=30.0,
+        help="a job not renewed for this long is taken over by another worker (default 30)",
+    )
+    work.add_argument("--once", action="store_true", help="exit when no run is left to work on")
+    work.add_argument("--name", help="this worker's name in status (default HOST-PID)")
+    work.set_defaults(func=_cmd_worker)
+
+    status = sub.add_parser("status", help="a fleet run's progress and its workers")
+    status.add_argument("run_id")
+    status.add_argument("--redis", required=True, help="redis://host:6379/0")
+    status.add_argument(
+        "--json", action="store_true", help="print JSON (keys total, done, failed, in_flight, workers, ...)"
+    )
+    status.set_defaults(func=_cmd_status)
+
+    collect = sub.add_parser(
+        "collect", help="write a fleet run's results, one line per input, in input order"
+    )
+    collect.add_argument("run_id")
+    collect.add_argument("--redis", required=True, help="redis://host:6379/0")
+    collect.add_argument("-o", "--output", required=True, help="the JSONL file to write")
+    collect.add_argument("--wait", action="store_true", help="wait for the run to complete")
+    collect.set_defaults(func=_cmd_collect)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from . import fleet
+
+    try:
+        settings = load_run_file(args.run_file)
+    except RunFileError as exc:
+        raise UsageError(str(exc)) from exc
+    base = os.path.dirname(os.path.abspath(args.run_file))
+    for folder in (os.getcwd(), base):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    unsupported = [k for k in settings if k.startswith("reduce_") or k == "provider_batch"]
+    if unsupported:
+        raise UsageError(f"{args.run_file}: {', '.join(unsupported)} cannot run on the fleet")
+    input_path = os.path.abspath(args.input) if args.input else settings.get("input")
+    if not input_path:
+        raise UsageError("no input: set input in the run file or pass --input FILE")
+    if not os.path.isfile(input_path):
+        raise UsageError(f"input {input_path}: no such file")
+    backends = list(settings.get("backend") or [])
+    if not backends:
+        raise UsageError("no backend: set backend in the run file (vllm://host:port, openai:// ...)")
+    all_sim = all(b.strip().lower().startswith("sim://") for b in backends)
+    model = settings.get("model") or ("sim-model" if all_sim else None)
+    if model is None:
+        raise UsageError(f"no model: set model to the name {_core.display_url(backends[0])} serves")
+    task = (
+        _read_text("--task-file", settings["task_file"])
+        if "task_file" in settings
+        else settings.get("task") or "{prompt}"
+    )
+    system = (
+        _read_text("--system-file", settings["system_file"])
+        if "system_file" in settings
+        else settings.get("system")
+    )
+    try:
+        batch = Batch(
+            task,
+            system=system,
+            tools=load_tools(settings.get("tools") or []),
+            output=load_schema(settings["schema"]) if settings.get("schema") else None,
+            model=model,
+            backend=backends,
+            max_inflight=int(settings["max_inflight"]) if settings.get("max_inflight") else None,
+            max_turns=int(settings.get("max_turns") or 8),
+            **_limits(settings),
+            kv_capacity_tokens=settings.get("kv_capacity_tokens"),
+            max_tokens=int(settings["max_tokens"]) if settings.get("max_tokens") else None,
+            accept_truncated=bool(settings.get("accept_truncated")),
+            **_compaction(settings),
+            extra_body=settings.get("extra_body"),
+            engine_hints=bool(settings.get("engine_hints")),
+            extra_headers=_headers(settings.get("extra_headers")),
+        )
+        handle = fleet.submit_file(batch, input_path, args.redis)
+    except (SchemaError, TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    total = handle.status()["total"]
+    print(
+        f"batchagent: {total} inputs submitted; "
+        f"collect with: batchagent collect {handle.run_id} --redis URL -o FILE",
+        file=sys.stderr,
+    )
+    print(handle.run_id)
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from . import fleet
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        fleet.worker(
+            args.redis,
+            run=args.run,
+            concurrency=args.max_inflight,
+            tools_from=args.tools_from,
+            lease_seconds=args.lease_seconds,
+            once=args.once,
+            name=args.name,
+        )
+    except fleet.RefusedRun as exc:
+        raise UsageError(f"run {args.run}: {exc}") from exc
+    except ImportError as exc:
+        raise UsageError(f"--tools-from: {exc}") from exc
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .fleet import FleetHandle
+
+    status = FleetHandle(args.run_id, args.redis).status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    finished = status["done"] + status["failed"]
+    state = "complete" if status["submitted"] and finished >= status["total"] else "running"
+    so_far = "" if status["submitted"] else " so far"
+    print(
+        f"run {status['run_id']}: {state}; {status['total']} inputs{so_far}, "
+        f"{status['done']} done, {status['failed']} failed, {status['in_flight']} in flight, "
+        f"{status['queued']} queued; {status['rate']:.1f}/s (last 10 s); "
+        f"{status['claims']} taken over ({status['resumed']} resumed from a checkpoint)"
+    )
+    for w in status["workers"]:
+        if w["refused"]:
+            print(f"  {w['name']}: refused the run: {w['refused']}")
+            continue
+        rate = "" if w["rate"] is None else f", {w['rate']:.1f}/s"
+        alive = "alive" if w["alive"] else "gone"
+        print(
+            f"  {w['name']}: {alive}, seen {w['last_seen_s']:.1f} s ago, {w['results']} results{rate}, "
+            f"{w['in_flight']} in flight"
+        )
+    return 0
+
+
+def _cmd_collect(args: argparse.Namespace) -> int:
+    from .fleet import FleetHandle
+
+    handle = FleetHandle(args.run_id, args.redis)
+    try:
+        written = handle.collect(args.output, wait=args.wait)
+    except RunError as exc:
+        print(f"batchagent: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    print(f"batchagent: {written} results written to {args.output}", file=sys.stderr)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

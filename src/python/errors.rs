@@ -60,3 +60,12 @@ pub fn probe_error(error: &ProbeError) -> PyErr {
         _ => BackendUnavailable::new_err(error.to_string()),
     }
 }
+
+pub fn fleet_error(error: &crate::fleet::FleetError) -> PyErr {
+    use crate::fleet::FleetError;
+    match error {
+        FleetError::Connect { .. } | FleetError::Unavailable { .. } => PyConnectionError::new_err(error.to_string()),
+        FleetError::Output { .. } => JournalError::new_err(error.to_string()),
+        _ => RunError::new_err(error.to_string()),
+    }
+}

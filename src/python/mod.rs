@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 use pyo3::prelude::*;
 
 mod errors;
+mod fleet;
 mod population;
 mod run;
 mod sim;
@@ -109,6 +110,7 @@ fn core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
     m.add_class::<run::PyRun>()?;
+    m.add_class::<fleet::PyFleetClient>()?;
     m.add_function(wrap_pyfunction!(check_schema, m)?)?;
     m.add_function(wrap_pyfunction!(check_backends, m)?)?;
     m.add_function(wrap_pyfunction!(display_url, m)?)?;

@@ -32,6 +32,8 @@ use crate::backends::connect::{connect_fleet, ConnectOptions, Connected};
 use crate::backends::fleet::{FleetOptions, Routing};
 use crate::backends::metrics::EngineWatch;
 use crate::backends::provider_batch::{BatchLedger, ProviderBatchBackend, ProviderBatchOptions, RowRetry};
+use crate::fleet::worker::FleetTurns;
+use crate::fleet::FleetWorker;
 use crate::limits::AdaptiveLimit;
 use crate::limits::HandLimits;
 use crate::output::CompiledSchema;
@@ -349,6 +351,10 @@ struct RunOptions {
     /// panics on its way to Python. The Python API never sets it.
     #[serde(default, rename = "_panic_forwarder")]
     panic_forwarder: bool,
+    /// Work on a run of the Redis worker fleet: jobs come from its stream, results and turn
+    /// checkpoints go to Redis.
+    #[serde(default)]
+    fleet: Option<crate::python::fleet::FleetRunOptions>,
 }
 
 #[derive(Deserialize)]
@@ -494,6 +500,8 @@ pub struct PyRun {
     /// The run's `/metrics` endpoint, while it serves.
     metrics: Mutex<Option<MetricsServer>>,
     metrics_url: Option<String>,
+    /// The fleet worker this run is, if it is one.
+    fleet: Option<Arc<FleetWorker>>,
 }
 
 use crate::python::runtime;
@@ -651,6 +659,24 @@ impl PyRun {
             connected.backend = Arc::new(CachedBackend::new(connected.backend, writer, identity));
             response_cache = Some(cache);
         }
+        let fleet = match options.fleet {
+            Some(fleet) => {
+                let (worker, backend) = crate::python::fleet::attach(
+                    py,
+                    fleet,
+                    spec.window,
+                    &connected.addresses,
+                    connected.backend.clone(),
+                )?;
+                connected.backend = backend;
+                Some(worker)
+            }
+            None => None,
+        };
+        let turn_sink = match &fleet {
+            Some(worker) => Some(Arc::new(FleetTurns(worker.clone())) as Arc<dyn TurnSink>),
+            None => durable.journal().map(|j| Arc::new(JournalTurns(j.clone())) as Arc<dyn TurnSink>),
+        };
         let shared = Arc::new(Shared::new().map_err(|e| RunError::new_err(format!("wake-up socket: {e}")))?);
         let constrained = RunContext::use_constrained(&spec, connected.backend.capabilities().json_schema);
         let system = RunContext::system_message(&spec, constrained);
@@ -669,7 +695,7 @@ impl PyRun {
             validator: options
                 .python_validation
                 .then(|| Arc::new(PyValidator(shared.clone())) as Arc<dyn OutputValidator>),
-            turn_sink: durable.journal().map(|j| Arc::new(JournalTurns(j.clone())) as Arc<dyn TurnSink>),
+            turn_sink,
             stats: Arc::new(RunStats::default()),
             engine: (!connected.metrics_urls.is_empty()).then(|| {
                 let _guard = runtime.enter();
@@ -717,6 +743,7 @@ impl PyRun {
             _summariser: summariser,
             dispatch,
             population: Mutex::default(),
+            fleet,
         };
         run.start()?;
         Ok(run)
@@ -1078,6 +1105,10 @@ impl PyRun {
         if let Some(task) = running.task.take() {
             task.abort();
         }
+        if let Some(worker) = self.fleet.clone() {
+            // Its jobs stay pending: another worker takes them over once their lease runs out.
+            runtime()?.spawn(async move { worker.stop().await });
+        }
         self.shared.post(|outbox| outbox.done = true);
         Ok(())
     }
@@ -1135,6 +1166,7 @@ impl PyRun {
         let deliver = self.deliver;
         let feeds_from_python = self.input.is_none();
         let panic_hook = self.panic_forwarder;
+        let fleet = self.fleet.clone();
         let forward = runtime.spawn(async move {
             while let Some(result) = results_rx.recv().await {
                 let mut batch = vec![result];
@@ -1151,9 +1183,16 @@ impl PyRun {
                     assert!(!panic_hook, "injected by the run option _panic_forwarder");
                     // Handed to Python (`stream`, `on_result`) only once committed: what a user has
                     // seen is never run again by a resume.
-                    let (mut batch, error) = durable.commit(batch).await;
+                    // A fleet worker's results are written to Redis and acknowledged there.
+                    let (mut batch, error) = if let Some(worker) = &fleet {
+                        let error = worker.commit(&batch).await.err().map(|e| e.to_string());
+                        (batch, error)
+                    } else {
+                        let (batch, error) = durable.commit(batch).await;
+                        (batch, error.map(|e| e.to_string()))
+                    };
                     if let Some(e) = error {
-                        record_fatal(&fatal, e.to_string());
+                        record_fatal(&fatal, e);
                     }
                     // When the core reads the inputs itself and Python does not want the results,
                     // nothing here concerns Python: no wake-up (it would cost a syscall and a loop
@@ -1187,10 +1226,22 @@ impl PyRun {
             if let Err(e) = durable.flush().await {
                 record_fatal(&fatal, e.to_string());
             }
+            if let Some(worker) = &fleet {
+                worker.stop().await;
+            }
             shared.post(|outbox| outbox.done = true);
         });
         let mut running = self.lock_running()?;
-        if let Some((path, format, dedupe)) = self.input.clone() {
+        if let Some(worker) = self.fleet.clone() {
+            runtime.spawn(worker.clone().keep_alive());
+            let results = results_tx.clone();
+            let fatal = self.fatal.clone();
+            runtime.spawn(async move {
+                if let Err(e) = worker.feed(jobs_tx, results).await {
+                    record_fatal(&fatal, e.to_string());
+                }
+            });
+        } else if let Some((path, format, dedupe)) = self.input.clone() {
             let durable = self.durable.clone();
             let stats = self.ctx.stats.clone();
             let results = results_tx.clone();

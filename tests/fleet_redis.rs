@@ -1,0 +1,181 @@
+//! The worker fleet's protocol against a real `redis-server` started by each test on a free port
+//! with its own directory: a result is written once however often it is committed, a job whose
+//! worker stopped renewing it is taken over and resumes from its checkpoint, and the fleet-wide
+//! limit hands places back when a holder releases them or its lease runs out.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use batchagent::fleet::queue::{add_jobs, close_run, create_run, status, RunKeys};
+use batchagent::fleet::{Connection, FleetSemaphore, FleetWorker, WorkerOptions};
+use batchagent::scheduler::agent::{AgentState, Job, JobResult};
+use tokio::sync::mpsc;
+
+/// Only guards against a hang; no assertion depends on how long anything takes.
+const HANG: Duration = Duration::from_secs(60);
+
+struct Redis {
+    child: Child,
+    dir: PathBuf,
+    url: String,
+}
+
+impl Redis {
+    fn start(name: &str) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("ba-fleet-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (apt-get install redis-server)");
+        Self { child, dir, url: format!("redis://127.0.0.1:{port}/0") }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn connect(url: &str) -> Connection {
+    // Retries while the server starts: the first command waits for the port to open.
+    Connection::open(url, HANG, Some(HANG)).await.unwrap()
+}
+
+async fn run_with(conn: &Connection, n: u64) -> RunKeys {
+    let run_id = create_run(conn, "fp", "{}").await.unwrap();
+    let keys = RunKeys::new(&run_id);
+    let entries: Vec<_> = (0..n).map(|i| (format!("job-{i}"), i, format!("{{\"n\":{i}}}"), None)).collect();
+    add_jobs(conn, &keys, &entries).await.unwrap();
+    // Sent again, as after a lost reply: no input is added twice.
+    add_jobs(conn, &keys, &entries).await.unwrap();
+    close_run(conn, &keys, n).await.unwrap();
+    keys
+}
+
+fn options(keys: &RunKeys, consumer: &str, lease: Duration) -> WorkerOptions {
+    WorkerOptions { run_id: keys.run_id.clone(), consumer: consumer.into(), lease, capacity: 100, outage: HANG }
+}
+
+fn ok(job: &Job) -> JobResult {
+    let mut result = JobResult::failed(job.id.clone(), job.index, "none", String::new());
+    result.ok = true;
+    result.error = None;
+    result.output = Some(serde_json::json!(job.index));
+    result
+}
+
+async fn take(jobs: &mut mpsc::Receiver<Job>, n: usize) -> Vec<Job> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        out.push(tokio::time::timeout(HANG, jobs.recv()).await.unwrap().unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_is_written_once_and_the_entry_acknowledged() {
+    let redis = Redis::start("once");
+    let conn = connect(&redis.url).await;
+    let keys = run_with(&conn, 3).await;
+    let worker = FleetWorker::connect(&redis.url, options(&keys, "a", HANG)).await.unwrap();
+    let (jobs_tx, mut jobs) = mpsc::channel(16);
+    let (results_tx, _results) = mpsc::unbounded_channel();
+    let feed = tokio::spawn(worker.clone().feed(jobs_tx, results_tx));
+    let got = take(&mut jobs, 3).await;
+    assert_eq!(got.iter().map(|j| j.index).collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert_eq!(got[1].input["n"], 1);
+    assert_eq!(status(&conn, &keys).await.unwrap().in_flight, 3);
+
+    let results: Vec<JobResult> = got.iter().map(ok).collect();
+    assert_eq!(worker.commit(&results[..2]).await.unwrap(), 2);
+    // The same results again, and a different result for a job that has one: nothing changes.
+    let mut other = results[0].clone();
+    other.output = Some(serde_json::json!("another"));
+    assert_eq!(worker.commit(&[results[0].clone(), other, results[1].clone()]).await.unwrap(), 0);
+    assert_eq!(worker.commit(&results[2..]).await.unwrap(), 1);
+
+    // Every input has its result: the feed ends by itself.
+    tokio::time::timeout(HANG, feed).await.unwrap().unwrap().unwrap();
+    let s = status(&conn, &keys).await.unwrap();
+    assert_eq!((s.total, s.done, s.failed, s.in_flight, s.queued), (3, 3, 0, 0, 0));
+    let first: String = conn.query(redis::cmd("HGET").arg(&keys.results).arg("job-0")).await.unwrap();
+    assert!(first.contains("\"output\":0"), "{first}");
+    let finished: u64 = conn.query(redis::cmd("XLEN").arg(&keys.done)).await.unwrap();
+    assert_eq!(finished, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_lease_ran_out_is_taken_over_from_its_checkpoint() {
+    let redis = Redis::start("claim");
+    let conn = connect(&redis.url).await;
+    let keys = run_with(&conn, 2).await;
+    let lease = Duration::from_millis(300);
+    // Worker a reads both jobs, checkpoints a turn of one, and dies: no renewal, no result.
+    let a = FleetWorker::connect(&redis.url, options(&keys, "a", lease)).await.unwrap();
+    let (a_tx, mut a_jobs) = mpsc::channel(16);
+    let (a_results, _a_results) = mpsc::unbounded_channel();
+    let a_feed = tokio::spawn(a.clone().feed(a_tx, a_results));
+    let held = take(&mut a_jobs, 2).await;
+    let state = AgentState { turns: 2, tool_calls: 2, ..AgentState::default() };
+    a.checkpoint(&held[0].id, &serde_json::to_string(&state).unwrap()).await.unwrap();
+    a_feed.abort();
+    drop(a_jobs);
+
+    let b = FleetWorker::connect(&redis.url, options(&keys, "b", lease)).await.unwrap();
+    let (b_tx, mut b_jobs) = mpsc::channel(16);
+    let (b_results, _b_results) = mpsc::unbounded_channel();
+    let b_feed = tokio::spawn(b.clone().feed(b_tx, b_results));
+    let mut taken = take(&mut b_jobs, 2).await;
+    taken.sort_by_key(|j| j.index);
+    assert_eq!(taken[0].resume.as_ref().map(|s| s.turns), Some(2), "resumed from its last turn");
+    assert!(taken[1].resume.is_none(), "no checkpoint: starts over");
+    let s = status(&conn, &keys).await.unwrap();
+    assert_eq!((s.claims, s.resumed), (2, 1));
+    assert_eq!(s.workers.len(), 0, "neither worker beat");
+
+    assert_eq!(b.commit(&taken.iter().map(ok).collect::<Vec<_>>()).await.unwrap(), 2);
+    // Worker a comes back with its old results: they are not written again.
+    assert_eq!(a.commit(&held.iter().map(ok).collect::<Vec<_>>()).await.unwrap(), 0);
+    tokio::time::timeout(HANG, b_feed).await.unwrap().unwrap().unwrap();
+    let s = status(&conn, &keys).await.unwrap();
+    assert_eq!((s.done, s.in_flight), (2, 0));
+    let checkpoints: u64 = conn.query(redis::cmd("HLEN").arg(&keys.checkpoints)).await.unwrap();
+    assert_eq!(checkpoints, 0, "a written result drops the job's checkpoint");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_limit_hands_back_places_on_release_and_on_lease_expiry() {
+    let redis = Redis::start("limit");
+    let conn = connect(&redis.url).await;
+    let long = FleetSemaphore::new(conn.clone(), "endpoint", 2, HANG, "w1");
+    let first = long.acquire().await.unwrap();
+    let _second = long.acquire().await.unwrap();
+    assert_eq!(long.in_use().await.unwrap(), 2);
+    let other = Arc::new(FleetSemaphore::new(conn.clone(), "endpoint", 2, HANG, "w2"));
+    let waiting = tokio::spawn({
+        let other = other.clone();
+        async move { other.acquire().await.unwrap() }
+    });
+    long.release(&first).await.unwrap();
+    tokio::time::timeout(HANG, waiting).await.unwrap().unwrap();
+    assert_eq!(long.in_use().await.unwrap(), 2);
+
+    // A holder that dies keeps its places only until their leases run out.
+    let short = FleetSemaphore::new(conn.clone(), "dying", 1, Duration::from_millis(200), "w3");
+    let _held = short.acquire().await.unwrap();
+    let after = FleetSemaphore::new(conn.clone(), "dying", 1, HANG, "w4");
+    tokio::time::timeout(HANG, after.acquire()).await.unwrap().unwrap();
+}
