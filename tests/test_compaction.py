@@ -224,8 +224,15 @@ def test_a_run_killed_after_compacting_resumes_from_the_compacted_conversation(t
     script = tmp_path / "agent.py"
     script.write_text(CRASHING)
     journal = tmp_path / "run.sqlite"
+    # Whole-state checkpoints (not block-hash diffs), so that the test can read the saved
+    # conversation straight from the journal's table.
     env = dict(
-        os.environ, CRASH_MARKER=str(tmp_path / "crashed"), CRASH_AFTER="22", DURABLE_TURN="15", SYSTEM=SYSTEM
+        os.environ,
+        CRASH_MARKER=str(tmp_path / "crashed"),
+        CRASH_AFTER="22",
+        DURABLE_TURN="15",
+        SYSTEM=SYSTEM,
+        BATCHAGENT_JOURNAL_CHECKPOINTS="full",
     )
     with sim.start(
         time_scale=0, seed=3, tool_rounds=ROUNDS, max_model_len=6144, output_tokens="fixed:20"
