@@ -49,12 +49,20 @@ impl Drop for Ended<'_> {
     }
 }
 
+/// How requests reach the server.
+#[derive(Clone)]
+enum Transport {
+    /// The lean HTTP/1.1 client: plain `http://` without a proxy.
+    Lean(Arc<H1Client>),
+    /// reqwest: TLS, proxies, HTTP/2.
+    Reqwest(reqwest::Client),
+}
+
 /// A pooled client bound to one server: the lean HTTP/1.1 client of [`h1`](super::h1) for
 /// plain `http://` servers reached without a proxy, reqwest for everything else.
 #[derive(Clone)]
 pub struct HttpClient {
-    client: reqwest::Client,
-    fast: Option<Arc<H1Client>>,
+    transport: Transport,
     base_url: String,
     /// The path part of `base_url` (the fast client's request targets start with it).
     base_path: String,
@@ -74,7 +82,13 @@ impl fmt::Debug for HttpClient {
             .field("base_url", &self.base_url)
             .field("api_key", &self.secret.as_ref().map(|_| "[redacted]"))
             .field("request_timeout", &self.request_timeout)
-            .field("transport", &if self.fast.is_some() { "http/1.1" } else { "reqwest" })
+            .field(
+                "transport",
+                &match self.transport {
+                    Transport::Lean(_) => "http/1.1",
+                    Transport::Reqwest(_) => "reqwest",
+                },
+            )
             .finish_non_exhaustive()
     }
 }
@@ -207,15 +221,6 @@ impl HttpClient {
             value.set_sensitive(true);
             headers.insert(name, value);
         }
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(options.connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .tcp_nodelay(true)
-            .tcp_keepalive(Duration::from_secs(30))
-            .build()
-            .map_err(|e| BackendError::Config(format!("cannot build the HTTP client: {}", error_chain(&e))))?;
         let base_url = base_url.trim_end_matches('/').to_owned();
         let parsed = reqwest::Url::parse(&base_url)
             .map_err(|e| BackendError::Config(format!("backend URL {base_url:?} is not valid: {e}")))?;
@@ -224,7 +229,7 @@ impl HttpClient {
             && parsed.password().is_none()
             && parsed.query().is_none()
             && !proxy_configured();
-        let fast = match (plain, parsed.host_str(), parsed.port_or_known_default()) {
+        let transport = match (plain, parsed.host_str(), parsed.port_or_known_default()) {
             (true, Some(host), Some(port)) => {
                 // An IPv6 literal is bracketed in a URL and in `Host`, not when connecting.
                 let connect_host = host.trim_start_matches('[').trim_end_matches(']');
@@ -235,13 +240,25 @@ impl HttpClient {
                 let fixed = headers.iter().map(|(name, value)| (name.as_str(), value.as_bytes()));
                 let client = H1Client::new(connect_host, port, &authority, fixed, options.connect_timeout)
                     .with_limits(options.max_response_bytes, options.idle_timeout);
-                Some(Arc::new(client))
+                Transport::Lean(Arc::new(client))
             }
-            _ => None,
+            // Built only where it is used: building one loads the system's root certificates,
+            // about 10 ms of CPU each time (measured with callgrind), which a run paid once per
+            // endpoint client even when every request went through the lean client.
+            _ => Transport::Reqwest(
+                reqwest::Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .connect_timeout(options.connect_timeout)
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .pool_max_idle_per_host(1024)
+                    .tcp_nodelay(true)
+                    .tcp_keepalive(Duration::from_secs(30))
+                    .build()
+                    .map_err(|e| BackendError::Config(format!("cannot build the HTTP client: {}", error_chain(&e))))?,
+            ),
         };
         Ok(Self {
-            client,
-            fast,
+            transport,
             base_path: parsed.path().trim_end_matches('/').to_owned(),
             base_url,
             headers,
@@ -315,30 +332,33 @@ impl HttpClient {
         // However the request ends (answered, failed, cancelled), requests held back until the
         // first answer go on.
         let _ended = ticket.map(|_| Ended(&self.pacer));
-        let response = if let Some(fast) = &self.fast {
-            let full_path;
-            let path = match post.target {
-                Target::Endpoint(endpoint) => endpoint.path.as_str(),
-                Target::Path(path) => {
-                    full_path = format!("{}{path}", self.base_path);
-                    full_path.as_str()
+        let response = match &self.transport {
+            Transport::Lean(fast) => {
+                let full_path;
+                let path = match post.target {
+                    Target::Endpoint(endpoint) => endpoint.path.as_str(),
+                    Target::Path(path) => {
+                        full_path = format!("{}{path}", self.base_path);
+                        full_path.as_str()
+                    }
+                };
+                let headers: Vec<(&str, &str)> = post.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+                Response::Fast(fast.post(path, &headers, &post.body).await.map_err(|e| self.h1_error(&e))?)
+            }
+            Transport::Reqwest(client) => {
+                let mut builder = match post.target {
+                    Target::Endpoint(endpoint) => client.post(endpoint.url.clone()),
+                    Target::Path(path) => client.post(format!("{}{path}", self.base_url)),
+                };
+                if !self.headers.is_empty() {
+                    builder = builder.headers(self.headers.clone());
                 }
-            };
-            let headers: Vec<(&str, &str)> = post.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-            Response::Fast(fast.post(path, &headers, &post.body).await.map_err(|e| self.h1_error(&e))?)
-        } else {
-            let mut builder = match post.target {
-                Target::Endpoint(endpoint) => self.client.post(endpoint.url.clone()),
-                Target::Path(path) => self.client.post(format!("{}{path}", self.base_url)),
-            };
-            if !self.headers.is_empty() {
-                builder = builder.headers(self.headers.clone());
+                for (name, value) in post.headers {
+                    builder = builder.header(name, value);
+                }
+                let request = builder.header(CONTENT_TYPE, "application/json").body(post.body);
+                Response::Reqwest(request.send().await.map_err(|e| self.transport_error(&e))?, 0)
             }
-            for (name, value) in post.headers {
-                builder = builder.header(name, value);
-            }
-            let request = builder.header(CONTENT_TYPE, "application/json").body(post.body);
-            Response::Reqwest(request.send().await.map_err(|e| self.transport_error(&e))?, 0)
         };
         let status = response.status();
         if let Some(ticket) = &ticket {
