@@ -4,6 +4,7 @@
 pub mod backends;
 pub mod conversation;
 pub mod diff;
+pub mod engine;
 pub mod fleet;
 pub mod limits;
 pub mod output;

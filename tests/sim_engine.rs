@@ -40,7 +40,7 @@ async fn run(n: u32, caching: bool) -> (f64, f64) {
         .map(|i| {
             let mut prompt = prefix.clone();
             prompt.extend(unique_tail(i));
-            engine.submit(EngineRequest { prompt, max_new_tokens: 8, output_tokens: Vec::new() })
+            engine.submit(EngineRequest { prompt, max_new_tokens: 8, ..EngineRequest::default() })
         })
         .collect();
     let mut ttft = Duration::ZERO;

@@ -8,6 +8,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::engine::SchedulerConfig;
+
 /// Time of one engine step (one forward pass of the batch), fitted per hardware and model:
 ///
 /// ```text
@@ -31,15 +33,7 @@ pub struct StepModel {
     pub kv_read_ns: f64,
 }
 
-/// What one step computes, as the step-time model sees it.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct StepLoad {
-    pub prefill_tokens: u64,
-    /// Sum over prefill chunks of `chunk_tokens * context_len_at_chunk_end`.
-    pub prefill_attn: u64,
-    pub decode_seqs: u64,
-    pub kv_tokens_read: u64,
-}
+pub use crate::engine::StepLoad;
 
 /// The terms of the step-time formula, in the order of [`StepModel::parts_us`].
 pub const STEP_PARTS: [&str; 5] = ["base", "prefill", "prefill_attention", "decode", "kv_read"];
@@ -172,6 +166,17 @@ impl Profile {
     }
 
     /// KV capacity in whole blocks.
+    /// The scheduler limits this profile's engine runs with.
+    pub fn scheduler_config(&self) -> SchedulerConfig {
+        SchedulerConfig {
+            block_size: self.block_size,
+            kv_capacity_blocks: self.kv_capacity_blocks(),
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            enable_prefix_caching: self.enable_prefix_caching,
+        }
+    }
+
     pub fn kv_capacity_blocks(&self) -> usize {
         self.kv_capacity_tokens / self.block_size.max(1)
     }

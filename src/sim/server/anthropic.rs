@@ -310,7 +310,7 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, _headers: Heade
             while let Some(event) = g.events.recv().await {
                 let mut frames = Vec::new();
                 match event {
-                    EngineEvent::Token { index } => match g.pieces.get(index) {
+                    EngineEvent::Token { index, .. } => match g.pieces.get(index) {
                         Some(Piece::Text(t)) => {
                             if open.is_none() {
                                 frames.push(sse_event(

@@ -427,7 +427,7 @@ pub(crate) async fn finish(state: &AppState, generation: &mut Generation) -> Opt
 /// Book-keeping for an engine event; the `Finish` when it is the last one.
 pub(crate) fn on_event(state: &AppState, event: &EngineEvent) -> Option<Finish> {
     match *event {
-        EngineEvent::Finished { prompt_tokens, cached_tokens, completion_tokens, queue_time, ttft, total } => {
+        EngineEvent::Finished { prompt_tokens, cached_tokens, completion_tokens, queue_time, ttft, total, .. } => {
             state.stats.record_finish(prompt_tokens, cached_tokens, completion_tokens, ttft);
             Some(Finish { prompt_tokens, cached_tokens, completion_tokens, ttft, total, queue_time })
         }

@@ -139,7 +139,7 @@ pub(crate) async fn chat(State(state): State<Arc<AppState>>, _headers: HeaderMap
             let line = |v: Value| Bytes::from(format!("{v}\n"));
             while let Some(event) = g.events.recv().await {
                 let frame = match event {
-                    EngineEvent::Token { index } => match g.pieces.get(index) {
+                    EngineEvent::Token { index, .. } => match g.pieces.get(index) {
                         Some(Piece::Text(t)) => json!({"model": model, "created_at": rfc3339_now(),
                             "message": {"role": "assistant", "content": t}, "done": false}),
                         // The whole call goes out once its last argument token is out.

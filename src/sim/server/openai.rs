@@ -271,7 +271,7 @@ async fn chat_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Response {
             let mut started = false;
             while let Some(event) = g.events.recv().await {
                 match event {
-                    EngineEvent::Token { index } => {
+                    EngineEvent::Token { index, .. } => {
                         if !started {
                             started = true;
                             if !sink.send(sse_data(&chunk(json!({"role": "assistant", "content": ""}), None))).await {
@@ -436,7 +436,7 @@ async fn completions_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Respo
             let (mut prompt_total, mut completion_total, mut cached_total, mut done) = (0, 0, 0, 0);
             while let Some((i, event)) = rx.recv().await {
                 let frame = match event {
-                    EngineEvent::Token { index } => match texts[i].get(index) {
+                    EngineEvent::Token { index, .. } => match texts[i].get(index) {
                         Some(t) => chunk(i, t, None),
                         None => continue,
                     },

@@ -1,4 +1,8 @@
-//! Automatic prefix caching over fixed-size KV blocks, as vLLM v1 does it.
+//! The paged KV block manager with automatic prefix caching, as vLLM v1 does it.
+//!
+//! The cache has `capacity` physical blocks, numbered `0..capacity`: the page ids of the model
+//! runner's paged KV cache. Each sequence holds a block table (its pages in order, see
+//! [`PrefixCache::block_table`]).
 //!
 //! A full block of a prompt is named by a chained hash: its parent block's hash and its own token ids,
 //! so a block can only hit when the whole prefix before it matches. The cache holds `capacity` physical
@@ -112,6 +116,8 @@ pub struct CacheStats {
 
 #[derive(Debug)]
 struct Block {
+    /// The physical block (page) id.
+    id: u32,
     refs: u32,
     computed: bool,
     /// Set each time the block becomes unreferenced; an LRU entry with another stamp is stale.
@@ -131,6 +137,8 @@ enum Held {
 struct SeqBlocks {
     hashes: Vec<u64>,
     held: Vec<Held>,
+    /// The physical ids of `held`, in order: the sequence's block table.
+    ids: Vec<u32>,
     /// Leading blocks already marked computed.
     computed_blocks: usize,
 }
@@ -150,11 +158,15 @@ pub struct PrefixCache {
     /// Registered blocks with refs == 0 (evictable).
     unreferenced: usize,
     private: usize,
+    /// Physical ids of blocks that hold nothing (neither held nor cached).
+    free: Vec<u32>,
     stats: CacheStats,
 }
 
 impl PrefixCache {
+    /// A cache of `capacity_blocks` blocks (at most `u32::MAX`: block ids are `u32`).
     pub fn new(capacity_blocks: usize, block_size: usize) -> Self {
+        let capacity_blocks = capacity_blocks.min(u32::MAX as usize);
         Self {
             capacity: capacity_blocks,
             block_size: block_size.max(1),
@@ -166,6 +178,8 @@ impl PrefixCache {
             referenced: 0,
             unreferenced: 0,
             private: 0,
+            // Popped from the end: low ids first.
+            free: (0..u32::try_from(capacity_blocks).unwrap_or(u32::MAX)).rev().collect(),
             stats: CacheStats::default(),
         }
     }
@@ -239,6 +253,7 @@ impl PrefixCache {
         let mut entry = SeqBlocks {
             hashes: hashes.to_vec(),
             held: Vec::with_capacity(blocks_needed.max(hit_blocks)),
+            ids: Vec::with_capacity(blocks_needed.max(hit_blocks)),
             computed_blocks: hit_blocks,
         };
         for &h in &hashes[..hit_blocks] {
@@ -248,8 +263,9 @@ impl PrefixCache {
                     self.referenced += 1;
                 }
                 b.refs += 1;
+                entry.ids.push(b.id);
+                entry.held.push(Held::Shared(h));
             }
-            entry.held.push(Held::Shared(h));
         }
         self.stats.query_tokens += prompt_len as u64;
         self.stats.hit_tokens += (hit_blocks * self.block_size) as u64;
@@ -278,17 +294,24 @@ impl PrefixCache {
         self.seqs.get(&seq).map(|s| s.held.len())
     }
 
+    /// The physical block ids `seq` holds, in token order (empty if it holds none).
+    pub fn block_table(&self, seq: u64) -> &[u32] {
+        self.seqs.get(&seq).map_or(&[], |s| &s.ids)
+    }
+
     /// Adds blocks up to `blocks_needed`; the caller has checked there is room.
     fn extend(&mut self, entry: &mut SeqBlocks, blocks_needed: usize) {
         while entry.held.len() < blocks_needed {
             let i = entry.held.len();
-            if self.referenced + self.private + self.unreferenced >= self.capacity {
+            if self.free.is_empty() {
                 self.evict_one();
             }
+            // The caller checked `available()`, which counts evictable blocks as free.
+            let Some(id) = self.free.pop() else { return };
             let held = match entry.hashes.get(i) {
                 Some(&h) if self.caching => match self.blocks.entry(h) {
                     MapEntry::Vacant(v) => {
-                        v.insert(Block { refs: 1, computed: false, stamp: 0 });
+                        v.insert(Block { id, refs: 1, computed: false, stamp: 0 });
                         self.referenced += 1;
                         Held::Shared(h)
                     }
@@ -305,6 +328,7 @@ impl PrefixCache {
                 }
             };
             entry.held.push(held);
+            entry.ids.push(id);
         }
     }
 
@@ -313,6 +337,7 @@ impl PrefixCache {
             if let MapEntry::Occupied(o) = self.blocks.entry(h) {
                 let b = o.get();
                 if b.refs == 0 && b.stamp == stamp {
+                    self.free.push(b.id);
                     o.remove();
                     self.unreferenced -= 1;
                     self.stats.evictions += 1;
@@ -350,18 +375,19 @@ impl PrefixCache {
     pub fn release_caching(&mut self, seq: u64, later: &[u64]) -> usize {
         let Some(entry) = self.seqs.remove(&seq) else { return 0 };
         let prompt_blocks = entry.hashes.len();
-        for (i, held) in entry.held.iter().enumerate().rev() {
+        for (i, (held, &id)) in entry.held.iter().zip(&entry.ids).enumerate().rev() {
             match *held {
                 Held::Private => {
                     self.private -= 1;
                     let known = i.checked_sub(prompt_blocks).and_then(|j| later.get(j));
-                    if let (Some(&h), true) = (known, self.caching) {
-                        if let MapEntry::Vacant(v) = self.blocks.entry(h) {
+                    match (known, self.caching) {
+                        (Some(&h), true) if !self.blocks.contains_key(&h) => {
                             self.next_stamp += 1;
-                            v.insert(Block { refs: 0, computed: true, stamp: self.next_stamp });
+                            self.blocks.insert(h, Block { id, refs: 0, computed: true, stamp: self.next_stamp });
                             self.lru.push_back((h, self.next_stamp));
                             self.unreferenced += 1;
                         }
+                        _ => self.free.push(id),
                     }
                 }
                 Held::Shared(h) => {
@@ -378,6 +404,7 @@ impl PrefixCache {
                         self.lru.push_back((h, self.next_stamp));
                         self.unreferenced += 1;
                     } else {
+                        self.free.push(b.id);
                         o.remove();
                     }
                 }
@@ -568,6 +595,7 @@ mod tests {
                 let s = c.stats();
                 prop_assert!(s.used_blocks + s.cached_free_blocks <= cap);
                 prop_assert_eq!(s.used_blocks, live.values().map(|(_, n)| *n).sum::<usize>() - shared_overlap(&c, &live));
+                prop_assert!(ids_are_consistent(&c, cap));
                 // Pinned blocks are never evicted: every registered block a live sequence holds is
                 // still in the map.
                 for seq in live.keys() {
@@ -592,6 +620,29 @@ mod tests {
                 prop_assert_eq!(x == y, same_prefix);
             }
         }
+    }
+
+    /// Every physical id is in exactly one place: the free list, a cached block, or one private
+    /// block of one sequence; a registered block's id is the one in every table that lists it.
+    fn ids_are_consistent(c: &PrefixCache, cap: usize) -> bool {
+        let mut owner: HashMap<u32, &str> = HashMap::new();
+        let mut ok = true;
+        for &id in &c.free {
+            ok &= owner.insert(id, "free").is_none();
+        }
+        for b in c.blocks.values() {
+            ok &= owner.insert(b.id, "registered").is_none();
+        }
+        for s in c.seqs.values() {
+            ok &= s.ids.len() == s.held.len();
+            for (held, id) in s.held.iter().zip(&s.ids) {
+                match held {
+                    Held::Shared(h) => ok &= c.blocks.get(h).is_some_and(|b| b.id == *id),
+                    Held::Private => ok &= owner.insert(*id, "private").is_none(),
+                }
+            }
+        }
+        ok && owner.len() == cap && owner.keys().all(|&id| (id as usize) < cap)
     }
 
     /// Blocks counted more than once in the per-sequence totals because several sequences share them.

@@ -1,0 +1,10 @@
+//! The embedded engine's Rust half: the continuous-batching scheduler and the paged KV block
+//! manager, shared by the simulator (which times each step by its profile) and the embedded engine
+//! (which runs each step through the Python model runner, once per step).
+
+pub mod blocks;
+pub mod metrics;
+pub mod scheduler;
+
+pub use metrics::{EngineMetrics, Histogram, TTFT_BUCKETS};
+pub use scheduler::{EngineEvent, EngineRequest, Sampling, Scheduler, SchedulerConfig, StepLayout, StepLoad};

@@ -1,0 +1,731 @@
+//! The continuous-batching scheduler, as vLLM v1 schedules.
+//!
+//! Each step: running sequences are served first, in admission order, one token each when decoding
+//! or a chunk of their prompt when prefilling, within the step's token budget
+//! (`max_num_batched_tokens`); the rest of the budget admits waiting requests first come, first
+//! served, up to `max_num_seqs` running. KV blocks are allocated per scheduled chunk; when a running
+//! sequence cannot get a block, the most recently admitted sequence is preempted and recomputed later
+//! (vLLM's recompute preemption), and no new request is admitted in that step. The step that
+//! completes a sequence's prefill produces its first output token.
+//!
+//! The scheduler does not run steps: [`Scheduler::schedule`] decides one, the caller executes it
+//! (the simulator by its step-time model, the embedded engine by the model runner, from
+//! [`Scheduler::layout`]) and hands back the sampled tokens with [`Scheduler::complete_step`]. Time
+//! is the caller's too ([`Scheduler::now`]): simulated time in the simulator, real time in the engine.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::blocks::{block_hashes, chain_hashes, PrefixCache};
+use super::metrics::EngineMetrics;
+
+/// The limits a scheduler works within (vLLM's engine arguments of the same names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Tokens per KV block (page).
+    pub block_size: usize,
+    /// Blocks in the KV cache.
+    pub kv_capacity_blocks: usize,
+    pub max_num_seqs: usize,
+    /// Tokens computed per step, prefill chunks and decodes together.
+    pub max_num_batched_tokens: usize,
+    pub enable_prefix_caching: bool,
+}
+
+impl SchedulerConfig {
+    pub fn kv_capacity_tokens(&self) -> usize {
+        self.kv_capacity_blocks * self.block_size
+    }
+
+    /// The event that refuses `request` at once, when it can never run: an empty prompt, or more
+    /// tokens than the whole KV cache holds (a server answers this with HTTP 400).
+    pub fn rejection(&self, request: &EngineRequest) -> Option<EngineEvent> {
+        let capacity = self.kv_capacity_tokens();
+        let tokens = request.prompt.len() + request.max_new_tokens;
+        (request.prompt.is_empty() || tokens > capacity).then_some(EngineEvent::Rejected {
+            prompt_tokens: request.prompt.len(),
+            max_new_tokens: request.max_new_tokens,
+            kv_capacity_tokens: capacity,
+        })
+    }
+}
+
+/// How the model runner picks each next token of a request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// 0: greedy (argmax).
+    pub temperature: f64,
+    /// Nucleus sampling: the smallest set of tokens whose probability reaches `top_p` (1: all).
+    pub top_p: f64,
+    /// Only the `top_k` most likely tokens (0: all).
+    pub top_k: u32,
+    /// Makes sampling reproducible: the draw for output token `i` depends only on the seed, `i` and
+    /// the logits.
+    pub seed: Option<u64>,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: None }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineRequest {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// The most output tokens to produce.
+    pub max_new_tokens: usize,
+    /// The ids of the output, when the caller decides them (the simulator; empty if not known). The
+    /// full KV blocks they complete are cached when the request ends, as vLLM caches decode blocks,
+    /// so a next turn whose prompt repeats this answer hits them. The engine fills this with the
+    /// sampled tokens instead.
+    pub output_tokens: Vec<u32>,
+    /// Tokens that end the output (EOS and `stop_token_ids`); the stop token counts as output.
+    pub stop_token_ids: Vec<u32>,
+    /// Stop tokens are suppressed until this many tokens are out.
+    pub min_tokens: usize,
+    pub sampling: Sampling,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineEvent {
+    /// The request was admitted to the running batch; its prefix-cache hit is known.
+    Started { cached_tokens: usize },
+    /// Output token `index` (0-based) was produced; `id` is the sampled token (in the simulator, the
+    /// request's `output_tokens[index]`, 0 when not given).
+    Token { index: usize, id: u32 },
+    /// The last event of a served request. Durations are the scheduler's time from arrival.
+    Finished {
+        prompt_tokens: usize,
+        cached_tokens: usize,
+        completion_tokens: usize,
+        queue_time: Duration,
+        ttft: Duration,
+        total: Duration,
+        /// A stop token ended it (otherwise `max_new_tokens` did).
+        stopped: bool,
+    },
+    /// The request can never run (see [`SchedulerConfig::rejection`]). It is its only event.
+    Rejected { prompt_tokens: usize, max_new_tokens: usize, kv_capacity_tokens: usize },
+}
+
+/// What one step computes, as the simulator's step-time model sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepLoad {
+    pub prefill_tokens: u64,
+    /// Sum over prefill chunks of `chunk_tokens * context_len_at_chunk_end`.
+    pub prefill_attn: u64,
+    pub decode_seqs: u64,
+    pub kv_tokens_read: u64,
+}
+
+/// The layout of one step for the model runner (`batchagent_rs.engine.StepLayout`): the new tokens
+/// of every scheduled sequence packed one sequence after another, no padding.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepLayout {
+    pub input_ids: Vec<i64>,
+    /// Each token's position in its sequence.
+    pub positions: Vec<i64>,
+    /// `seqs + 1` entries: sequence `i`'s tokens are `input_ids[starts[i]..starts[i + 1]]`.
+    pub query_starts: Vec<i64>,
+    /// Tokens in the cache for each sequence once this step's are written.
+    pub context_lens: Vec<i64>,
+    /// `seqs x table_width` page ids, row-major, each row padded with 0.
+    pub block_tables: Vec<i32>,
+    pub table_width: usize,
+    /// Cache slot of each new token: `page * block_size + offset`.
+    pub slot_mapping: Vec<i64>,
+    /// Per sequence: how to sample its next token, which output token that is (for seeded
+    /// sampling), and the tokens banned from it (stop tokens before `min_tokens`).
+    pub sampling: Vec<Sampling>,
+    pub output_index: Vec<u64>,
+    pub banned: Vec<Vec<u32>>,
+}
+
+impl StepLayout {
+    pub fn num_seqs(&self) -> usize {
+        self.context_lens.len()
+    }
+}
+
+struct Seq {
+    id: u64,
+    tx: UnboundedSender<EngineEvent>,
+    prompt: Vec<u32>,
+    output: Vec<u32>,
+    stop_ids: Vec<u32>,
+    min_tokens: usize,
+    sampling: Sampling,
+    /// Chained hashes of the prompt's full blocks, made at first admission.
+    hashes: Vec<u64>,
+    max_new: usize,
+    generated: usize,
+    /// Tokens whose KV is computed (vLLM's `num_computed_tokens`).
+    computed: usize,
+    /// Tokens scheduled in the current step.
+    step_tokens: usize,
+    arrival: Duration,
+    admitted: Option<Duration>,
+    first_token: Option<Duration>,
+    cached_tokens: usize,
+    done: bool,
+}
+
+impl Seq {
+    /// Tokens whose KV the sequence needs: the prompt and every output token but the newest.
+    fn total(&self) -> usize {
+        self.prompt.len() + self.generated
+    }
+
+    fn token(&self, position: usize) -> u32 {
+        match position.checked_sub(self.prompt.len()) {
+            None => self.prompt[position],
+            Some(i) => self.output.get(i).copied().unwrap_or(0),
+        }
+    }
+
+    /// Chained hashes of the computed full blocks after the prompt's full blocks whose tokens are
+    /// known (the prompt's tail and the produced part of `output`).
+    fn known_later_hashes(&self, block_size: usize) -> Vec<u64> {
+        let from = self.hashes.len() * block_size;
+        let known = (self.prompt.len() + self.output.len().min(self.generated)).min(self.computed);
+        let upto = known / block_size * block_size;
+        if self.output.is_empty() || upto <= from || from > self.prompt.len() {
+            return Vec::new();
+        }
+        let mut tokens = Vec::with_capacity(upto - from);
+        tokens.extend_from_slice(&self.prompt[from..]);
+        tokens.extend_from_slice(&self.output[..upto - self.prompt.len().min(upto)]);
+        tokens.truncate(upto - from);
+        chain_hashes(self.hashes.last().copied(), &tokens, block_size)
+    }
+}
+
+/// The scheduler and the block manager of one engine.
+pub struct Scheduler {
+    config: SchedulerConfig,
+    cache: PrefixCache,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    next_id: u64,
+    /// The caller's clock: time since the engine started.
+    pub now: Duration,
+    m: EngineMetrics,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("config", &self.config)
+            .field("waiting", &self.waiting.len())
+            .field("running", &self.running.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Scheduler {
+    pub fn new(config: SchedulerConfig) -> Self {
+        let blocks = config.kv_capacity_blocks;
+        let cache = if config.enable_prefix_caching {
+            PrefixCache::new(blocks, config.block_size)
+        } else {
+            PrefixCache::without_caching(blocks, config.block_size)
+        };
+        Self {
+            config,
+            cache,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 0,
+            now: Duration::ZERO,
+            m: EngineMetrics::default(),
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// Queues a request that arrived at `arrival`; its events go to `tx`, and closing `tx`'s receiver
+    /// aborts it. The caller has checked [`SchedulerConfig::rejection`].
+    pub fn enqueue(&mut self, request: EngineRequest, tx: UnboundedSender<EngineEvent>, arrival: Duration) {
+        self.next_id += 1;
+        self.waiting.push_back(Seq {
+            id: self.next_id,
+            tx,
+            prompt: request.prompt,
+            output: request.output_tokens,
+            stop_ids: request.stop_token_ids,
+            min_tokens: request.min_tokens,
+            sampling: request.sampling,
+            hashes: Vec::new(),
+            max_new: request.max_new_tokens,
+            generated: 0,
+            computed: 0,
+            step_tokens: 0,
+            arrival,
+            admitted: None,
+            first_token: None,
+            cached_tokens: 0,
+            done: false,
+        });
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    /// The counters, for the caller to add its own (the simulator's busy time).
+    pub fn metrics_mut(&mut self) -> &mut EngineMetrics {
+        &mut self.m
+    }
+
+    /// Chooses this step's work; returns what the step computes, or `None` if nothing can run.
+    pub fn schedule(&mut self) -> Option<StepLoad> {
+        let cache = &mut self.cache;
+        let m = &mut self.m;
+        self.running.retain(|s| {
+            if s.tx.is_closed() {
+                cache.release(s.id);
+                m.requests_aborted += 1;
+                return false;
+            }
+            true
+        });
+
+        let block_size = self.config.block_size;
+        let mut budget = self.config.max_num_batched_tokens;
+        let mut load = StepLoad::default();
+        let mut scheduled_any = false;
+        let mut preempted = false;
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let (id, computed, need) = {
+                let s = &self.running[i];
+                (s.id, s.computed, s.total() - s.computed)
+            };
+            let n = need.min(budget);
+            let blocks = self.cache.blocks_for(computed + n);
+            let mut fits = true;
+            while self.cache.grow(id, blocks).is_err() {
+                let Some(mut victim) = self.running.pop() else { break };
+                self.cache.release(victim.id);
+                victim.computed = 0;
+                victim.step_tokens = 0;
+                self.waiting.push_front(victim);
+                self.m.preemptions += 1;
+                preempted = true;
+                if self.running.len() <= i {
+                    fits = false;
+                    break;
+                }
+            }
+            if !fits {
+                break;
+            }
+            let s = &mut self.running[i];
+            s.step_tokens = n;
+            account(&mut load, s, n);
+            scheduled_any = true;
+            budget -= n;
+            i += 1;
+        }
+
+        while !preempted && budget > 0 && self.running.len() < self.config.max_num_seqs {
+            let Some(front) = self.waiting.front_mut() else { break };
+            if front.tx.is_closed() {
+                self.waiting.pop_front();
+                self.m.requests_aborted += 1;
+                continue;
+            }
+            if front.hashes.is_empty() && self.config.enable_prefix_caching {
+                front.hashes = block_hashes(&front.prompt, block_size);
+            }
+            let total = front.total();
+            let max_hit = total.saturating_sub(1) / block_size;
+            let hit_tokens = self.cache.lookup(&front.hashes[..max_hit.min(front.hashes.len())]) * block_size;
+            let n = (total - hit_tokens).min(budget);
+            let blocks = self.cache.blocks_for(hit_tokens + n);
+            let Ok(alloc) = self.cache.allocate(front.id, total, &front.hashes, blocks) else { break };
+            let Some(mut s) = self.waiting.pop_front() else { break };
+            s.computed = alloc.hit_blocks * block_size;
+            let n = (total - s.computed).min(budget);
+            if s.admitted.is_none() {
+                s.admitted = Some(self.now);
+                s.cached_tokens = s.computed;
+                self.m.prompt_tokens += s.prompt.len() as u64;
+                if s.tx.send(EngineEvent::Started { cached_tokens: s.cached_tokens }).is_err() {
+                    self.cache.release(s.id);
+                    self.m.requests_aborted += 1;
+                    continue;
+                }
+            }
+            s.step_tokens = n;
+            account(&mut load, &s, n);
+            scheduled_any = true;
+            budget -= n;
+            self.running.push(s);
+        }
+        scheduled_any.then_some(load)
+    }
+
+    /// The scheduled step as the model runner takes it: sequences in the order `complete_step`
+    /// expects their tokens back.
+    pub fn layout(&self) -> StepLayout {
+        let bs = self.config.block_size;
+        let scheduled = || self.running.iter().filter(|s| s.step_tokens > 0);
+        let width = scheduled().map(|s| self.cache.block_table(s.id).len()).max().unwrap_or(0);
+        let mut l = StepLayout { table_width: width, query_starts: vec![0], ..StepLayout::default() };
+        for s in scheduled() {
+            let table = self.cache.block_table(s.id);
+            let end = s.computed + s.step_tokens;
+            for p in s.computed..end {
+                l.input_ids.push(i64::from(s.token(p)));
+                l.positions.push(p as i64);
+                let page = table.get(p / bs).copied().unwrap_or(0);
+                l.slot_mapping.push(i64::from(page) * bs as i64 + (p % bs) as i64);
+            }
+            l.query_starts.push(l.input_ids.len() as i64);
+            l.context_lens.push(end as i64);
+            l.block_tables.extend(table.iter().map(|&b| b as i32));
+            l.block_tables.extend(std::iter::repeat_n(0, width - table.len()));
+            l.sampling.push(s.sampling);
+            l.output_index.push(s.generated as u64);
+            l.banned.push(if s.generated < s.min_tokens { s.stop_ids.clone() } else { Vec::new() });
+        }
+        l
+    }
+
+    /// Applies the step that just ended at `self.now`: computed tokens, output tokens, finished
+    /// requests. `sampled` holds one token per sequence of the step's layout, in its order (a
+    /// sequence still in the middle of its prompt ignores its token); `None` when the caller
+    /// samples nothing (the simulator: tokens come from `output_tokens`).
+    pub fn complete_step(&mut self, sampled: Option<&[u32]>) {
+        let now = self.now;
+        let mut row = 0;
+        for s in &mut self.running {
+            if s.step_tokens == 0 || s.done {
+                continue;
+            }
+            let token = sampled.and_then(|t| t.get(row).copied());
+            row += 1;
+            s.computed += s.step_tokens;
+            s.step_tokens = 0;
+            self.cache.mark_computed(s.id, s.computed);
+            if s.computed < s.total() {
+                continue;
+            }
+            let mut stopped = false;
+            if s.generated < s.max_new {
+                let index = s.generated;
+                if let Some(t) = token {
+                    s.output.push(t);
+                }
+                let id = s.output.get(index).copied().unwrap_or(0);
+                s.generated += 1;
+                self.m.generation_tokens += 1;
+                if s.first_token.is_none() {
+                    s.first_token = Some(now);
+                    self.m.ttft.observe(now.saturating_sub(s.arrival).as_secs_f64());
+                }
+                if s.tx.send(EngineEvent::Token { index, id }).is_err() {
+                    s.done = true;
+                    self.m.requests_aborted += 1;
+                    continue;
+                }
+                stopped = token.is_some() && s.generated > s.min_tokens && s.stop_ids.contains(&id);
+            }
+            if stopped || s.generated >= s.max_new {
+                s.done = true;
+                let ttft = s.first_token.unwrap_or(now).saturating_sub(s.arrival);
+                self.m.requests_finished += 1;
+                // A receiver dropped now has already seen every token; nothing is left to abort.
+                let _ = s.tx.send(EngineEvent::Finished {
+                    prompt_tokens: s.prompt.len(),
+                    cached_tokens: s.cached_tokens,
+                    completion_tokens: s.generated,
+                    queue_time: s.admitted.unwrap_or(now).saturating_sub(s.arrival),
+                    ttft,
+                    total: now.saturating_sub(s.arrival),
+                    stopped,
+                });
+            }
+        }
+        let cache = &mut self.cache;
+        let block_size = self.config.block_size;
+        self.running.retain(|s| {
+            if s.done {
+                cache.release_caching(s.id, &s.known_later_hashes(block_size));
+            }
+            !s.done
+        });
+        self.m.steps += 1;
+    }
+
+    /// The counters and the state now.
+    pub fn snapshot(&self) -> EngineMetrics {
+        let c = self.cache.stats();
+        EngineMetrics {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            kv_usage: c.usage,
+            prefix_queries: c.query_tokens,
+            prefix_hits: c.hit_tokens,
+            sim_time: self.now,
+            ..self.m
+        }
+    }
+}
+
+fn account(load: &mut StepLoad, s: &Seq, n: usize) {
+    if n == 1 && s.generated > 0 && s.computed + 1 == s.total() {
+        load.decode_seqs += 1;
+        load.kv_tokens_read += s.computed as u64;
+    } else {
+        load.prefill_tokens += n as u64;
+        load.prefill_attn += (n * (s.computed + n)) as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use proptest::prelude::*;
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+    const VOCAB: u32 = 40;
+    const STOP: u32 = 0;
+
+    fn config(blocks: usize, budget: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            block_size: 4,
+            kv_capacity_blocks: blocks,
+            max_num_seqs: 6,
+            max_num_batched_tokens: budget,
+            enable_prefix_caching: true,
+        }
+    }
+
+    /// The "model": the next token is a hash of the whole context, as a causal LM's is a function of it.
+    fn next_token(context: &[u32]) -> u32 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &t in context {
+            h = (h ^ u64::from(t)).wrapping_mul(0x0100_0000_01b3);
+        }
+        (h % u64::from(VOCAB)) as u32
+    }
+
+    /// What generating alone gives: the reference each scheduled run must equal.
+    fn reference(prompt: &[u32], max_new: usize, min_tokens: usize) -> Vec<u32> {
+        let mut ctx = prompt.to_vec();
+        let mut out = Vec::new();
+        while out.len() < max_new {
+            let mut t = next_token(&ctx);
+            if out.len() < min_tokens && t == STOP {
+                t = 1; // the runner's ban, as the test executor applies it below
+            }
+            out.push(t);
+            ctx.push(t);
+            if t == STOP {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Executes a step on a paged "KV cache" that stores token ids: writes the new tokens to their
+    /// slots, then reads every sequence's context back through its block table, so a wrong page, slot
+    /// or shared block changes the context and with it the output.
+    fn execute(kv: &mut [Option<u32>], l: &StepLayout, bs: usize) -> Vec<u32> {
+        for (&slot, &id) in l.slot_mapping.iter().zip(&l.input_ids) {
+            kv[slot as usize] = Some(id as u32);
+        }
+        let mut out = Vec::new();
+        for i in 0..l.num_seqs() {
+            let (a, b) = (l.query_starts[i] as usize, l.query_starts[i + 1] as usize);
+            let ctx = l.context_lens[i] as usize;
+            assert!(b > a && ctx >= b - a);
+            assert_eq!(l.positions[a..b], ((ctx - (b - a)) as i64..ctx as i64).collect::<Vec<_>>()[..]);
+            let table = &l.block_tables[i * l.table_width..(i + 1) * l.table_width];
+            let context: Vec<u32> =
+                (0..ctx).map(|p| kv[table[p / bs] as usize * bs + p % bs].expect("an unwritten slot")).collect();
+            let mut t = next_token(&context);
+            if l.banned[i].contains(&t) {
+                t = 1;
+            }
+            out.push(t);
+        }
+        out
+    }
+
+    fn drain(rx: &mut UnboundedReceiver<EngineEvent>, tokens: &mut Vec<u32>) -> Option<EngineEvent> {
+        while let Ok(e) = rx.try_recv() {
+            match e {
+                EngineEvent::Token { index, id } => {
+                    assert_eq!(index, tokens.len());
+                    tokens.push(id);
+                }
+                EngineEvent::Finished { .. } => return Some(e),
+                _ => {}
+            }
+        }
+        None
+    }
+
+    struct Run {
+        rx: UnboundedReceiver<EngineEvent>,
+        prompt: Vec<u32>,
+        max_new: usize,
+        min_tokens: usize,
+        tokens: Vec<u32>,
+        finished: Option<EngineEvent>,
+    }
+
+    /// Runs `requests` (arrival step, prompt, max new tokens, min tokens) to completion.
+    fn run(cfg: SchedulerConfig, requests: &[(usize, Vec<u32>, usize, usize)]) -> (Vec<Run>, EngineMetrics) {
+        let mut sched = Scheduler::new(cfg);
+        let mut kv = vec![None; cfg.kv_capacity_tokens()];
+        let mut runs = Vec::new();
+        let mut step = 0;
+        loop {
+            for (at, prompt, max_new, min_tokens) in requests {
+                if *at == step {
+                    let (tx, rx) = unbounded_channel();
+                    let request = EngineRequest {
+                        prompt: prompt.clone(),
+                        max_new_tokens: *max_new,
+                        stop_token_ids: vec![STOP],
+                        min_tokens: *min_tokens,
+                        ..EngineRequest::default()
+                    };
+                    assert!(cfg.rejection(&request).is_none());
+                    sched.enqueue(request, tx, Duration::ZERO);
+                    let (prompt, max_new, min_tokens) = (prompt.clone(), *max_new, *min_tokens);
+                    runs.push(Run { rx, prompt, max_new, min_tokens, tokens: Vec::new(), finished: None });
+                }
+            }
+            let pending = requests.iter().any(|r| r.0 > step);
+            if sched.is_idle() && !pending {
+                break;
+            }
+            if sched.schedule().is_some() {
+                let l = sched.layout();
+                let sampled = execute(&mut kv, &l, cfg.block_size);
+                sched.complete_step(Some(&sampled));
+            }
+            for r in &mut runs {
+                if let Some(f) = drain(&mut r.rx, &mut r.tokens) {
+                    r.finished = Some(f);
+                }
+            }
+            step += 1;
+            assert!(step < 100_000, "the scheduler made no progress");
+        }
+        (runs, sched.snapshot())
+    }
+
+    fn check(runs: &[Run]) {
+        for r in runs {
+            assert_eq!(r.tokens, reference(&r.prompt, r.max_new, r.min_tokens), "prompt {:?}", r.prompt);
+            let Some(EngineEvent::Finished { completion_tokens, stopped, prompt_tokens, .. }) = r.finished else {
+                panic!("no Finished event");
+            };
+            assert_eq!((completion_tokens, prompt_tokens), (r.tokens.len(), r.prompt.len()));
+            assert_eq!(stopped, r.tokens.last() == Some(&STOP) && r.tokens.len() > r.min_tokens);
+        }
+    }
+
+    fn toks(seed: u32, n: usize) -> Vec<u32> {
+        (0..n as u32).map(|i| 1 + (seed.wrapping_mul(31).wrapping_add(i * 7)) % (VOCAB - 1)).collect()
+    }
+
+    #[test]
+    fn ragged_arrivals_shared_prefixes_and_preemption_equal_one_at_a_time() {
+        let shared = toks(1, 13);
+        let mut sibling = shared.clone();
+        sibling.extend(toks(2, 5));
+        let requests = vec![
+            (0, toks(3, 5), 12, 0),
+            (0, shared.clone(), 12, 0),
+            (0, toks(4, 1), 12, 12),
+            (2, sibling, 12, 0),
+            (6, toks(5, 20), 12, 3),
+            (9, shared, 12, 0),
+        ];
+        // 14 blocks of 4: not enough for all six at once, so some are preempted and recomputed.
+        let (runs, m) = run(config(14, 10), &requests);
+        check(&runs);
+        assert!(m.preemptions > 0, "{m:?}");
+        assert!(m.prefix_hits >= 12, "{m:?}");
+        assert!(m.kv_usage.abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn min_tokens_bans_the_stop_token_and_a_stop_token_ends_the_output() {
+        // A prompt whose first greedy token is the stop token.
+        let prompt = (0..500).map(|s| toks(s, 6)).find(|p| next_token(p) == STOP).unwrap();
+        let (runs, _) = run(config(64, 16), &[(0, prompt.clone(), 8, 0), (0, prompt, 8, 3)]);
+        check(&runs);
+        assert_eq!(runs[0].tokens, vec![STOP]);
+        assert!(runs[1].tokens.len() > 3);
+    }
+
+    #[test]
+    fn the_layout_lists_shared_prefix_pages_in_both_block_tables() {
+        let mut sched = Scheduler::new(config(32, 64));
+        let prompt = toks(7, 10);
+        let (tx, _rx1) = unbounded_channel();
+        sched.enqueue(
+            EngineRequest { prompt: prompt.clone(), max_new_tokens: 2, ..EngineRequest::default() },
+            tx,
+            Duration::ZERO,
+        );
+        sched.schedule().unwrap();
+        let first = sched.layout();
+        sched.complete_step(Some(&[5]));
+        let (tx, _rx2) = unbounded_channel();
+        sched.enqueue(EngineRequest { prompt, max_new_tokens: 2, ..EngineRequest::default() }, tx, Duration::ZERO);
+        sched.schedule().unwrap();
+        let second = sched.layout();
+        // First: 10 prompt tokens in 3 pages. Second step: the first sequence decodes one token, the
+        // second reuses the first two pages (8 tokens) and computes its last 2 prompt tokens.
+        assert_eq!(first.query_starts, vec![0, 10]);
+        assert_eq!(second.query_starts, vec![0, 1, 3]);
+        assert_eq!(second.context_lens, vec![11, 10]);
+        assert_eq!(second.table_width, 3);
+        assert_eq!(second.block_tables[..2], first.block_tables[..2]);
+        assert_eq!(second.block_tables[3..5], first.block_tables[..2]);
+        assert_ne!(second.block_tables[5], first.block_tables[2]);
+        assert_eq!(second.input_ids[0], 5);
+        assert_eq!(second.positions, vec![10, 8, 9]);
+    }
+
+    fn request_strategy() -> impl Strategy<Value = (usize, Vec<u32>, usize, usize)> {
+        // Prompts drawn from three stems so they share prefixes of various lengths.
+        (0..12usize, 0..3u32, 1..30usize, prop::collection::vec(1..VOCAB, 0..6), 1..10usize, 0..3usize).prop_map(
+            |(at, stem, stem_len, tail, max_new, min_tokens)| {
+                let mut prompt = toks(stem, stem_len);
+                prompt.extend(tail);
+                (at, prompt, max_new, min_tokens)
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn any_schedule_gives_every_request_its_one_at_a_time_output(
+            requests in prop::collection::vec(request_strategy(), 1..10),
+            blocks in 12..40usize,
+            budget in 1..24usize,
+        ) {
+            let (runs, m) = run(config(blocks, budget), &requests);
+            check(&runs);
+            prop_assert!(m.kv_usage.abs() < f64::EPSILON);
+        }
+    }
+}
