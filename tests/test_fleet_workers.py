@@ -236,6 +236,56 @@ def test_cli_submit_worker_status_collect(redis: Redis, tmp_path: Path) -> None:
     assert [r["index"] for r in results] == list(range(n))
 
 
+def test_run_file_settings_reach_the_workers_requests(redis: Redis, tmp_path: Path) -> None:
+    """submit builds its batch from the run file as `batchagent run` does: `[extra_body]` reaches
+    every request a worker sends (the simulator's script is set by it: 3 tool rounds instead of
+    the server's 1), and `rpm` is in the spec the workers rebuild (they refuse one they cannot)."""
+    (tmp_path / "fleet_tools_mod.py").write_text(TOOLS)
+    n = 12
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"id": "r-{i}", "topic": "t{i}"}}\n' for i in range(n)))
+    with sim.start(time_scale=0, seed=7, tool_rounds=1) as server:
+        backend = "vllm://" + server.url.removeprefix("http://")
+        (tmp_path / "job.toml").write_text(
+            textwrap.dedent(
+                f"""
+                input = "in.jsonl"
+                task = "Research {{topic}}."
+                tools = "fleet_tools_mod:lookup"
+                backend = "{backend}"
+                model = "sim-model"
+                rpm = 6000
+                max_turns = 6
+
+                [extra_body]
+                sim = {{ tool_rounds = 3 }}
+                """
+            )
+        )
+        env = environment(tmp_path)
+        submitted = subprocess.run(
+            cli("submit", "job.toml", "--redis", redis.url),
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert submitted.returncode == 0, submitted.stderr
+        run_id = submitted.stdout.strip().splitlines()[-1]
+        worked = subprocess.run(
+            cli("worker", "--redis", redis.url, "--run", run_id),
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert worked.returncode == 0, worked.stderr
+        requests = int(server.stats()["requests"]["total"])
+    _, text = _core.FleetClient(redis.url).load_spec(run_id)
+    spec = json.loads(text)["spec"]
+    assert (spec["rpm"], spec["extra_body"], spec["max_turns"]) == (6000, {"sim": {"tool_rounds": 3}}, 6)
+    out = tmp_path / "out.jsonl"
+    from batchagent_rs.fleet import FleetHandle
+
+    assert FleetHandle(run_id, redis.url).collect(out) == n
+    results = read_lines(out)
+    assert all(r["ok"] and r["turns"] == 4 and r["tool_calls"] == 3 for r in results), results[:2]
+    assert requests == 4 * n
+
+
 CHAOS_JOBS = 3000
 CHAOS_TURNS = 3  # two tool rounds, then the answer
 

@@ -393,6 +393,7 @@ class Batch:
         deadline: float | datetime.timedelta | datetime.datetime | None = None,
         batch_turnaround: float | None = None,
         online_inflight: int = 64,
+        redis: str | None = None,
     ) -> None:
         if mode not in ("online", "provider_batch", "auto"):
             raise ValueError(f"mode: expected 'online', 'provider_batch' or 'auto', got {mode!r}")
@@ -481,6 +482,14 @@ class Batch:
                 f"extra_body: expected a dict or a function of the input returning a dict, got {extra_body!r}"
             )
         headers = _check_headers(extra_headers)
+        if redis is not None:
+            redis = self._fleet_url(redis)
+        shared = [t.name for t in tools if t.cache == "redis"]
+        if shared and redis is None:
+            raise ValueError(
+                f"tool '{shared[0]}' has cache=\"redis\": pass redis=URL (redis://host:6379/0), the Redis "
+                "its results are shared through"
+            )
         self._spec = {
             "model": model,
             "system": system,
@@ -541,6 +550,7 @@ class Batch:
             "accept_truncated": accept_truncated,
             "extra_headers": headers,
             "compaction_backend": compaction_backend,
+            "redis": redis,
             "provider_batch": {
                 "retry": batch_retry,
                 "poll_interval": batch_poll_interval,
@@ -584,6 +594,7 @@ class Batch:
         self._model = model
         self._api_key = api_key
         self._headers = headers
+        self._redis = redis
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -780,19 +791,24 @@ class Batch:
         """The settings sent to the core (for inspection and journaling)."""
         return dict(self._spec)
 
-    def submit(self, inputs: Iterable[dict[str, Any]], *, redis: str) -> FleetHandle:
+    def submit(self, inputs: Iterable[dict[str, Any]], *, redis: str | None = None) -> FleetHandle:
         """Puts this batch and its inputs on a new run of the Redis worker fleet (`redis=` a URL,
-        `redis://host:6379/0`) and returns its handle (`status()`, `results()`, `collect(path)`)
-        once every input is on the stream; `batchagent worker` processes run it. Tools and the
-        output model must be importable by the workers (module-level, not in `__main__`)."""
+        `redis://host:6379/0`; the batch's own `redis=` when not given) and returns its handle
+        (`status()`, `results()`, `collect(path)`) once every input is on the stream;
+        `batchagent worker` processes run it. Tools and the output model must be importable by the
+        workers (module-level, not in `__main__`)."""
         from .fleet import submit
 
-        return submit(self, inputs, self._fleet_url(redis))
+        url = redis if redis is not None else self._redis
+        if url is None:
+            raise ValueError("submit: pass redis=URL (redis://host:6379/0), the fleet's Redis")
+        return submit(self, inputs, self._fleet_url(url))
 
     @staticmethod
     def _fleet_url(redis: str) -> str:
         if not isinstance(redis, str) or not redis.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"redis=: expected a redis:// URL, got {redis!r}")
+            shown = _core.display_url(redis) if isinstance(redis, str) else repr(redis)
+            raise ValueError(f"redis=: expected a redis:// URL, got {shown!r}")
         return redis
 
 

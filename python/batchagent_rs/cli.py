@@ -391,31 +391,10 @@ def _run(settings: dict[str, Any], base: str | None) -> int:
     if not os.path.isfile(input_path):
         raise UsageError(f"input {input_path}: no such file")
     output = settings.get("output") or os.path.splitext(input_path)[0] + ".results.jsonl"
-    backends = list(settings.get("backend") or [])
-    if not backends:
-        raise UsageError(
-            "no backend: pass --backend URL (vllm://host:port, ollama://host, openai://, sim:// ...)"
-        )
-    all_sim = all(b.strip().lower().startswith("sim://") for b in backends)
-    model = settings.get("model") or ("sim-model" if all_sim else None)
-    if model is None:
-        raise UsageError(
-            f"no model: pass --model/-m with the model name {_core.display_url(backends[0])} serves"
-        )
-    if "task_file" in settings:
-        task = _read_text("--task-file", settings["task_file"])
-    else:
-        task = settings.get("task") or "{prompt}"
-    system = (
-        _read_text("--system-file", settings["system_file"])
-        if "system_file" in settings
-        else settings.get("system")
-    )
-    schema = load_schema(settings["schema"]) if settings.get("schema") else None
+    backends, model = _backends_and_model(settings)
     if settings.get("reduce_schema") and not settings.get("reduce_task"):
         raise UsageError("--reduce-schema needs --reduce-task: what to do with the results")
     reduce_schema = load_schema(settings["reduce_schema"]) if settings.get("reduce_schema") else None
-    tools = load_tools(settings.get("tools") or [])
     prices: dict[str, Price] = {}
     if settings.get("prices"):
         try:
@@ -446,37 +425,11 @@ def _run(settings: dict[str, Any], base: str | None) -> int:
                 file=sys.stderr,
             )
             cache = None
-    check_backends(backends, model, _headers(settings.get("extra_headers")))
     try:
-        batch = Batch(
-            task,
-            system=system,
-            tools=tools,
-            output=schema,
-            model=model,
-            backend=backends,
-            max_inflight=int(settings["max_inflight"]) if settings.get("max_inflight") else None,
-            max_turns=int(settings.get("max_turns") or 8),
-            **_limits(settings),
-            lookahead=settings.get("lookahead"),
-            kv_capacity_tokens=settings.get("kv_capacity_tokens"),
-            max_tokens=int(settings["max_tokens"]) if settings.get("max_tokens") else None,
-            accept_truncated=bool(settings.get("accept_truncated")),
-            **_compaction(settings),
-            journal=journal,
-            response_cache=cache,
-            dedupe=bool(settings.get("dedupe")),
-            extra_body=settings.get("extra_body"),
-            engine_hints=bool(settings.get("engine_hints")),
-            rpm=int(settings["rpm"]) if settings.get("rpm") else None,
-            tpm=int(settings["tpm"]) if settings.get("tpm") else None,
-            extra_headers=_headers(settings.get("extra_headers")),
-            **_provider_batch(settings),
-            metrics_port=settings.get("metrics_port"),
-            metrics_host=settings.get("metrics_host") or "127.0.0.1",
-        )
+        batch = batch_from_settings(settings, journal=journal, response_cache=cache)
     except (SchemaError, TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
+    check_backends(backends, model, _headers(settings.get("extra_headers")))
 
     quiet = bool(settings.get("quiet"))
     mode = "quiet" if quiet else "dashboard" if settings.get("dashboard") and sys.stderr.isatty() else "bar"
@@ -816,6 +769,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "with --scheduling-policy priority",
     )
     p.add_argument(
+        "--redis",
+        help='redis://host:6379/0: where tools declared with cache="redis" share their results',
+    )
+    p.add_argument(
         "--extra-body",
         dest="extra_body",
         type=_json_object,
@@ -978,6 +935,69 @@ def _reduce_output(
         assert result.error is not None
         print(f"batchagent: the reduce failed ({result.error.kind}): {result.error.message}", file=sys.stderr)
     return path
+
+
+def _backends_and_model(settings: dict[str, Any]) -> tuple[list[str], str]:
+    backends = list(settings.get("backend") or [])
+    if not backends:
+        raise UsageError(
+            "no backend: pass --backend URL (vllm://host:port, ollama://host, openai://, sim:// ...)"
+        )
+    all_sim = all(b.strip().lower().startswith("sim://") for b in backends)
+    model = settings.get("model") or ("sim-model" if all_sim else None)
+    if model is None:
+        raise UsageError(
+            f"no model: pass --model/-m with the model name {_core.display_url(backends[0])} serves"
+        )
+    return backends, model
+
+
+def batch_from_settings(
+    settings: dict[str, Any],
+    *,
+    journal: str | None = None,
+    response_cache: str | None = None,
+) -> Batch:
+    """The `Batch` a run file's settings (merged with the flags) describe: the one path from a run
+    file to a batch, for `batchagent run` and `batchagent submit` alike."""
+    backends, model = _backends_and_model(settings)
+    if "task_file" in settings:
+        task = _read_text("--task-file", settings["task_file"])
+    else:
+        task = settings.get("task") or "{prompt}"
+    system = (
+        _read_text("--system-file", settings["system_file"])
+        if "system_file" in settings
+        else settings.get("system")
+    )
+    return Batch(
+        task,
+        system=system,
+        tools=load_tools(settings.get("tools") or []),
+        output=load_schema(settings["schema"]) if settings.get("schema") else None,
+        model=model,
+        backend=backends,
+        max_inflight=int(settings["max_inflight"]) if settings.get("max_inflight") else None,
+        max_turns=int(settings.get("max_turns") or 8),
+        **_limits(settings),
+        lookahead=settings.get("lookahead"),
+        kv_capacity_tokens=settings.get("kv_capacity_tokens"),
+        max_tokens=int(settings["max_tokens"]) if settings.get("max_tokens") else None,
+        accept_truncated=bool(settings.get("accept_truncated")),
+        **_compaction(settings),
+        journal=journal,
+        response_cache=response_cache,
+        dedupe=bool(settings.get("dedupe")),
+        extra_body=settings.get("extra_body"),
+        engine_hints=bool(settings.get("engine_hints")),
+        rpm=int(settings["rpm"]) if settings.get("rpm") else None,
+        tpm=int(settings["tpm"]) if settings.get("tpm") else None,
+        extra_headers=_headers(settings.get("extra_headers")),
+        **_provider_batch(settings),
+        metrics_port=settings.get("metrics_port"),
+        metrics_host=settings.get("metrics_host") or "127.0.0.1",
+        redis=settings.get("redis"),
+    )
 
 
 def _compaction(settings: dict[str, Any]) -> dict[str, Any]:
@@ -1179,6 +1199,10 @@ def _add_fleet_commands(sub: Any) -> None:
     collect.set_defaults(func=_cmd_collect)
 
 
+# Settings a fleet run cannot have: the provider batch API takes a run in one process.
+_LOCAL_SETTINGS = ("provider_batch", "auto_deadline")
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from . import fleet
 
@@ -1190,7 +1214,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     for folder in (os.getcwd(), base):
         if folder not in sys.path:
             sys.path.insert(0, folder)
-    unsupported = [k for k in settings if k.startswith("reduce_") or k == "provider_batch"]
+    unsupported = [k for k in settings if k.startswith("reduce_") or k in _LOCAL_SETTINGS]
     if unsupported:
         raise UsageError(f"{args.run_file}: {', '.join(unsupported)} cannot run on the fleet")
     input_path = os.path.abspath(args.input) if args.input else settings.get("input")
@@ -1198,42 +1222,10 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         raise UsageError("no input: set input in the run file or pass --input FILE")
     if not os.path.isfile(input_path):
         raise UsageError(f"input {input_path}: no such file")
-    backends = list(settings.get("backend") or [])
-    if not backends:
-        raise UsageError("no backend: set backend in the run file (vllm://host:port, openai:// ...)")
-    all_sim = all(b.strip().lower().startswith("sim://") for b in backends)
-    model = settings.get("model") or ("sim-model" if all_sim else None)
-    if model is None:
-        raise UsageError(f"no model: set model to the name {_core.display_url(backends[0])} serves")
-    task = (
-        _read_text("--task-file", settings["task_file"])
-        if "task_file" in settings
-        else settings.get("task") or "{prompt}"
-    )
-    system = (
-        _read_text("--system-file", settings["system_file"])
-        if "system_file" in settings
-        else settings.get("system")
-    )
+    # Tools with cache="redis" share their results through the fleet's Redis.
+    settings["redis"] = args.redis
     try:
-        batch = Batch(
-            task,
-            system=system,
-            tools=load_tools(settings.get("tools") or []),
-            output=load_schema(settings["schema"]) if settings.get("schema") else None,
-            model=model,
-            backend=backends,
-            max_inflight=int(settings["max_inflight"]) if settings.get("max_inflight") else None,
-            max_turns=int(settings.get("max_turns") or 8),
-            **_limits(settings),
-            kv_capacity_tokens=settings.get("kv_capacity_tokens"),
-            max_tokens=int(settings["max_tokens"]) if settings.get("max_tokens") else None,
-            accept_truncated=bool(settings.get("accept_truncated")),
-            **_compaction(settings),
-            extra_body=settings.get("extra_body"),
-            engine_hints=bool(settings.get("engine_hints")),
-            extra_headers=_headers(settings.get("extra_headers")),
-        )
+        batch = batch_from_settings(settings)
         handle = fleet.submit_file(batch, input_path, args.redis)
     except (SchemaError, TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from exc

@@ -44,7 +44,7 @@ _DOC_VERSION = 1
 # Inputs sent to Redis per round trip.
 _CHUNK = 500
 # Batch options that name files or secrets of the submitting machine: not part of a fleet run.
-_LOCAL_OPTIONS = ("api_key", "journal", "journal_force", "response_cache", "retry_failed")
+_LOCAL_OPTIONS = ("api_key", "journal", "journal_force", "response_cache", "retry_failed", "redis")
 
 
 class RefusedRun(_core.RunError):
@@ -197,7 +197,7 @@ def submit_file(batch: Batch, path: str, redis: str, input_format: str = "auto")
     return FleetHandle(run_id, redis)
 
 
-def _rebuild(doc: dict[str, Any], concurrency: int | None) -> tuple[Batch, int]:
+def _rebuild(doc: dict[str, Any], concurrency: int | None, redis: str) -> tuple[Batch, int]:
     """The batch a run document describes, with this worker's tools; `RefusedRun` when a tool or
     the output model cannot be imported or is not the one submitted. Also the fleet-wide limit."""
     from .batch import Batch
@@ -241,6 +241,8 @@ def _rebuild(doc: dict[str, Any], concurrency: int | None) -> tuple[Batch, int]:
             "extra_headers": dict(options["extra_headers"]) or None,
             "compaction_backend": options["compaction_backend"],
             "tool_threads": doc["tool_threads"],
+            # Tools with cache="redis" share their results through the fleet's Redis.
+            "redis": redis,
         }
     )
     shared = int(spec["max_inflight"])
@@ -309,7 +311,7 @@ def worker(
         for run_id in runs:
             _, text = client.load_spec(run_id)
             try:
-                batch, shared = _rebuild(json.loads(text), concurrency)
+                batch, shared = _rebuild(json.loads(text), concurrency, redis)
             except RefusedRun as exc:
                 client.refuse(run_id, name, str(exc))
                 refused.add(run_id)

@@ -73,6 +73,7 @@ SETTINGS: dict[str, Kind] = {
     "metrics_host": "str",
     "auto_deadline": "seconds",
     "batch_turnaround": "seconds",
+    "redis": "str",
 }
 
 

@@ -35,7 +35,8 @@ class Tool:
     #: Validates the model's arguments; `None` for a tool whose schema is used as it is (an MCP
     #: server's), whose arguments are passed on as the JSON object the model wrote.
     arguments_model: type[pydantic.BaseModel] | None
-    cache: bool = False
+    #: `True`: results kept in this process; `"redis"`: also in Redis, shared by every worker.
+    cache: bool | Literal["redis"] = False
     cache_ttl: float | None = None
     cache_max_entries: int = 10_000
     max_concurrency: int | None = None
@@ -58,7 +59,8 @@ class Tool:
     def options(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "cache": self.cache,
+            "cache": bool(self.cache),
+            "cache_shared": self.cache == "redis",
             "cache_ttl": self.cache_ttl,
             "cache_max_entries": self.cache_max_entries,
             "max_concurrency": self.max_concurrency,
@@ -159,6 +161,13 @@ def _make_tool(fn: Callable[..., Any], **options: Any) -> Tool:
         raise ToolDefinitionError(
             f"tool '{name}': on_error must be 'report' or 'raise', not {options['on_error']!r}"
         )
+    cache = options.get("cache", False)
+    if not (isinstance(cache, bool) or cache == "redis"):
+        raise ToolDefinitionError(f"tool '{name}': cache must be True, False or \"redis\", not {cache!r}")
+    if cache == "redis" and options.get("batch_handler") is not None:
+        raise ToolDefinitionError(
+            f"tool '{name}': cache=\"redis\" shares single calls; a batch_handler's calls are not shared"
+        )
     if options.get("side_effects") and options.get("cache"):
         raise ToolDefinitionError(f"tool '{name}': a tool with side effects cannot be cached")
     return Tool(
@@ -179,7 +188,7 @@ def tool(
     *,
     name: str | None = None,
     description: str | None = None,
-    cache: bool = False,
+    cache: bool | Literal["redis"] = False,
     cache_ttl: float | None = None,
     cache_max_entries: int = 10_000,
     max_concurrency: int | None = None,
@@ -202,6 +211,12 @@ def tool(
     - `cache=True`: identical calls (same arguments) are served from a cache (`cache_ttl` seconds,
       `cache_max_entries` LRU bound). Without it identical calls still share one execution while
       in flight.
+    - `cache="redis"`: the cache is shared through Redis by every process that runs the tool: the
+      workers of a fleet run (the fleet's Redis), or any `Batch(redis=URL)`. The key is the tool's
+      name and its canonical arguments; `cache_ttl` is the entry's time to live in Redis too.
+      Identical calls made at once on different workers run once: the first marks the call as
+      running (a lease renewed while it runs), the others wait for its result; a failed call is
+      not stored, and a waiter then runs it itself.
     - `max_concurrency`, `rate_limit` (calls per second), `timeout` (seconds) bound executions.
     - `batch_handler`: calls arriving within `batch_window` seconds go to one call of this function
       with the list of argument dicts; it returns one result per argument set, in order.

@@ -14,15 +14,20 @@
 //! - `run:R:counts` (hash): `done`, `failed`, `claims`, `resumed`, and results per worker;
 //! - `run:R:workers` (hash): worker name -> its last heartbeat (JSON), or why it refused the run;
 //! - `runs` (sorted set): run ids by submission time.
+//!
+//! Shared by every run: `tool:NAME:H` and `tool:NAME:H:running`, the results of
+//! `@tool(cache="redis")` calls and the markers of calls running ([`tool_cache`]).
 
 pub mod connection;
 pub mod queue;
 pub mod semaphore;
+pub mod tool_cache;
 pub mod worker;
 
 pub use connection::{Connection, FleetError};
 pub use queue::{RunKeys, Status};
 pub use semaphore::FleetSemaphore;
+pub use tool_cache::RedisToolCache;
 pub use worker::{FleetWorker, WorkerOptions};
 
 /// The prefix of every key the fleet writes.

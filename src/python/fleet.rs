@@ -11,7 +11,7 @@ use crate::backends::Backend;
 use crate::fleet::connection::Connection;
 use crate::fleet::queue::{self, Entry, RunKeys};
 use crate::fleet::semaphore::{FleetSemaphore, SharedLimit};
-use crate::fleet::{FleetWorker, WorkerOptions};
+use crate::fleet::{FleetWorker, RedisToolCache, WorkerOptions};
 use crate::python::errors::{fleet_error, spec_error, InputError, SchemaError};
 use crate::python::runtime;
 use crate::scheduler::durable::fingerprint;
@@ -47,6 +47,29 @@ fn seconds(field: &str, value: f64) -> PyResult<Duration> {
         .ok()
         .filter(|d| !d.is_zero())
         .ok_or_else(|| SchemaError::new_err(format!("{field}: {value} is not a positive number of seconds")))
+}
+
+/// The shared result cache of `cache="redis"` tools: at `url`, else at the fleet's Redis for a
+/// worker; `tool` names the first such tool in the error when there is neither.
+pub fn tool_cache(
+    py: Python<'_>,
+    tool: &str,
+    url: Option<&str>,
+    fleet: Option<&FleetRunOptions>,
+) -> PyResult<Arc<dyn crate::tools::SharedCache>> {
+    let Some(url) = url.or(fleet.map(|f| f.redis.as_str())) else {
+        return Err(SchemaError::new_err(format!(
+            "tool '{tool}' has cache=\"redis\": pass redis=URL (the Redis its results are shared through)"
+        )));
+    };
+    let lease = seconds("lease_seconds", fleet.map_or(default_lease(), |f| f.lease_seconds))?;
+    let outage = seconds("outage_seconds", fleet.map_or(default_outage(), |f| f.outage_seconds))?;
+    let owner = fleet.map_or_else(|| format!("pid{}", std::process::id()), |f| f.consumer.clone());
+    let runtime = runtime()?;
+    let cache = py
+        .allow_threads(|| runtime.block_on(RedisToolCache::connect(url, outage, lease, &owner)))
+        .map_err(|e| fleet_error(&e))?;
+    Ok(Arc::new(cache))
 }
 
 /// Connects the worker and wraps `backend` in the fleet-wide limit of `max_inflight` calls to the

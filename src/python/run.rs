@@ -225,6 +225,9 @@ struct ToolOptions {
     name: String,
     #[serde(default)]
     cache: bool,
+    /// `cache="redis"`: results shared through the run's Redis by every process using it.
+    #[serde(default)]
+    cache_shared: bool,
     #[serde(default)]
     cache_ttl: Option<f64>,
     #[serde(default = "default_cache_entries")]
@@ -269,6 +272,7 @@ impl ToolOptions {
             batch_window: secs("batch_window", self.batch_window)?,
             name: self.name,
             cache: self.cache,
+            cache_shared: self.cache_shared,
             cache_max_entries: self.cache_max_entries,
             max_concurrency: self.max_concurrency,
             rate_limit: self.rate_limit,
@@ -355,6 +359,9 @@ struct RunOptions {
     /// checkpoints go to Redis.
     #[serde(default)]
     fleet: Option<crate::python::fleet::FleetRunOptions>,
+    /// The Redis of tools with `cache="redis"` (a fleet worker uses the fleet's by default).
+    #[serde(default)]
+    redis: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -659,6 +666,15 @@ impl PyRun {
             connected.backend = Arc::new(CachedBackend::new(connected.backend, writer, identity));
             response_cache = Some(cache);
         }
+        let tool_cache = match configs.iter().find(|c| c.cache_shared) {
+            Some(config) => Some(crate::python::fleet::tool_cache(
+                py,
+                &config.name,
+                options.redis.as_deref(),
+                options.fleet.as_ref(),
+            )?),
+            None => None,
+        };
         let fleet = match options.fleet {
             Some(fleet) => {
                 let (worker, backend) = crate::python::fleet::attach(
@@ -689,7 +705,7 @@ impl PyRun {
                 base: Duration::from_millis(250),
                 max_delay: Duration::from_secs(30),
             },
-            tools: Arc::new(ToolPool::new(configs, Arc::new(PyTools(shared.clone())))),
+            tools: Arc::new(ToolPool::with_shared_cache(configs, Arc::new(PyTools(shared.clone())), tool_cache)),
             backend: connected.backend.clone(),
             schema,
             validator: options

@@ -15,6 +15,7 @@ use futures_util::future::BoxFuture;
 
 pub use canonical::canonical_arguments;
 pub use pool::ToolPool;
+
 pub use stats::{ToolCounts, ToolStats};
 
 /// How the pool runs one tool.
@@ -28,6 +29,9 @@ pub struct ToolConfig {
     pub cache_ttl: Option<Duration>,
     /// LRU bound on cached results of this tool.
     pub cache_max_entries: usize,
+    /// Results are also kept in the pool's [`SharedCache`] (Redis), for every process that uses
+    /// it: an identical call made anywhere runs once. Implies `cache`.
+    pub cache_shared: bool,
     /// Executions of this tool at once (a batch call counts as one); `Some(0)` is read as 1.
     pub max_concurrency: Option<usize>,
     /// Executions started per second: a token bucket holding `max(1, rate)` tokens, so up to one
@@ -79,6 +83,7 @@ impl Default for ToolConfig {
             cache: false,
             cache_ttl: None,
             cache_max_entries: DEFAULT_CACHE_MAX_ENTRIES,
+            cache_shared: false,
             max_concurrency: None,
             rate_limit: None,
             timeout: None,
@@ -102,6 +107,28 @@ pub trait ToolExecutor: Send + Sync + 'static {
         name: &str,
         arguments: Vec<Arc<str>>,
     ) -> BoxFuture<'static, Result<Vec<Result<String, String>>, String>>;
+}
+
+/// Where a call of a shared-cache tool got its result.
+pub struct SharedOutcome {
+    pub outcome: Result<Arc<str>, ToolError>,
+    /// Answered by the shared cache (another process's execution); `false` when `execute` ran.
+    pub hit: bool,
+}
+
+/// A result cache shared by every process of a fleet (Redis). `through` answers from the cache,
+/// or waits while another process runs the same call, or runs `execute` and stores its success;
+/// `execute` runs at most once, and runs anyway when the cache cannot be reached.
+pub trait SharedCache: Send + Sync + 'static {
+    /// `arguments` is the canonical JSON object text; a stored success lives `ttl` (`None`: until
+    /// the store evicts it).
+    fn through(
+        &self,
+        tool: &str,
+        arguments: &str,
+        ttl: Option<Duration>,
+        execute: BoxFuture<'static, Result<Arc<str>, ToolError>>,
+    ) -> BoxFuture<'static, SharedOutcome>;
 }
 
 /// Why a tool call produced no result. The `Display` text is what the model is shown.

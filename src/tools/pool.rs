@@ -14,7 +14,7 @@ use super::cache::ResultCache;
 use super::canonical::canonical_arguments;
 use super::limit::RateLimiter;
 use super::stats::{bump, Counters, ToolStats};
-use super::{ToolConfig, ToolError, ToolExecutor};
+use super::{SharedCache, ToolConfig, ToolError, ToolExecutor};
 
 type Outcome = Result<Arc<str>, ToolError>;
 
@@ -33,6 +33,8 @@ struct Tool {
     concurrency: Option<Arc<Semaphore>>,
     rate: Option<RateLimiter>,
     batcher: Option<Batcher<Execution>>,
+    /// Set for a tool whose results are shared by the fleet (`cache_shared`).
+    shared: Option<Arc<dyn SharedCache>>,
     counters: Counters,
 }
 
@@ -109,6 +111,17 @@ impl ToolPool {
     /// A later config with the same name replaces an earlier one.
     #[allow(clippy::needless_pass_by_value, reason = "owning the executor is the natural API; each tool keeps a clone")]
     pub fn new(configs: Vec<ToolConfig>, executor: Arc<dyn ToolExecutor>) -> Self {
+        Self::with_shared_cache(configs, executor, None)
+    }
+
+    /// Like [`Self::new`]; tools configured with `cache_shared` go through `shared` as well (a
+    /// tool so configured without a shared cache keeps its results in this process only).
+    #[allow(clippy::needless_pass_by_value, reason = "owning the executor is the natural API; each tool keeps a clone")]
+    pub fn with_shared_cache(
+        configs: Vec<ToolConfig>,
+        executor: Arc<dyn ToolExecutor>,
+        shared: Option<Arc<dyn SharedCache>>,
+    ) -> Self {
         let tools = configs
             .into_iter()
             .map(|config| {
@@ -116,7 +129,7 @@ impl ToolPool {
                     executor: Arc::clone(&executor),
                     entries: Mutex::new(Entries {
                         flights: HashMap::new(),
-                        cache: (config.cache && !config.side_effects)
+                        cache: ((config.cache || config.cache_shared) && !config.side_effects)
                             .then(|| ResultCache::new(config.cache_ttl, config.cache_max_entries)),
                     }),
                     concurrency: config
@@ -124,6 +137,7 @@ impl ToolPool {
                         .map(|n| Arc::new(Semaphore::new(n.clamp(1, Semaphore::MAX_PERMITS)))),
                     rate: config.rate_limit.and_then(RateLimiter::new),
                     batcher: config.batch_window.map(|window| Batcher::new(window, config.batch_max)),
+                    shared: shared.clone().filter(|_| config.cache_shared && !config.side_effects),
                     counters: Counters::default(),
                     config,
                 };
@@ -221,7 +235,7 @@ impl Tool {
         };
         let Some(batcher) = &self.batcher else {
             handle.spawn(async move {
-                let outcome = execution.tool.execute_one(Arc::clone(&execution.key)).await;
+                let outcome = Arc::clone(&execution.tool).execute_shared(Arc::clone(&execution.key)).await;
                 execution.finish(outcome);
             });
             return;
@@ -258,6 +272,19 @@ impl Tool {
                 .map_err(|_| ToolError::Timeout { tool: self.config.name.clone(), after }),
             None => Ok(work.await),
         }
+    }
+
+    /// Runs the call through the shared cache when the tool has one, else here.
+    async fn execute_shared(self: Arc<Self>, arguments: Arc<str>) -> Outcome {
+        let Some(shared) = self.shared.clone() else { return self.execute_one(arguments).await };
+        let tool = Arc::clone(&self);
+        let args = Arc::clone(&arguments);
+        let execute = Box::pin(async move { tool.execute_one(args).await });
+        let answer = shared.through(&self.config.name, &arguments, self.config.cache_ttl, execute).await;
+        if answer.hit {
+            bump(&self.counters.cache_hits, 1);
+        }
+        answer.outcome
     }
 
     async fn execute_one(&self, arguments: Arc<str>) -> Outcome {
