@@ -4,7 +4,9 @@
   heads served by one read of each KV token;
 - `cascade_decode_attention`: the same where groups of sequences share a prefix, whose KV is read
   once per tile of stacked queries instead of once per sequence, merged with each sequence's own
-  suffix by log-sum-exp.
+  suffix by log-sum-exp;
+- `paged_prefill_attention`: the new tokens of packed prefill chunks attending causally to their
+  sequence's paged context (a block-diagonal causal mask, no padding).
 
 Importing this package needs `torch` and `triton`; the kernels run on CUDA devices (or under
 `TRITON_INTERPRET=1` on the CPU, slowly, for debugging).
@@ -12,5 +14,6 @@ Importing this package needs `torch` and `triton`; the kernels run on CUDA devic
 
 from .cascade import cascade_decode_attention
 from .paged_attention import paged_decode_attention
+from .prefill_attention import paged_prefill_attention, prefill_tiles
 
-__all__ = ["cascade_decode_attention", "paged_decode_attention"]
+__all__ = ["cascade_decode_attention", "paged_decode_attention", "paged_prefill_attention", "prefill_tiles"]

@@ -99,3 +99,27 @@ def cascade_decode_attention(
             sv = gather_kv(v_cache, suffix_block_tables[i], int(suffix_lens[i]))
             out[i], _ = attention_with_lse(q[i], torch.cat([pk, sk]), torch.cat([pv, sv]), scale)
     return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_starts: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of packed new tokens ``q [tokens, heads, dim]``: sequence ``i``'s rows
+    ``query_starts[i]`` up to ``query_starts[i+1]`` are the last of its ``context_lens[i]`` cached
+    tokens, and each sees the keys up to its own position."""
+    out = torch.empty_like(q)
+    for i in range(context_lens.shape[0]):
+        a, b = int(query_starts[i]), int(query_starts[i + 1])
+        length = int(context_lens[i])
+        k = gather_kv(k_cache, block_tables[i], length)
+        v = gather_kv(v_cache, block_tables[i], length)
+        for j in range(a, b):
+            pos = length - (b - a) + (j - a)
+            out[j], _ = attention_with_lse(q[j], k[: pos + 1], v[: pos + 1], scale)
+    return out

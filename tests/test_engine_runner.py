@@ -142,8 +142,13 @@ class Driver:
         self.running = [s for s in self.running if len(s.generated) < NEW_TOKENS]
 
 
+# The Triton kernels' path on the CPU needs the interpreter (slow): run with TRITON_INTERPRET=1.
+ATTENTION = ["torch", "triton"] if os.environ.get("TRITON_INTERPRET") == "1" else ["torch"]
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_greedy_outputs_equal_transformers_generate(tmp_path: Path, arch: str) -> None:
+def test_greedy_outputs_equal_transformers_generate(tmp_path: Path, arch: str, attention: str) -> None:
     model, path = tiny_model(tmp_path, arch)
     rng = random.Random(7)
 
@@ -167,7 +172,9 @@ def test_greedy_outputs_equal_transformers_generate(tmp_path: Path, arch: str) -
         6: ["late"],
         10: ["late-sibling"],
     }
-    runner = ModelRunner(path, num_pages=256, page_size=PAGE)
+    # The kernels' path runs decode steps whose sequences share pages through the cascade kernel.
+    cascade = True if attention == "triton" else None
+    runner = ModelRunner(path, num_pages=256, page_size=PAGE, attention=attention, cascade=cascade)
     driver = Driver(runner, budget=12, seed=3)
     seqs = {name: Seq(name, list(p), len(p)) for name, p in prompts.items()}
     step = 0
@@ -186,6 +193,8 @@ def test_greedy_outputs_equal_transformers_generate(tmp_path: Path, arch: str) -
             driver.step()
         step += 1
     assert preempted and driver.shared_hits >= 9, "the layout did not exercise prefix sharing"
+    if attention == "triton":
+        assert runner.cascade_steps > 0, "no decode step went through the cascade kernel"
     for name, prompt in prompts.items():
         assert seqs[name].generated == reference(model, prompt), name
 

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from kernels import cascade_decode_attention, paged_decode_attention  # noqa: E402
+from kernels import cascade_decode_attention, paged_decode_attention, paged_prefill_attention, prefill_tiles  # noqa: E402
 from kernels import reference as ref  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -148,3 +148,39 @@ def test_bad_layouts_are_refused() -> None:
         cascade_decode_attention(
             torch.zeros(2, 8, 64, device=DEVICE), cache, cache, table, lens, lens, table, lens
         )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_paged_prefill_matches_reference(dtype: torch.dtype, heads: tuple[int, int, int], seed: int) -> None:
+    q_heads, kv_heads, dim = heads
+    gen = torch.Generator().manual_seed(31 + 1000 * seed + q_heads + dim)
+    page = 16
+    # (new tokens, context): a whole prompt, chunks after a cached prefix (inside a page, on a page
+    # boundary), one decode token, a chunk longer than a tile, a one-token prompt, random ones.
+    shapes = [(40, 40), (17, 33), (16, 48), (1, 300), (130, 200), (1, 1), (64, 64), (65, 129)]
+    for _ in range(4):
+        n = int(torch.randint(1, 150, (1,), generator=gen))
+        shapes.append((n, n + int(torch.randint(0, 400, (1,), generator=gen))))
+    if INTERPRET:
+        shapes = shapes[:5]
+    lens = [ctx for _, ctx in shapes]
+    pages = Pages(pages_needed(lens, page) + 5, page, kv_heads, dim, dtype, gen)
+    tables = pages.table(lens)
+    starts = torch.tensor([0, *torch.tensor([n for n, _ in shapes]).cumsum(0).tolist()], dtype=torch.int32)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(int(starts[-1]), q_heads, dim, generator=gen).to(DEVICE, dtype)
+    out = torch.full_like(q, float("nan"))
+    tiles = prefill_tiles(starts).to(DEVICE)
+    paged_prefill_attention(
+        q, pages.k, pages.v, tables, starts.to(DEVICE), ctx.to(DEVICE), tiles=tiles, out=out
+    )
+    want = ref.paged_prefill_attention(
+        q.double(), pages.k.double(), pages.v.double(), tables, starts, ctx, 1 / math.sqrt(dim)
+    )
+    assert rel_err(out, want) < TOLERANCE[dtype]
+    # A decode token through the prefill kernel is the decode kernel's attention.
+    row = int(starts[3])
+    single, _ = paged_decode_attention(q[row : row + 1], pages.k, pages.v, tables[3:4], ctx[3:4].to(DEVICE))
+    assert rel_err(out[row : row + 1], single.double()) < TOLERANCE[dtype]

@@ -12,10 +12,14 @@ match `generate` token for token in float32.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +41,20 @@ class _Layer:
 
 
 class KVCache:
-    """K and V of every layer in pages: ``[layers, pages, page_size, kv_heads, head_dim]`` each."""
+    """K and V of every layer in pages: ``[layers, pages, page_size, kv_heads, head_dim]`` each.
+    `spare_pages` more pages than `num_pages` are allocated for the runner's own use (the padded
+    rows of a CUDA graph write their K and V there); layouts use pages ``0 .. num_pages - 1``."""
 
     def __init__(
-        self, config: ModelConfig, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype
+        self,
+        config: ModelConfig,
+        num_pages: int,
+        page_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        spare_pages: int = 0,
     ):
-        shape = (config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, num_pages + spare_pages, page_size, config.num_kv_heads, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.page_size = page_size
@@ -79,17 +91,26 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _random_tensors(config: ModelConfig, seed: int, std: float) -> dict[str, torch.Tensor]:
+def _random_tensors(
+    config: ModelConfig, seed: int, std: float, device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """Weights of `config`'s shapes drawn like `transformers` initialises them (normal, `std`;
-    norms at one): what a model looks like to the engine's speed, with no download."""
-    gen = torch.Generator().manual_seed(seed)
+    norms at one): what a model looks like to the engine's speed, with no download. Drawn on
+    `device` (a 7B model's 7.6 billion draws take minutes on a CPU, milliseconds on a GPU)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     h, d, i = config.hidden_size, config.head_dim, config.intermediate_size
     q_out, kv_out = config.num_heads * d, config.num_kv_heads * d
 
     def normal(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen) * std
+        return (torch.randn(*shape, generator=gen, device=device) * std).to(dtype)
 
-    t = {"model.embed_tokens.weight": normal(config.vocab_size, h), "model.norm.weight": torch.ones(h)}
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, device=device, dtype=dtype)
+
+    def zeros(n: int) -> torch.Tensor:
+        return torch.zeros(n, device=device, dtype=dtype)
+
+    t = {"model.embed_tokens.weight": normal(config.vocab_size, h), "model.norm.weight": ones(h)}
     for n in range(config.num_layers):
         p = f"model.layers.{n}."
         t[p + "self_attn.q_proj.weight"] = normal(q_out, h)
@@ -98,22 +119,84 @@ def _random_tensors(config: ModelConfig, seed: int, std: float) -> dict[str, tor
         t[p + "self_attn.o_proj.weight"] = normal(h, q_out)
         if config.qkv_bias:
             for proj, size in (("q", q_out), ("k", kv_out), ("v", kv_out)):
-                t[p + f"self_attn.{proj}_proj.bias"] = torch.zeros(size)
+                t[p + f"self_attn.{proj}_proj.bias"] = zeros(size)
         if config.o_bias:
-            t[p + "self_attn.o_proj.bias"] = torch.zeros(h)
+            t[p + "self_attn.o_proj.bias"] = zeros(h)
         t[p + "mlp.gate_proj.weight"] = normal(i, h)
         t[p + "mlp.up_proj.weight"] = normal(i, h)
         t[p + "mlp.down_proj.weight"] = normal(h, i)
-        t[p + "input_layernorm.weight"] = torch.ones(h)
-        t[p + "post_attention_layernorm.weight"] = torch.ones(h)
+        t[p + "input_layernorm.weight"] = ones(h)
+        t[p + "post_attention_layernorm.weight"] = ones(h)
     if not config.tie_word_embeddings:
         t["lm_head.weight"] = normal(config.vocab_size, h)
     return t
 
 
+@dataclass
+class _Step:
+    """One step's tensors on the device, copied from the host layout in two transfers."""
+
+    ids: torch.Tensor  # [tokens] int64
+    positions: torch.Tensor  # [tokens] int64
+    slots: torch.Tensor  # [tokens] int64
+    last: torch.Tensor  # [seqs] int64: each sequence's last new token
+    block_tables: torch.Tensor  # [seqs, width] int32
+    context_lens: torch.Tensor  # [seqs] int32
+    query_starts: torch.Tensor  # [seqs + 1] int32
+    tiles: torch.Tensor | None  # prefill tiles (sequences with more than one new token)
+    dec_rows: torch.Tensor | None  # tokens of the one-token sequences in a mixed step
+    dec_seqs: torch.Tensor | None  # and their sequences
+    cascade: tuple[torch.Tensor, ...] | None  # prefix tables, prefix lens, group starts, suffix tables, lens
+    cascade_sizes: tuple[int, int] = (0, 0)  # largest group, longest prefix
+
+
+@dataclass
+class _Graph:
+    """A decode step of `size` sequences captured as a CUDA graph over static buffers."""
+
+    size: int
+    width: int  # pages per block table row
+    graph: torch.cuda.CUDAGraph
+    host64: torch.Tensor  # pinned [3, size]: ids, positions, slots
+    host32: torch.Tensor  # pinned [size + size * width]: context lengths, then the block tables
+    dev64: torch.Tensor
+    dev32: torch.Tensor
+    logits: torch.Tensor  # [size, vocab] float32
+    copied: torch.cuda.Event
+
+
+def _import_kernels() -> Any:
+    """The repository's `kernels/` package (Triton), from the path or from the source checkout
+    this package sits in (imported by name: it is not part of the typed package)."""
+    try:
+        return importlib.import_module("kernels")
+    except ImportError:
+        root = Path(__file__).resolve().parents[3]
+        if not (root / "kernels" / "prefill_attention.py").exists():
+            raise
+        sys.path.insert(0, str(root))
+        return importlib.import_module("kernels")
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    return t.pin_memory() if torch.cuda.is_available() else t
+
+
 class ModelRunner:
     """Runs steps of one model on one device. `model_dir` holds config.json (and, unless
-    `random_weights`, the safetensors weights)."""
+    `random_weights`, the safetensors weights).
+
+    On the CPU the attention is plain PyTorch, one sequence at a time, and float32 greedy outputs
+    equal `transformers` token for token. On a CUDA device it goes through the Triton kernels of
+    `kernels/`: the paged decode kernel for one-token sequences, the paged prefill kernel for
+    chunks, the cascade kernel for decode steps whose sequences share a long prefix (`cascade`);
+    a step's layout reaches the device in two host-to-device copies from pinned memory and the
+    forward pass waits on nothing from the device. `capture_decode_graphs` captures decode steps as
+    CUDA graphs, one per padded batch size; decode steps up to the largest size replay them (with
+    the paged kernel; ``cascade=True`` keeps decode steps eager, on the cascade kernel), prefill
+    and mixed steps run eagerly. Layout tensors are expected on the host (they come from the
+    scheduler). `attention` ("torch" or "triton") overrides the choice (the kernels run on the CPU
+    only under ``TRITON_INTERPRET=1``, for tests)."""
 
     def __init__(
         self,
@@ -125,12 +208,25 @@ class ModelRunner:
         dtype: torch.dtype = torch.float32,
         random_weights: bool = False,
         seed: int = 0,
+        max_model_len: int | None = None,
+        cascade: bool | None = None,
+        attention: str | None = None,
     ):
         path = Path(model_dir)
         self.config = config = ModelConfig.from_dir(path)
         self.device = torch.device(device)
         self.dtype = dtype
-        tensors = _random_tensors(config, seed, 0.02) if random_weights else _load_tensors(path)
+        if attention not in (None, "torch", "triton"):
+            raise ValueError(f"attention must be 'torch' or 'triton', got {attention!r}")
+        self.use_kernels = attention == "triton" or (attention is None and self.device.type == "cuda")
+        self.page_size = page_size
+        self.max_model_len = min(max_model_len or config.max_position_embeddings, num_pages * page_size)
+        # None: cascade decode attention where a shared prefix's KV no longer fits in half the L2
+        # (below that the paged kernel reads it from L2 anyway and is faster: kernels/README.md).
+        self.cascade = cascade
+        tensors = (
+            _random_tensors(config, seed, 0.02, self.device, dtype) if random_weights else _load_tensors(path)
+        )
 
         def take(name: str, shape: tuple[int, ...], optional: bool = False) -> torch.Tensor | None:
             t = tensors.get(name)
@@ -185,7 +281,20 @@ class ModelRunner:
         tensors.clear()  # the runner's own copies are on the device now
         exponent = torch.arange(0, d, 2, dtype=torch.int64).float() / d
         self.inv_freq = (1.0 / (config.rope_theta**exponent)).to(self.device)
-        self.cache = KVCache(config, num_pages, page_size, self.device, dtype)
+        # On CUDA one spare page takes the K and V of a CUDA graph's padded rows.
+        self.cache = KVCache(
+            config, num_pages, page_size, self.device, dtype, spare_pages=int(self.use_kernels)
+        )
+        self.scratch_slot = num_pages * page_size
+        self.graphs: dict[int, _Graph] = {}
+        self.cascade_steps = 0  # decode steps run through the cascade kernel
+        self._graph_pool: object | None = None
+        if self.use_kernels:
+            self._kernels = _import_kernels()
+            props = torch.cuda.get_device_properties(self.device) if self.device.type == "cuda" else None
+            self.l2_bytes = int(getattr(props, "L2_cache_size", 0))
+
+    # ---- the layers ----------------------------------------------------------------------------
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -203,7 +312,42 @@ class ModelRunner:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
-    def _attention(
+    def _body(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        last: torch.Tensor | None,
+        attend: Callable[[int, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The forward pass over packed tokens; `attend(layer, q)` is the attention (the new K and
+        V are in the cache by then); logits of the rows `last` (all rows when None)."""
+        c = self.config
+        tokens = ids.shape[0]
+        x = self.embed[ids]
+        cos, sin = self._rope(positions)
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        for n, w in enumerate(self.layers):
+            h = self._rms_norm(x, w.ln_attn)
+            qkv = F.linear(h, w.qkv, w.qkv_bias)
+            q = qkv[:, :q_size].view(tokens, c.num_heads, c.head_dim)
+            k = qkv[:, q_size : q_size + kv_size].view(tokens, c.num_kv_heads, c.head_dim)
+            v = qkv[:, q_size + kv_size :].view(tokens, c.num_kv_heads, c.head_dim)
+            q = self._rotate(q, cos, sin)
+            k = self._rotate(k, cos, sin)
+            self.cache.write(n, slots, k, v)
+            attn = attend(n, q)
+            x = x + F.linear(attn.reshape(tokens, q_size), w.o, w.o_bias)
+            h = self._rms_norm(x, w.ln_mlp)
+            gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w.down)
+        if last is not None:
+            x = x[last]
+        return F.linear(self._rms_norm(x, self.norm), self.lm_head).float()
+
+    # ---- attention -----------------------------------------------------------------------------
+
+    def _torch_attention(
         self, layer: int, q: torch.Tensor, layout: StepLayout, starts: list[int], ctx: list[int]
     ) -> torch.Tensor:
         out = torch.empty_like(q)
@@ -227,37 +371,230 @@ class ModelRunner:
             out[a:b] = torch.matmul(probs, v).transpose(0, 1)
         return out
 
+    def _kernel_attention(self, layer: int, q: torch.Tensor, step: _Step) -> torch.Tensor:
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        kn = self._kernels
+        if step.cascade is not None:
+            ptab, plens, gstarts, stab, slens = step.cascade
+            out = torch.empty_like(q)
+            max_group, max_prefix = step.cascade_sizes
+            return kn.cascade_decode_attention(
+                q, kc, vc, ptab, plens, gstarts, stab, slens, max_group_size=max_group,
+                max_prefix_len=max_prefix, out=out,
+            )  # fmt: skip
+        if step.tiles is None:  # every sequence has one new token
+            return kn.paged_decode_attention(q, kc, vc, step.block_tables, step.context_lens)[0]
+        out = kn.paged_prefill_attention(
+            q, kc, vc, step.block_tables, step.query_starts, step.context_lens, tiles=step.tiles
+        )
+        if step.dec_rows is not None and step.dec_seqs is not None:
+            dec, _ = kn.paged_decode_attention(
+                q[step.dec_rows], kc, vc, step.block_tables[step.dec_seqs], step.context_lens[step.dec_seqs]
+            )
+            out[step.dec_rows] = dec
+        return out
+
+    # ---- steps ---------------------------------------------------------------------------------
+
+    def _cascade_groups(
+        self, tables: torch.Tensor, ctx: torch.Tensor
+    ) -> tuple[list[tuple[int, int, int]], int] | None:
+        """Runs of consecutive sequences whose block tables start with the same pages: (first row,
+        end row, shared whole pages), when running them as cascade attention pays (see __init__)."""
+        if self.cascade is False or tables.shape[0] < 2:
+            return None
+        full = (ctx // self.page_size).tolist()
+        first = tables[:, 0].tolist()
+        groups, shared_tokens, a = [], 0, 0
+        for b in range(1, len(first) + 1):
+            if b < len(first) and first[b] == first[a]:
+                continue
+            pages = 0
+            if b - a > 1:
+                width = min(full[a:b])
+                same = (tables[a:b, :width] == tables[a, :width]).all(0).int()
+                pages = int(same.cumprod(0).sum())
+            groups.append((a, b, pages))
+            shared_tokens = max(shared_tokens, pages * self.page_size)
+            a = b
+        if not any(p for _, _, p in groups):
+            return None
+        if self.cascade is None:
+            c = self.config
+            kv_bytes = shared_tokens * 2 * c.num_kv_heads * c.head_dim * self.cache.k.element_size()
+            if kv_bytes * 2 < self.l2_bytes:
+                return None
+        return groups, shared_tokens
+
+    def _prepare(self, layout: StepLayout) -> _Step:
+        """The step's layout on the device: two host-to-device copies from pinned memory."""
+        starts = layout.query_starts.to("cpu", torch.int64)
+        ctx = layout.context_lens.to("cpu", torch.int64)
+        tables = layout.block_tables.to("cpu", torch.int32)
+        seqs, tokens = ctx.shape[0], int(starts[-1])
+        qlens = starts[1:] - starts[:-1]
+        decode = bool((qlens == 1).all())
+        words64 = [
+            layout.input_ids.to("cpu", torch.int64),
+            layout.positions.to("cpu", torch.int64),
+            layout.slot_mapping.to("cpu", torch.int64),
+            starts[1:] - 1,
+        ]
+        words32 = [tables.flatten(), ctx.int(), starts.int()]
+        tiles_len = dec_len = 0
+        cascade_meta = None
+        if not decode:
+            prefill_lens = torch.where(qlens > 1, qlens, 0)
+            tiles = self._kernels.prefill_tiles(
+                torch.cat([torch.zeros(1, dtype=torch.int64), prefill_lens.cumsum(0)])
+            )
+            tiles_len = tiles.shape[1]
+            words32.append(tiles.flatten())
+            dec_seqs = torch.nonzero(qlens == 1).flatten()
+            dec_len = dec_seqs.shape[0]
+            words32 += [starts[dec_seqs].int(), dec_seqs.int()]
+        else:
+            found = self._cascade_groups(tables, ctx)
+            if found is not None:
+                groups, shared = found
+                plens = torch.tensor([p * self.page_size for _, _, p in groups], dtype=torch.int32)
+                gstarts = torch.tensor([0, *[b for _, b, _ in groups]], dtype=torch.int32)
+                shift = torch.repeat_interleave(
+                    torch.tensor([p for _, _, p in groups]), torch.tensor([b - a for a, b, _ in groups])
+                )
+                width = tables.shape[1]
+                idx = (torch.arange(width)[None, :] + shift[:, None]).clamp(max=width - 1)
+                suffix = torch.gather(tables, 1, idx)
+                ptab = tables[torch.tensor([a for a, _, _ in groups])]
+                words32 += [
+                    ptab.flatten(),
+                    plens,
+                    gstarts,
+                    suffix.flatten(),
+                    (ctx - shift * self.page_size).int(),
+                ]
+                self.cascade_steps += 1
+                cascade_meta = (len(groups), max(b - a for a, b, _ in groups), shared)
+        host64 = _pinned(torch.cat(words64))
+        host32 = _pinned(torch.cat(words32))
+        dev64 = host64.to(self.device, non_blocking=True)
+        dev32 = host32.to(self.device, non_blocking=True)
+        ids, pos, slots, last = dev64.split([tokens, tokens, tokens, seqs])
+        width = tables.shape[1]
+        sizes = [seqs * width, seqs, seqs + 1, 2 * tiles_len, dec_len, dec_len]
+        if not decode:
+            bt, c32, s32, tl_, drows, dseqs = dev32.split(sizes)
+            return _Step(
+                ids, pos, slots, last, bt.view(seqs, width), c32, s32, tl_.view(2, tiles_len),
+                drows.long() if dec_len else None, dseqs.long() if dec_len else None, None,
+            )  # fmt: skip
+        if cascade_meta is None:
+            bt, c32, s32 = dev32.split(sizes[:3])
+            return _Step(ids, pos, slots, last, bt.view(seqs, width), c32, s32, None, None, None, None)
+        n_groups, max_group, shared = cascade_meta
+        bt, c32, s32, ptab, plens, gstarts, suffix, slens = dev32.split(
+            [*sizes[:3], n_groups * width, n_groups, n_groups + 1, seqs * width, seqs]
+        )
+        return _Step(
+            ids, pos, slots, last, bt.view(seqs, width), c32, s32, None, None, None,
+            (ptab.view(n_groups, width), plens, gstarts, suffix.view(seqs, width), slens),
+            (max_group, shared),
+        )  # fmt: skip
+
     def forward(self, layout: StepLayout) -> torch.Tensor:
         """Logits ``[seqs, vocab]`` (float32) of each sequence's last new token."""
         with torch.inference_mode():
-            return self._forward(layout)
+            return self._forward(layout, copy=True)
 
-    def _forward(self, layout: StepLayout) -> torch.Tensor:
-        c = self.config
-        tokens = layout.input_ids.shape[0]
-        starts = layout.query_starts.tolist()
-        ctx = layout.context_lens.tolist()
-        x = self.embed[layout.input_ids.to(self.device)]
-        cos, sin = self._rope(layout.positions.to(self.device))
-        slots = layout.slot_mapping.to(self.device)
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        for n, w in enumerate(self.layers):
-            h = self._rms_norm(x, w.ln_attn)
-            qkv = F.linear(h, w.qkv, w.qkv_bias)
-            q = qkv[:, :q_size].view(tokens, c.num_heads, c.head_dim)
-            k = qkv[:, q_size : q_size + kv_size].view(tokens, c.num_kv_heads, c.head_dim)
-            v = qkv[:, q_size + kv_size :].view(tokens, c.num_kv_heads, c.head_dim)
-            q = self._rotate(q, cos, sin)
-            k = self._rotate(k, cos, sin)
-            self.cache.write(n, slots, k, v)
-            attn = self._attention(n, q, layout, starts, ctx)
-            x = x + F.linear(attn.reshape(tokens, q_size), w.o, w.o_bias)
-            h = self._rms_norm(x, w.ln_mlp)
-            gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w.down)
-        last = torch.tensor([b - 1 for b in starts[1:]], device=self.device)
-        return F.linear(self._rms_norm(x[last], self.norm), self.lm_head).float()
+    def _forward(self, layout: StepLayout, copy: bool) -> torch.Tensor:
+        if not self.use_kernels:
+            starts = layout.query_starts.tolist()
+            ctx = layout.context_lens.tolist()
+            last = torch.tensor([b - 1 for b in starts[1:]], device=self.device)
+
+            def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
+                return self._torch_attention(layer, q, layout, starts, ctx)
+
+            return self._body(
+                layout.input_ids.to(self.device), layout.positions.to(self.device),
+                layout.slot_mapping.to(self.device), last, attend,
+            )  # fmt: skip
+        seqs = layout.num_seqs
+        if seqs and int(layout.input_ids.shape[0]) == seqs and self.graphs and self.cascade is not True:
+            size = next((s for s in sorted(self.graphs) if s >= seqs), None)
+            if size is not None and layout.block_tables.shape[1] <= self.graphs[size].width:
+                return self._replay(self.graphs[size], layout, copy)
+        step = self._prepare(layout)
+        return self._body(
+            step.ids, step.positions, step.slots, step.last, lambda n, q: self._kernel_attention(n, q, step)
+        )
 
     def greedy(self, layout: StepLayout) -> list[int]:
         """The argmax token of each sequence after this step."""
-        return [int(t) for t in self.forward(layout).argmax(dim=-1).tolist()]
+        with torch.inference_mode():
+            return [int(t) for t in self._forward(layout, copy=False).argmax(dim=-1).tolist()]
+
+    # ---- CUDA graphs ---------------------------------------------------------------------------
+
+    def capture_decode_graphs(self, max_batch: int, sizes: list[int] | None = None) -> list[int]:
+        """Captures decode steps of up to `max_batch` sequences as CUDA graphs, one per padded batch
+        size (1, 2, 4, 8, then multiples of 16 by default), each over block tables as wide as
+        `max_model_len` allows; returns the sizes. Needs a CUDA device."""
+        if not self.use_kernels:
+            raise RuntimeError("CUDA graphs need a CUDA device")
+        if sizes is None:
+            sizes = [s for s in (1, 2, 4, 8) if s < max_batch] + list(range(16, max_batch + 16, 16))
+            sizes = sorted({min(s, max_batch) for s in sizes})
+        width = (self.max_model_len + self.page_size - 1) // self.page_size
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode():
+            for size in sorted(sizes, reverse=True):  # the largest first: the others reuse its memory
+                self.graphs[size] = self._capture(size, width)
+        return sorted(self.graphs)
+
+    def _capture(self, size: int, width: int) -> _Graph:
+        host64 = _pinned(torch.zeros(3, size, dtype=torch.int64))
+        host64[2] = self.scratch_slot
+        host32 = _pinned(torch.zeros(size * (1 + width), dtype=torch.int32))
+        dev64 = host64.to(self.device)
+        dev32 = host32.to(self.device)
+        ids, pos, slots = dev64[0], dev64[1], dev64[2]
+        ctx, tables = dev32[:size], dev32[size:].view(size, width)
+        kn = self._kernels
+
+        def run() -> torch.Tensor:
+            def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
+                kc, vc = self.cache.k[layer], self.cache.v[layer]
+                return kn.paged_decode_attention(q, kc, vc, tables, ctx)[0]
+
+            return self._body(ids, pos, slots, None, attend)
+
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            run()  # compiles the kernels and warms cuBLAS outside the capture
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            logits = run()
+        copied = torch.cuda.Event()
+        copied.record()
+        return _Graph(size, width, graph, host64, host32, dev64, dev32, logits, copied)
+
+    def _replay(self, g: _Graph, layout: StepLayout, copy: bool) -> torch.Tensor:
+        n = layout.num_seqs
+        tables = layout.block_tables
+        g.copied.synchronize()  # the previous replay's copy out of the pinned buffers is done
+        g.host64[0, :n] = layout.input_ids
+        g.host64[1, :n] = layout.positions
+        g.host64[2, :n] = layout.slot_mapping
+        g.host64[2, n:] = self.scratch_slot
+        g.host32[:n] = layout.context_lens
+        g.host32[n : g.size] = 0
+        g.host32[g.size :].view(g.size, g.width)[:n, : tables.shape[1]] = tables
+        g.dev64.copy_(g.host64, non_blocking=True)
+        g.dev32.copy_(g.host32, non_blocking=True)
+        g.copied.record()
+        g.graph.replay()
+        return g.logits[:n].clone() if copy else g.logits[:n]

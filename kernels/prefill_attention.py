@@ -1,0 +1,187 @@
+"""Paged prefill (context) attention (Triton): the new tokens of each sequence attend causally to
+its whole paged context.
+
+A step of the engine packs the new tokens of many sequences into one ``[tokens, heads, dim]``
+matrix, no padding: sequence ``i``'s tokens are rows ``query_starts[i]`` up to
+``query_starts[i+1]``, the last ``n_i`` of its ``context_lens[i]`` tokens, whose K and V are
+already in the paged cache (written before the call). New token ``j`` of sequence ``i`` sits at
+position ``context_lens[i] - n_i + j`` and sees the keys at positions up to its own: a
+block-diagonal causal mask over the packed sequences, with each sequence's cached prefix (a prompt
+chunk computed in an earlier step, prefix pages shared by block hash) in front of it.
+
+One program per (tile of ``BLOCK_M`` query tokens of one sequence, query head). The tiles are
+listed up front by `prefill_tiles` (host side, from the layout the scheduler already holds), so the
+launch needs no device-to-host copy and the grid has no idle programs whatever the mix of chunk
+lengths. Each program walks the context in ``BLOCK_N`` tokens through the block table, up to its
+last query's position, with an online softmax in float32; only the last blocks need the causal
+mask. Layouts: see `kernels.reference`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .paged_attention import LOG2E, check_layout
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    Q,
+    K,
+    V,
+    BT,
+    CTX,
+    QSTARTS,
+    TILES,
+    Out,
+    qk_scale,
+    n_tiles,
+    stride_qt,
+    stride_qh,
+    stride_kp,
+    stride_kt,
+    stride_kh,
+    stride_vp,
+    stride_vt,
+    stride_vh,
+    stride_bts,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.load(TILES + tile)
+    m0 = tl.load(TILES + n_tiles + tile)
+    q_first = tl.load(QSTARTS + seq)
+    q_len = tl.load(QSTARTS + seq + 1) - q_first
+    ctx = tl.load(CTX + seq)
+    kvh = head // GROUP
+
+    m = m0 + tl.arange(0, BLOCK_M)
+    mmask = m < q_len
+    pos = ctx - q_len + m  # each query's position: it sees keys 0 ..= pos
+    d = tl.arange(0, HEAD_DIM)
+    rows = (q_first + m).to(tl.int64)
+    q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + d[None, :], mask=mmask[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # Keys past the tile's last query are never seen; keys before its first query are all seen.
+    hi = tl.minimum(ctx, ctx - q_len + m0 + BLOCK_M)
+    full = tl.maximum(ctx - q_len + m0 + 1, 0) // BLOCK_N * BLOCK_N
+    for start in range(0, hi, BLOCK_N):
+        t = start + tl.arange(0, BLOCK_N)
+        tmask = t < hi
+        page = tl.load(BT + seq * stride_bts + t // PAGE, mask=tmask, other=0).to(tl.int64)
+        slot = t % PAGE
+        k = tl.load(
+            K + page[:, None] * stride_kp + slot[:, None] * stride_kt + kvh * stride_kh + d[None, :],
+            mask=tmask[:, None],
+            other=0.0,
+        )
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale
+        if start + BLOCK_N > full:
+            s = tl.where(tmask[None, :] & (t[None, :] <= pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V + page[:, None] * stride_vp + slot[:, None] * stride_vt + kvh * stride_vh + d[None, :],
+            mask=tmask[:, None],
+            other=0.0,
+        )
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # Every valid query sees at least key 0 (its own position or earlier), so l_i > 0 there.
+    out = acc / tl.where(mmask, l_i, 1.0)[:, None]
+    tl.store(
+        Out + rows[:, None] * stride_ot + head * stride_oh + d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=mmask[:, None],
+    )
+
+
+def prefill_tiles(query_starts: torch.Tensor, block_m: int = 64) -> torch.Tensor:
+    """The launch's tile list, ``[2, tiles]`` int32 (row 0: the sequence, row 1: its first query
+    token), from the layout's ``query_starts`` on the host (a CPU tensor: no device copy back)."""
+    starts = query_starts.to("cpu", torch.int64)
+    lens = starts[1:] - starts[:-1]
+    per_seq = (lens + block_m - 1) // block_m
+    seq = torch.repeat_interleave(torch.arange(lens.shape[0]), per_seq)
+    first = torch.cumsum(per_seq, 0) - per_seq
+    within = torch.arange(seq.shape[0]) - first[seq]
+    return torch.stack([seq, within * block_m]).to(torch.int32)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_starts: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float | None = None,
+    tiles: torch.Tensor | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of packed new tokens ``q [tokens, heads, dim]`` over each sequence's paged
+    context (see the module doc); returns ``[tokens, heads, dim]`` in q's dtype. `tiles` is
+    `prefill_tiles(query_starts, block_m)` on q's device; when not given it is computed from
+    `query_starts`, which then costs a device-to-host copy if `query_starts` is on the device."""
+    group, page, dim = check_layout(q, k_cache, v_cache)
+    heads = q.shape[1]
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.stride(2) != 1:
+        raise ValueError(f"out must have q's shape {tuple(q.shape)} with a contiguous head dimension")
+    if tiles is None:
+        tiles = prefill_tiles(query_starts, block_m).to(q.device)
+    n_tiles = tiles.shape[1]
+    if n_tiles == 0 or q.shape[0] == 0:
+        return out
+    if not tiles.is_contiguous() or tiles.dtype != torch.int32:
+        raise ValueError("tiles must be a contiguous int32 tensor from prefill_tiles")
+    block_tables = block_tables.to(torch.int32)
+    query_starts = query_starts.to(q.device, torch.int32)
+    context_lens = context_lens.to(q.device, torch.int32)
+    _paged_prefill_kernel[(n_tiles, heads)](
+        q, k_cache, v_cache, block_tables, context_lens, query_starts, tiles, out,
+        scale * LOG2E, n_tiles,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group,
+        HEAD_DIM=dim,
+        PAGE=page,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32,
+        num_warps=4 if dim <= 64 else 8,
+        num_stages=2,
+    )  # fmt: skip
+    return out
