@@ -13,9 +13,13 @@ naive           one chat call per agent, awaited one after another (openai SDK)
 
 Each side and size gets a fresh simulator (same seed), so none inherits another's prefix cache.
 Figures per side and size: per-tick p50 / p95 / max and the ratio of p50 to the same side's
-one-agent tick. The naive side runs fewer ticks at 64 and 256 agents (`--naive-ticks`): one of its
-ticks there take a minute or more, and so does the gather side at 64 and 256 (`--gather-ticks`); the
-JSON says how many ticks each figure is over.
+one-agent tick. For the population side, the engine floor of every tick: the simulated time the
+profile's step model needs for that tick's requests (their token counts as the engine reported
+them) sent all at once, with the prefix cache as the run found it and with every history cached
+(`engine_floor`); `floor_summary` sets each size's p50 against it. The naive side runs fewer
+ticks at 64 and 256 agents (`--naive-ticks`): one of its ticks there take a minute or more, and so
+does the gather side at 64 and 256 (`--gather-ticks`); the JSON says how many ticks each figure is
+over.
 """
 
 from __future__ import annotations
@@ -58,6 +62,132 @@ def observation(agent: int, tick: int, tokens: int) -> str:
     return " ".join(text)
 
 
+def load_profile(name: str) -> dict[str, Any]:
+    path = Path(__file__).resolve().parent / "calibration" / f"{name}.json"
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def engine_floor(profile: dict[str, Any], requests: list[tuple[int, int, int]]) -> dict[str, Any]:
+    """Simulated seconds the engine needs for one tick's requests (prompt tokens, tokens served
+    from the prefix cache, output tokens), all arriving at once: the least any client can get.
+
+    The schedule is the simulator's (vLLM v1's): each step serves the running sequences first (one
+    token each when decoding, a chunk of the prompt when prefilling) within `max_num_batched_tokens`,
+    then admits waiting requests first come, first served up to `max_num_seqs`; the step that ends a
+    prefill gives the first output token. Each step costs what the profile's step model says."""
+    step = profile["step"]
+    budget_tokens, max_seqs = profile["max_num_batched_tokens"], profile["max_num_seqs"]
+    waiting = [{"prompt": p, "computed": c, "generated": 0, "max_new": n} for p, c, n in requests if n > 0]
+    waiting.reverse()
+    running: list[dict[str, int]] = []
+    seconds, steps, decode_steps, prefill_tokens = 0.0, 0, 0, 0
+    while running or waiting:
+        budget = budget_tokens
+        load = {"prefill": 0, "attn": 0, "decode": 0, "kv": 0}
+        scheduled: list[tuple[dict[str, int], int]] = []
+
+        for s in running:
+            n = min(s["prompt"] + s["generated"] - s["computed"], budget)
+            if n <= 0:
+                break
+            _account(load, s, n)
+            scheduled.append((s, n))
+            budget -= n
+        while budget > 0 and waiting and len(running) < max_seqs:
+            s = waiting.pop()
+            n = min(s["prompt"] - s["computed"], budget)
+            _account(load, s, n)
+            scheduled.append((s, n))
+            budget -= n
+            running.append(s)
+        seconds += (
+            step["base_us"]
+            + step["prefill_token_us"] * load["prefill"]
+            + step["prefill_attn_ns"] * load["attn"] / 1000
+            + step["decode_seq_us"] * load["decode"]
+            + step["kv_read_ns"] * load["kv"] / 1000
+        ) / 1e6
+        steps += 1
+        decode_steps += load["prefill"] == 0
+        prefill_tokens += load["prefill"]
+        for s, n in scheduled:
+            s["computed"] += n
+            if s["computed"] >= s["prompt"] + s["generated"]:
+                s["generated"] += 1
+        running = [s for s in running if s["generated"] < s["max_new"]]
+    return {
+        "seconds": seconds,
+        "steps": steps,
+        "decode_only_steps": decode_steps,
+        "prefill_tokens": prefill_tokens,
+    }
+
+
+def _account(load: dict[str, int], s: dict[str, int], n: int) -> None:
+    """What scheduling `n` tokens of sequence `s` adds to a step's load (a decode or a chunk)."""
+    if n == 1 and s["generated"] > 0 and s["computed"] + 1 == s["prompt"] + s["generated"]:
+        load["decode"] += 1
+        load["kv"] += s["computed"]
+    else:
+        load["prefill"] += n
+        load["attn"] += n * (s["computed"] + n)
+
+
+def floors(profile: dict[str, Any], ticks: list[list[tuple[int, int, int]]]) -> dict[str, Any]:
+    """Per tick, the engine floor with the prefix cache as the run found it (`measured_cache`) and
+    with every agent's history and the shared system prompt cached (`full_cache`: a cached token is
+    any whole block of the agent's previous prompt and answer, as vLLM caches them), and the KV
+    cache the population's conversations fill against the profile's capacity."""
+    block = profile["block_size"]
+    measured, full, footprint = [], [], []
+    previous: list[tuple[int, int, int]] | None = None
+    # The shared system prompt's cached blocks: what the first tick's best-served agent hit.
+    system = max(c for _, c, _ in ticks[0])
+    for tick in ticks:
+        measured.append(engine_floor(profile, tick)["seconds"])
+        ideal = []
+        for i, (prompt, cached, new) in enumerate(tick):
+            if previous is None:
+                hit = system
+            else:
+                p, _, n = previous[i]
+                # The answer's last token is never computed; only whole blocks are cached.
+                hit = (p + n - 1) // block * block
+            hit = min(hit, (prompt - 1) // block * block)
+            ideal.append((prompt, max(hit, cached), new))
+        full.append(engine_floor(profile, ideal)["seconds"])
+        footprint.append(sum(p + n for p, _, n in tick) - (len(tick) - 1) * system)
+        previous = tick
+    return {
+        "measured_cache_seconds": measured,
+        "full_cache_seconds": full,
+        "full_cache_p50": quantile(full, 0.5),
+        "measured_cache_p50": quantile(measured, 0.5),
+        "kv_tokens_held_last_tick": footprint[-1],
+        "kv_capacity_tokens": profile["kv_capacity_tokens"],
+    }
+
+
+def summarise_floors(population: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per size: the floors' p50 and their ratio to the one-agent floor (the least ratio a client
+    can reach on this profile), and the measured p50 over the floor of its own ticks."""
+    one = population.get("1", {}).get("floor")
+    summary = {}
+    for size, outcome in population.items():
+        floor = outcome["floor"]
+        summary[size] = {
+            "full_cache_p50": floor["full_cache_p50"],
+            "measured_cache_p50": floor["measured_cache_p50"],
+            "p50_over_measured_cache_floor": outcome["p50"] / floor["measured_cache_p50"],
+        }
+        if one is not None:
+            summary[size]["full_cache_ratio_to_one_agent"] = floor["full_cache_p50"] / one["full_cache_p50"]
+            summary[size]["measured_cache_ratio_to_one_agent"] = (
+                floor["measured_cache_p50"] / one["measured_cache_p50"]
+            )
+    return summary
+
+
 def quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[max(1, math.ceil(q * len(ordered))) - 1]
@@ -76,6 +206,7 @@ def summary(ticks: list[float]) -> dict[str, Any]:
 def run_population(url: str, agents: int, ticks: int, system: str, obs_tokens: int) -> dict[str, Any]:
     ids = [f"t{i}" for i in range(agents)]
     seconds: list[float] = []
+    requests: list[list[tuple[int, int, int]]] = []
     with Population(ids, system=system, model=MODEL, backend="vllm://" + url.removeprefix("http://")) as pop:
         for tick in range(ticks):
             observations = {a: observation(i, tick, obs_tokens) for i, a in enumerate(ids)}
@@ -85,8 +216,15 @@ def run_population(url: str, agents: int, ticks: int, system: str, obs_tokens: i
             failed = [r.error for r in results.values() if not r.ok]
             if failed:
                 raise RuntimeError(f"population tick {tick}: {failed[:3]}")
+            requests.append(
+                [
+                    (r.usage.prompt_tokens, r.usage.cached_tokens, r.usage.completion_tokens)
+                    for r in (results[a] for a in ids)
+                ]
+            )
         report = pop.report()
     return summary(seconds) | {
+        "floor": floors(load_profile(PROFILE), requests),
         "prompt_tokens": report.prompt_tokens,
         "cached_tokens": report.cached_tokens,
         "completion_tokens": report.completion_tokens,
@@ -200,6 +338,7 @@ def main() -> None:
         if "population" in results and str(agents) in results["population"]
     }
     targets = {}
+    floor_summary = summarise_floors(results.get("population", {}))
     if "population" in results:
         pop = results["population"]
         if "64" in pop:
@@ -219,11 +358,17 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "note": args.note},
         "sides": results,
         "p50_relative_to_population": side_by_side,
+        "floor_summary": floor_summary,
         "targets": targets,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(document_out, indent=2))
-    print(json.dumps({"p50_relative_to_population": side_by_side, "targets": targets}, indent=2))
+    print(
+        json.dumps(
+            {"p50_relative_to_population": side_by_side, "floor_summary": floor_summary, "targets": targets},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

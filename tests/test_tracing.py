@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from batchagent_rs import Batch, tool, tracing
+from batchagent_rs import Batch, Population, tool, tracing
 
 
 @pytest.fixture
@@ -212,3 +212,69 @@ def test_the_cli_exports_over_otlp_to_the_configured_endpoint(tmp_path: Path) ->
                 names.extend(span.name for span in scope_spans.spans)
     assert sorted(names) == sorted(["invoke_agent"] * 3 + ["chat sim-model"] * 3)
     assert services == {"nightly-eval"}
+
+
+def test_a_population_traces_a_span_per_tick_with_a_decision_span_per_agent(
+    traced: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    provider, exporter = traced
+    release = threading.Event()
+    blocked: list[str] = []
+    lock = threading.Lock()
+
+    @tool
+    def research(topic: str) -> str:
+        """Research a topic."""
+        with lock:
+            first = not blocked
+            blocked.append(topic)
+        if first:
+            # The first call of the first tick waits until the test lets it go, after the deadline.
+            release.wait(timeout=60)
+        return "done"
+
+    ids = ["p", "q", "r"]
+    tracer = provider.get_tracer("simulation")
+    with Population(
+        ids,
+        tools=[research],
+        backend="sim://?time_scale=0&seed=7&tool_rounds=1&distinct_args=100",
+        deadline=3.0,
+        trace=provider,
+    ) as pop:
+        with tracer.start_as_current_span("simulation"):
+            first = pop.step({a: f"news for {a}" for a in ids})
+            late = [a for a, r in first.items() if not r.ok]
+            assert len(late) == 1, first
+            release.set()
+            pop.drain()
+            second = pop.step({a: "more news" for a in ids[:2]})
+            assert all(r.ok for r in second.values()), second
+    spans = exporter.get_finished_spans()
+    (root,) = [s for s in spans if s.name == "simulation"]
+    ticks = sorted(
+        (s for s in spans if s.name == "population.tick"), key=lambda s: attrs(s)["batchagent.tick"]
+    )
+    assert [attrs(t)["batchagent.tick"] for t in ticks] == [1, 2]
+    assert all(t.parent is not None and t.parent.span_id == root.context.span_id for t in ticks)
+    assert [attrs(t)["batchagent.tick.agents"] for t in ticks] == [3, 2]
+    assert [attrs(t)["batchagent.tick.deadline_misses"] for t in ticks] == [1, 0]
+    assert ticks[0].status.status_code == StatusCode.ERROR
+    assert ticks[1].status.status_code == StatusCode.UNSET
+    # Every decision is an invoke_agent span under its tick's span, the late one included.
+    decisions = [children(spans, t) for t in ticks]
+    assert sorted(attrs(s)["gen_ai.agent.id"] for s in decisions[0]) == ids
+    assert sorted(attrs(s)["gen_ai.agent.id"] for s in decisions[1]) == ids[:2]
+    # The scripted agents make one tool round per conversation: in the first tick a model call,
+    # the tool, the answering call; in the second one call.
+    expected = [["chat sim-model", "chat sim-model", "execute_tool research"], ["chat sim-model"]]
+    for tick, under, calls in zip(ticks, decisions, expected, strict=True):
+        for decision in under:
+            assert decision.name == "invoke_agent"
+            assert attrs(decision)["batchagent.tick"] == attrs(tick)["batchagent.tick"]
+            assert sorted(s.name for s in children(spans, decision)) == calls
+    late_spans = [s for s in decisions[0] if attrs(s).get("batchagent.late_answer")]
+    assert [attrs(s)["gen_ai.agent.id"] for s in late_spans] == late
+    # The late decision ended after its tick returned.
+    assert late_spans[0].end_time is not None and ticks[0].end_time is not None
+    assert late_spans[0].end_time > ticks[0].end_time

@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
+import logging
 import math
 import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic
 
-from . import _core
+from . import _core, tracing
 from .batch import Batch, ErrorInfo, Result, Usage, _Driver
 from .tools import Tool, flatten_tools
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Span, TracerProvider
 
 __all__ = ["Population", "PopulationReport"]
 
@@ -97,6 +103,8 @@ class _Tick:
     waiting: dict[str, str]
     results: dict[str, Result] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The tick's span, in a traced run.
+    span: Span | None = None
 
 
 class Population:
@@ -151,6 +159,7 @@ class Population:
         compaction_model: str | None = None,
         compaction_backend: str | None = None,
         compaction_summary_tokens: int = 512,
+        trace: bool | TracerProvider | None = None,
     ) -> None:
         if isinstance(ids, str) or not isinstance(ids, Sequence):
             raise TypeError(f"ids: expected a list of agent ids, got {type(ids).__name__}")
@@ -216,6 +225,7 @@ class Population:
             compaction_model=compaction_model,
             compaction_backend=compaction_backend,
             compaction_summary_tokens=compaction_summary_tokens,
+            trace=trace,
         )
         self._ids = ids
         self._index = seen
@@ -292,7 +302,9 @@ class Population:
             except BaseException as exc:
                 outcome["error"] = exc
 
-        worker = threading.Thread(target=work, name="batchagent-tick", daemon=True)
+        # The caller's context (its current span) goes with the tick into the worker thread.
+        context = contextvars.copy_context()
+        worker = threading.Thread(target=context.run, args=(work,), name="batchagent-tick", daemon=True)
         worker.start()
         worker.join()
         if "error" in outcome:
@@ -518,15 +530,30 @@ class _PopulationDriver(_Driver):
         self.current: _Tick | None = None
         #: Job id -> (agent, tick) of every step in the core, late ones included.
         self.steps: dict[str, tuple[str, int]] = {}
+        #: Where the decision spans of a traced run go: each tick's span context, kept while the
+        #: tick has steps in the core (late ones too), with the number of those steps.
+        self.tick_spans: dict[int, tuple[Context, int]] = {}
         self.late_answers = 0
         #: Set when a step finishes, while a tick waits for room in the window.
         self.room: asyncio.Event | None = None
+        #: When each agent's last step finished, as a count of finished steps: the next tick sends
+        #: the most recently finished agents first (see `tick`).
+        self.last_finished: dict[str, int] = {}
+        self.finished_count = 0
 
     async def start(self) -> None:
         batch = self.batch
         if not batch._checked:
             await asyncio.get_running_loop().run_in_executor(None, batch.check)
-        self.run = _core.Run(json.dumps(batch._spec), json.dumps(self.options))
+        provider = tracing.resolve_tracer_provider(batch._trace)
+        options = self.options | {"trace": True} if provider is not None else self.options
+        self.run = _core.Run(json.dumps(batch._spec), json.dumps(options))
+        if provider is not None:
+            from opentelemetry import context as otel_context
+
+            self.spans = tracing.SpanWriter(
+                provider, otel_context.get_current(), batch._backends, batch._spec, self.run.sim_url
+            )
         self.started = time.perf_counter()
         self.failure: BaseException | None = None
 
@@ -547,10 +574,18 @@ class _PopulationDriver(_Driver):
             self.room = None
             number = population._tick + 1
             started = time.perf_counter()
+            started_ns = time.time_ns()
             job_ids = {agent: f"{agent}#{number}" for agent, *_ in items}
+            # Most recently finished first. An engine frees a finished request's KV blocks to the
+            # back of its LRU list, so when the population's conversations outgrow its KV cache,
+            # sending agents in the same order every tick makes each arrival evict the blocks of the
+            # agent due next (every history missed, recomputed whole); most recent first, the
+            # evictions fall on the agents sent last and the rest hit.
+            last = self.last_finished
+            sent = sorted(items, key=lambda item: -last.get(item[0], 0))
             refused = dict(
                 run.feed_agents(
-                    [(agent, job_ids[agent], index, text, fields) for agent, index, text, fields in items],
+                    [(agent, job_ids[agent], index, text, fields) for agent, index, text, fields in sent],
                     population._refuse_over,
                 )
             )
@@ -565,6 +600,10 @@ class _PopulationDriver(_Driver):
                         agent, index, "context_length", refused[job_ids[agent]], 0, 0.0
                     )
             self.current = tick
+            if self.spans is not None:
+                tick.span = self.spans.start_tick(number, len(items), started_ns)
+                if tick.waiting:
+                    self.tick_spans[number] = (self.spans.context_of(tick.span), len(tick.waiting))
             if tick.waiting:
                 timeout = population._deadline
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -584,11 +623,20 @@ class _PopulationDriver(_Driver):
                 tick.waiting = {}
             results = {agent: tick.results[agent] for agent, *_ in items}
             population._record(elapsed, results)
+            if self.spans is not None and tick.span is not None:
+                errors = sum(1 for r in results.values() if r.error is not None)
+                misses = sum(
+                    1 for r in results.values() if r.error is not None and r.error.kind == "deadline"
+                )
+                self.spans.end_tick(tick.span, started_ns + round(elapsed * 1e9), misses, errors)
+                tick.span = None
             return results
         finally:
             if tick is not None and tick.waiting:
                 # Cancelled (Ctrl-C, a task cancelled): the steps go on, their answers unwanted.
                 run.expire(list(tick.waiting))
+            if tick is not None and tick.span is not None:
+                tick.span.end()
             self.current = None
             loop.remove_reader(fd)
 
@@ -624,6 +672,8 @@ class _PopulationDriver(_Driver):
         try:
             tool_calls, batch_calls, validations, finished, _credit, _done = self.run.take_events()
             self._serve_calls(tool_calls, batch_calls, validations)
+            if self.spans is not None:
+                self._write_decision_spans()
             for item in finished:
                 self._finished(item)
         except BaseException as exc:  # surfaced by the tick, never lost in a loop callback
@@ -632,6 +682,32 @@ class _PopulationDriver(_Driver):
                 self.current.done.set()
             if self.room is not None:
                 self.room.set()
+
+    def _write_decision_spans(self) -> None:
+        assert self.spans is not None
+        try:
+            self.spans.write(self.run.take_traces(), self._placed)
+        except Exception:
+            _log.exception("making the population's trace spans failed; it goes on without them")
+            self.spans = None
+
+    def _placed(self, job: dict[str, Any]) -> tuple[Context, dict[str, Any]]:
+        """A decision span's parent (its tick's span) and its agent attributes."""
+        assert self.spans is not None
+        agent, number = self.steps.get(job["id"], (None, None))
+        if agent is None or number is None:
+            return self.spans.parent, {}
+        tick = self.current
+        late = tick is None or tick.number != number or job["id"] not in tick.waiting
+        extra: dict[str, Any] = {"gen_ai.agent.id": agent, "batchagent.tick": number}
+        if late:
+            extra["batchagent.late_answer"] = True
+        parent, left = self.tick_spans.get(number, (self.spans.parent, 1))
+        if left <= 1:
+            self.tick_spans.pop(number, None)
+        else:
+            self.tick_spans[number] = (parent, left - 1)
+        return parent, extra
 
     def _finished(self, item: Any) -> None:
         job_id = item[0]
@@ -642,6 +718,8 @@ class _PopulationDriver(_Driver):
         if step is None:
             return
         agent, number = step
+        self.finished_count += 1
+        self.last_finished[agent] = self.finished_count
         tick = self.current
         if tick is None or tick.number != number or job_id not in tick.waiting:
             self.late_answers += 1
@@ -651,6 +729,9 @@ class _PopulationDriver(_Driver):
         tick.results[agent] = _as_agent(result, agent)
         if not tick.waiting:
             tick.done.set()
+
+
+_log = logging.getLogger("batchagent")
 
 
 def _as_agent(result: Result, agent: str) -> Result:

@@ -1,6 +1,7 @@
 """OpenTelemetry traces of a run (`pip install 'batchagent[otel]'`), following the GenAI semantic
 conventions: a span per job (`invoke_agent`), and under it a span per model call (`chat {model}`) and
-per tool call (`execute_tool {name}`).
+per tool call (`execute_tool {name}`). A `Population` adds a span per tick (`population.tick`) with
+its agents' decisions (`invoke_agent`, one per agent step) under it.
 
 The core records each job's calls (start and end times, tokens, time to first token, errors) only
 when the run is traced; the spans are made here from those records as each job finishes, with the
@@ -18,9 +19,15 @@ from urllib.parse import urlsplit
 from ._core import __version__
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeAlias
+
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-    from opentelemetry.trace import TracerProvider
+    from opentelemetry.trace import Span, TracerProvider
+
+    #: Given a finished job's record: the context its span goes under and attributes to add.
+    Placement: TypeAlias = Callable[[dict[str, Any]], tuple[Context, dict[str, Any]]]
 
 __all__ = ["SpanWriter", "otlp_tracer_provider", "resolve_tracer_provider"]
 
@@ -142,11 +149,43 @@ class SpanWriter:
         self._request = request
         self._model = spec.get("model")
 
-    def write(self, records: list[str]) -> None:
-        for text in records:
-            self._job(json.loads(text))
+    @property
+    def parent(self) -> Context:
+        """The context the run started in: the parent of its job spans."""
+        return self._parent
 
-    def _job(self, job: dict[str, Any]) -> None:
+    def write(self, records: list[str], placed: Placement | None = None) -> None:
+        """Spans of finished jobs. `placed`, given a job's record, says where its span goes: the
+        parent context and attributes to add (a population's tick); the run's parent otherwise."""
+        for text in records:
+            job = json.loads(text)
+            parent, extra = placed(job) if placed is not None else (self._parent, {})
+            self._job(job, parent, extra)
+
+    def start_tick(self, number: int, agents: int, start_ns: int) -> Span:
+        """The span of a population's tick, a child of the context current when the tick began; the
+        caller ends it (`end_tick`)."""
+        from opentelemetry import context as otel_context
+
+        return self._tracer.start_span(
+            "population.tick",
+            context=otel_context.get_current(),
+            kind=self._kinds.INTERNAL,
+            attributes={**self._common, "batchagent.tick": number, "batchagent.tick.agents": agents},
+            start_time=start_ns,
+        )
+
+    def end_tick(self, span: Span, end_ns: int, misses: int, errors: int) -> None:
+        span.set_attribute("batchagent.tick.deadline_misses", misses)
+        span.set_attribute("batchagent.tick.errors", errors)
+        if misses:
+            span.set_status(self._status(self._code.ERROR, f"{misses} agents missed the deadline"))
+        span.end(end_time=end_ns)
+
+    def context_of(self, span: Span) -> Context:
+        return self._otel.set_span_in_context(span, self._parent)
+
+    def _job(self, job: dict[str, Any], parent: Context, extra: dict[str, Any]) -> None:
         usage = job["usage"]
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "invoke_agent",
@@ -156,12 +195,13 @@ class SpanWriter:
             "batchagent.turns": job["turns"],
             "batchagent.tool_calls": job["tool_calls"],
             **_usage(usage),
+            **extra,
         }
         if self._model is not None:
             attributes["gen_ai.request.model"] = self._model
         span = self._tracer.start_span(
             "invoke_agent",
-            context=self._parent,
+            context=parent,
             kind=self._kinds.INTERNAL,
             attributes=attributes,
             start_time=job["start_ns"],
@@ -169,7 +209,7 @@ class SpanWriter:
         if not job["ok"]:
             span.set_attribute("error.type", job["error"])
             span.set_status(self._status(self._code.ERROR, job["message"]))
-        inside = self._otel.set_span_in_context(span, self._parent)
+        inside = self._otel.set_span_in_context(span, parent)
         for call in job["calls"]:
             self._call(call, inside)
         for tool in job["tools"]:
