@@ -16,10 +16,11 @@ Figures per side and size: per-tick p50 / p95 / max and the ratio of p50 to the 
 one-agent tick. For the population side, the engine floor of every tick: the simulated time the
 profile's step model needs for that tick's requests (their token counts as the engine reported
 them) sent all at once, with the prefix cache as the run found it and with every history cached
-(`engine_floor`); `floor_summary` sets each size's p50 against it. The naive side runs fewer
-ticks at 64 and 256 agents (`--naive-ticks`): one of its ticks there take a minute or more, and so
-does the gather side at 64 and 256 (`--gather-ticks`); the JSON says how many ticks each figure is
-over.
+(`engine_floor`); `floor_summary` sets each size's p50 against it; and the CPU time the process
+(the client, its core and the simulator, which runs in it) spent per tick (`cpu_seconds`). The
+naive side runs fewer ticks at 64 and 256 agents (`--naive-ticks`): one of its ticks there take a
+minute or more, and so does the gather side at 64 and 256 (`--gather-ticks`); the JSON says how
+many ticks each figure is over.
 """
 
 from __future__ import annotations
@@ -206,13 +207,17 @@ def summary(ticks: list[float]) -> dict[str, Any]:
 def run_population(url: str, agents: int, ticks: int, system: str, obs_tokens: int) -> dict[str, Any]:
     ids = [f"t{i}" for i in range(agents)]
     seconds: list[float] = []
+    # CPU time of the whole process (every thread: the client, its core and the simulator, which
+    # runs in this process) per tick.
+    cpu_seconds: list[float] = []
     requests: list[list[tuple[int, int, int]]] = []
     with Population(ids, system=system, model=MODEL, backend="vllm://" + url.removeprefix("http://")) as pop:
         for tick in range(ticks):
             observations = {a: observation(i, tick, obs_tokens) for i, a in enumerate(ids)}
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             results = pop.step(observations)
             seconds.append(time.perf_counter() - started)
+            cpu_seconds.append(time.process_time() - cpu)
             failed = [r.error for r in results.values() if not r.ok]
             if failed:
                 raise RuntimeError(f"population tick {tick}: {failed[:3]}")
@@ -224,6 +229,8 @@ def run_population(url: str, agents: int, ticks: int, system: str, obs_tokens: i
             )
         report = pop.report()
     return summary(seconds) | {
+        "cpu_seconds": cpu_seconds,
+        "cpu_p50": quantile(cpu_seconds, 0.5),
         "floor": floors(load_profile(PROFILE), requests),
         "prompt_tokens": report.prompt_tokens,
         "cached_tokens": report.cached_tokens,
