@@ -40,7 +40,9 @@ def server() -> Iterator[sim.Simulator]:
         yield s
 
 
-def run(server: sim.Simulator, **kwargs: Any) -> tuple[Batch, list[Any]]:
+def run(
+    server: sim.Simulator, agents: list[dict[str, str]] = AGENTS, **kwargs: Any
+) -> tuple[Batch, list[Any]]:
     batch = Batch(
         "What is stored under {key}?",
         tools=[lookup],
@@ -52,8 +54,8 @@ def run(server: sim.Simulator, **kwargs: Any) -> tuple[Batch, list[Any]]:
         **FAST,
         **kwargs,
     )
-    results = batch.run(AGENTS)
-    assert [r.id for r in results] == [a["id"] for a in AGENTS]
+    results = batch.run(agents)
+    assert [r.id for r in results] == [a["id"] for a in agents]
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     assert all(r.turns == 3 for r in results)
     return batch, results
@@ -93,6 +95,54 @@ def test_a_deadline_for_two_turnarounds_sends_the_first_turn_online_and_the_rest
     # The later turns carry the longer prompts: most of the tokens went at half price.
     assert routes["batch"]["prompt_tokens"] > 2 * routes["online"]["prompt_tokens"]
     assert routes["expected_turns"] == 3 and routes["agents_finished"] == len(AGENTS)
+
+
+def test_a_resumed_run_counts_the_deadline_from_the_first_start(
+    server: sim.Simulator, tmp_path: Path
+) -> None:
+    journal = str(tmp_path / "run.sqlite")
+    first, _ = run(server, AGENTS[:4], deadline=3600.0, batch_turnaround=60.0, journal=journal)
+    first_routes = first.report().auto_routes
+    assert first_routes is not None
+    # Resumed by another Batch (as after a restart): the first start comes from the journal, so the
+    # deadline is the very same instant.
+    resumed, _ = run(server, deadline=3600.0, batch_turnaround=60.0, journal=journal)
+    routes = resumed.report().auto_routes
+    assert routes is not None
+    assert routes["deadline_at"] == first_routes["deadline_at"]
+    assert routes["batch"]["calls"] == 3 * (len(AGENTS) - 4)  # the first four were not run again
+    # A deadline changed on resume still counts from the first start.
+    later, _ = run(server, deadline=7200.0, batch_turnaround=60.0, journal=journal)
+    later_routes = later.report().auto_routes
+    assert later_routes is not None
+    assert later_routes["deadline_at"] == pytest.approx(first_routes["deadline_at"] + 3600.0, abs=1e-6)
+
+
+def test_a_run_resumed_an_hour_after_its_first_start_has_an_hour_less(
+    server: sim.Simulator, tmp_path: Path
+) -> None:
+    journal = tmp_path / "run.sqlite"
+    first, _ = run(server, AGENTS[:4], deadline=3750.0, batch_turnaround=60.0, journal=str(journal))
+    first_routes = first.report().auto_routes
+    assert first_routes is not None and first_routes["online"]["calls"] == 0
+    # As though the first run had started an hour earlier. Written from another process: two copies
+    # of SQLite in one process (Python's and the extension's) do not see each other's file locks.
+    edit = (
+        "import sqlite3, sys\n"
+        "with sqlite3.connect(sys.argv[1]) as conn:\n"
+        "    conn.execute(\"UPDATE meta SET value = value - 3600.0 WHERE key = 'auto_first_start'\")\n"
+    )
+    subprocess.run([sys.executable, "-c", edit, str(journal)], check=True, timeout=60)
+    # 150 s left, not 3,750: as in the two-turnarounds case above, the new agents' first turn goes
+    # online and the other two through the batch API.
+    resumed, _ = run(server, deadline=3750.0, batch_turnaround=60.0, journal=str(journal))
+    routes = resumed.report().auto_routes
+    assert routes is not None
+    new_agents = len(AGENTS) - 4
+    assert routes["online"]["calls"] == new_agents
+    assert routes["batch"]["calls"] == 2 * new_agents
+    assert routes["deadline_at"] == pytest.approx(first_routes["deadline_at"] - 3600.0, abs=1e-3)
+    assert routes["deadline_left_s"] < 150.0
 
 
 def test_the_cost_splits_by_route_and_the_saving_is_half_the_batched_tokens() -> None:

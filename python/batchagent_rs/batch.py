@@ -300,7 +300,7 @@ OnResult = Callable[[Result], Any]
 
 
 def _seconds_left(deadline: float | datetime.timedelta | datetime.datetime | None) -> float:
-    """Seconds from now to `deadline`: a number of seconds or a timedelta from the start of the run,
+    """Seconds to `deadline`: a number of seconds or a timedelta (from the run's first start),
     or a datetime (naive ones are local time)."""
     if isinstance(deadline, datetime.datetime):
         return max((deadline.astimezone() - datetime.datetime.now().astimezone()).total_seconds(), 0.0)
@@ -401,7 +401,7 @@ class Batch:
             raise ValueError(f"batch_retry: expected 'batch' or 'online', got {batch_retry!r}")
         if mode == "auto" and deadline is None:
             raise ValueError(
-                "mode='auto' needs deadline=: seconds from the start of the run (or a timedelta, or a "
+                "mode='auto' needs deadline=: seconds from the first start of the run (or a timedelta, or a "
                 "datetime) by which every input must be done; calls go through the batch API when "
                 "that leaves time for them, online otherwise"
             )
@@ -558,7 +558,7 @@ class Batch:
                 "linger": batch_linger,
                 "max_requests": batch_max_requests or 0,
                 "max_bytes": batch_max_bytes or 0,
-                # The deadline's seconds are counted from the start of each run (see _run_options).
+                # The deadline's seconds are filled in when a run starts (see _run_options).
                 "auto": {"deadline": 0.0, "turnaround": batch_turnaround, "online_inflight": online_inflight}
                 if mode == "auto"
                 else None,
@@ -746,7 +746,13 @@ class Batch:
         if batch is not None and batch.get("auto") is not None:
             options["provider_batch"] = {
                 **batch,
-                "auto": {**batch["auto"], "deadline": _seconds_left(self._deadline)},
+                "auto": {
+                    **batch["auto"],
+                    "deadline": _seconds_left(self._deadline),
+                    # Seconds (or a timedelta) count from the first start: a run resumed from its
+                    # journal keeps the deadline the first run had.
+                    "from_first_start": not isinstance(self._deadline, datetime.datetime),
+                },
             }
         return options
 

@@ -802,8 +802,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         type=_seconds,
         metavar="SECONDS",
         help="auto mode, for agents too: each model call goes through the provider's batch API when "
-        "the deadline (seconds from the start) leaves time for the agent's remaining turns, online "
-        "otherwise; the report says what went where and the cost saved",
+        "the deadline (seconds from the first start: --resume keeps it) leaves time for the agent's "
+        "remaining turns, online otherwise; the report says what went where and the cost saved",
     )
     p.add_argument(
         "--batch-turnaround",

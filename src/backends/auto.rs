@@ -43,6 +43,8 @@ pub const DEFAULT_TURNAROUND: Duration = Duration::from_secs(24 * 3600);
 pub struct AutoOptions {
     /// When every agent must be done.
     pub deadline: Instant,
+    /// The same, in Unix seconds (for the report).
+    pub deadline_at: f64,
     /// A batch call's turnaround assumed until one has come back.
     pub prior_turnaround: Duration,
     /// The run's `max_turns`: the estimate of an agent's turns until agents have finished.
@@ -255,6 +257,7 @@ impl Backend for AutoBackend {
             "batch": self.batched.to_json(),
             "online": self.direct.to_json(),
             "deadline_left_s": left.as_secs_f64(),
+            "deadline_at": self.options.deadline_at,
             "turnaround_estimate_s": learned.turnaround(self.options.prior_turnaround).as_secs_f64(),
             "longest_batch_call_s": learned.longest_batch.map(|d| d.as_secs_f64()),
             "expected_turns": learned.expected_turns(self.options.max_turns),

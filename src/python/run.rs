@@ -41,7 +41,7 @@ use crate::python::errors::{backend_error, spec_error, InputError, JournalError,
 use crate::scheduler::agent::TurnSink;
 use crate::scheduler::agent::{Job, JobResult, OutputValidator, RunContext};
 use crate::scheduler::compaction::Compactor;
-use crate::scheduler::durable::{fingerprint, Durability, JournalBatches, JournalTurns};
+use crate::scheduler::durable::{auto_first_start, fingerprint, Durability, JournalBatches, JournalTurns};
 use crate::scheduler::feed::{bad_input, feed_file, prescan, SeenIds};
 use crate::scheduler::population::Population;
 use crate::scheduler::retry::RetryPolicy;
@@ -389,8 +389,11 @@ struct ProviderBatchSettings {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AutoSettings {
-    /// Seconds from the start of the run to the deadline.
+    /// Seconds to the deadline: from the first start of the run when `from_first_start` (a resumed
+    /// run takes that start from its journal), otherwise from now.
     deadline: f64,
+    #[serde(default)]
+    from_first_start: bool,
     /// A batch call's turnaround assumed until one has come back (seconds).
     #[serde(default)]
     turnaround: Option<f64>,
@@ -398,12 +401,17 @@ struct AutoSettings {
 }
 
 impl AutoSettings {
-    fn into_options(self, max_turns: u32) -> Result<AutoOptions, SpecError> {
+    /// `first_start`: when the first run in auto mode on this journal started (Unix seconds; now
+    /// without a journal), `now` the Unix time now.
+    fn into_options(self, max_turns: u32, first_start: f64, now: f64) -> Result<AutoOptions, SpecError> {
         let seconds = |field: &'static str, v: f64| {
             Duration::try_from_secs_f64(v)
                 .map_err(|_| SpecError::Invalid { field, message: format!("{v} is not a number of seconds >= 0") })
         };
-        let left = seconds("deadline", self.deadline)?;
+        seconds("deadline", self.deadline)?;
+        let deadline_at = if self.from_first_start { first_start + self.deadline } else { now + self.deadline };
+        // Passed already (a run resumed after its deadline): every call goes online.
+        let left = Duration::try_from_secs_f64(deadline_at - now).unwrap_or(Duration::ZERO);
         let prior_turnaround = match self.turnaround {
             Some(t) => seconds("batch_turnaround", t)?,
             None => DEFAULT_TURNAROUND,
@@ -413,11 +421,17 @@ impl AutoSettings {
         }
         Ok(AutoOptions {
             deadline: std::time::Instant::now() + left,
+            deadline_at,
             prior_turnaround,
             max_turns,
             online_inflight: self.online_inflight,
         })
     }
+}
+
+/// The Unix time now, in seconds.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn default_poll_interval() -> f64 {
@@ -626,8 +640,19 @@ impl PyRun {
             .map_err(|e| backend_error(&e))?
             .map(Arc::new);
         if let Some(mut settings) = options.provider_batch {
-            let auto = settings.auto.take().map(|a| a.into_options(spec.max_turns)).transpose();
-            let auto = auto.map_err(|e| spec_error(&e))?;
+            let auto = match settings.auto.take() {
+                Some(auto) => {
+                    let now = unix_now();
+                    let first_start = match durable.journal() {
+                        Some(journal) => py
+                            .allow_threads(|| auto_first_start(journal, now))
+                            .map_err(|e| JournalError::new_err(e.to_string()))?,
+                        None => now,
+                    };
+                    Some(auto.into_options(spec.max_turns, first_start, now).map_err(|e| spec_error(&e))?)
+                }
+                None => None,
+            };
             let batch = settings.into_options().map_err(|e| spec_error(&e))?;
             if auto.is_none() && !spec.tools.is_empty() {
                 return Err(SchemaError::new_err(

@@ -244,6 +244,28 @@ impl JournalBatches {
     }
 }
 
+/// The journal key under which the first run in auto mode records when it started (Unix seconds).
+pub const AUTO_FIRST_START: &str = "auto_first_start";
+
+/// When the first run on `journal` in auto mode started (Unix seconds): the time stored by an
+/// earlier run, or `now`, which is then stored (and committed before this returns), so a resumed
+/// run counts a deadline given in seconds from the first start rather than from its own.
+pub fn auto_first_start(journal: &Journal, now: f64) -> Result<f64, JournalError> {
+    if let Some(stored) = journal.meta(AUTO_FIRST_START)? {
+        if let Some(start) = stored.parse::<f64>().ok().filter(|s| s.is_finite()) {
+            return Ok(start);
+        }
+        // Written by nothing but this function: a value that is not a time is a damaged journal.
+        return Err(JournalError::Open {
+            path: journal.path().to_path_buf(),
+            reason: format!("its {AUTO_FIRST_START} is {stored:?}, not a time"),
+        });
+    }
+    journal.record_meta(AUTO_FIRST_START, &now.to_string());
+    journal.flush()?;
+    Ok(now)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -388,6 +410,27 @@ mod tests {
         assert_eq!(journal.stats().turns_written, records as u64);
         drop(connected);
         rt.shutdown_background();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    #[allow(clippy::float_cmp)] // the stored time must come back exactly
+    fn the_first_start_in_auto_mode_is_kept_by_the_journal_for_the_runs_that_resume_it() {
+        let dir = std::env::temp_dir().join(format!("ba-durable-auto-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.sqlite");
+        {
+            let journal = Journal::open(&path, "fp", false).unwrap();
+            assert_eq!(auto_first_start(&journal, 1_000.5).unwrap(), 1_000.5);
+        }
+        let journal = Journal::open(&path, "fp", false).unwrap();
+        assert_eq!(auto_first_start(&journal, 9_000.0).unwrap(), 1_000.5);
+        journal.record_meta(AUTO_FIRST_START, "soon");
+        journal.flush().unwrap();
+        let error = auto_first_start(&journal, 9_000.0).unwrap_err().to_string();
+        assert!(error.contains("auto_first_start") && error.contains("soon"), "{error}");
+        drop(journal);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
