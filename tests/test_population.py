@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from pathlib import Path
 from typing import Any
 
 import pydantic
 import pytest
+from test_compaction import recording_proxy
 
-from batchagent_rs import InputError, JournalError, Population, SchemaError, tool
+from batchagent_rs import InputError, JournalError, Population, SchemaError, sim, tool
 
 FAST = "sim://?time_scale=0&seed=7"
 SYSTEM = "You are a trader in a market of many traders. Decide one action per tick. " * 40
@@ -227,3 +229,32 @@ def test_astep_runs_on_the_callers_loop() -> None:
             pop.close()
 
     assert asyncio.run(main()) == (3, 1)
+
+
+@pytest.mark.parametrize("hints", [True, False])
+def test_engine_hints_give_an_agent_on_its_answering_call_the_lower_priority_value(hints: bool) -> None:
+    @tool
+    def quote(symbol: str) -> str:
+        """Look up a price."""
+        return "7"
+
+    ids = ["a", "b", "c"]
+    with (
+        sim.start(time_scale=0, seed=7, tool_rounds=1) as server,
+        recording_proxy(server.url) as (backend, seen),
+    ):
+        with Population(
+            ids, tools=[quote], backend=backend, model="sim-model", max_turns=8, engine_hints=hints
+        ) as pop:
+            assert all(r.ok for r in pop.step({a: f"news for {a}" for a in ids}).values())
+    calls = [json.loads(body) for path, body in seen if path.endswith("/chat/completions")]
+    # The agents' calls (the prefix warm-up has no tools): a first call and an answering call each.
+    agent_calls = [c for c in calls if c.get("tools")]
+    assert len(agent_calls) == 6, agent_calls
+    if not hints:
+        assert all("priority" not in c for c in agent_calls)
+        return
+    # vLLM serves lower values first: 8 turns left on the first call, 7 once the tool has answered.
+    answering = [c["messages"][-1]["role"] == "tool" for c in agent_calls]
+    assert sorted(c["priority"] for c, a in zip(agent_calls, answering, strict=True) if a) == [7, 7, 7]
+    assert sorted(c["priority"] for c, a in zip(agent_calls, answering, strict=True) if not a) == [8, 8, 8]

@@ -124,6 +124,12 @@ class Population:
       the agent keeps. With `compaction=False`, a step whose conversation would exceed it
       (estimated from its size, the answer's `max_tokens` included) is not sent: its `Result` has
       error kind `context_length` and the agent's history is unchanged.
+    - `engine_hints` / `agent_hints`: as in `Batch`: vLLM's `priority` (turns left) and Dynamo's
+      `nvext.agent_hints` on each model call, so within a tick an agent on its answering call
+      (after its tools) is served before agents still on their first call.
+    - `trace`: OpenTelemetry spans as in `Batch(trace=)`: a `population.tick` span per tick (a
+      child of the span current when `step` was called) and under it an `invoke_agent` span per
+      agent decision, with its model and tool calls below that.
     - Other settings as in `Batch`; `max_inflight` defaults to the number of agents, so a tick's
       calls all go out together.
     """
@@ -149,6 +155,8 @@ class Population:
         call_timeout: float = 600.0,
         stream: bool | None = None,
         warm_prefix: bool = True,
+        engine_hints: bool = False,
+        agent_hints: bool = False,
         schema_mode: str = "auto",
         api_key: str | None = None,
         seed: int = 0,
@@ -213,6 +221,8 @@ class Population:
             temperature=temperature,
             stream=stream,
             warm_prefix=warm_prefix,
+            engine_hints=engine_hints,
+            agent_hints=agent_hints,
             schema_mode=schema_mode,
             api_key=api_key,
             seed=seed,
@@ -254,6 +264,8 @@ class Population:
             "call_timeout": call_timeout,
             "stream": stream,
             "warm_prefix": warm_prefix,
+            "engine_hints": engine_hints,
+            "agent_hints": agent_hints,
             "schema_mode": schema_mode,
             "seed": seed,
             "compaction": compaction,
