@@ -203,6 +203,40 @@ def start_sim(options: dict[str, str | int | float | bool]) -> SimServer:
     """Start a simulator with the options of a `sim://` URL query; returns once it listens."""
 
 @final
+class Engine:
+    """The embedded engine over a model worker (`batchagent_rs.engine.EngineWorker`): the Rust
+    continuous-batching scheduler and paged block manager on a thread of their own, calling the
+    worker once per step with the whole batch's layout. KV pages: the worker's `num_pages` of
+    `page_size` tokens."""
+
+    def __new__(
+        cls,
+        worker: Any,
+        *,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        enable_prefix_caching: bool = True,
+    ) -> Engine: ...
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_tokens: int,
+        *,
+        stop_token_ids: list[int] = ...,
+        min_tokens: int = 0,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+    ) -> list[list[int]]:
+        """Generates for every prompt (token ids) at once, through the engine's continuous batching;
+        returns each prompt's output token ids, in order."""
+    def metrics(self) -> dict[str, int | float]:
+        """The counters (vLLM's metric names without the prefix) as of the last step."""
+    def shutdown(self) -> None:
+        """Stops the loop after the step in progress."""
+
+@final
 class TokenCounter:
     """Counts chat prompts' tokens as a backend will (its `/tokenize` where it has one; an
     embedded simulator's own tokenizer), and reads its context window from `/v1/models`."""

@@ -3,8 +3,10 @@
 //! (which runs each step through the Python model runner, once per step).
 
 pub mod blocks;
+pub mod local;
 pub mod metrics;
 pub mod scheduler;
 
+pub use local::{LocalEngine, LocalEngineError, StepExecutor};
 pub use metrics::{EngineMetrics, Histogram, TTFT_BUCKETS};
 pub use scheduler::{EngineEvent, EngineRequest, Sampling, Scheduler, SchedulerConfig, StepLayout, StepLoad};

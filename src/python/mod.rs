@@ -5,6 +5,7 @@ use std::sync::OnceLock;
 
 use pyo3::prelude::*;
 
+mod engine;
 mod errors;
 mod fleet;
 mod population;
@@ -121,5 +122,6 @@ fn core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tokens::PyTokenCounter>()?;
     m.add_function(wrap_pyfunction!(tokens::system_prompt, m)?)?;
     sim::register(m)?;
+    engine::register(m)?;
     Ok(())
 }

@@ -4,5 +4,6 @@ steps with a paged KV cache (see `model`). Needs the `engine` extra (torch, safe
 from .config import ConfigError, ModelConfig
 from .layout import StepLayout
 from .model import KVCache, ModelRunner
+from .worker import EngineWorker
 
-__all__ = ["ConfigError", "KVCache", "ModelConfig", "ModelRunner", "StepLayout"]
+__all__ = ["ConfigError", "EngineWorker", "KVCache", "ModelConfig", "ModelRunner", "StepLayout"]

@@ -1,0 +1,204 @@
+//! The embedded engine's loop: the shared scheduler on a thread of its own, each step executed by a
+//! [`StepExecutor`] (the Python model runner, behind feature `python`) on the step's layout.
+//!
+//! One step is one call: the executor gets the whole layout and returns one sampled token per
+//! scheduled sequence, so the model runner is entered once per step however many sequences run.
+//! Time is real time since the engine started.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+
+use super::metrics::EngineMetrics;
+use super::scheduler::{EngineEvent, EngineRequest, Scheduler, SchedulerConfig, StepLayout};
+
+/// Runs one step of the model: writes the new tokens' KV at their slots and samples each
+/// sequence's next token. Errors are messages (a device out of memory, a bug in the runner).
+pub trait StepExecutor: Send + 'static {
+    fn execute(&mut self, layout: &StepLayout) -> Result<Vec<u32>, String>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalEngineError {
+    #[error("the engine's settings: {0}")]
+    Config(String),
+    #[error("cannot start the engine thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+struct Pending {
+    request: EngineRequest,
+    tx: UnboundedSender<EngineEvent>,
+    at: Instant,
+}
+
+struct Shared {
+    incoming: Mutex<Vec<Pending>>,
+    wake: Condvar,
+    stopped: AtomicBool,
+    rejected: AtomicU64,
+    metrics: Mutex<EngineMetrics>,
+    /// Why the loop stopped on its own (the executor failed), for /health and the log.
+    failure: Mutex<Option<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Each lock guards plain data that is consistent at every point a panic could leave it.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A running engine. Dropping it stops the loop after the step in progress; [`LocalEngine::shutdown`]
+/// also waits for that.
+pub struct LocalEngine {
+    shared: Arc<Shared>,
+    config: SchedulerConfig,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for LocalEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalEngine").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl LocalEngine {
+    /// Starts the loop on a new thread.
+    pub fn start(config: SchedulerConfig, executor: Box<dyn StepExecutor>) -> Result<Self, LocalEngineError> {
+        if config.block_size == 0 || config.kv_capacity_blocks == 0 {
+            return Err(LocalEngineError::Config("block_size and the KV cache's blocks must be positive".into()));
+        }
+        if config.max_num_seqs == 0 || config.max_num_batched_tokens == 0 {
+            return Err(LocalEngineError::Config("max_num_seqs and max_num_batched_tokens must be positive".into()));
+        }
+        let shared = Arc::new(Shared {
+            incoming: Mutex::new(Vec::new()),
+            wake: Condvar::new(),
+            stopped: AtomicBool::new(false),
+            rejected: AtomicU64::new(0),
+            metrics: Mutex::new(EngineMetrics::default()),
+            failure: Mutex::new(None),
+        });
+        let loop_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("batchagent-engine".into())
+            .spawn(move || run(&loop_shared, Scheduler::new(config), executor))?;
+        Ok(Self { shared, config, thread: Mutex::new(Some(thread)) })
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// Queues a request. Its events arrive on the returned receiver; dropping the receiver aborts the
+    /// request and frees its KV blocks. After `shutdown`, or once the loop failed, the receiver is
+    /// closed at once.
+    pub fn submit(&self, request: EngineRequest) -> UnboundedReceiver<EngineEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Some(rejected) = self.config.rejection(&request) {
+            // The receiver is still open, so this send cannot fail.
+            let _ = tx.send(rejected);
+            self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+            return rx;
+        }
+        if self.shared.stopped.load(Ordering::Acquire) {
+            return rx;
+        }
+        lock(&self.shared.incoming).push(Pending { request, tx, at: Instant::now() });
+        self.shared.wake.notify_one();
+        rx
+    }
+
+    /// The counters as of the last completed step.
+    pub fn metrics(&self) -> EngineMetrics {
+        let queued = lock(&self.shared.incoming).len();
+        let mut m = *lock(&self.shared.metrics);
+        m.waiting += queued;
+        m.requests_rejected = self.shared.rejected.load(Ordering::Relaxed);
+        m
+    }
+
+    /// Why the loop stopped by itself, if it did.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.shared.failure).clone()
+    }
+
+    /// Stops the loop and waits for the step in progress; requests in flight see their receivers
+    /// close. Call it without holding anything the executor needs (the GIL).
+    pub fn shutdown(&self) {
+        self.stop();
+        if let Some(thread) = lock(&self.thread).take() {
+            // A panic in the loop has already closed every receiver; nothing is left to report.
+            let _ = thread.join();
+        }
+    }
+
+    fn stop(&self) {
+        self.shared.stopped.store(true, Ordering::Release);
+        let _guard = lock(&self.shared.incoming);
+        self.shared.wake.notify_all();
+    }
+}
+
+impl Drop for LocalEngine {
+    fn drop(&mut self) {
+        // No join here: a drop can run where the executor's lock (the GIL) is held.
+        self.stop();
+    }
+}
+
+fn run(shared: &Shared, mut sched: Scheduler, mut executor: Box<dyn StepExecutor>) {
+    let start = Instant::now();
+    let mut batch = Vec::new();
+    loop {
+        {
+            let mut incoming = lock(&shared.incoming);
+            while incoming.is_empty() && sched.is_idle() && !shared.stopped.load(Ordering::Acquire) {
+                *lock(&shared.metrics) = sched.snapshot();
+                incoming = shared.wake.wait(incoming).unwrap_or_else(PoisonError::into_inner);
+            }
+            std::mem::swap(&mut *incoming, &mut batch);
+        }
+        if shared.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        for p in batch.drain(..) {
+            sched.enqueue(p.request, p.tx, p.at.saturating_duration_since(start));
+        }
+        let step_start = Instant::now();
+        sched.now = step_start.saturating_duration_since(start);
+        let Some(load) = sched.schedule() else {
+            // Only a step that preempted every running sequence schedules nothing; the next admits.
+            continue;
+        };
+        let layout = sched.layout();
+        let result = executor.execute(&layout).and_then(|tokens| {
+            if tokens.len() == layout.num_seqs() {
+                Ok(tokens)
+            } else {
+                Err(format!("the model runner returned {} tokens for {} sequences", tokens.len(), layout.num_seqs()))
+            }
+        });
+        match result {
+            Ok(tokens) => {
+                sched.now = start.elapsed();
+                sched.complete_step(Some(&tokens));
+                let m = sched.metrics_mut();
+                m.busy += step_start.elapsed();
+                m.step_prefill_tokens += load.prefill_tokens;
+                m.step_decode_seqs += load.decode_seqs;
+                m.step_kv_tokens_read += load.kv_tokens_read;
+                *lock(&shared.metrics) = sched.snapshot();
+            }
+            Err(message) => {
+                *lock(&shared.failure) = Some(message);
+                shared.stopped.store(true, Ordering::Release);
+                lock(&shared.incoming).clear();
+                // Dropping the scheduler closes every request's receiver.
+                return;
+            }
+        }
+    }
+}
