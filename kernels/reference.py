@@ -123,3 +123,26 @@ def paged_prefill_attention(
             pos = length - (b - a) + (j - a)
             out[j], _ = attention_with_lse(q[j], k[: pos + 1], v[: pos + 1], scale)
     return out
+
+
+def add_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`transformers`' residual add and RMSNorm, in its order of rounding."""
+    if delta is not None:
+        x = x + delta
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype), x
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [tokens, heads, dim] * cos + rotate_half(x) * sin`` with ``cos, sin [tokens, dim]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -16,7 +16,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from kernels import cascade_decode_attention, paged_decode_attention, paged_prefill_attention, prefill_tiles  # noqa: E402
+from kernels import (  # noqa: E402
+    cascade_decode_attention,
+    fused,
+    paged_decode_attention,
+    paged_prefill_attention,
+    prefill_tiles,
+)
 from kernels import reference as ref  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -184,3 +190,52 @@ def test_paged_prefill_matches_reference(dtype: torch.dtype, heads: tuple[int, i
     row = int(starts[3])
     single, _ = paged_decode_attention(q[row : row + 1], pages.k, pages.v, tables[3:4], ctx[3:4].to(DEVICE))
     assert rel_err(out[row : row + 1], single.double()) < TOLERANCE[dtype]
+
+
+# The fused element-wise kernels round where PyTorch's arithmetic in the input dtype rounds; what
+# may differ is the order of one float32 sum (RMSNorm's mean) and a product and sum contracted
+# into one FMA (RoPE), so a few elements may land one rounding step apart.
+FUSED_TOLERANCE = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cols", [896, 3584, 64])
+def test_add_rms_norm_and_silu_and_mul_match_reference(dtype: torch.dtype, cols: int) -> None:
+    gen = torch.Generator().manual_seed(cols)
+    rows = 37
+    x = torch.randn(rows, cols, generator=gen).to(DEVICE, dtype)
+    delta = torch.randn(rows, cols, generator=gen).to(DEVICE, dtype)
+    weight = (1 + 0.1 * torch.randn(cols, generator=gen)).to(DEVICE, dtype)
+    for d in (None, delta):
+        out, res = fused.add_rms_norm(x, weight, 1e-6, d)
+        want, want_res = ref.add_rms_norm(x, weight, 1e-6, d)
+        assert torch.equal(res, want_res)
+        assert rel_err(out, want.double()) < FUSED_TOLERANCE[dtype]
+    gate_up = torch.randn(rows, 2 * cols, generator=gen).to(DEVICE, dtype) * 3
+    got = fused.silu_and_mul(gate_up)
+    assert rel_err(got, ref.silu_and_mul(gate_up).double()) < FUSED_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+def test_rope_and_cache_matches_reference(dtype: torch.dtype, heads: tuple[int, int, int]) -> None:
+    q_heads, kv_heads, dim = heads
+    gen = torch.Generator().manual_seed(q_heads * dim)
+    tokens, page, n_pages = 29, 16, 8
+    qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * dim + 8, generator=gen).to(DEVICE, dtype)
+    qkv = qkv[:, : (q_heads + 2 * kv_heads) * dim]  # rows with a stride longer than their length
+    pos = torch.randint(0, 5000, (tokens,), generator=gen).double()
+    freqs = pos[:, None] / (10000.0 ** (torch.arange(0, dim, 2).double() / dim))[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos().to(DEVICE, dtype), emb.sin().to(DEVICE, dtype)
+    slots = torch.randperm(n_pages * page, generator=gen)[:tokens].to(DEVICE)
+    k_cache = torch.full((n_pages, page, kv_heads, dim), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    q = fused.rope_and_cache(qkv, cos, sin, slots, k_cache, v_cache, q_heads, kv_heads)
+    wq = ref.rope(qkv[:, : q_heads * dim].reshape(tokens, q_heads, dim), cos, sin)
+    wk = ref.rope(qkv[:, q_heads * dim : (q_heads + kv_heads) * dim].reshape(tokens, kv_heads, dim), cos, sin)
+    wv = qkv[:, (q_heads + kv_heads) * dim :].reshape(tokens, kv_heads, dim)
+    # The compiler may contract a product and a sum into one FMA: a rounding step apart at most.
+    assert rel_err(q, wq.double()) < FUSED_TOLERANCE[dtype]
+    assert rel_err(k_cache.view(-1, kv_heads, dim)[slots], wk.double()) < FUSED_TOLERANCE[dtype]
+    assert torch.equal(v_cache.view(-1, kv_heads, dim)[slots], wv)

@@ -196,7 +196,9 @@ class ModelRunner:
     the paged kernel; ``cascade=True`` keeps decode steps eager, on the cascade kernel), prefill
     and mixed steps run eagerly. Layout tensors are expected on the host (they come from the
     scheduler). `attention` ("torch" or "triton") overrides the choice (the kernels run on the CPU
-    only under ``TRITON_INTERPRET=1``, for tests)."""
+    only under ``TRITON_INTERPRET=1``, for tests); with the kernels, the layers' element-wise work
+    (residual add + RMSNorm, RoPE + the cache write, SiLU x up) runs in fused kernels unless
+    ``fused=False``."""
 
     def __init__(
         self,
@@ -211,6 +213,7 @@ class ModelRunner:
         max_model_len: int | None = None,
         cascade: bool | None = None,
         attention: str | None = None,
+        fused: bool = True,
     ):
         path = Path(model_dir)
         self.config = config = ModelConfig.from_dir(path)
@@ -220,6 +223,7 @@ class ModelRunner:
             raise ValueError(f"attention must be 'torch' or 'triton', got {attention!r}")
         self.use_kernels = attention == "triton" or (attention is None and self.device.type == "cuda")
         self.page_size = page_size
+        self.fused = fused
         self.max_model_len = min(max_model_len or config.max_position_embeddings, num_pages * page_size)
         # None: cascade decode attention where a shared prefix's KV no longer fits in half the L2
         # (below that the paged kernel reads it from L2 anyway and is faster: kernels/README.md).
@@ -322,6 +326,8 @@ class ModelRunner:
     ) -> torch.Tensor:
         """The forward pass over packed tokens; `attend(layer, q)` is the attention (the new K and
         V are in the cache by then); logits of the rows `last` (all rows when None)."""
+        if self.use_kernels and self.fused:
+            return self._fused_body(ids, positions, slots, last, attend)
         c = self.config
         tokens = ids.shape[0]
         x = self.embed[ids]
@@ -344,6 +350,38 @@ class ModelRunner:
         if last is not None:
             x = x[last]
         return F.linear(self._rms_norm(x, self.norm), self.lm_head).float()
+
+    def _fused_body(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        last: torch.Tensor | None,
+        attend: Callable[[int, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """`_body` with the element-wise work in fused kernels: the residual add with the next
+        RMSNorm, RoPE with the cache write, SiLU with the gate-up product."""
+        c, kn = self.config, self._kernels
+        tokens = ids.shape[0]
+        eps = c.rms_norm_eps
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        x = self.embed[ids]
+        h, x = kn.add_rms_norm(x, self.layers[0].ln_attn, eps)
+        for n, w in enumerate(self.layers):
+            qkv = F.linear(h, w.qkv, w.qkv_bias)
+            q = kn.rope_and_cache(
+                qkv, cos, sin, slots, self.cache.k[n], self.cache.v[n], c.num_heads, c.num_kv_heads
+            )
+            attn = attend(n, q)
+            h, x = kn.add_rms_norm(x, w.ln_mlp, eps, F.linear(attn.reshape(tokens, -1), w.o, w.o_bias))
+            act = kn.silu_and_mul(F.linear(h, w.gate_up))
+            after = self.layers[n + 1].ln_attn if n + 1 < len(self.layers) else self.norm
+            h, x = kn.add_rms_norm(x, after, eps, F.linear(act, w.down))
+        if last is not None:
+            h = h[last]
+        return F.linear(h, self.lm_head).float()
 
     # ---- attention -----------------------------------------------------------------------------
 
