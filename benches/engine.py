@@ -62,19 +62,33 @@ ARCHS: dict[str, dict[str, Any]] = {
 
 
 def import_engine() -> Any:
-    """`batchagent_rs.engine`; where the native core is not built (a GPU machine with PyTorch only)
-    the engine's subpackage is loaded on its own, which needs nothing from the core."""
+    """`batchagent_rs.engine`; where the package cannot be imported whole (a GPU machine with
+    PyTorch but without the API's dependencies) the engine's subpackage (and the native core, where
+    an installed build has one) is loaded on its own, which needs nothing else."""
     sys.path.insert(0, str(ROOT))
     try:
         import batchagent_rs.engine as engine
     except ImportError:
+        import importlib.util
+
         for name in [m for m in sys.modules if m == "batchagent_rs" or m.startswith("batchagent_rs.")]:
             del sys.modules[name]
+        spec = importlib.util.find_spec("batchagent_rs")
+        paths = list(spec.submodule_search_locations or []) if spec else []
         pkg = types.ModuleType("batchagent_rs")
-        pkg.__path__ = [str(ROOT / "python" / "batchagent_rs")]
+        pkg.__path__ = [*paths, str(ROOT / "python" / "batchagent_rs")]
         sys.modules["batchagent_rs"] = pkg
         import batchagent_rs.engine as engine
     return engine
+
+
+def import_core() -> Any:
+    """The native core with the engine's Rust scheduler, or None where it is not built."""
+    try:
+        import batchagent_rs._core as core
+    except ImportError:
+        return None
+    return core if hasattr(core, "Engine") else None
 
 
 def model_dir(arch: str, root: Path) -> Path:
@@ -247,6 +261,14 @@ class Planner:
             "full_batch_decode_step_ms_median": 1000 * statistics.median(s[3] for s in decode)
             if decode
             else None,
+            "step_log_columns": [
+                "prefill_tokens",
+                "prefill_attn_work",
+                "decode_seqs",
+                "kv_tokens_read",
+                "ms",
+            ],
+            "step_log": self.step_log,
         }
 
     def generated(self) -> list[list[int]]:
@@ -302,6 +324,57 @@ def runner_workload(
     res = planner.run(engine)
     res.update(arch=arch, prefix_sharing=share, token_budget=budget, setup_seconds=setup)
     return res, runner
+
+
+def engine_workload(
+    core: Any,
+    engine: Any,
+    path: Path,
+    n: int,
+    out_len: int,
+    budget: int,
+    device: str = "cuda",
+    dtype: str = "bf16",
+    prefix: int = 1024,
+    unique: int = 128,
+) -> dict[str, Any]:
+    """W end to end through the engine: the Rust scheduler and block manager (`_core.Engine`)
+    calling the Python worker once per step. The first request goes alone (the client's prefix
+    warm-up), then all of them; the clock covers both."""
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    t0 = time.perf_counter()
+    worker = engine.EngineWorker(
+        path, device=device, dtype=dtype, random_weights=True,
+        kv_cache_tokens=n * (prefix + unique + out_len) + 4096, cuda_graphs=256 if device == "cuda" else 0,
+    )  # fmt: skip
+    eng = core.Engine(worker, max_num_seqs=256, max_num_batched_tokens=budget)
+    setup = time.perf_counter() - t0
+    try:
+        warm = w_prompts(n, prefix, unique, vocab, seed=5)  # the same step shapes, outside the clock
+        eng.generate(warm[:1], 1, min_tokens=1)
+        eng.generate(warm, 3, min_tokens=3)
+        prompts = w_prompts(n, prefix, unique, vocab, seed=11)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        first = eng.generate(prompts[:1], 1, min_tokens=1)
+        outs = eng.generate(prompts, out_len, min_tokens=out_len)
+        wall = time.perf_counter() - t0
+        metrics = eng.metrics()
+    finally:
+        eng.shutdown()
+    tokens = sum(len(o) for o in outs) + len(first[0])
+    return {
+        "scope": "end to end: the engine's Rust scheduler and block manager, one crossing into Python "
+        "per step",
+        "requests": n + 1,
+        "output_tokens": tokens,
+        "seconds": wall,
+        "output_tok_per_s": tokens / wall,
+        "setup_seconds": setup,
+        "token_budget": budget,
+        "engine_metrics": metrics,
+    }
 
 
 def cascade_comparison(engine: Any, runner: Any, n: int, ctx_len: int) -> dict[str, Any]:
@@ -477,6 +550,40 @@ def agreement(engine: Any, dtype: torch.dtype, n: int, out_len: int, tmp: Path) 
     }
 
 
+def profile_check(result: dict[str, Any]) -> dict[str, Any]:
+    """The simulator's H200 step model (benches/calibration) against the steps the runner took:
+    its prediction over each logged step, summed, against the measured time."""
+    out: dict[str, Any] = {}
+    sections = {"W": "7b", "W_no_prefix_sharing": "7b", "W_512_output": "7b", "W_0.5b": "0.5b"}
+    for name, model in sections.items():
+        res = result.get(name, {})
+        res = res.get("second", res)
+        rows = res.get("step_log")
+        if not rows:
+            continue
+        prof = json.loads((ROOT / "benches" / "calibration" / f"h200-qwen2.5-{model}.json").read_text())[
+            "step"
+        ]
+
+        def predict(row: list[float], p: dict[str, float] = prof) -> float:
+            pf, attn, seqs, kv, _ = row
+            us = p["base_us"] + p["prefill_token_us"] * pf + p["prefill_attn_ns"] * attn / 1000
+            return (us + p["decode_seq_us"] * seqs + p["kv_read_ns"] * kv / 1000) / 1000
+
+        dec = [r for r in rows if r[0] == 0]
+        pre = [r for r in rows if r[0] > 0]
+        out[name] = {
+            "profile": f"h200-qwen2.5-{model}",
+            "measured_ms": sum(r[4] for r in rows),
+            "predicted_ms": sum(predict(r) for r in rows),
+            "decode_steps_measured_ms": sum(r[4] for r in dec),
+            "decode_steps_predicted_ms": sum(predict(r) for r in dec),
+            "prefill_steps_measured_ms": sum(r[4] for r in pre),
+            "prefill_steps_predicted_ms": sum(predict(r) for r in pre),
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
@@ -484,7 +591,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer baseline batches")
     ap.add_argument("--only", default="", help="comma-separated sections to run (default: all)")
     ap.add_argument("--no-fused", action="store_true", help="the runner's element-wise work unfused")
+    ap.add_argument(
+        "--check-profiles", action="store_true",
+        help="add the simulator profiles' predictions of the logged steps to an existing --out file",
+    )  # fmt: skip
     args = ap.parse_args()
+    if args.check_profiles:
+        done = json.loads(Path(args.out).read_text())
+        done["sim_profile_check"] = profile_check(done)
+        Path(args.out).write_text(json.dumps(done, indent=2))
+        print(json.dumps(done["sim_profile_check"], indent=1))
+        return
     engine = import_engine()
     global FUSED
     FUSED = not args.no_fused
@@ -536,6 +653,9 @@ def main() -> None:
             again, _ = runner_workload(engine, path7, "qwen2.5-7b", 256, 128, True, args.budget, runner)
             return {"first": res, "second": again}
 
+        core = import_core()
+        if core is not None:
+            section("W_engine", lambda: engine_workload(core, engine, path7, 256, 128, args.budget))
         section("W", w)
         section("W_cascade_step", lambda: cascade_comparison(engine, holder["runner"], 256, 1216))
         section(
