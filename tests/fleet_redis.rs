@@ -156,26 +156,118 @@ async fn a_job_whose_lease_ran_out_is_taken_over_from_its_checkpoint() {
     assert_eq!(checkpoints, 0, "a written result drops the job's checkpoint");
 }
 
+/// A worker's fleet-wide limit: its own connections, as a worker process opens them.
+async fn limit(url: &str, name: &str, places: usize, lease: Duration, owner: &str) -> FleetSemaphore {
+    let waits = Connection::open(url, HANG, None).await.unwrap();
+    FleetSemaphore::new(connect(url).await, waits, name, places, lease, owner)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_limit_hands_back_places_on_release_and_on_lease_expiry() {
     let redis = Redis::start("limit");
-    let conn = connect(&redis.url).await;
-    let long = FleetSemaphore::new(conn.clone(), "endpoint", 2, HANG, "w1");
+    let long = limit(&redis.url, "endpoint", 2, HANG, "w1").await;
     let first = long.acquire().await.unwrap();
     let _second = long.acquire().await.unwrap();
     assert_eq!(long.in_use().await.unwrap(), 2);
-    let other = Arc::new(FleetSemaphore::new(conn.clone(), "endpoint", 2, HANG, "w2"));
+    let other = Arc::new(limit(&redis.url, "endpoint", 2, HANG, "w2").await);
     let waiting = tokio::spawn({
         let other = other.clone();
         async move { other.acquire().await.unwrap() }
     });
+    wait_for_waiters(&redis.url, "endpoint", 1).await;
     long.release(&first).await.unwrap();
-    tokio::time::timeout(HANG, waiting).await.unwrap().unwrap();
+    // The place was handed over, not freed and taken again.
+    assert_eq!(tokio::time::timeout(HANG, waiting).await.unwrap().unwrap(), first);
     assert_eq!(long.in_use().await.unwrap(), 2);
 
     // A holder that dies keeps its places only until their leases run out.
-    let short = FleetSemaphore::new(conn.clone(), "dying", 1, Duration::from_millis(200), "w3");
+    let short = limit(&redis.url, "dying", 1, Duration::from_millis(200), "w3").await;
     let _held = short.acquire().await.unwrap();
-    let after = FleetSemaphore::new(conn.clone(), "dying", 1, HANG, "w4");
+    let after = limit(&redis.url, "dying", 1, HANG, "w4").await;
     tokio::time::timeout(HANG, after.acquire()).await.unwrap().unwrap();
+}
+
+/// Waits until `n` workers are registered as waiting for places of `name`.
+async fn wait_for_waiters(url: &str, name: &str, n: usize) {
+    let conn = connect(url).await;
+    let key = format!("batchagent:limit:{name}:waiters");
+    tokio::time::timeout(HANG, async {
+        while conn.query::<usize>(redis::cmd("SCARD").arg(&key)).await.unwrap() < n {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_workers_get_released_places_one_each_in_turn() {
+    let redis = Redis::start("turns");
+    let holder = limit(&redis.url, "endpoint", 2, HANG, "holder").await;
+    let a = holder.acquire().await.unwrap();
+    let b = holder.acquire().await.unwrap();
+    // Three workers, the last with two calls waiting: four calls for two places.
+    let mut waiting = Vec::new();
+    for (i, calls) in [1, 1, 2].into_iter().enumerate() {
+        let worker = Arc::new(limit(&redis.url, "endpoint", 2, HANG, &format!("w{i}")).await);
+        for _ in 0..calls {
+            let worker = worker.clone();
+            waiting.push(tokio::spawn(async move {
+                let token = worker.acquire().await.unwrap();
+                (worker, token)
+            }));
+        }
+        wait_for_waiters(&redis.url, "endpoint", i + 1).await;
+    }
+    holder.release(&a).await.unwrap();
+    holder.release(&b).await.unwrap();
+    // Two of the four get the two places; which two is Redis's order of blocked clients.
+    let mut rest = waiting;
+    let mut granted = Vec::new();
+    while granted.len() < 2 {
+        let (finished, _, others) = tokio::time::timeout(HANG, futures_util::future::select_all(rest)).await.unwrap();
+        granted.push(finished.unwrap());
+        rest = others;
+    }
+    let mut tokens: Vec<String> = granted.iter().map(|(_, t)| t.clone()).collect();
+    tokens.sort();
+    assert_eq!(tokens, {
+        let mut held = vec![a, b];
+        held.sort();
+        held
+    });
+    assert_eq!(holder.in_use().await.unwrap(), 2, "never more than the limit");
+    assert!(rest.iter().all(|t| !t.is_finished()));
+    // The rest follow as places come back.
+    for (worker, token) in &granted {
+        worker.release(token).await.unwrap();
+    }
+    for task in rest {
+        let (worker, token) = tokio::time::timeout(HANG, task).await.unwrap().unwrap();
+        worker.release(&token).await.unwrap();
+    }
+    assert_eq!(holder.in_use().await.unwrap(), 0);
+    let conn = connect(&redis.url).await;
+    let handed: usize = conn.query(redis::cmd("LLEN").arg("batchagent:limit:endpoint:handed")).await.unwrap();
+    assert_eq!(handed, 0, "nothing left handed over once nobody waits");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_handed_to_a_waiter_that_died_goes_to_the_next_caller() {
+    let redis = Redis::start("deadwaiter");
+    let conn = connect(&redis.url).await;
+    let holder = limit(&redis.url, "endpoint", 1, HANG, "holder").await;
+    let token = holder.acquire().await.unwrap();
+    // A worker killed while it waited left its registration behind (until it expires).
+    let key = "batchagent:limit:endpoint:waiters";
+    conn.query::<()>(redis::cmd("SADD").arg(key).arg("dead:1")).await.unwrap();
+    conn.query::<()>(redis::cmd("PEXPIRE").arg(key).arg(60_000)).await.unwrap();
+    holder.release(&token).await.unwrap();
+    let handed: Vec<String> =
+        conn.query(redis::cmd("LRANGE").arg("batchagent:limit:endpoint:handed").arg(0).arg(-1)).await.unwrap();
+    assert_eq!(handed, vec![token.clone()], "handed over to the dead waiter");
+    // Nobody pops it: the next call that finds the limit full takes it.
+    let next = limit(&redis.url, "endpoint", 1, HANG, "next").await;
+    assert_eq!(tokio::time::timeout(HANG, next.acquire()).await.unwrap().unwrap(), token);
+    assert_eq!(next.in_use().await.unwrap(), 1);
 }

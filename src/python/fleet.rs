@@ -91,12 +91,19 @@ pub fn attach(
         outage,
     };
     let runtime = runtime()?;
-    let worker = py
-        .allow_threads(|| runtime.block_on(FleetWorker::connect(&options.redis, worker_options)))
+    let (worker, waits) = py
+        .allow_threads(|| {
+            runtime.block_on(async {
+                let worker = FleetWorker::connect(&options.redis, worker_options).await?;
+                // The fleet-wide limit's blocking waits get a connection of their own.
+                Ok::<_, crate::fleet::FleetError>((worker, Connection::open(&options.redis, outage, None).await?))
+            })
+        })
         .map_err(|e| fleet_error(&e))?;
     let shown: Vec<String> = urls.iter().map(|u| crate::secret::display_url(u)).collect();
     let semaphore = Arc::new(FleetSemaphore::new(
         worker.connection().clone(),
+        waits,
         &fingerprint(&shown.join("\n")),
         options.shared_inflight,
         lease,
