@@ -13,10 +13,12 @@ use axum::response::Response;
 use axum::routing::post;
 use axum::Router;
 use batchagent::backends::aws_credentials::AwsCredentials;
-use batchagent::backends::bedrock::{BedrockBackend, ConverseStreamAssembler};
+use batchagent::backends::bedrock::{BedrockBackend, BedrockOptions, ConverseStreamAssembler};
 use batchagent::backends::sigv4::{self, SignableRequest, SigningScope};
+use batchagent::backends::url::BackendOptions;
 use batchagent::backends::{Backend, BackendError, ChatRequest, StreamEvent};
 use batchagent::conversation::{Message, ToolCall, ToolDef, Usage};
+use batchagent::limits::HandLimits;
 use batchagent::stream::eventstream::{EventStreamDecoder, Message as Frame};
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -293,18 +295,73 @@ async fn throttling_maps_to_rate_limited() {
     assert_eq!(err, BackendError::RateLimited { status: 429, retry_after: Some(Duration::from_secs(2)) });
     assert!(err.is_throttle());
 
-    let err = backend.chat(request("stream-throttled", true), None).await.unwrap_err();
+    // A throttle holds back the backend's next calls (see `a_throttle_pauses_every_call`): each
+    // of these goes to a backend of its own.
+    let fresh = || BedrockBackend::new("us-east-1", credentials(false), Some(&url)).unwrap();
+    let err = fresh().chat(request("stream-throttled", true), None).await.unwrap_err();
     assert!(matches!(err, BackendError::RateLimited { .. }), "{err:?}");
 
-    let err = backend.chat(request("stream-unavailable", true), None).await.unwrap_err();
+    let err = fresh().chat(request("stream-unavailable", true), None).await.unwrap_err();
     assert!(matches!(err, BackendError::Overloaded(_)), "{err:?}");
 
-    let err = backend.chat(request("invalid", false), None).await.unwrap_err();
+    let err = fresh().chat(request("invalid", false), None).await.unwrap_err();
     assert!(
         matches!(&err, BackendError::Rejected { status: 400, message } if message.contains("alternate")),
         "{err:?}"
     );
     assert!(!err.retryable());
+}
+
+#[tokio::test]
+async fn rpm_set_by_hand_paces_bedrock_calls() {
+    let (url, log) = server().await;
+    // `rpm=60` as a run sets it: one call a second, and one second's worth at the start.
+    let hand = BackendOptions { rate_limits: HandLimits { rpm: Some(60), tpm: None }, ..BackendOptions::default() };
+    let backend =
+        BedrockBackend::with_options("us-east-1", credentials(false), Some(&url), BedrockOptions::from(&hand)).unwrap();
+    for _ in 0..2 {
+        backend.chat(request("meta.llama3-70b-instruct-v1:0", false), None).await.unwrap();
+    }
+    assert_eq!(log.lock().unwrap().len(), 2);
+    let paced = backend.pacer().snapshot();
+    assert_eq!(paced["limits"]["requests"], json!({"per_minute": 60, "source": "set"}));
+    assert_eq!(paced["requests"], 2);
+    // The first call took the start's allowance; the second waited for the bucket to refill.
+    assert_eq!(paced["delayed"], 1, "{paced}");
+    assert!(paced["wait_s"].as_f64().unwrap() > 0.0, "{paced}");
+
+    let unpaced = BedrockBackend::new("us-east-1", credentials(false), Some(&url)).unwrap();
+    for _ in 0..2 {
+        unpaced.chat(request("meta.llama3-70b-instruct-v1:0", false), None).await.unwrap();
+    }
+    assert_eq!(unpaced.pacer().snapshot()["delayed"], 0);
+}
+
+#[tokio::test]
+async fn a_throttle_pauses_every_call() {
+    let (url, log) = server().await;
+    // A `throttlingException` in the stream names no wait: the pacer stops admissions for a second.
+    let backend = BedrockBackend::new("us-east-1", credentials(false), Some(&url)).unwrap();
+    let err = backend.chat(request("stream-throttled", true), None).await.unwrap_err();
+    assert!(matches!(err, BackendError::RateLimited { retry_after: None, .. }), "{err:?}");
+    assert_eq!(backend.pacer().snapshot()["delayed"], 0);
+    backend.chat(request("meta.llama3-70b-instruct-v1:0", false), None).await.unwrap();
+    assert_eq!(backend.pacer().snapshot()["delayed"], 1);
+
+    // An HTTP 429 `ThrottlingException` with a `Retry-After`: the calls after it wait for it.
+    let backend = BedrockBackend::new("us-east-1", credentials(false), Some(&url)).unwrap();
+    backend.chat(request("throttled", false), None).await.unwrap_err();
+    let calls: Vec<_> = (0..3).map(|_| backend.chat(request("meta.llama3-70b-instruct-v1:0", false), None)).collect();
+    for result in futures_util::future::join_all(calls).await {
+        result.unwrap();
+    }
+    // The first in line waits out the pause; the others wait behind it, then go together.
+    let paced = backend.pacer().snapshot();
+    assert_eq!(paced["delayed"], 1, "{paced}");
+    assert!(paced["wait_s"].as_f64().unwrap() > 0.0, "{paced}");
+    // No limit was set or learned: the pause is all the pacing there is.
+    assert_eq!(paced["limits"], json!({}));
+    assert_eq!(log.lock().unwrap().len(), 6);
 }
 
 #[tokio::test]

@@ -11,9 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use batchagent::fleet::queue::{add_jobs, close_run, create_run, status, RunKeys};
-use batchagent::fleet::{Connection, FleetSemaphore, FleetWorker, WorkerOptions};
+use batchagent::fleet::{Connection, FleetSemaphore, FleetWorker, RedisBudgets, WorkerOptions};
+use batchagent::limits::headers::Window;
+use batchagent::limits::pacer::{key_id, Budget, Estimate, HandLimits, Pacer, SharedBudgets};
+use batchagent::limits::RateLimitHeaders;
 use batchagent::scheduler::agent::{AgentState, Job, JobResult};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 /// Only guards against a hang; no assertion depends on how long anything takes.
 const HANG: Duration = Duration::from_secs(60);
@@ -270,4 +274,138 @@ async fn a_place_handed_to_a_waiter_that_died_goes_to_the_next_caller() {
     let next = limit(&redis.url, "endpoint", 1, HANG, "next").await;
     assert_eq!(tokio::time::timeout(HANG, next.acquire()).await.unwrap().unwrap(), token);
     assert_eq!(next.in_use().await.unwrap(), 1);
+}
+
+fn shared(conn: &Connection, hand: HandLimits) -> Arc<dyn Budget> {
+    RedisBudgets::new(conn.clone()).budget("https://api.example.com/v1", &key_id(Some("sk-one")), hand)
+}
+
+const ONE: Estimate = Estimate { input: 10, output: 10 };
+
+/// Waits until the shared budget's request level is at most `level`: a worker's report of an
+/// answer's headers has reached it.
+async fn level_at_most(conn: &Connection, level: f64) {
+    tokio::time::timeout(HANG, async {
+        loop {
+            let keys: Vec<String> = conn.query(redis::cmd("KEYS").arg("batchagent:budget:*")).await.unwrap();
+            if let Some(key) = keys.first() {
+                let now: Option<String> = conn.query(redis::cmd("HGET").arg(key).arg("l1")).await.unwrap();
+                if now.and_then(|l| l.parse::<f64>().ok()).is_some_and(|l| l <= level) {
+                    return;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+}
+
+fn stating(remaining: u64) -> RateLimitHeaders {
+    let mut stated = RateLimitHeaders::default();
+    stated.windows[0] = Some(Window { limit: Some(60), remaining: Some(remaining), reset: None });
+    stated
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_on_one_key_draw_from_one_budget() {
+    let redis = Redis::start("budget");
+    // Two workers, each with its own connection, both told `rpm=60`: one second's worth, one
+    // request, at the start, for the two together.
+    let a = shared(&connect(&redis.url).await, HandLimits { rpm: Some(60), tpm: None });
+    let b = shared(&connect(&redis.url).await, HandLimits { rpm: Some(60), tpm: None });
+    a.try_take(ONE, Instant::now()).await.unwrap();
+    let wait = b.try_take(ONE, Instant::now()).await.unwrap_err();
+    assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
+    // Another key, or another endpoint, has a budget of its own.
+    let other_key = RedisBudgets::new(connect(&redis.url).await).budget(
+        "https://api.example.com/v1",
+        &key_id(Some("sk-two")),
+        HandLimits { rpm: Some(60), tpm: None },
+    );
+    other_key.try_take(ONE, Instant::now()).await.unwrap();
+    assert_eq!(b.snapshot()["requests"], serde_json::json!({"per_minute": 60, "source": "set", "shared": true}));
+    let stored: Vec<String> =
+        connect(&redis.url).await.query(redis::cmd("KEYS").arg("batchagent:budget:*")).await.unwrap();
+    assert_eq!(stored.len(), 2);
+    assert!(stored.iter().all(|k| !k.contains("sk-")), "{stored:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_one_worker_read_pace_the_others() {
+    let redis = Redis::start("budgetheaders");
+    let conn = connect(&redis.url).await;
+    let a = shared(&connect(&redis.url).await, HandLimits::default());
+    let b = shared(&connect(&redis.url).await, HandLimits::default());
+    // No limit known yet: each worker's first request goes unpaced, and Redis is not asked.
+    let first = a.try_take(ONE, Instant::now()).await.unwrap();
+    a.observe(&first, &stating(10), Instant::now());
+    level_at_most(&conn, 10.0).await;
+    let first = b.try_take(ONE, Instant::now()).await.unwrap();
+    b.observe(&first, &stating(9), Instant::now());
+    level_at_most(&conn, 9.0).await;
+    // The answer to a's next request says nothing remains: b, which read no such thing, waits.
+    let ticket = a.try_take(ONE, Instant::now()).await.unwrap();
+    a.observe(&ticket, &stating(0), Instant::now());
+    level_at_most(&conn, 0.0).await;
+    let wait = b.try_take(ONE, Instant::now()).await.unwrap_err();
+    assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
+    assert_eq!(a.snapshot()["requests"], serde_json::json!({"per_minute": 60, "source": "headers", "shared": true}));
+
+    // A 429's retry-after stops every worker.
+    let ticket = a.try_take(ONE, Instant::now()).await.unwrap_or_default();
+    let throttled = RateLimitHeaders { retry_after: Some(Duration::from_secs(30)), ..RateLimitHeaders::default() };
+    a.observe(&ticket, &throttled, Instant::now());
+    tokio::time::timeout(HANG, async {
+        loop {
+            if let Err(wait) = b.try_take(Estimate::default(), Instant::now()).await {
+                if wait > Duration::from_secs(20) {
+                    return;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pacers_on_one_key_stay_within_the_limit_together() {
+    let redis = Redis::start("budgetrate");
+    let conn = connect(&redis.url).await;
+    let hand = HandLimits { rpm: Some(600), tpm: None };
+    let mut pacers = Vec::new();
+    for _ in 0..2 {
+        pacers.push(Arc::new(Pacer::with_budget(shared(&connect(&redis.url).await, hand))));
+    }
+    let redis_now = || async {
+        let (s, us): (u64, u64) = conn.query(&redis::cmd("TIME")).await.unwrap();
+        s as f64 + us as f64 / 1e6
+    };
+    let start = redis_now().await;
+    let each = 15;
+    let runs: Vec<_> = pacers
+        .iter()
+        .map(|pacer| {
+            let pacer = pacer.clone();
+            tokio::spawn(async move {
+                for _ in 0..each {
+                    pacer.admit(ONE).await;
+                }
+            })
+        })
+        .collect();
+    for run in runs {
+        tokio::time::timeout(HANG, run).await.unwrap().unwrap();
+    }
+    let elapsed = redis_now().await - start;
+    // Redis's clock is the budget's: whatever the load, the two together were admitted no more
+    // than the limit allows in that time (10 a second, and one second's worth at the start),
+    // where each on a budget of its own would have taken that much alone.
+    let admitted = f64::from(2 * each);
+    assert!(admitted <= 10.0 + 10.0 * elapsed + 1.0, "{admitted} admitted in {elapsed:.2} s");
+    for pacer in &pacers {
+        assert_eq!(pacer.snapshot()["requests"], each);
+    }
 }

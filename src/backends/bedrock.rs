@@ -14,19 +14,26 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use super::aws_credentials::{self, AwsCredentials, CredentialSource, CredentialsError, CredentialsProvider};
-use super::call::{arguments_object, replay_events};
+use super::call::{arguments_object, estimate, replay_events};
 use super::http::{limited_body, parse_retry_after, redirect_error, BodyError};
 use super::sigv4::{self, SignableRequest, SigningScope};
 use super::url::BackendOptions;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
 use crate::conversation::TimeoutKind;
 use crate::conversation::{Message, Role, ToolCall, Usage};
-use crate::limits::{stream_index, TooLarge, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_RESPONSE_BYTES};
+use crate::limits::pacer::{HandLimits, Pacer, SharedBudgets};
+use crate::limits::{stream_index, RateLimitHeaders, TooLarge, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_RESPONSE_BYTES};
 use crate::stream::eventstream::{EventStreamDecoder, Message as EventMessage};
 
 const SERVICE: &str = "bedrock";
 const MAX_ERROR_MESSAGE: usize = 500;
 const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// How long every admission stops after a `ThrottlingException` that names no `Retry-After`
+/// (Bedrock states no limits and usually no wait): the AWS SDKs' standard retry mode waits up to
+/// one second before the first retry of a throttled call, and a pause shared by all calls keeps
+/// the others from running into the same throttle meanwhile.
+const THROTTLE_PAUSE: Duration = Duration::from_secs(1);
 
 /// Model families whose Converse API takes `cachePoint` blocks (Bedrock user guide, "Prompt
 /// caching"): Claude 3.7 Sonnet, Claude 3.5 Haiku, the Claude 4 family and Amazon Nova. Claude 3.5
@@ -54,7 +61,7 @@ pub fn supports_prompt_caching(model_id: &str) -> bool {
     PROMPT_CACHING_MODELS.iter().any(|p| base.starts_with(p))
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BedrockOptions {
     /// Whole model call, body included.
     pub request_timeout: Duration,
@@ -67,6 +74,11 @@ pub struct BedrockOptions {
     pub default_max_tokens: u32,
     /// `None`: add `cachePoint`s for models on the allow-list; `Some(b)`: always / never.
     pub prompt_caching: Option<bool>,
+    /// Requests and tokens per minute (`rpm=`, `tpm=`): Bedrock states no limits in its answers, so
+    /// these and its throttling are all the pacer has to go by.
+    pub rate_limits: HandLimits,
+    /// Where the budget is kept when several processes share it (a fleet's Redis).
+    pub budgets: Option<Arc<dyn SharedBudgets>>,
 }
 
 impl Default for BedrockOptions {
@@ -78,7 +90,24 @@ impl Default for BedrockOptions {
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             default_max_tokens: 4096,
             prompt_caching: None,
+            rate_limits: HandLimits::default(),
+            budgets: None,
         }
+    }
+}
+
+impl fmt::Debug for BedrockOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BedrockOptions")
+            .field("request_timeout", &self.request_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .field("default_max_tokens", &self.default_max_tokens)
+            .field("prompt_caching", &self.prompt_caching)
+            .field("rate_limits", &self.rate_limits)
+            .field("budgets", &if self.budgets.is_some() { "shared" } else { "local" })
+            .finish()
     }
 }
 
@@ -90,6 +119,8 @@ impl From<&BackendOptions> for BedrockOptions {
             connect_timeout: options.connect_timeout,
             idle_timeout: options.idle_timeout,
             max_response_bytes: options.max_response_bytes,
+            rate_limits: options.rate_limits,
+            budgets: options.budgets.clone(),
             ..Self::default()
         }
     }
@@ -104,6 +135,8 @@ pub struct BedrockBackend {
     credentials: Arc<CredentialsProvider>,
     options: BedrockOptions,
     name: String,
+    /// Paces model calls by `rpm=` / `tpm=` and stops them all for a while after a throttle.
+    pacer: Arc<Pacer>,
 }
 
 impl fmt::Debug for BedrockBackend {
@@ -162,6 +195,8 @@ impl BedrockBackend {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| BackendError::Config(format!("cannot build the HTTP client: {e}")))?;
+        // The account's quotas are per region: the budget is the endpoint's, whatever the key.
+        let pacer = Arc::new(Pacer::for_endpoint(options.budgets.as_deref(), &endpoint, None, options.rate_limits));
         Ok(Self {
             client,
             name: format!("bedrock://{region}"),
@@ -169,6 +204,7 @@ impl BedrockBackend {
             endpoint,
             host,
             credentials,
+            pacer,
             options,
         })
     }
@@ -191,6 +227,28 @@ impl BedrockBackend {
 
     pub fn region(&self) -> &str {
         &self.region
+    }
+
+    /// The pacer of this backend's model calls (its limits and how long it held calls back).
+    pub fn pacer(&self) -> &Arc<Pacer> {
+        &self.pacer
+    }
+
+    /// One model call, admitted by the pacer; a throttle (an HTTP 429 or a `throttlingException`
+    /// in the stream) stops further admissions for its `Retry-After`, or [`THROTTLE_PAUSE`].
+    async fn paced(
+        &self,
+        request: ChatRequest,
+        events: Option<mpsc::UnboundedSender<StreamEvent>>,
+    ) -> Result<ChatResponse, BackendError> {
+        let ticket = self.pacer.admit(estimate(&request, Some(self.options.default_max_tokens))).await;
+        let result = self.call(request, events).await;
+        let retry_after = match &result {
+            Err(BackendError::RateLimited { retry_after, .. }) => Some(retry_after.unwrap_or(THROTTLE_PAUSE)),
+            _ => None,
+        };
+        self.pacer.observe(&ticket, &RateLimitHeaders { retry_after, ..RateLimitHeaders::default() });
+        result
     }
 
     fn caching_for(&self, model: &str) -> bool {
@@ -382,7 +440,7 @@ impl Backend for BedrockBackend {
         request: ChatRequest,
         events: Option<mpsc::UnboundedSender<StreamEvent>>,
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>> {
-        Box::pin(self.call(request, events))
+        Box::pin(self.paced(request, events))
     }
 }
 

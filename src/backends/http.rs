@@ -257,6 +257,14 @@ impl HttpClient {
                     .map_err(|e| BackendError::Config(format!("cannot build the HTTP client: {}", error_chain(&e))))?,
             ),
         };
+        // Requests sent with one key to one server share its rate limits, in this process or in
+        // the fleet's store.
+        let pacer = Arc::new(Pacer::for_endpoint(
+            options.budgets.as_deref(),
+            &crate::secret::display_url(&base_url),
+            key.as_ref().map(Secret::expose).filter(|k| !k.is_empty()),
+            options.rate_limits,
+        ));
         Ok(Self {
             transport,
             base_path: parsed.path().trim_end_matches('/').to_owned(),
@@ -267,7 +275,7 @@ impl HttpClient {
             idle_timeout: options.idle_timeout,
             connect_timeout: options.connect_timeout,
             max_response_bytes: options.max_response_bytes,
-            pacer: Arc::new(Pacer::new(options.rate_limits)),
+            pacer,
         })
     }
 

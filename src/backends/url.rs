@@ -34,6 +34,9 @@ pub struct BackendOptions {
     /// Requests and tokens per minute set by hand (`rpm=`, `tpm=`); otherwise learned from the
     /// rate-limit headers of the answers.
     pub rate_limits: crate::limits::HandLimits,
+    /// Where the rate-limit budgets are kept when several processes share them (a fleet's Redis);
+    /// `None`: in this process.
+    pub budgets: Option<Arc<dyn crate::limits::pacer::SharedBudgets>>,
 }
 
 impl Default for BackendOptions {
@@ -48,6 +51,7 @@ impl Default for BackendOptions {
             engine_priority: false,
             extra_headers: Vec::new(),
             rate_limits: crate::limits::HandLimits::default(),
+            budgets: None,
         }
     }
 }
@@ -63,6 +67,7 @@ impl fmt::Debug for BackendOptions {
             .field("agent_hints", &self.agent_hints)
             .field("engine_priority", &self.engine_priority)
             .field("rate_limits", &self.rate_limits)
+            .field("budgets", &if self.budgets.is_some() { "shared" } else { "local" })
             .field("extra_headers", &self.extra_headers.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
             .finish()
     }

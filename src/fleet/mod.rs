@@ -1,7 +1,8 @@
 //! The worker fleet: a run is a Redis stream of jobs read by a consumer group, so any number of
 //! workers on any number of machines share it. Results are written once by job id, each agent turn
 //! is checkpointed, a dead worker's jobs are claimed after their lease, and limits that protect an
-//! endpoint are shared by every worker.
+//! endpoint are shared by every worker: the number of calls in flight (a semaphore of leases) and
+//! the rate-limit budget per endpoint and key (`budget:ID`, see [`budget`]).
 //!
 //! Keys of a run `R` (all under the prefix `batchagent:`):
 //! - `run:R` (hash): the spec's fingerprint, `total` once every input is on the stream;
@@ -18,12 +19,14 @@
 //! Shared by every run: `tool:NAME:H` and `tool:NAME:H:running`, the results of
 //! `@tool(cache="redis")` calls and the markers of calls running ([`tool_cache`]).
 
+pub mod budget;
 pub mod connection;
 pub mod queue;
 pub mod semaphore;
 pub mod tool_cache;
 pub mod worker;
 
+pub use budget::RedisBudgets;
 pub use connection::{Connection, FleetError};
 pub use queue::{RunKeys, Status};
 pub use semaphore::FleetSemaphore;

@@ -18,7 +18,8 @@
 //! calls would otherwise all go out before any header has been read.
 //!
 //! Where the budget lives is the [`Budget`] trait: [`LocalBudget`] keeps it in this process; a
-//! store shared by processes (a fleet of workers on one key) implements the same two calls.
+//! store shared by processes (a fleet of workers on one key) implements the same calls, and
+//! [`SharedBudgets`] hands out its budget per endpoint and key.
 
 use std::fmt;
 use std::sync::atomic::{
@@ -28,14 +29,16 @@ use std::sync::atomic::{
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use super::headers::{Kind, RateLimitHeaders};
 
 /// Allowance a limit set by hand starts with before any response states what remains: one second
 /// of it, so a cold start never bursts a minute's worth into a server that may already be busy.
-const COLD_START: f64 = 1.0 / 60.0;
+pub const COLD_START: f64 = 1.0 / 60.0;
 
 const NO_PROBE: u8 = 0;
 const PROBE_ARMED: u8 = 1;
@@ -57,7 +60,8 @@ impl Estimate {
         Self { input: (chars as u64).div_ceil(4), output: max_tokens.map_or(0, u64::from) }
     }
 
-    fn cost(&self, kind: Kind) -> f64 {
+    /// What the request counts against the limit of `kind`.
+    pub fn cost(&self, kind: Kind) -> f64 {
         (match kind {
             Kind::Requests => 1,
             Kind::Tokens => self.input.saturating_add(self.output),
@@ -87,14 +91,43 @@ pub struct Ticket {
     admitted: [f64; 4],
 }
 
+impl Ticket {
+    /// A ticket from what a budget had admitted, per limit in the order of [`Kind::ALL`].
+    pub fn new(admitted: [f64; 4]) -> Self {
+        Self { admitted }
+    }
+
+    pub fn admitted(&self) -> [f64; 4] {
+        self.admitted
+    }
+}
+
 /// Where a pacer's budget is kept.
 pub trait Budget: Send + Sync + fmt::Debug {
     /// Takes `estimate` from every known limit, or says how long to wait before asking again.
-    fn try_take(&self, estimate: &Estimate, now: Instant) -> Result<Ticket, Duration>;
-    /// What the answer to the request of `ticket` stated.
+    fn try_take(&self, estimate: Estimate, now: Instant) -> BoxFuture<'_, Result<Ticket, Duration>>;
+    /// What the answer to the request of `ticket` stated (a shared store is told in the background).
     fn observe(&self, ticket: &Ticket, headers: &RateLimitHeaders, now: Instant);
     /// The limits in force, for reports.
     fn snapshot(&self) -> Value;
+}
+
+/// A store of budgets that several processes share: one per endpoint and key.
+pub trait SharedBudgets: Send + Sync {
+    /// The budget of requests to `endpoint` (a URL without credentials) sent with the key
+    /// identified by `key_id` (see [`key_id`]); `hand` are this process's `rpm=` / `tpm=`.
+    fn budget(&self, endpoint: &str, key_id: &str, hand: HandLimits) -> Arc<dyn Budget>;
+}
+
+/// Names a key without revealing it: the first 16 bytes of its SHA-256, in hex (empty without one).
+pub fn key_id(key: Option<&str>) -> String {
+    key.map(|k| {
+        let digest = Sha256::digest(k.as_bytes());
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&digest[..16]);
+        format!("{:032x}", u128::from_be_bytes(first))
+    })
+    .unwrap_or_default()
 }
 
 /// A budget kept in this process.
@@ -188,8 +221,8 @@ impl LocalBudget {
     }
 }
 
-impl Budget for LocalBudget {
-    fn try_take(&self, estimate: &Estimate, now: Instant) -> Result<Ticket, Duration> {
+impl LocalBudget {
+    fn take(&self, estimate: &Estimate, now: Instant) -> Result<Ticket, Duration> {
         let mut state = self.lock();
         let mut wait = state.blocked_until.map_or(Duration::ZERO, |until| until.saturating_duration_since(now));
         for (bucket, kind) in state.limits.iter_mut().zip(Kind::ALL) {
@@ -210,6 +243,12 @@ impl Budget for LocalBudget {
             *slot = bucket.admitted;
         }
         Ok(ticket)
+    }
+}
+
+impl Budget for LocalBudget {
+    fn try_take(&self, estimate: Estimate, now: Instant) -> BoxFuture<'_, Result<Ticket, Duration>> {
+        Box::pin(std::future::ready(self.take(&estimate, now)))
     }
 
     fn observe(&self, ticket: &Ticket, headers: &RateLimitHeaders, now: Instant) {
@@ -283,6 +322,20 @@ impl Pacer {
         Self::with_budget(Arc::new(LocalBudget::new(hand)))
     }
 
+    /// The pacer of requests to `endpoint` sent with `key`: its budget is kept in `shared` where
+    /// the run has a store shared by processes, otherwise in this process.
+    pub fn for_endpoint(
+        shared: Option<&dyn SharedBudgets>,
+        endpoint: &str,
+        key: Option<&str>,
+        hand: HandLimits,
+    ) -> Self {
+        match shared {
+            Some(store) => Self::with_budget(store.budget(endpoint, &key_id(key), hand)),
+            None => Self::new(hand),
+        }
+    }
+
     pub fn with_budget(budget: Arc<dyn Budget>) -> Self {
         Self {
             budget,
@@ -327,7 +380,7 @@ impl Pacer {
         let start = Instant::now();
         let mut delayed = false;
         let ticket = loop {
-            match self.budget.try_take(&estimate, Instant::now()) {
+            match self.budget.try_take(estimate, Instant::now()).await {
                 Ok(ticket) => break ticket,
                 Err(wait) => {
                     delayed = true;

@@ -11,7 +11,8 @@ use crate::backends::Backend;
 use crate::fleet::connection::Connection;
 use crate::fleet::queue::{self, Entry, RunKeys};
 use crate::fleet::semaphore::{FleetSemaphore, SharedLimit};
-use crate::fleet::{FleetWorker, RedisToolCache, WorkerOptions};
+use crate::fleet::{FleetWorker, RedisBudgets, RedisToolCache, WorkerOptions};
+use crate::limits::pacer::SharedBudgets;
 use crate::python::errors::{fleet_error, spec_error, InputError, SchemaError};
 use crate::python::runtime;
 use crate::scheduler::durable::fingerprint;
@@ -111,6 +112,17 @@ pub fn attach(
     ));
     worker.set_semaphore(semaphore.clone());
     Ok((worker, Arc::new(SharedLimit { inner: backend, semaphore })))
+}
+
+/// The rate-limit budgets of the run's endpoints, kept in the fleet's Redis: every worker on one
+/// key draws from one budget.
+pub fn shared_budgets(py: Python<'_>, options: &FleetRunOptions) -> PyResult<Arc<dyn SharedBudgets>> {
+    let outage = seconds("outage_seconds", options.outage_seconds)?;
+    let runtime = runtime()?;
+    let conn = py
+        .allow_threads(|| runtime.block_on(Connection::open(&options.redis, outage, Some(Duration::from_secs(30)))))
+        .map_err(|e| fleet_error(&e))?;
+    Ok(Arc::new(RedisBudgets::new(conn)))
 }
 
 /// Inputs added per round trip.

@@ -611,6 +611,7 @@ impl PyRun {
             request_timeout: spec.call_timeout,
             idle_timeout: Some(spec.idle_timeout),
             max_response_bytes: spec.max_response_bytes,
+            budgets: options.fleet.as_ref().map(|fleet| crate::python::fleet::shared_budgets(py, fleet)).transpose()?,
             ..ConnectOptions::default()
         };
         let mut connected = py
