@@ -160,6 +160,40 @@ async fn a_job_whose_lease_ran_out_is_taken_over_from_its_checkpoint() {
     assert_eq!(checkpoints, 0, "a written result drops the job's checkpoint");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_own_leases_lapsed_does_not_get_its_running_jobs_again() {
+    let redis = Redis::start("own");
+    let conn = connect(&redis.url).await;
+    let keys = run_with(&conn, 2).await;
+    // No heartbeat runs here, so the worker's leases lapse while it still runs both jobs, and its
+    // own XAUTOCLAIM takes them back (each claim adds one to the entry's delivery count).
+    let a = FleetWorker::connect(&redis.url, options(&keys, "a", Duration::from_millis(100))).await.unwrap();
+    let (a_tx, mut a_jobs) = mpsc::channel(16);
+    let (a_results, _a_results) = mpsc::unbounded_channel();
+    let a_feed = tokio::spawn(a.clone().feed(a_tx, a_results));
+    let held = take(&mut a_jobs, 2).await;
+    // Two claims of each entry: the feed handles one claim's entries before it makes the next.
+    tokio::time::timeout(HANG, async {
+        loop {
+            let pending: redis::streams::StreamPendingCountReply = conn
+                .query(redis::cmd("XPENDING").arg(&keys.jobs).arg(batchagent::fleet::GROUP).arg("-").arg("+").arg(10))
+                .await
+                .unwrap();
+            if pending.ids.len() == 2 && pending.ids.iter().all(|p| p.times_delivered >= 3) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(a_jobs.try_recv().is_err(), "a job this worker runs was handed to it again");
+    let s = status(&conn, &keys).await.unwrap();
+    assert_eq!((s.claims, s.resumed), (0, 0));
+    assert_eq!(a.commit(&held.iter().map(ok).collect::<Vec<_>>()).await.unwrap(), 2);
+    tokio::time::timeout(HANG, a_feed).await.unwrap().unwrap().unwrap();
+}
+
 /// A worker's fleet-wide limit: its own connections, as a worker process opens them.
 async fn limit(url: &str, name: &str, places: usize, lease: Duration, owner: &str) -> FleetSemaphore {
     let waits = Connection::open(url, HANG, None).await.unwrap();
@@ -250,10 +284,20 @@ async fn waiting_workers_get_released_places_one_each_in_turn() {
         let (worker, token) = tokio::time::timeout(HANG, task).await.unwrap().unwrap();
         worker.release(&token).await.unwrap();
     }
-    assert_eq!(holder.in_use().await.unwrap(), 0);
+    // Every place is free or handed over: a release that raced the last waiter's registration
+    // leaves its place on the list, with nobody holding it.
     let conn = connect(&redis.url).await;
-    let handed: usize = conn.query(redis::cmd("LLEN").arg("batchagent:limit:endpoint:handed")).await.unwrap();
-    assert_eq!(handed, 0, "nothing left handed over once nobody waits");
+    let handed_key = "batchagent:limit:endpoint:handed";
+    let handed: usize = conn.query(redis::cmd("LLEN").arg(handed_key)).await.unwrap();
+    assert_eq!(holder.in_use().await.unwrap(), handed, "no place held by anyone");
+    // A newcomer gets every place at once, taking the handed-over ones off the list.
+    let newcomer = limit(&redis.url, "endpoint", 2, HANG, "newcomer").await;
+    for _ in 0..2 {
+        tokio::time::timeout(HANG, newcomer.acquire()).await.unwrap().unwrap();
+    }
+    assert_eq!(holder.in_use().await.unwrap(), 2);
+    let handed: usize = conn.query(redis::cmd("LLEN").arg(handed_key)).await.unwrap();
+    assert_eq!(handed, 0, "the places handed over to nobody were taken");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -285,13 +285,30 @@ impl Inner {
         let _ = self.conn.query::<u8>(redis::cmd("SREM").arg(&self.waiters).arg(&member)).await;
     }
 
+    /// Delivers a place to the first call in line. Before the last call here gets its place the
+    /// registration goes: otherwise that call's own release, racing the registration's removal,
+    /// could hand the place over to nobody. A call that joins after that tries again first
+    /// (`block` cleared), which registers it anew if the limit is full.
+    async fn hand_on(&self, member: &str, token: String, block: &mut Option<Duration>) -> Result<(), FleetError> {
+        let last = {
+            let mut queue = self.lock_queue();
+            queue.waiting.retain(|w| !w.is_closed());
+            queue.waiting.len() <= 1
+        };
+        if last {
+            self.conn.query::<u8>(redis::cmd("SREM").arg(&self.waiters).arg(member)).await?;
+            *block = None;
+        }
+        self.deliver(token).await
+    }
+
     async fn serve(&self, member: &str) -> Result<(), FleetError> {
         let mut block = None;
         let mut registered = Instant::now();
         while self.still_waiting() {
             let Some(timeout) = block else {
                 match self.attempt(member).await? {
-                    Try::Held(token) => self.deliver(token).await?,
+                    Try::Held(token) => self.hand_on(member, token, &mut block).await?,
                     Try::Full(until_expiry) => {
                         registered = Instant::now();
                         block = Some(until_expiry.clamp(MIN_BLOCK, MAX_BLOCK));
@@ -317,7 +334,7 @@ impl Inner {
             let popped: Option<(String, String)> =
                 self.waits.query(redis::cmd("BLPOP").arg(&self.handed).arg(timeout.as_secs_f64())).await?;
             match popped {
-                Some((_, token)) => self.deliver(token).await?,
+                Some((_, token)) => self.hand_on(member, token, &mut block).await?,
                 // Timed out: try again, which drops expired leases and refreshes the registration.
                 None => block = None,
             }

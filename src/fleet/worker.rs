@@ -4,7 +4,7 @@
 //! its entry acknowledged in one script, so a job never has two results and a job whose result is
 //! written is never run again. While a job runs its lease is renewed, with the worker's heartbeat.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -156,8 +156,11 @@ impl FleetWorker {
                 if cursor == "0-0" {
                     last_claim = Some(Instant::now());
                 }
-                if !reply.claimed.is_empty() {
-                    entries = self.resumable(reply.claimed).await?;
+                // A late heartbeat lets this worker's own leases lapse, and XAUTOCLAIM then hands
+                // its own running jobs back to it: they are running already, not to start again.
+                let claimed = self.not_held(reply.claimed);
+                if !claimed.is_empty() {
+                    entries = self.resumable(claimed).await?;
                 }
             }
             if entries.is_empty() {
@@ -211,6 +214,12 @@ impl FleetWorker {
     }
 
     /// Claimed entries with the checkpoint of each job that has one; counted for `status`.
+    fn not_held(&self, claimed: Vec<redis::streams::StreamId>) -> Vec<redis::streams::StreamId> {
+        let Ok(held) = self.held.lock() else { return claimed };
+        let running: HashSet<&str> = held.values().map(String::as_str).collect();
+        claimed.into_iter().filter(|e| !running.contains(e.id.as_str())).collect()
+    }
+
     async fn resumable(
         &self,
         claimed: Vec<redis::streams::StreamId>,
