@@ -7,7 +7,11 @@ agents; 20 ticks; a ~2048-token system prompt every agent shares, a ~200-token o
 agent and tick, 30-token decisions. Every agent keeps its whole conversation across ticks on every
 side. Sides:
 
-population      `Population.step`: a tick's calls go out together through the Rust core
+population      `Population.step`: a tick's calls go out together through the Rust core, as
+                concurrent chat calls (`prompt_list=False`)
+prompt_list     `Population.step(prompt_list=True, chat_template="chatml")`: a tick's calls as
+                one `/v1/completions` request with a list of prompts (usage per agent estimated
+                from the request's total, so its engine floor is too)
 gather          `asyncio.gather` over the official `openai` SDK, one chat call per agent
 naive           one chat call per agent, awaited one after another (openai SDK)
 
@@ -204,14 +208,23 @@ def summary(ticks: list[float]) -> dict[str, Any]:
     }
 
 
-def run_population(url: str, agents: int, ticks: int, system: str, obs_tokens: int) -> dict[str, Any]:
+def run_population(
+    url: str, agents: int, ticks: int, system: str, obs_tokens: int, prompt_list: bool = False
+) -> dict[str, Any]:
     ids = [f"t{i}" for i in range(agents)]
     seconds: list[float] = []
     # CPU time of the whole process (every thread: the client, its core and the simulator, which
     # runs in this process) per tick.
     cpu_seconds: list[float] = []
     requests: list[list[tuple[int, int, int]]] = []
-    with Population(ids, system=system, model=MODEL, backend="vllm://" + url.removeprefix("http://")) as pop:
+    with Population(
+        ids,
+        system=system,
+        model=MODEL,
+        backend="vllm://" + url.removeprefix("http://"),
+        prompt_list=prompt_list,
+        chat_template="chatml" if prompt_list else None,
+    ) as pop:
         for tick in range(ticks):
             observations = {a: observation(i, tick, obs_tokens) for i, a in enumerate(ids)}
             started, cpu = time.perf_counter(), time.process_time()
@@ -277,8 +290,10 @@ def side(name: str, agents: int, ticks: int, args: argparse.Namespace, system: s
     with sim.start(
         profile=PROFILE, time_scale=args.time_scale, seed=args.seed, output_tokens="fixed:30"
     ) as server:
-        if name == "population":
-            outcome = run_population(server.url, agents, ticks, system, args.observation_tokens)
+        if name in ("population", "prompt_list"):
+            outcome = run_population(
+                server.url, agents, ticks, system, args.observation_tokens, prompt_list=name == "prompt_list"
+            )
         else:
             outcome = asyncio.run(
                 run_sdk(server.url, agents, ticks, system, args.observation_tokens, gather=name == "gather")
@@ -301,7 +316,7 @@ def main() -> None:
         default="64:5,256:2",
         help="ticks of the gather side at these sizes (AGENTS:TICKS,...); --ticks elsewhere",
     )
-    p.add_argument("--sides", default="population,gather,naive")
+    p.add_argument("--sides", default="population,prompt_list,gather,naive")
     p.add_argument("--system-tokens", type=int, default=2048)
     p.add_argument("--observation-tokens", type=int, default=200)
     p.add_argument("--time-scale", type=float, default=1.0)

@@ -108,6 +108,10 @@ pub struct Usage {
     /// Anthropic `cache_creation_input_tokens` / Bedrock `cacheWriteInputTokens`.
     #[serde(default)]
     pub cache_creation_tokens: u64,
+    /// Some of the counts are estimated, not the server's: a prompt list answered with one total
+    /// for the whole request (vLLM) or with the first prompt's only (llama.cpp).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub estimated: bool,
 }
 
 impl std::ops::AddAssign for Usage {
@@ -117,6 +121,7 @@ impl std::ops::AddAssign for Usage {
         self.cached_tokens = self.cached_tokens.saturating_add(rhs.cached_tokens);
         self.completion_tokens = self.completion_tokens.saturating_add(rhs.completion_tokens);
         self.cache_creation_tokens = self.cache_creation_tokens.saturating_add(rhs.cache_creation_tokens);
+        self.estimated = self.estimated || rhs.estimated;
     }
 }
 

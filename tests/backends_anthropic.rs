@@ -71,7 +71,13 @@ fn transcripts_parse_to_the_documented_turns() {
     assert_eq!(resp.finish_reason, "stop");
     assert_eq!(
         resp.usage,
-        Usage { prompt_tokens: 2073, cached_tokens: 2048, completion_tokens: 15, cache_creation_tokens: 0 }
+        Usage {
+            prompt_tokens: 2073,
+            cached_tokens: 2048,
+            completion_tokens: 15,
+            cache_creation_tokens: 0,
+            estimated: false
+        }
     );
     assert_eq!(events.len(), 4, "FirstToken and three text deltas: {events:?}");
 

@@ -232,7 +232,13 @@ async fn converse_stream_with_tool_call_signed_with_session_token() {
     assert_eq!(resp.finish_reason, "tool_calls");
     assert_eq!(
         resp.usage,
-        Usage { prompt_tokens: 1112, cached_tokens: 1000, completion_tokens: 30, cache_creation_tokens: 100 }
+        Usage {
+            prompt_tokens: 1112,
+            cached_tokens: 1000,
+            completion_tokens: 30,
+            cache_creation_tokens: 100,
+            estimated: false
+        }
     );
     assert!(resp.ttft.is_some());
     let mut events = Vec::new();

@@ -364,15 +364,16 @@ async fn batch_completions_in_prompt_order() {
     let (addr, server) = start().await;
     let backend = OpenAiBackend::new(Flavour::Vllm, &format!("http://{addr}"), &options()).unwrap();
     let prompts = vec!["a".to_owned(), "b".to_owned(), "c".to_owned()];
-    let out = backend.complete_batch("m", &prompts, Some(8)).await.unwrap();
-    let texts: Vec<&str> = out.iter().map(|(t, _)| t.as_str()).collect();
+    let out = backend.complete_batch("m", &prompts, Some(8), None, &[]).await.unwrap();
+    let texts: Vec<&str> = out.iter().map(|c| c.text.as_str()).collect();
     assert_eq!(texts, vec![" alpha", " beta", " gamma"]);
-    let total: u64 = out.iter().map(|(_, u)| u.prompt_tokens).sum();
+    let total: u64 = out.iter().map(|c| c.usage.prompt_tokens).sum();
     assert_eq!(total, 12);
+    assert!(out.iter().all(|c| c.usage.estimated));
     let (_, body) = server.last();
     assert_eq!(body["prompt"], json!(["a", "b", "c"]));
     let openai = OpenAiBackend::new(Flavour::OpenAi, &format!("http://{addr}/v1"), &options()).unwrap();
-    assert!(matches!(openai.complete_batch("m", &prompts, None).await, Err(BackendError::Config(_))));
+    assert!(matches!(openai.complete_batch("m", &prompts, None, None, &[]).await, Err(BackendError::Config(_))));
 }
 
 #[tokio::test]

@@ -258,3 +258,87 @@ def test_engine_hints_give_an_agent_on_its_answering_call_the_lower_priority_val
     answering = [c["messages"][-1]["role"] == "tool" for c in agent_calls]
     assert sorted(c["priority"] for c, a in zip(agent_calls, answering, strict=True) if a) == [7, 7, 7]
     assert sorted(c["priority"] for c, a in zip(agent_calls, answering, strict=True) if not a) == [8, 8, 8]
+
+
+def test_a_tick_goes_out_as_one_prompt_list_request_rendered_through_the_chat_template() -> None:
+    ids = [f"a{i}" for i in range(5)]
+    with (
+        sim.start(time_scale=0, seed=7) as server,
+        recording_proxy(server.url) as (backend, seen),
+        Population(ids, system=SYSTEM, output=Action, backend=backend, model="Qwen2.5-7B-Instruct") as pop,
+    ):
+        first = pop.step({a: f"price {i}" for i, a in enumerate(ids)})
+        second = pop.step({a: "price up" for a in ids[:3]})
+        assert all(r.ok and isinstance(r.output, Action) for r in [*first.values(), *second.values()])
+        # The history is the chat conversation, whatever the wire.
+        assert [m["role"] for m in pop.history("a1")] == ["user", "assistant", "user", "assistant"]
+        histories = {a: pop.history(a) for a in ids}
+        report = pop.report()
+    assert [p for p, _ in seen if p.endswith("/chat/completions")] == []
+    lists = [json.loads(body)["prompt"] for path, body in seen if path.endswith("/v1/completions")]
+    # The prefix warm-up alone, then one request per tick with every observed agent's prompt.
+    assert [len(p) for p in lists] == [1, 5, 3], lists
+    prompts = lists[1] + lists[2]
+    assert all(p.startswith("<|im_start|>system\n" + SYSTEM) for p in prompts)
+    assert all(p.endswith("<|im_start|>user\nprice up<|im_end|>\n<|im_start|>assistant\n") for p in lists[2])
+    assert sorted(p.rsplit("<|im_start|>user\n", 1)[1] for p in lists[1]) == [
+        f"price {i}<|im_end|>\n<|im_start|>assistant\n" for i in range(5)
+    ]
+    # Each first decision is in the second tick's prompt, as the chat template writes it.
+    for agent in ids[:3]:
+        first_turn = histories[agent][:2]
+        turn = (
+            f"<|im_start|>user\n{first_turn[0]['content']}<|im_end|>\n"
+            f"<|im_start|>assistant\n{first_turn[1]['content']}<|im_end|>"
+        )
+        assert sum(turn in p for p in lists[2]) == 1, turn
+    # vLLM gives one usage for the request: each agent's share is estimated, and says so.
+    assert all(r.usage.estimated and r.usage.prompt_tokens > 0 for r in first.values())
+    assert report.cache_hit_rate > 0.5
+
+
+def test_prompt_list_falls_back_to_chat_calls_or_is_refused_where_it_cannot_be_used() -> None:
+    ids = ["a", "b"]
+
+    @tool
+    def quote(symbol: str) -> str:
+        """Look up a price."""
+        return "7"
+
+    with (
+        sim.start(time_scale=0, seed=7, tool_rounds=1) as server,
+        recording_proxy(server.url) as (backend, seen),
+    ):
+        # Unknown chat template, engine hints asked for, or tools: chat calls.
+        for settings in (
+            {"model": "sim-model"},
+            {"model": "qwen2.5-7b", "engine_hints": True},
+            {"model": "qwen2.5-7b", "tools": [quote]},
+        ):
+            seen.clear()
+            with Population(ids, backend=backend, **settings) as pop:  # type: ignore[arg-type]
+                assert all(r.ok and not r.usage.estimated for r in pop.step({a: "go" for a in ids}).values())
+            assert not [p for p, _ in seen if p.endswith("/v1/completions")], settings
+            assert [p for p, _ in seen if p.endswith("/chat/completions")], settings
+        # A template given by name; llama3 headers.
+        seen.clear()
+        with Population(ids, backend=backend, model="sim-model", chat_template="llama3") as pop:
+            assert all(r.ok for r in pop.step({a: "go" for a in ids}).values())
+        (prompts,) = [json.loads(body)["prompt"] for path, body in seen if path.endswith("/v1/completions")]
+        header = "<|start_header_id|>{}<|end_header_id|>\n\n"
+        llama3 = header.format("user") + "go<|eot_id|>" + header.format("assistant")
+        assert prompts == [llama3, llama3]
+    with (
+        Population(ids, backend=FAST, model="sim-model", prompt_list=True) as pop,
+        pytest.raises(SchemaError, match="no chat template is known"),
+    ):
+        pop.step({"a": "go"})
+    with sim.start(time_scale=0) as server:
+        ollama = "ollama://" + server.url.removeprefix("http://")
+        with Population(
+            ids, backend=ollama, model="sim-model", chat_template="chatml", prompt_list=True
+        ) as pop:
+            with pytest.raises(SchemaError, match="does not take a list of prompts"):
+                pop.step({"a": "go"})
+    with pytest.raises(SchemaError, match="prompt_list"):
+        Population(ids, backend=FAST, prompt_list="yes")

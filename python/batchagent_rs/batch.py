@@ -66,6 +66,10 @@ class Usage:
     cached_tokens: int = 0
     completion_tokens: int = 0
     cache_creation_tokens: int = 0
+    #: Some counts are estimated, not the server's: a tick's prompts sent as one prompt list and
+    #: answered with one usage for the whole request (vLLM, SGLang) or for its first prompt only
+    #: (llama.cpp); the total is shared out by prompt and answer length.
+    estimated: bool = False
 
     @property
     def total_tokens(self) -> int:
@@ -319,7 +323,7 @@ _ResultTuple = tuple[
     "str | None",
     "str | None",
     "tuple[str, str, bool, int] | None",
-    tuple[int, int, int, int],
+    tuple[int, int, int, int, bool],
     tuple[int, int, int],
     "tuple[bool, bool, str | None, bool]",
     "float | None",
@@ -1437,7 +1441,7 @@ class _Driver:
                 output = json.loads(output_json)
             else:
                 output = text
-        prompt, cached, completion, creation = usage
+        prompt, cached, completion, creation, estimated = usage
         turns, tool_calls, attempts = counts
         return _make(
             Result,
@@ -1454,6 +1458,7 @@ class _Driver:
                         "cached_tokens": cached,
                         "completion_tokens": completion,
                         "cache_creation_tokens": creation,
+                        "estimated": estimated,
                     },
                 ),
                 "turns": turns,

@@ -130,6 +130,16 @@ class Population:
     - `trace`: OpenTelemetry spans as in `Batch(trace=)`: a `population.tick` span per tick (a
       child of the span current when `step` was called) and under it an `invoke_agent` span per
       agent decision, with its model and tool calls below that.
+    - `prompt_list`: a tick's model calls as one `/v1/completions` request with a list of prompts
+      (each conversation rendered through the model's chat template), which vLLM, SGLang,
+      llama.cpp's server and the simulator take. `"auto"` (the default) uses it where the backend
+      is one such endpoint, the chat template is known (`chat_template=`, or from the model name:
+      Qwen models `"chatml"`, Llama 3 models `"llama3"`) and no engine hints are asked for;
+      `True` insists (refused at the first tick where it cannot be), `False` sends chat calls.
+      Calls with tools, and conversations holding tool turns, still go as chat calls. The usage
+      of a prompt-list answer is the server's per prompt where it gives one; otherwise shared out
+      of the request's total (vLLM) or estimated from the first prompt's (llama.cpp), and the
+      `Result`'s `usage.estimated` says so.
     - Other settings as in `Batch`; `max_inflight` defaults to the number of agents, so a tick's
       calls all go out together.
     """
@@ -168,6 +178,8 @@ class Population:
         compaction_backend: str | None = None,
         compaction_summary_tokens: int = 512,
         trace: bool | TracerProvider | None = None,
+        prompt_list: bool | str = "auto",
+        chat_template: str | None = None,
     ) -> None:
         if isinstance(ids, str) or not isinstance(ids, Sequence):
             raise TypeError(f"ids: expected a list of agent ids, got {type(ids).__name__}")
@@ -201,6 +213,14 @@ class Population:
             raise _core.SchemaError(
                 "invalid setting 'max_context_tokens': expected a positive integer, "
                 f"got {max_context_tokens!r}"
+            )
+        if prompt_list not in (True, False, "auto"):
+            raise _core.SchemaError(
+                f"invalid setting 'prompt_list': expected True, False or \"auto\", got {prompt_list!r}"
+            )
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise _core.SchemaError(
+                f'invalid setting \'chat_template\': expected "chatml" or "llama3", got {chat_template!r}'
             )
         n = len(ids)
         tools = flatten_tools(tools)
@@ -244,6 +264,11 @@ class Population:
         # Without compaction, a step over the limit is refused before it is sent; with it, the
         # agent loop compacts the conversation before each call.
         self._refuse_over = None if compaction else max_context_tokens
+        # Engine hints go on each chat request; a prompt list has one request for all agents.
+        mode = "off" if prompt_list is False else "on" if prompt_list is True else "auto"
+        if mode == "auto" and (engine_hints or agent_hints):
+            mode = "off"
+        self._prompt_list_options: dict[str, Any] = {"prompt_list": mode, "chat_template": chat_template}
         # What `save` writes: the constructor's settings, except tools, output type and secrets.
         self._settings: dict[str, Any] = {
             "ids": ids,
@@ -273,6 +298,8 @@ class Population:
             "compaction_tool_output_chars": compaction_tool_output_chars,
             "compaction_model": compaction_model,
             "compaction_summary_tokens": compaction_summary_tokens,
+            "prompt_list": prompt_list,
+            "chat_template": chat_template,
         }
         self._tick = 0
         self._driver: _PopulationDriver | None = None
@@ -511,7 +538,7 @@ class Population:
 
     async def _started(self) -> _PopulationDriver:
         if self._driver is None:
-            driver = _PopulationDriver(self._batch)
+            driver = _PopulationDriver(self._batch, self._prompt_list_options)
             await driver.start()
             if self._restored:
                 driver.run.restore_agents(self._restored)
@@ -537,8 +564,8 @@ class Population:
 class _PopulationDriver(_Driver):
     """Answers the core's requests for a population's run, which stays open across ticks."""
 
-    def __init__(self, batch: Batch) -> None:
-        super().__init__(batch, None, batch._run_options(False), None, 0.0)
+    def __init__(self, batch: Batch, extra_options: dict[str, Any]) -> None:
+        super().__init__(batch, None, batch._run_options(False) | extra_options, None, 0.0)
         self.current: _Tick | None = None
         #: Job id -> (agent, tick) of every step in the core, late ones included.
         self.steps: dict[str, tuple[str, int]] = {}

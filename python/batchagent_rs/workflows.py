@@ -72,6 +72,7 @@ def _sum_usage(results: Iterable[Result]) -> Usage:
             cached_tokens=total.cached_tokens + r.usage.cached_tokens,
             completion_tokens=total.completion_tokens + r.usage.completion_tokens,
             cache_creation_tokens=total.cache_creation_tokens + r.usage.cache_creation_tokens,
+            estimated=total.estimated or r.usage.estimated,
         )
     return total
 

@@ -658,6 +658,7 @@ impl UsageWire {
             cached_tokens: self.cache_read_input_tokens,
             completion_tokens: self.output_tokens,
             cache_creation_tokens: self.cache_write_input_tokens,
+            estimated: false,
         }
     }
 }

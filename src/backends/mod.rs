@@ -108,6 +108,7 @@ pub mod ollama;
 pub mod openai;
 pub mod placement;
 pub mod probe;
+pub mod prompt_list;
 pub mod provider_batch;
 pub mod sigv4;
 pub mod tokenize;

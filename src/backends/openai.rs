@@ -16,9 +16,9 @@ use super::call::{estimate, merge_extra_body, whole_turn, with_call_timeout};
 use super::http::{AuthStyle, Endpoint, HttpClient};
 use super::url::BackendOptions;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
-use crate::conversation::{Message, Role, ToolCall, ToolDef, Usage};
+use crate::conversation::{Message, Role, ToolCall, ToolDef};
 use crate::limits::pacer::{Estimate, Ticket};
-use crate::stream::openai::{parse_chat_completion, parse_completions, ChatStreamAssembler};
+use crate::stream::openai::{parse_chat_completion, parse_completions, ChatStreamAssembler, Completion, ListUsage};
 
 /// Which server sits behind the `OpenAI`-compatible API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -242,14 +242,17 @@ impl OpenAiBackend {
         }
     }
 
-    /// Several prompts in one `/completions` request; one (text, usage) per prompt, in order.
-    /// Usage is reported for the whole request: it goes with the first prompt.
+    /// Several prompts in one `/completions` request; one [`Completion`] per prompt, in order, with
+    /// its usage as the server gave it per prompt or else shared out of the total (marked
+    /// `estimated`; see [`parse_completions`]).
     pub async fn complete_batch(
         &self,
         model: &str,
         prompts: &[String],
         max_tokens: Option<u32>,
-    ) -> Result<Vec<(String, Usage)>, BackendError> {
+        temperature: Option<f64>,
+        stop: &[&str],
+    ) -> Result<Vec<Completion>, BackendError> {
         if !self.capabilities().batch_generation {
             return Err(BackendError::Config(format!("{} does not take a list of prompts", self.name)));
         }
@@ -257,21 +260,28 @@ impl OpenAiBackend {
             return Ok(Vec::new());
         }
         let mut body = json!({"model": model, "prompt": prompts, "stream": false});
-        if let Some(max) = max_tokens {
-            if let Some(fields) = body.as_object_mut() {
+        if let Some(fields) = body.as_object_mut() {
+            if let Some(max) = max_tokens {
                 fields.insert("max_tokens".into(), Value::from(max));
             }
+            if let Some(t) = temperature {
+                fields.insert("temperature".into(), Value::from(t));
+            }
+            if !stop.is_empty() {
+                fields.insert("stop".into(), Value::from(stop.to_vec()));
+            }
         }
-        let chars = prompts.iter().map(String::len).sum();
-        let mut cost = Estimate::from_text_len(chars, max_tokens);
+        let chars: Vec<usize> = prompts.iter().map(String::len).collect();
+        let mut cost = Estimate::from_text_len(chars.iter().sum(), max_tokens);
         cost.output = cost.output.saturating_mul(prompts.len() as u64);
+        let list_usage = if self.flavour == Flavour::LlamaCpp { ListUsage::FirstPrompt } else { ListUsage::Total };
         let ticket = self.http.admit(cost).await;
         let call = async {
             let response = self.http.send(self.http.post("/completions", &body).ticket(ticket)).await?;
             let bytes = self.http.read_body(response).await?;
             let text = std::str::from_utf8(&bytes)
                 .map_err(|e| BackendError::Protocol(format!("completions body is not UTF-8: {e}")))?;
-            parse_completions(text, prompts.len()).map_err(|e| self.http.redact_error(e))
+            parse_completions(text, &chars, list_usage).map_err(|e| self.http.redact_error(e))
         };
         with_call_timeout(self.http.request_timeout(), call).await
     }

@@ -347,6 +347,21 @@ pub fn connect(url: &str, options: &BackendOptions) -> Result<Arc<dyn Backend>, 
     Ok(Arc::new(OpenAiBackend::new(flavour, &parsed.base_url, &options)?))
 }
 
+/// The `/completions` side of an endpoint that takes a list of prompts in one request (vLLM,
+/// `SGLang`, llama.cpp's server, a running simulator); `None` for other backends.
+pub fn connect_completions(url: &str, options: &BackendOptions) -> Result<Option<OpenAiBackend>, BackendError> {
+    let parsed = parse_backend_url(url)?;
+    let flavour = match parsed.scheme {
+        Scheme::Vllm => Flavour::Vllm,
+        Scheme::Sglang => Flavour::Sglang,
+        Scheme::LlamaCpp => Flavour::LlamaCpp,
+        Scheme::Sim if !parsed.base_url.is_empty() => Flavour::Sim,
+        _ => return Ok(None),
+    };
+    let options = with_env_key(parsed.scheme, options);
+    Ok(Some(OpenAiBackend::new(flavour, &parsed.base_url, &options)?))
+}
+
 fn looks_like_credential(option: &str) -> bool {
     let option = option.to_ascii_lowercase();
     ["key", "token", "secret", "password", "auth"].iter().any(|word| option.contains(word))

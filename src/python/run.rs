@@ -31,6 +31,7 @@ use crate::backends::cached::{endpoint_identity, CachedBackend};
 use crate::backends::connect::{connect_fleet, ConnectOptions, Connected};
 use crate::backends::fleet::{FleetOptions, Routing};
 use crate::backends::metrics::EngineWatch;
+use crate::backends::prompt_list::{ChatTemplate, PromptListBackend};
 use crate::backends::provider_batch::{BatchLedger, ProviderBatchBackend, ProviderBatchOptions, RowRetry};
 use crate::fleet::worker::FleetTurns;
 use crate::fleet::FleetWorker;
@@ -72,7 +73,7 @@ type ResultTuple = (
     Option<String>,
     Option<String>,
     Option<(String, String, bool, u32)>,
-    (u64, u64, u64, u64),
+    (u64, u64, u64, u64, bool),
     (u32, u32, u32),
     (bool, bool, Option<String>, bool),
     Option<f64>,
@@ -106,7 +107,7 @@ fn result_tuple(r: JobResult) -> ResultTuple {
         output_json,
         text,
         r.error.map(|e| (e.kind, e.message, e.retryable, e.attempts)),
-        (u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.cache_creation_tokens),
+        (u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.cache_creation_tokens, u.estimated),
         (r.turns, r.tool_calls, r.attempts),
         (r.repaired, r.truncated, r.finish_reason, text_is_output),
         r.ttft_s,
@@ -362,6 +363,69 @@ struct RunOptions {
     /// The Redis of tools with `cache="redis"` (a fleet worker uses the fleet's by default).
     #[serde(default)]
     redis: Option<String>,
+    /// A population's ticks as one `/completions` request with a prompt list: `auto` where the
+    /// endpoint takes one and the chat template is known, `on` (refused where it cannot), `off`.
+    #[serde(default)]
+    prompt_list: PromptListMode,
+    /// The chat template by name (`chatml`, `llama3`); from the model name when not given.
+    #[serde(default)]
+    chat_template: Option<String>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum PromptListMode {
+    Auto,
+    On,
+    #[default]
+    Off,
+}
+
+/// The prompt-list path of a population run (see [`PromptListMode`]); `None` where it is off or,
+/// under `auto`, the endpoint or template does not allow it.
+fn prompt_list_backend(
+    mode: PromptListMode,
+    template_name: Option<&str>,
+    urls: &[String],
+    connected: &Connected,
+    model: &str,
+    options: &ConnectOptions,
+) -> PyResult<Option<Arc<PromptListBackend>>> {
+    if mode == PromptListMode::Off {
+        return Ok(None);
+    }
+    let template = match template_name {
+        Some(name) => Some(ChatTemplate::by_name(name).ok_or_else(|| {
+            SchemaError::new_err(format!(
+                "chat_template {name:?}: the built-in templates are \"chatml\" and \"llama3\""
+            ))
+        })?),
+        None => ChatTemplate::for_model(model),
+    };
+    let refuse = |why: String| {
+        if mode == PromptListMode::On {
+            Err(SchemaError::new_err(format!("prompt_list=True: {why}")))
+        } else {
+            Ok(None)
+        }
+    };
+    let [address] = connected.addresses.as_slice() else {
+        return refuse(format!("{} backends: a prompt list goes to one endpoint", urls.len()));
+    };
+    if !connected.backend.capabilities().batch_generation {
+        return refuse(format!("{} does not take a list of prompts in one request", connected.backend.name()));
+    }
+    let Some(template) = template else {
+        return refuse(format!(
+            "no chat template is known for model {model:?}; give chat_template=\"chatml\" or \"llama3\""
+        ));
+    };
+    let Some(completions) =
+        crate::backends::url::connect_completions(address, options).map_err(|e| backend_error(&e))?
+    else {
+        return refuse(format!("{} does not take a list of prompts in one request", connected.backend.name()));
+    };
+    Ok(Some(Arc::new(PromptListBackend::new(connected.backend.clone(), completions, model, template))))
 }
 
 #[derive(Deserialize)]
@@ -523,6 +587,8 @@ pub struct PyRun {
     metrics_url: Option<String>,
     /// The fleet worker this run is, if it is one.
     fleet: Option<Arc<FleetWorker>>,
+    /// A population's ticks sent as prompt lists (`prompt_list`), told how many calls each brings.
+    prompt_list: Option<Arc<PromptListBackend>>,
 }
 
 use crate::python::runtime;
@@ -617,6 +683,17 @@ impl PyRun {
         let mut connected = py
             .allow_threads(|| runtime.block_on(connect_fleet(&urls, &connect_options, fleet_options)))
             .map_err(|e| backend_error(&e))?;
+        let prompt_list = prompt_list_backend(
+            options.prompt_list,
+            options.chat_template.as_deref(),
+            &urls,
+            &connected,
+            &spec.model,
+            &connect_options,
+        )?;
+        if let Some(list) = &prompt_list {
+            connected.backend = list.clone();
+        }
         let summariser = match &options.compaction_backend {
             Some(url) => Some(
                 py.allow_threads(|| {
@@ -786,6 +863,7 @@ impl PyRun {
             dispatch,
             population: Mutex::default(),
             fleet,
+            prompt_list,
         };
         run.start()?;
         Ok(run)
@@ -946,6 +1024,9 @@ impl PyRun {
                 }
             }
             let _feeding = self.dispatch.feeding.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(list) = &self.prompt_list {
+                list.expect(jobs.len());
+            }
             for job in jobs {
                 sender.try_send(job).map_err(|e| match e {
                     mpsc::error::TrySendError::Full(_) => {

@@ -97,6 +97,7 @@ impl UsageParts {
             cached_tokens: self.cache_read,
             completion_tokens: self.output,
             cache_creation_tokens: self.cache_creation,
+            estimated: false,
         }
     }
 }
@@ -453,7 +454,13 @@ mod tests {
         assert_eq!(resp.finish_reason, "length");
         assert_eq!(
             resp.usage,
-            Usage { prompt_tokens: 2110, cached_tokens: 2000, completion_tokens: 7, cache_creation_tokens: 100 }
+            Usage {
+                prompt_tokens: 2110,
+                cached_tokens: 2000,
+                completion_tokens: 7,
+                cache_creation_tokens: 100,
+                estimated: false
+            }
         );
     }
 

@@ -146,6 +146,9 @@ struct ChoiceWire<'a> {
     text: Content<'a>,
     #[serde(default, borrow)]
     finish_reason: Option<Cow<'a, str>>,
+    /// A choice's own usage, where a server gives one per prompt of a list.
+    #[serde(default)]
+    usage: Option<UsageWire>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -171,6 +174,7 @@ impl UsageWire {
             cached_tokens: self.prompt_tokens_details.as_ref().and_then(|d| d.cached_tokens).unwrap_or(0),
             completion_tokens: self.completion_tokens.unwrap_or(0),
             cache_creation_tokens: 0,
+            estimated: false,
         }
     }
 }
@@ -496,26 +500,146 @@ pub fn parse_chat_completion(body: &str) -> Result<ChatResponse, BackendError> {
 /// Parses a `/v1/completions` response to a prompt list: one text per prompt, by `choices[].index`.
 /// Servers report usage for the whole request only, so the totals go with the first entry and the
 /// others carry zero: summing the entries gives the request's usage.
-pub fn parse_completions(body: &str, prompts: usize) -> Result<Vec<(String, Usage)>, BackendError> {
+/// One prompt's answer from a `/completions` request with a list of prompts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    /// Normalised as [`normalise_finish_reason`] does.
+    pub finish_reason: String,
+    /// The server's own figures where it gave them per choice (`choices[].usage`); otherwise a
+    /// share of the request's total, marked `estimated`.
+    pub usage: Usage,
+}
+
+/// How a server reports usage for a request with several prompts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListUsage {
+    /// One `usage` for the whole request (vLLM, SGLang, the simulator).
+    Total,
+    /// `usage` counts the first prompt only (llama.cpp's server).
+    FirstPrompt,
+}
+
+/// Parses a `/completions` body answering `prompt_chars.len()` prompts (each prompt's length in
+/// bytes, the weights by which a total is shared out); choices are matched by `index`.
+pub fn parse_completions(
+    body: &str,
+    prompt_chars: &[usize],
+    list_usage: ListUsage,
+) -> Result<Vec<Completion>, BackendError> {
+    let prompts = prompt_chars.len();
     let parsed = parse_completion_body(body)?;
-    let mut texts: Vec<Option<String>> = vec![None; prompts];
+    let mut slots: Vec<Option<(String, String, Option<Usage>)>> = vec![None; prompts];
     for choice in parsed.choices {
         let index = choice.index as usize;
-        let slot = texts.get_mut(index).ok_or_else(|| {
+        let slot = slots.get_mut(index).ok_or_else(|| {
             BackendError::Protocol(format!("choices[].index {index} out of range for {prompts} prompts"))
         })?;
-        *slot = Some(choice.text.0.map(Cow::into_owned).unwrap_or_default());
+        let reason = normalise_finish_reason(choice.finish_reason.as_deref(), false);
+        *slot = Some((
+            choice.text.0.map(Cow::into_owned).unwrap_or_default(),
+            reason,
+            choice.usage.as_ref().map(UsageWire::to_usage),
+        ));
+    }
+    let mut answers = Vec::with_capacity(prompts);
+    for (i, slot) in slots.into_iter().enumerate() {
+        answers.push(slot.ok_or_else(|| BackendError::Protocol(format!("no choice with index {i} in the response")))?);
     }
     let total = parsed.usage.map(|u| u.to_usage()).unwrap_or_default();
-    texts
+    let usages = if answers.iter().all(|(_, _, u)| u.is_some()) {
+        answers.iter().map(|(_, _, u)| u.unwrap_or_default()).collect()
+    } else {
+        let completion_chars: Vec<usize> = answers.iter().map(|(t, _, _)| t.len()).collect();
+        share_usage(total, prompt_chars, &completion_chars, list_usage)
+    };
+    Ok(answers
         .into_iter()
-        .enumerate()
-        .map(|(i, text)| {
-            let text =
-                text.ok_or_else(|| BackendError::Protocol(format!("no choice with index {i} in the response")))?;
-            Ok((text, if i == 0 { total } else { Usage::default() }))
+        .zip(usages)
+        .map(|((text, finish_reason, _), usage)| Completion { text, finish_reason, usage })
+        .collect())
+}
+
+/// Each prompt's part of a request's usage. One prompt keeps the server's figures. With a total
+/// for the whole request, prompt (and cached) tokens are shared by prompt length and completion
+/// tokens by answer length, exactly summing to the total; with the first prompt's figures only,
+/// the first keeps them and the others are estimated at the first's tokens per byte.
+fn share_usage(total: Usage, prompt_chars: &[usize], completion_chars: &[usize], list_usage: ListUsage) -> Vec<Usage> {
+    if prompt_chars.len() <= 1 {
+        return vec![total; prompt_chars.len()];
+    }
+    match list_usage {
+        ListUsage::Total => {
+            let prompt = share(total.prompt_tokens, prompt_chars);
+            let cached = share(total.cached_tokens, prompt_chars);
+            let completion = share(total.completion_tokens, completion_chars);
+            prompt
+                .into_iter()
+                .zip(cached)
+                .zip(completion)
+                .map(|((prompt_tokens, cached), completion_tokens)| Usage {
+                    prompt_tokens,
+                    cached_tokens: cached.min(prompt_tokens),
+                    completion_tokens,
+                    cache_creation_tokens: 0,
+                    estimated: true,
+                })
+                .collect()
+        }
+        ListUsage::FirstPrompt => {
+            let rate = |tokens: u64, chars: usize| if chars == 0 { 0.25 } else { tokens as f64 / chars as f64 };
+            let (p0, c0) = (prompt_chars.first().copied().unwrap_or(0), completion_chars.first().copied().unwrap_or(0));
+            let prompt_rate = rate(total.prompt_tokens, p0);
+            let completion_rate = rate(total.completion_tokens, c0);
+            prompt_chars
+                .iter()
+                .zip(completion_chars)
+                .enumerate()
+                .map(|(i, (&p, &c))| {
+                    if i == 0 {
+                        return total;
+                    }
+                    Usage {
+                        prompt_tokens: (p as f64 * prompt_rate).round() as u64,
+                        cached_tokens: 0,
+                        completion_tokens: (c as f64 * completion_rate).round().max(1.0) as u64,
+                        cache_creation_tokens: 0,
+                        estimated: true,
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// `total` split in proportion to `weights` (equal parts when they are all zero), by largest
+/// remainder so the parts sum to `total`.
+fn share(total: u64, weights: &[usize]) -> Vec<u64> {
+    let sum: u128 = weights.iter().map(|&w| w as u128).sum();
+    let n = weights.len().max(1) as u128;
+    // u64 x usize fits u128: no step below overflows.
+    let exact: Vec<(u64, u128)> = weights
+        .iter()
+        .map(|&w| {
+            let (num, den) =
+                if sum == 0 { (u128::from(total), n) } else { (u128::from(total).saturating_mul(w as u128), sum) };
+            (u64::try_from(num.checked_div(den).unwrap_or(0)).unwrap_or(u64::MAX), num.checked_rem(den).unwrap_or(0))
         })
-        .collect()
+        .collect();
+    let mut parts: Vec<u64> = exact.iter().map(|(q, _)| *q).collect();
+    let mut left = total.saturating_sub(parts.iter().fold(0u64, |a, &b| a.saturating_add(b)));
+    let mut order: Vec<(usize, u128)> = exact.iter().map(|(_, r)| *r).enumerate().collect();
+    order.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    for (i, _) in order {
+        if left == 0 {
+            break;
+        }
+        if let Some(part) = parts.get_mut(i) {
+            *part = part.saturating_add(1);
+            left = left.saturating_sub(1);
+        }
+    }
+    parts
 }
 
 #[cold]
@@ -711,10 +835,38 @@ mod tests {
     #[test]
     fn completions_by_index() {
         let body = r#"{"choices":[{"index":1,"text":"b"},{"index":0,"text":"a"}],"usage":{"prompt_tokens":4,"completion_tokens":2}}"#;
-        let out = parse_completions(body, 2).unwrap();
-        assert_eq!(out[0].0, "a");
-        assert_eq!(out[1].0, "b");
-        assert_eq!(out[0].1.prompt_tokens + out[1].1.prompt_tokens, 4);
-        assert!(parse_completions(body, 3).is_err());
+        let out = parse_completions(body, &[1, 3], ListUsage::Total).unwrap();
+        assert_eq!(out[0].text, "a");
+        assert_eq!(out[1].text, "b");
+        assert_eq!((out[0].usage.prompt_tokens, out[1].usage.prompt_tokens), (1, 3));
+        assert_eq!(out[0].usage.completion_tokens + out[1].usage.completion_tokens, 2);
+        assert!(out.iter().all(|c| c.usage.estimated));
+        assert!(parse_completions(body, &[1, 1, 1], ListUsage::Total).is_err());
+    }
+
+    #[test]
+    fn completions_usage_per_choice_first_prompt_or_shared() {
+        // Per choice where the server gives it: the server's figures, not estimated.
+        let body = r#"{"choices":[{"index":0,"text":"ab","finish_reason":"length","usage":{"prompt_tokens":5,"completion_tokens":2}},
+            {"index":1,"text":"c","usage":{"prompt_tokens":7,"completion_tokens":1}}]}"#;
+        let out = parse_completions(body, &[10, 10], ListUsage::Total).unwrap();
+        assert_eq!((out[0].usage.prompt_tokens, out[1].usage.prompt_tokens), (5, 7));
+        assert!(!out[0].usage.estimated && !out[1].usage.estimated);
+        assert_eq!((out[0].finish_reason.as_str(), out[1].finish_reason.as_str()), ("length", "stop"));
+        // llama.cpp: usage of the first prompt only; the others at its tokens per byte.
+        let body = r#"{"choices":[{"index":0,"text":"abcd"},{"index":1,"text":"abcdefgh"}],"usage":{"prompt_tokens":10,"completion_tokens":2}}"#;
+        let out = parse_completions(body, &[40, 80], ListUsage::FirstPrompt).unwrap();
+        assert_eq!(
+            (out[0].usage.prompt_tokens, out[0].usage.completion_tokens, out[0].usage.estimated),
+            (10, 2, false)
+        );
+        assert_eq!((out[1].usage.prompt_tokens, out[1].usage.completion_tokens, out[1].usage.estimated), (20, 4, true));
+        // A total with cached tokens: shares sum to it, cached never above prompt.
+        let body = r#"{"choices":[{"index":0,"text":"x"},{"index":1,"text":"y"},{"index":2,"text":"z"}],
+            "usage":{"prompt_tokens":100,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":64}}}"#;
+        let out = parse_completions(body, &[1, 1, 1], ListUsage::Total).unwrap();
+        assert_eq!(out.iter().map(|c| c.usage.prompt_tokens).sum::<u64>(), 100);
+        assert_eq!(out.iter().map(|c| c.usage.cached_tokens).sum::<u64>(), 64);
+        assert_eq!(out.iter().map(|c| c.usage.completion_tokens).collect::<Vec<_>>(), vec![1, 1, 1]);
     }
 }
