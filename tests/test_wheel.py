@@ -106,3 +106,18 @@ def test_the_wheel_installs_and_runs_the_demo_without_a_rust_toolchain(wheel: Pa
     assert report["batchagent"]["ok"] == 24 and report["batchagent"]["failed"] == 0, report["batchagent"]
     assert report["naive"]["ok"] == 24, report["naive"]
     assert "BatchAgent was" in demo.stdout
+
+
+def test_the_release_build_script_is_valid_and_refuses_what_it_does_not_build() -> None:
+    # The release build itself (scripts/build-wheels, about half an hour on two cores) is not run
+    # here; its syntax and its arguments are checked before it installs or builds anything.
+    script = ROOT / "scripts" / "build-wheels"
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=60)
+    shown = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60, check=True)
+    assert "manylinux" in shown.stdout and "--arch" in shown.stdout and "set -e" not in shown.stdout
+    for wrong in (["--arch", "riscv64"], ["--profile", "dev"], ["--sign"]):
+        refused = subprocess.run(
+            [str(script), *wrong], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert refused.returncode == 2, (wrong, refused.stderr)
+        assert refused.stderr.startswith("build-wheels:"), refused.stderr
