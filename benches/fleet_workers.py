@@ -3,14 +3,19 @@ against a fast simulator (time scale 0), next to the same batch run in one proce
 (`Batch.run`), and what Redis costs per job.
 
     python benches/fleet_workers.py --jobs 2000 --out benches/results/fleet_workers.json
+    python benches/fleet_workers.py --jobs 2000 --turns 6 --system-tokens 2048 --workers 2 \
+        --checkpoints diff,full --no-single --out benches/results/fleet_checkpoints.json
 
-Each job is a two-turn agent (one tool call, then the answer). The simulator is served by this
-process; every side gets the same one. Redis is a `redis-server` of the bench's own (no
-persistence). Reported per side: the wall time from the workers' start to the last result (worker
-start-up included), jobs/s over it, and for the fleet sides Redis commands and bytes per job, read
-from `INFO commandstats` and `INFO stats` (`total_net_input_bytes`, `total_net_output_bytes`) after
-a `CONFIG RESETSTAT`, for the submission and the work separately. Commands are not round trips:
-a pipeline or a script sends several in one.
+Each job is an agent of `--turns` turns (tool calls, then the answer; two by default), with a
+system prompt of `--system-tokens` tokens (about four characters a token) shared by every job.
+Checkpoints are written as block-hash diffs (`diff`, the default) or whole states (`full`,
+`BATCHAGENT_FLEET_CHECKPOINTS=full`); `--checkpoints diff,full` runs every worker count both ways.
+The simulator is served by this process; every side gets the same one. Redis is a `redis-server` of
+the bench's own (no persistence). Reported per side: the wall time from the workers' start to the
+last result (worker start-up included), jobs/s over it, and for the fleet sides Redis commands and
+bytes per job, read from `INFO commandstats` and `INFO stats` (`total_net_input_bytes`,
+`total_net_output_bytes`) after a `CONFIG RESETSTAT`, for the submission and the work separately.
+Commands are not round trips: a pipeline or a script sends several in one.
 """
 
 from __future__ import annotations
@@ -114,6 +119,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--max-inflight", type=int, default=64)
+    parser.add_argument("--turns", type=int, default=2, help="model turns per agent")
+    parser.add_argument("--system-tokens", type=int, default=0, help="a shared system prompt's tokens")
+    parser.add_argument("--checkpoints", default="diff", help="diff, full, or both: diff,full")
+    parser.add_argument("--no-single", action="store_true", help="skip the one-process run")
     parser.add_argument("--out", default=str(ROOT / "benches" / "results" / "fleet_workers.json"))
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
@@ -127,37 +136,47 @@ def main() -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(folder), env.get("PYTHONPATH")) if p)
     inputs = [{"id": f"job-{i}", "topic": f"topic {i % 100}"} for i in range(args.jobs)]
+    words: list[str] = []
+    while sum(len(w) + 1 for w in words) < 4 * args.system_tokens:
+        words.append(f"w{len(words) * 7919 % 5000}")
+    system = " ".join(words) or None
+    formats = [f.strip() for f in args.checkpoints.split(",")]
     sides: list[dict[str, Any]] = []
     redis, port = start_redis(folder)
     url = f"redis://127.0.0.1:{port}/0"
     try:
-        with sim.start(time_scale=0, seed=4, tool_rounds=1, output_tokens="fixed:8") as server:
+        with sim.start(time_scale=0, seed=4, tool_rounds=args.turns - 1, output_tokens="fixed:8") as server:
             backend = "vllm://" + server.url.removeprefix("http://")
 
             def batch() -> Batch:
                 return Batch(
                     "Research {topic}.",
+                    system=system,
+                    max_turns=args.turns + 1,
                     tools=[fleet_bench_tools.lookup],
                     backend=backend,
                     model="sim-model",
                     max_inflight=args.max_inflight,
                 )
 
-            start = time.perf_counter()
-            results = batch().run(inputs)
-            wall = time.perf_counter() - start
-            assert all(r.ok for r in results)
-            sides.append(
-                {
-                    "side": "Batch.run (one process)",
-                    "workers": 0,
-                    "wall_s": round(wall, 3),
-                    "jobs_per_s": round(args.jobs / wall, 1),
-                }
-            )
-            print(json.dumps(sides[-1]), file=sys.stderr)
+            if not args.no_single:
+                start = time.perf_counter()
+                results = batch().run(inputs)
+                wall = time.perf_counter() - start
+                assert all(r.ok for r in results)
+                sides.append(
+                    {
+                        "side": "Batch.run (one process)",
+                        "workers": 0,
+                        "wall_s": round(wall, 3),
+                        "jobs_per_s": round(args.jobs / wall, 1),
+                    }
+                )
+                print(json.dumps(sides[-1]), file=sys.stderr)
 
-            for k in (int(x) for x in args.workers.split(",")):
+            runs = [(int(x), f) for x in args.workers.split(",") for f in formats]
+            for k, checkpoints in runs:
+                env["BATCHAGENT_FLEET_CHECKPOINTS"] = checkpoints
                 redis_cli(port, "FLUSHALL")
                 redis_cli(port, "CONFIG", "RESETSTAT")
                 start = time.perf_counter()
@@ -194,8 +213,9 @@ def main() -> None:
                 assert status["done"] == args.jobs, status
                 sides.append(
                     {
-                        "side": f"{k} worker{'s' if k > 1 else ''}",
+                        "side": f"{k} worker{'s' if k > 1 else ''}, {checkpoints} checkpoints",
                         "workers": k,
+                        "checkpoints": checkpoints,
                         "wall_s": round(wall, 3),
                         "jobs_per_s": round(args.jobs / wall, 1),
                         "results_per_s_first_to_last": status["rate_overall"],
@@ -205,6 +225,9 @@ def main() -> None:
                             "submit": per_job(submit_cost, args.jobs),
                             "work": per_job(work_cost, args.jobs),
                         },
+                        "redis_bytes_in_per_agent_turn": round(
+                            work_cost["bytes_in"] / (args.jobs * args.turns), 1
+                        ),
                         "redis_commands_work": work_cost["by_command"],
                         "per_worker_results": {w["name"]: w["results"] for w in status["workers"]},
                     }
@@ -217,15 +240,17 @@ def main() -> None:
         redis.kill()
         redis.wait()
         shutil.rmtree(folder, ignore_errors=True)
-    single = sides[0]["jobs_per_s"]
-    for s in sides[1:]:
-        s["vs_one_process"] = round(s["jobs_per_s"] / single, 2)
+    if not args.no_single:
+        single = sides[0]["jobs_per_s"]
+        for s in sides[1:]:
+            s["vs_one_process"] = round(s["jobs_per_s"] / single, 2)
     report = {
         "bench": "fleet_workers",
         "jobs": args.jobs,
-        "turns_per_job": 2,
+        "turns_per_job": args.turns,
+        "system_prompt_chars": len(system or ""),
         "max_inflight": args.max_inflight,
-        "sim": {"time_scale": 0, "tool_rounds": 1, "output_tokens": "fixed:8"},
+        "sim": {"time_scale": 0, "tool_rounds": args.turns - 1, "output_tokens": "fixed:8"},
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),

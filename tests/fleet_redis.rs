@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use batchagent::conversation::Message;
 use batchagent::fleet::queue::{add_jobs, close_run, create_run, status, RunKeys};
 use batchagent::fleet::{Connection, FleetSemaphore, FleetWorker, RedisBudgets, WorkerOptions};
 use batchagent::limits::headers::Window;
@@ -198,6 +199,58 @@ async fn a_worker_whose_own_leases_lapsed_does_not_get_its_running_jobs_again() 
 async fn limit(url: &str, name: &str, places: usize, lease: Duration, owner: &str) -> FleetSemaphore {
     let waits = Connection::open(url, HANG, None).await.unwrap();
     FleetSemaphore::new(connect(url).await, waits, name, places, lease, owner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_store_a_shared_prompt_once_and_their_blocks_go_with_the_run() {
+    let redis = Redis::start("blocks");
+    let conn = connect(&redis.url).await;
+    let keys = run_with(&conn, 3).await;
+    let lease = Duration::from_millis(300);
+    let prompt: String = (0..2048).map(|i| format!("w{} ", i * 7919 % 5000)).collect::<Vec<_>>().concat();
+    let state = |job: &Job, turns: u32| AgentState {
+        messages: (0..turns).fold(
+            vec![Message::system(prompt.clone()), Message::user(format!("job {}", job.index))],
+            |mut m, t| {
+                m.push(Message::assistant(format!("turn {t} of job {}: line {}", job.index, t * 31), Vec::new()));
+                m
+            },
+        ),
+        turns,
+        ..AgentState::default()
+    };
+    let a = FleetWorker::connect(&redis.url, options(&keys, "a", lease)).await.unwrap();
+    let (a_tx, mut a_jobs) = mpsc::channel(16);
+    let (a_results, _a_results) = mpsc::unbounded_channel();
+    let a_feed = tokio::spawn(a.clone().feed(a_tx, a_results));
+    let held = take(&mut a_jobs, 3).await;
+    for turns in 1..=3 {
+        for job in &held {
+            a.checkpoint(&job.id, &serde_json::to_string(&state(job, turns)).unwrap()).await.unwrap();
+        }
+    }
+    let blocks: Vec<Vec<u8>> = conn.query(redis::cmd("HVALS").arg(&keys.blocks)).await.unwrap();
+    let stored: usize = blocks.iter().map(Vec::len).sum();
+    // Nine checkpoints of three jobs, whole states of over 9 prompts: the prompt once, plus each
+    // turn's own bytes and the segments listing the chunks (16 bytes per chunk of about 64).
+    assert!(stored < prompt.len() * 2, "{stored} bytes of blocks for a {}-byte prompt", prompt.len());
+    a_feed.abort();
+    drop(a_jobs);
+
+    // Another worker takes the jobs over and resumes each from its last state, decoded.
+    let b = FleetWorker::connect(&redis.url, options(&keys, "b", lease)).await.unwrap();
+    let (b_tx, mut b_jobs) = mpsc::channel(16);
+    let (b_results, _b_results) = mpsc::unbounded_channel();
+    let b_feed = tokio::spawn(b.clone().feed(b_tx, b_results));
+    let taken = take(&mut b_jobs, 3).await;
+    for job in &taken {
+        assert_eq!(job.resume.as_ref(), Some(&state(job, 3)));
+    }
+    // The run's last result drops its blocks.
+    assert_eq!(b.commit(&taken.iter().map(ok).collect::<Vec<_>>()).await.unwrap(), 3);
+    tokio::time::timeout(HANG, b_feed).await.unwrap().unwrap().unwrap();
+    let left: bool = conn.query(redis::cmd("EXISTS").arg(&keys.blocks)).await.unwrap();
+    assert!(!left);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

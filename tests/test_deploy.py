@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from batchagent_rs.cli import build_parser
+from batchagent_rs.fleet import JOBS_GROUP, jobs_stream
 from batchagent_rs.runfile import SETTINGS, load_run_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,8 +220,9 @@ def test_keda_scales_the_worker_on_the_job_stream() -> None:
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "redis-streams"
     meta = trigger["metadata"]
-    assert meta["consumerGroup"] == "workers"
-    assert re.fullmatch(r"batchagent:run:RUN_ID:jobs", meta["stream"])
+    # The names the fleet's code uses, not a copy of them.
+    assert meta["consumerGroup"] == JOBS_GROUP
+    assert meta["stream"] == jobs_stream("RUN_ID")
     assert int(meta["lagCount"]) > 0
     assert ("Service", meta["address"].split(".")[0]) in objects
 

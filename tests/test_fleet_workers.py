@@ -226,6 +226,19 @@ def test_cli_submit_worker_status_collect(redis: Redis, tmp_path: Path) -> None:
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip
     assert f"run {run_id}: complete; {n} inputs, {n} done" in text
+    # --watch on a complete run: shown once, then the final status.
+    watched = subprocess.run(
+        cli("status", run_id, "--redis", redis.url, "--watch", "0.1"),
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert f"run {run_id}: complete" in watched.stdout and f"run {run_id}: complete" in watched.stderr
+    from batchagent_rs.dashboard import FleetDashboard
+
+    frame = FleetDashboard(None, title="fleet run").render(status, 100, 30)
+    assert all(len(line) <= 100 or "\x1b" in line for line in frame)
+    [row] = [line for line in frame if status["workers"][0]["name"] in line]
+    assert f" {n} " in row and "gone" in row, row
+    assert any(f"{n}/{n}" in line for line in frame)
     collected = subprocess.run(
         cli("collect", run_id, "--redis", redis.url, "-o", "out.jsonl"),
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,

@@ -1,6 +1,6 @@
 """The native core of BatchAgent (Rust). Private: import from `batchagent_rs`."""
 
-from typing import Any, final
+from typing import Any, ClassVar, final
 
 __version__: str
 
@@ -259,7 +259,13 @@ class FleetClient:
     """A connection to the Redis of a worker fleet; commands are retried while Redis is
     unreachable, for up to `outage_seconds`."""
 
+    GROUP: ClassVar[str]
+    """The consumer group of every run's job stream."""
+
     def __new__(cls, url: str, outage_seconds: float = 30.0) -> FleetClient: ...
+    @staticmethod
+    def jobs_stream(run_id: str) -> str:
+        """The key of the run's job stream."""
     def create_run(self, spec_json: str) -> tuple[str, str]:
         """Create a run for the spec (stored once per fingerprint): `(run id, fingerprint)`."""
     def add_jobs(self, run_id: str, items: list[tuple[str, int, str, str | None]]) -> None:

@@ -1187,6 +1187,15 @@ def _add_fleet_commands(sub: Any) -> None:
     status.add_argument(
         "--json", action="store_true", help="print JSON (keys total, done, failed, in_flight, workers, ...)"
     )
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        const=1.0,
+        type=_seconds,
+        metavar="SECONDS",
+        help="redraw every SECONDS (default 1) until the run is complete: a live view of the run and "
+        "its workers on a terminal, the status lines otherwise",
+    )
     status.set_defaults(func=_cmd_status)
 
     collect = sub.add_parser(
@@ -1264,30 +1273,64 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from .fleet import FleetHandle
 
-    status = FleetHandle(args.run_id, args.redis).status()
+    handle = FleetHandle(args.run_id, args.redis)
+    status = handle.status()
+    if args.watch is not None:
+        status = _watch(handle, status, args.watch)
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    finished = status["done"] + status["failed"]
-    state = "complete" if status["submitted"] and finished >= status["total"] else "running"
+    print("\n".join(_status_lines(status)))
+    return 0
+
+
+def _complete(status: dict[str, Any]) -> bool:
+    return bool(status["submitted"]) and status["done"] + status["failed"] >= status["total"]
+
+
+def _watch(handle: Any, status: dict[str, Any], every: float) -> dict[str, Any]:
+    """Shows the run until it is complete; returns its last status."""
+    from .dashboard import FleetDashboard
+
+    live = sys.stderr.isatty()
+    view = FleetDashboard(None, title="fleet run", stream=sys.stderr, refresh=0.0)
+    if live:
+        view.open()
+    try:
+        while True:
+            if live:
+                view.update(status, force=True)
+            else:
+                print("\n".join(_status_lines(status)), file=sys.stderr, flush=True)
+            if _complete(status):
+                return status
+            # The run's counts live in Redis: read again after the interval.
+            time.sleep(every)
+            status = handle.status()
+    finally:
+        view.close()
+
+
+def _status_lines(status: dict[str, Any]) -> list[str]:
+    state = "complete" if _complete(status) else "running"
     so_far = "" if status["submitted"] else " so far"
-    print(
+    lines = [
         f"run {status['run_id']}: {state}; {status['total']} inputs{so_far}, "
         f"{status['done']} done, {status['failed']} failed, {status['in_flight']} in flight, "
         f"{status['queued']} queued; {status['rate']:.1f}/s (last 10 s); "
         f"{status['claims']} taken over ({status['resumed']} resumed from a checkpoint)"
-    )
+    ]
     for w in status["workers"]:
         if w["refused"]:
-            print(f"  {w['name']}: refused the run: {w['refused']}")
+            lines.append(f"  {w['name']}: refused the run: {w['refused']}")
             continue
         rate = "" if w["rate"] is None else f", {w['rate']:.1f}/s"
         alive = "alive" if w["alive"] else "gone"
-        print(
+        lines.append(
             f"  {w['name']}: {alive}, seen {w['last_seen_s']:.1f} s ago, {w['results']} results{rate}, "
             f"{w['in_flight']} in flight"
         )
-    return 0
+    return lines
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:

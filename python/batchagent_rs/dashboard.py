@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 from .progress import counters, fmt_duration, tool_not_run
 
-__all__ = ["Dashboard", "DashboardLogHandler"]
+__all__ = ["Dashboard", "DashboardLogHandler", "FleetDashboard"]
 
 _ENTER = "\x1b[?1049h\x1b[?25l\x1b[H\x1b[2J"
 _LEAVE = "\x1b[?25h\x1b[?1049l"
@@ -372,3 +372,48 @@ class DashboardLogHandler(logging.Handler):
             self.dashboard.note(self.format(record))
         except Exception:
             self.handleError(record)
+
+
+class FleetDashboard(Dashboard):
+    """`batchagent status RUN_ID --watch`: a fleet run's progress and its workers (heartbeat,
+    results, jobs held, rate), redrawn from each `status()` dict."""
+
+    def render(self, stats: dict[str, Any], columns: int, rows: int) -> list[str]:
+        width = max(columns, 40)
+        s = stats
+        total, finished = int(s["total"]), int(s["done"]) + int(s["failed"])
+        frac = finished / total if total else 0.0
+        bar_width = 40
+        filled = int(frac * bar_width)
+        so_far = "" if s["submitted"] else " (still being submitted)"
+        bar = f"[{_GREEN}{'#' * filled}{_RESET}{'-' * (bar_width - filled)}]"
+        progress = [
+            f"{bar} {finished}/{total}{so_far} {frac:.0%}",
+            f"{_GREEN}done {s['done']}{_RESET}   {_RED}failed {s['failed']}{_RESET}"
+            f"   in flight {s['in_flight']}   queued {s['queued']}"
+            f"   taken over {s['claims']} ({s['resumed']} from a checkpoint)",
+            f"{s['rate']:.1f} results/s (last 10 s)"
+            + ("" if s.get("rate_overall") is None else f"   {s['rate_overall']:.1f} results/s overall"),
+        ]
+        lines = self.boxes.box(f"{self.title} {s['run_id']}", progress, width)
+        workers = [f"{'worker':<24} {'state':<8} {'seen':>8} {'results':>9} {'held':>6} {'rate/s':>8}  host"]
+        for w in s["workers"]:
+            if w["refused"]:
+                workers.append(f"{w['name']:<24} {_RED}refused{_RESET}  {w['refused']}")
+                continue
+            state = f"{_GREEN}alive{_RESET}   " if w["alive"] else f"{_DIM}gone{_RESET}    "
+            rate = "-" if w["rate"] is None else f"{w['rate']:.1f}"
+            host = f"{w['host'] or '-'}:{w['pid'] or '-'}"
+            workers.append(
+                f"{w['name']:<24} {state} {w['last_seen_s']:>6.1f} s {w['results']:>9} {w['in_flight']:>6}"
+                f" {rate:>8}  {host}"
+            )
+        if len(workers) == 1:
+            workers.append(_DIM + "no worker has taken the run yet" + _RESET)
+        room = max(rows - len(lines) - 3, 2)
+        if len(workers) > room:
+            hidden = len(workers) - room + 1
+            workers = [*workers[: room - 1], _DIM + f"... and {hidden} more" + _RESET]
+        lines += self.boxes.box("workers", workers, width)
+        lines.append(_DIM + _fit("Ctrl-C leaves this view; the run goes on", width) + _RESET)
+        return [_fit(line, width) if _visible_len(line) > width else line for line in lines]

@@ -37,7 +37,16 @@ from .tools import Tool, tool
 if TYPE_CHECKING:
     from .batch import Batch, Result
 
-__all__ = ["FleetHandle", "RefusedRun", "submit", "worker"]
+__all__ = ["JOBS_GROUP", "FleetHandle", "RefusedRun", "jobs_stream", "submit", "worker"]
+
+#: The consumer group of every run's job stream (what a KEDA redis-streams trigger names).
+JOBS_GROUP: str = _core.FleetClient.GROUP
+
+
+def jobs_stream(run_id: str) -> str:
+    """The key of a run's job stream (a KEDA redis-streams trigger's `stream`)."""
+    return _core.FleetClient.jobs_stream(run_id)
+
 
 # Version of the stored run document; a worker refuses documents of another version.
 _DOC_VERSION = 1

@@ -11,7 +11,11 @@
 //! - `run:R:results` (hash): job id -> result JSON, written with HSETNX in the same script that
 //!   acknowledges the entry;
 //! - `run:R:done` (stream): a job id per new result, in completion order (for `results()`);
-//! - `run:R:checkpoints` (hash): job id -> the agent's state after its last finished turn;
+//! - `run:R:checkpoints` (hash): job id -> the agent's state after its last finished turn, as a
+//!   block-hash diff manifest ([`crate::diff`]) whose blocks are in `run:R:blocks`;
+//! - `run:R:blocks` (hash): block hash (16 bytes) -> the block, stored once for every job of the
+//!   run (the shared system prompt and tools once, each turn's new bytes once); dropped when the
+//!   run's last result is written, and by `collect`;
 //! - `run:R:counts` (hash): `done`, `failed`, `claims`, `resumed`, and results per worker;
 //! - `run:R:workers` (hash): worker name -> its last heartbeat (JSON), or why it refused the run;
 //! - `runs` (sorted set): run ids by submission time.

@@ -20,6 +20,8 @@ pub struct RunKeys {
     pub results: String,
     pub done: String,
     pub checkpoints: String,
+    /// The blocks of the checkpoints (hash: 16-byte block hash -> its bytes), shared by every job.
+    pub blocks: String,
     pub counts: String,
     pub workers: String,
 }
@@ -33,6 +35,7 @@ impl RunKeys {
             results: format!("{base}:results"),
             done: format!("{base}:done"),
             checkpoints: format!("{base}:checkpoints"),
+            blocks: format!("{base}:blocks"),
             counts: format!("{base}:counts"),
             workers: format!("{base}:workers"),
             meta: base,
@@ -344,5 +347,8 @@ pub async fn collect(conn: &Connection, keys: &RunKeys, path: &Path) -> Result<O
     out.flush().map_err(output)?;
     out.into_inner().map_err(|e| output(e.into_error()))?.sync_all().map_err(output)?;
     std::fs::rename(&partial, path).map_err(output)?;
+    // Every input has its result: no checkpoint is read again (the last commit dropped the
+    // blocks already, unless a worker cut off from the run wrote a checkpoint after it).
+    conn.query::<()>(redis::cmd("DEL").arg(&keys.blocks)).await?;
     Ok(Some(written))
 }

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
@@ -17,6 +17,7 @@ use super::connection::{Connection, FleetError};
 use super::queue::RunKeys;
 use super::semaphore::FleetSemaphore;
 use super::{now_ms, GROUP};
+use crate::diff::{self, BlockHash, BlockStore, DiffError, Manifest, MemoryBlockStore};
 use crate::scheduler::agent::{AgentState, Job, JobResult, TurnSink};
 use crate::scheduler::feed::bad_input;
 
@@ -33,9 +34,10 @@ pub struct WorkerOptions {
     pub outage: Duration,
 }
 
-/// Writes a batch of results: `KEYS` results, counts, checkpoints, jobs, done;
+/// Writes a batch of results: `KEYS` results, counts, checkpoints, jobs, done, meta, blocks;
 /// `ARGV` group, consumer, then (job id, entry id, ok, result JSON) per result. A job that has a
-/// result already keeps it; its entry is acknowledged either way. Returns the results written.
+/// result already keeps it; its entry is acknowledged either way. Once every input of the run has
+/// a result, no checkpoint is read again: the blocks go. Returns the results written.
 const COMMIT: &str = r"
 local written = 0
 for i = 3, #ARGV, 4 do
@@ -51,8 +53,34 @@ for i = 3, #ARGV, 4 do
     redis.call('XACK', KEYS[4], ARGV[1], entry)
   end
 end
+local total = tonumber(redis.call('HGET', KEYS[6], 'total') or '')
+if total then
+  local finished = tonumber(redis.call('HGET', KEYS[2], 'done') or '0')
+    + tonumber(redis.call('HGET', KEYS[2], 'failed') or '0')
+  if finished >= total then redis.call('DEL', KEYS[7]) end
+end
 return written
 ";
+
+/// How a worker writes checkpoints: set by [`CHECKPOINTS_ENV`], `diff` when unset.
+pub const CHECKPOINTS_ENV: &str = "BATCHAGENT_FLEET_CHECKPOINTS";
+
+/// Block hashes a worker remembers as stored; past this many it forgets them all (and sends
+/// again the blocks it next meets, which Redis already holds: correct, a little more traffic).
+const KNOWN_MAX: usize = 1 << 20;
+
+/// The blocks a worker knows the run's block hash holds: what [`diff::encode`] leaves out.
+struct KnownBlocks<'a>(&'a HashSet<BlockHash>);
+
+impl BlockStore for KnownBlocks<'_> {
+    fn contains(&self, hash: &BlockHash) -> bool {
+        self.0.contains(hash)
+    }
+
+    fn get(&self, _hash: &BlockHash) -> Result<Option<Vec<u8>>, DiffError> {
+        Ok(None)
+    }
+}
 
 /// Heartbeats and lease renewals happen this often at most (more often for short leases).
 const BEAT: Duration = Duration::from_secs(1);
@@ -75,6 +103,10 @@ pub struct FleetWorker {
     results: AtomicU64,
     commit: redis::Script,
     semaphore: Mutex<Option<Arc<FleetSemaphore>>>,
+    /// Checkpoints as block-hash diffs (`false`: whole states, `BATCHAGENT_FLEET_CHECKPOINTS=full`).
+    diff: bool,
+    /// Blocks this worker wrote to (or found in) the run's block hash.
+    known: Mutex<HashSet<BlockHash>>,
 }
 
 impl FleetWorker {
@@ -86,6 +118,17 @@ impl FleetWorker {
         if !exists {
             return Err(FleetError::NoSuchRun(options.run_id.clone()));
         }
+        let diff = match std::env::var(CHECKPOINTS_ENV) {
+            Err(std::env::VarError::NotPresent) => true,
+            Ok(value) if value == "diff" => true,
+            Ok(value) if value == "full" => false,
+            Ok(value) => {
+                return Err(FleetError::Protocol(format!(
+                    "{CHECKPOINTS_ENV}={value:?} is not one of \"diff\", \"full\""
+                )))
+            }
+            Err(e) => return Err(FleetError::Protocol(format!("{CHECKPOINTS_ENV}: {e}"))),
+        };
         Ok(Arc::new(Self {
             conn,
             reader,
@@ -99,6 +142,8 @@ impl FleetWorker {
             results: AtomicU64::new(0),
             commit: redis::Script::new(COMMIT),
             semaphore: Mutex::default(),
+            diff,
+            known: Mutex::default(),
         }))
     }
 
@@ -225,11 +270,12 @@ impl FleetWorker {
         claimed: Vec<redis::streams::StreamId>,
     ) -> Result<Vec<(redis::streams::StreamId, Option<AgentState>)>, FleetError> {
         let ids: Vec<String> = claimed.iter().map(|e| e.get::<String>("id").unwrap_or_default()).collect();
-        let states: Vec<Option<String>> =
+        let stored: Vec<Option<Vec<u8>>> =
             self.conn.query(redis::cmd("HMGET").arg(&self.keys.checkpoints).arg(&ids)).await?;
+        let texts = self.decode_checkpoints(stored).await?;
         // A checkpoint written by another version does not decode: that job starts over.
         let states: Vec<Option<AgentState>> =
-            states.into_iter().map(|s| s.and_then(|s| serde_json::from_str(&s).ok())).collect();
+            texts.into_iter().map(|s| s.and_then(|s| serde_json::from_slice(&s).ok())).collect();
         let resumed = states.iter().filter(|s| s.is_some()).count();
         let mut pipe = redis::pipe();
         pipe.cmd("HINCRBY").arg(&self.keys.counts).arg("claims").arg(claimed.len()).ignore();
@@ -274,6 +320,8 @@ impl FleetWorker {
             .key(&self.keys.checkpoints)
             .key(&self.keys.jobs)
             .key(&self.keys.done)
+            .key(&self.keys.meta)
+            .key(&self.keys.blocks)
             .arg(GROUP)
             .arg(&self.options.consumer);
         for (result, entry) in results.iter().zip(&entries) {
@@ -292,9 +340,83 @@ impl FleetWorker {
         Ok(written)
     }
 
-    /// Checkpoints a job's state after a finished turn.
+    /// Checkpoints a job's state after a finished turn: a manifest of block hashes, written with
+    /// the blocks this worker has not stored in the run before (one round trip); with
+    /// `BATCHAGENT_FLEET_CHECKPOINTS=full`, the state itself.
     pub async fn checkpoint(&self, job_id: &str, state_json: &str) -> Result<(), FleetError> {
-        self.conn.query(redis::cmd("HSET").arg(&self.keys.checkpoints).arg(job_id).arg(state_json)).await
+        if !self.diff {
+            return self.conn.query(redis::cmd("HSET").arg(&self.keys.checkpoints).arg(job_id).arg(state_json)).await;
+        }
+        let encoded = {
+            let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+            diff::encode(state_json.as_bytes(), &KnownBlocks(&known))
+        };
+        let mut pipe = redis::pipe();
+        if !encoded.new_blocks.is_empty() {
+            // A block's bytes never change for its hash: writing one again is harmless.
+            let cmd = pipe.cmd("HSET").arg(&self.keys.blocks);
+            for block in &encoded.new_blocks {
+                cmd.arg(block.hash.as_bytes()).arg(&block.data);
+            }
+            cmd.ignore();
+        }
+        // After the blocks, on the same connection: no manifest is stored before its blocks.
+        pipe.cmd("HSET").arg(&self.keys.checkpoints).arg(job_id).arg(encoded.manifest.to_bytes()).ignore();
+        self.conn.pipe::<()>(&pipe).await?;
+        // Known only once stored, so a checkpoint encoded meanwhile still sends them itself.
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        if known.len() + encoded.new_blocks.len() > KNOWN_MAX {
+            known.clear();
+        }
+        known.extend(encoded.new_blocks.iter().map(|b| b.hash));
+        Ok(())
+    }
+
+    /// The states stored checkpoints hold (whole JSON states, or manifests whose blocks are read
+    /// in two round trips for all of them); `None` for one that is absent or does not decode.
+    async fn decode_checkpoints(&self, stored: Vec<Option<Vec<u8>>>) -> Result<Vec<Option<Vec<u8>>>, FleetError> {
+        let manifests: Vec<Option<Manifest>> = stored
+            .iter()
+            .map(|s| s.as_deref().filter(|b| b.first() != Some(&b'{')).and_then(|b| Manifest::from_bytes(b).ok()))
+            .collect();
+        let mut blocks = MemoryBlockStore::default();
+        let segments: HashSet<BlockHash> =
+            manifests.iter().flatten().flat_map(|m| m.segments.iter().copied()).collect();
+        let chunks = self.fetch_blocks(segments.into_iter().collect(), &mut blocks).await?;
+        let chunks: HashSet<BlockHash> =
+            chunks.iter().filter_map(|(_, data)| diff::segment_children(data).ok()).flatten().collect();
+        self.fetch_blocks(chunks.into_iter().collect(), &mut blocks).await?;
+        Ok(stored
+            .into_iter()
+            .zip(manifests)
+            .map(|(state, manifest)| match manifest {
+                Some(manifest) => diff::decode(&manifest, &blocks).ok(),
+                None => state.filter(|b| b.first() == Some(&b'{')),
+            })
+            .collect())
+    }
+
+    /// Reads `hashes` from the run's blocks into `into`; returns those found.
+    async fn fetch_blocks(
+        &self,
+        hashes: Vec<BlockHash>,
+        into: &mut MemoryBlockStore,
+    ) -> Result<Vec<(BlockHash, Vec<u8>)>, FleetError> {
+        if hashes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(&self.keys.blocks);
+        for hash in &hashes {
+            cmd.arg(hash.as_bytes());
+        }
+        let found: Vec<Option<Vec<u8>>> = self.conn.query(&cmd).await?;
+        let found: Vec<(BlockHash, Vec<u8>)> =
+            hashes.into_iter().zip(found).filter_map(|(hash, data)| data.map(|d| (hash, d))).collect();
+        for (hash, data) in &found {
+            into.insert(*hash, data.clone());
+        }
+        Ok(found)
     }
 
     /// Renews the leases of the jobs held and writes the heartbeat, every [`BEAT`] (or a third of

@@ -145,6 +145,19 @@ impl PyFleetClient {
 
 #[pymethods]
 impl PyFleetClient {
+    /// The consumer group of every run's job stream.
+    #[classattr]
+    #[pyo3(name = "GROUP")]
+    fn group() -> &'static str {
+        crate::fleet::GROUP
+    }
+
+    /// The key of run `run_id`'s job stream.
+    #[staticmethod]
+    fn jobs_stream(run_id: &str) -> String {
+        RunKeys::new(run_id).jobs
+    }
+
     /// Connects to Redis at `url`; commands are retried while Redis is unreachable, for up to
     /// `outage_seconds`.
     #[new]
