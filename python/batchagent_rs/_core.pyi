@@ -237,6 +237,30 @@ class Engine:
         """Stops the loop after the step in progress."""
 
 @final
+class EngineServer:
+    """The embedded engine serving the OpenAI-compatible API (`batchagent engine serve`)."""
+
+    @property
+    def url(self) -> str:
+        """Base URL, `http://HOST:PORT`."""
+    def stop(self) -> None:
+        """Stops serving and the engine loop; a second call does nothing."""
+
+def serve_engine(
+    worker: Any,
+    *,
+    model: str,
+    max_model_len: int,
+    eos_token_ids: list[int],
+    host: str = ...,
+    port: int = 8000,
+    max_num_seqs: int = 256,
+    max_num_batched_tokens: int = 8192,
+    enable_prefix_caching: bool = True,
+) -> EngineServer:
+    """Serves `worker`'s model (an `EngineWorker`) as `model`; returns once it listens."""
+
+@final
 class TokenCounter:
     """Counts chat prompts' tokens as a backend will (its `/tokenize` where it has one; an
     embedded simulator's own tokenizer), and reads its context window from `/v1/models`."""

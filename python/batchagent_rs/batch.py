@@ -444,6 +444,13 @@ class Batch:
         backends = [backend] if isinstance(backend, str) else list(backend)
         if not backends or not all(isinstance(b, str) and b.strip() for b in backends):
             raise TypeError(f"backend=: expected a URL or a list of URLs, got {backend!r}")
+        # local://DIR: the embedded engine, started on a loopback port for this batch and spoken to
+        # as a vLLM server; it stops when the batch is gone.
+        self._engines: list[Any] = []
+        if any(b.strip().lower().startswith("local://") for b in backends):
+            from .engine.serve import start_local
+
+            backends, model, self._engines = start_local(backends, model)
         if model is None:
             if not all(b.strip().lower().startswith("sim://") for b in backends):
                 raise TypeError(

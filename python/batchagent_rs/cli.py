@@ -116,6 +116,30 @@ def _cmd_sim_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_engine_serve(args: argparse.Namespace) -> int:
+    from .engine import serve
+
+    os.environ.setdefault("BATCHAGENT_WORKER_THREADS", str(os.cpu_count() or 1))
+    server = serve.start(
+        args.model, device=args.device, dtype=args.dtype, host=args.host, port=args.port,
+        served_model_name=args.served_model_name, random_weights=args.random_weights,
+        kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=not args.no_enable_prefix_caching, seed=args.seed,
+    )  # fmt: skip
+    print(f"engine listening on {server.url} (model {args.served_model_name or args.model})", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -429,7 +453,8 @@ def _run(settings: dict[str, Any], base: str | None) -> int:
         batch = batch_from_settings(settings, journal=journal, response_cache=cache)
     except (SchemaError, TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
-    check_backends(backends, model, _headers(settings.get("extra_headers")))
+    # The batch's backends: local:// engines are running by now, under their loopback URLs.
+    check_backends(batch._backends, batch._model, _headers(settings.get("extra_headers")))
 
     quiet = bool(settings.get("quiet"))
     mode = "quiet" if quiet else "dashboard" if settings.get("dashboard") and sys.stderr.isatty() else "bar"
@@ -944,7 +969,12 @@ def _backends_and_model(settings: dict[str, Any]) -> tuple[list[str], str]:
             "no backend: pass --backend URL (vllm://host:port, ollama://host, openai://, sim:// ...)"
         )
     all_sim = all(b.strip().lower().startswith("sim://") for b in backends)
-    model = settings.get("model") or ("sim-model" if all_sim else None)
+    local = next((b for b in backends if b.strip().lower().startswith("local://")), None)
+    # local://DIR serves the directory under its name as given, as vLLM does.
+    default = (
+        "sim-model" if all_sim else local.strip()[len("local://") :].partition("?")[0] if local else None
+    )
+    model = settings.get("model") or default
     if model is None:
         raise UsageError(
             f"no model: pass --model/-m with the model name {_core.display_url(backends[0])} serves"
@@ -1131,6 +1161,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     _add_sim_options(serve)
     serve.set_defaults(func=_cmd_sim_serve)
+
+    engine_parser = sub.add_parser("engine", help="the embedded engine (PyTorch, needs the engine extra)")
+    engine_sub = engine_parser.add_subparsers(dest="engine_command", required=True)
+    eserve = engine_sub.add_parser("serve", help="serve a model directory over the OpenAI-compatible API")
+    eserve.add_argument("--model", required=True, help="a Hugging Face checkpoint directory")
+    eserve.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda where there is one)")
+    eserve.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on a GPU, fp32 on the CPU"
+    )
+    eserve.add_argument("--host", default="127.0.0.1")
+    eserve.add_argument("--port", type=int, default=8000)
+    eserve.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
+    eserve.add_argument("--random-weights", action="store_true", help="random weights of the config's shapes")
+    eserve.add_argument("--kv-cache-tokens", type=_positive, help="KV cache size (default: GPU memory left)")
+    eserve.add_argument("--max-num-seqs", type=_positive, default=256)
+    eserve.add_argument("--max-num-batched-tokens", type=_positive, default=8192)
+    eserve.add_argument("--no-enable-prefix-caching", action="store_true")
+    eserve.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    eserve.set_defaults(func=_cmd_engine_serve)
     _add_fleet_commands(sub)
     return parser
 

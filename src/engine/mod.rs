@@ -6,6 +6,7 @@ pub mod blocks;
 pub mod local;
 pub mod metrics;
 pub mod scheduler;
+pub mod server;
 
 pub use local::{LocalEngine, LocalEngineError, StepExecutor};
 pub use metrics::{EngineMetrics, Histogram, TTFT_BUCKETS};

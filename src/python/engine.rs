@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyDict, PyList, PyTuple};
 
 use super::errors::{RunError, SchemaError};
+use crate::engine::server::{EngineServer, ServeOptions, TextCodec};
 use crate::engine::{EngineEvent, EngineRequest, LocalEngine, Sampling, SchedulerConfig, StepExecutor, StepLayout};
 
 /// Little-endian bytes of `values`, which the worker reads with `torch.frombuffer` (a bytearray:
@@ -207,5 +208,99 @@ pub(crate) fn check_sampling(temperature: f64, top_p: f64, top_k: u32, seed: Opt
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
+    m.add_class::<PyEngineServer>()?;
+    m.add_function(wrap_pyfunction!(serve_engine, m)?)?;
     Ok(())
+}
+
+/// The worker's tokenizer, called from the server's blocking threads.
+struct PyCodec {
+    worker: Py<PyAny>,
+}
+
+fn py_message(e: &PyErr) -> String {
+    e.to_string()
+}
+
+impl TextCodec for PyCodec {
+    fn encode_chat(&self, body_json: &str, with_tools: bool) -> Result<Vec<u32>, String> {
+        Python::with_gil(|py| {
+            self.worker.bind(py).call_method1("encode_chat", (body_json, with_tools))?.extract::<Vec<u32>>()
+        })
+        .map_err(|e| py_message(&e))
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        Python::with_gil(|py| self.worker.bind(py).call_method1("encode", (text,))?.extract::<Vec<u32>>())
+            .map_err(|e| py_message(&e))
+    }
+
+    fn detokenize(
+        &self,
+        ids: &[u32],
+        prefix: usize,
+        read: usize,
+        last: bool,
+    ) -> Result<(String, usize, usize), String> {
+        Python::with_gil(|py| self.worker.bind(py).call_method1("detokenize", (ids, prefix, read, last))?.extract())
+            .map_err(|e| py_message(&e))
+    }
+}
+
+/// A running `batchagent engine serve`.
+#[pyclass(name = "EngineServer", module = "batchagent_rs._core", frozen)]
+pub struct PyEngineServer {
+    server: std::sync::Mutex<Option<EngineServer>>,
+    url: String,
+}
+
+#[pymethods]
+impl PyEngineServer {
+    #[getter]
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// Stops serving and the engine loop; a second call does nothing.
+    fn stop(&self, py: Python<'_>) -> PyResult<()> {
+        let server = self.server.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(server) = server {
+            let rt = super::runtime()?;
+            py.allow_threads(|| rt.block_on(server.stop()));
+        }
+        Ok(())
+    }
+}
+
+/// Serves `worker`'s model over the OpenAI-compatible API; returns once it listens.
+#[pyfunction]
+#[pyo3(signature = (worker, *, model, max_model_len, eos_token_ids, host="127.0.0.1".to_owned(), port=8000, max_num_seqs=256, max_num_batched_tokens=8192, enable_prefix_caching=true))]
+#[allow(clippy::too_many_arguments)] // Python keyword arguments.
+fn serve_engine(
+    py: Python<'_>,
+    worker: &Bound<'_, PyAny>,
+    model: String,
+    max_model_len: usize,
+    eos_token_ids: Vec<u32>,
+    host: String,
+    port: u16,
+    max_num_seqs: usize,
+    max_num_batched_tokens: usize,
+    enable_prefix_caching: bool,
+) -> PyResult<PyEngineServer> {
+    let engine = Arc::new(start_engine(worker, max_num_seqs, max_num_batched_tokens, enable_prefix_caching)?);
+    let codec = Arc::new(PyCodec { worker: worker.clone().unbind() });
+    let options = ServeOptions { host, port, model, max_model_len, eos_token_ids };
+    let rt = super::runtime()?;
+    let started = py.allow_threads(|| rt.block_on(EngineServer::start(Arc::clone(&engine), codec, options)));
+    match started {
+        Ok(server) => {
+            let url = server.url();
+            Ok(PyEngineServer { server: std::sync::Mutex::new(Some(server)), url })
+        }
+        Err(e) => {
+            py.allow_threads(|| engine.shutdown());
+            Err(super::errors::BackendUnavailable::new_err(e.to_string()))
+        }
+    }
 }

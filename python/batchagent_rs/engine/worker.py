@@ -168,9 +168,11 @@ class EngineWorker:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def encode_chat(self, messages_json: str, tools_json: str | None) -> list[int]:
-        """The prompt of a chat request: its messages (and tools) through the model's chat template."""
-        messages = json.loads(messages_json)
+    def encode_chat(self, body_json: str, with_tools: bool) -> list[int]:
+        """The prompt of a chat request (its JSON body): its messages, and its tools when
+        `with_tools`, through the model's chat template."""
+        body = json.loads(body_json)
+        messages = body["messages"]
         for m in messages:
             # OpenAI sends tool-call arguments as JSON text; chat templates expect an object.
             for call in m.get("tool_calls") or []:
@@ -180,20 +182,22 @@ class EngineWorker:
                         fn["arguments"] = json.loads(fn["arguments"])
                     except json.JSONDecodeError:
                         pass
-        tools = json.loads(tools_json) if tools_json else None
+        tools = body.get("tools") if with_tools else None
         text = self.tokenizer.apply_chat_template(
             messages, tools=tools, add_generation_prompt=True, tokenize=False
         )
         return self.encode(text)
 
-    def detokenize(self, ids: list[int], prefix_offset: int, read_offset: int) -> tuple[str, int, int]:
+    def detokenize(
+        self, ids: list[int], prefix_offset: int, read_offset: int, last: bool = False
+    ) -> tuple[str, int, int]:
         """The text that ``ids[read_offset:]`` adds, decoded in the context of ``ids[prefix_offset:]``
         (as vLLM does, so a token that merges with the one before it, or completes a UTF-8
         character, comes out right); returns it with the next offsets. Nothing comes out while the
-        text ends in an incomplete character."""
+        text ends in an incomplete character, unless this is the `last` call."""
         tok = self.tokenizer
         before = tok.decode(ids[prefix_offset:read_offset], skip_special_tokens=True)
         after = tok.decode(ids[prefix_offset:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
+        if len(after) > len(before) and (last or not after.endswith("\ufffd")):
             return after[len(before) :], read_offset, len(ids)
         return "", prefix_offset, read_offset

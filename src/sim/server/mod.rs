@@ -7,7 +7,7 @@
 
 mod anthropic;
 mod batches;
-mod metrics;
+pub(crate) mod metrics;
 mod ollama;
 mod openai;
 mod ratelimit;

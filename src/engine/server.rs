@@ -1,0 +1,647 @@
+//! The embedded engine served over HTTP as vLLM serves a model: `/v1/chat/completions` (the model's
+//! chat template, tools), `/v1/completions` (a prompt or a list of prompts, as text or token ids),
+//! streaming (SSE, `stream_options.include_usage`), usage with `prompt_tokens_details.cached_tokens`,
+//! `/v1/models` (with `max_model_len`), `/health`, `/metrics` (vLLM's names, the simulator's
+//! renderer), and vLLM's sampling extensions `ignore_eos`, `min_tokens`, `top_k`, `stop_token_ids`.
+//!
+//! Text goes through a [`TextCodec`] (the model directory's tokenizer, in Python), on blocking
+//! threads: at arrival to tokenize, and as tokens come out to detokenize incrementally.
+
+// A request's checks fail with the HTTP response to send: made once per refused request, never on
+// the path of a served one, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::local::LocalEngine;
+use super::scheduler::{EngineEvent, EngineRequest, Sampling};
+use crate::sim::server::metrics::{render as render_metrics, CacheConfig};
+
+/// The model's tokenizer. Calls may block (they take the GIL); the server makes them from blocking
+/// threads.
+pub trait TextCodec: Send + Sync + 'static {
+    /// The prompt of a chat request (its JSON body as sent, so objects keep their key order):
+    /// `messages`, and `tools` when `with_tools`, through the model's chat template.
+    fn encode_chat(&self, body_json: &str, with_tools: bool) -> Result<Vec<u32>, String>;
+    fn encode(&self, text: &str) -> Result<Vec<u32>, String>;
+    /// Incremental detokenization: the text `ids[read..]` adds, and the next `(prefix, read)`. Text
+    /// that ends in an incomplete character waits for the next token, unless `last`.
+    fn detokenize(&self, ids: &[u32], prefix: usize, read: usize, last: bool)
+        -> Result<(String, usize, usize), String>;
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub host: String,
+    pub port: u16,
+    /// The name clients send as `model` (vLLM: the path given, unless `--served-model-name`).
+    pub model: String,
+    /// Prompt plus output tokens one request may reach.
+    pub max_model_len: usize,
+    /// Tokens that end an output unless `ignore_eos` (the tokenizer's EOS ids).
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+}
+
+struct AppState {
+    engine: Arc<LocalEngine>,
+    codec: Arc<dyn TextCodec>,
+    options: ServeOptions,
+    next_id: std::sync::atomic::AtomicU64,
+    finish_reasons: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+/// A running server; `stop` ends it (and the engine).
+pub struct EngineServer {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl EngineServer {
+    /// Binds and serves `engine` on the current tokio runtime.
+    pub async fn start(
+        engine: Arc<LocalEngine>,
+        codec: Arc<dyn TextCodec>,
+        options: ServeOptions,
+    ) -> Result<Self, ServeError> {
+        let addr = format!("{}:{}", options.host, options.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr: addr.clone(), source })?;
+        let local = listener.local_addr().map_err(|source| ServeError::Bind { addr, source })?;
+        let state = Arc::new(AppState {
+            engine,
+            codec,
+            options,
+            next_id: std::sync::atomic::AtomicU64::new(0),
+            finish_reasons: Mutex::new(BTreeMap::new()),
+        });
+        let router = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/completions", post(completions))
+            .route("/v1/models", get(models))
+            .route("/health", get(health))
+            .route("/metrics", get(metrics))
+            .with_state(Arc::clone(&state));
+        // Token-by-token SSE frames are tiny writes: without TCP_NODELAY Nagle holds them back.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+                let _ = rx.await;
+            });
+            let _ = serve.await;
+        });
+        Ok(Self { addr: local, state, shutdown: Some(tx), task: Some(task) })
+    }
+
+    pub fn url(&self) -> String {
+        let ip = if self.addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { self.addr.ip().to_string() };
+        format!("http://{ip}:{}", self.addr.port())
+    }
+
+    /// Stops accepting and serving, then stops the engine (call it where the engine's executor can
+    /// run: without the GIL).
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let engine = Arc::clone(&self.state.engine);
+        // Open streams end when the engine's receivers close.
+        let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+        if let Some(task) = self.task.take() {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+}
+
+impl Drop for EngineServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response {
+    let mut r = Response::new(Body::from(value.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, message: &str, param: Option<&str>) -> Response {
+    let kind = match status.as_u16() {
+        400 => "BadRequestError",
+        404 => "NotFoundError",
+        503 => "ServiceUnavailableError",
+        _ => "InternalServerError",
+    };
+    json_response(
+        status,
+        &json!({"error": {"message": message, "type": kind, "param": param, "code": status.as_u16()}}),
+    )
+}
+
+fn bad(message: impl AsRef<str>) -> Response {
+    error(StatusCode::BAD_REQUEST, message.as_ref(), None)
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Response {
+    let o = &state.options;
+    json_response(
+        StatusCode::OK,
+        &json!({"object": "list", "data": [{
+            "id": o.model, "object": "model", "created": unix_now(), "owned_by": "batchagent", "root": o.model,
+            "parent": null, "max_model_len": o.max_model_len, "permission": []
+        }]}),
+    )
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    match state.engine.failure() {
+        None => Response::new(Body::empty()),
+        Some(why) => error(StatusCode::SERVICE_UNAVAILABLE, &why, None),
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let config = state.engine.config();
+    let cache = CacheConfig {
+        block_size: config.block_size,
+        num_gpu_blocks: config.kv_capacity_blocks,
+        prefix_caching: config.enable_prefix_caching,
+    };
+    let reasons = state.finish_reasons.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    let text = render_metrics(&state.options.model, &state.engine.metrics(), cache, &reasons);
+    let mut r = Response::new(Body::from(text));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    r
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// What a request asks of the engine, besides its prompt.
+struct Params {
+    max_tokens: Option<usize>,
+    sampling: Sampling,
+    stop_token_ids: Vec<u32>,
+    min_tokens: usize,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn uint(body: &Value, key: &str) -> Result<Option<u64>, Response> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| bad(format!("`{key}` must be a non-negative integer"))),
+    }
+}
+
+fn float(body: &Value, key: &str, default: f64) -> Result<f64, Response> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v.as_f64().ok_or_else(|| bad(format!("`{key}` must be a number"))),
+    }
+}
+
+fn parse_params(state: &AppState, body: &Value, max_key: &str) -> Result<Params, Response> {
+    let model = body.get("model").and_then(Value::as_str).unwrap_or_default();
+    if model != state.options.model {
+        return Err(error(StatusCode::NOT_FOUND, &format!("The model `{model}` does not exist."), Some("model")));
+    }
+    if !matches!(body.get("n"), None | Some(Value::Null)) && body.get("n").and_then(Value::as_u64) != Some(1) {
+        return Err(bad("only n = 1 is supported"));
+    }
+    let max_tokens =
+        uint(body, max_key)?.or(uint(body, "max_tokens")?).map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    let temperature = float(body, "temperature", 1.0)?;
+    let top_p = float(body, "top_p", 1.0)?;
+    // vLLM: top_k -1 (or 0) means all tokens.
+    let top_k = match body.get("top_k") {
+        None | Some(Value::Null) => 0,
+        Some(v) => match v.as_i64() {
+            Some(k) if k <= 0 => 0,
+            Some(k) => u32::try_from(k).unwrap_or(u32::MAX),
+            None => return Err(bad("`top_k` must be an integer")),
+        },
+    };
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(bad(format!("temperature {temperature} is not in [0, 2]")));
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(bad(format!("top_p {top_p} is not in (0, 1]")));
+    }
+    let seed = match body.get("seed") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_i64().ok_or_else(|| bad("`seed` must be an integer"))? as u64),
+    };
+    let mut stop_token_ids = Vec::new();
+    if body.get("ignore_eos").and_then(Value::as_bool) != Some(true) {
+        stop_token_ids.extend(&state.options.eos_token_ids);
+    }
+    if let Some(ids) = body.get("stop_token_ids").filter(|v| !v.is_null()) {
+        let ids = ids.as_array().ok_or_else(|| bad("`stop_token_ids` must be a list of token ids"))?;
+        for id in ids {
+            let id =
+                id.as_u64().and_then(|i| u32::try_from(i).ok()).ok_or_else(|| bad("`stop_token_ids`: a bad id"))?;
+            stop_token_ids.push(id);
+        }
+    }
+    if body.get("stop").is_some_and(|s| !s.is_null() && s.as_array().is_none_or(|a| !a.is_empty())) {
+        return Err(bad("`stop` strings are not supported by this server; use `stop_token_ids`"));
+    }
+    Ok(Params {
+        max_tokens,
+        sampling: Sampling { temperature, top_p, top_k, seed },
+        stop_token_ids,
+        min_tokens: usize::try_from(uint(body, "min_tokens")?.unwrap_or(0)).unwrap_or(usize::MAX),
+        stream: body.get("stream").and_then(Value::as_bool) == Some(true),
+        include_usage: body.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true),
+    })
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, Response> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(bad(e)),
+        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, &format!("the tokenizer failed: {e}"), None)),
+    }
+}
+
+/// One sequence's submission: the request to the engine, after checking its length.
+fn request(state: &AppState, prompt: Vec<u32>, p: &Params) -> Result<EngineRequest, Response> {
+    let limit = state.options.max_model_len;
+    if prompt.is_empty() {
+        return Err(bad("the prompt is empty"));
+    }
+    let room = limit.saturating_sub(prompt.len());
+    let max_new = p.max_tokens.unwrap_or(room);
+    if prompt.len() + max_new > limit {
+        return Err(bad(format!(
+            "This model's maximum context length is {limit} tokens. However, you requested {} tokens ({} in the \
+             messages, {max_new} in the completion).",
+            prompt.len() + max_new,
+            prompt.len()
+        )));
+    }
+    Ok(EngineRequest {
+        prompt,
+        max_new_tokens: max_new,
+        stop_token_ids: p.stop_token_ids.clone(),
+        min_tokens: p.min_tokens,
+        sampling: p.sampling,
+        ..EngineRequest::default()
+    })
+}
+
+/// What one sequence produced.
+#[derive(Default)]
+struct Outcome {
+    ids: Vec<u32>,
+    prompt_tokens: usize,
+    cached_tokens: usize,
+    stopped: bool,
+}
+
+/// Text deltas of one sequence as its tokens come out, then its outcome; `None` when the engine
+/// closed the request without finishing it.
+async fn drive(
+    state: Arc<AppState>,
+    mut rx: mpsc::UnboundedReceiver<EngineEvent>,
+    mut on_text: impl FnMut(String) -> bool,
+    incremental: bool,
+) -> Result<Outcome, Response> {
+    let mut out = Outcome::default();
+    let (mut prefix, mut read) = (0, 0);
+    loop {
+        let Some(first) = rx.recv().await else {
+            let why = state.engine.failure().unwrap_or_else(|| "the engine stopped".into());
+            return Err(error(StatusCode::SERVICE_UNAVAILABLE, &why, None));
+        };
+        // Everything already queued goes into one detokenization.
+        let mut events = vec![first];
+        while let Ok(e) = rx.try_recv() {
+            events.push(e);
+        }
+        let mut finished = false;
+        for e in events {
+            match e {
+                EngineEvent::Token { id, .. } => out.ids.push(id),
+                EngineEvent::Started { cached_tokens } => out.cached_tokens = cached_tokens,
+                EngineEvent::Finished { prompt_tokens, cached_tokens, stopped, .. } => {
+                    out.prompt_tokens = prompt_tokens;
+                    out.cached_tokens = cached_tokens;
+                    out.stopped = stopped;
+                    finished = true;
+                }
+                EngineEvent::Rejected { prompt_tokens, max_new_tokens, kv_capacity_tokens } => {
+                    return Err(bad(format!(
+                        "{prompt_tokens} prompt tokens and {max_new_tokens} output tokens do not fit in the KV cache \
+                         ({kv_capacity_tokens} tokens)"
+                    )));
+                }
+            }
+        }
+        if incremental && read < out.ids.len() {
+            let codec = Arc::clone(&state.codec);
+            let ids = out.ids.clone();
+            let (text, p, r) = blocking(move || codec.detokenize(&ids, prefix, read, finished)).await?;
+            (prefix, read) = (p, r);
+            if !text.is_empty() && !on_text(text) {
+                // The client went away: dropping the receiver aborts the request.
+                return Err(error(StatusCode::INTERNAL_SERVER_ERROR, "the client went away", None));
+            }
+        }
+        if finished {
+            return Ok(out);
+        }
+    }
+}
+
+fn record(state: &AppState, reason: &'static str) {
+    *state.finish_reasons.lock().unwrap_or_else(PoisonError::into_inner).entry(reason).or_default() += 1;
+}
+
+fn usage(prompt: usize, cached: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}})
+}
+
+fn sse(value: &Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+fn stream_response(rx: mpsc::UnboundedReceiver<Bytes>) -> Response {
+    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
+    }));
+    let mut r = Response::new(body);
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// Tool calls in the Hermes / Qwen2.5 form the chat templates ask for:
+/// `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`; the text outside them is the content.
+fn parse_tool_calls(text: &str, id: u64) -> (String, Vec<Value>) {
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("<tool_call>") {
+        let after = &rest[start + "<tool_call>".len()..];
+        let Some(end) = after.find("</tool_call>") else { break };
+        let Ok(call) = serde_json::from_str::<Value>(after[..end].trim()) else { break };
+        let (Some(name), args) = (call.get("name").and_then(Value::as_str), call.get("arguments")) else { break };
+        content.push_str(&rest[..start]);
+        let arguments = match args {
+            Some(Value::String(s)) => s.clone(),
+            Some(v) => v.to_string(),
+            None => "{}".into(),
+        };
+        calls.push(json!({"id": format!("chatcmpl-tool-{id}-{}", calls.len()), "type": "function",
+                          "function": {"name": name, "arguments": arguments}}));
+        rest = &after[end + "</tool_call>".len()..];
+    }
+    content.push_str(rest);
+    (content.trim().to_owned(), calls)
+}
+
+async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    match chat_inner(state, &body).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Response> {
+    let body: Value = serde_json::from_slice(raw).map_err(|e| bad(format!("request body is not valid JSON: {e}")))?;
+    let p = parse_params(&state, &body, "max_completion_tokens")?;
+    if !body.get("messages").is_some_and(Value::is_array) {
+        return Err(bad("`messages` must be an array"));
+    }
+    let tools = body.get("tools").is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()));
+    let has_tools = tools && body.get("tool_choice").and_then(Value::as_str) != Some("none");
+    let codec = Arc::clone(&state.codec);
+    let text = String::from_utf8_lossy(raw).into_owned();
+    let prompt = blocking(move || codec.encode_chat(&text, has_tools)).await?;
+    let request = request(&state, prompt, &p)?;
+    let n = state.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = format!("chatcmpl-{n}");
+    let created = unix_now();
+    let model = state.options.model.clone();
+    let rx = state.engine.submit(request);
+    if !p.stream {
+        let out = drive(Arc::clone(&state), rx, |_| true, false).await?;
+        let codec = Arc::clone(&state.codec);
+        let ids = out.ids.clone();
+        let (text, _, _) = blocking(move || codec.detokenize(&ids, 0, 0, true)).await?;
+        let (content, calls) = if has_tools { parse_tool_calls(&text, n) } else { (text, Vec::new()) };
+        let reason = if !calls.is_empty() {
+            "tool_calls"
+        } else if out.stopped {
+            "stop"
+        } else {
+            "length"
+        };
+        record(&state, reason);
+        let mut message = json!({"role": "assistant", "content": content});
+        if !calls.is_empty() {
+            message["tool_calls"] = Value::Array(calls);
+        }
+        return Ok(json_response(
+            StatusCode::OK,
+            &json!({"id": id, "object": "chat.completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": reason}],
+                    "usage": usage(out.prompt_tokens, out.cached_tokens, out.ids.len())}),
+        ));
+    }
+    let (tx, frames) = mpsc::unbounded_channel::<Bytes>();
+    tokio::spawn(async move {
+        let chunk = |delta: Value, reason: Value| {
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason}]})
+        };
+        if tx.send(sse(&chunk(json!({"role": "assistant", "content": ""}), Value::Null))).is_err() {
+            return;
+        }
+        let sink = tx.clone();
+        let on_text = |text: String| sink.send(sse(&chunk(json!({"content": text}), Value::Null))).is_ok();
+        let Ok(out) = drive(Arc::clone(&state), rx, on_text, true).await else { return };
+        let reason = if out.stopped { "stop" } else { "length" };
+        record(&state, reason);
+        let _ = tx.send(sse(&chunk(json!({}), json!(reason))));
+        if p.include_usage {
+            let u = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [], "usage": usage(out.prompt_tokens, out.cached_tokens, out.ids.len())});
+            let _ = tx.send(sse(&u));
+        }
+        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n"));
+    });
+    Ok(stream_response(frames))
+}
+
+/// `prompt` as one or more prompts: text, a list of texts, token ids, or a list of token id lists.
+enum PromptInput {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+fn parse_prompts(body: &Value) -> Result<Vec<PromptInput>, Response> {
+    let ids = |v: &Value| -> Option<Vec<u32>> {
+        v.as_array()?.iter().map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok())).collect()
+    };
+    let out = match body.get("prompt") {
+        Some(Value::String(s)) => vec![PromptInput::Text(s.clone())],
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) => {
+            items.iter().filter_map(Value::as_str).map(|s| PromptInput::Text(s.to_owned())).collect()
+        }
+        Some(v @ Value::Array(items)) if items.iter().all(Value::is_number) => {
+            vec![PromptInput::Ids(ids(v).ok_or_else(|| bad("`prompt`: token ids must be non-negative integers"))?)]
+        }
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| ids(v).map(PromptInput::Ids))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("`prompt` must be a string, a list of strings, or token ids"))?,
+        _ => return Err(bad("`prompt` must be a string, a list of strings, or token ids")),
+    };
+    if out.is_empty() {
+        return Err(bad("`prompt` is an empty list"));
+    }
+    Ok(out)
+}
+
+async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    match completions_inner(state, &body).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response, Response> {
+    let body: Value = serde_json::from_slice(body).map_err(|e| bad(format!("request body is not valid JSON: {e}")))?;
+    let mut p = parse_params(&state, &body, "max_tokens")?;
+    // The completions API's default is 16 tokens.
+    p.max_tokens = p.max_tokens.or(Some(16));
+    let echo = body.get("echo").and_then(Value::as_bool) == Some(true);
+    if echo {
+        return Err(bad("`echo` is not supported by this server"));
+    }
+    let mut receivers = Vec::new();
+    for input in parse_prompts(&body)? {
+        let prompt = match input {
+            PromptInput::Ids(ids) => ids,
+            PromptInput::Text(text) => {
+                let codec = Arc::clone(&state.codec);
+                blocking(move || codec.encode(&text)).await?
+            }
+        };
+        receivers.push(request(&state, prompt, &p)?);
+    }
+    let receivers: Vec<_> = receivers.into_iter().map(|r| state.engine.submit(r)).collect();
+    let n = state.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = format!("cmpl-{n}");
+    let created = unix_now();
+    let model = state.options.model.clone();
+    if !p.stream {
+        let outs = futures_util::future::join_all(
+            receivers.into_iter().map(|rx| drive(Arc::clone(&state), rx, |_| true, false)),
+        )
+        .await;
+        let mut choices = Vec::new();
+        let (mut prompt_tokens, mut cached, mut completion) = (0, 0, 0);
+        for (i, out) in outs.into_iter().enumerate() {
+            let out = out?;
+            let codec = Arc::clone(&state.codec);
+            let ids = out.ids.clone();
+            let (text, _, _) = blocking(move || codec.detokenize(&ids, 0, 0, true)).await?;
+            let reason = if out.stopped { "stop" } else { "length" };
+            record(&state, reason);
+            prompt_tokens += out.prompt_tokens;
+            cached += out.cached_tokens;
+            completion += out.ids.len();
+            choices.push(json!({"index": i, "text": text, "logprobs": null, "finish_reason": reason}));
+        }
+        return Ok(json_response(
+            StatusCode::OK,
+            &json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                    "choices": choices, "usage": usage(prompt_tokens, cached, completion)}),
+        ));
+    }
+    let (tx, frames) = mpsc::unbounded_channel::<Bytes>();
+    tokio::spawn(async move {
+        let chunk = |i: usize, text: &str, reason: Value| {
+            json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                   "choices": [{"index": i, "text": text, "logprobs": null, "finish_reason": reason}]})
+        };
+        let tasks = receivers.into_iter().enumerate().map(|(i, rx)| {
+            let sink = tx.clone();
+            let state = Arc::clone(&state);
+            let chunk = &chunk;
+            async move {
+                let on_text = |text: String| sink.send(sse(&chunk(i, &text, Value::Null))).is_ok();
+                let out = drive(Arc::clone(&state), rx, on_text, true).await.ok()?;
+                let reason = if out.stopped { "stop" } else { "length" };
+                record(&state, reason);
+                sink.send(sse(&chunk(i, "", json!(reason)))).ok()?;
+                Some(out)
+            }
+        });
+        let outs = futures_util::future::join_all(tasks).await;
+        let Some(outs) = outs.into_iter().collect::<Option<Vec<_>>>() else { return };
+        if p.include_usage {
+            let (pt, ct, gen) =
+                outs.iter().fold((0, 0, 0), |(a, b, c), o| (a + o.prompt_tokens, b + o.cached_tokens, c + o.ids.len()));
+            let u = json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                           "choices": [], "usage": usage(pt, ct, gen)});
+            let _ = tx.send(sse(&u));
+        }
+        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n"));
+    });
+    Ok(stream_response(frames))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hermes_tool_calls_are_parsed_out_of_the_text() {
+        let (content, calls) = parse_tool_calls(
+            "Let me look.\n<tool_call>\n{\"name\": \"search\", \"arguments\": {\"q\": \"rust\"}}\n</tool_call>",
+            3,
+        );
+        assert_eq!(content, "Let me look.");
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0]["function"]["name"], "search");
+        assert_eq!(calls[0]["function"]["arguments"], "{\"q\":\"rust\"}");
+        let (content, calls) = parse_tool_calls("<tool_call>not json</tool_call>", 0);
+        assert_eq!((content.as_str(), calls.len()), ("<tool_call>not json</tool_call>", 0));
+    }
+}
