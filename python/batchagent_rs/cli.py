@@ -104,6 +104,11 @@ def _cmd_sim_serve(args: argparse.Namespace) -> int:
         f"simulator listening on {server.url} (profile {args.profile}, time scale {args.time_scale})",
         flush=True,
     )
+    return _serve_until_stopped(server)
+
+
+def _serve_until_stopped(server: Any) -> int:
+    """Keeps a started server up until SIGTERM or Ctrl-C, then stops it."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -128,16 +133,7 @@ def _cmd_engine_serve(args: argparse.Namespace) -> int:
         enable_prefix_caching=not args.no_enable_prefix_caching, seed=args.seed,
     )  # fmt: skip
     print(f"engine listening on {server.url} (model {args.served_model_name or args.model})", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-    return 0
+    return _serve_until_stopped(server)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

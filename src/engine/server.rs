@@ -103,23 +103,12 @@ impl EngineServer {
             .route("/health", get(health))
             .route("/metrics", get(metrics))
             .with_state(Arc::clone(&state));
-        // Token-by-token SSE frames are tiny writes: without TCP_NODELAY Nagle holds them back.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
-                let _ = rx.await;
-            });
-            let _ = serve.await;
-        });
-        Ok(Self { addr: local, state, shutdown: Some(tx), task: Some(task) })
+        let (shutdown, task) = crate::sim::server::serve_until_shutdown(listener, router);
+        Ok(Self { addr: local, state, shutdown: Some(shutdown), task: Some(task) })
     }
 
     pub fn url(&self) -> String {
-        let ip = if self.addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { self.addr.ip().to_string() };
-        format!("http://{ip}:{}", self.addr.port())
+        crate::sim::server::base_url(self.addr)
     }
 
     /// Stops accepting and serving, then stops the engine (call it where the engine's executor can

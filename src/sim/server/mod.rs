@@ -58,6 +58,39 @@ pub struct SimServer {
     task: Option<JoinHandle<()>>,
 }
 
+/// Serves `router` on `listener` until the returned sender is used (or dropped); the task ends
+/// once serving has stopped. Shared by the simulator and the embedded engine's server.
+pub(crate) fn serve_until_shutdown(
+    listener: tokio::net::TcpListener,
+    router: Router,
+) -> (oneshot::Sender<()>, JoinHandle<()>) {
+    // Token-by-token SSE frames are tiny writes: without TCP_NODELAY, Nagle's algorithm holds
+    // each one back until the client's delayed ACK (~40 ms), which no real server does.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+            let _ = rx.await;
+        });
+        // Serving ends only on shutdown or a listener failure; neither has anyone left to tell.
+        let _ = serve.await;
+    });
+    (tx, task)
+}
+
+/// Base URL of a server bound to `addr`, e.g. `http://127.0.0.1:PORT` (an unspecified bind
+/// address is reported as loopback; an IPv6 one in brackets).
+pub(crate) fn base_url(addr: SocketAddr) -> String {
+    let ip = if addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { addr.ip().to_string() };
+    if addr.is_ipv6() && !addr.ip().is_unspecified() {
+        format!("http://[{ip}]:{}", addr.port())
+    } else {
+        format!("http://{ip}:{}", addr.port())
+    }
+}
+
 impl SimServer {
     /// Bind, start the engine loop and serve. Port 0 takes an ephemeral port (see [`SimServer::url`]).
     pub async fn start(config: SimConfig) -> Result<SimServer, SimError> {
@@ -79,31 +112,13 @@ impl SimServer {
             engine,
             config,
         });
-        let router = router(Arc::clone(&state));
-        // Token-by-token SSE frames are tiny writes: without TCP_NODELAY, Nagle's algorithm holds
-        // each one back until the client's delayed ACK (~40 ms), which no real server does.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
-                let _ = rx.await;
-            });
-            // Serving ends only on shutdown or a listener failure; neither has anyone left to tell.
-            let _ = serve.await;
-        });
-        Ok(SimServer { addr: local, state, shutdown: Some(tx), task: Some(task) })
+        let (shutdown, task) = serve_until_shutdown(listener, router(Arc::clone(&state)));
+        Ok(SimServer { addr: local, state, shutdown: Some(shutdown), task: Some(task) })
     }
 
     /// Base URL, e.g. `http://127.0.0.1:PORT` (an unspecified bind address is reported as loopback).
     pub fn url(&self) -> String {
-        let ip = if self.addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { self.addr.ip().to_string() };
-        if self.addr.is_ipv6() && !self.addr.ip().is_unspecified() {
-            format!("http://[{ip}]:{}", self.addr.port())
-        } else {
-            format!("http://{ip}:{}", self.addr.port())
-        }
+        base_url(self.addr)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
