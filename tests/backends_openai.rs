@@ -263,7 +263,12 @@ async fn dynamo_sends_agent_hints_and_takes_dispatch_events() {
     let backend = connect(&format!("dynamo://{addr}"), &BackendOptions { agent_hints: true, ..options() }).unwrap();
     assert!(backend.capabilities().agent_hints);
     let mut req = request("stream:dynamo_dispatch.sse", true);
-    req.hints = Some(AgentHints { priority: 5, remaining_turns: 0, expected_output_tokens: Some(512) });
+    req.hints = Some(AgentHints {
+        priority: 5,
+        remaining_turns: 0,
+        expected_output_tokens: Some(512),
+        ..AgentHints::default()
+    });
     let (tx, mut rx) = mpsc::unbounded_channel();
     let response = backend.chat(req, Some(tx)).await.unwrap();
     let mut ready = Vec::new();

@@ -32,13 +32,20 @@ pub struct Capabilities {
     pub batch_generation: bool,
 }
 
-/// Hints a scheduler can pass to engines that take them (Dynamo `nvext.agent_hints`).
+/// Hints a scheduler can pass to engines that take them (Dynamo `nvext.agent_hints`, vLLM
+/// `priority`, the simulator's `batchagent` field).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AgentHints {
     /// Higher is more urgent.
     pub priority: i64,
     pub remaining_turns: u32,
     pub expected_output_tokens: Option<u32>,
+    /// The agent making the call (its job id), so the engine can tell its calls apart.
+    pub agent: String,
+    /// Seconds the agent is expected to be away in its tools should this call end in tool calls
+    /// (the run's 75th percentile of tool waits so far); `None` for an agent without tools or
+    /// before any tool wait was seen.
+    pub tool_wait_s: Option<f64>,
 }
 
 #[derive(Debug, Clone)]

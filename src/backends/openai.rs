@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use super::call::{estimate, merge_extra_body, whole_turn, with_call_timeout};
 use super::http::{AuthStyle, Endpoint, HttpClient};
 use super::url::BackendOptions;
-use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
+use super::{AgentHints, Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
 use crate::conversation::{Message, Role, ToolCall, ToolDef};
 use crate::limits::pacer::{Estimate, Ticket};
 use crate::stream::openai::{parse_chat_completion, parse_completions, ChatStreamAssembler, Completion, ListUsage};
@@ -223,6 +223,14 @@ impl OpenAiBackend {
             Some(hints) if self.engine_priority && self.flavour == Flavour::Vllm => Some(hints.remaining_turns),
             _ => None,
         };
+        // The tool-wait hint: only the simulator documents a field for it (see the README's engine
+        // hints); vLLM, SGLang and Dynamo have no KV retention field in their request schemas.
+        let batchagent = match &request.hints {
+            Some(AgentHints { agent, tool_wait_s: Some(wait), .. }) if self.flavour == Flavour::Sim => {
+                Some(json!({"agent": agent, "tool_wait_s": wait}))
+            }
+            _ => None,
+        };
         // OpenAI deprecated `max_tokens` for chat and its reasoning models reject it.
         let (max_tokens, max_completion_tokens) =
             if self.flavour == Flavour::OpenAi { (None, request.max_tokens) } else { (request.max_tokens, None) };
@@ -239,6 +247,7 @@ impl OpenAiBackend {
             stream_options: request.stream.then_some(StreamOptions { include_usage: true }),
             nvext,
             priority,
+            batchagent,
         }
     }
 
@@ -389,6 +398,8 @@ struct WireRequest<'a> {
     nvext: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     priority: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batchagent: Option<Value>,
 }
 
 #[derive(Serialize)]
@@ -535,7 +546,12 @@ mod tests {
             temperature: Some(0.0),
             request_id: "job-1-t0-a0".into(),
             stream: true,
-            hints: Some(AgentHints { priority: 3, remaining_turns: 1, expected_output_tokens: Some(200) }),
+            hints: Some(AgentHints {
+                priority: 3,
+                remaining_turns: 1,
+                expected_output_tokens: Some(200),
+                ..AgentHints::default()
+            }),
             text_deltas: true,
             extra_body: None,
         }
@@ -632,6 +648,22 @@ mod tests {
         let options = BackendOptions { engine_priority: true, ..BackendOptions::default() };
         let backend = OpenAiBackend::new(Flavour::Vllm, "http://127.0.0.1:1", &options).unwrap();
         assert!(backend.request_body(&plain).get("priority").is_none());
+    }
+
+    #[test]
+    fn the_tool_wait_hint_goes_to_the_simulator_only() {
+        let mut hinted = request();
+        if let Some(hints) = hinted.hints.as_mut() {
+            hints.agent = "job-7".to_owned();
+            hints.tool_wait_s = Some(1.5);
+        }
+        let body = backend(Flavour::Sim, false).request_body(&hinted);
+        assert_eq!(body["batchagent"], json!({"agent": "job-7", "tool_wait_s": 1.5}));
+        for other in [Flavour::Vllm, Flavour::Sglang, Flavour::OpenAi, Flavour::Dynamo, Flavour::Generic] {
+            assert!(backend(other, true).request_body(&hinted).get("batchagent").is_none(), "{other:?}");
+        }
+        // No wait seen yet (or an agent without tools): nothing to say.
+        assert!(backend(Flavour::Sim, false).request_body(&request()).get("batchagent").is_none());
     }
 
     #[test]

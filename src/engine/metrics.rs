@@ -59,6 +59,14 @@ pub struct EngineMetrics {
     pub requests_rejected: u64,
     /// `vllm:num_preemptions`
     pub preemptions: u64,
+    /// Finished requests whose blocks were pinned for their agent's return (tool-wait hints).
+    pub pins: u64,
+    /// Pins taken over by their agent's next request.
+    pub pins_returned: u64,
+    /// Pins released early because a request needed the room.
+    pub pins_dropped: u64,
+    /// Pins that ended at their deadline.
+    pub pins_expired: u64,
     pub steps: u64,
     /// Simulated time spent in steps (the engine's busy time; `sim_time` less the idle gaps).
     pub busy: Duration,

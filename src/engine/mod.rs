@@ -10,4 +10,4 @@ pub mod server;
 
 pub use local::{LocalEngine, LocalEngineError, StepExecutor};
 pub use metrics::{EngineMetrics, Histogram, TTFT_BUCKETS};
-pub use scheduler::{EngineEvent, EngineRequest, Sampling, Scheduler, SchedulerConfig, StepLayout, StepLoad};
+pub use scheduler::{EngineEvent, EngineRequest, Pin, Sampling, Scheduler, SchedulerConfig, StepLayout, StepLoad};

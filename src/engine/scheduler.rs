@@ -12,8 +12,14 @@
 //! (the simulator by its step-time model, the embedded engine by the model runner, from
 //! [`Scheduler::layout`]) and hands back the sampled tokens with [`Scheduler::complete_step`]. Time
 //! is the caller's too ([`Scheduler::now`]): simulated time in the simulator, real time in the engine.
+//!
+//! Tool-wait retention: a request carrying a [`Pin`] keeps its KV blocks after it finishes, under
+//! its agent's key, until the pin's deadline; the agent's next request with the same key takes
+//! them over (its whole history is then a prefix-cache hit). Pins are a hint, never a reason to
+//! stall: the pin that ends first is dropped whenever a block is missing, before any preemption
+//! and before a waiting request is turned away, and expired pins are dropped at each step.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -88,6 +94,35 @@ pub struct EngineRequest {
     /// Stop tokens are suppressed until this many tokens are out.
     pub min_tokens: usize,
     pub sampling: Sampling,
+    /// Keep the request's KV blocks after it finishes, for its agent's return (the client's
+    /// tool-wait hint).
+    pub pin: Option<Pin>,
+}
+
+/// A finished request's blocks held for its agent: they cannot be evicted until the agent's next
+/// request is admitted (which takes them over), `hold` passes from the request's end, or a request
+/// needs the room. A request whose `hold` is zero pins nothing but still takes its agent's pin over
+/// (an agent's last turn, which has no tool wait to come back from).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    /// The agent; its next request with the same key takes the blocks over.
+    pub key: String,
+    pub hold: Duration,
+}
+
+impl Pin {
+    /// The pin for a tool-wait hint: the blocks are held for twice the expected wait, at most
+    /// `ttl`. `wait` and `ttl` are in the scheduler's time.
+    pub fn for_tool_wait(key: String, wait: Duration, ttl: Duration) -> Self {
+        Self { key, hold: wait.saturating_mul(2).min(ttl) }
+    }
+}
+
+/// The blocks of a finished sequence, held for its agent (see [`Pin`]).
+struct Pinned {
+    seq: u64,
+    until: Duration,
+    later: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,6 +207,7 @@ struct Seq {
     first_token: Option<Duration>,
     cached_tokens: usize,
     done: bool,
+    pin: Option<Pin>,
 }
 
 impl Seq {
@@ -210,6 +246,7 @@ pub struct Scheduler {
     cache: PrefixCache,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
+    pins: HashMap<String, Pinned>,
     next_id: u64,
     /// The caller's clock: time since the engine started.
     pub now: Duration,
@@ -239,6 +276,7 @@ impl Scheduler {
             cache,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            pins: HashMap::new(),
             next_id: 0,
             now: Duration::ZERO,
             m: EngineMetrics::default(),
@@ -271,7 +309,40 @@ impl Scheduler {
             first_token: None,
             cached_tokens: 0,
             done: false,
+            pin: request.pin,
         });
+    }
+
+    /// Releases `key`'s pin (its blocks stay cached, evictable); `false` if it has none.
+    fn unpin(&mut self, key: &str) -> bool {
+        let Some(pinned) = self.pins.remove(key) else { return false };
+        self.cache.release_caching(pinned.seq, &pinned.later);
+        true
+    }
+
+    /// Releases the pin that ends first, to make room; `false` if there is none.
+    fn drop_a_pin(&mut self) -> bool {
+        let first = self.pins.iter().min_by(|a, b| a.1.until.cmp(&b.1.until).then_with(|| a.0.cmp(b.0)));
+        let Some(key) = first.map(|(k, _)| k.clone()) else { return false };
+        self.m.pins_dropped += 1;
+        self.unpin(&key)
+    }
+
+    /// Releases the pins whose deadline is at or before [`Scheduler::now`].
+    fn expire_pins(&mut self) {
+        let now = self.now;
+        let ended: Vec<String> = self.pins.iter().filter(|(_, p)| p.until <= now).map(|(k, _)| k.clone()).collect();
+        for key in ended {
+            self.m.pins_expired += 1;
+            self.unpin(&key);
+        }
+    }
+
+    /// The agents whose blocks are pinned now, with each pin's deadline.
+    pub fn pinned(&self) -> Vec<(String, Duration)> {
+        let mut pins: Vec<_> = self.pins.iter().map(|(k, p)| (k.clone(), p.until)).collect();
+        pins.sort();
+        pins
     }
 
     pub fn is_idle(&self) -> bool {
@@ -295,6 +366,7 @@ impl Scheduler {
             }
             true
         });
+        self.expire_pins();
 
         let block_size = self.config.block_size;
         let mut budget = self.config.max_num_batched_tokens;
@@ -311,6 +383,9 @@ impl Scheduler {
             let blocks = self.cache.blocks_for(computed + n);
             let mut fits = true;
             while self.cache.grow(id, blocks).is_err() {
+                if self.drop_a_pin() {
+                    continue;
+                }
                 let Some(mut victim) = self.running.pop() else { break };
                 self.cache.release(victim.id);
                 victim.computed = 0;
@@ -344,13 +419,31 @@ impl Scheduler {
             if front.hashes.is_empty() && self.config.enable_prefix_caching {
                 front.hashes = block_hashes(&front.prompt, block_size);
             }
+            // The agent is back: its pinned blocks (and the hashes of its answer's blocks) become
+            // ordinary cached blocks, which the lookup below finds and the allocation references.
+            if let Some(key) = front.pin.as_ref().map(|p| p.key.clone()) {
+                if self.unpin(&key) {
+                    self.m.pins_returned += 1;
+                }
+            }
+            let Some(front) = self.waiting.front_mut() else { break };
             let total = front.total();
             let max_hit = total.saturating_sub(1) / block_size;
             let hit_tokens = self.cache.lookup(&front.hashes[..max_hit.min(front.hashes.len())]) * block_size;
             let n = (total - hit_tokens).min(budget);
             let blocks = self.cache.blocks_for(hit_tokens + n);
-            let Ok(alloc) = self.cache.allocate(front.id, total, &front.hashes, blocks) else { break };
             let Some(mut s) = self.waiting.pop_front() else { break };
+            let alloc = loop {
+                match self.cache.allocate(s.id, total, &s.hashes, blocks) {
+                    Ok(alloc) => break Some(alloc),
+                    Err(_) if self.drop_a_pin() => {}
+                    Err(_) => break None,
+                }
+            };
+            let Some(alloc) = alloc else {
+                self.waiting.push_front(s);
+                break;
+            };
             s.computed = alloc.hit_blocks * block_size;
             let n = (total - s.computed).min(budget);
             if s.admitted.is_none() {
@@ -433,6 +526,7 @@ impl Scheduler {
                 }
                 if s.tx.send(EngineEvent::Token { index, id }).is_err() {
                     s.done = true;
+                    s.pin = None;
                     self.m.requests_aborted += 1;
                     continue;
                 }
@@ -456,12 +550,27 @@ impl Scheduler {
         }
         let cache = &mut self.cache;
         let block_size = self.config.block_size;
-        self.running.retain(|s| {
+        let mut pinned = Vec::new();
+        self.running.retain_mut(|s| {
             if s.done {
-                cache.release_caching(s.id, &s.known_later_hashes(block_size));
+                let later = s.known_later_hashes(block_size);
+                match s.pin.take().filter(|p| !p.hold.is_zero()) {
+                    Some(pin) => {
+                        pinned.push((pin.key, Pinned { seq: s.id, until: now.saturating_add(pin.hold), later }));
+                    }
+                    None => {
+                        cache.release_caching(s.id, &later);
+                    }
+                }
             }
             !s.done
         });
+        for (key, held) in pinned {
+            self.m.pins += 1;
+            if let Some(old) = self.pins.insert(key, held) {
+                self.cache.release_caching(old.seq, &old.later);
+            }
+        }
         self.m.steps += 1;
     }
 
@@ -642,6 +751,149 @@ mod tests {
 
     fn toks(seed: u32, n: usize) -> Vec<u32> {
         (0..n as u32).map(|i| 1 + (seed.wrapping_mul(31).wrapping_add(i * 7)) % (VOCAB - 1)).collect()
+    }
+
+    /// Serves one request alone to its end, 10 ms of the scheduler's time a step, as the simulator
+    /// does (its output tokens given); returns its prefix-cache hit.
+    fn serve(s: &mut Scheduler, prompt: &[u32], output: &[u32], pin: Option<Pin>) -> usize {
+        let (tx, mut rx) = unbounded_channel();
+        let request = EngineRequest {
+            prompt: prompt.to_vec(),
+            max_new_tokens: output.len(),
+            output_tokens: output.to_vec(),
+            pin,
+            ..EngineRequest::default()
+        };
+        assert!(s.config().rejection(&request).is_none());
+        s.enqueue(request, tx, s.now);
+        let mut tokens = Vec::new();
+        loop {
+            s.now += Duration::from_millis(10);
+            assert!(s.schedule().is_some(), "a lone request that fits always runs");
+            s.complete_step(None);
+            if let Some(EngineEvent::Finished { cached_tokens, .. }) = drain(&mut rx, &mut tokens) {
+                return cached_tokens;
+            }
+        }
+    }
+
+    fn pin(key: &str, secs: u64) -> Pin {
+        Pin { key: key.to_owned(), hold: Duration::from_secs(secs) }
+    }
+
+    /// An agent's first turn (40 prompt + 8 output tokens), three other 48-token requests in its
+    /// tool wait, then its next turn (the whole history + 8 tokens) on a 32-block cache: returns the
+    /// next turn's hit and the counters.
+    fn next_turn_after_other_traffic(hint: Option<Pin>) -> (usize, EngineMetrics) {
+        let mut s = Scheduler::new(config(32, 64));
+        let (prompt, answer) = (toks(7, 40), toks(8, 8));
+        serve(&mut s, &prompt, &answer, hint.clone());
+        for other in 0..3 {
+            serve(&mut s, &toks(20 + other, 40), &toks(30 + other, 8), None);
+        }
+        let history: Vec<u32> = [prompt, answer, toks(9, 8)].concat();
+        let cached = serve(&mut s, &history, &toks(10, 4), hint);
+        (cached, s.snapshot())
+    }
+
+    #[test]
+    fn a_pinned_agent_finds_its_whole_history_cached_after_other_traffic() {
+        let (unpinned, m) = next_turn_after_other_traffic(None);
+        assert_eq!(unpinned, 0, "LRU evicted the agent's blocks");
+        assert_eq!(m.pins, 0);
+        let (pinned, m) = next_turn_after_other_traffic(Some(pin("agent-1", 10)));
+        // Its prompt and its answer but the newest token: 47 tokens computed, 11 full blocks.
+        assert_eq!(pinned, 44);
+        // Both turns pinned; the second took the first's pin over.
+        assert_eq!((m.pins, m.pins_returned, m.pins_dropped, m.pins_expired), (2, 1, 0, 0));
+        assert_eq!(m.preemptions, 0);
+    }
+
+    #[test]
+    fn the_next_request_takes_the_pin_over_and_a_pin_ends_at_its_deadline() {
+        let mut s = Scheduler::new(config(32, 64));
+        let (prompt, answer) = (toks(7, 12), toks(8, 4));
+        serve(&mut s, &prompt, &answer, Some(pin("a", 3)));
+        let finished = s.now;
+        assert_eq!(s.pinned(), vec![("a".to_owned(), finished + Duration::from_secs(3))]);
+        // Its last turn has no tool wait to hint (a zero hold): it takes the pin over and pins nothing.
+        let history: Vec<u32> = [prompt.clone(), answer.clone(), toks(9, 4)].concat();
+        assert_eq!(serve(&mut s, &history, &toks(10, 2), Some(pin("a", 0))), 12);
+        assert!(s.pinned().is_empty());
+        assert_eq!((s.snapshot().pins, s.snapshot().pins_returned), (1, 1));
+
+        // Pinned again; a step just before the deadline keeps it, the first step at it releases it.
+        serve(&mut s, &prompt, &answer, Some(pin("a", 3)));
+        let until = s.now + Duration::from_secs(3);
+        s.now = until.saturating_sub(Duration::from_millis(20));
+        serve(&mut s, &toks(11, 4), &toks(12, 1), None);
+        assert_eq!(s.pinned(), vec![("a".to_owned(), until)]);
+        serve(&mut s, &toks(13, 4), &toks(14, 1), None);
+        assert!(s.pinned().is_empty());
+        let m = s.snapshot();
+        assert_eq!((m.pins, m.pins_returned, m.pins_dropped, m.pins_expired), (2, 1, 0, 1));
+        // Expired, its blocks are cached but evictable: nothing is held.
+        assert!(m.kv_usage.abs() < f64::EPSILON, "{}", m.kv_usage);
+    }
+
+    #[test]
+    fn pins_are_dropped_before_any_preemption() {
+        let mut s = Scheduler::new(config(32, 64));
+        for agent in 0..3u32 {
+            serve(
+                &mut s,
+                &toks(40 + agent, 28),
+                &toks(50 + agent, 4),
+                Some(pin(&format!("agent-{agent}"), 10 + u64::from(agent))),
+            );
+        }
+        // 24 of 32 blocks pinned; a 64-token request needs 16: the pin that ends first gives way.
+        serve(&mut s, &toks(60, 60), &toks(61, 4), None);
+        assert_eq!(s.pinned().iter().map(|p| p.0.as_str()).collect::<Vec<_>>(), vec!["agent-1", "agent-2"]);
+        let m = s.snapshot();
+        assert_eq!((m.pins, m.pins_dropped, m.preemptions), (3, 1, 0));
+
+        // Two running sequences outgrowing the cache: the last pin goes before either is preempted.
+        let mut s = Scheduler::new(config(16, 64));
+        serve(&mut s, &toks(70, 16), &toks(71, 4), Some(pin("a", 10)));
+        let mut rxs = Vec::new();
+        for seed in [80, 81] {
+            let (tx, rx) = unbounded_channel();
+            let out = toks(seed + 10, 12);
+            s.enqueue(
+                EngineRequest {
+                    prompt: toks(seed, 12),
+                    max_new_tokens: 12,
+                    output_tokens: out,
+                    ..EngineRequest::default()
+                },
+                tx,
+                s.now,
+            );
+            rxs.push(rx);
+        }
+        let mut finished = 0;
+        while finished < 2 {
+            s.now += Duration::from_millis(10);
+            if s.schedule().is_some() {
+                s.complete_step(None);
+            }
+            for rx in &mut rxs {
+                while let Ok(e) = rx.try_recv() {
+                    finished += usize::from(matches!(e, EngineEvent::Finished { .. }));
+                }
+            }
+        }
+        let m = s.snapshot();
+        assert_eq!((m.pins_dropped, m.preemptions), (1, 0), "{m:?}");
+    }
+
+    #[test]
+    fn a_tool_wait_pin_holds_twice_the_wait_at_most_the_ttl() {
+        let ttl = Duration::from_secs(30);
+        assert_eq!(Pin::for_tool_wait("a".into(), Duration::from_secs(4), ttl).hold, Duration::from_secs(8));
+        assert_eq!(Pin::for_tool_wait("a".into(), Duration::from_secs(20), ttl).hold, ttl);
+        assert_eq!(Pin::for_tool_wait("a".into(), Duration::MAX, ttl).hold, ttl);
     }
 
     #[test]

@@ -656,6 +656,12 @@ impl Agent<'_> {
                     priority: -i64::from(remaining),
                     remaining_turns: remaining,
                     expected_output_tokens: ctx.spec.max_tokens,
+                    agent: self.job_id.to_owned(),
+                    tool_wait_s: if ctx.spec.engine_hints && !ctx.spec.tools.is_empty() {
+                        ctx.stats.tool_wait.quantile(0.75)
+                    } else {
+                        None
+                    },
                 }),
                 text_deltas: false,
                 extra_body: self.extra_body.clone(),
@@ -814,6 +820,7 @@ impl Agent<'_> {
         self.state.tool_calls += calls.len() as u32;
         // Counted before any call starts: whoever sees a tool running sees its agent waiting.
         let waiting = Gauge::enter(&self.ctx.stats.agents_in_tools);
+        let wait_started = Instant::now();
         let handles: Vec<_> =
             calls.iter().map(|call| early.take(call).unwrap_or_else(|| spawn_tool(&self.ctx.tools, call))).collect();
         // What the stream started and the final turn did not ask for is not waited on.
@@ -848,6 +855,7 @@ impl Agent<'_> {
             }
             results.push(text);
         }
+        self.ctx.stats.tool_wait.record(wait_started.elapsed());
         drop(waiting);
         if let Some(message) = raised {
             return Err(Failure::Tool(message));

@@ -167,6 +167,8 @@ pub struct RunStats {
     pub ttft: Histogram,
     pub model_latency: Histogram,
     pub job_latency: Histogram,
+    /// How long an agent waited for its tool calls of one turn (all of them, run concurrently).
+    pub tool_wait: Histogram,
     errors: Mutex<Vec<(String, u64)>>,
 }
 

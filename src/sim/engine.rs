@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-pub use crate::engine::{EngineEvent, EngineMetrics, EngineRequest, Histogram, TTFT_BUCKETS};
+pub use crate::engine::{EngineEvent, EngineMetrics, EngineRequest, Histogram, Pin, TTFT_BUCKETS};
 use crate::engine::{Scheduler, StepLoad};
 
 use super::profile::{Profile, ProfileError};

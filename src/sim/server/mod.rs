@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 
 use super::behaviour::{self, AgentRequest, Piece, Reply};
 use super::config::{BehaviourConfig, SimConfig, SimError};
-use super::engine::{Engine, EngineEvent, EngineRequest};
+use super::engine::{Engine, EngineEvent, EngineRequest, Pin};
 use super::faults::{Decision, Fault, Faults};
 use super::profile::Profile;
 use super::tokenizer;
@@ -403,6 +403,37 @@ pub(crate) fn generate(
     prompt: &str,
     max_tokens: Option<u32>,
 ) -> Result<Generation, Refusal> {
+    generate_pinned(state, req, behaviour, prompt, max_tokens, None)
+}
+
+/// The client's tool-wait hint, `"batchagent": {"agent": "<id>", "tool_wait_s": <seconds>}`: when
+/// the reply ends in tool calls, the request's KV blocks are kept for the agent for twice the wait
+/// (in simulated time, which the tool wait is scaled into), at most `kv_pin_ttl`; `None` without
+/// the field.
+pub(crate) fn tool_wait_pin(state: &AppState, body: &Value) -> Result<Option<Pin>, String> {
+    let Some(hint) = body.get("batchagent").filter(|v| !v.is_null()) else { return Ok(None) };
+    let agent = hint.get("agent").and_then(Value::as_str).filter(|a| !a.is_empty());
+    let wait = hint.get("tool_wait_s").and_then(Value::as_f64).filter(|w| w.is_finite() && *w >= 0.0);
+    let (Some(agent), Some(wait)) = (agent, wait) else {
+        return Err("batchagent: expected {\"agent\": a non-empty string, \"tool_wait_s\": seconds >= 0}".to_owned());
+    };
+    let scale = state.engine.time_scale();
+    // Under time scale 0 the engine never waits for real time: only the TTL bounds the pin.
+    let wait_sim =
+        if scale > 0.0 { Duration::try_from_secs_f64(wait / scale).unwrap_or(Duration::MAX) } else { Duration::MAX };
+    let ttl = Duration::try_from_secs_f64(state.config.kv_pin_ttl).unwrap_or(Duration::MAX);
+    Ok(Some(Pin::for_tool_wait(agent.to_owned(), wait_sim, ttl)))
+}
+
+/// [`generate`], with the request's blocks pinned for its agent after it finishes.
+pub(crate) fn generate_pinned(
+    state: &AppState,
+    req: &AgentRequest,
+    behaviour: &BehaviourConfig,
+    prompt: &str,
+    max_tokens: Option<u32>,
+    pin: Option<Pin>,
+) -> Result<Generation, Refusal> {
     let reply = behaviour::reply(behaviour, state.config.seed, req);
     let pieces = behaviour::pieces(&reply);
     let max_new = max_tokens.map_or(pieces.len(), |m| pieces.len().min(m as usize));
@@ -425,7 +456,10 @@ pub(crate) fn generate(
     if prompt_tokens + max_new_tokens > capacity {
         return Err(Refusal::TooLong { prompt: prompt_tokens, completion: max_new_tokens, limit: capacity });
     }
-    let events = state.engine.submit(EngineRequest { prompt: tokens, max_new_tokens, ..EngineRequest::default() });
+    // Only a turn that ends in tool calls has a return to wait for; the agent's other turns still
+    // take its pin over.
+    let pin = pin.map(|p| if reply.tool_calls.is_empty() { Pin { hold: Duration::ZERO, ..p } } else { p });
+    let events = state.engine.submit(EngineRequest { prompt: tokens, max_new_tokens, pin, ..EngineRequest::default() });
     Ok(Generation { reply, pieces, max_new, prompt_tokens, events })
 }
 

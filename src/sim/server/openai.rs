@@ -236,9 +236,15 @@ async fn chat_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Response {
         let allow_parallel = body.get("parallel_tool_calls").and_then(Value::as_bool).unwrap_or(true);
         let behaviour = request_behaviour(&state, &body)?;
         let max = max_tokens(&body, None)?;
-        Ok((AgentRequest { messages, tools, tool_choice, response_schema, json_mode, allow_parallel }, behaviour, max))
+        let pin = super::tool_wait_pin(&state, &body)?;
+        Ok((
+            AgentRequest { messages, tools, tool_choice, response_schema, json_mode, allow_parallel },
+            behaviour,
+            max,
+            pin,
+        ))
     })();
-    let (req, behaviour, max) = match parsed {
+    let (req, behaviour, max, pin) = match parsed {
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e, None),
     };
@@ -253,7 +259,7 @@ async fn chat_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Response {
         return error(StatusCode::INTERNAL_SERVER_ERROR, message, None);
     }
     let prompt = render_chatml(&req.messages, &req.tools);
-    let mut g = match generate(&state, &req, &behaviour, &prompt, max) {
+    let mut g = match super::generate_pinned(&state, &req, &behaviour, &prompt, max, pin) {
         Ok(g) => g,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.vllm(), Some("messages")),
     };

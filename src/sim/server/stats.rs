@@ -149,6 +149,7 @@ impl Stats {
                 "kv_usage": engine.kv_usage,
                 "steps": engine.steps,
                 "preemptions": engine.preemptions,
+                "kv_pins": {"made": engine.pins, "returned": engine.pins_returned, "dropped": engine.pins_dropped, "expired": engine.pins_expired},
                 "requests_rejected": engine.requests_rejected,
                 "requests_aborted": engine.requests_aborted,
                 "sim_time_seconds": engine.sim_time.as_secs_f64(),

@@ -1,0 +1,166 @@
+"""The tool-wait hint (`engine_hints=True`): each model call of an agent with tools tells the engine
+how long the agent will be away in its tools (the run's 75th percentile of tool waits so far), and
+the simulator keeps that agent's KV blocks for its return."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchagent_rs import Batch, sim, tool
+
+
+def lookup() -> Any:
+    @tool(cache=False)
+    def lookup(query: str) -> str:
+        """Look something up."""
+        return f"about {query}"
+
+    return lookup
+
+
+def pins(hints: bool) -> dict[str, int]:
+    with sim.start(time_scale=0, seed=3, tool_rounds=2, distinct_args=100) as server:
+        batch = Batch(
+            "Research {topic}.",
+            tools=[lookup()],
+            backend="sim://" + server.url.removeprefix("http://"),
+            engine_hints=hints,
+            max_turns=6,
+        )
+        results = batch.run([{"topic": f"topic {i}"} for i in range(8)])
+        assert all(r.ok and r.tool_calls == 2 for r in results), results
+        counts: dict[str, int] = server.stats()["engine"]["kv_pins"]
+    return counts
+
+
+def test_agents_with_tools_hint_their_tool_wait_and_the_simulator_keeps_their_blocks() -> None:
+    counts = pins(hints=True)
+    # An agent's second call comes after its own first tool round, so it carries the hint (its
+    # first may too, when another agent's tools finished before it went out); it asks for the
+    # second round, so it is pinned and taken over by the agent's next call. The answer is hinted
+    # too, but an answer has no return to keep blocks for.
+    assert 8 <= counts["made"] <= 16, counts
+    assert counts["returned"] == counts["made"], counts
+    assert counts["dropped"] == 0, counts
+
+
+def test_without_engine_hints_nothing_is_pinned() -> None:
+    assert pins(hints=False) == {"made": 0, "returned": 0, "dropped": 0, "expired": 0}
+
+
+def test_a_malformed_hint_is_refused_by_the_simulator() -> None:
+    import urllib.error
+    import urllib.request
+
+    with sim.start(time_scale=0, seed=3) as server:
+        body = {
+            "model": "sim-model",
+            "messages": [{"role": "user", "content": "hi"}],
+            "batchagent": {"agent": "a", "tool_wait_s": -1},
+        }
+        request = urllib.request.Request(
+            server.url + "/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 400
+        assert "tool_wait_s" in refused.value.read().decode()
+
+
+def next_turn_cache_hit(tmp_path: Path, hint: bool) -> tuple[int, int, dict[str, int]]:
+    """An agent's tool-calling turn, eight other agents' turns while it waits for its tool (more
+    than the rest of a 2,048-token KV cache holds), then its next turn over its whole history:
+    returns the first turn's prompt tokens, the next turn's cached prompt tokens and the pin counts."""
+    import openai
+
+    profile = tmp_path / "small-kv.json"
+    profile.write_text(
+        json.dumps(
+            {
+                "name": "small-kv",
+                "hardware": "none",
+                "model": "test",
+                "block_size": 16,
+                "max_num_seqs": 8,
+                "max_num_batched_tokens": 512,
+                "kv_capacity_tokens": 2048,
+                "enable_prefix_caching": True,
+                "step": {
+                    "base_us": 1000.0,
+                    "prefill_token_us": 1.0,
+                    "prefill_attn_ns": 0.0,
+                    "decode_seq_us": 10.0,
+                    "kv_read_ns": 0.0,
+                },
+                "calibration": {"method": "fixed constants for tests"},
+            }
+        )
+    )
+
+    def words(seed: int, n: int) -> str:
+        return " ".join(f"w{(seed * 7919 + i * 31) % 997}" for i in range(n))
+
+    tools: list[Any] = [
+        {
+            "type": "function",
+            "function": {
+                "name": "lookup",
+                "description": "Look something up.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"query": {"type": "string"}},
+                    "required": ["query"],
+                },
+            },
+        }
+    ]
+    with sim.start(profile=str(profile), time_scale=0, seed=5, output_tokens="fixed:20") as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        extra = {"batchagent": {"agent": "agent-1", "tool_wait_s": 0.8}} if hint else None
+        messages: list[Any] = [
+            {"role": "system", "content": words(1, 300)},
+            {"role": "user", "content": "Research topic 1."},
+        ]
+        first = client.chat.completions.create(
+            model="m", messages=messages, tools=tools, max_tokens=64, extra_body=extra
+        )
+        call = first.choices[0].message
+        assert call.tool_calls, call
+        for other in range(8):
+            client.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": words(10 + other, 300)}],
+                max_tokens=32,
+            )
+        messages.append(call.model_dump(exclude_none=True))
+        messages += [
+            {"role": "tool", "tool_call_id": c.id, "content": "about topic 1"} for c in call.tool_calls
+        ]
+        second = client.chat.completions.create(
+            model="m", messages=messages, tools=tools, max_tokens=64, extra_body=extra
+        )
+        assert first.usage is not None and second.usage is not None
+        details = second.usage.prompt_tokens_details
+        cached = details.cached_tokens if details is not None and details.cached_tokens is not None else 0
+        counts: dict[str, int] = server.stats()["engine"]["kv_pins"]
+    return first.usage.prompt_tokens, cached, counts
+
+
+def test_the_hinted_agents_next_turn_finds_its_history_cached_under_memory_pressure(tmp_path: Path) -> None:
+    prompt, cached, counts = next_turn_cache_hit(tmp_path, hint=True)
+    # Its whole first prompt (its full blocks; the last is always computed) comes from the cache.
+    assert cached >= prompt - 16, (prompt, cached)
+    assert counts["made"] >= 1 and counts["returned"] == 1 and counts["dropped"] == 0, counts
+
+
+def test_without_the_hint_the_next_turn_recomputes_its_history(tmp_path: Path) -> None:
+    prompt, cached, counts = next_turn_cache_hit(tmp_path, hint=False)
+    # The other agents' turns evicted its blocks, least recently used first.
+    assert cached < prompt // 4, (prompt, cached)
+    assert counts == {"made": 0, "returned": 0, "dropped": 0, "expired": 0}
