@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,3 +234,156 @@ def test_a_local_backend_starts_the_engine_for_a_batch(model_dir: tuple[Any, Any
             server.stop()
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     assert all(0 < r.usage.completion_tokens <= 6 for r in results), [r.usage for r in results]
+
+
+CALL = '<tool_call>{"name": "lookup", "arguments": {}}</tool_call>'
+LOOKUP: list[Any] = [
+    {"type": "function", "function": {"name": "lookup", "description": "Look something up.",
+                                      "parameters": {"type": "object", "properties": {}}}},
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tool_model_dir(model_dir: tuple[Any, Any, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen2 rewired to answer every turn with one token whose text is a call of `lookup`:
+    its layers add nothing to the residual stream (zero output projections), every embedding is
+    the same vector, and only that token's row of the LM head is not zero."""
+    _, _, src = model_dir
+    path = tmp_path_factory.mktemp("engine") / "tool-caller"
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    tok.add_tokens([CALL])
+    call_id = tok.convert_tokens_to_ids(CALL)
+    assert call_id < VOCAB
+    tok.save_pretrained(path)
+    model = transformers.Qwen2ForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[call_id, 0] = 10.0
+    model.save_pretrained(path)
+    return path
+
+
+def pin_counts(url: str) -> dict[str, int]:
+    metrics = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
+    counts = {}
+    for line in metrics.splitlines():
+        if line.startswith("batchagent:kv_pins_total{"):
+            counts[line.split('event="')[1].split('"')[0]] = int(float(line.split()[-1]))
+    return counts
+
+
+def next_turn_cached(path: Path, hint: bool) -> tuple[int, int, dict[str, int]]:
+    """An agent's tool-calling turn, eight other requests while it waits for its tool (far more
+    than the rest of a 512-token KV cache holds), then its next turn over its whole history:
+    returns the first turn's prompt tokens, the next turn's cached prompt tokens and the pin counts."""
+
+    def words(seed: int, n: int) -> str:
+        return " ".join(f"w{(seed * 7919 + i * 31) % 997}" for i in range(n))
+
+    # The hinted wait (twice it) and the TTL are far longer than the test runs.
+    server = serve.start(str(path), device="cpu", port=0, kv_cache_tokens=512, kv_pin_ttl=3600)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        extra = {"batchagent": {"agent": "agent-1", "tool_wait_s": 3600}} if hint else None
+        messages: list[Any] = [
+            {"role": "system", "content": words(1, 15)},
+            {"role": "user", "content": "Research topic 1."},
+        ]
+        first = client.chat.completions.create(
+            model=str(path), messages=messages, tools=LOOKUP, max_tokens=1, temperature=0, extra_body=extra
+        )
+        call = first.choices[0].message
+        assert call.tool_calls and first.choices[0].finish_reason == "tool_calls", call
+        for other in range(8):
+            client.chat.completions.create(
+                model=str(path),
+                messages=[{"role": "user", "content": words(10 + other, 15)}],
+                max_tokens=1,
+                temperature=0,
+            )
+        messages.append(call.model_dump(exclude_none=True))
+        messages += [
+            {"role": "tool", "tool_call_id": c.id, "content": "about topic 1"} for c in call.tool_calls
+        ]
+        second = client.chat.completions.create(
+            model=str(path), messages=messages, tools=LOOKUP, max_tokens=1, temperature=0, extra_body=extra
+        )
+        # A request after it: its step's counters are out once this one is answered.
+        client.completions.create(model=str(path), prompt="the engine", max_tokens=1)
+        counts = pin_counts(server.url)
+    finally:
+        server.stop()
+    assert first.usage is not None and second.usage is not None
+    details = second.usage.prompt_tokens_details
+    cached = details.cached_tokens if details is not None and details.cached_tokens is not None else 0
+    return first.usage.prompt_tokens, cached, counts
+
+
+def test_a_tool_wait_hint_keeps_the_agents_history_cached_under_memory_pressure(tool_model_dir: Path) -> None:
+    prompt, cached, counts = next_turn_cached(tool_model_dir, hint=True)
+    assert 128 <= prompt <= 400, prompt
+    # Its whole first prompt (its full blocks; the last is always computed) comes from the cache.
+    assert cached >= prompt - 16, (prompt, cached)
+    # The next turn takes the pin over, and calls the tool again: pinned again.
+    assert counts == {"made": 2, "returned": 1, "dropped": 0, "expired": 0}, counts
+    prompt, cached, counts = next_turn_cached(tool_model_dir, hint=False)
+    # Without it, the other requests evicted its blocks, least recently used first.
+    assert cached < prompt // 4, (prompt, cached)
+    assert counts == {"made": 0, "returned": 0, "dropped": 0, "expired": 0}, counts
+
+
+def test_a_hinted_reply_without_tool_calls_keeps_nothing_and_a_malformed_hint_is_refused(
+    model_dir: tuple[Any, Any, Path],
+) -> None:
+    _, _, path = model_dir
+    server = serve.start(str(path), device="cpu", port=0, kv_cache_tokens=512)
+    try:
+        url = server.url + "/v1/chat/completions"
+        body = {"model": str(path), "messages": [{"role": "user", "content": "the engine"}], "max_tokens": 4,
+                "ignore_eos": True, "temperature": 0}  # fmt: skip
+        answer = post(url, {**body, "batchagent": {"agent": "a", "tool_wait_s": 5}})
+        assert answer["choices"][0]["finish_reason"] == "length"
+        # A request after it: the release was taken in before its steps.
+        post(url, body)
+        counts = pin_counts(server.url)
+        for bad_hint in ({"agent": "a", "tool_wait_s": -1}, {"agent": "", "tool_wait_s": 1}, {"agent": "a"}):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                post(url, {**body, "batchagent": bad_hint})
+            assert refused.value.code == 400
+            assert "tool_wait_s" in refused.value.read().decode()
+    finally:
+        server.stop()
+    # The reply called no tool: the pin made at its end is released at once.
+    assert counts == {"made": 1, "returned": 0, "dropped": 0, "expired": 1}, counts
+
+
+def test_a_local_backend_sends_the_tool_wait_hint(tool_model_dir: Path) -> None:
+    from batchagent_rs import Batch, tool
+
+    @tool(cache=False)
+    def lookup() -> str:
+        """Look something up."""
+        return "about it"
+
+    batch = Batch(
+        "Research {topic}.", tools=[lookup], backend=f"local://{tool_model_dir}?device=cpu&kv_cache_tokens=2048",
+        engine_hints=True, max_turns=4, max_tokens=1, temperature=0,
+        # The engine's streamed chat carries no tool calls; unstreamed replies do.
+        stream=False,
+    )  # fmt: skip
+    try:
+        results = batch.run([{"topic": f"topic {i}"} for i in range(2)])
+        counts = pin_counts(batch._engines[0].url)
+    finally:
+        for server in batch._engines:
+            server.stop()
+    # The agents call the tool until they run out of turns.
+    assert all(r.tool_calls >= 2 for r in results), [(r.tool_calls, r.error) for r in results]
+    # Each agent's turns after its first tool round carry the hint; each ends in a tool call, so
+    # its blocks are pinned (for twice the run's tool wait, which is short).
+    assert counts["made"] >= 2, counts

@@ -257,8 +257,10 @@ def serve_engine(
     max_num_seqs: int = 256,
     max_num_batched_tokens: int = 8192,
     enable_prefix_caching: bool = True,
+    kv_pin_ttl: float = 30.0,
 ) -> EngineServer:
-    """Serves `worker`'s model (an `EngineWorker`) as `model`; returns once it listens."""
+    """Serves `worker`'s model (an `EngineWorker`) as `model`; returns once it listens.
+    `kv_pin_ttl`: the longest a tool-wait hint keeps an agent's KV blocks, in seconds."""
 
 @final
 class TokenCounter:

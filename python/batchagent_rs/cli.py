@@ -131,6 +131,7 @@ def _cmd_engine_serve(args: argparse.Namespace) -> int:
         kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_enable_prefix_caching, seed=args.seed,
+        kv_pin_ttl=args.kv_pin_ttl,
     )  # fmt: skip
     print(f"engine listening on {server.url} (model {args.served_model_name or args.model})", flush=True)
     return _serve_until_stopped(server)
@@ -1175,6 +1176,10 @@ def build_parser() -> argparse.ArgumentParser:
     eserve.add_argument("--max-num-batched-tokens", type=_positive, default=8192)
     eserve.add_argument("--no-enable-prefix-caching", action="store_true")
     eserve.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    eserve.add_argument(
+        "--kv-pin-ttl", type=_seconds, default=30.0,
+        help="seconds a tool-wait hint may keep an agent's KV blocks at most (default 30)",
+    )  # fmt: skip
     eserve.set_defaults(func=_cmd_engine_serve)
     _add_fleet_commands(sub)
     return parser

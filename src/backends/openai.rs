@@ -81,6 +81,9 @@ pub struct OpenAiBackend {
     chat_url: Endpoint,
     agent_hints: bool,
     engine_priority: bool,
+    /// The endpoint reads the tool-wait hint: the simulator, or the embedded engine
+    /// (`local://`, served as `vllm://...?engine=batchagent`).
+    tool_wait_hint: bool,
     prepared: Mutex<Prepared>,
 }
 
@@ -134,6 +137,14 @@ impl std::fmt::Debug for OpenAiBackend {
 }
 
 impl OpenAiBackend {
+    /// Sends the tool-wait hint, which the endpoint reads (the embedded engine behind a
+    /// `vllm://` URL).
+    #[must_use]
+    pub fn with_tool_wait_hint(mut self) -> Self {
+        self.tool_wait_hint = true;
+        self
+    }
+
     /// `base_url` is the server (`http://host:8000`, `/v1` is added) or the API root when it has a
     /// path (`https://api.openai.com/v1`, `http://host/custom/v1`, used as given).
     pub fn new(flavour: Flavour, base_url: &str, options: &BackendOptions) -> Result<Self, BackendError> {
@@ -154,6 +165,7 @@ impl OpenAiBackend {
             chat_url,
             agent_hints: options.agent_hints,
             engine_priority: options.engine_priority,
+            tool_wait_hint: flavour == Flavour::Sim,
             prepared: Mutex::default(),
         })
     }
@@ -223,10 +235,10 @@ impl OpenAiBackend {
             Some(hints) if self.engine_priority && self.flavour == Flavour::Vllm => Some(hints.remaining_turns),
             _ => None,
         };
-        // The tool-wait hint: only the simulator documents a field for it (see the README's engine
-        // hints); vLLM, SGLang and Dynamo have no KV retention field in their request schemas.
+        // The tool-wait hint: only the simulator and the embedded engine read it (see the README's
+        // engine hints); vLLM, SGLang and Dynamo have no KV retention field in their request schemas.
         let batchagent = match &request.hints {
-            Some(AgentHints { agent, tool_wait_s: Some(wait), .. }) if self.flavour == Flavour::Sim => {
+            Some(AgentHints { agent, tool_wait_s: Some(wait), .. }) if self.tool_wait_hint => {
                 Some(json!({"agent": agent, "tool_wait_s": wait}))
             }
             _ => None,
@@ -651,7 +663,7 @@ mod tests {
     }
 
     #[test]
-    fn the_tool_wait_hint_goes_to_the_simulator_only() {
+    fn the_tool_wait_hint_goes_to_the_simulator_and_the_embedded_engine_only() {
         let mut hinted = request();
         if let Some(hints) = hinted.hints.as_mut() {
             hints.agent = "job-7".to_owned();
@@ -662,6 +674,9 @@ mod tests {
         for other in [Flavour::Vllm, Flavour::Sglang, Flavour::OpenAi, Flavour::Dynamo, Flavour::Generic] {
             assert!(backend(other, true).request_body(&hinted).get("batchagent").is_none(), "{other:?}");
         }
+        // The embedded engine, spoken to as vLLM, reads it too.
+        let engine = backend(Flavour::Vllm, false).with_tool_wait_hint();
+        assert_eq!(engine.request_body(&hinted)["batchagent"], json!({"agent": "job-7", "tool_wait_s": 1.5}));
         // No wait seen yet (or an agent without tools): nothing to say.
         assert!(backend(Flavour::Sim, false).request_body(&request()).get("batchagent").is_none());
     }

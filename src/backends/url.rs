@@ -295,6 +295,9 @@ pub fn connect(url: &str, options: &BackendOptions) -> Result<Arc<dyn Backend>, 
     let allowed: &[&str] = match parsed.scheme {
         Scheme::Ollama => &["api"],
         Scheme::Bedrock => &["profile"],
+        // `engine=batchagent`: the server is BatchAgent's embedded engine (how `local://` is
+        // spoken to), which reads the tool-wait hint.
+        Scheme::Vllm => &["engine"],
         _ => &[],
     };
     if parsed.scheme != Scheme::Sim {
@@ -344,7 +347,12 @@ pub fn connect(url: &str, options: &BackendOptions) -> Result<Arc<dyn Backend>, 
             )?));
         }
     };
-    Ok(Arc::new(OpenAiBackend::new(flavour, &parsed.base_url, &options)?))
+    let backend = OpenAiBackend::new(flavour, &parsed.base_url, &options)?;
+    match parsed.query_value("engine") {
+        None => Ok(Arc::new(backend)),
+        Some("batchagent") if flavour == Flavour::Vllm => Ok(Arc::new(backend.with_tool_wait_hint())),
+        Some(other) => Err(BackendError::Config(format!("engine={other:?} is not \"batchagent\""))),
+    }
 }
 
 /// The `/completions` side of an endpoint that takes a list of prompts in one request (vLLM,

@@ -37,6 +37,8 @@ struct Pending {
 
 struct Shared {
     incoming: Mutex<Vec<Pending>>,
+    /// Agents whose pins are to be released (their last reply called no tool).
+    unpins: Mutex<Vec<String>>,
     wake: Condvar,
     stopped: AtomicBool,
     rejected: AtomicU64,
@@ -75,6 +77,7 @@ impl LocalEngine {
         }
         let shared = Arc::new(Shared {
             incoming: Mutex::new(Vec::new()),
+            unpins: Mutex::new(Vec::new()),
             wake: Condvar::new(),
             stopped: AtomicBool::new(false),
             rejected: AtomicU64::new(0),
@@ -109,6 +112,18 @@ impl LocalEngine {
         lock(&self.shared.incoming).push(Pending { request, tx, at: Instant::now() });
         self.shared.wake.notify_one();
         rx
+    }
+
+    /// Releases `agent`'s pinned KV blocks (see [`super::scheduler::Pin`]) at the next step: its
+    /// reply called no tool, so it is not coming back for them.
+    pub fn unpin(&self, agent: String) {
+        if self.shared.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        lock(&self.shared.unpins).push(agent);
+        // Taken with the wait's lock, so a loop about to sleep sees it.
+        let _guard = lock(&self.shared.incoming);
+        self.shared.wake.notify_one();
     }
 
     /// The counters as of the last completed step.
@@ -155,7 +170,11 @@ fn run(shared: &Shared, mut sched: Scheduler, mut executor: Box<dyn StepExecutor
     loop {
         {
             let mut incoming = lock(&shared.incoming);
-            while incoming.is_empty() && sched.is_idle() && !shared.stopped.load(Ordering::Acquire) {
+            while incoming.is_empty()
+                && sched.is_idle()
+                && lock(&shared.unpins).is_empty()
+                && !shared.stopped.load(Ordering::Acquire)
+            {
                 *lock(&shared.metrics) = sched.snapshot();
                 incoming = shared.wake.wait(incoming).unwrap_or_else(PoisonError::into_inner);
             }
@@ -166,6 +185,16 @@ fn run(shared: &Shared, mut sched: Scheduler, mut executor: Box<dyn StepExecutor
         }
         for p in batch.drain(..) {
             sched.enqueue(p.request, p.tx, p.at.saturating_duration_since(start));
+        }
+        let unpins = std::mem::take(&mut *lock(&shared.unpins));
+        if !unpins.is_empty() {
+            for agent in unpins {
+                sched.release_pin(&agent);
+            }
+            *lock(&shared.metrics) = sched.snapshot();
+            if sched.is_idle() {
+                continue;
+            }
         }
         let step_start = Instant::now();
         sched.now = step_start.saturating_duration_since(start);

@@ -65,7 +65,8 @@ pub struct EngineMetrics {
     pub pins_returned: u64,
     /// Pins released early because a request needed the room.
     pub pins_dropped: u64,
-    /// Pins that ended at their deadline.
+    /// Pins that ended at their deadline, or were released because the reply called no tool (the
+    /// embedded engine's server learns that only after generation).
     pub pins_expired: u64,
     pub steps: u64,
     /// Simulated time spent in steps (the engine's busy time; `sim_time` less the idle gaps).

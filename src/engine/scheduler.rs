@@ -320,6 +320,16 @@ impl Scheduler {
         true
     }
 
+    /// Releases `key`'s pin on request (the engine's server, once a hinted reply turns out to call
+    /// no tool: the agent is not coming back); `false` if it has none. Counted with the expired.
+    pub fn release_pin(&mut self, key: &str) -> bool {
+        let released = self.unpin(key);
+        if released {
+            self.m.pins_expired += 1;
+        }
+        released
+    }
+
     /// Releases the pin that ends first, to make room; `false` if there is none.
     fn drop_a_pin(&mut self) -> bool {
         let first = self.pins.iter().min_by(|a, b| a.1.until.cmp(&b.1.until).then_with(|| a.0.cmp(b.0)));

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::local::LocalEngine;
-use super::scheduler::{EngineEvent, EngineRequest, Sampling};
+use super::scheduler::{EngineEvent, EngineRequest, Pin, Sampling};
 use crate::sim::server::metrics::{render as render_metrics, CacheConfig};
 
 /// The model's tokenizer. Calls may block (they take the GIL); the server makes them from blocking
@@ -53,6 +53,8 @@ pub struct ServeOptions {
     pub max_model_len: usize,
     /// Tokens that end an output unless `ignore_eos` (the tokenizer's EOS ids).
     pub eos_token_ids: Vec<u32>,
+    /// The longest a tool-wait hint keeps an agent's KV blocks pinned (`--kv-pin-ttl`).
+    pub kv_pin_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -398,6 +400,20 @@ fn stream_response(rx: mpsc::UnboundedReceiver<Bytes>) -> Response {
     r
 }
 
+/// The client's tool-wait hint, `"batchagent": {"agent": "<id>", "tool_wait_s": <seconds>}` (as the
+/// simulator reads it): the request's KV blocks stay pinned for the agent for twice the wait, at
+/// most `kv_pin_ttl`, unless the reply calls no tool; `None` without the field.
+fn tool_wait_pin(state: &AppState, body: &Value) -> Result<Option<Pin>, Response> {
+    let Some(hint) = body.get("batchagent").filter(|v| !v.is_null()) else { return Ok(None) };
+    let agent = hint.get("agent").and_then(Value::as_str).filter(|a| !a.is_empty());
+    let wait = hint.get("tool_wait_s").and_then(Value::as_f64).filter(|w| w.is_finite() && *w >= 0.0);
+    let (Some(agent), Some(wait)) = (agent, wait) else {
+        return Err(bad("batchagent: expected {\"agent\": a non-empty string, \"tool_wait_s\": seconds >= 0}"));
+    };
+    let wait = Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX);
+    Ok(Some(Pin::for_tool_wait(agent.to_owned(), wait, state.options.kv_pin_ttl)))
+}
+
 /// Tool calls in the Hermes / Qwen2.5 form the chat templates ask for:
 /// `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`; the text outside them is the content.
 fn parse_tool_calls(text: &str, id: u64) -> (String, Vec<Value>) {
@@ -440,7 +456,9 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
     let codec = Arc::clone(&state.codec);
     let text = String::from_utf8_lossy(raw).into_owned();
     let prompt = blocking(move || codec.encode_chat(&text, has_tools)).await?;
-    let request = request(&state, prompt, &p)?;
+    let pin = tool_wait_pin(&state, &body)?;
+    let agent = pin.as_ref().map(|p| p.key.clone());
+    let request = EngineRequest { pin, ..request(&state, prompt, &p)? };
     let n = state.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let id = format!("chatcmpl-{n}");
     let created = unix_now();
@@ -452,6 +470,10 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
         let ids = out.ids.clone();
         let (text, _, _) = blocking(move || codec.detokenize(&ids, 0, 0, true)).await?;
         let (content, calls) = if has_tools { parse_tool_calls(&text, n) } else { (text, Vec::new()) };
+        if let Some(agent) = agent.filter(|_| calls.is_empty()) {
+            // No tool to wait for: the agent is done, its blocks need not be held.
+            state.engine.unpin(agent);
+        }
         let reason = if !calls.is_empty() {
             "tool_calls"
         } else if out.stopped {
@@ -483,6 +505,18 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
         let sink = tx.clone();
         let on_text = |text: String| sink.send(sse(&chunk(json!({"content": text}), Value::Null))).is_ok();
         let Ok(out) = drive(Arc::clone(&state), rx, on_text, true).await else { return };
+        if let Some(agent) = agent {
+            // Streams carry no parsed tool calls; the pin is decided on the whole text all the same.
+            let codec = Arc::clone(&state.codec);
+            let ids = out.ids.clone();
+            let calls = match blocking(move || codec.detokenize(&ids, 0, 0, true)).await {
+                Ok((text, _, _)) if has_tools => parse_tool_calls(&text, n).1.len(),
+                _ => 0,
+            };
+            if calls == 0 {
+                state.engine.unpin(agent);
+            }
+        }
         let reason = if out.stopped { "stop" } else { "length" };
         record(&state, reason);
         let _ = tx.send(sse(&chunk(json!({}), json!(reason))));

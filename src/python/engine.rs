@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyDict, PyList, PyTuple};
 
@@ -274,7 +275,7 @@ impl PyEngineServer {
 
 /// Serves `worker`'s model over the OpenAI-compatible API; returns once it listens.
 #[pyfunction]
-#[pyo3(signature = (worker, *, model, max_model_len, eos_token_ids, host="127.0.0.1".to_owned(), port=8000, max_num_seqs=256, max_num_batched_tokens=8192, enable_prefix_caching=true))]
+#[pyo3(signature = (worker, *, model, max_model_len, eos_token_ids, host="127.0.0.1".to_owned(), port=8000, max_num_seqs=256, max_num_batched_tokens=8192, enable_prefix_caching=true, kv_pin_ttl=30.0))]
 #[allow(clippy::too_many_arguments)] // Python keyword arguments.
 fn serve_engine(
     py: Python<'_>,
@@ -287,10 +288,13 @@ fn serve_engine(
     max_num_seqs: usize,
     max_num_batched_tokens: usize,
     enable_prefix_caching: bool,
+    kv_pin_ttl: f64,
 ) -> PyResult<PyEngineServer> {
+    let kv_pin_ttl = Duration::try_from_secs_f64(kv_pin_ttl)
+        .map_err(|_| PyValueError::new_err(format!("kv_pin_ttl {kv_pin_ttl} is not a number of seconds >= 0")))?;
     let engine = Arc::new(start_engine(worker, max_num_seqs, max_num_batched_tokens, enable_prefix_caching)?);
     let codec = Arc::new(PyCodec { worker: worker.clone().unbind() });
-    let options = ServeOptions { host, port, model, max_model_len, eos_token_ids };
+    let options = ServeOptions { host, port, model, max_model_len, eos_token_ids, kv_pin_ttl };
     let rt = super::runtime()?;
     let started = py.allow_threads(|| rt.block_on(EngineServer::start(Arc::clone(&engine), codec, options)));
     match started {

@@ -28,10 +28,12 @@ def start(
     enable_prefix_caching: bool = True,
     gpu_memory_utilization: float = 0.9,
     seed: int = 0,
+    kv_pin_ttl: float = 30.0,
 ) -> EngineServer:
     """Loads the model in `model` (a Hugging Face checkpoint directory) and serves it; returns once
     it listens. The served name defaults to `model` as given, as vLLM's does. `device` defaults to
-    CUDA where there is one, `dtype` to bf16 there and fp32 on the CPU."""
+    CUDA where there is one, `dtype` to bf16 there and fp32 on the CPU. `kv_pin_ttl`: the longest a
+    tool-wait hint keeps an agent's KV blocks, in seconds."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("fp32" if device == "cpu" else "bf16")
     worker = EngineWorker(
@@ -43,6 +45,7 @@ def start(
         worker, model=served_model_name or model, max_model_len=worker.runner.max_model_len,
         eos_token_ids=worker.eos_token_ids(), host=host, port=port, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+        kv_pin_ttl=kv_pin_ttl,
     )  # fmt: skip
 
 
@@ -79,7 +82,8 @@ def _parse_local(url: str) -> tuple[str, dict[str, Any]]:
 
 def start_local(backends: list[str], model: str | None) -> tuple[list[str], str, list[EngineServer]]:
     """Starts an engine for each ``local://`` backend (one per device of ``devices=0,1``) on a
-    loopback port; returns the backends with each replaced by its servers' ``vllm://`` URLs, the
+    loopback port; returns the backends with each replaced by its servers' ``vllm://`` URLs (marked
+    ``engine=batchagent``, so the client sends the tool-wait hint, which vLLM does not read), the
     model name they serve (`model`, or the first directory as given), and the servers."""
     servers: list[EngineServer] = []
     out: list[str] = []
@@ -108,7 +112,7 @@ def start_local(backends: list[str], model: str | None) -> tuple[list[str], str,
                     **options,
                 )
                 servers.append(server)
-                out.append("vllm://" + server.url.removeprefix("http://"))
+                out.append("vllm://" + server.url.removeprefix("http://") + "?engine=batchagent")
     except BaseException:
         for server in servers:
             server.stop()

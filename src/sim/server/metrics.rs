@@ -88,6 +88,15 @@ pub(crate) fn render(
         family(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name}{{{label}}} {value}");
     }
+    // Not vLLM's: tool-wait retention (pins made, taken over by their agent, dropped for room,
+    // expired or released).
+    let name = "batchagent:kv_pins_total";
+    family(&mut out, name, "counter", "Tool-wait pins of finished requests' KV blocks, by what became of them.");
+    for (event, value) in
+        [("made", m.pins), ("returned", m.pins_returned), ("dropped", m.pins_dropped), ("expired", m.pins_expired)]
+    {
+        let _ = writeln!(out, "{name}{{event=\"{event}\",{label}}} {value}");
+    }
     // Not vLLM's: the engine's busy time and what its steps cost, so a benchmark can compute the
     // makespan no scheduler could beat at these step costs.
     let name = "sim:engine_busy_seconds_total";
