@@ -3,9 +3,8 @@
 //! waiter takes over the call of a runner that died, and errors are not shared.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,39 +15,7 @@ use batchagent::tools::{SharedCache, ToolError};
 use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 
-/// Only guards against a hang; no assertion depends on how long anything takes.
-const HANG: Duration = Duration::from_secs(60);
-
-struct Redis {
-    child: Child,
-    dir: PathBuf,
-    url: String,
-}
-
-impl Redis {
-    fn start(name: &str) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let dir = std::env::temp_dir().join(format!("ba-toolcache-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (apt-get install redis-server)");
-        Self { child, dir, url: format!("redis://127.0.0.1:{port}/0") }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use common::{Redis, HANG};
 
 async fn cache(url: &str, lease: Duration, owner: &str) -> Arc<RedisToolCache> {
     // Retries while the server starts: the first command waits for the port to open.
