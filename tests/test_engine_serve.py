@@ -362,6 +362,38 @@ def test_a_hinted_reply_without_tool_calls_keeps_nothing_and_a_malformed_hint_is
     assert counts == {"made": 1, "returned": 0, "dropped": 0, "expired": 1}, counts
 
 
+def test_a_hinted_completion_is_pinned_and_a_hinted_prompt_list_is_refused(
+    model_dir: tuple[Any, Any, Path],
+) -> None:
+    _, _, path = model_dir
+    server = serve.start(str(path), device="cpu", port=0, kv_cache_tokens=512, kv_eviction="lru")
+    try:
+        url = server.url + "/v1/completions"
+        body = {"model": str(path), "prompt": "the engine", "max_tokens": 4, "ignore_eos": True,
+                "temperature": 0}  # fmt: skip
+        post(url, {**body, "batchagent": {"agent": "a", "tool_wait_s": 5, "next_call_s": 1}})
+        # A request after it: its step's counters are out once this one is answered.
+        post(url, body)
+        counts = pin_counts(server.url)
+        metrics = urllib.request.urlopen(server.url + "/metrics", timeout=30).read().decode()
+        hint = {"agent": "a", "tool_wait_s": 5}
+        for bad in (
+            {**body, "prompt": ["the engine", "a cache"], "batchagent": hint},
+            {**body, "batchagent": {**hint, "next_call_s": -1}},
+        ):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                post(url, bad)
+            assert refused.value.code == 400
+            assert "batchagent" in refused.value.read().decode()
+    finally:
+        server.stop()
+    # A completion shows no tool calls: the hint is taken at its word and the blocks stay pinned.
+    assert counts == {"made": 1, "returned": 0, "dropped": 0, "expired": 0}, counts
+    assert 'batchagent:kv_blocks{kind="held"' in metrics and "batchagent:kv_evictions_total{" in metrics
+    with pytest.raises(ValueError, match="kv_eviction"):
+        serve.start(str(path), device="cpu", port=0, kv_cache_tokens=512, kv_eviction="mru")
+
+
 def test_a_local_backend_sends_the_tool_wait_hint(tool_model_dir: Path) -> None:
     from batchagent_rs import Batch, tool
 

@@ -73,7 +73,7 @@ def test_a_malformed_hint_is_refused_by_the_simulator() -> None:
         assert "tool_wait_s" in refused.value.read().decode()
 
 
-def next_turn_cache_hit(tmp_path: Path, hint: bool) -> tuple[int, int, dict[str, int]]:
+def next_turn_cache_hit(tmp_path: Path, hint: bool, **options: Any) -> tuple[int, int, dict[str, int]]:
     """An agent's tool-calling turn, eight other agents' turns while it waits for its tool (more
     than the rest of a 2,048-token KV cache holds), then its next turn over its whole history:
     returns the first turn's prompt tokens, the next turn's cached prompt tokens and the pin counts."""
@@ -120,7 +120,7 @@ def next_turn_cache_hit(tmp_path: Path, hint: bool) -> tuple[int, int, dict[str,
             },
         }
     ]
-    with sim.start(profile=str(profile), time_scale=0, seed=5, output_tokens="fixed:20") as server:
+    with sim.start(profile=str(profile), time_scale=0, seed=5, output_tokens="fixed:20", **options) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
         extra = {"batchagent": {"agent": "agent-1", "tool_wait_s": 0.8}} if hint else None
         messages: list[Any] = [
@@ -164,3 +164,89 @@ def test_without_the_hint_the_next_turn_recomputes_its_history(tmp_path: Path) -
     # The other agents' turns evicted its blocks, least recently used first.
     assert cached < prompt // 4, (prompt, cached)
     assert counts == {"made": 0, "returned": 0, "dropped": 0, "expired": 0}
+
+
+@pytest.mark.parametrize("eviction", ["next_use", "lru"])
+def test_without_pins_eviction_by_next_use_keeps_the_hinted_agents_history(
+    tmp_path: Path, eviction: str
+) -> None:
+    # kv_pin_ttl=0: the hint pins nothing; it only says when the agent is back. The other requests
+    # carry no hint, so next-use eviction takes their blocks first; LRU takes the agent's, the oldest.
+    prompt, cached, counts = next_turn_cache_hit(tmp_path, hint=True, kv_pin_ttl=0, kv_eviction=eviction)
+    assert counts["made"] == 0, counts
+    if eviction == "next_use":
+        assert cached >= prompt - 16, (prompt, cached)
+    else:
+        assert cached < prompt // 4, (prompt, cached)
+
+
+def test_the_simulator_reports_its_kv_blocks_and_refuses_an_unknown_eviction_policy() -> None:
+    from batchagent_rs import SchemaError
+
+    with pytest.raises(SchemaError, match="kv_eviction"):
+        sim.start(time_scale=0, kv_eviction="mru")
+    with sim.start(time_scale=0, seed=3, kv_eviction="lru") as server:
+        kv = server.stats()["kv"]
+        assert kv["eviction"] == "lru" and kv["block_size"] == 16, kv
+        assert kv["used_blocks"] == kv["table_blocks"] == kv["sequences"] == 0, kv
+
+
+@pytest.mark.parametrize(
+    "hint",
+    [
+        {"agent": "a", "tool_wait_s": 1, "next_call_s": -2},
+        {"agent": "a", "tool_wait_s": 1, "next_call_s": "x"},
+    ],
+)
+def test_a_malformed_next_call_is_refused_by_the_simulator(hint: dict[str, Any]) -> None:
+    import urllib.error
+    import urllib.request
+
+    with sim.start(time_scale=0, seed=3) as server:
+        body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "batchagent": hint}
+        request = urllib.request.Request(
+            server.url + "/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 400
+        assert "next_call_s" in refused.value.read().decode()
+
+
+def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer: dict[str, Any] = json.load(response)
+    return answer
+
+
+def test_the_simulator_reads_the_hint_on_completions_and_anthropic_messages() -> None:
+    import urllib.error
+
+    hint = {"agent": "a", "tool_wait_s": 1}
+    with sim.start(time_scale=0, seed=3) as server:
+        completion = {"model": "sim-model", "prompt": "the engine", "max_tokens": 4}
+        # A completion shows no tool calls: the hint is taken at its word and the blocks pinned.
+        post(server.url + "/v1/completions", {**completion, "batchagent": hint})
+        schema = {"type": "object", "properties": {"query": {"type": "string"}}}
+        tools = [{"name": "lookup", "description": "Look something up.", "input_schema": schema}]
+        message = {"model": "sim-model", "max_tokens": 64, "tools": tools,
+                   "messages": [{"role": "user", "content": "Research topic 1."}]}  # fmt: skip
+        answer = post(server.url + "/v1/messages", {**message, "batchagent": {**hint, "agent": "b"}})
+        assert answer["stop_reason"] == "tool_use", answer
+        # A request after them: their steps' counters are out once it is answered.
+        post(server.url + "/v1/completions", completion)
+        assert server.stats()["engine"]["kv_pins"]["made"] == 2
+        for url, body in [
+            ("/v1/completions", {**completion, "prompt": ["one", "two"], "batchagent": hint}),
+            ("/v1/completions", {**completion, "batchagent": {"agent": "a"}}),
+            ("/v1/messages", {**message, "batchagent": {**hint, "next_call_s": -1}}),
+        ]:
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                post(server.url + url, body)
+            assert refused.value.code == 400
+            assert "batchagent" in refused.value.read().decode()

@@ -258,9 +258,12 @@ def serve_engine(
     max_num_batched_tokens: int = 8192,
     enable_prefix_caching: bool = True,
     kv_pin_ttl: float = 30.0,
+    kv_eviction: str = "next_use",
 ) -> EngineServer:
     """Serves `worker`'s model (an `EngineWorker`) as `model`; returns once it listens.
-    `kv_pin_ttl`: the longest a tool-wait hint keeps an agent's KV blocks, in seconds."""
+    `kv_pin_ttl`: the longest a tool-wait hint keeps an agent's KV blocks, in seconds.
+    `kv_eviction`: `next_use` (cached blocks of agents due back furthest away, or done, go first)
+    or `lru`."""
 
 @final
 class TokenCounter:

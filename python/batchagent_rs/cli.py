@@ -53,6 +53,16 @@ _SIM_FLAGS = [
     ),
     ("--fault-grammar", "fault_grammar", "rate of schema-constrained requests that always fail (HTTP 500)"),
     ("--max-model-len", "max_model_len", "context window: longer requests get vLLM's 400 (default: none)"),
+    (
+        "--kv-pin-ttl",
+        "kv_pin_ttl",
+        "simulated seconds a tool-wait hint may keep an agent's KV blocks (default 30)",
+    ),
+    (
+        "--kv-eviction",
+        "kv_eviction",
+        "cached KV blocks evicted first: next_use (agents due back furthest away or done; default) or lru",
+    ),
 ]
 
 
@@ -131,7 +141,7 @@ def _cmd_engine_serve(args: argparse.Namespace) -> int:
         kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_enable_prefix_caching, seed=args.seed,
-        kv_pin_ttl=args.kv_pin_ttl,
+        kv_pin_ttl=args.kv_pin_ttl, kv_eviction=args.kv_eviction,
     )  # fmt: skip
     print(f"engine listening on {server.url} (model {args.served_model_name or args.model})", flush=True)
     return _serve_until_stopped(server)
@@ -1179,6 +1189,11 @@ def build_parser() -> argparse.ArgumentParser:
     eserve.add_argument(
         "--kv-pin-ttl", type=_seconds, default=30.0,
         help="seconds a tool-wait hint may keep an agent's KV blocks at most (default 30)",
+    )  # fmt: skip
+    eserve.add_argument(
+        "--kv-eviction", choices=["next_use", "lru"], default="next_use",
+        help="which cached KV blocks go first when memory is short: those of agents due back furthest"
+        " away or done, by the client's hints (next_use, the default), or least recently used (lru)",
     )  # fmt: skip
     eserve.set_defaults(func=_cmd_engine_serve)
     _add_fleet_commands(sub)

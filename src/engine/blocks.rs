@@ -9,13 +9,33 @@
 //! blocks. A running sequence holds its blocks (shared cached blocks are reference-counted); a block is
 //! offered to other sequences only once its prefill has run (`mark_computed`), so concurrent first
 //! arrivals of one prefix all miss. Released full blocks (the prompt's, and the output's when the
-//! caller knows its tokens) stay cached, unreferenced, and are evicted least-recently-released first,
-//! a sequence's tail blocks before its head (vLLM frees in reverse order for that reason), when new
-//! blocks are needed.
+//! caller knows its tokens) stay cached, unreferenced, and are evicted when new blocks are needed, a
+//! sequence's tail blocks before its head (vLLM frees in reverse order for that reason), in the order
+//! of the cache's [`Eviction`] policy:
+//!
+//! - [`Eviction::Lru`]: least recently released first, as vLLM.
+//! - [`Eviction::NextUse`]: furthest predicted next use first (Belady's rule). A release may say when
+//!   its blocks are expected back ([`NextUse`], from the client's hint of its agent's next call). Three
+//!   tiers, evicted in this order: blocks whose releaser is not coming back ([`NextUse::Never`]); blocks
+//!   released without a prediction, least recently released first (exactly the LRU order, so a
+//!   workload without hints is served as under `Lru`); blocks with a live prediction, the furthest
+//!   first. A block keeps the soonest live prediction of any sequence that released it (a system
+//!   prompt shared by many agents ranks by the agent due back first), so it falls to a lower tier only
+//!   once that prediction is spent. A prediction is live until its `until` (twice the predicted wait:
+//!   the agent is late, perhaps gone); then an unused block joins the LRU tier as if released at that
+//!   moment. Predictions are never cleared by reuse: a block used by an agent that came back early
+//!   keeps that agent's prediction until it passes (one time per block, not one per releaser, keeps
+//!   this O(1) per release).
+//!
+//! Eviction costs amortised O(1) for the first two tiers (queues with lazy deletion, as the free list)
+//! and O(log n) for the third (a binary heap keyed by the predicted time, and a second one by `until`
+//! to demote spent predictions), n the cached blocks.
 
+use std::cmp::Reverse;
 use std::collections::hash_map::Entry as MapEntry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::time::Duration;
 
 /// Parent hash of a prompt's first block.
 const ROOT_HASH: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -80,6 +100,56 @@ impl Hasher for U64Hasher {
 
 type U64Map<V> = HashMap<u64, V, BuildHasherDefault<U64Hasher>>;
 
+/// Which cached blocks are evicted first (see the module's documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Eviction {
+    /// Least recently released first; next-use predictions are ignored.
+    Lru,
+    /// Blocks not coming back, then blocks without a prediction (least recently released first),
+    /// then the furthest predicted next use. The default: without hints it is `Lru`.
+    #[default]
+    NextUse,
+}
+
+impl Eviction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Lru => "lru",
+            Self::NextUse => "next_use",
+        }
+    }
+}
+
+impl std::str::FromStr for Eviction {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lru" => Ok(Self::Lru),
+            "next_use" => Ok(Self::NextUse),
+            _ => Err(format!("unknown KV eviction policy {s:?}: expected lru or next_use")),
+        }
+    }
+}
+
+/// When a released sequence's blocks are expected to be used again, in the scheduler's time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NextUse {
+    /// No prediction: least-recently-released order among such blocks.
+    #[default]
+    Unknown,
+    /// Expected at `at`; the prediction stands until `until`, after which the block counts as
+    /// `Unknown`, released at `until`.
+    At { at: Duration, until: Duration },
+    /// Not expected back: its agent is done.
+    Never,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PrefixCacheError {
     #[error("no KV space: {needed} blocks needed, {available} can be freed (capacity {capacity})")]
@@ -112,6 +182,12 @@ pub struct CacheStats {
     pub used_blocks: usize,
     /// Unreferenced blocks kept for reuse.
     pub cached_free_blocks: usize,
+    /// Blocks in the block tables of the sequences holding blocks, a block shared by k sequences
+    /// counted k times: what they would hold without sharing blocks by hash (`used_blocks` is what
+    /// they hold).
+    pub table_blocks: usize,
+    /// Sequences holding blocks (running, and finished ones pinned for their agent).
+    pub sequences: usize,
 }
 
 #[derive(Debug)]
@@ -120,8 +196,12 @@ struct Block {
     id: u32,
     refs: u32,
     computed: bool,
-    /// Set each time the block becomes unreferenced; an LRU entry with another stamp is stale.
+    /// Set each time the block becomes unreferenced; an eviction-queue entry with another stamp is
+    /// stale.
     stamp: u64,
+    /// The soonest next use predicted by a sequence that released it, as (at, until) in nanoseconds
+    /// (only under [`Eviction::NextUse`]).
+    next_use: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,9 +230,22 @@ pub struct PrefixCache {
     caching: bool,
     blocks: U64Map<Block>,
     seqs: U64Map<SeqBlocks>,
-    /// Unreferenced cached blocks, oldest first, with lazy deletion (see `Block::stamp`).
+    eviction: Eviction,
+    /// The scheduler's clock as of the last [`PrefixCache::advance`], in nanoseconds.
+    now: u64,
+    /// Unreferenced cached blocks without a live prediction (all of them under `Lru`), oldest
+    /// first, as (hash, stamp) with lazy deletion (see `Block::stamp`).
     lru: VecDeque<(u64, u64)>,
+    /// Unreferenced cached blocks not expected back, oldest first.
+    never: VecDeque<(u64, u64)>,
+    /// Unreferenced cached blocks with a live prediction: the furthest first, then the oldest
+    /// release (tail before head).
+    ahead: BinaryHeap<(u64, Reverse<u64>, u64)>,
+    /// The same blocks by the end of their prediction, the soonest first, as (until, stamp, hash).
+    due: BinaryHeap<Reverse<(u64, u64, u64)>>,
     next_stamp: u64,
+    /// Sum of the live sequences' block-table lengths.
+    table_blocks: usize,
     /// Registered blocks with refs > 0.
     referenced: usize,
     /// Registered blocks with refs == 0 (evictable).
@@ -173,8 +266,14 @@ impl PrefixCache {
             caching: true,
             blocks: U64Map::default(),
             seqs: U64Map::default(),
+            eviction: Eviction::default(),
+            now: 0,
             lru: VecDeque::new(),
+            never: VecDeque::new(),
+            ahead: BinaryHeap::new(),
+            due: BinaryHeap::new(),
             next_stamp: 0,
+            table_blocks: 0,
             referenced: 0,
             unreferenced: 0,
             private: 0,
@@ -190,8 +289,38 @@ impl PrefixCache {
         Self { caching: false, ..Self::new(capacity_blocks, block_size) }
     }
 
+    /// The same cache evicting in `eviction`'s order.
+    #[must_use]
+    pub fn with_eviction(self, eviction: Eviction) -> Self {
+        Self { eviction, ..self }
+    }
+
+    pub fn eviction(&self) -> Eviction {
+        self.eviction
+    }
+
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Moves the cache's clock to `now` (the scheduler's time): blocks whose prediction has ended
+    /// unused join the LRU tier. Amortised O(log n) per such block.
+    pub fn advance(&mut self, now: Duration) {
+        self.now = self.now.max(nanos(now));
+        while let Some(&Reverse((until, stamp, h))) = self.due.peek() {
+            if until > self.now {
+                break;
+            }
+            self.due.pop();
+            let Some(b) = self.blocks.get_mut(&h) else { continue };
+            if b.refs != 0 || b.stamp != stamp {
+                continue;
+            }
+            b.next_use = None;
+            self.next_stamp += 1;
+            b.stamp = self.next_stamp;
+            self.lru.push_back((h, self.next_stamp));
+        }
     }
 
     pub fn block_size(&self) -> usize {
@@ -222,6 +351,8 @@ impl PrefixCache {
             usage: if self.capacity == 0 { 0.0 } else { used as f64 / self.capacity as f64 },
             used_blocks: used,
             cached_free_blocks: self.unreferenced,
+            table_blocks: self.table_blocks,
+            sequences: self.seqs.len(),
             ..self.stats
         }
     }
@@ -269,6 +400,7 @@ impl PrefixCache {
         }
         self.stats.query_tokens += prompt_len as u64;
         self.stats.hit_tokens += (hit_blocks * self.block_size) as u64;
+        self.table_blocks += hit_blocks;
         self.extend(&mut entry, blocks_needed);
         self.seqs.insert(seq, entry);
         Ok(Allocation { hit_blocks })
@@ -311,7 +443,7 @@ impl PrefixCache {
             let held = match entry.hashes.get(i) {
                 Some(&h) if self.caching => match self.blocks.entry(h) {
                     MapEntry::Vacant(v) => {
-                        v.insert(Block { id, refs: 1, computed: false, stamp: 0 });
+                        v.insert(Block { id, refs: 1, computed: false, stamp: 0, next_use: None });
                         self.referenced += 1;
                         Held::Shared(h)
                     }
@@ -329,21 +461,84 @@ impl PrefixCache {
             };
             entry.held.push(held);
             entry.ids.push(id);
+            self.table_blocks += 1;
         }
     }
 
+    /// Evicts the first cached block in the policy's order (see the module's documentation).
     fn evict_one(&mut self) {
-        while let Some((h, stamp)) = self.lru.pop_front() {
-            if let MapEntry::Occupied(o) = self.blocks.entry(h) {
-                let b = o.get();
-                if b.refs == 0 && b.stamp == stamp {
-                    self.free.push(b.id);
-                    o.remove();
-                    self.unreferenced -= 1;
-                    self.stats.evictions += 1;
+        for queue in [Tier::Never, Tier::Lru] {
+            loop {
+                let popped = match queue {
+                    Tier::Never => self.never.pop_front(),
+                    Tier::Lru => self.lru.pop_front(),
+                };
+                let Some((h, stamp)) = popped else { break };
+                if self.evict_if_current(h, stamp) {
                     return;
                 }
             }
+        }
+        while let Some((_, Reverse(stamp), h)) = self.ahead.pop() {
+            if self.evict_if_current(h, stamp) {
+                return;
+            }
+        }
+    }
+
+    /// Evicts block `h` if it is unreferenced and `stamp` is its current queue entry.
+    fn evict_if_current(&mut self, h: u64, stamp: u64) -> bool {
+        let MapEntry::Occupied(o) = self.blocks.entry(h) else { return false };
+        let b = o.get();
+        if b.refs != 0 || b.stamp != stamp {
+            return false;
+        }
+        self.free.push(b.id);
+        o.remove();
+        self.unreferenced -= 1;
+        self.stats.evictions += 1;
+        true
+    }
+
+    /// Queues block `h`, just unreferenced, for eviction; `hint` is its last releaser's prediction
+    /// (already folded into the block's own).
+    fn queue_unreferenced(&mut self, h: u64, hint: NextUse) {
+        let Some(b) = self.blocks.get_mut(&h) else { return };
+        self.next_stamp += 1;
+        let stamp = self.next_stamp;
+        b.stamp = stamp;
+        self.unreferenced += 1;
+        if self.eviction == Eviction::Lru {
+            self.lru.push_back((h, stamp));
+            return;
+        }
+        match (b.next_use.filter(|&(_, until)| until > self.now), hint) {
+            (Some((at, until)), _) => {
+                self.ahead.push((at, Reverse(stamp), h));
+                self.due.push(Reverse((until, stamp, h)));
+            }
+            (None, NextUse::Never) => self.never.push_back((h, stamp)),
+            (None, _) => {
+                b.next_use = None;
+                self.lru.push_back((h, stamp));
+            }
+        }
+    }
+
+    /// Folds a releaser's prediction into block `h`'s: the soonest live one stands.
+    fn note_next_use(&mut self, h: u64, hint: NextUse) {
+        let NextUse::At { at, until } = hint else { return };
+        if self.eviction == Eviction::Lru {
+            return;
+        }
+        let (at, until) = (nanos(at), nanos(until));
+        if until <= self.now {
+            return;
+        }
+        let Some(b) = self.blocks.get_mut(&h) else { return };
+        match b.next_use {
+            Some((a, u)) if u > self.now && a <= at => {}
+            _ => b.next_use = Some((at, until)),
         }
     }
 
@@ -373,7 +568,14 @@ impl PrefixCache {
     /// tail and the output), as vLLM caches decode blocks, so a next turn that repeats this answer
     /// hits them.
     pub fn release_caching(&mut self, seq: u64, later: &[u64]) -> usize {
+        self.release_hinted(seq, later, NextUse::Unknown)
+    }
+
+    /// `release_caching`, with the prediction of when the sequence's blocks are used next (its
+    /// agent's next request), which orders their eviction under [`Eviction::NextUse`].
+    pub fn release_hinted(&mut self, seq: u64, later: &[u64], next_use: NextUse) -> usize {
         let Some(entry) = self.seqs.remove(&seq) else { return 0 };
+        self.table_blocks -= entry.held.len();
         let prompt_blocks = entry.hashes.len();
         for (i, (held, &id)) in entry.held.iter().zip(&entry.ids).enumerate().rev() {
             match *held {
@@ -382,15 +584,15 @@ impl PrefixCache {
                     let known = i.checked_sub(prompt_blocks).and_then(|j| later.get(j));
                     match (known, self.caching) {
                         (Some(&h), true) if !self.blocks.contains_key(&h) => {
-                            self.next_stamp += 1;
-                            self.blocks.insert(h, Block { id, refs: 0, computed: true, stamp: self.next_stamp });
-                            self.lru.push_back((h, self.next_stamp));
-                            self.unreferenced += 1;
+                            self.blocks.insert(h, Block { id, refs: 0, computed: true, stamp: 0, next_use: None });
+                            self.note_next_use(h, next_use);
+                            self.queue_unreferenced(h, next_use);
                         }
                         _ => self.free.push(id),
                     }
                 }
                 Held::Shared(h) => {
+                    self.note_next_use(h, next_use);
                     let MapEntry::Occupied(mut o) = self.blocks.entry(h) else { continue };
                     let b = o.get_mut();
                     b.refs -= 1;
@@ -399,10 +601,7 @@ impl PrefixCache {
                     }
                     self.referenced -= 1;
                     if b.computed && self.caching {
-                        self.next_stamp += 1;
-                        b.stamp = self.next_stamp;
-                        self.lru.push_back((h, self.next_stamp));
-                        self.unreferenced += 1;
+                        self.queue_unreferenced(h, next_use);
                     } else {
                         self.free.push(b.id);
                         o.remove();
@@ -410,14 +609,25 @@ impl PrefixCache {
                 }
             }
         }
-        // Stale LRU entries pile up when cached blocks are re-pinned without eviction; keep the
-        // queue within a constant factor of the live entries.
-        if self.lru.len() > 2 * self.unreferenced + 1024 {
+        // Stale queue entries pile up when cached blocks are re-pinned without eviction; keep the
+        // queues within a constant factor of the live entries.
+        let queued = self.lru.len() + self.never.len() + self.ahead.len() + self.due.len();
+        if queued > 4 * self.unreferenced + 1024 {
             let blocks = &self.blocks;
-            self.lru.retain(|&(h, stamp)| blocks.get(&h).is_some_and(|b| b.refs == 0 && b.stamp == stamp));
+            let current = |h: u64, stamp: u64| blocks.get(&h).is_some_and(|b| b.refs == 0 && b.stamp == stamp);
+            self.lru.retain(|&(h, stamp)| current(h, stamp));
+            self.never.retain(|&(h, stamp)| current(h, stamp));
+            self.ahead.retain(|&(_, Reverse(stamp), h)| current(h, stamp));
+            self.due.retain(|&Reverse((_, stamp, h))| current(h, stamp));
         }
         entry.held.len()
     }
+}
+
+#[derive(Clone, Copy)]
+enum Tier {
+    Never,
+    Lru,
 }
 
 #[cfg(test)]
@@ -524,12 +734,110 @@ mod tests {
         assert_eq!(c.stats().cached_free_blocks, 0);
     }
 
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    fn at(at: u64, until: u64) -> NextUse {
+        NextUse::At { at: secs(at), until: secs(until) }
+    }
+
+    /// Computes and releases a 4-block prompt of seed `seed` with `next_use`; returns its hashes.
+    fn serve_and_release(c: &mut PrefixCache, seq: u64, seed: u32, next_use: NextUse) -> Vec<u64> {
+        let h = block_hashes(&toks(seed, 64), 16);
+        c.allocate(seq, 65, &h, 5).unwrap();
+        c.mark_computed(seq, 64);
+        c.release_hinted(seq, &[], next_use);
+        h
+    }
+
+    #[test]
+    fn next_use_evicts_agents_not_coming_back_then_the_furthest_return() {
+        for eviction in [Eviction::Lru, Eviction::NextUse] {
+            let mut c = PrefixCache::new(13, 16).with_eviction(eviction);
+            // Released in this order: back soon, back late, done.
+            let soon = serve_and_release(&mut c, 1, 1, at(5, 10));
+            let late = serve_and_release(&mut c, 2, 2, at(50, 100));
+            let done = serve_and_release(&mut c, 3, 3, NextUse::Never);
+            assert_eq!(c.stats().cached_free_blocks, 12);
+            // Six new blocks, one free: five evicted. LRU takes the oldest releases (the agent due
+            // back first, then the late one's tail); next-use takes the done agent's, then the
+            // late agent's tail.
+            c.allocate(4, 96, &block_hashes(&toks(4, 96), 16), 6).unwrap();
+            let kept = (c.lookup(&soon), c.lookup(&late), c.lookup(&done));
+            match eviction {
+                Eviction::Lru => assert_eq!(kept, (0, 3, 4)),
+                Eviction::NextUse => assert_eq!(kept, (4, 3, 0)),
+            }
+            assert_eq!(c.stats().evictions, 5);
+        }
+    }
+
+    #[test]
+    fn a_shared_block_keeps_the_soonest_next_use_of_its_releasers() {
+        let mut c = PrefixCache::new(11, 16).with_eviction(Eviction::NextUse);
+        // Two agents share a 2-block prefix (prompt_tokens: the first 40 tokens are common).
+        let (a, b) = (prompt_tokens(0, 64), prompt_tokens(1, 64));
+        let (ha, hb) = (block_hashes(&a, 16), block_hashes(&b, 16));
+        assert_eq!(ha[..2], hb[..2]);
+        assert_ne!(ha[2], hb[2]);
+        c.allocate(1, 65, &ha, 5).unwrap();
+        c.mark_computed(1, 64);
+        assert_eq!(c.allocate(2, 65, &hb, 5).unwrap().hit_blocks, 2);
+        // A is back at 5 and releases while B still holds the prefix; B is done.
+        c.release_hinted(1, &[], at(5, 10));
+        c.mark_computed(2, 64);
+        c.release_hinted(2, &[], NextUse::Never);
+        // A third agent, back at 20, releases 4 blocks of its own.
+        let other = serve_and_release(&mut c, 4, 9, at(20, 40));
+        // Four new blocks, one free: three evicted, B's own 2 blocks (never), then the furthest
+        // return's tail; not the prefix B released last, which A is due back for.
+        c.allocate(5, 64, &block_hashes(&toks(7, 64), 16), 4).unwrap();
+        assert_eq!((c.lookup(&ha), c.lookup(&hb), c.lookup(&other)), (4, 2, 3));
+    }
+
+    #[test]
+    fn a_spent_prediction_joins_the_lru_tier() {
+        let mut c = PrefixCache::new(9, 16).with_eviction(Eviction::NextUse);
+        let early = serve_and_release(&mut c, 1, 1, at(1, 2));
+        let late = serve_and_release(&mut c, 2, 2, at(5, 10));
+        let mut d = PrefixCache::new(9, 16).with_eviction(Eviction::NextUse);
+        serve_and_release(&mut d, 1, 1, at(1, 2));
+        serve_and_release(&mut d, 2, 2, at(5, 10));
+        // Two new blocks, one free. Before 2 s the early agent's blocks are kept over the late one's.
+        c.advance(secs(1));
+        c.allocate(3, 32, &block_hashes(&toks(3, 32), 16), 2).unwrap();
+        assert_eq!((c.lookup(&early), c.lookup(&late)), (4, 3));
+        // At 2 s its prediction is spent: it has not come back, so its blocks go first.
+        d.advance(secs(2));
+        d.allocate(3, 32, &block_hashes(&toks(3, 32), 16), 2).unwrap();
+        assert_eq!((d.lookup(&early), d.lookup(&late)), (3, 4));
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
-        Allocate { seq: u8, prompt: u8, len: u8, extra: u8 },
-        Compute { seq: u8, tokens: u16 },
-        Grow { seq: u8, extra: u8 },
-        Release { seq: u8 },
+        Allocate {
+            seq: u8,
+            prompt: u8,
+            len: u8,
+            extra: u8,
+        },
+        Compute {
+            seq: u8,
+            tokens: u16,
+        },
+        Grow {
+            seq: u8,
+            extra: u8,
+        },
+        /// `hint`: 0 unknown, 1 never, k >= 2 back in k seconds (prediction spent after 2k).
+        Release {
+            seq: u8,
+            hint: u8,
+        },
+        Advance {
+            secs: u8,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -542,8 +850,65 @@ mod tests {
             }),
             (0..8u8, 0..200u16).prop_map(|(seq, tokens)| Op::Compute { seq, tokens }),
             (0..8u8, 0..3u8).prop_map(|(seq, extra)| Op::Grow { seq, extra }),
-            (0..8u8).prop_map(|seq| Op::Release { seq }),
+            (0..8u8, 0..6u8).prop_map(|(seq, hint)| Op::Release { seq, hint }),
+            (0..4u8).prop_map(|secs| Op::Advance { secs }),
         ]
+    }
+
+    fn hint(code: u8, now: Duration) -> NextUse {
+        match code {
+            0 => NextUse::Unknown,
+            1 => NextUse::Never,
+            k => NextUse::At { at: now + secs(u64::from(k)), until: now + secs(2 * u64::from(k)) },
+        }
+    }
+
+    /// Applies `op` at `now`; false if it was refused.
+    fn apply(c: &mut PrefixCache, op: &Op, now: &mut Duration, hints: bool) -> bool {
+        match *op {
+            Op::Allocate { seq, prompt, len, extra } => {
+                let tokens = prompt_tokens(prompt, usize::from(len));
+                let need = c.blocks_for(tokens.len()) + usize::from(extra);
+                c.allocate(u64::from(seq), tokens.len(), &block_hashes(&tokens, 16), need).is_ok()
+            }
+            Op::Compute { seq, tokens } => {
+                c.mark_computed(u64::from(seq), usize::from(tokens));
+                true
+            }
+            Op::Grow { seq, extra } => {
+                let seq = u64::from(seq);
+                let n = c.held_blocks(seq).unwrap_or(0);
+                c.grow(seq, n + usize::from(extra)).is_ok()
+            }
+            Op::Release { seq, hint: code } => {
+                let next_use = if hints { hint(code, *now) } else { NextUse::Unknown };
+                c.release_hinted(u64::from(seq), &[], next_use);
+                true
+            }
+            Op::Advance { secs: s } => {
+                *now += secs(u64::from(s));
+                c.advance(*now);
+                true
+            }
+        }
+    }
+
+    /// Every unreferenced block can be evicted: it has a current entry in an eviction queue.
+    fn every_cached_block_is_queued(c: &PrefixCache) -> bool {
+        let mut current: std::collections::HashSet<u64> = std::collections::HashSet::new();
+        let is_current = |h: u64, stamp: u64| c.blocks.get(&h).is_some_and(|b| b.refs == 0 && b.stamp == stamp);
+        for &(h, stamp) in c.lru.iter().chain(&c.never) {
+            if is_current(h, stamp) {
+                current.insert(h);
+            }
+        }
+        for &(_, Reverse(stamp), h) in &c.ahead {
+            if is_current(h, stamp) {
+                current.insert(h);
+            }
+        }
+        c.blocks.iter().filter(|(_, b)| b.refs == 0).all(|(h, _)| current.contains(h))
+            && current.len() == c.unreferenced
     }
 
     /// Prompts share prefixes: prompt `p` is the first `len` tokens of a stream that depends on `p`
@@ -554,9 +919,15 @@ mod tests {
 
     proptest! {
         #[test]
-        fn invariants_hold_under_any_operations(ops in prop::collection::vec(op(), 1..80), cap in 1..24usize) {
-            let mut c = PrefixCache::new(cap, 16);
+        fn invariants_hold_under_any_operations(
+            ops in prop::collection::vec(op(), 1..80),
+            cap in 1..24usize,
+            next_use in any::<bool>(),
+        ) {
+            let eviction = if next_use { Eviction::NextUse } else { Eviction::Lru };
+            let mut c = PrefixCache::new(cap, 16).with_eviction(eviction);
             let mut live: HashMap<u64, (Vec<u64>, usize)> = HashMap::new();
+            let mut now = Duration::ZERO;
             for op in ops {
                 match op {
                     Op::Allocate { seq, prompt, len, extra } => {
@@ -586,13 +957,19 @@ mod tests {
                             prop_assert!(c.grow(seq, 1).is_err());
                         }
                     }
-                    Op::Release { seq } => {
+                    Op::Release { seq, hint: code } => {
                         let seq = u64::from(seq);
-                        let held = c.release(seq);
+                        let held = c.release_hinted(seq, &[], hint(code, now));
                         prop_assert_eq!(held, live.remove(&seq).map_or(0, |(_, n)| n));
+                    }
+                    Op::Advance { .. } => {
+                        apply(&mut c, &op, &mut now, true);
                     }
                 }
                 let s = c.stats();
+                prop_assert_eq!(s.table_blocks, live.values().map(|(_, n)| *n).sum::<usize>());
+                prop_assert_eq!(s.sequences, live.len());
+                prop_assert!(every_cached_block_is_queued(&c));
                 prop_assert!(s.used_blocks + s.cached_free_blocks <= cap);
                 prop_assert_eq!(s.used_blocks, live.values().map(|(_, n)| *n).sum::<usize>() - shared_overlap(&c, &live));
                 prop_assert!(ids_are_consistent(&c, cap));
@@ -604,6 +981,22 @@ mod tests {
                             prop_assert!(c.blocks.get(h).is_some_and(|b| b.refs > 0));
                         }
                     }
+                }
+            }
+        }
+
+        /// Without predictions, next-use eviction is LRU: the same hits and evictions at every step.
+        #[test]
+        fn without_hints_next_use_evicts_as_lru(ops in prop::collection::vec(op(), 1..80), cap in 1..24usize) {
+            let mut lru = PrefixCache::new(cap, 16).with_eviction(Eviction::Lru);
+            let mut next = PrefixCache::new(cap, 16).with_eviction(Eviction::NextUse);
+            let (mut t1, mut t2) = (Duration::ZERO, Duration::ZERO);
+            for op in &ops {
+                prop_assert_eq!(apply(&mut lru, op, &mut t1, false), apply(&mut next, op, &mut t2, false));
+                prop_assert_eq!(lru.stats(), next.stats());
+                for p in 0..4 {
+                    let h = block_hashes(&prompt_tokens(p, 119), 16);
+                    prop_assert_eq!(lru.lookup(&h), next.lookup(&h));
                 }
             }
         }

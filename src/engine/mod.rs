@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod scheduler;
 pub mod server;
 
+pub use blocks::Eviction;
 pub use local::{LocalEngine, LocalEngineError, StepExecutor};
 pub use metrics::{EngineMetrics, Histogram, TTFT_BUCKETS};
 pub use scheduler::{EngineEvent, EngineRequest, Pin, Sampling, Scheduler, SchedulerConfig, StepLayout, StepLoad};

@@ -18,13 +18,18 @@
 //! them over (its whole history is then a prefix-cache hit). Pins are a hint, never a reason to
 //! stall: the pin that ends first is dropped whenever a block is missing, before any preemption
 //! and before a waiting request is turned away, and expired pins are dropped at each step.
+//!
+//! Eviction by next use: a request carrying a [`Pin`] also says when its agent is expected back
+//! ([`Pin::return_after`], from the end of the request; `None`: the agent is done), which the
+//! block manager orders evictions by under [`Eviction::NextUse`] (see `blocks`). The prediction
+//! stands until twice that wait has passed, as the pin does.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::blocks::{block_hashes, chain_hashes, PrefixCache};
+use super::blocks::{block_hashes, chain_hashes, Eviction, NextUse, PrefixCache};
 use super::metrics::EngineMetrics;
 
 /// The limits a scheduler works within (vLLM's engine arguments of the same names).
@@ -38,6 +43,8 @@ pub struct SchedulerConfig {
     /// Tokens computed per step, prefill chunks and decodes together.
     pub max_num_batched_tokens: usize,
     pub enable_prefix_caching: bool,
+    /// Which cached blocks go first when blocks are short.
+    pub eviction: Eviction,
 }
 
 impl SchedulerConfig {
@@ -102,19 +109,32 @@ pub struct EngineRequest {
 /// A finished request's blocks held for its agent: they cannot be evicted until the agent's next
 /// request is admitted (which takes them over), `hold` passes from the request's end, or a request
 /// needs the room. A request whose `hold` is zero pins nothing but still takes its agent's pin over
-/// (an agent's last turn, which has no tool wait to come back from).
+/// (an agent's last turn, which has no tool wait to come back from, or retention turned off).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pin {
     /// The agent; its next request with the same key takes the blocks over.
     pub key: String,
     pub hold: Duration,
+    /// When the agent's next request is expected, from this one's end (`None`: it is done): the
+    /// blocks' predicted next use, for [`Eviction::NextUse`], once they are released.
+    pub return_after: Option<Duration>,
 }
 
 impl Pin {
     /// The pin for a tool-wait hint: the blocks are held for twice the expected wait, at most
-    /// `ttl`. `wait` and `ttl` are in the scheduler's time.
+    /// `ttl`, and expected back after the wait. `wait` and `ttl` are in the scheduler's time.
     pub fn for_tool_wait(key: String, wait: Duration, ttl: Duration) -> Self {
-        Self { key, hold: wait.saturating_mul(2).min(ttl) }
+        Self { key, hold: wait.saturating_mul(2).min(ttl), return_after: Some(wait) }
+    }
+
+    /// The prediction for blocks released by a request that ended at `end`.
+    fn next_use(&self, end: Duration) -> NextUse {
+        match self.return_after {
+            None => NextUse::Never,
+            Some(wait) => {
+                NextUse::At { at: end.saturating_add(wait), until: end.saturating_add(wait.saturating_mul(2)) }
+            }
+        }
     }
 }
 
@@ -123,6 +143,8 @@ struct Pinned {
     seq: u64,
     until: Duration,
     later: Vec<u64>,
+    /// Their predicted next use once released.
+    next_use: NextUse,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,7 +292,8 @@ impl Scheduler {
             PrefixCache::new(blocks, config.block_size)
         } else {
             PrefixCache::without_caching(blocks, config.block_size)
-        };
+        }
+        .with_eviction(config.eviction);
         Self {
             config,
             cache,
@@ -316,18 +339,18 @@ impl Scheduler {
     /// Releases `key`'s pin (its blocks stay cached, evictable); `false` if it has none.
     fn unpin(&mut self, key: &str) -> bool {
         let Some(pinned) = self.pins.remove(key) else { return false };
-        self.cache.release_caching(pinned.seq, &pinned.later);
+        self.cache.release_hinted(pinned.seq, &pinned.later, pinned.next_use);
         true
     }
 
     /// Releases `key`'s pin on request (the engine's server, once a hinted reply turns out to call
-    /// no tool: the agent is not coming back); `false` if it has none. Counted with the expired.
+    /// no tool: the agent is not coming back, so its blocks are the first to evict); `false` if it
+    /// has none. Counted with the expired.
     pub fn release_pin(&mut self, key: &str) -> bool {
-        let released = self.unpin(key);
-        if released {
-            self.m.pins_expired += 1;
-        }
-        released
+        let Some(pinned) = self.pins.remove(key) else { return false };
+        self.cache.release_hinted(pinned.seq, &pinned.later, NextUse::Never);
+        self.m.pins_expired += 1;
+        true
     }
 
     /// Releases the pin that ends first, to make room; `false` if there is none.
@@ -377,6 +400,7 @@ impl Scheduler {
             true
         });
         self.expire_pins();
+        self.cache.advance(self.now);
 
         let block_size = self.config.block_size;
         let mut budget = self.config.max_num_batched_tokens;
@@ -564,9 +588,14 @@ impl Scheduler {
         self.running.retain_mut(|s| {
             if s.done {
                 let later = s.known_later_hashes(block_size);
-                match s.pin.take().filter(|p| !p.hold.is_zero()) {
+                match s.pin.take() {
+                    Some(pin) if !pin.hold.is_zero() => {
+                        let until = now.saturating_add(pin.hold);
+                        let next_use = pin.next_use(now);
+                        pinned.push((pin.key, Pinned { seq: s.id, until, later, next_use }));
+                    }
                     Some(pin) => {
-                        pinned.push((pin.key, Pinned { seq: s.id, until: now.saturating_add(pin.hold), later }));
+                        cache.release_hinted(s.id, &later, pin.next_use(now));
                     }
                     None => {
                         cache.release_caching(s.id, &later);
@@ -578,7 +607,7 @@ impl Scheduler {
         for (key, held) in pinned {
             self.m.pins += 1;
             if let Some(old) = self.pins.insert(key, held) {
-                self.cache.release_caching(old.seq, &old.later);
+                self.cache.release_hinted(old.seq, &old.later, old.next_use);
             }
         }
         self.m.steps += 1;
@@ -594,6 +623,10 @@ impl Scheduler {
             prefix_queries: c.query_tokens,
             prefix_hits: c.hit_tokens,
             sim_time: self.now,
+            kv_used_blocks: c.used_blocks,
+            kv_table_blocks: c.table_blocks,
+            kv_sequences: c.sequences,
+            kv_evictions: c.evictions,
             ..self.m
         }
     }
@@ -627,6 +660,7 @@ mod tests {
             max_num_seqs: 6,
             max_num_batched_tokens: budget,
             enable_prefix_caching: true,
+            eviction: Eviction::default(),
         }
     }
 
@@ -707,12 +741,22 @@ mod tests {
 
     /// Runs `requests` (arrival step, prompt, max new tokens, min tokens) to completion.
     fn run(cfg: SchedulerConfig, requests: &[(usize, Vec<u32>, usize, usize)]) -> (Vec<Run>, EngineMetrics) {
+        run_hinted(cfg, requests, &vec![None; requests.len()])
+    }
+
+    /// `run`, request `i` carrying `pins[i]`, 10 ms of the scheduler's time a step; the pins left
+    /// at the end are let expire.
+    fn run_hinted(
+        cfg: SchedulerConfig,
+        requests: &[(usize, Vec<u32>, usize, usize)],
+        pins: &[Option<Pin>],
+    ) -> (Vec<Run>, EngineMetrics) {
         let mut sched = Scheduler::new(cfg);
         let mut kv = vec![None; cfg.kv_capacity_tokens()];
         let mut runs = Vec::new();
         let mut step = 0;
         loop {
-            for (at, prompt, max_new, min_tokens) in requests {
+            for ((at, prompt, max_new, min_tokens), pin) in requests.iter().zip(pins) {
                 if *at == step {
                     let (tx, rx) = unbounded_channel();
                     let request = EngineRequest {
@@ -720,6 +764,7 @@ mod tests {
                         max_new_tokens: *max_new,
                         stop_token_ids: vec![STOP],
                         min_tokens: *min_tokens,
+                        pin: pin.clone(),
                         ..EngineRequest::default()
                     };
                     assert!(cfg.rejection(&request).is_none());
@@ -732,6 +777,7 @@ mod tests {
             if sched.is_idle() && !pending {
                 break;
             }
+            sched.now += Duration::from_millis(10);
             if sched.schedule().is_some() {
                 let l = sched.layout();
                 let sampled = execute(&mut kv, &l, cfg.block_size);
@@ -745,6 +791,9 @@ mod tests {
             step += 1;
             assert!(step < 100_000, "the scheduler made no progress");
         }
+        sched.now += Duration::from_secs(3600);
+        assert!(sched.schedule().is_none());
+        assert!(sched.pinned().is_empty());
         (runs, sched.snapshot())
     }
 
@@ -788,7 +837,7 @@ mod tests {
     }
 
     fn pin(key: &str, secs: u64) -> Pin {
-        Pin { key: key.to_owned(), hold: Duration::from_secs(secs) }
+        Pin { key: key.to_owned(), hold: Duration::from_secs(secs), return_after: Some(Duration::from_secs(secs / 2)) }
     }
 
     /// An agent's first turn (40 prompt + 8 output tokens), three other 48-token requests in its
@@ -898,6 +947,57 @@ mod tests {
         assert_eq!((m.pins_dropped, m.preemptions), (1, 0), "{m:?}");
     }
 
+    /// Three agents' turns (24 prompt + 4 output tokens) released unpinned with their next-use
+    /// hints (back in 1 s, back in 100 s, done), then a 92-token request on a 32-block cache, then
+    /// the first agent's next turn: returns its hit and the evictions.
+    fn an_agent_due_back_soon_after_pressure(eviction: Eviction) -> (usize, u64) {
+        let mut s = Scheduler::new(SchedulerConfig { eviction, ..config(32, 64) });
+        let hint = |key: &str, back: Option<u64>| Pin {
+            key: key.to_owned(),
+            hold: Duration::ZERO,
+            return_after: back.map(Duration::from_secs),
+        };
+        let (prompt, answer) = (toks(7, 24), toks(8, 4));
+        serve(&mut s, &prompt, &answer, Some(hint("soon", Some(1))));
+        serve(&mut s, &toks(20, 24), &toks(21, 4), Some(hint("late", Some(100))));
+        serve(&mut s, &toks(22, 24), &toks(23, 4), Some(hint("done", None)));
+        // 3 x 6 cached blocks (27 computed tokens each); 23 blocks needed, 14 free: 9 evicted.
+        serve(&mut s, &toks(30, 88), &toks(31, 4), None);
+        let evictions = s.snapshot().kv_evictions;
+        let history: Vec<u32> = [prompt, answer, toks(9, 4)].concat();
+        (serve(&mut s, &history, &toks(10, 2), Some(hint("soon", None))), evictions)
+    }
+
+    #[test]
+    fn under_pressure_next_use_keeps_the_history_of_the_agent_due_back_first() {
+        // LRU evicts the oldest release: the agent coming back first loses its whole history.
+        assert_eq!(an_agent_due_back_soon_after_pressure(Eviction::Lru), (0, 9));
+        // Next use evicts the done agent's 6 blocks and 3 of the late one's: all 24 tokens hit.
+        assert_eq!(an_agent_due_back_soon_after_pressure(Eviction::NextUse), (24, 9));
+    }
+
+    /// An unhinted request's turn, then a pinned agent's turn whose pin the server releases (its
+    /// reply called no tool), then a 92-token request evicting 3 of their 12 cached blocks: returns
+    /// the blocks of each prompt still cached (unhinted, then the done agent).
+    fn a_released_pin_under_pressure(eviction: Eviction) -> (usize, usize) {
+        let mut s = Scheduler::new(SchedulerConfig { eviction, ..config(32, 64) });
+        let wait = Pin::for_tool_wait("b".to_owned(), Duration::from_secs(5), Duration::from_secs(30));
+        let (a, b) = ((toks(7, 24), toks(8, 4)), (toks(20, 24), toks(21, 4)));
+        serve(&mut s, &a.0, &a.1, None);
+        serve(&mut s, &b.0, &b.1, Some(wait));
+        assert!(s.release_pin("b"));
+        serve(&mut s, &toks(30, 88), &toks(31, 4), None);
+        let m = s.snapshot();
+        assert_eq!((m.pins, m.pins_expired, m.kv_evictions), (1, 1, 3));
+        (s.cache.lookup(&block_hashes(&a.0, 4)), s.cache.lookup(&block_hashes(&b.0, 4)))
+    }
+
+    #[test]
+    fn a_pin_released_for_a_reply_without_tool_calls_is_evicted_first() {
+        assert_eq!(a_released_pin_under_pressure(Eviction::Lru), (3, 6));
+        assert_eq!(a_released_pin_under_pressure(Eviction::NextUse), (6, 3));
+    }
+
     #[test]
     fn a_tool_wait_pin_holds_twice_the_wait_at_most_the_ttl() {
         let ttl = Duration::from_secs(30);
@@ -978,14 +1078,29 @@ mod tests {
         )
     }
 
+    /// An agent hint: no hint, or agent `key` holding its blocks `hold` steps and back after
+    /// `back` steps (`None`: done).
+    fn hint_strategy() -> impl Strategy<Value = Option<Pin>> {
+        prop::option::of((0..3u8, 0..3u64, prop::option::of(0..20u64))).prop_map(|h| {
+            h.map(|(key, hold, back)| Pin {
+                key: format!("agent-{key}"),
+                hold: Duration::from_millis(10 * hold),
+                return_after: back.map(|b| Duration::from_millis(10 * b)),
+            })
+        })
+    }
+
     proptest! {
         #[test]
         fn any_schedule_gives_every_request_its_one_at_a_time_output(
-            requests in prop::collection::vec(request_strategy(), 1..10),
+            requests in prop::collection::vec((request_strategy(), hint_strategy()), 1..10),
             blocks in 12..40usize,
             budget in 1..24usize,
+            next_use in any::<bool>(),
         ) {
-            let (runs, m) = run(config(blocks, budget), &requests);
+            let eviction = if next_use { Eviction::NextUse } else { Eviction::Lru };
+            let (requests, pins): (Vec<_>, Vec<_>) = requests.into_iter().unzip();
+            let (runs, m) = run_hinted(SchedulerConfig { eviction, ..config(blocks, budget) }, &requests, &pins);
             check(&runs);
             prop_assert!(m.kv_usage.abs() < f64::EPSILON);
         }

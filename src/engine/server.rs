@@ -402,16 +402,24 @@ fn stream_response(rx: mpsc::UnboundedReceiver<Bytes>) -> Response {
 
 /// The client's tool-wait hint, `"batchagent": {"agent": "<id>", "tool_wait_s": <seconds>}` (as the
 /// simulator reads it): the request's KV blocks stay pinned for the agent for twice the wait, at
-/// most `kv_pin_ttl`, unless the reply calls no tool; `None` without the field.
+/// most `kv_pin_ttl`, unless the reply calls no tool, and are expected back after the wait (their
+/// eviction order under `--kv-eviction next_use`), or after `"next_call_s"` when the hint carries
+/// it (seconds from the reply's end to the agent's next request); `None` without the field.
 fn tool_wait_pin(state: &AppState, body: &Value) -> Result<Option<Pin>, Response> {
     let Some(hint) = body.get("batchagent").filter(|v| !v.is_null()) else { return Ok(None) };
+    let seconds = |field: &str| hint.get(field).and_then(Value::as_f64).filter(|w| w.is_finite() && *w >= 0.0);
     let agent = hint.get("agent").and_then(Value::as_str).filter(|a| !a.is_empty());
-    let wait = hint.get("tool_wait_s").and_then(Value::as_f64).filter(|w| w.is_finite() && *w >= 0.0);
-    let (Some(agent), Some(wait)) = (agent, wait) else {
-        return Err(bad("batchagent: expected {\"agent\": a non-empty string, \"tool_wait_s\": seconds >= 0}"));
+    let next_call = hint.get("next_call_s").map(|_| seconds("next_call_s"));
+    let (Some(agent), Some(wait), None | Some(Some(_))) = (agent, seconds("tool_wait_s"), next_call) else {
+        return Err(bad("batchagent: expected {\"agent\": a non-empty string, \"tool_wait_s\": seconds >= 0, \
+                        optionally \"next_call_s\": seconds >= 0}"));
     };
-    let wait = Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX);
-    Ok(Some(Pin::for_tool_wait(agent.to_owned(), wait, state.options.kv_pin_ttl)))
+    let secs = |s: f64| Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX);
+    let pin = Pin::for_tool_wait(agent.to_owned(), secs(wait), state.options.kv_pin_ttl);
+    Ok(Some(match next_call.flatten() {
+        Some(next) => Pin { return_after: Some(secs(next)), ..pin },
+        None => pin,
+    }))
 }
 
 /// Tool calls in the Hermes / Qwen2.5 form the chat templates ask for:
@@ -576,8 +584,15 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
     if echo {
         return Err(bad("`echo` is not supported by this server"));
     }
+    let prompts = parse_prompts(&body)?;
+    // A hint names one agent: one prompt. The server does not parse tool calls from a raw
+    // completion, so the hint is taken at its word (the blocks pinned for the wait).
+    let pin = tool_wait_pin(&state, &body)?;
+    if pin.is_some() && prompts.len() > 1 {
+        return Err(bad("batchagent: a hint names one agent; send a hinted prompt in a request of its own"));
+    }
     let mut receivers = Vec::new();
-    for input in parse_prompts(&body)? {
+    for input in prompts {
         let prompt = match input {
             PromptInput::Ids(ids) => ids,
             PromptInput::Text(text) => {
@@ -585,7 +600,7 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
                 blocking(move || codec.encode(&text)).await?
             }
         };
-        receivers.push(request(&state, prompt, &p)?);
+        receivers.push(EngineRequest { pin: pin.clone(), ..request(&state, prompt, &p)? });
     }
     let receivers: Vec<_> = receivers.into_iter().map(|r| state.engine.submit(r)).collect();
     let n = state.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -10,7 +10,9 @@ use pyo3::types::{PyByteArray, PyDict, PyList, PyTuple};
 
 use super::errors::{RunError, SchemaError};
 use crate::engine::server::{EngineServer, ServeOptions, TextCodec};
-use crate::engine::{EngineEvent, EngineRequest, LocalEngine, Sampling, SchedulerConfig, StepExecutor, StepLayout};
+use crate::engine::{
+    EngineEvent, EngineRequest, Eviction, LocalEngine, Sampling, SchedulerConfig, StepExecutor, StepLayout,
+};
 
 /// Little-endian bytes of `values`, which the worker reads with `torch.frombuffer` (a bytearray:
 /// torch warns on a read-only buffer).
@@ -79,6 +81,7 @@ pub(crate) fn start_engine(
     max_num_seqs: usize,
     max_num_batched_tokens: usize,
     enable_prefix_caching: bool,
+    eviction: Eviction,
 ) -> PyResult<LocalEngine> {
     let config = SchedulerConfig {
         block_size: worker.getattr("page_size")?.extract()?,
@@ -86,6 +89,7 @@ pub(crate) fn start_engine(
         max_num_seqs,
         max_num_batched_tokens,
         enable_prefix_caching,
+        eviction,
     };
     let executor = Box::new(PyStepExecutor { worker: worker.clone().unbind() });
     LocalEngine::start(config, executor).map_err(|e| SchemaError::new_err(e.to_string()))
@@ -107,7 +111,9 @@ impl PyEngine {
         max_num_batched_tokens: usize,
         enable_prefix_caching: bool,
     ) -> PyResult<Self> {
-        let engine = start_engine(worker, max_num_seqs, max_num_batched_tokens, enable_prefix_caching)?;
+        // Requests of `generate` carry no agent hints, so the eviction policy makes no difference.
+        let engine =
+            start_engine(worker, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, Eviction::default())?;
         Ok(Self { engine: Arc::new(engine) })
     }
 
@@ -275,7 +281,7 @@ impl PyEngineServer {
 
 /// Serves `worker`'s model over the OpenAI-compatible API; returns once it listens.
 #[pyfunction]
-#[pyo3(signature = (worker, *, model, max_model_len, eos_token_ids, host="127.0.0.1".to_owned(), port=8000, max_num_seqs=256, max_num_batched_tokens=8192, enable_prefix_caching=true, kv_pin_ttl=30.0))]
+#[pyo3(signature = (worker, *, model, max_model_len, eos_token_ids, host="127.0.0.1".to_owned(), port=8000, max_num_seqs=256, max_num_batched_tokens=8192, enable_prefix_caching=true, kv_pin_ttl=30.0, kv_eviction="next_use"))]
 #[allow(clippy::too_many_arguments)] // Python keyword arguments.
 fn serve_engine(
     py: Python<'_>,
@@ -289,10 +295,13 @@ fn serve_engine(
     max_num_batched_tokens: usize,
     enable_prefix_caching: bool,
     kv_pin_ttl: f64,
+    kv_eviction: &str,
 ) -> PyResult<PyEngineServer> {
     let kv_pin_ttl = Duration::try_from_secs_f64(kv_pin_ttl)
         .map_err(|_| PyValueError::new_err(format!("kv_pin_ttl {kv_pin_ttl} is not a number of seconds >= 0")))?;
-    let engine = Arc::new(start_engine(worker, max_num_seqs, max_num_batched_tokens, enable_prefix_caching)?);
+    let eviction: Eviction =
+        kv_eviction.parse().map_err(|e: String| PyValueError::new_err(format!("kv_eviction: {e}")))?;
+    let engine = Arc::new(start_engine(worker, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, eviction)?);
     let codec = Arc::new(PyCodec { worker: worker.clone().unbind() });
     let options = ServeOptions { host, port, model, max_model_len, eos_token_ids, kv_pin_ttl };
     let rt = super::runtime()?;

@@ -26,10 +26,12 @@
 //! | `batch_expire_rate` | `0` | rate of batches whose completion window ends half-way: rows not finished by then expire |
 //! | `rate_limit_rpm`, `rate_limit_tpm` | none | requests / tokens per minute, enforced in real time (not scaled by `time_scale`) as hosted APIs do: a token bucket holding `rate_limit_burst` seconds of allowance (default `60`: one minute's; `1` enforces 3,000 RPM as 50 requests a second, as `OpenAI` says it may), refilled continuously; a request's tokens are its messages' characters / 4 plus its `max_tokens`; every answer of `/v1/chat/completions` and `/v1/completions` carries `OpenAI`'s `x-ratelimit-*` headers, of `/v1/messages` Anthropic's `anthropic-ratelimit-*`; beyond the limit, 429 with `retry-after` |
 //! | `kv_pin_ttl` | `30` | simulated seconds a tool-wait hint may keep an agent's KV blocks at most: a chat request with `"batchagent": {"agent": ID, "tool_wait_s": W}` keeps its blocks after it ends, unevictable, for min(`kv_pin_ttl`, 2 x W scaled to simulated time), until that agent's next request takes them over, or until another request needs the room |
+//! | `kv_eviction` | profile's, `next_use` | which cached KV blocks are evicted first when blocks are short: `next_use` (blocks of agents whose reply called no tool, then blocks released without a hint least recently released first, then the furthest predicted next use: the end of the request plus the hint's `tool_wait_s`, or its `next_call_s`, scaled to simulated time) or `lru` (least recently released first, as vLLM) |
 //! | `fault_grammar` | `0` | rate of grammar-constrained requests (`response_format` with a schema) answered, every time they are sent, with llama.cpp's HTTP 500 "does not match the expected format" |
 
 use std::fmt;
 
+use crate::engine::Eviction;
 use crate::secret::Secret;
 
 /// Everything that can go wrong configuring or starting the simulator.
@@ -291,6 +293,8 @@ pub struct SimConfig {
     pub rate_limit_burst: f64,
     /// Longest a tool-wait hint keeps an agent's KV blocks pinned, in simulated seconds.
     pub kv_pin_ttl: f64,
+    /// The KV eviction order; `None`: the profile's.
+    pub kv_eviction: Option<Eviction>,
 }
 
 impl Default for SimConfig {
@@ -316,6 +320,7 @@ impl Default for SimConfig {
             rate_limit_tpm: None,
             rate_limit_burst: 60.0,
             kv_pin_ttl: 30.0,
+            kv_eviction: None,
         }
     }
 }
@@ -391,6 +396,10 @@ impl SimConfig {
                     return Err(invalid(key, value, "seconds: a finite number >= 0"));
                 }
                 self.kv_pin_ttl = ttl;
+            }
+            "kv_eviction" => {
+                let eviction = value.parse().map_err(|e: String| invalid(key, value, &e))?;
+                self.kv_eviction = Some(eviction);
             }
             "max_model_len" => {
                 let limit: u32 = parse_num(key, value)?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::engine::SchedulerConfig;
+use crate::engine::{Eviction, SchedulerConfig};
 
 /// Time of one engine step (one forward pass of the batch), fitted per hardware and model:
 ///
@@ -77,6 +77,9 @@ pub struct Profile {
     /// Automatic prefix caching (vLLM v1 turns it on by default).
     #[serde(default = "enabled")]
     pub enable_prefix_caching: bool,
+    /// Which cached KV blocks go first when blocks are short (`lru` or `next_use`, the default).
+    #[serde(default)]
+    pub kv_eviction: Eviction,
     pub step: StepModel,
     /// How the step model was obtained: method, measurements, fit quality.
     #[serde(default)]
@@ -154,6 +157,7 @@ impl Profile {
             max_num_batched_tokens: 512,
             kv_capacity_tokens: 4096,
             enable_prefix_caching: true,
+            kv_eviction: Eviction::default(),
             step: StepModel {
                 base_us: 1000.0,
                 prefill_token_us: 1.0,
@@ -174,6 +178,7 @@ impl Profile {
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             enable_prefix_caching: self.enable_prefix_caching,
+            eviction: self.kv_eviction,
         }
     }
 

@@ -29,11 +29,13 @@ def start(
     gpu_memory_utilization: float = 0.9,
     seed: int = 0,
     kv_pin_ttl: float = 30.0,
+    kv_eviction: str = "next_use",
 ) -> EngineServer:
     """Loads the model in `model` (a Hugging Face checkpoint directory) and serves it; returns once
     it listens. The served name defaults to `model` as given, as vLLM's does. `device` defaults to
     CUDA where there is one, `dtype` to bf16 there and fp32 on the CPU. `kv_pin_ttl`: the longest a
-    tool-wait hint keeps an agent's KV blocks, in seconds."""
+    tool-wait hint keeps an agent's KV blocks, in seconds. `kv_eviction`: `next_use` (the cached
+    blocks of agents due back furthest away, or done, go first) or `lru`."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("fp32" if device == "cpu" else "bf16")
     worker = EngineWorker(
@@ -45,7 +47,7 @@ def start(
         worker, model=served_model_name or model, max_model_len=worker.runner.max_model_len,
         eos_token_ids=worker.eos_token_ids(), host=host, port=port, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-        kv_pin_ttl=kv_pin_ttl,
+        kv_pin_ttl=kv_pin_ttl, kv_eviction=kv_eviction,
     )  # fmt: skip
 
 

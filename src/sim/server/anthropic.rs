@@ -22,8 +22,9 @@ use super::super::engine::EngineEvent;
 use super::super::faults::Fault;
 use super::super::tokenizer;
 use super::{
-    faulty_body, finish, generate, http_fault, json_response, on_event, parse_body, partial_text, render_chatml,
-    request_behaviour, sse_event, stream_response, AppState, ErrorShape, FrameSink, Generation,
+    faulty_body, finish, generate_pinned, http_fault, json_response, on_event, parse_body, partial_text, render_chatml,
+    request_behaviour, sse_event, stream_response, tool_wait_pin, AppState, ErrorShape, FrameSink, Generation,
+    PinUnless,
 };
 use crate::conversation::{Message, Role, ToolCall, ToolDef};
 
@@ -261,7 +262,8 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, _headers: Heade
     if !state.config.serves(model) {
         return error(StatusCode::NOT_FOUND, "not_found_error", &format!("model: {model}"));
     }
-    let (parsed, behaviour) = match parse(&body).and_then(|p| Ok((p, request_behaviour(&state, &body)?))) {
+    let parsed = parse(&body).and_then(|p| Ok((p, request_behaviour(&state, &body)?, tool_wait_pin(&state, &body)?)));
+    let (parsed, behaviour, pin) = match parsed {
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", &e),
     };
@@ -276,7 +278,15 @@ pub(crate) async fn messages(State(state): State<Arc<AppState>>, _headers: Heade
         return r;
     }
     let prompt = render_chatml(&parsed.req.messages, &parsed.req.tools);
-    let mut g = match generate(&state, &parsed.req, &behaviour, &prompt, Some(parsed.max_tokens)) {
+    let mut g = match generate_pinned(
+        &state,
+        &parsed.req,
+        &behaviour,
+        &prompt,
+        Some(parsed.max_tokens),
+        pin,
+        PinUnless::NoToolCalls,
+    ) {
         Ok(g) => g,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", &e.anthropic()),
     };

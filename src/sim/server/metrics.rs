@@ -97,6 +97,17 @@ pub(crate) fn render(
     {
         let _ = writeln!(out, "{name}{{event=\"{event}\",{label}}} {value}");
     }
+    // Not vLLM's: the KV blocks held by sequences (each block shared by hash once) against the
+    // blocks in their block tables (a shared block once per sequence: without sharing), and the
+    // cached blocks evicted.
+    let name = "batchagent:kv_blocks";
+    family(&mut out, name, "gauge", "KV blocks held by sequences (held) and listed in their block tables (tables).");
+    for (kind, value) in [("held", m.kv_used_blocks), ("tables", m.kv_table_blocks)] {
+        let _ = writeln!(out, "{name}{{kind=\"{kind}\",{label}}} {value}");
+    }
+    let name = "batchagent:kv_evictions_total";
+    family(&mut out, name, "counter", "Cached KV blocks evicted to make room.");
+    let _ = writeln!(out, "{name}{{{label}}} {}", m.kv_evictions);
     // Not vLLM's: the engine's busy time and what its steps cost, so a benchmark can compute the
     // makespan no scheduler could beat at these step costs.
     let name = "sim:engine_busy_seconds_total";

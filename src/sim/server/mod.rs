@@ -97,6 +97,7 @@ impl SimServer {
         config.validate()?;
         let mut profile = Profile::resolve(&config.profile)?;
         profile.enable_prefix_caching = profile.enable_prefix_caching && config.prefix_caching;
+        profile.kv_eviction = config.kv_eviction.unwrap_or(profile.kv_eviction);
         let addr = format!("{}:{}", config.host, config.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
@@ -231,8 +232,24 @@ async fn count_route(State(state): State<Arc<AppState>>, req: Request, next: Nex
 }
 
 fn stats_json(state: &AppState) -> Value {
-    let mut snapshot = state.stats.snapshot(&state.faults, &state.engine.metrics(), &state.config);
+    let engine = state.engine.metrics();
+    let mut snapshot = state.stats.snapshot(&state.faults, &engine, &state.config);
     if let Some(fields) = snapshot.as_object_mut() {
+        let profile = state.engine.profile();
+        // The KV cache now: blocks held (a block shared by hash once) against the blocks in the
+        // holders' block tables (what they would hold without sharing).
+        fields.insert(
+            "kv".into(),
+            serde_json::json!({
+                "eviction": profile.kv_eviction.as_str(),
+                "block_size": profile.block_size,
+                "capacity_blocks": profile.kv_capacity_blocks(),
+                "used_blocks": engine.kv_used_blocks,
+                "table_blocks": engine.kv_table_blocks,
+                "sequences": engine.kv_sequences,
+                "evictions": engine.kv_evictions,
+            }),
+        );
         fields.insert("batches".into(), state.batches.counters());
         if let Some(limiter) = &state.limiter {
             fields.insert("rate_limit".into(), limiter.stats());
@@ -403,29 +420,52 @@ pub(crate) fn generate(
     prompt: &str,
     max_tokens: Option<u32>,
 ) -> Result<Generation, Refusal> {
-    generate_pinned(state, req, behaviour, prompt, max_tokens, None)
+    generate_pinned(state, req, behaviour, prompt, max_tokens, None, PinUnless::Never)
+}
+
+/// When a hinted request's blocks are not pinned after all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PinUnless {
+    /// A chat turn that calls no tool: the agent is done (its blocks are not expected back).
+    NoToolCalls,
+    /// Never: a raw completion shows no tool calls; the client's word is taken.
+    Never,
 }
 
 /// The client's tool-wait hint, `"batchagent": {"agent": "<id>", "tool_wait_s": <seconds>}`: when
 /// the reply ends in tool calls, the request's KV blocks are kept for the agent for twice the wait
-/// (in simulated time, which the tool wait is scaled into), at most `kv_pin_ttl`; `None` without
-/// the field.
+/// (in simulated time, which the tool wait is scaled into), at most `kv_pin_ttl`, and expected back
+/// after the wait (their eviction order under `kv_eviction=next_use`), or after `"next_call_s"`
+/// when the hint carries it; `None` without the field.
 pub(crate) fn tool_wait_pin(state: &AppState, body: &Value) -> Result<Option<Pin>, String> {
     let Some(hint) = body.get("batchagent").filter(|v| !v.is_null()) else { return Ok(None) };
+    let seconds = |field: &str| hint.get(field).and_then(Value::as_f64).filter(|w| w.is_finite() && *w >= 0.0);
     let agent = hint.get("agent").and_then(Value::as_str).filter(|a| !a.is_empty());
-    let wait = hint.get("tool_wait_s").and_then(Value::as_f64).filter(|w| w.is_finite() && *w >= 0.0);
-    let (Some(agent), Some(wait)) = (agent, wait) else {
-        return Err("batchagent: expected {\"agent\": a non-empty string, \"tool_wait_s\": seconds >= 0}".to_owned());
+    let next_call = hint.get("next_call_s").map(|_| seconds("next_call_s"));
+    let (Some(agent), Some(wait), None | Some(Some(_))) = (agent, seconds("tool_wait_s"), next_call) else {
+        return Err("batchagent: expected {\"agent\": a non-empty string, \"tool_wait_s\": seconds >= 0, \
+                    optionally \"next_call_s\": seconds >= 0}"
+            .to_owned());
     };
     let scale = state.engine.time_scale();
     // Under time scale 0 the engine never waits for real time: only the TTL bounds the pin.
-    let wait_sim =
-        if scale > 0.0 { Duration::try_from_secs_f64(wait / scale).unwrap_or(Duration::MAX) } else { Duration::MAX };
+    let sim = |s: f64| {
+        if scale > 0.0 {
+            Duration::try_from_secs_f64(s / scale).unwrap_or(Duration::MAX)
+        } else {
+            Duration::MAX
+        }
+    };
     let ttl = Duration::try_from_secs_f64(state.config.kv_pin_ttl).unwrap_or(Duration::MAX);
-    Ok(Some(Pin::for_tool_wait(agent.to_owned(), wait_sim, ttl)))
+    let pin = Pin::for_tool_wait(agent.to_owned(), sim(wait), ttl);
+    Ok(Some(match next_call.flatten() {
+        Some(next) => Pin { return_after: Some(sim(next)), ..pin },
+        None => pin,
+    }))
 }
 
-/// [`generate`], with the request's blocks pinned for its agent after it finishes.
+/// [`generate`], with the request's blocks pinned for its agent after it finishes (see
+/// [`PinUnless`]).
 pub(crate) fn generate_pinned(
     state: &AppState,
     req: &AgentRequest,
@@ -433,6 +473,7 @@ pub(crate) fn generate_pinned(
     prompt: &str,
     max_tokens: Option<u32>,
     pin: Option<Pin>,
+    unless: PinUnless,
 ) -> Result<Generation, Refusal> {
     let reply = behaviour::reply(behaviour, state.config.seed, req);
     let pieces = behaviour::pieces(&reply);
@@ -456,9 +497,10 @@ pub(crate) fn generate_pinned(
     if prompt_tokens + max_new_tokens > capacity {
         return Err(Refusal::TooLong { prompt: prompt_tokens, completion: max_new_tokens, limit: capacity });
     }
-    // Only a turn that ends in tool calls has a return to wait for; the agent's other turns still
-    // take its pin over.
-    let pin = pin.map(|p| if reply.tool_calls.is_empty() { Pin { hold: Duration::ZERO, ..p } } else { p });
+    // Only a chat turn that ends in tool calls has a return to wait for; the agent's other turns
+    // still take its pin over, and their blocks are not expected back.
+    let done = unless == PinUnless::NoToolCalls && reply.tool_calls.is_empty();
+    let pin = pin.map(|p| if done { Pin { hold: Duration::ZERO, return_after: None, ..p } } else { p });
     let events = state.engine.submit(EngineRequest { prompt: tokens, max_new_tokens, pin, ..EngineRequest::default() });
     Ok(Generation { reply, pieces, max_new, prompt_tokens, events })
 }

@@ -15,9 +15,8 @@ use super::super::engine::EngineEvent;
 use super::super::faults::Fault;
 use super::super::tokenizer;
 use super::{
-    faulty_body, finish, generate, http_fault, json_response, on_event, openai_tools, parse_body, partial_text,
-    render_chatml, request_behaviour, request_id, sse_data, stream_response, unix_now, AppState, ErrorShape, FrameSink,
-    Generation,
+    faulty_body, finish, http_fault, json_response, on_event, openai_tools, parse_body, partial_text, render_chatml,
+    request_behaviour, request_id, sse_data, stream_response, unix_now, AppState, ErrorShape, FrameSink, Generation,
 };
 use crate::conversation::{Message, Role, ToolCall};
 
@@ -259,7 +258,8 @@ async fn chat_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Response {
         return error(StatusCode::INTERNAL_SERVER_ERROR, message, None);
     }
     let prompt = render_chatml(&req.messages, &req.tools);
-    let mut g = match super::generate_pinned(&state, &req, &behaviour, &prompt, max, pin) {
+    let mut g = match super::generate_pinned(&state, &req, &behaviour, &prompt, max, pin, super::PinUnless::NoToolCalls)
+    {
         Ok(g) => g,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.vllm(), Some("messages")),
     };
@@ -392,6 +392,16 @@ async fn completions_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Respo
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e, None),
     };
+    // A hint names one agent: one prompt. A completion shows no tool calls, so the hint is taken
+    // at its word (pinned for the wait).
+    let pin = match super::tool_wait_pin(&state, &body) {
+        Ok(Some(_)) if prompts.len() > 1 => {
+            let e = "batchagent: a hint names one agent; send a hinted prompt in a request of its own";
+            return error(StatusCode::BAD_REQUEST, e, Some("prompt"));
+        }
+        Ok(pin) => pin,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e, None),
+    };
     let decision = state.faults.decide(raw);
     if let Some(r) = http_fault(&state, &decision, fault_shape).await {
         return r;
@@ -400,7 +410,8 @@ async fn completions_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Respo
         .iter()
         .map(|p| {
             let req = AgentRequest { messages: vec![Message::user(p.clone())], ..AgentRequest::default() };
-            generate(&state, &req, &behaviour, p, max).map_err(super::Refusal::vllm)
+            super::generate_pinned(&state, &req, &behaviour, p, max, pin.clone(), super::PinUnless::Never)
+                .map_err(super::Refusal::vllm)
         })
         .collect();
     let mut gens = match gens {
