@@ -29,6 +29,57 @@ from .paged_attention import LOG2E, check_layout
 
 
 @triton.jit
+def _prefill_blocks(
+    acc, l_i, m_i, q, pos, lo, hi,
+    K, V, BT, seq, kvh, qk_scale,
+    stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_bts,
+    HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    IEEE: tl.constexpr,
+):  # fmt: skip
+    """Keys ``lo .. hi`` (in blocks of BLOCK_N) into the online softmax; ``MASKED`` blocks apply the
+    causal mask and the end of the context, the others need no mask at all."""
+    d = tl.arange(0, HEAD_DIM)
+    for start in range(lo, hi, BLOCK_N):
+        t = start + tl.arange(0, BLOCK_N)
+        if MASKED:
+            tmask = t < hi
+            page = tl.load(BT + seq * stride_bts + t // PAGE, mask=tmask, other=0).to(tl.int64)
+        else:
+            page = tl.load(BT + seq * stride_bts + t // PAGE).to(tl.int64)
+        slot = t % PAGE
+        k_ptr = K + page[:, None] * stride_kp + slot[:, None] * stride_kt + kvh * stride_kh + d[None, :]
+        v_ptr = V + page[:, None] * stride_vp + slot[:, None] * stride_vt + kvh * stride_vh + d[None, :]
+        if MASKED:
+            k = tl.load(k_ptr, mask=tmask[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptr)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale
+        if MASKED:
+            s = tl.where(tmask[None, :] & (t[None, :] <= pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptr, mask=tmask[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptr)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _paged_prefill_kernel(
     Q,
     K,
@@ -77,40 +128,21 @@ def _paged_prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # Keys past the tile's last query are never seen; keys before its first query are all seen.
+    # Keys past the tile's last query are never seen; the keys before `full` are seen by every
+    # query of the tile and go through a loop with no mask (which the compiler pipelines); the
+    # diagonal blocks after it are masked. Two loops, as in Triton's fused-attention tutorial.
     hi = tl.minimum(ctx, ctx - q_len + m0 + BLOCK_M)
     full = tl.maximum(ctx - q_len + m0 + 1, 0) // BLOCK_N * BLOCK_N
-    for start in range(0, hi, BLOCK_N):
-        t = start + tl.arange(0, BLOCK_N)
-        tmask = t < hi
-        page = tl.load(BT + seq * stride_bts + t // PAGE, mask=tmask, other=0).to(tl.int64)
-        slot = t % PAGE
-        k = tl.load(
-            K + page[:, None] * stride_kp + slot[:, None] * stride_kt + kvh * stride_kh + d[None, :],
-            mask=tmask[:, None],
-            other=0.0,
-        )
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale
-        if start + BLOCK_N > full:
-            s = tl.where(tmask[None, :] & (t[None, :] <= pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V + page[:, None] * stride_vp + slot[:, None] * stride_vt + kvh * stride_vh + d[None, :],
-            mask=tmask[:, None],
-            other=0.0,
-        )
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    acc, l_i, m_i = _prefill_blocks(
+        acc, l_i, m_i, q, pos, 0, full, K, V, BT, seq, kvh, qk_scale,
+        stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_bts,
+        HEAD_DIM, PAGE, BLOCK_N, False, IEEE,
+    )  # fmt: skip
+    acc, l_i, m_i = _prefill_blocks(
+        acc, l_i, m_i, q, pos, full, hi, K, V, BT, seq, kvh, qk_scale,
+        stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_bts,
+        HEAD_DIM, PAGE, BLOCK_N, True, IEEE,
+    )  # fmt: skip
 
     # Every valid query sees at least key 0 (its own position or earlier), so l_i > 0 there.
     out = acc / tl.where(mmask, l_i, 1.0)[:, None]
@@ -121,9 +153,26 @@ def _paged_prefill_kernel(
     )
 
 
-def prefill_tiles(query_starts: torch.Tensor, block_m: int = 64) -> torch.Tensor:
+# Launch settings: query tokens per tile (one value for every head size: the runner lists the tiles
+# from the scheduler's layout without asking the kernel), and per head size the key block, warps
+# and pipeline stages. Picked by a sweep on an H200 (benches/prefill_attention.py,
+# benches/results/prefill-attention-h200.json): for head sizes 64 and 128, 4 warps beat 8 by 25%
+# on W's step shapes and larger tiles or deeper pipelines gained nothing.
+PREFILL_BLOCK_M = 64
+PREFILL_LAUNCH: dict[int, tuple[int, int, int]] = {64: (64, 4, 2), 128: (64, 4, 2)}  # dim -> N, warps, stages
+
+
+def prefill_launch(dim: int) -> tuple[int, int, int]:
+    """(key block, warps, pipeline stages) of the prefill kernel for head size `dim` (head sizes
+    not swept keep the launch used before the sweep)."""
+    return PREFILL_LAUNCH.get(dim, (64, 4 if dim <= 64 else 8, 2))
+
+
+def prefill_tiles(query_starts: torch.Tensor, block_m: int | None = None) -> torch.Tensor:
     """The launch's tile list, ``[2, tiles]`` int32 (row 0: the sequence, row 1: its first query
-    token), from the layout's ``query_starts`` on the host (a CPU tensor: no device copy back)."""
+    token), from the layout's ``query_starts`` on the host (a CPU tensor: no device copy back);
+    `block_m` defaults to `PREFILL_BLOCK_M`, the kernel's default."""
+    block_m = PREFILL_BLOCK_M if block_m is None else block_m
     starts = query_starts.to("cpu", torch.int64)
     lens = starts[1:] - starts[:-1]
     per_seq = (lens + block_m - 1) // block_m
@@ -142,15 +191,19 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,
     scale: float | None = None,
     tiles: torch.Tensor | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
+    block_m: int | None = None,
+    launch: tuple[int, int, int] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed new tokens ``q [tokens, heads, dim]`` over each sequence's paged
     context (see the module doc); returns ``[tokens, heads, dim]`` in q's dtype. `tiles` is
     `prefill_tiles(query_starts, block_m)` on q's device; when not given it is computed from
-    `query_starts`, which then costs a device-to-host copy if `query_starts` is on the device."""
+    `query_starts`, which then costs a device-to-host copy if `query_starts` is on the device.
+    `block_m` (query tokens per tile; the tiles' too) and `launch` (key block, warps, stages)
+    default to `PREFILL_BLOCK_M` and `prefill_launch(dim)`."""
     group, page, dim = check_layout(q, k_cache, v_cache)
+    block_m = PREFILL_BLOCK_M if block_m is None else block_m
+    block_n, warps, stages = prefill_launch(dim) if launch is None else launch
     heads = q.shape[1]
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     if out is None:
@@ -181,7 +234,7 @@ def paged_prefill_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         IEEE=q.dtype == torch.float32,
-        num_warps=4 if dim <= 64 else 8,
-        num_stages=2,
+        num_warps=warps,
+        num_stages=stages,
     )  # fmt: skip
     return out
