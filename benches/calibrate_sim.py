@@ -9,14 +9,18 @@ The simulator (src/sim/profile.rs) prices one engine iteration ("step") as
             + decode_seq_us    * decode_seqs
             + kv_read_ns       * kv_tokens_read / 1000
 
-This script builds a random-weight model of the real architecture from `transformers.Qwen2Config`
-(bf16), runs engine-shaped forward passes over it (prefill chunks attending to earlier KV, decode
-batches over a KV cache), times each one as a replayed CUDA graph, and fits the five constants by
-non-negative least squares on relative error. Random weights do not change the timing: every
-kernel's work depends on shapes only.
+With `--runner engine` (the default) it times the embedded engine's own model runner
+(`batchagent_rs.engine.ModelRunner`: paged KV cache, the Triton kernels of `kernels/`, decode steps
+replayed as CUDA graphs) on a random-weight model of the architecture, one `runner.greedy(layout)`
+per step as the engine's loop calls it. With `--runner sdpa` it builds the model from
+`transformers.Qwen2Config` (bf16), runs engine-shaped forward passes written here (SDPA attention
+over a contiguous KV cache) and times each one as a replayed CUDA graph. Either way it fits the
+five constants by non-negative least squares on relative error over the same grid of prefill
+chunks at offsets, decode batches x KV lengths and mixed steps. Random weights do not change the
+timing: every kernel's work depends on shapes only.
 
 Usage:
-    python benches/calibrate_sim.py --model 7b --out DIR
+    python benches/calibrate_sim.py --model 7b --out DIR [--runner engine|sdpa]
     python benches/calibrate_sim.py --model 0.5b --out DIR [--quick]
     python benches/calibrate_sim.py --model all --out DIR
 
@@ -32,6 +36,7 @@ import itertools
 import json
 import math
 import os
+import pathlib
 import platform
 import statistics
 import subprocess
@@ -925,6 +930,65 @@ def calibrate(model_key: str, quick: bool, out_dir: str, non_torch_base: int) ->
             continue
         run_point(rec, chunk=c, offset=o, batch=b, ctx=ln, kv_buffers=kv_buffers_for(b, ln))
 
+    return write_profile(
+        model_key,
+        spec,
+        dev_name,
+        measurements,
+        kv_capacity,
+        out_dir,
+        {
+            "method": (
+                "Random-weight model built from transformers.Qwen2Config (bf16) on one GPU; each step "
+                "(a prefill chunk at a context offset, a decode batch over a per-sequence KV cache, or both) "
+                "runs an engine-shaped forward: fused QKV and gate/up GEMMs, Triton fused add+RMSNorm and "
+                "RoPE (eager PyTorch if they fail their check: see fused_norm_rope), SDPA attention over "
+                "preallocated KV, logits for the last token of the chunk and each "
+                "decode row, argmax. The whole step is captured as one CUDA graph and its replays are timed "
+                "with CUDA events after warm-up (median of samples); steps that cannot be captured fall back "
+                "to the profiler's sum of kernel times. The five constants are fitted by non-negative least "
+                "squares on relative error over all measured steps; a fit on prefill and decode alone, "
+                "checked against the mixed steps, tests the model's additive form."
+            ),
+            "quick": quick,
+            "device_name": dev_name,
+            "total_memory_bytes": total_mem,
+            "torch_version": torch.__version__,
+            "cuda_version": torch.version.cuda,
+            "transformers_version": mdl.transformers_version,
+            "triton_version": getattr(ops.kernels[0], "__version__", None) if ops.kernels else None,
+            "python_version": platform.python_version(),
+            "nvidia_smi": nvidia_smi_info(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "attention": mdl.attn_info,
+            "fused_norm_rope": ops.fused,
+            "fused_norm_rope_error": ops.fused_error,
+            "reference_check_vs_transformers": mdl.hf_check,
+        },
+        {
+            "gpu_memory_utilization": GPU_MEMORY_UTILIZATION,
+            "weights_bytes": weights,
+            "activation_peak_bytes": act_peak,
+            "sampler_bytes": sampler_bytes,
+            "non_torch_increase_bytes": non_torch_inc,
+            "kv_bytes_per_token": kvb,
+        },
+    )
+
+
+def write_profile(
+    model_key: str,
+    spec: dict,
+    dev_name: str,
+    measurements: list[dict],
+    kv_capacity: int,
+    out_dir: str,
+    about: dict,
+    kv_memory: dict,
+) -> str:
+    """Fits the step model to `measurements` and writes the profile (the layout src/sim/profile.rs
+    loads) with everything measured under its `calibration` key; `about` describes the run."""
+
     ok = [p for p in measurements if "skipped" not in p]
     by_kind = {k: [p for p in ok if p["kind"] == k] for k in ("prefill", "decode", "mixed")}
     coefs_pd = fit_step_model(by_kind["prefill"] + by_kind["decode"])
@@ -956,7 +1020,7 @@ def calibrate(model_key: str, quick: bool, out_dir: str, non_torch_base: int) ->
         else ("".join(ch for ch in dev_name.lower().split()[-1] if ch.isalnum()) or "gpu")
     )
     name = f"{prefix}-qwen2.5-{model_key}"
-    d = mdl.d
+    d = spec.get("head_dim", spec["hidden"] // spec["heads"])
     profile = {
         "name": name,
         "hardware": dev_name,
@@ -972,33 +1036,8 @@ def calibrate(model_key: str, quick: bool, out_dir: str, non_torch_base: int) ->
         "kv_capacity_tokens": kv_capacity,
         "step": step,
         "calibration": {
-            "method": (
-                "Random-weight model built from transformers.Qwen2Config (bf16) on one GPU; each step "
-                "(a prefill chunk at a context offset, a decode batch over a per-sequence KV cache, or both) "
-                "runs an engine-shaped forward: fused QKV and gate/up GEMMs, Triton fused add+RMSNorm and "
-                "RoPE (eager PyTorch if they fail their check: see fused_norm_rope), SDPA attention over "
-                "preallocated KV, logits for the last token of the chunk and each "
-                "decode row, argmax. The whole step is captured as one CUDA graph and its replays are timed "
-                "with CUDA events after warm-up (median of samples); steps that cannot be captured fall back "
-                "to the profiler's sum of kernel times. The five constants are fitted by non-negative least "
-                "squares on relative error over all measured steps; a fit on prefill and decode alone, "
-                "checked against the mixed steps, tests the model's additive form."
-            ),
+            **about,
             "timing": methods,
-            "quick": quick,
-            "device_name": dev_name,
-            "total_memory_bytes": total_mem,
-            "torch_version": torch.__version__,
-            "cuda_version": torch.version.cuda,
-            "transformers_version": mdl.transformers_version,
-            "triton_version": getattr(ops.kernels[0], "__version__", None) if ops.kernels else None,
-            "python_version": platform.python_version(),
-            "nvidia_smi": nvidia_smi_info(),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "attention": mdl.attn_info,
-            "fused_norm_rope": ops.fused,
-            "fused_norm_rope_error": ops.fused_error,
-            "reference_check_vs_transformers": mdl.hf_check,
             "step_model": (
                 "step_us = base_us + prefill_token_us * prefill_tokens + prefill_attn_ns * "
                 "sum(chunk_tokens * context_len_at_chunk_end) / 1000 + decode_seq_us * decode_seqs + "
@@ -1018,12 +1057,7 @@ def calibrate(model_key: str, quick: bool, out_dir: str, non_torch_base: int) ->
                     "(gpu_memory_utilization * total_memory - weights - max(activation_peak, sampler) "
                     "- non_torch_increase) / kv_bytes_per_token, floored to whole blocks"
                 ),
-                "gpu_memory_utilization": GPU_MEMORY_UTILIZATION,
-                "weights_bytes": weights,
-                "activation_peak_bytes": act_peak,
-                "sampler_bytes": sampler_bytes,
-                "non_torch_increase_bytes": non_torch_inc,
-                "kv_bytes_per_token": kvb,
+                **kv_memory,
             },
             "scheduler_limits": (
                 "max_num_batched_tokens 8192 is vLLM v1's OpenAI-server default on GPUs with >= 70 GiB other "
@@ -1045,6 +1079,228 @@ def calibrate(model_key: str, quick: bool, out_dir: str, non_torch_base: int) ->
     return path
 
 
+def engine_layout(engine, tables_from, seqs: list[tuple[int, int]], vocab: int):
+    """A StepLayout of the embedded engine: sequence ``i`` has ``seqs[i] = (new tokens, context)``
+    and its pages from `tables_from` (an iterator over page ids), decode rows (one new token)
+    first, as the engine's scheduler packs a step."""
+    import torch
+
+    width = max(-(-c // BLOCK_SIZE) for _, c in seqs)
+    tables = torch.zeros(len(seqs), width, dtype=torch.int32)
+    ids, pos, slots, starts = [], [], [], [0]
+    for i, (n, c) in enumerate(seqs):
+        pages = [next(tables_from) for _ in range(-(-c // BLOCK_SIZE))]
+        tables[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        p = torch.arange(c - n, c)
+        pos.append(p)
+        slots.append(tables[i].long()[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE)
+        ids.append(torch.randint(0, vocab, (n,)))
+        starts.append(starts[-1] + n)
+    return engine.StepLayout(
+        input_ids=torch.cat(ids),
+        positions=torch.cat(pos),
+        query_starts=torch.tensor(starts),
+        context_lens=torch.tensor([c for _, c in seqs]),
+        block_tables=tables,
+        slot_mapping=torch.cat(slots),
+    )
+
+
+def time_engine_step(torch, runner, layout, samples: int, target_ms: float) -> dict:
+    """Median host time of one engine step: `runner.greedy(layout)` (the layout's copy to the device,
+    the forward pass, eager or a CUDA-graph replay, argmax and the tokens back on the host), which
+    is what the engine's loop waits for each step."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    runner.greedy(layout)
+    act_peak = torch.cuda.max_memory_allocated() - before
+    t0 = time.perf_counter()
+    runner.greedy(layout)
+    first_ms = (time.perf_counter() - t0) * 1000
+    inner = max(1, min(100, int(target_ms / max(first_ms, 1e-3))))
+    vals = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            runner.greedy(layout)
+        vals.append((time.perf_counter() - t0) * 1e6 / inner)
+    return {
+        "us": statistics.median(vals),
+        "us_min": min(vals),
+        "us_max": max(vals),
+        "inner": inner,
+        "samples": samples,
+        "method": "engine_runner_step_host_clock",
+        "activation_peak_bytes": act_peak,
+    }
+
+
+def calibrate_engine(model_key: str, quick: bool, out_dir: str, non_torch_base: int) -> str:
+    """The same grid and fit as `calibrate`, timed on the embedded engine's own model runner
+    (`batchagent_rs.engine.ModelRunner`: paged KV cache, the Triton kernels of `kernels/`, decode
+    steps replayed as CUDA graphs)."""
+    import tempfile
+
+    torch, _ = load_torch()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import engine as engine_bench  # benches/engine.py: imports the engine without the API's deps
+
+    engine = engine_bench.import_engine()
+    arch = f"qwen2.5-{model_key}"
+    spec = MODELS[model_key]
+    grid = QUICK_GRID if quick else FULL_GRID
+    samples, target_ms = (3, 10.0) if quick else (9, 50.0)
+    dev_name = torch.cuda.get_device_name(0)
+    total_mem = torch.cuda.mem_get_info()[1]
+    kvb = 2 * spec["layers"] * spec["kv_heads"] * (spec["hidden"] // spec["heads"]) * 2
+    q_out, kv_out = spec["hidden"], spec["kv_heads"] * (spec["hidden"] // spec["heads"])
+    per_layer = (
+        spec["hidden"] * (q_out + 2 * kv_out)
+        + q_out * spec["hidden"]
+        + 3 * spec["hidden"] * spec["intermediate"]
+    )
+    weights_est = 2 * (
+        spec["layers"] * per_layer + spec["vocab"] * spec["hidden"] * (1 if spec["tie"] else 2)
+    )
+
+    def pages_for(seqs: list[tuple[int, int]]) -> int:
+        return sum(-(-c // BLOCK_SIZE) for _, c in seqs)
+
+    steps = [[(c, o + c)] for c, o in grid["prefill"]]
+    steps += [[(1, n + 1)] * b for b, n in grid["decode"]]
+    steps += [[(1, n + 1)] * b + [(c, o + c)] for b, n, c, o in grid["mixed"]]
+    # The cache holds the largest grid point, or what memory leaves after the weights and 10 GiB
+    # for activations and CUDA graphs; points beyond it are skipped.
+    room = torch.cuda.mem_get_info()[0] - weights_est - 10 * 2**30
+    pages = min(max(pages_for(seqs) for seqs in steps), int(room // kvb) // BLOCK_SIZE)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = engine_bench.model_dir(arch, pathlib.Path(tmp))
+        runner = engine.ModelRunner(
+            path, num_pages=pages, page_size=BLOCK_SIZE, device="cuda", dtype=torch.bfloat16,
+            random_weights=True,
+        )  # fmt: skip
+    weights = (
+        sum(
+            t.numel() * t.element_size()
+            for w in runner.layers
+            for t in (w.qkv, w.qkv_bias, w.o, w.o_bias, w.gate_up, w.down, w.ln_attn, w.ln_mlp)
+            if t is not None
+        )
+        + runner.embed.numel() * 2
+        + runner.norm.numel() * 2
+        + (0 if runner.lm_head is runner.embed else runner.lm_head.numel() * 2)
+    )
+    for layer in range(spec["layers"]):  # attention timed over random KV, never zeros
+        runner.cache.k[layer].normal_()
+        runner.cache.v[layer].normal_()
+    sizes = runner.capture_decode_graphs(MAX_NUM_SEQS)
+    torch.cuda.synchronize()
+    cache_tokens = pages * BLOCK_SIZE
+    print(
+        f"[{model_key}] engine runner built in {time.time() - t0:.1f}s; weights {weights / 1e9:.2f} GB; "
+        f"KV cache {cache_tokens} tokens; decode graphs {sizes[0]}..{sizes[-1]}",
+        flush=True,
+    )
+    gen = torch.Generator().manual_seed(0)
+    measurements: list[dict] = []
+
+    def run_point(rec: dict, seqs: list[tuple[int, int]]) -> None:
+        if pages_for(seqs) > pages:
+            rec["skipped"] = f"{pages_for(seqs)} pages exceed the runner's KV cache of {pages}"
+        else:
+            order = iter(torch.randperm(pages, generator=gen).tolist())
+            layout = engine_layout(engine, order, seqs, spec["vocab"])
+            try:
+                rec.update(time_engine_step(torch, runner, layout, samples, target_ms))
+                for k in ("us", "us_min", "us_max"):
+                    rec[k] = round(rec[k], 2)
+            except torch.cuda.OutOfMemoryError as e:
+                rec["skipped"] = f"out of memory: {str(e)[:160]}"
+            gc.collect()
+            torch.cuda.empty_cache()
+        label = " ".join(f"{k}={rec[k]}" for k in ("chunk", "offset", "batch", "ctx") if rec[k])
+        if "skipped" in rec:
+            print(f"[{model_key}] {rec['kind']:7s} {label:40s} SKIPPED {rec['skipped']}", flush=True)
+        else:
+            print(
+                f"[{model_key}] {rec['kind']:7s} {label:40s} {rec['us']:10.1f} us "
+                f"(min {rec['us_min']:.1f}, max {rec['us_max']:.1f}, x{rec['inner']}x{rec['samples']})",
+                flush=True,
+            )
+        measurements.append(rec)
+
+    for c, o in grid["prefill"]:
+        run_point(point_record("prefill", chunk=c, offset=o), [(c, o + c)])
+    act_peak = max([p.get("activation_peak_bytes", 0) for p in measurements if "skipped" not in p] or [0])
+    sampler_bytes = 2 * MAX_NUM_SEQS * spec["vocab"] * 4
+    free_now, _ = torch.cuda.mem_get_info()
+    non_torch_inc = max(0, (total_mem - free_now) - torch.cuda.memory_reserved() - non_torch_base)
+    kv_avail = GPU_MEMORY_UTILIZATION * total_mem - weights - max(act_peak, sampler_bytes) - non_torch_inc
+    kv_capacity = int(kv_avail // kvb) // BLOCK_SIZE * BLOCK_SIZE
+    print(
+        f"[{model_key}] kv capacity {kv_capacity} tokens ({kv_avail / 1e9:.1f} GB at {kvb} B/token)",
+        flush=True,
+    )
+    for b, n in grid["decode"]:
+        rec = point_record("decode", batch=b, ctx=n)
+        if b * (n + 1) > kv_capacity:
+            rec["skipped"] = f"{b} x {n} tokens exceed the KV capacity of {kv_capacity} tokens"
+            print(f"[{model_key}] decode  batch={b} ctx={n}: SKIPPED {rec['skipped']}", flush=True)
+            measurements.append(rec)
+            continue
+        run_point(rec, [(1, n + 1)] * b)
+    for b, n, c, o in grid["mixed"]:
+        rec = point_record("mixed", chunk=c, offset=o, batch=b, ctx=n)
+        run_point(rec, [(1, n + 1)] * b + [(c, o + c)])
+    import triton
+
+    return write_profile(
+        model_key,
+        spec,
+        dev_name,
+        measurements,
+        kv_capacity,
+        out_dir,
+        {
+            "method": (
+                "The embedded engine's own model runner (batchagent_rs.engine.ModelRunner) on a "
+                "random-weight model of the architecture (bf16): a paged KV cache (16-token pages in "
+                "random order, filled with random values), the Triton kernels of kernels/ (paged prefill "
+                "attention, paged decode attention, fused add+RMSNorm, RoPE with the cache write, "
+                "SiLU x up), "
+                "decode steps replayed as CUDA graphs padded to the captured batch sizes. Each step is "
+                "runner.greedy(layout), what the engine's loop calls per step: the layout's copy to the "
+                "device, the forward pass, argmax and the tokens back on the host, timed by the host "
+                "clock after two warm-up steps (median of samples). The five constants are fitted by "
+                "non-negative least squares on relative error over all measured steps; a fit on prefill "
+                "and decode alone, checked against the mixed steps, tests the model's additive form."
+            ),
+            "runner": "engine",
+            "quick": quick,
+            "device_name": dev_name,
+            "total_memory_bytes": total_mem,
+            "torch_version": torch.__version__,
+            "cuda_version": torch.version.cuda,
+            "triton_version": triton.__version__,
+            "python_version": platform.python_version(),
+            "nvidia_smi": nvidia_smi_info(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "kv_cache_tokens_allocated": cache_tokens,
+            "decode_graph_sizes": sizes,
+        },
+        {
+            "gpu_memory_utilization": GPU_MEMORY_UTILIZATION,
+            "weights_bytes": weights,
+            "activation_peak_bytes": act_peak,
+            "sampler_bytes": sampler_bytes,
+            "non_torch_increase_bytes": non_torch_inc,
+            "kv_bytes_per_token": kvb,
+        },
+    )
+
+
 def release_gpu_memory() -> None:
     torch, _ = load_torch()
     gc.collect()
@@ -1062,6 +1318,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--out", required=True, help="directory for the profile JSON files")
     ap.add_argument("--quick", action="store_true", help="a few points and samples, to check the set-up")
+    ap.add_argument(
+        "--runner",
+        choices=["engine", "sdpa"],
+        default="engine",
+        help="time the embedded engine's model runner (default) or the SDPA forward written here",
+    )
     args = ap.parse_args(argv)
     keys = list(MODELS) if "all" in args.model else list(dict.fromkeys(args.model))
     torch, _ = load_torch()
@@ -1072,7 +1334,8 @@ def main(argv=None) -> int:
     failed = 0
     for key in keys:
         try:
-            calibrate(key, args.quick, args.out, non_torch_base)
+            run = calibrate_engine if args.runner == "engine" else calibrate
+            run(key, args.quick, args.out, non_torch_base)
             release_gpu_memory()
         except Exception:
             failed += 1
