@@ -337,22 +337,27 @@ def engine_workload(
     dtype: str = "bf16",
     prefix: int = 1024,
     unique: int = 128,
+    prefix_caching: bool = True,
 ) -> dict[str, Any]:
     """W end to end through the engine: the Rust scheduler and block manager (`_core.Engine`)
     calling the Python worker once per step. The first request goes alone (the client's prefix
-    warm-up), then all of them; the clock covers both."""
+    warm-up), then all of them; the clock covers both. `prefix_caching=False` turns the engine's
+    prefix cache off (every prompt token computed)."""
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     t0 = time.perf_counter()
     worker = engine.EngineWorker(
         path, device=device, dtype=dtype, random_weights=True,
         kv_cache_tokens=n * (prefix + unique + out_len) + 4096, cuda_graphs=256 if device == "cuda" else 0,
     )  # fmt: skip
-    eng = core.Engine(worker, max_num_seqs=256, max_num_batched_tokens=budget)
+    eng = core.Engine(
+        worker, max_num_seqs=256, max_num_batched_tokens=budget, enable_prefix_caching=prefix_caching
+    )
     setup = time.perf_counter() - t0
     try:
         warm = w_prompts(n, prefix, unique, vocab, seed=5)  # the same step shapes, outside the clock
         eng.generate(warm[:1], 1, min_tokens=1)
-        eng.generate(warm, 3, min_tokens=3)
+        # Without prefix caching a shorter warm-up (its prefill alone takes seconds).
+        eng.generate(warm if prefix_caching else warm[:32], 3, min_tokens=3)
         prompts = w_prompts(n, prefix, unique, vocab, seed=11)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -373,6 +378,8 @@ def engine_workload(
         "output_tok_per_s": tokens / wall,
         "setup_seconds": setup,
         "token_budget": budget,
+        "prefix_caching": prefix_caching,
+        "output_len": out_len,
         "engine_metrics": metrics,
     }
 
@@ -656,6 +663,14 @@ def main() -> None:
         core = import_core()
         if core is not None:
             section("W_engine", lambda: engine_workload(core, engine, path7, 256, 128, args.budget))
+            section(
+                "W_engine_no_prefix_sharing",
+                lambda: engine_workload(core, engine, path7, 256, 128, args.budget, prefix_caching=False),
+            )
+            section(
+                "W_engine_512_output", lambda: engine_workload(core, engine, path7, 256, 512, args.budget)
+            )
+            section("W_engine_0.5b", lambda: engine_workload(core, engine, path05, 256, 128, args.budget))
         section("W", w)
         section("W_cascade_step", lambda: cascade_comparison(engine, holder["runner"], 256, 1216))
         section(
