@@ -2,6 +2,7 @@
 //! output, the journal and the engine simulator. Python bindings live in `python` (feature `python`).
 
 pub mod backends;
+pub mod chat_template;
 pub mod conversation;
 pub mod diff;
 pub mod engine;

@@ -195,6 +195,56 @@ async fn completions_take_a_list_of_prompts() {
     sim.stop().await;
 }
 
+/// A chat template's rendering on `/completions` is read as the chat it is: with tools in the
+/// prompt the scripted agent calls them, as raw text in the prompt's own form (vLLM parses no tool
+/// calls there), and once the results are in the prompt it answers.
+#[tokio::test]
+async fn completions_answer_templated_prompts_with_tool_calls_as_text() {
+    use batchagent::chat_template::{ChatTemplate, ToolCallFormat};
+    use batchagent::conversation::{Message, Role, ToolCall, ToolDef};
+
+    let sim = start("tool_rounds=1").await;
+    let url = format!("{}/v1/completions", sim.url());
+    let tools: Vec<ToolDef> = serde_json::from_value(
+        weather_tools().as_array().unwrap().iter().map(|t| t["function"].clone()).collect::<Vec<_>>().into(),
+    )
+    .unwrap();
+    let messages = vec![Message::system("S"), Message::user("weather in Paris?")];
+    for (template, format) in [
+        (ChatTemplate::ChatMl, ToolCallFormat::Hermes),
+        (ChatTemplate::Llama31 { today: false }, ToolCallFormat::LlamaJson),
+    ] {
+        let first = template.render(&messages, &tools).unwrap().unwrap();
+        let body =
+            json_of(post(&url, &json!({"model": "sim-model", "prompt": [first], "max_tokens": 500})).await).await;
+        let text = body["choices"][0]["text"].as_str().unwrap().to_owned();
+        let (_, calls) = format.parse(&text);
+        assert_eq!(calls.len(), 1, "{template:?}: {text}");
+        assert_eq!(calls[0].name, "get_weather");
+        let args: Value = serde_json::from_str(&calls[0].arguments).unwrap();
+        assert!(args["city"].is_string() && args["unit"].is_string(), "{args}");
+        // The call's tokens are completion tokens: the whole text, markup included.
+        assert_eq!(
+            body["usage"]["completion_tokens"].as_u64().unwrap() as usize,
+            batchagent::sim::tokenizer::count(&text)
+        );
+
+        let mut after = messages.clone();
+        let call = ToolCall { id: "c".into(), name: calls[0].name.clone(), arguments: calls[0].arguments.clone() };
+        after.push(Message::assistant("", vec![call]));
+        let mut result = Message::user("18 C");
+        result.role = Role::Tool;
+        after.push(result);
+        let second = template.render(&after, &tools).unwrap().unwrap();
+        assert!(second.starts_with(&first[..first.find("weather in Paris?").unwrap()]));
+        let body =
+            json_of(post(&url, &json!({"model": "sim-model", "prompt": [second], "max_tokens": 500})).await).await;
+        let text = body["choices"][0]["text"].as_str().unwrap();
+        assert!(!text.is_empty() && format.parse(text).1.is_empty(), "{template:?}: {text}");
+    }
+    sim.stop().await;
+}
+
 #[tokio::test]
 async fn anthropic_stream_event_order_and_tool_use() {
     let sim = start("").await;

@@ -309,11 +309,12 @@ def test_prompt_list_falls_back_to_chat_calls_or_is_refused_where_it_cannot_be_u
         sim.start(time_scale=0, seed=7, tool_rounds=1) as server,
         recording_proxy(server.url) as (backend, seen),
     ):
-        # Unknown chat template, engine hints asked for, or tools: chat calls.
+        # Unknown chat template, engine hints asked for, or tools with a template that has no tool
+        # format (Llama 3.0): chat calls.
         for settings in (
             {"model": "sim-model"},
             {"model": "qwen2.5-7b", "engine_hints": True},
-            {"model": "qwen2.5-7b", "tools": [quote]},
+            {"model": "sim-model", "chat_template": "llama3", "tools": [quote]},
         ):
             seen.clear()
             with Population(ids, backend=backend, **settings) as pop:  # type: ignore[arg-type]
@@ -342,3 +343,176 @@ def test_prompt_list_falls_back_to_chat_calls_or_is_refused_where_it_cannot_be_u
                 pop.step({"a": "go"})
     with pytest.raises(SchemaError, match="prompt_list"):
         Population(ids, backend=FAST, prompt_list="yes")
+
+
+QWEN_TOOLS_HEADER = "\n\n# Tools\n\nYou may call one or more functions to assist with the user query."
+LLAMA31_SYSTEM = (
+    "<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n"
+    "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+)
+
+
+@pytest.mark.parametrize("model", ["Qwen2.5-7B-Instruct", "Meta-Llama-3.1-8B-Instruct"])
+def test_a_tool_using_tick_is_one_prompt_list_request_per_round(model: str) -> None:
+    lock = threading.Lock()
+    asked: list[str] = []
+
+    @tool
+    def quote(symbol: str) -> str:
+        """Look up a price."""
+        with lock:
+            asked.append(symbol)
+        return f"{symbol}: 42"
+
+    ids = [f"a{i}" for i in range(4)]
+    with (
+        sim.start(time_scale=0, seed=7, tool_rounds=1, distinct_args=100) as server,
+        recording_proxy(server.url) as (backend, seen),
+        Population(ids, system=SYSTEM, output=Action, tools=[quote], backend=backend, model=model) as pop,
+    ):
+        first = pop.step({a: f"price {i}" for i, a in enumerate(ids)})
+        assert all(r.ok and r.tool_calls == 1 and r.turns == 2 for r in first.values()), first
+        for agent in ids:
+            history = pop.history(agent)
+            assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant"]
+            assert history[1]["tool_calls"][0]["name"] == "quote"
+            assert history[2]["content"].endswith(": 42")
+        second = pop.step({a: "price up" for a in ids})
+        assert all(r.ok and r.tool_calls == 0 and isinstance(r.output, Action) for r in second.values())
+        histories = {a: pop.history(a) for a in ids}
+    assert len(asked) == 4
+    assert [p for p, _ in seen if p.endswith("/chat/completions")] == []
+    lists = [json.loads(body)["prompt"] for path, body in seen if path.endswith("/v1/completions")]
+    # The warm-up, then the tick's first calls, the calls after the tools, the second tick's.
+    assert [len(p) for p in lists] == [1, 4, 4, 4], lists
+    prompts = [p for batch in lists[1:] for p in batch]
+    if model.startswith("Qwen"):
+        # The system prompt and the tool block: one prefix, byte for byte, in every prompt.
+        prefix = prompts[0].split("<|im_start|>user\n", 1)[0]
+        assert prefix.startswith("<|im_start|>system\n" + SYSTEM) and QWEN_TOOLS_HEADER in prefix
+        assert '\n<tools>\n{"type": "function", "function": {"name": "quote", ' in prefix
+        call, result = (
+            '<|im_start|>assistant\n<tool_call>\n{"name": "quote", "arguments": ',
+            "<tool_response>\n",
+        )
+    else:
+        prefix = prompts[0].split("price", 1)[0]
+        assert prefix.startswith(LLAMA31_SYSTEM + SYSTEM.strip())
+        assert "Given the following functions" in prefix and '    "type": "function",\n' in prefix
+        call, result = (
+            '<|end_header_id|>\n\n{"name": "quote", "parameters": ',
+            "<|start_header_id|>ipython<|end_header_id|>\n\n",
+        )
+    assert all(p.startswith(prefix) for p in prompts)
+    assert not any(call in p for p in lists[1])
+    # After the tools: each agent's call and its result, as the template writes them.
+    for agent in ids:
+        symbol = json.loads(histories[agent][1]["tool_calls"][0]["arguments"])["symbol"]
+        assert sum(call in p and f"{symbol}: 42" in p and result in p for p in lists[2]) >= 1, symbol
+    assert all(call in p for p in lists[2] + lists[3])
+
+
+def test_a_jinja_chat_template_renders_the_prompts(tmp_path: Path) -> None:
+    chatml = (
+        "{{ bos_token }}{% for m in messages %}"
+        "{{ '<|im_start|>' + m.role + '\\n' + m.content.strip() + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(
+        json.dumps({"chat_template": chatml, "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"})
+    )
+    ids = ["a", "b"]
+    observations = {"a": "price 1", "b": "price 2"}
+    with sim.start(time_scale=0, seed=7) as server, recording_proxy(server.url) as (backend, seen):
+        sent = []
+        for template in ("chatml", str(config), chatml.replace("{{ bos_token }}", "")):
+            seen.clear()
+            with Population(
+                ids, system=SYSTEM, output=Action, backend=backend, model="sim-model", chat_template=template
+            ) as pop:
+                assert all(r.ok for r in pop.step(observations).values())
+            (prompts,) = [
+                json.loads(b)["prompt"]
+                for p, b in seen
+                if p.endswith("/v1/completions") and b.count(b"price")
+            ]
+            sent.append(sorted(prompts))
+        # The same prompts: the bos token the server's tokenizer adds is not written into them.
+        assert sent[0] == sent[1] == sent[2]
+        assert sent[0][0].startswith(f"<|im_start|>system\n{SYSTEM}")
+        assert sent[0][0].endswith("<|im_end|>\n<|im_start|>user\nprice 1<|im_end|>\n<|im_start|>assistant\n")
+        # A template that does not compile or render fails at the first tick, naming it, before any request.
+        broken = tmp_path / "broken.jinja"
+        broken.write_text("{% for m in messages %}{{ m.content }")
+        raising = "{{ raise_exception('Conversation roles must alternate') }}"
+        for template, words in (
+            (str(broken), r"broken.jinja\) does not compile"),
+            (raising, "roles must alternate"),
+        ):
+            seen.clear()
+            with (
+                Population(ids, backend=backend, model="sim-model", chat_template=template) as pop,
+                pytest.raises(SchemaError, match=words),
+            ):
+                pop.step(observations)
+            assert seen == []
+        with (
+            Population(ids, backend=backend, model="sim-model", chat_template="no-such-template") as pop,
+            pytest.raises(SchemaError, match="not a built-in template"),
+        ):
+            pop.step(observations)
+
+
+def test_deadline_on_the_prompt_list_path() -> None:
+    release = threading.Event()
+    blocked: list[str] = []
+    lock = threading.Lock()
+
+    @tool
+    def research(topic: str) -> str:
+        """Research a topic."""
+        with lock:
+            first = not blocked
+            blocked.append(topic)
+        if first:
+            # The first call of the tick waits until the test lets it go, after the deadline.
+            release.wait(timeout=60)
+        return "done"
+
+    ids = ["p", "q", "r", "s"]
+    with (
+        sim.start(time_scale=0, seed=7, tool_rounds=1, distinct_args=100) as server,
+        recording_proxy(server.url) as (backend, seen),
+        Population(
+            ids,
+            output=Action,
+            tools=[research],
+            backend=backend,
+            model="qwen2.5-7b",
+            deadline=3.0,
+            prompt_list=True,
+        ) as pop,
+    ):
+        results = pop.step({a: f"news for {a}" for a in ids})
+        late = [a for a, r in results.items() if not r.ok]
+        assert len(late) == 1, results
+        miss = results[late[0]]
+        assert miss.error is not None and miss.error.kind == "deadline"
+        assert all(r.ok and r.tool_calls == 1 for a, r in results.items() if a not in late)
+        completion_on_time = sum(r.usage.completion_tokens for r in results.values())
+        release.set()
+        pop.drain()
+        report = pop.report()
+        assert (report.deadline_misses, report.late_answers) == (1, 1)
+        # The late answer's tokens count, though its decision was discarded.
+        assert report.completion_tokens > completion_on_time
+        # No half-recorded tick: the late agent's history is as it was before the tick.
+        assert pop.history(late[0]) == []
+        assert all(len(pop.history(a)) == 4 for a in ids if a not in late)
+        again = pop.step({late[0]: "news again"})
+        assert again[late[0]].ok
+        assert contents(pop.history(late[0]))[0] == ("user", "news again")
+    # Every model call went as a prompt list, the late agent's too.
+    assert [p for p, _ in seen if p.endswith("/chat/completions")] == []
+    assert sum(b.count(b"news for") for p, b in seen if p.endswith("/v1/completions")) >= 8

@@ -134,12 +134,24 @@ class Population:
       (each conversation rendered through the model's chat template), which vLLM, SGLang,
       llama.cpp's server and the simulator take. `"auto"` (the default) uses it where the backend
       is one such endpoint, the chat template is known (`chat_template=`, or from the model name:
-      Qwen models `"chatml"`, Llama 3 models `"llama3"`) and no engine hints are asked for;
-      `True` insists (refused at the first tick where it cannot be), `False` sends chat calls.
-      Calls with tools, and conversations holding tool turns, still go as chat calls. The usage
-      of a prompt-list answer is the server's per prompt where it gives one; otherwise shared out
-      of the request's total (vLLM) or estimated from the first prompt's (llama.cpp), and the
+      Qwen models `"chatml"`, Llama 3.1+ models `"llama3.1"`, Llama 3 models `"llama3"`) and no
+      engine hints are asked for; `True` insists (refused at the first tick where it cannot be),
+      `False` sends chat calls. Tools go into the prompts as the template writes them and the tool
+      calls are read out of each answer's text, so a tool-using tick is one request per round
+      (the first calls, then the calls after the tools); with `"llama3"` (Llama 3.0, which has no
+      tool format) calls with tools stay chat calls. A prompt cannot force a call, so constrained
+      output and a `tool_choice` other than auto are not used on this path. The usage of a
+      prompt-list answer is the server's per prompt where it gives one; otherwise shared out of
+      the request's total (vLLM) or estimated from the first prompt's (llama.cpp), and the
       `Result`'s `usage.estimated` says so.
+    - `chat_template`: `"chatml"` (Qwen2.5's template, tools included), `"llama3"` (Llama 3's
+      headers; for a model named Llama 3.1 or later, 3.1's format), `"llama3.1"` (Meta's Llama 3.1
+      template: the system header `Cutting Knowledge Date: December 2023` / `Today Date: 26 Jul
+      2024`, tools in the first user turn, `{"name", "parameters"}` calls, `ipython` results;
+      Llama 3.2 models get today's date, as their template writes it), or a Jinja template: its
+      source, or the path of a `tokenizer_config.json` (its `chat_template`, `bos_token`,
+      `eos_token`) or of a `.jinja` file, rendered as Hugging Face's `apply_chat_template` renders
+      it. A template that does not compile or render fails at the first tick, before any request.
     - Other settings as in `Batch`; `max_inflight` defaults to the number of agents, so a tick's
       calls all go out together.
     """
@@ -179,7 +191,7 @@ class Population:
         compaction_summary_tokens: int = 512,
         trace: bool | TracerProvider | None = None,
         prompt_list: bool | str = "auto",
-        chat_template: str | None = None,
+        chat_template: str | os.PathLike[str] | None = None,
     ) -> None:
         if isinstance(ids, str) or not isinstance(ids, Sequence):
             raise TypeError(f"ids: expected a list of agent ids, got {type(ids).__name__}")
@@ -218,9 +230,12 @@ class Population:
             raise _core.SchemaError(
                 f"invalid setting 'prompt_list': expected True, False or \"auto\", got {prompt_list!r}"
             )
+        if isinstance(chat_template, os.PathLike):
+            chat_template = os.fspath(chat_template)
         if chat_template is not None and not isinstance(chat_template, str):
             raise _core.SchemaError(
-                f'invalid setting \'chat_template\': expected "chatml" or "llama3", got {chat_template!r}'
+                "invalid setting 'chat_template': expected a template name, Jinja source or a file path, "
+                f"got {chat_template!r}"
             )
         n = len(ids)
         tools = flatten_tools(tools)

@@ -1,12 +1,16 @@
 //! A tick's model calls as one `/completions` request with a list of prompts (vLLM, `SGLang`,
 //! llama.cpp's server, the simulator): each conversation is rendered through the model's chat
 //! template, the calls that arrive together are gathered and sent at once, and each answer goes
-//! back to its caller as a chat turn. Calls with tools, and conversations holding tool turns, go
-//! to the chat endpoint as they are (a raw completion's tool-call markup is not parsed here).
+//! back to its caller as a chat turn. Tools go into the prompt as the template writes them, and
+//! the tool calls in each answer's text are read out with the template's format (a completion is
+//! raw text: servers parse tool calls on the chat endpoint only). A template without a tool format
+//! (Llama 3.0) sends calls with tools, and conversations holding tool turns, to the chat endpoint.
 //!
-//! Gathering: the population announces how many first calls a tick starts ([`expect`]); the calls
-//! are held until that many arrived or [`GATHER_WINDOW`] passed since the first, then sent. Calls
-//! nobody announced (validation retries, steps finishing after their tick) go out at once.
+//! Gathering: the population announces how many first calls a tick starts ([`expect`]), and every
+//! answer that calls tools announces its agent's next call (after the tools); the calls are held
+//! until that many arrived or [`GATHER_WINDOW`] passed since the first, then sent, so each round of
+//! a tick is one request. Calls nobody announced (validation retries, steps finishing after their
+//! tick) go out at once.
 //!
 //! [`expect`]: PromptListBackend::expect
 
@@ -18,7 +22,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::openai::OpenAiBackend;
 use super::{Backend, BackendError, Capabilities, ChatRequest, ChatResponse, StreamEvent};
-use crate::conversation::{Message, Role};
+use crate::chat_template::ChatTemplate;
+use crate::conversation::ToolCall;
 
 /// The longest a gathered call waits for the rest of its tick before the calls in hand are sent.
 pub const GATHER_WINDOW: Duration = Duration::from_millis(20);
@@ -29,91 +34,6 @@ pub const DEFAULT_MAX_TOKENS: u32 = 1024;
 
 /// The request id of the scheduler's prefix warm-up call, which is sent alone at once.
 pub const WARM_UP_REQUEST_ID: &str = "batchagent-warm-up";
-
-/// A chat template known by name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChatTemplate {
-    /// `<|im_start|>role\n...<|im_end|>` (Qwen2 / Qwen2.5), with Qwen2.5's default system prompt
-    /// when the conversation has none.
-    ChatMl,
-    /// Llama 3 / 3.1 instruct headers (`<|start_header_id|>role<|end_header_id|>`); the begin-of-text
-    /// token is left to the server's tokenizer, which adds it to every prompt.
-    Llama3,
-}
-
-impl ChatTemplate {
-    /// The template a model name implies: Qwen models speak `ChatML`, Llama 3 models their own.
-    pub fn for_model(model: &str) -> Option<Self> {
-        let name = model.to_ascii_lowercase();
-        if name.contains("qwen") {
-            Some(Self::ChatMl)
-        } else if ["llama-3", "llama3", "llama_3", "llama-v3"].iter().any(|p| name.contains(p)) {
-            Some(Self::Llama3)
-        } else {
-            None
-        }
-    }
-
-    /// By the name a user gives (`chatml`, `llama3`).
-    pub fn by_name(name: &str) -> Option<Self> {
-        match name.to_ascii_lowercase().as_str() {
-            "chatml" | "qwen" | "qwen2.5" => Some(Self::ChatMl),
-            "llama3" | "llama-3" | "llama3.1" => Some(Self::Llama3),
-            _ => None,
-        }
-    }
-
-    /// End-of-turn strings the completion stops at.
-    pub fn stop(self) -> &'static [&'static str] {
-        match self {
-            Self::ChatMl => &["<|im_end|>", "<|endoftext|>"],
-            Self::Llama3 => &["<|eot_id|>", "<|end_of_text|>"],
-        }
-    }
-
-    /// The prompt for a conversation, ending with the assistant's header; `None` for a
-    /// conversation with tool turns (those go to the chat endpoint).
-    pub fn render(self, messages: &[Message]) -> Option<String> {
-        if messages.iter().any(|m| m.role == Role::Tool || !m.tool_calls.is_empty()) {
-            return None;
-        }
-        let role = |r: Role| match r {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-            Role::Tool => "tool",
-        };
-        let mut out = String::with_capacity(messages.iter().map(|m| m.content.len() + 32).sum::<usize>() + 64);
-        match self {
-            Self::ChatMl => {
-                if messages.first().is_none_or(|m| m.role != Role::System) {
-                    out.push_str(
-                        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n",
-                    );
-                }
-                for m in messages {
-                    out.push_str("<|im_start|>");
-                    out.push_str(role(m.role));
-                    out.push('\n');
-                    out.push_str(&m.content);
-                    out.push_str("<|im_end|>\n");
-                }
-                out.push_str("<|im_start|>assistant\n");
-            }
-            Self::Llama3 => {
-                for m in messages {
-                    out.push_str("<|start_header_id|>");
-                    out.push_str(role(m.role));
-                    out.push_str("<|end_header_id|>\n\n");
-                    out.push_str(m.content.trim());
-                    out.push_str("<|eot_id|>");
-                }
-                out.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
-            }
-        }
-        Some(out)
-    }
-}
 
 type Answer = oneshot::Sender<Result<ChatResponse, BackendError>>;
 
@@ -137,6 +57,7 @@ struct Shared {
     completions: OpenAiBackend,
     model: String,
     template: ChatTemplate,
+    stop: Vec<String>,
     gather: Mutex<Gather>,
     requests: std::sync::atomic::AtomicU64,
 }
@@ -156,6 +77,7 @@ impl PromptListBackend {
             shared: Arc::new(Shared {
                 completions,
                 model: model.to_owned(),
+                stop: template.stop(),
                 template,
                 gather: Mutex::default(),
                 requests: std::sync::atomic::AtomicU64::new(0),
@@ -202,19 +124,37 @@ impl Shared {
         let Some(first) = group.first() else { return };
         let (max_tokens, temperature) = (first.max_tokens, first.temperature);
         let (prompts, answers): (Vec<String>, Vec<Answer>) = group.into_iter().map(|p| (p.prompt, p.answer)).unzip();
-        self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let outcome =
-            self.completions.complete_batch(&self.model, &prompts, max_tokens, temperature, self.template.stop()).await;
+        let stop: Vec<&str> = self.stop.iter().map(String::as_str).collect();
+        let request = self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let outcome = self.completions.complete_batch(&self.model, &prompts, max_tokens, temperature, &stop).await;
         match outcome {
             Ok(completions) => {
-                for (answer, completion) in answers.into_iter().zip(completions) {
-                    let _ = answer.send(Ok(ChatResponse {
-                        content: completion.text,
-                        tool_calls: Vec::new(),
-                        usage: completion.usage,
-                        finish_reason: completion.finish_reason,
-                        ttft: None,
-                    }));
+                let answered: Vec<ChatResponse> = completions
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, completion)| {
+                        let (content, calls) = self.template.parse(&completion.text);
+                        let tool_calls: Vec<ToolCall> = calls
+                            .into_iter()
+                            .enumerate()
+                            .map(|(k, c)| ToolCall {
+                                id: format!("call-{request}-{i}-{k}"),
+                                name: c.name,
+                                arguments: c.arguments,
+                            })
+                            .collect();
+                        let finish_reason =
+                            if tool_calls.is_empty() { completion.finish_reason } else { "tool_calls".to_owned() };
+                        ChatResponse { content, tool_calls, usage: completion.usage, finish_reason, ttft: None }
+                    })
+                    .collect();
+                // Each agent that calls tools comes back after them: its next call joins the others'.
+                let follow_ups = answered.iter().filter(|a| !a.tool_calls.is_empty()).count();
+                if follow_ups > 0 {
+                    self.gather.lock().unwrap_or_else(PoisonError::into_inner).expected += follow_ups;
+                }
+                for (answer, response) in answers.into_iter().zip(answered) {
+                    let _ = answer.send(Ok(response));
                 }
             }
             Err(e) => {
@@ -246,7 +186,16 @@ impl Backend for PromptListBackend {
         request: ChatRequest,
         events: Option<mpsc::UnboundedSender<StreamEvent>>,
     ) -> BoxFuture<'_, Result<ChatResponse, BackendError>> {
-        let prompt = if request.tools.is_empty() { self.shared.template.render(&request.messages) } else { None };
+        // A prompt cannot force a tool call: `tool_choice` other than "auto" stays a chat call.
+        let forced = request.tool_choice.as_ref().is_some_and(|c| c.as_str() != Some("auto"));
+        let prompt = match self.shared.template.render(&request.messages, &request.tools) {
+            Ok(prompt) if !forced => prompt,
+            Ok(_) => None,
+            Err(e) => {
+                let error = BackendError::Config(format!("rendering the prompt: {e}"));
+                return Box::pin(async move { Err(error) });
+            }
+        };
         let Some(prompt) = prompt else { return self.chat.chat(request, events) };
         let (answer, receive) = oneshot::channel();
         let max_tokens = Some(request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS));
@@ -292,37 +241,5 @@ impl Backend for PromptListBackend {
         Box::pin(async move {
             receive.await.unwrap_or_else(|_| Err(BackendError::Protocol("the prompt-list request was dropped".into())))
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
-    use super::*;
-
-    #[test]
-    fn chatml_and_llama3_render() {
-        let messages =
-            [Message::system("S"), Message::user("hi"), Message::assistant("yo", Vec::new()), Message::user("next")];
-        assert_eq!(
-            ChatTemplate::ChatMl.render(&messages).unwrap(),
-            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n\
-             <|im_start|>user\nnext<|im_end|>\n<|im_start|>assistant\n"
-        );
-        assert!(ChatTemplate::ChatMl
-            .render(&[Message::user("q")])
-            .unwrap()
-            .starts_with("<|im_start|>system\nYou are Qwen"));
-        assert_eq!(
-            ChatTemplate::Llama3.render(&messages[..2]).unwrap(),
-            "<|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>\
-             <|start_header_id|>assistant<|end_header_id|>\n\n"
-        );
-        let call = crate::conversation::ToolCall { id: "c".into(), name: "f".into(), arguments: "{}".into() };
-        let tool_turn = Message::assistant("", vec![call]);
-        assert_eq!(ChatTemplate::ChatMl.render(&[Message::user("q"), tool_turn]), None);
-        assert_eq!(ChatTemplate::for_model("Qwen/Qwen2.5-7B-Instruct"), Some(ChatTemplate::ChatMl));
-        assert_eq!(ChatTemplate::for_model("meta-llama/Meta-Llama-3.1-8B-Instruct"), Some(ChatTemplate::Llama3));
-        assert_eq!(ChatTemplate::for_model("mistral-7b"), None);
     }
 }

@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 
 use super::local::LocalEngine;
 use super::scheduler::{EngineEvent, EngineRequest, Pin, Sampling};
+use crate::chat_template::ToolCallFormat;
 use crate::sim::server::metrics::{render as render_metrics, CacheConfig};
 
 /// The model's tokenizer. Calls may block (they take the GIL); the server makes them from blocking
@@ -422,29 +423,19 @@ fn tool_wait_pin(state: &AppState, body: &Value) -> Result<Option<Pin>, Response
     }))
 }
 
-/// Tool calls in the Hermes / Qwen2.5 form the chat templates ask for:
-/// `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`; the text outside them is the content.
+/// Tool calls in the Hermes / Qwen2.5 form the chat templates ask for (the shared parser), as
+/// the chat response's `tool_calls`; the text outside them is the content.
 fn parse_tool_calls(text: &str, id: u64) -> (String, Vec<Value>) {
-    let mut content = String::new();
-    let mut calls = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find("<tool_call>") {
-        let after = &rest[start + "<tool_call>".len()..];
-        let Some(end) = after.find("</tool_call>") else { break };
-        let Ok(call) = serde_json::from_str::<Value>(after[..end].trim()) else { break };
-        let (Some(name), args) = (call.get("name").and_then(Value::as_str), call.get("arguments")) else { break };
-        content.push_str(&rest[..start]);
-        let arguments = match args {
-            Some(Value::String(s)) => s.clone(),
-            Some(v) => v.to_string(),
-            None => "{}".into(),
-        };
-        calls.push(json!({"id": format!("chatcmpl-tool-{id}-{}", calls.len()), "type": "function",
-                          "function": {"name": name, "arguments": arguments}}));
-        rest = &after[end + "</tool_call>".len()..];
-    }
-    content.push_str(rest);
-    (content.trim().to_owned(), calls)
+    let (content, parsed) = ToolCallFormat::Hermes.parse(text);
+    let calls = parsed
+        .into_iter()
+        .enumerate()
+        .map(|(k, call)| {
+            json!({"id": format!("chatcmpl-tool-{id}-{k}"), "type": "function",
+                   "function": {"name": call.name, "arguments": call.arguments}})
+        })
+        .collect();
+    (content, calls)
 }
 
 async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
@@ -678,7 +669,7 @@ mod tests {
         assert_eq!(content, "Let me look.");
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0]["function"]["name"], "search");
-        assert_eq!(calls[0]["function"]["arguments"], "{\"q\":\"rust\"}");
+        assert_eq!(calls[0]["function"]["arguments"], "{\"q\": \"rust\"}");
         let (content, calls) = parse_tool_calls("<tool_call>not json</tool_call>", 0);
         assert_eq!((content.as_str(), calls.len()), ("<tool_call>not json</tool_call>", 0));
     }

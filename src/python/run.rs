@@ -31,8 +31,10 @@ use crate::backends::cached::{endpoint_identity, CachedBackend};
 use crate::backends::connect::{connect_fleet, ConnectOptions, Connected};
 use crate::backends::fleet::{FleetOptions, Routing};
 use crate::backends::metrics::EngineWatch;
-use crate::backends::prompt_list::{ChatTemplate, PromptListBackend};
+use crate::backends::prompt_list::PromptListBackend;
 use crate::backends::provider_batch::{BatchLedger, ProviderBatchBackend, ProviderBatchOptions, RowRetry};
+use crate::chat_template::ChatTemplate;
+use crate::conversation::Message;
 use crate::fleet::worker::FleetTurns;
 use crate::fleet::FleetWorker;
 use crate::limits::AdaptiveLimit;
@@ -367,7 +369,8 @@ struct RunOptions {
     /// endpoint takes one and the chat template is known, `on` (refused where it cannot), `off`.
     #[serde(default)]
     prompt_list: PromptListMode,
-    /// The chat template by name (`chatml`, `llama3`); from the model name when not given.
+    /// The chat template: a name (`chatml`, `llama3`, `llama3.1`), Jinja source, or a file holding
+    /// one (`tokenizer_config.json`, `.jinja`); from the model name when not given.
     #[serde(default)]
     chat_template: Option<String>,
 }
@@ -388,20 +391,24 @@ fn prompt_list_backend(
     template_name: Option<&str>,
     urls: &[String],
     connected: &Connected,
-    model: &str,
+    spec: &BatchSpec,
     options: &ConnectOptions,
 ) -> PyResult<Option<Arc<PromptListBackend>>> {
     if mode == PromptListMode::Off {
         return Ok(None);
     }
+    let model = spec.model.as_str();
     let template = match template_name {
-        Some(name) => Some(ChatTemplate::by_name(name).ok_or_else(|| {
-            SchemaError::new_err(format!(
-                "chat_template {name:?}: the built-in templates are \"chatml\" and \"llama3\""
-            ))
-        })?),
+        Some(name) => Some(ChatTemplate::load(name, model).map_err(|e| SchemaError::new_err(e.to_string()))?),
         None => ChatTemplate::for_model(model),
     };
+    if let Some(template) = &template {
+        // A template that cannot render this population's conversations fails here, before any
+        // request: a system prompt, its tools, an observation.
+        let mut probe: Vec<Message> = spec.system.iter().map(|s| Message::system(s.as_str())).collect();
+        probe.push(Message::user("observation"));
+        template.render(&probe, &spec.tools).map_err(|e| SchemaError::new_err(e.to_string()))?;
+    }
     let refuse = |why: String| {
         if mode == PromptListMode::On {
             Err(SchemaError::new_err(format!("prompt_list=True: {why}")))
@@ -417,7 +424,8 @@ fn prompt_list_backend(
     }
     let Some(template) = template else {
         return refuse(format!(
-            "no chat template is known for model {model:?}; give chat_template=\"chatml\" or \"llama3\""
+            "no chat template is known for model {model:?}; give chat_template=\"chatml\", \"llama3\", \"llama3.1\" \
+             or a Jinja template"
         ));
     };
     let Some(completions) =
@@ -688,7 +696,7 @@ impl PyRun {
             options.chat_template.as_deref(),
             &urls,
             &connected,
-            &spec.model,
+            &spec,
             &connect_options,
         )?;
         if let Some(list) = &prompt_list {

@@ -8,6 +8,7 @@ pub mod behaviour;
 pub mod config;
 pub mod draw;
 pub mod faults;
+pub mod prompt;
 pub mod schema_gen;
 pub mod server;
 

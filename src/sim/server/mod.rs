@@ -36,6 +36,7 @@ use super::engine::{Engine, EngineEvent, EngineRequest, Pin};
 use super::faults::{Decision, Fault, Faults};
 use super::profile::Profile;
 use super::tokenizer;
+use crate::chat_template::ToolCallFormat;
 use crate::conversation::{Message, Role, ToolDef};
 use stats::Stats;
 
@@ -428,7 +429,7 @@ pub(crate) fn generate(
 pub(crate) enum PinUnless {
     /// A chat turn that calls no tool: the agent is done (its blocks are not expected back).
     NoToolCalls,
-    /// Never: a raw completion shows no tool calls; the client's word is taken.
+    /// Never: a server reads no tool calls out of a raw completion; the client's word is taken.
     Never,
 }
 
@@ -477,6 +478,56 @@ pub(crate) fn generate_pinned(
 ) -> Result<Generation, Refusal> {
     let reply = behaviour::reply(behaviour, state.config.seed, req);
     let pieces = behaviour::pieces(&reply);
+    submit(state, reply, pieces, prompt, max_tokens, pin, unless)
+}
+
+/// A raw completion's reply: the text the model writes, its tool calls in `format` (servers parse
+/// no tool calls on `/completions`, so their markup is text like the rest); a hinted request's
+/// blocks are pinned as the client says (a server does not read the text for calls).
+pub(crate) fn generate_text(
+    state: &AppState,
+    req: &AgentRequest,
+    behaviour: &BehaviourConfig,
+    prompt: &str,
+    max_tokens: Option<u32>,
+    format: ToolCallFormat,
+    pin: Option<Pin>,
+) -> Result<Generation, Refusal> {
+    let reply = behaviour::reply(behaviour, state.config.seed, req);
+    let text = reply_text(&reply, format);
+    let pieces = tokenizer::pieces(&text).into_iter().map(|p| Piece::Text(p.to_owned())).collect();
+    submit(state, reply, pieces, prompt, max_tokens, pin, PinUnless::Never)
+}
+
+/// The reply as one text: the content, then each call as `format` writes it (after a newline in the
+/// Hermes form; Llama 3.1's form is the calls alone, `;`-joined).
+fn reply_text(reply: &Reply, format: ToolCallFormat) -> String {
+    let calls = reply.tool_calls.iter().map(|c| format.write(&c.name, &c.arguments));
+    match format {
+        ToolCallFormat::LlamaJson if !reply.tool_calls.is_empty() => calls.collect::<Vec<_>>().join("; "),
+        _ => {
+            let mut text = reply.content.clone();
+            for call in calls {
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                text.push_str(&call);
+            }
+            text
+        }
+    }
+}
+
+/// The request's reply, as `pieces`, into the engine.
+fn submit(
+    state: &AppState,
+    reply: Reply,
+    pieces: Vec<Piece>,
+    prompt: &str,
+    max_tokens: Option<u32>,
+    pin: Option<Pin>,
+    unless: PinUnless,
+) -> Result<Generation, Refusal> {
     let max_new = max_tokens.map_or(pieces.len(), |m| pieces.len().min(m as usize));
     let tokens = tokenizer::tokenize(prompt);
     let prompt_tokens = tokens.len();

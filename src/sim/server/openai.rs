@@ -13,11 +13,14 @@ use tokio::sync::mpsc;
 use super::super::behaviour::{AgentRequest, Piece, ToolChoice};
 use super::super::engine::EngineEvent;
 use super::super::faults::Fault;
+use super::super::prompt;
 use super::super::tokenizer;
 use super::{
-    faulty_body, finish, http_fault, json_response, on_event, openai_tools, parse_body, partial_text, render_chatml,
-    request_behaviour, request_id, sse_data, stream_response, unix_now, AppState, ErrorShape, FrameSink, Generation,
+    faulty_body, finish, generate_text, http_fault, json_response, on_event, openai_tools, parse_body, partial_text,
+    render_chatml, request_behaviour, request_id, sse_data, stream_response, unix_now, AppState, ErrorShape, FrameSink,
+    Generation,
 };
+use crate::chat_template::ToolCallFormat;
 use crate::conversation::{Message, Role, ToolCall};
 
 fn error_body(status: StatusCode, message: &str, param: Option<&str>) -> Value {
@@ -360,6 +363,11 @@ async fn chat_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Response {
     faulty_body(&decision, StatusCode::OK, &value)
 }
 
+/// The text a completion produced: its pieces up to `max_tokens` (all text: no markup is parsed).
+fn completion_text(g: &Generation) -> String {
+    g.pieces.iter().take(g.max_new).map(|p| if let Piece::Text(t) = p { t.as_str() } else { "" }).collect()
+}
+
 pub(crate) async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, raw: Bytes) -> Response {
     let rid = request_id(&headers, &state);
     let response = completions_inner(state, &rid, &raw).await;
@@ -409,9 +417,26 @@ async fn completions_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Respo
     let gens: Result<Vec<Generation>, String> = prompts
         .iter()
         .map(|p| {
-            let req = AgentRequest { messages: vec![Message::user(p.clone())], ..AgentRequest::default() };
-            super::generate_pinned(&state, &req, &behaviour, p, max, pin.clone(), super::PinUnless::Never)
-                .map_err(super::Refusal::vllm)
+            // A chat template's rendering is read as the chat it is (its tools, calls and results);
+            // the answer's calls come back as text in the prompt's form.
+            let (req, format) = match prompt::read(p) {
+                Some(read) => {
+                    // Llama 3.1's format has one call per turn.
+                    let allow_parallel = read.format == ToolCallFormat::Hermes;
+                    let req = AgentRequest {
+                        messages: read.messages,
+                        tools: read.tools,
+                        allow_parallel,
+                        ..AgentRequest::default()
+                    };
+                    (req, read.format)
+                }
+                None => (
+                    AgentRequest { messages: vec![Message::user(p.clone())], ..AgentRequest::default() },
+                    ToolCallFormat::Hermes,
+                ),
+            };
+            generate_text(&state, &req, &behaviour, p, max, format, pin.clone()).map_err(super::Refusal::vllm)
         })
         .collect();
     let mut gens = match gens {
@@ -502,7 +527,7 @@ async fn completions_inner(state: Arc<AppState>, rid: &str, raw: &[u8]) -> Respo
         prompt_total += f.prompt_tokens;
         completion_total += f.completion_tokens;
         cached_total += f.cached_tokens;
-        choices.push(json!({"index": i, "text": partial_text(g), "logprobs": null,
+        choices.push(json!({"index": i, "text": completion_text(g), "logprobs": null,
                             "finish_reason": reason_of(g), "stop_reason": null}));
     }
     let value = json!({
