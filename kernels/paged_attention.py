@@ -20,7 +20,8 @@ LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
 
 
-@triton.jit
+# The block tables' width changes from step to step in eager steps (see prefill_attention.py).
+@triton.jit(do_not_specialize=["stride_bts"])
 def _paged_decode_kernel(
     Q,
     K,

@@ -79,7 +79,9 @@ def _prefill_blocks(
     return acc, l_i, m_i
 
 
-@triton.jit
+# The tile count and the block tables' width change from step to step; left unspecialized, a step
+# whose values change divisibility by 16 does not compile a new variant in the middle of a run.
+@triton.jit(do_not_specialize=["n_tiles", "stride_bts"])
 def _paged_prefill_kernel(
     Q,
     K,

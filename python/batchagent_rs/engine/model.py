@@ -182,6 +182,25 @@ def _pinned(t: torch.Tensor) -> torch.Tensor:
     return t.pin_memory() if torch.cuda.is_available() else t
 
 
+def _pack(parts: list[torch.Tensor], words: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """`parts` (one dtype) in one tensor, each starting on a multiple of `words` elements (16 bytes),
+    and each part's (length, padded length). Triton specializes a launch on its pointers' 16-byte
+    alignment: packed back to back, a step whose sizes moved a part off 16 bytes would compile a new
+    kernel variant in the middle of a run."""
+    out: list[torch.Tensor] = []
+    sizes: list[tuple[int, int]] = []
+    for p in parts:
+        pad = -p.numel() % words
+        out += [p, p.new_zeros(pad)] if pad else [p]
+        sizes.append((p.numel(), p.numel() + pad))
+    return torch.cat(out), sizes
+
+
+def _unpack(packed: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    chunks = packed.split([padded for _, padded in sizes])
+    return [c[:n] for c, (n, _) in zip(chunks, sizes, strict=True)]
+
+
 class ModelRunner:
     """Runs steps of one model on one device. `model_dir` holds config.json (and, unless
     `random_weights`, the safetensors weights).
@@ -469,7 +488,7 @@ class ModelRunner:
         starts = layout.query_starts.to("cpu", torch.int64)
         ctx = layout.context_lens.to("cpu", torch.int64)
         tables = layout.block_tables.to("cpu", torch.int32)
-        seqs, tokens = ctx.shape[0], int(starts[-1])
+        seqs = ctx.shape[0]
         qlens = starts[1:] - starts[:-1]
         decode = bool((qlens == 1).all())
         words64 = [
@@ -513,26 +532,24 @@ class ModelRunner:
                 ]
                 self.cascade_steps += 1
                 cascade_meta = (len(groups), max(b - a for a, b, _ in groups), shared)
-        host64 = _pinned(torch.cat(words64))
-        host32 = _pinned(torch.cat(words32))
-        dev64 = host64.to(self.device, non_blocking=True)
-        dev32 = host32.to(self.device, non_blocking=True)
-        ids, pos, slots, last = dev64.split([tokens, tokens, tokens, seqs])
+        packed64, sizes64 = _pack(words64, 2)
+        packed32, sizes32 = _pack(words32, 4)
+        dev64 = _pinned(packed64).to(self.device, non_blocking=True)
+        dev32 = _pinned(packed32).to(self.device, non_blocking=True)
+        ids, pos, slots, last = _unpack(dev64, sizes64)
+        parts32 = _unpack(dev32, sizes32)  # in the order of words32
         width = tables.shape[1]
-        sizes = [seqs * width, seqs, seqs + 1, 2 * tiles_len, dec_len, dec_len]
         if not decode:
-            bt, c32, s32, tl_, drows, dseqs = dev32.split(sizes)
+            bt, c32, s32, tl_, drows, dseqs = parts32
             return _Step(
                 ids, pos, slots, last, bt.view(seqs, width), c32, s32, tl_.view(2, tiles_len),
                 drows.long() if dec_len else None, dseqs.long() if dec_len else None, None,
             )  # fmt: skip
         if cascade_meta is None:
-            bt, c32, s32 = dev32.split(sizes[:3])
+            bt, c32, s32 = parts32
             return _Step(ids, pos, slots, last, bt.view(seqs, width), c32, s32, None, None, None, None)
         n_groups, max_group, shared = cascade_meta
-        bt, c32, s32, ptab, plens, gstarts, suffix, slens = dev32.split(
-            [*sizes[:3], n_groups * width, n_groups, n_groups + 1, seqs * width, seqs]
-        )
+        bt, c32, s32, ptab, plens, gstarts, suffix, slens = parts32
         return _Step(
             ids, pos, slots, last, bt.view(seqs, width), c32, s32, None, None, None,
             (ptab.view(n_groups, width), plens, gstarts, suffix.view(seqs, width), slens),
