@@ -334,6 +334,13 @@ def test_prompt_list_falls_back_to_chat_calls_or_is_refused_where_it_cannot_be_u
         pytest.raises(SchemaError, match="no chat template is known"),
     ):
         pop.step({"a": "go"})
+    with (
+        Population(
+            ids, backend=FAST, model="sim-model", chat_template="llama3", tools=[quote], prompt_list=True
+        ) as pop,
+        pytest.raises(SchemaError, match="has no tool format"),
+    ):
+        pop.step({"a": "go"})
     with sim.start(time_scale=0) as server:
         ollama = "ollama://" + server.url.removeprefix("http://")
         with Population(

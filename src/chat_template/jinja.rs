@@ -66,13 +66,25 @@ fn role(role: Role) -> &'static str {
     }
 }
 
-/// Hugging Face's `tojson`: `json.dumps(value, ensure_ascii=False, indent=indent)`.
+/// Hugging Face's `tojson`: `json.dumps(value, ensure_ascii=False, indent=None, separators=None,
+/// sort_keys=False)`, each overridable by keyword.
 #[allow(clippy::needless_pass_by_value)] // minijinja hands filters owned kwargs.
 fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
-    let indent: Option<usize> = kwargs.get("indent")?;
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
+    let separators = match separators.as_deref() {
+        None => None,
+        Some([item, key]) => Some((item.clone(), key.clone())),
+        Some(_) => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators is (item, key)")),
+    };
+    let options = json::DumpOptions {
+        indent: kwargs.get("indent")?,
+        separators,
+        ensure_ascii: kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
+        sort_keys: kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false),
+    };
     kwargs.assert_all_used()?;
-    let text =
-        json::dumps(value, indent).map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let text = json::dumps_with(value, &options)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
     Ok(Value::from_safe_string(text))
 }
 
@@ -483,6 +495,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.render(&[Message::user("  hi  ")], &[]).unwrap(), "4hi");
+        let dumped = JinjaTemplate::from_source(
+            "j",
+            "{{ {'b': 'é', 'a': [1]} | tojson(separators=(',', ':'), sort_keys=true, ensure_ascii=true) }}",
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(dumped.render(&[], &[]).unwrap(), r#"{"a":[1],"b":"\u00e9"}"#);
         assert_eq!(ChatTemplate::Jinja(std::sync::Arc::new(t)).stop(), ["</s>"]);
         let err = JinjaTemplate::from_source("my.jinja", "{% for m in messages %}", None, None).unwrap_err();
         assert!(err.0.starts_with("chat_template (my.jinja) does not compile"), "{err}");

@@ -428,6 +428,13 @@ fn prompt_list_backend(
              or a Jinja template"
         ));
     };
+    if matches!(template, ChatTemplate::Llama3) && !spec.tools.is_empty() {
+        return refuse(
+            "the \"llama3\" template (Llama 3.0) has no tool format, so calls with tools go as chat calls; \
+             give chat_template=\"llama3.1\" for a Llama 3.1+ model"
+                .to_owned(),
+        );
+    }
     let Some(completions) =
         crate::backends::url::connect_completions(address, options).map_err(|e| backend_error(&e))?
     else {
