@@ -54,7 +54,9 @@ struct CallJson<'a> {
 #[derive(Serialize)]
 struct CallFunctionJson<'a> {
     name: &'a str,
-    arguments: serde_json::Value,
+    /// Parsed into minijinja's own (insertion-ordered) map: the template dumps the arguments in
+    /// the order the model wrote them, as Python's dict keeps it.
+    arguments: Value,
 }
 
 fn role(role: Role) -> &'static str {
@@ -225,7 +227,7 @@ impl JinjaTemplate {
                         function: CallFunctionJson {
                             name: &c.name,
                             arguments: serde_json::from_str(&c.arguments)
-                                .unwrap_or_else(|_| serde_json::Value::String(c.arguments.clone())),
+                                .unwrap_or_else(|_| Value::from(c.arguments.as_str())),
                         },
                     })
                     .collect(),
@@ -444,7 +446,9 @@ mod tests {
             description: "Look up a price.".into(),
             parameters: serde_json::json!({"type": "object", "properties": {"symbol": {"type": "string"}}}),
         };
-        let call = ToolCall { id: "c1".into(), name: "quote".into(), arguments: "{\"symbol\": \"X\"}".into() };
+        // Keys out of order: the model's order is kept.
+        let arguments = "{\"symbol\": \"X\", \"exchange\": \"NYSE\"}";
+        let call = ToolCall { id: "c1".into(), name: "quote".into(), arguments: arguments.into() };
         let mut result = Message::user("X: 42");
         result.role = Role::Tool;
         result.tool_call_id = Some("c1".into());
@@ -468,6 +472,8 @@ mod tests {
         for (m, t) in [(&messages[..], &tools[..]), (&messages[..], &[][..]), (&messages[1..2], &tools[..])] {
             assert_eq!(jinja.render(m, t).unwrap(), ChatTemplate::ChatMl.render(m, t).unwrap());
         }
+        let prompt = jinja.render(&messages, &tools).unwrap().unwrap();
+        assert!(prompt.contains("\"arguments\": {\"symbol\": \"X\", \"exchange\": \"NYSE\"}}"), "{prompt}");
         assert_eq!(jinja.tool_format(), ToolCallFormat::Hermes);
     }
 
