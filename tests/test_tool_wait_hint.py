@@ -250,3 +250,28 @@ def test_the_simulator_reads_the_hint_on_completions_and_anthropic_messages() ->
                 post(server.url + url, body)
             assert refused.value.code == 400
             assert "batchagent" in refused.value.read().decode()
+
+
+def test_the_hint_carries_the_gap_to_the_agents_next_call_once_one_was_seen() -> None:
+    from test_compaction import recording_proxy
+
+    with (
+        sim.start(time_scale=0, seed=3, tool_rounds=2, distinct_args=100) as server,
+        recording_proxy(server.url) as (backend, seen),
+    ):
+        batch = Batch(
+            "Research {topic}.",
+            tools=[lookup()],
+            backend=backend.replace("vllm://", "sim://", 1),
+            engine_hints=True,
+            max_turns=6,
+            max_inflight=2,
+        )
+        results = batch.run([{"topic": f"topic {i}"} for i in range(8)])
+        assert all(r.ok and r.tool_calls == 2 for r in results), results
+    hints = [json.loads(body).get("batchagent") for path, body in seen if path.endswith("/chat/completions")]
+    # An agent's third call follows its second tool round, and its second call went out after its
+    # first: by then the gap from a call's end to the agent's next call was recorded.
+    third_calls = [h for h in hints if h and "next_call_s" in h]
+    assert len(third_calls) >= 8, hints
+    assert all(h["next_call_s"] > 0 and h["tool_wait_s"] >= 0 for h in third_calls), third_calls

@@ -46,6 +46,10 @@ pub struct AgentHints {
     /// (the run's 75th percentile of tool waits so far); `None` for an agent without tools or
     /// before any tool wait was seen.
     pub tool_wait_s: Option<f64>,
+    /// Seconds from the end of this call to the agent's next call should it end in tool calls
+    /// (the run's 75th percentile of that gap so far: the tools and the wait for a free slot);
+    /// `None` as for `tool_wait_s`.
+    pub next_call_s: Option<f64>,
 }
 
 #[derive(Debug, Clone)]

@@ -238,8 +238,11 @@ impl OpenAiBackend {
         // The tool-wait hint: only the simulator and the embedded engine read it (see the README's
         // engine hints); vLLM, SGLang and Dynamo have no KV retention field in their request schemas.
         let batchagent = match &request.hints {
-            Some(AgentHints { agent, tool_wait_s: Some(wait), .. }) if self.tool_wait_hint => {
-                Some(json!({"agent": agent, "tool_wait_s": wait}))
+            Some(AgentHints { agent, tool_wait_s: Some(wait), next_call_s, .. }) if self.tool_wait_hint => {
+                Some(match next_call_s {
+                    Some(gap) => json!({"agent": agent, "tool_wait_s": wait, "next_call_s": gap}),
+                    None => json!({"agent": agent, "tool_wait_s": wait}),
+                })
             }
             _ => None,
         };
@@ -677,6 +680,12 @@ mod tests {
         // The embedded engine, spoken to as vLLM, reads it too.
         let engine = backend(Flavour::Vllm, false).with_tool_wait_hint();
         assert_eq!(engine.request_body(&hinted)["batchagent"], json!({"agent": "job-7", "tool_wait_s": 1.5}));
+        // The gap to the agent's next call, once one was seen, goes with it.
+        if let Some(hints) = hinted.hints.as_mut() {
+            hints.next_call_s = Some(2.5);
+        }
+        let body = backend(Flavour::Sim, false).request_body(&hinted);
+        assert_eq!(body["batchagent"], json!({"agent": "job-7", "tool_wait_s": 1.5, "next_call_s": 2.5}));
         // No wait seen yet (or an agent without tools): nothing to say.
         assert!(backend(Flavour::Sim, false).request_body(&request()).get("batchagent").is_none());
     }

@@ -16,8 +16,9 @@
 //! Tool-wait retention: a request carrying a [`Pin`] keeps its KV blocks after it finishes, under
 //! its agent's key, until the pin's deadline; the agent's next request with the same key takes
 //! them over (its whole history is then a prefix-cache hit). Pins are a hint, never a reason to
-//! stall: the pin that ends first is dropped whenever a block is missing, before any preemption
-//! and before a waiting request is turned away, and expired pins are dropped at each step.
+//! stall: a pin is dropped whenever a block is missing, before any preemption and before a waiting
+//! request is turned away (the one that ends first, or under [`Eviction::NextUse`] the one whose
+//! agent is due back last), and expired pins are dropped at each step.
 //!
 //! Eviction by next use: a request carrying a [`Pin`] also says when its agent is expected back
 //! ([`Pin::return_after`], from the end of the request; `None`: the agent is done), which the
@@ -353,10 +354,25 @@ impl Scheduler {
         true
     }
 
-    /// Releases the pin that ends first, to make room; `false` if there is none.
+    /// Releases a pin to make room; `false` if there is none. Under [`Eviction::Lru`], the pin that
+    /// ends first; under [`Eviction::NextUse`], the one whose agent is due back last (Belady, as for
+    /// the blocks themselves), the one ending first among equals.
     fn drop_a_pin(&mut self) -> bool {
-        let first = self.pins.iter().min_by(|a, b| a.1.until.cmp(&b.1.until).then_with(|| a.0.cmp(b.0)));
-        let Some(key) = first.map(|(k, _)| k.clone()) else { return false };
+        let by_deadline =
+            |a: &(&String, &Pinned), b: &(&String, &Pinned)| a.1.until.cmp(&b.1.until).then_with(|| a.0.cmp(b.0));
+        // Larger is further: not coming back, unknown, then the predicted return.
+        let rank = |p: &Pinned| match p.next_use {
+            NextUse::Never => (2, Duration::ZERO),
+            NextUse::Unknown => (1, Duration::ZERO),
+            NextUse::At { at, .. } => (0, at),
+        };
+        let chosen = match self.config.eviction {
+            Eviction::Lru => self.pins.iter().min_by(by_deadline),
+            Eviction::NextUse => {
+                self.pins.iter().min_by(|a, b| rank(b.1).cmp(&rank(a.1)).then_with(|| by_deadline(a, b)))
+            }
+        };
+        let Some(key) = chosen.map(|(k, _)| k.clone()) else { return false };
         self.m.pins_dropped += 1;
         self.unpin(&key)
     }
@@ -895,9 +911,10 @@ mod tests {
         assert!(m.kv_usage.abs() < f64::EPSILON, "{}", m.kv_usage);
     }
 
-    #[test]
-    fn pins_are_dropped_before_any_preemption() {
-        let mut s = Scheduler::new(config(32, 64));
+    /// Three agents pinned (24 of 32 blocks; agent k held 10 + k s, back in half that), then a
+    /// 64-token request needing 16 blocks: returns the agents still pinned and the counters.
+    fn one_pin_gives_way(eviction: Eviction) -> (Vec<String>, EngineMetrics) {
+        let mut s = Scheduler::new(SchedulerConfig { eviction, ..config(32, 64) });
         for agent in 0..3u32 {
             serve(
                 &mut s,
@@ -906,10 +923,18 @@ mod tests {
                 Some(pin(&format!("agent-{agent}"), 10 + u64::from(agent))),
             );
         }
-        // 24 of 32 blocks pinned; a 64-token request needs 16: the pin that ends first gives way.
         serve(&mut s, &toks(60, 60), &toks(61, 4), None);
-        assert_eq!(s.pinned().iter().map(|p| p.0.as_str()).collect::<Vec<_>>(), vec!["agent-1", "agent-2"]);
-        let m = s.snapshot();
+        (s.pinned().into_iter().map(|p| p.0).collect(), s.snapshot())
+    }
+
+    #[test]
+    fn pins_are_dropped_before_any_preemption() {
+        // LRU: the pin that ends first gives way; next use: the agent due back last.
+        let (pinned, m) = one_pin_gives_way(Eviction::Lru);
+        assert_eq!(pinned, vec!["agent-1", "agent-2"]);
+        assert_eq!((m.pins, m.pins_dropped, m.preemptions), (3, 1, 0));
+        let (pinned, m) = one_pin_gives_way(Eviction::NextUse);
+        assert_eq!(pinned, vec!["agent-0", "agent-1"]);
         assert_eq!((m.pins, m.pins_dropped, m.preemptions), (3, 1, 0));
 
         // Two running sequences outgrowing the cache: the last pin goes before either is preempted.

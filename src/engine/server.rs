@@ -404,8 +404,9 @@ fn stream_response(rx: mpsc::UnboundedReceiver<Bytes>) -> Response {
 /// The client's tool-wait hint, `"batchagent": {"agent": "<id>", "tool_wait_s": <seconds>}` (as the
 /// simulator reads it): the request's KV blocks stay pinned for the agent for twice the wait, at
 /// most `kv_pin_ttl`, unless the reply calls no tool, and are expected back after the wait (their
-/// eviction order under `--kv-eviction next_use`), or after `"next_call_s"` when the hint carries
-/// it (seconds from the reply's end to the agent's next request); `None` without the field.
+/// eviction order under `--kv-eviction next_use`). When the hint carries `"next_call_s"` (seconds
+/// from the reply's end to the agent's next request: its tools and its wait for a client slot),
+/// that is the wait. `None` without the field.
 fn tool_wait_pin(state: &AppState, body: &Value) -> Result<Option<Pin>, Response> {
     let Some(hint) = body.get("batchagent").filter(|v| !v.is_null()) else { return Ok(None) };
     let seconds = |field: &str| hint.get(field).and_then(Value::as_f64).filter(|w| w.is_finite() && *w >= 0.0);
@@ -416,11 +417,8 @@ fn tool_wait_pin(state: &AppState, body: &Value) -> Result<Option<Pin>, Response
                         optionally \"next_call_s\": seconds >= 0}"));
     };
     let secs = |s: f64| Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX);
-    let pin = Pin::for_tool_wait(agent.to_owned(), secs(wait), state.options.kv_pin_ttl);
-    Ok(Some(match next_call.flatten() {
-        Some(next) => Pin { return_after: Some(secs(next)), ..pin },
-        None => pin,
-    }))
+    let wait = next_call.flatten().unwrap_or(wait);
+    Ok(Some(Pin::for_tool_wait(agent.to_owned(), secs(wait), state.options.kv_pin_ttl)))
 }
 
 /// Tool calls in the Hermes / Qwen2.5 form the chat templates ask for (the shared parser), as

@@ -240,6 +240,10 @@ struct Agent<'a> {
     extra_body: Option<Arc<Map<String, Value>>>,
     /// The job's span records, when the run is traced.
     trace: Option<Box<JobTrace>>,
+    /// When the last model call ended.
+    last_call_end: Option<Instant>,
+    /// When the call whose tools just ran ended: the next call records the gap.
+    tools_asked_at: Option<Instant>,
 }
 
 /// The batch's extra body fields with a job's own merged over them (a job's key wins).
@@ -290,6 +294,8 @@ pub async fn run_job(ctx: Arc<RunContext>, job: Job) -> JobResult {
         constrained: ctx.constrained,
         extra_body: job_extra_body(ctx.spec.extra_body.as_ref(), job.extra_body.as_ref()),
         trace: ctx.trace.map(|clock| Box::new(JobTrace { start_ns: clock.ns(started), ..JobTrace::default() })),
+        last_call_end: None,
+        tools_asked_at: None,
     };
     let outcome = match ctx.spec.agent_timeout {
         Some(limit) => match tokio::time::timeout(limit, agent.run(&job)).await {
@@ -662,6 +668,11 @@ impl Agent<'_> {
                     } else {
                         None
                     },
+                    next_call_s: if ctx.spec.engine_hints && !ctx.spec.tools.is_empty() {
+                        ctx.stats.next_call_gap.quantile(0.75)
+                    } else {
+                        None
+                    },
                 }),
                 text_deltas: false,
                 extra_body: self.extra_body.clone(),
@@ -673,6 +684,9 @@ impl Agent<'_> {
                 engine.wait_for_room(ceiling).await;
             }
             let permit = ctx.slots.acquire(remaining).await;
+            if let Some(asked) = self.tools_asked_at.take() {
+                ctx.stats.next_call_gap.record(asked.elapsed());
+            }
             self.called = true;
             ctx.stats.model_calls.fetch_add(1, Relaxed);
             let in_flight = Gauge::enter(&ctx.stats.model_calls_in_flight);
@@ -682,6 +696,7 @@ impl Agent<'_> {
             drop(permit);
             match outcome {
                 Ok(response) => {
+                    self.last_call_end = Some(Instant::now());
                     ctx.stats.model_latency.record(started.elapsed());
                     if let Some(ttft) = response.ttft {
                         ctx.stats.ttft.record(ttft);
@@ -856,6 +871,7 @@ impl Agent<'_> {
             results.push(text);
         }
         self.ctx.stats.tool_wait.record(wait_started.elapsed());
+        self.tools_asked_at = self.last_call_end.take();
         drop(waiting);
         if let Some(message) = raised {
             return Err(Failure::Tool(message));

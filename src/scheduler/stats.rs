@@ -169,6 +169,9 @@ pub struct RunStats {
     pub job_latency: Histogram,
     /// How long an agent waited for its tool calls of one turn (all of them, run concurrently).
     pub tool_wait: Histogram,
+    /// From the end of a model call that asked for tools to the agent's next call going out (its
+    /// tools, then the wait for a free slot).
+    pub next_call_gap: Histogram,
     errors: Mutex<Vec<(String, u64)>>,
 }
 

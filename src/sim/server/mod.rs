@@ -436,8 +436,9 @@ pub(crate) enum PinUnless {
 /// The client's tool-wait hint, `"batchagent": {"agent": "<id>", "tool_wait_s": <seconds>}`: when
 /// the reply ends in tool calls, the request's KV blocks are kept for the agent for twice the wait
 /// (in simulated time, which the tool wait is scaled into), at most `kv_pin_ttl`, and expected back
-/// after the wait (their eviction order under `kv_eviction=next_use`), or after `"next_call_s"`
-/// when the hint carries it; `None` without the field.
+/// after the wait (their eviction order under `kv_eviction=next_use`). When the hint carries
+/// `"next_call_s"` (seconds from the reply's end to the agent's next request), that is the wait.
+/// `None` without the field.
 pub(crate) fn tool_wait_pin(state: &AppState, body: &Value) -> Result<Option<Pin>, String> {
     let Some(hint) = body.get("batchagent").filter(|v| !v.is_null()) else { return Ok(None) };
     let seconds = |field: &str| hint.get(field).and_then(Value::as_f64).filter(|w| w.is_finite() && *w >= 0.0);
@@ -458,11 +459,8 @@ pub(crate) fn tool_wait_pin(state: &AppState, body: &Value) -> Result<Option<Pin
         }
     };
     let ttl = Duration::try_from_secs_f64(state.config.kv_pin_ttl).unwrap_or(Duration::MAX);
-    let pin = Pin::for_tool_wait(agent.to_owned(), sim(wait), ttl);
-    Ok(Some(match next_call.flatten() {
-        Some(next) => Pin { return_after: Some(sim(next)), ..pin },
-        None => pin,
-    }))
+    let wait = next_call.flatten().unwrap_or(wait);
+    Ok(Some(Pin::for_tool_wait(agent.to_owned(), sim(wait), ttl)))
 }
 
 /// [`generate`], with the request's blocks pinned for its agent after it finishes (see
