@@ -25,6 +25,11 @@ them) sent all at once, with the prefix cache as the run found it and with every
 naive side runs fewer ticks at 64 and 256 agents (`--naive-ticks`): one of its ticks there take a
 minute or more, and so does the gather side at 64 and 256 (`--gather-ticks`); the JSON says how
 many ticks each figure is over.
+
+`--tool-rounds N` gives every agent a tool (`quote`, answered at once) that the simulated model
+calls in its first N turns (the first tick's): the population and prompt_list sides only, and no
+engine floor (the floor's model is one request per agent and tick). The prompt_list side then
+sends one request per round of a tick.
 """
 
 from __future__ import annotations
@@ -44,7 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from workloads import document, sim_cache
 
-from batchagent_rs import Population, sim
+from batchagent_rs import Population, sim, tool
+
+
+@tool
+def quote(symbol: str) -> str:
+    """Look up a price."""
+    return f"{symbol}: 42"
+
 
 PROFILE = "h100-qwen2.5-7b"
 MODEL = "sim-model"
@@ -209,7 +221,13 @@ def summary(ticks: list[float]) -> dict[str, Any]:
 
 
 def run_population(
-    url: str, agents: int, ticks: int, system: str, obs_tokens: int, prompt_list: bool = False
+    url: str,
+    agents: int,
+    ticks: int,
+    system: str,
+    obs_tokens: int,
+    prompt_list: bool = False,
+    tool_rounds: int = 0,
 ) -> dict[str, Any]:
     ids = [f"t{i}" for i in range(agents)]
     seconds: list[float] = []
@@ -224,6 +242,7 @@ def run_population(
         backend="vllm://" + url.removeprefix("http://"),
         prompt_list=prompt_list,
         chat_template="chatml" if prompt_list else None,
+        tools=[quote] if tool_rounds else (),
     ) as pop:
         for tick in range(ticks):
             observations = {a: observation(i, tick, obs_tokens) for i, a in enumerate(ids)}
@@ -244,7 +263,8 @@ def run_population(
     return summary(seconds) | {
         "cpu_seconds": cpu_seconds,
         "cpu_p50": quantile(cpu_seconds, 0.5),
-        "floor": floors(load_profile(PROFILE), requests),
+        "floor": None if tool_rounds else floors(load_profile(PROFILE), requests),
+        "tool_calls": report.tool_calls,
         "prompt_tokens": report.prompt_tokens,
         "cached_tokens": report.cached_tokens,
         "completion_tokens": report.completion_tokens,
@@ -288,11 +308,21 @@ async def run_sdk(
 
 def side(name: str, agents: int, ticks: int, args: argparse.Namespace, system: str) -> dict[str, Any]:
     with sim.start(
-        profile=PROFILE, time_scale=args.time_scale, seed=args.seed, output_tokens="fixed:30"
+        profile=PROFILE,
+        time_scale=args.time_scale,
+        seed=args.seed,
+        output_tokens="fixed:30",
+        tool_rounds=args.tool_rounds,
     ) as server:
         if name in ("population", "prompt_list"):
             outcome = run_population(
-                server.url, agents, ticks, system, args.observation_tokens, prompt_list=name == "prompt_list"
+                server.url,
+                agents,
+                ticks,
+                system,
+                args.observation_tokens,
+                prompt_list=name == "prompt_list",
+                tool_rounds=args.tool_rounds,
             )
         else:
             outcome = asyncio.run(
@@ -321,11 +351,14 @@ def main() -> None:
     p.add_argument("--observation-tokens", type=int, default=200)
     p.add_argument("--time-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--tool-rounds", type=int, default=0, help="tool turns of each agent (see above)")
     p.add_argument("--out", default="benches/results/ticks.json")
     p.add_argument(
         "--note", default="", help="free text stored in the JSON (e.g. how loaded the machine was)"
     )
     args = p.parse_args()
+    if args.tool_rounds and not set(args.sides.split(",")) <= {"population", "prompt_list"}:
+        p.error("--tool-rounds: the population and prompt_list sides only (--sides population,prompt_list)")
     sizes = [int(x) for x in args.agents.split(",")]
     fewer = {
         name: {int(k): int(v) for k, v in (x.split(":") for x in spec.split(",") if x)}
@@ -360,7 +393,7 @@ def main() -> None:
         if "population" in results and str(agents) in results["population"]
     }
     targets = {}
-    floor_summary = summarise_floors(results.get("population", {}))
+    floor_summary = {} if args.tool_rounds else summarise_floors(results.get("population", {}))
     if "population" in results:
         pop = results["population"]
         if "64" in pop:
@@ -375,6 +408,7 @@ def main() -> None:
         "system_tokens": args.system_tokens,
         "observation_tokens": args.observation_tokens,
         "decision_tokens": 30,
+        "tool_rounds": args.tool_rounds,
         "ticks": args.ticks,
         "baseline_ticks": fewer,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "note": args.note},
