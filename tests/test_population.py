@@ -363,12 +363,16 @@ LLAMA31_SYSTEM = (
 def test_a_tool_using_tick_is_one_prompt_list_request_per_round(model: str) -> None:
     lock = threading.Lock()
     asked: list[str] = []
+    # The four calls return together, so the agents' next calls arrive within one gather window
+    # even on a loaded machine (the calls are distinct: four executions, checked below).
+    together = threading.Barrier(4, timeout=30)
 
     @tool
     def quote(symbol: str) -> str:
         """Look up a price."""
         with lock:
             asked.append(symbol)
+        together.wait()
         return f"{symbol}: 42"
 
     ids = [f"a{i}" for i in range(4)]
