@@ -124,7 +124,7 @@ def test_greedy_completions_over_a_ragged_batch_equal_generate(model_dir: tuple[
         stream.start()
         # The rest arrive once the first request is decoding.
         assert first.wait(120)
-        answer = post(url, {**common, "prompt": batch})
+        answer = post(url, {**common, "prompt": batch, "return_token_ids": True})
         stream.join(120)
         metrics = urllib.request.urlopen(server.url + "/metrics", timeout=30).read().decode()
     finally:
@@ -132,6 +132,10 @@ def test_greedy_completions_over_a_ragged_batch_equal_generate(model_dir: tuple[
     texts = [c["text"] for c in sorted(answer["choices"], key=lambda c: c["index"])]
     for prompt, text in zip(batch, texts, strict=True):
         assert text == tok.decode(reference(model, prompt, n), skip_special_tokens=True), prompt
+    # vLLM's return_token_ids: each choice's prompt and output as token ids.
+    for prompt, choice in zip(batch, sorted(answer["choices"], key=lambda c: c["index"]), strict=True):
+        assert choice["prompt_token_ids"] == prompt
+        assert choice["token_ids"] == reference(model, prompt, n)
     assert "".join(streamed) == tok.decode(reference(model, early, n), skip_special_tokens=True)
     assert answer["usage"]["completion_tokens"] == n * len(batch)
 
@@ -385,6 +389,10 @@ def test_a_hinted_completion_is_pinned_and_a_hinted_prompt_list_is_refused(
                 post(url, bad)
             assert refused.value.code == 400
             assert "batchagent" in refused.value.read().decode()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            post(url, {**body, "stream": True, "return_token_ids": True})
+        assert refused.value.code == 400
+        assert "return_token_ids" in refused.value.read().decode()
     finally:
         server.stop()
     # A completion shows no tool calls: the hint is taken at its word and the blocks stay pinned.

@@ -573,6 +573,12 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
     if echo {
         return Err(bad("`echo` is not supported by this server"));
     }
+    // vLLM's `return_token_ids`: each choice also carries its prompt's and its output's token ids,
+    // so a client can extend a conversation token for token (text round trips need not).
+    let return_token_ids = body.get("return_token_ids").and_then(Value::as_bool) == Some(true);
+    if return_token_ids && p.stream {
+        return Err(bad("`return_token_ids` is supported without streaming only by this server"));
+    }
     let prompts = parse_prompts(&body)?;
     // A hint names one agent: one prompt. The server does not parse tool calls from a raw
     // completion, so the hint is taken at its word (the blocks pinned for the wait).
@@ -581,6 +587,7 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
         return Err(bad("batchagent: a hint names one agent; send a hinted prompt in a request of its own"));
     }
     let mut receivers = Vec::new();
+    let mut prompt_ids = Vec::new();
     for input in prompts {
         let prompt = match input {
             PromptInput::Ids(ids) => ids,
@@ -589,6 +596,9 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
                 blocking(move || codec.encode(&text)).await?
             }
         };
+        if return_token_ids {
+            prompt_ids.push(prompt.clone());
+        }
         receivers.push(EngineRequest { pin: pin.clone(), ..request(&state, prompt, &p)? });
     }
     let receivers: Vec<_> = receivers.into_iter().map(|r| state.engine.submit(r)).collect();
@@ -613,7 +623,12 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
             prompt_tokens += out.prompt_tokens;
             cached += out.cached_tokens;
             completion += out.ids.len();
-            choices.push(json!({"index": i, "text": text, "logprobs": null, "finish_reason": reason}));
+            let mut choice = json!({"index": i, "text": text, "logprobs": null, "finish_reason": reason});
+            if return_token_ids {
+                choice["prompt_token_ids"] = json!(prompt_ids.get(i));
+                choice["token_ids"] = json!(out.ids);
+            }
+            choices.push(choice);
         }
         return Ok(json_response(
             StatusCode::OK,
