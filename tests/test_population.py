@@ -10,6 +10,7 @@ from typing import Any
 
 import pydantic
 import pytest
+from first_call_waits import FirstCallWaits
 from test_compaction import recording_proxy
 
 from batchagent_rs import InputError, JournalError, Population, SchemaError, sim, tool
@@ -107,21 +108,8 @@ def test_a_tick_with_tool_calls_records_them_in_the_history() -> None:
         assert pop.report().tool_calls == 3
 
 
-def test_deadline_misses_are_results_and_late_answers_are_discarded() -> None:
-    release = threading.Event()
-    blocked: list[str] = []
-    lock = threading.Lock()
-
-    @tool
-    def research(topic: str) -> str:
-        """Research a topic."""
-        with lock:
-            first = not blocked
-            blocked.append(topic)
-        if first:
-            # The first call of the tick waits until the test lets it go, after the deadline.
-            release.wait(timeout=60)
-        return "done"
+def test_deadline_misses_are_results_and_late_answers_are_discarded(first_call_waits: FirstCallWaits) -> None:
+    research, release = first_call_waits.tool, first_call_waits.release
 
     ids = ["p", "q", "r", "s"]
     with Population(
@@ -475,21 +463,8 @@ def test_a_jinja_chat_template_renders_the_prompts(tmp_path: Path) -> None:
             pop.step(observations)
 
 
-def test_deadline_on_the_prompt_list_path() -> None:
-    release = threading.Event()
-    blocked: list[str] = []
-    lock = threading.Lock()
-
-    @tool
-    def research(topic: str) -> str:
-        """Research a topic."""
-        with lock:
-            first = not blocked
-            blocked.append(topic)
-        if first:
-            # The first call of the tick waits until the test lets it go, after the deadline.
-            release.wait(timeout=60)
-        return "done"
+def test_deadline_on_the_prompt_list_path(first_call_waits: FirstCallWaits) -> None:
+    research, release = first_call_waits.tool, first_call_waits.release
 
     ids = ["p", "q", "r", "s"]
     with (

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from first_call_waits import FirstCallWaits
 from opentelemetry import trace as otel_trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -215,23 +216,10 @@ def test_the_cli_exports_over_otlp_to_the_configured_endpoint(tmp_path: Path) ->
 
 
 def test_a_population_traces_a_span_per_tick_with_a_decision_span_per_agent(
-    traced: tuple[TracerProvider, InMemorySpanExporter],
+    traced: tuple[TracerProvider, InMemorySpanExporter], first_call_waits: FirstCallWaits
 ) -> None:
     provider, exporter = traced
-    release = threading.Event()
-    blocked: list[str] = []
-    lock = threading.Lock()
-
-    @tool
-    def research(topic: str) -> str:
-        """Research a topic."""
-        with lock:
-            first = not blocked
-            blocked.append(topic)
-        if first:
-            # The first call of the first tick waits until the test lets it go, after the deadline.
-            release.wait(timeout=60)
-        return "done"
+    research, release = first_call_waits.tool, first_call_waits.release
 
     ids = ["p", "q", "r"]
     tracer = provider.get_tracer("simulation")
