@@ -17,7 +17,7 @@ a 30-token tool result to the prompt. Every call carries the hint the client sen
 `engine_hints=True`: the agent's id, the P75 of the tool waits seen so far and, once seen, the P75
 of the gap from an answer to that agent's next call (`next_call_s`). As the client cannot know which
 answer is an agent's last, the last call is hinted too (a completion shows no tool calls, so the
-engine pins it for its wait like any other: these are the pins that expire, 300 of them).
+engine pins it for its wait like any other, and that pin expires unless it is dropped for room).
 
 Four configurations over one model worker, each on a fresh engine (scheduler and block manager)
 with the same agents: retention off (`kv_pin_ttl=0`) or on (30 s) x eviction `lru` or `next_use`;
