@@ -15,7 +15,7 @@ use minijinja::{Environment, Error, ErrorKind, Value};
 use serde::Serialize;
 
 use super::tool_calls::ToolCallFormat;
-use super::{civil, days_now, json, RenderError, ToolJson, MONTHS};
+use super::{json, today, RenderError, ToolJson, MONTHS};
 use crate::conversation::{Message, Role, ToolDef};
 
 const TEMPLATE: &str = "chat_template";
@@ -110,7 +110,7 @@ fn strftime_now(format: &str) -> Result<Value, Error> {
         "November",
         "December",
     ];
-    let (year, month, day) = civil(days_now());
+    let (year, month, day) = today();
     let mut out = String::new();
     let mut chars = format.chars();
     while let Some(c) = chars.next() {

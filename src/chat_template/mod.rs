@@ -27,6 +27,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::conversation::{Message, Role, ToolCall, ToolDef};
+use crate::limits::headers::civil_from_days;
 pub use jinja::JinjaTemplate;
 pub use tool_calls::{ParsedCall, ToolCallFormat};
 
@@ -349,28 +350,16 @@ fn render_llama31(messages: &[Message], tools: &[ToolDef], date: &str) -> Result
 
 /// Today's date as `strftime("%d %b %Y")` writes it (UTC), for Llama 3.2's header.
 fn today_date() -> String {
-    let (year, month, day) = civil(days_now());
+    let (year, month, day) = today();
     format!("{day:02} {} {year}", MONTHS[month - 1])
 }
 
 const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
 
-/// Days since 1970-01-01, UTC.
-pub(crate) fn days_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() / 86_400)
-}
-
-/// Days since 1970-01-01 as (year, month 1..=12, day) (Howard Hinnant's `civil_from_days`).
-pub(crate) fn civil(days: u64) -> (u64, usize, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
+/// Today's date in UTC as (year, month 1..=12, day).
+pub(crate) fn today() -> (i64, usize, i64) {
+    let days = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() / 86_400);
+    let (year, month, day) = civil_from_days(i64::try_from(days).unwrap_or(0));
     // `month` is 1..=12 by construction.
     (year, usize::try_from(month).unwrap_or(1), day)
 }
@@ -489,12 +478,5 @@ mod tests {
         is(ChatTemplate::by_name("llama3", "llama-3.1-8b"), "Some(Llama31 { today: false })");
         is(ChatTemplate::by_name("llama3.1", "x"), "Some(Llama31 { today: false })");
         assert!(ChatTemplate::load("nonsense", "x").unwrap_err().0.contains("no file by that name"));
-    }
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil(0), (1970, 1, 1));
-        assert_eq!(civil(19_930), (2024, 7, 26));
-        assert_eq!(civil(11_016), (2000, 2, 29));
     }
 }
