@@ -467,16 +467,9 @@ impl PrefixCache {
 
     /// Evicts the first cached block in the policy's order (see the module's documentation).
     fn evict_one(&mut self) {
-        for queue in [Tier::Never, Tier::Lru] {
-            loop {
-                let popped = match queue {
-                    Tier::Never => self.never.pop_front(),
-                    Tier::Lru => self.lru.pop_front(),
-                };
-                let Some((h, stamp)) = popped else { break };
-                if self.evict_if_current(h, stamp) {
-                    return;
-                }
+        while let Some((h, stamp)) = self.never.pop_front().or_else(|| self.lru.pop_front()) {
+            if self.evict_if_current(h, stamp) {
+                return;
             }
         }
         while let Some((_, Reverse(stamp), h)) = self.ahead.pop() {
@@ -622,12 +615,6 @@ impl PrefixCache {
         }
         entry.held.len()
     }
-}
-
-#[derive(Clone, Copy)]
-enum Tier {
-    Never,
-    Lru,
 }
 
 #[cfg(test)]
