@@ -16,11 +16,15 @@ scripted output length (30 to 90 tokens, `ignore_eos`); the next call appends th
 a 30-token tool result to the prompt. Every call carries the hint the client sends under
 `engine_hints=True`: the agent's id, the P75 of the tool waits seen so far and, once seen, the P75
 of the gap from an answer to that agent's next call (`next_call_s`). As the client cannot know which
-answer is an agent's last, the last call is hinted too (a completion shows no tool calls, so the
-engine pins it for its wait like any other, and that pin expires unless it is dropped for room).
+answer is an agent's last, the last call is hinted too: a completion shows no tool calls, so the
+engine takes the hint at its word. Once an agent's last answer is in, the client says the agent is
+done (`POST /v1/batchagent/done`, as a client driving completions must; over the chat API the server
+infers it from a reply without tool calls): its pin is released and its blocks' predicted next use
+withdrawn.
 
-Four configurations over one model worker, each on a fresh engine (scheduler and block manager)
-with the same agents: retention off (`kv_pin_ttl=0`) or on (30 s) x eviction `lru` or `next_use`;
+Configurations over one model worker, each on a fresh engine (scheduler and block manager) with the
+same agents: retention off (`kv_pin_ttl=0`) or on (30 s) x eviction `lru` or `next_use`; the two
+`next_use` ones again without the done notice (`_untold`: what the engine did before it existed);
 and one with a KV cache that holds every agent at once (nothing evicted), which gives the prefill
 no policy can avoid. A few agents (`--warmup-agents`) run first on a throwaway engine, unmeasured,
 so that no measured run pays the kernels' first compilations. Reported from the engine's /metrics:
@@ -55,7 +59,11 @@ TASK_TOKENS = 24
 TOOL_RESULT_TOKENS = 30
 TOOL_SECONDS = 0.8
 MAX_INFLIGHT = 32
-CONFIGS = [("off", "lru"), ("off", "next_use"), ("on", "lru"), ("on", "next_use")]
+# (retention, eviction, whether the client says when an agent is done)
+CONFIGS = [
+    ("off", "lru", True), ("off", "next_use", True), ("on", "lru", True), ("on", "next_use", True),
+    ("off", "next_use", False), ("on", "next_use", False),
+]  # fmt: skip
 # A two-layer model of the Qwen2 architecture: checks the script on a CPU in seconds.
 TINY = {
     **ARCHS["qwen2.5-0.5b"], "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128,
@@ -113,9 +121,11 @@ def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
         return result
 
 
-async def drive(url: str, model: str, agents: Agents, n: int) -> tuple[float, int]:
-    """Every agent's calls, at most MAX_INFLIGHT at once. The HTTP calls run on threads (the
-    standard library's client: the GPU machine and this one share no async HTTP package)."""
+async def drive(base: str, model: str, agents: Agents, n: int, tell_done: bool) -> tuple[float, int]:
+    """Every agent's calls, at most MAX_INFLIGHT at once, and with `tell_done` the notice that it is
+    done after its last. The HTTP calls run on threads (the standard library's client: the GPU
+    machine and this one share no async HTTP package)."""
+    url = base + "/v1/completions"
     loop = asyncio.get_running_loop()
     pool = ThreadPoolExecutor(MAX_INFLIGHT)
     slots = asyncio.Semaphore(MAX_INFLIGHT)
@@ -139,6 +149,9 @@ async def drive(url: str, model: str, agents: Agents, n: int) -> tuple[float, in
                 calls += 1
             ids = answer["choices"][0]["token_ids"]
             if turn == agents.rounds[i]:
+                if tell_done:
+                    done = {"agent": agents.hint(i)["agent"]}
+                    await loop.run_in_executor(pool, post, base + "/v1/batchagent/done", done)
                 return
             started = time.perf_counter()
             await asyncio.sleep(TOOL_SECONDS)
@@ -171,7 +184,15 @@ def metric(m: dict[str, float], name: str) -> float:
 
 
 def run_config(
-    serve: Any, worker: Any, model: str, agents: Agents, n: int, retention: str, eviction: str, kv_blocks: int
+    serve: Any,
+    worker: Any,
+    model: str,
+    agents: Agents,
+    n: int,
+    retention: str,
+    eviction: str,
+    kv_blocks: int,
+    tell_done: bool = True,
 ) -> dict[str, Any]:
     server = serve(
         worker, model=model, max_model_len=worker.runner.max_model_len, eos_token_ids=[2], port=0,
@@ -181,7 +202,7 @@ def run_config(
     try:
         agents.tool_waits.clear()
         agents.gaps.clear()
-        wall, calls = asyncio.run(drive(server.url + "/v1/completions", model, agents, n))
+        wall, calls = asyncio.run(drive(server.url, model, agents, n, tell_done))
         m = scrape(server.url)
     finally:
         server.stop()
@@ -198,6 +219,7 @@ def run_config(
     return {
         "retention": retention,
         "eviction": eviction,
+        "done_told": tell_done,
         "kv_cache_blocks": kv_blocks,
         "calls": calls,
         "makespan_s": wall,
@@ -279,10 +301,10 @@ def main() -> None:
             serve_with(full_pages), worker, "agents", agents, n, "off", "lru", full_pages
         )
         pressure = args.kv_tokens // page
-        for retention, eviction in CONFIGS:
-            key = f"retention_{retention}_{eviction}"
+        for retention, eviction, tell_done in CONFIGS:
+            key = f"retention_{retention}_{eviction}" + ("" if tell_done else "_untold")
             runs[key] = run_config(
-                serve_with(pressure), worker, "agents", agents, n, retention, eviction, pressure
+                serve_with(pressure), worker, "agents", agents, n, retention, eviction, pressure, tell_done
             )
             print(key, {k: runs[key][k] for k in ("makespan_s", "prefill_tokens_computed", "preemptions")},
                   flush=True)  # fmt: skip

@@ -379,6 +379,16 @@ def test_a_hinted_completion_is_pinned_and_a_hinted_prompt_list_is_refused(
         # A request after it: its step's counters are out once this one is answered.
         post(url, body)
         counts = pin_counts(server.url)
+        # The client says the agent is done: the pin is released before the next request's steps.
+        done = server.url + "/v1/batchagent/done"
+        assert post(done, {"agent": "a"}) == {"object": "batchagent.agent_done", "agent": "a"}
+        post(url, body)
+        released = pin_counts(server.url)
+        for bad_done in ({}, {"agent": ""}, {"agent": 7}):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                post(done, bad_done)
+            assert refused.value.code == 400
+            assert "agent" in refused.value.read().decode()
         metrics = urllib.request.urlopen(server.url + "/metrics", timeout=30).read().decode()
         hint = {"agent": "a", "tool_wait_s": 5}
         for bad in (
@@ -397,6 +407,7 @@ def test_a_hinted_completion_is_pinned_and_a_hinted_prompt_list_is_refused(
         server.stop()
     # A completion shows no tool calls: the hint is taken at its word and the blocks stay pinned.
     assert counts == {"made": 1, "returned": 0, "dropped": 0, "expired": 0}, counts
+    assert released == {"made": 1, "returned": 0, "dropped": 0, "expired": 1}, released
     assert 'batchagent:kv_blocks{kind="held"' in metrics and "batchagent:kv_evictions_total{" in metrics
     with pytest.raises(ValueError, match="kv_eviction"):
         serve.start(str(path), device="cpu", port=0, kv_cache_tokens=512, kv_eviction="mru")

@@ -535,6 +535,36 @@ impl PrefixCache {
         }
     }
 
+    /// Withdraws a prediction made by an agent that turned out to be done: each unreferenced block of
+    /// `hashes` whose standing prediction is exactly `prediction` (no other releaser predicted a
+    /// sooner live use) joins the LRU tier as if that prediction were spent now, ahead of every
+    /// block still predicted to be used. Blocks whose prediction came from another agent keep it.
+    /// Returns how many blocks moved.
+    pub fn withdraw_prediction(&mut self, hashes: &[u64], prediction: NextUse) -> usize {
+        let NextUse::At { at, until } = prediction else { return 0 };
+        let standing = Some((nanos(at), nanos(until)));
+        let mut moved = 0;
+        // Tail before head, as a release queues them.
+        for &h in hashes.iter().rev() {
+            let Some(b) = self.blocks.get_mut(&h) else { continue };
+            if b.refs != 0 || b.next_use != standing {
+                continue;
+            }
+            b.next_use = None;
+            // A new stamp makes its entries in `ahead` and `due` stale.
+            self.next_stamp += 1;
+            b.stamp = self.next_stamp;
+            self.lru.push_back((h, self.next_stamp));
+            moved += 1;
+        }
+        moved
+    }
+
+    /// The chained hashes of `seq`'s full prompt blocks (empty if it holds no blocks).
+    pub fn prompt_hashes(&self, seq: u64) -> &[u64] {
+        self.seqs.get(&seq).map_or(&[], |s| &s.hashes)
+    }
+
     /// Records that the first `computed_tokens` tokens of `seq` have their KV computed; the full
     /// prompt blocks among them become hits for later lookups.
     pub fn mark_computed(&mut self, seq: u64, computed_tokens: usize) {
@@ -801,6 +831,47 @@ mod tests {
         assert_eq!((d.lookup(&early), d.lookup(&late)), (3, 4));
     }
 
+    /// Two agents sharing a 2-block prefix, each with 2 blocks of its own, released in order with
+    /// the predictions given.
+    fn siblings(first: NextUse, second: NextUse) -> (PrefixCache, Vec<u64>, Vec<u64>) {
+        let mut c = PrefixCache::new(9, 16).with_eviction(Eviction::NextUse);
+        let (ha, hb) = (block_hashes(&prompt_tokens(0, 64), 16), block_hashes(&prompt_tokens(1, 64), 16));
+        c.allocate(1, 65, &ha, 5).unwrap();
+        c.mark_computed(1, 64);
+        c.release_hinted(1, &[], first);
+        assert_eq!(c.allocate(2, 65, &hb, 5).unwrap().hit_blocks, 2);
+        c.mark_computed(2, 64);
+        c.release_hinted(2, &[], second);
+        (c, ha, hb)
+    }
+
+    #[test]
+    fn a_withdrawn_prediction_is_evicted_before_live_ones() {
+        // A is due back at 20, B at 3: B's blocks (the shared prefix too) stand at B's prediction.
+        let (mut kept, ha, hb) = siblings(at(20, 40), at(3, 6));
+        let (mut withdrawn, _, _) = siblings(at(20, 40), at(3, 6));
+        // B turns out to be done; a prediction it did not make withdraws nothing.
+        assert_eq!(withdrawn.withdraw_prediction(&hb, at(3, 7)), 0);
+        assert_eq!(withdrawn.withdraw_prediction(&hb, at(3, 6)), 4);
+        // Five new blocks, three free. Furthest first takes A's own blocks; once B is known done,
+        // B's own blocks go (its tail before its head), and the prefix A needs stays.
+        for c in [&mut kept, &mut withdrawn] {
+            c.allocate(3, 80, &block_hashes(&toks(3, 80), 16), 5).unwrap();
+        }
+        assert_eq!((kept.lookup(&ha), kept.lookup(&hb)), (2, 4));
+        assert_eq!((withdrawn.lookup(&ha), withdrawn.lookup(&hb)), (4, 2));
+    }
+
+    #[test]
+    fn withdrawing_leaves_a_sooner_prediction_of_another_agent() {
+        // A (due back at 5) released the prefix before B (due at 8): the prefix keeps A's.
+        let (mut c, ha, hb) = siblings(at(5, 10), at(8, 16));
+        assert_eq!(c.withdraw_prediction(&hb, at(8, 16)), 2);
+        // Six new blocks, three free: B's own two, then the furthest live prediction: A's tail.
+        c.allocate(3, 96, &block_hashes(&toks(3, 96), 16), 6).unwrap();
+        assert_eq!((c.lookup(&ha), c.lookup(&hb)), (3, 2));
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Allocate {
@@ -825,6 +896,11 @@ mod tests {
         Advance {
             secs: u8,
         },
+        /// Withdraws the prediction `hint` (as `Release` makes it now) from prompt `prompt`'s blocks.
+        Withdraw {
+            prompt: u8,
+            hint: u8,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -839,6 +915,7 @@ mod tests {
             (0..8u8, 0..3u8).prop_map(|(seq, extra)| Op::Grow { seq, extra }),
             (0..8u8, 0..6u8).prop_map(|(seq, hint)| Op::Release { seq, hint }),
             (0..4u8).prop_map(|secs| Op::Advance { secs }),
+            (0..4u8, 2..6u8).prop_map(|(prompt, hint)| Op::Withdraw { prompt, hint }),
         ]
     }
 
@@ -875,6 +952,11 @@ mod tests {
             Op::Advance { secs: s } => {
                 *now += secs(u64::from(s));
                 c.advance(*now);
+                true
+            }
+            Op::Withdraw { prompt, hint: code } => {
+                let h = block_hashes(&prompt_tokens(prompt, 119), 16);
+                c.withdraw_prediction(&h, hint(code, *now));
                 true
             }
         }
@@ -949,7 +1031,7 @@ mod tests {
                         let held = c.release_hinted(seq, &[], hint(code, now));
                         prop_assert_eq!(held, live.remove(&seq).map_or(0, |(_, n)| n));
                     }
-                    Op::Advance { .. } => {
+                    Op::Advance { .. } | Op::Withdraw { .. } => {
                         apply(&mut c, &op, &mut now, true);
                     }
                 }

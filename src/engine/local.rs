@@ -38,7 +38,7 @@ struct Pending {
 struct Shared {
     incoming: Mutex<Vec<Pending>>,
     /// Agents whose pins are to be released (their last reply called no tool).
-    unpins: Mutex<Vec<String>>,
+    done_agents: Mutex<Vec<String>>,
     wake: Condvar,
     stopped: AtomicBool,
     rejected: AtomicU64,
@@ -77,7 +77,7 @@ impl LocalEngine {
         }
         let shared = Arc::new(Shared {
             incoming: Mutex::new(Vec::new()),
-            unpins: Mutex::new(Vec::new()),
+            done_agents: Mutex::new(Vec::new()),
             wake: Condvar::new(),
             stopped: AtomicBool::new(false),
             rejected: AtomicU64::new(0),
@@ -114,13 +114,14 @@ impl LocalEngine {
         rx
     }
 
-    /// Releases `agent`'s pinned KV blocks (see [`super::scheduler::Pin`]) at the next step: its
-    /// reply called no tool, so it is not coming back for them.
-    pub fn unpin(&self, agent: String) {
+    /// Tells the scheduler, before its next step, that `agent` is done (its reply called no tool, or
+    /// its client said so): its pinned KV blocks are released and its blocks' predicted next use
+    /// withdrawn (see [`super::scheduler::Scheduler::agent_done`]).
+    pub fn agent_done(&self, agent: String) {
         if self.shared.stopped.load(Ordering::Acquire) {
             return;
         }
-        lock(&self.shared.unpins).push(agent);
+        lock(&self.shared.done_agents).push(agent);
         // Taken with the wait's lock, so a loop about to sleep sees it.
         let _guard = lock(&self.shared.incoming);
         self.shared.wake.notify_one();
@@ -172,7 +173,7 @@ fn run(shared: &Shared, mut sched: Scheduler, mut executor: Box<dyn StepExecutor
             let mut incoming = lock(&shared.incoming);
             while incoming.is_empty()
                 && sched.is_idle()
-                && lock(&shared.unpins).is_empty()
+                && lock(&shared.done_agents).is_empty()
                 && !shared.stopped.load(Ordering::Acquire)
             {
                 *lock(&shared.metrics) = sched.snapshot();
@@ -186,10 +187,10 @@ fn run(shared: &Shared, mut sched: Scheduler, mut executor: Box<dyn StepExecutor
         for p in batch.drain(..) {
             sched.enqueue(p.request, p.tx, p.at.saturating_duration_since(start));
         }
-        let unpins = std::mem::take(&mut *lock(&shared.unpins));
-        if !unpins.is_empty() {
-            for agent in unpins {
-                sched.release_pin(&agent);
+        let done_agents = std::mem::take(&mut *lock(&shared.done_agents));
+        if !done_agents.is_empty() {
+            for agent in done_agents {
+                sched.agent_done(&agent);
             }
             *lock(&shared.metrics) = sched.snapshot();
             if sched.is_idle() {

@@ -139,6 +139,14 @@ impl Pin {
     }
 }
 
+/// What an agent's last release predicted for its blocks, kept until the agent is back, says it is
+/// done ([`Scheduler::agent_done`]), or the prediction is spent: a done agent's prediction is
+/// withdrawn, so its blocks are evicted before those of agents still coming back.
+struct Predicted {
+    hashes: Vec<u64>,
+    next_use: NextUse,
+}
+
 /// The blocks of a finished sequence, held for its agent (see [`Pin`]).
 struct Pinned {
     seq: u64,
@@ -270,6 +278,10 @@ pub struct Scheduler {
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     pins: HashMap<String, Pinned>,
+    /// Hinted releases not held by a pin, by agent.
+    predicted: HashMap<String, Predicted>,
+    /// `predicted` is pruned of spent predictions when it grows past this.
+    prune_predicted_at: usize,
     next_id: u64,
     /// The caller's clock: time since the engine started.
     pub now: Duration,
@@ -301,6 +313,8 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             pins: HashMap::new(),
+            predicted: HashMap::new(),
+            prune_predicted_at: 64,
             next_id: 0,
             now: Duration::ZERO,
             m: EngineMetrics::default(),
@@ -340,15 +354,36 @@ impl Scheduler {
     /// Releases `key`'s pin (its blocks stay cached, evictable); `false` if it has none.
     fn unpin(&mut self, key: &str) -> bool {
         let Some(pinned) = self.pins.remove(key) else { return false };
-        self.cache.release_hinted(pinned.seq, &pinned.later, pinned.next_use);
+        self.release_predicted(key.to_owned(), pinned.seq, &pinned.later, pinned.next_use);
         true
     }
 
-    /// Releases `key`'s pin on request (the engine's server, once a hinted reply turns out to call
-    /// no tool: the agent is not coming back, so its blocks are the first to evict); `false` if it
-    /// has none. Counted with the expired.
-    pub fn release_pin(&mut self, key: &str) -> bool {
-        let Some(pinned) = self.pins.remove(key) else { return false };
+    /// Releases sequence `seq` of agent `key` with its prediction, remembered for
+    /// [`Scheduler::agent_done`].
+    fn release_predicted(&mut self, key: String, seq: u64, later: &[u64], next_use: NextUse) {
+        if matches!(next_use, NextUse::At { .. }) && self.config.eviction == Eviction::NextUse {
+            let mut hashes = self.cache.prompt_hashes(seq).to_vec();
+            hashes.extend_from_slice(later);
+            self.predicted.insert(key, Predicted { hashes, next_use });
+            if self.predicted.len() > self.prune_predicted_at {
+                let now = self.now;
+                self.predicted.retain(|_, p| matches!(p.next_use, NextUse::At { until, .. } if until > now));
+                self.prune_predicted_at = 2 * self.predicted.len() + 64;
+            }
+        }
+        self.cache.release_hinted(seq, later, next_use);
+    }
+
+    /// Agent `key` is done (the engine's server, once a hinted reply turns out to call no tool, or
+    /// the client saying so): its pin is released with no next use, and the prediction its last
+    /// release made is withdrawn, so its blocks are the first to evict. `false` if it had neither.
+    /// A released pin is counted with the expired.
+    pub fn agent_done(&mut self, key: &str) -> bool {
+        let predicted = self.predicted.remove(key);
+        if let Some(p) = &predicted {
+            self.cache.withdraw_prediction(&p.hashes, p.next_use);
+        }
+        let Some(pinned) = self.pins.remove(key) else { return predicted.is_some() };
         self.cache.release_hinted(pinned.seq, &pinned.later, NextUse::Never);
         self.m.pins_expired += 1;
         true
@@ -475,6 +510,7 @@ impl Scheduler {
                 if self.unpin(&key) {
                     self.m.pins_returned += 1;
                 }
+                self.predicted.remove(&key);
             }
             let Some(front) = self.waiting.front_mut() else { break };
             let total = front.total();
@@ -601,6 +637,7 @@ impl Scheduler {
         let cache = &mut self.cache;
         let block_size = self.config.block_size;
         let mut pinned = Vec::new();
+        let mut hinted = Vec::new();
         self.running.retain_mut(|s| {
             if s.done {
                 let later = s.known_later_hashes(block_size);
@@ -611,7 +648,8 @@ impl Scheduler {
                         pinned.push((pin.key, Pinned { seq: s.id, until, later, next_use }));
                     }
                     Some(pin) => {
-                        cache.release_hinted(s.id, &later, pin.next_use(now));
+                        let next_use = pin.next_use(now);
+                        hinted.push((pin.key, s.id, later, next_use));
                     }
                     None => {
                         cache.release_caching(s.id, &later);
@@ -620,10 +658,13 @@ impl Scheduler {
             }
             !s.done
         });
+        for (key, seq, later, next_use) in hinted {
+            self.release_predicted(key, seq, &later, next_use);
+        }
         for (key, held) in pinned {
             self.m.pins += 1;
-            if let Some(old) = self.pins.insert(key, held) {
-                self.cache.release_hinted(old.seq, &old.later, old.next_use);
+            if let Some(old) = self.pins.insert(key.clone(), held) {
+                self.release_predicted(key, old.seq, &old.later, old.next_use);
             }
         }
         self.m.steps += 1;
@@ -1001,6 +1042,37 @@ mod tests {
         assert_eq!(an_agent_due_back_soon_after_pressure(Eviction::NextUse), (24, 9));
     }
 
+    /// Two agents' turns released unpinned (retention off) with their next-use hints: one back in
+    /// 100 s, one back in 1 s that turns out to be done (told or not), then a 92-token request
+    /// evicting 3 of their 12 cached blocks, then the first agent's next turn: returns its hit.
+    fn a_live_agent_after_another_is_done(told: bool) -> usize {
+        let mut s = Scheduler::new(config(32, 64));
+        let hint = |key: &str, back: u64| Pin {
+            key: key.to_owned(),
+            hold: Duration::ZERO,
+            return_after: Some(Duration::from_secs(back)),
+        };
+        let (prompt, answer) = (toks(7, 24), toks(8, 4));
+        serve(&mut s, &prompt, &answer, Some(hint("live", 100)));
+        serve(&mut s, &toks(20, 24), &toks(21, 4), Some(hint("done", 1)));
+        if told {
+            assert!(s.agent_done("done"));
+            assert!(!s.agent_done("done"), "told once, forgotten");
+        }
+        serve(&mut s, &toks(30, 88), &toks(31, 4), None);
+        assert_eq!(s.snapshot().kv_evictions, 3);
+        let history: Vec<u32> = [prompt, answer, toks(9, 4)].concat();
+        serve(&mut s, &history, &toks(10, 2), Some(hint("live", 100)))
+    }
+
+    #[test]
+    fn a_done_agent_s_withdrawn_prediction_no_longer_keeps_its_blocks() {
+        // Untold, the done agent's blocks are predicted back first: the live agent loses 3 blocks.
+        assert_eq!(a_live_agent_after_another_is_done(false), 12);
+        // Told, its blocks go first and the live agent's whole prompt hits.
+        assert_eq!(a_live_agent_after_another_is_done(true), 24);
+    }
+
     /// An unhinted request's turn, then a pinned agent's turn whose pin the server releases (its
     /// reply called no tool), then a 92-token request evicting 3 of their 12 cached blocks: returns
     /// the blocks of each prompt still cached (unhinted, then the done agent).
@@ -1010,7 +1082,7 @@ mod tests {
         let (a, b) = ((toks(7, 24), toks(8, 4)), (toks(20, 24), toks(21, 4)));
         serve(&mut s, &a.0, &a.1, None);
         serve(&mut s, &b.0, &b.1, Some(wait));
-        assert!(s.release_pin("b"));
+        assert!(s.agent_done("b"));
         serve(&mut s, &toks(30, 88), &toks(31, 4), None);
         let m = s.snapshot();
         assert_eq!((m.pins, m.pins_expired, m.kv_evictions), (1, 1, 3));

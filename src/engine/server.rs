@@ -102,6 +102,7 @@ impl EngineServer {
         let router = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/completions", post(completions))
+            .route("/v1/batchagent/done", post(agent_done))
             .route("/v1/models", get(models))
             .route("/health", get(health))
             .route("/metrics", get(metrics))
@@ -421,6 +422,23 @@ fn tool_wait_pin(state: &AppState, body: &Value) -> Result<Option<Pin>, Response
     Ok(Some(Pin::for_tool_wait(agent.to_owned(), secs(wait), state.options.kv_pin_ttl)))
 }
 
+/// `POST /v1/batchagent/done` with `{"agent": "<id>"}`: the client says an agent that sent tool-wait
+/// hints is finished (on `/v1/completions` the server cannot tell from the reply, as it parses no
+/// tool calls there). Its pinned blocks are released and the next use its last hint predicted is
+/// withdrawn, so under `--kv-eviction next_use` its blocks are evicted before those of agents
+/// still coming back. Answered at once; the engine applies it before its next step. Naming an
+/// agent the engine does not know is not an error (it may have been released already).
+async fn agent_done(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let agent = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("agent").and_then(Value::as_str).filter(|a| !a.is_empty()).map(str::to_owned));
+    let Some(agent) = agent else {
+        return bad("expected a JSON body {\"agent\": a non-empty string}");
+    };
+    state.engine.agent_done(agent.clone());
+    json_response(StatusCode::OK, &json!({"object": "batchagent.agent_done", "agent": agent}))
+}
+
 /// Tool calls in the Hermes / Qwen2.5 form the chat templates ask for (the shared parser), as
 /// the chat response's `tool_calls`; the text outside them is the content.
 fn parse_tool_calls(text: &str, id: u64) -> (String, Vec<Value>) {
@@ -469,7 +487,7 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
         let (content, calls) = if has_tools { parse_tool_calls(&text, n) } else { (text, Vec::new()) };
         if let Some(agent) = agent.filter(|_| calls.is_empty()) {
             // No tool to wait for: the agent is done, its blocks need not be held.
-            state.engine.unpin(agent);
+            state.engine.agent_done(agent);
         }
         let reason = if !calls.is_empty() {
             "tool_calls"
@@ -511,7 +529,7 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
                 _ => 0,
             };
             if calls == 0 {
-                state.engine.unpin(agent);
+                state.engine.agent_done(agent);
             }
         }
         let reason = if out.stopped { "stop" } else { "length" };
