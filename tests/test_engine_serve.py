@@ -224,6 +224,118 @@ def test_openai_sdk_chat_with_tools_streaming_and_usage(
         client.chat.completions.create(model="tiny", messages=messages, max_tokens=10_000)
 
 
+def stop_at(tok: Any, ids: list[int]) -> tuple[str, int, str]:
+    """A stop string for the output `ids`, the first found where a token ends: the text of a whole
+    printable ASCII token with the last character before it, also printable ASCII (a string across
+    two tokens), or failing that the token's text alone. Returns it, the number of tokens up to the
+    one that completes it and the text before it."""
+    for spanning in (True, False):
+        for k in range(2, len(ids) + 1):
+            before = tok.decode(ids[: k - 1], skip_special_tokens=True)
+            upto = tok.decode(ids[:k], skip_special_tokens=True)
+            piece, last = upto[len(before) :], before[-1:]
+            if not upto.startswith(before) or not (piece.isascii() and piece.isprintable() and piece.strip()):
+                continue
+            if spanning and not (last.isascii() and last.isprintable() and last):
+                continue
+            stop = last + piece if spanning else piece
+            if upto.find(stop) == len(upto) - len(stop):
+                return stop, k, upto[: len(upto) - len(stop)]
+    raise AssertionError(f"no printable ASCII token in {tok.decode(ids)!r}")
+
+
+def generation_tokens(url: str) -> float:
+    metrics = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
+    lines = [line for line in metrics.splitlines() if line.startswith("vllm:generation_tokens_total{")]
+    assert lines, metrics
+    return float(lines[0].split()[-1])
+
+
+def test_a_stop_string_cuts_the_completion_and_ends_its_sequence(
+    model_dir: tuple[Any, Any, Path], cli_server: str
+) -> None:
+    _, tok, _ = model_dir
+    client = openai.OpenAI(base_url=cli_server + "/v1", api_key="unused")
+    common: dict[str, Any] = {"model": "tiny", "prompt": "the engine serves", "temperature": 0}
+    free = client.completions.create(
+        **common, max_tokens=32, extra_body={"ignore_eos": True, "return_token_ids": True}
+    )
+    assert free.choices[0].model_extra is not None
+    ids = free.choices[0].model_extra["token_ids"]
+    assert free.choices[0].finish_reason == "length" and free.choices[0].model_extra["stop_reason"] is None
+    stop, k, cut = stop_at(tok, ids)
+    assert 2 <= k < 32 and len(cut) > 0, (stop, k, cut)
+    generated = generation_tokens(cli_server)
+    stopped = client.completions.create(
+        **common, max_tokens=300, stop=["not in the text", stop],
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )  # fmt: skip
+    choice = stopped.choices[0]
+    assert (choice.text, choice.finish_reason) == (cut, "stop")
+    assert choice.model_extra is not None and choice.model_extra["stop_reason"] == stop
+    # The tokens up to the one that completed the string, and usage counts those.
+    assert choice.model_extra["token_ids"] == ids[:k]
+    assert stopped.usage is not None and stopped.usage.completion_tokens == k
+    # The engine dropped the sequence when the string came out, far short of its 300 tokens. The
+    # steps before the drop are counted once a request sent after it is answered.
+    client.completions.create(**common, max_tokens=1)
+    assert k <= generation_tokens(cli_server) - generated < 100
+    included = client.completions.create(
+        **common, max_tokens=300, stop=stop,
+        extra_body={"ignore_eos": True, "include_stop_str_in_output": True},
+    )  # fmt: skip
+    assert (included.choices[0].text, included.choices[0].finish_reason) == (cut + stop, "stop")
+    chunks = list(
+        client.completions.create(
+            **common, max_tokens=300, stop=[stop], stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )  # fmt: skip
+    # Streamed, the text is the same: what could have begun the stop string was held back.
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == cut
+    ends = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(ends) == 1 and ends[0].finish_reason == "stop"
+    assert ends[0].model_extra is not None and ends[0].model_extra["stop_reason"] == stop
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == k
+    # A stop token: its text is not output, and `stop_reason` is its id.
+    first = ids.index(ids[k - 1])
+    by_token = client.completions.create(
+        **common, max_tokens=300, extra_body={"ignore_eos": True, "stop_token_ids": [ids[k - 1]]}
+    )  # fmt: skip
+    assert by_token.choices[0].text == tok.decode(ids[:first], skip_special_tokens=True)
+    assert by_token.choices[0].model_extra is not None
+    assert by_token.choices[0].model_extra["stop_reason"] == ids[k - 1]
+    assert by_token.usage is not None and by_token.usage.completion_tokens == first + 1
+    for bad, field in (({"stop": ["a", ""]}, "stop"), ({"stop": 3}, "stop")):
+        with pytest.raises(openai.BadRequestError, match=field):
+            client.completions.create(**common, max_tokens=4, extra_body=bad)
+
+
+def test_a_stop_string_cuts_a_chat_answer_streamed_or_not(
+    model_dir: tuple[Any, Any, Path], cli_server: str
+) -> None:
+    model, tok, _ = model_dir
+    client = openai.OpenAI(base_url=cli_server + "/v1", api_key="unused")
+    messages: list[Any] = [{"role": "user", "content": "the engine serves every agent"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = reference(model, tok.encode(prompt, add_special_tokens=False), 32)
+    stop, k, cut = stop_at(tok, ids)
+    common: dict[str, Any] = {"model": "tiny", "messages": messages, "temperature": 0, "max_tokens": 300,
+                              "stop": stop, "extra_body": {"ignore_eos": True}}  # fmt: skip
+    answer = client.chat.completions.create(**common)
+    assert (answer.choices[0].message.content, answer.choices[0].finish_reason) == (cut, "stop")
+    assert answer.choices[0].model_extra is not None and answer.choices[0].model_extra["stop_reason"] == stop
+    assert answer.usage is not None and answer.usage.completion_tokens == k
+    chunks = list(
+        client.chat.completions.create(**common, stream=True, stream_options={"include_usage": True})
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == cut
+    ends = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(ends) == 1 and ends[0].finish_reason == "stop"
+    assert ends[0].model_extra is not None and ends[0].model_extra["stop_reason"] == stop
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == k
+
+
 def test_a_local_backend_starts_the_engine_for_a_batch(model_dir: tuple[Any, Any, Path]) -> None:
     from batchagent_rs import Batch
 

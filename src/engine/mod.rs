@@ -7,6 +7,7 @@ pub mod local;
 pub mod metrics;
 pub mod scheduler;
 pub mod server;
+pub mod stop;
 
 pub use blocks::Eviction;
 pub use local::{LocalEngine, LocalEngineError, StepExecutor};

@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 
 use super::local::LocalEngine;
 use super::scheduler::{EngineEvent, EngineRequest, Pin, Sampling};
+use super::stop::StopStrings;
 use crate::chat_template::ToolCallFormat;
 use crate::sim::server::metrics::{render as render_metrics, CacheConfig};
 
@@ -165,6 +166,10 @@ fn bad(message: impl AsRef<str>) -> Response {
     error(StatusCode::BAD_REQUEST, message.as_ref(), None)
 }
 
+fn bad_param(message: impl AsRef<str>, param: &str) -> Response {
+    error(StatusCode::BAD_REQUEST, message.as_ref(), Some(param))
+}
+
 async fn models(State(state): State<Arc<AppState>>) -> Response {
     let o = &state.options;
     json_response(
@@ -205,8 +210,13 @@ fn unix_now() -> u64 {
 struct Params {
     max_tokens: Option<usize>,
     sampling: Sampling,
+    /// EOS (unless `ignore_eos`) and `stop_token_ids`.
     stop_token_ids: Vec<u32>,
+    ignore_eos: bool,
     min_tokens: usize,
+    /// `stop` strings, and vLLM's `include_stop_str_in_output`.
+    stop: Vec<String>,
+    include_stop: bool,
     stream: bool,
     include_usage: bool,
 }
@@ -257,7 +267,8 @@ fn parse_params(state: &AppState, body: &Value, max_key: &str) -> Result<Params,
         Some(v) => Some(v.as_i64().ok_or_else(|| bad("`seed` must be an integer"))? as u64),
     };
     let mut stop_token_ids = Vec::new();
-    if body.get("ignore_eos").and_then(Value::as_bool) != Some(true) {
+    let ignore_eos = body.get("ignore_eos").and_then(Value::as_bool) == Some(true);
+    if !ignore_eos {
         stop_token_ids.extend(&state.options.eos_token_ids);
     }
     if let Some(ids) = body.get("stop_token_ids").filter(|v| !v.is_null()) {
@@ -268,13 +279,32 @@ fn parse_params(state: &AppState, body: &Value, max_key: &str) -> Result<Params,
             stop_token_ids.push(id);
         }
     }
-    if body.get("stop").is_some_and(|s| !s.is_null() && s.as_array().is_none_or(|a| !a.is_empty())) {
-        return Err(bad("`stop` strings are not supported by this server; use `stop_token_ids`"));
+    // A string or a list of them; vLLM takes lists longer than OpenAI's 4 (the request body's size
+    // bounds them).
+    let stop = match body.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad_param("`stop` must be a string or a list of strings", "stop"))?,
+        Some(_) => return Err(bad_param("`stop` must be a string or a list of strings", "stop")),
+    };
+    if stop.iter().any(String::is_empty) {
+        return Err(bad_param("`stop` cannot contain an empty string", "stop"));
     }
+    let include_stop = match body.get("include_stop_str_in_output") {
+        None | Some(Value::Null) => false,
+        Some(v) => v.as_bool().ok_or_else(|| bad("`include_stop_str_in_output` must be a boolean"))?,
+    };
     Ok(Params {
         max_tokens,
         sampling: Sampling { temperature, top_p, top_k, seed },
         stop_token_ids,
+        ignore_eos,
+        stop,
+        include_stop,
         min_tokens: usize::try_from(uint(body, "min_tokens")?.unwrap_or(0)).unwrap_or(usize::MAX),
         stream: body.get("stream").and_then(Value::as_bool) == Some(true),
         include_usage: body.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true),
@@ -315,25 +345,96 @@ fn request(state: &AppState, prompt: Vec<u32>, p: &Params) -> Result<EngineReque
     })
 }
 
+/// Why a sequence ended.
+#[derive(Debug, Clone, Default, PartialEq)]
+enum Finish {
+    /// `max_tokens`.
+    #[default]
+    Length,
+    /// A stop token (EOS or one of `stop_token_ids`): the last output token.
+    Token(u32),
+    /// A stop string: the engine dropped the sequence as the string came out.
+    Text(String),
+}
+
+impl Finish {
+    fn reason(&self) -> &'static str {
+        if *self == Self::Length {
+            "length"
+        } else {
+            "stop"
+        }
+    }
+
+    /// vLLM's `stop_reason`: the stop string or the stop token id, null for EOS and `length`.
+    fn stop_reason(&self, state: &AppState, p: &Params) -> Value {
+        match self {
+            Self::Length => Value::Null,
+            Self::Token(id) if !p.ignore_eos && state.options.eos_token_ids.contains(id) => Value::Null,
+            Self::Token(id) => json!(id),
+            Self::Text(stop) => json!(stop),
+        }
+    }
+}
+
 /// What one sequence produced.
 #[derive(Default)]
 struct Outcome {
+    /// Its output tokens (after a stop string, those up to the one that completed it).
     ids: Vec<u32>,
+    text: String,
     prompt_tokens: usize,
     cached_tokens: usize,
-    stopped: bool,
+    finish: Finish,
 }
 
-/// Text deltas of one sequence as its tokens come out, then its outcome; `None` when the engine
-/// closed the request without finishing it.
+/// Pieces of an output's text, each with the number of output tokens it brings the text to.
+type Pieces = Vec<(usize, String)>;
+
+/// The text `ids[seen..]` add, a piece per token when `per_token` (else one piece), each with the
+/// number of tokens it brings the output to; the detokenizer's next `(prefix, read)`. `last`: no
+/// more tokens come (text ending in an incomplete character is flushed).
+fn decode_pieces(
+    codec: &dyn TextCodec,
+    ids: &[u32],
+    seen: usize,
+    (mut prefix, mut read): (usize, usize),
+    last: bool,
+    per_token: bool,
+) -> Result<(Pieces, (usize, usize)), String> {
+    let ends: Vec<usize> =
+        if per_token && seen < ids.len() { (seen + 1..=ids.len()).collect() } else { vec![ids.len()] };
+    let mut pieces = Vec::with_capacity(ends.len());
+    for end in ends {
+        let (text, p, r) = codec.detokenize(&ids[..end], prefix, read, last && end == ids.len())?;
+        (prefix, read) = (p, r);
+        pieces.push((end, text));
+    }
+    Ok((pieces, (prefix, read)))
+}
+
+/// Runs one sequence to its end: its text as it comes out when `stream` (`on_text` returns false
+/// once the client is gone), then its outcome. With stop strings each token's text is searched as
+/// it comes, as vLLM does; a match ends the sequence at once (dropping the receiver aborts it in the
+/// engine, which frees its slot and KV blocks at its next step). `first_token` fires at the first
+/// output token (or is dropped when the sequence fails before one).
 async fn drive(
     state: Arc<AppState>,
     mut rx: mpsc::UnboundedReceiver<EngineEvent>,
+    p: &Params,
+    prompt_tokens: usize,
     mut on_text: impl FnMut(String) -> bool,
-    incremental: bool,
+    stream: bool,
+    mut first_token: Option<oneshot::Sender<()>>,
 ) -> Result<Outcome, Response> {
-    let mut out = Outcome::default();
-    let (mut prefix, mut read) = (0, 0);
+    let mut out = Outcome { prompt_tokens, ..Outcome::default() };
+    let mut text = StopStrings::new(p.stop.clone(), p.include_stop);
+    let per_token = text.has_stops();
+    // Without stop strings an unstreamed output is detokenized once, at its end.
+    let incremental = stream || per_token;
+    let mut offsets = (0, 0);
+    let mut seen = 0;
+    let mut stop_token = None;
     loop {
         let Some(first) = rx.recv().await else {
             let why = state.engine.failure().unwrap_or_else(|| "the engine stopped".into());
@@ -347,12 +448,18 @@ async fn drive(
         let mut finished = false;
         for e in events {
             match e {
-                EngineEvent::Token { id, .. } => out.ids.push(id),
+                EngineEvent::Token { id, .. } if stop_token.is_none() => {
+                    out.ids.push(id);
+                    // The scheduler's rule: a stop token counts once `min_tokens` are out.
+                    if out.ids.len() > p.min_tokens && p.stop_token_ids.contains(&id) {
+                        stop_token = Some(id);
+                    }
+                }
+                EngineEvent::Token { .. } => {}
                 EngineEvent::Started { cached_tokens } => out.cached_tokens = cached_tokens,
-                EngineEvent::Finished { prompt_tokens, cached_tokens, stopped, .. } => {
+                EngineEvent::Finished { prompt_tokens, cached_tokens, .. } => {
                     out.prompt_tokens = prompt_tokens;
                     out.cached_tokens = cached_tokens;
-                    out.stopped = stopped;
                     finished = true;
                 }
                 EngineEvent::Rejected { prompt_tokens, max_new_tokens, kv_capacity_tokens } => {
@@ -363,17 +470,50 @@ async fn drive(
                 }
             }
         }
-        if incremental && read < out.ids.len() {
+        if !out.ids.is_empty() {
+            if let Some(tx) = first_token.take() {
+                let _ = tx.send(());
+            }
+        }
+        let done = finished || stop_token.is_some();
+        // As vLLM: the stop token's text is not output, unless stop strings are.
+        let decodable = out.ids.len() - usize::from(stop_token.is_some() && !p.include_stop);
+        if incremental && (seen < decodable || (done && offsets.1 < decodable)) {
             let codec = Arc::clone(&state.codec);
-            let ids = out.ids.clone();
-            let (text, p, r) = blocking(move || codec.detokenize(&ids, prefix, read, finished)).await?;
-            (prefix, read) = (p, r);
-            if !text.is_empty() && !on_text(text) {
+            let ids = out.ids[..decodable].to_vec();
+            let pieces;
+            (pieces, offsets) = blocking(move || decode_pieces(&*codec, &ids, seen, offsets, done, per_token)).await?;
+            seen = decodable;
+            for (count, piece) in pieces {
+                if text.push(&piece, count > p.min_tokens) {
+                    // Tokens after the one that completed the stop string are not output.
+                    out.ids.truncate(count);
+                    break;
+                }
+            }
+        }
+        let matched = text.matched().map(str::to_owned);
+        if stream {
+            let ready = text.ready(done || matched.is_some());
+            if !ready.is_empty() && !on_text(ready.to_owned()) {
                 // The client went away: dropping the receiver aborts the request.
                 return Err(error(StatusCode::INTERNAL_SERVER_ERROR, "the client went away", None));
             }
         }
-        if finished {
+        if let Some(stop) = matched {
+            out.finish = Finish::Text(stop);
+            out.text = text.into_text();
+            return Ok(out);
+        }
+        if done {
+            out.finish = stop_token.map_or(Finish::Length, Finish::Token);
+            out.text = if incremental {
+                text.into_text()
+            } else {
+                let codec = Arc::clone(&state.codec);
+                let ids = out.ids[..decodable].to_vec();
+                blocking(move || codec.detokenize(&ids, 0, 0, true)).await?.0
+            };
             return Ok(out);
         }
     }
@@ -473,6 +613,7 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
     let prompt = blocking(move || codec.encode_chat(&text, has_tools)).await?;
     let pin = tool_wait_pin(&state, &body)?;
     let agent = pin.as_ref().map(|p| p.key.clone());
+    let prompt_tokens = prompt.len();
     let request = EngineRequest { pin, ..request(&state, prompt, &p)? };
     let n = state.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let id = format!("chatcmpl-{n}");
@@ -480,23 +621,15 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
     let model = state.options.model.clone();
     let rx = state.engine.submit(request);
     if !p.stream {
-        let out = drive(Arc::clone(&state), rx, |_| true, false).await?;
-        let codec = Arc::clone(&state.codec);
-        let ids = out.ids.clone();
-        let (text, _, _) = blocking(move || codec.detokenize(&ids, 0, 0, true)).await?;
+        let out = drive(Arc::clone(&state), rx, &p, prompt_tokens, |_| true, false, None).await?;
+        let text = out.text.clone();
         let (content, calls) = if has_tools { parse_tool_calls(&text, n) } else { (text, Vec::new()) };
         if let Some(agent) = agent.filter(|_| calls.is_empty()) {
             // No tool to wait for: the agent is done, its blocks need not be held.
             state.engine.agent_done(agent);
         }
-        let reason = if !calls.is_empty() {
-            "tool_calls"
-        } else if out.stopped {
-            "stop"
-        } else {
-            "length"
-        };
-        record(&state, reason);
+        let reason = if calls.is_empty() { out.finish.reason() } else { "tool_calls" };
+        record(&state, out.finish.reason());
         let mut message = json!({"role": "assistant", "content": content});
         if !calls.is_empty() {
             message["tool_calls"] = Value::Array(calls);
@@ -504,7 +637,8 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
         return Ok(json_response(
             StatusCode::OK,
             &json!({"id": id, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": reason}],
+                    "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": reason,
+                                 "stop_reason": out.finish.stop_reason(&state, &p)}],
                     "usage": usage(out.prompt_tokens, out.cached_tokens, out.ids.len())}),
         ));
     }
@@ -519,22 +653,16 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
         }
         let sink = tx.clone();
         let on_text = |text: String| sink.send(sse(&chunk(json!({"content": text}), Value::Null))).is_ok();
-        let Ok(out) = drive(Arc::clone(&state), rx, on_text, true).await else { return };
-        if let Some(agent) = agent {
-            // Streams carry no parsed tool calls; the pin is decided on the whole text all the same.
-            let codec = Arc::clone(&state.codec);
-            let ids = out.ids.clone();
-            let calls = match blocking(move || codec.detokenize(&ids, 0, 0, true)).await {
-                Ok((text, _, _)) if has_tools => parse_tool_calls(&text, n).1.len(),
-                _ => 0,
-            };
-            if calls == 0 {
-                state.engine.agent_done(agent);
-            }
+        let Ok(out) = drive(Arc::clone(&state), rx, &p, prompt_tokens, on_text, true, None).await else { return };
+        // Streams carry no parsed tool calls; the pin is decided on the whole text all the same.
+        if let Some(agent) = agent.filter(|_| !has_tools || parse_tool_calls(&out.text, n).1.is_empty()) {
+            state.engine.agent_done(agent);
         }
-        let reason = if out.stopped { "stop" } else { "length" };
+        let reason = out.finish.reason();
         record(&state, reason);
-        let _ = tx.send(sse(&chunk(json!({}), json!(reason))));
+        let mut last = chunk(json!({}), json!(reason));
+        last["choices"][0]["stop_reason"] = out.finish.stop_reason(&state, &p);
+        let _ = tx.send(sse(&last));
         if p.include_usage {
             let u = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                            "choices": [], "usage": usage(out.prompt_tokens, out.cached_tokens, out.ids.len())});
@@ -606,6 +734,7 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
     }
     let mut receivers = Vec::new();
     let mut prompt_ids = Vec::new();
+    let mut prompt_lens = Vec::new();
     for input in prompts {
         let prompt = match input {
             PromptInput::Ids(ids) => ids,
@@ -617,6 +746,7 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
         if return_token_ids {
             prompt_ids.push(prompt.clone());
         }
+        prompt_lens.push(prompt.len());
         receivers.push(EngineRequest { pin: pin.clone(), ..request(&state, prompt, &p)? });
     }
     let receivers: Vec<_> = receivers.into_iter().map(|r| state.engine.submit(r)).collect();
@@ -626,22 +756,23 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
     let model = state.options.model.clone();
     if !p.stream {
         let outs = futures_util::future::join_all(
-            receivers.into_iter().map(|rx| drive(Arc::clone(&state), rx, |_| true, false)),
+            receivers
+                .into_iter()
+                .zip(&prompt_lens)
+                .map(|(rx, &len)| drive(Arc::clone(&state), rx, &p, len, |_| true, false, None)),
         )
         .await;
         let mut choices = Vec::new();
         let (mut prompt_tokens, mut cached, mut completion) = (0, 0, 0);
         for (i, out) in outs.into_iter().enumerate() {
             let out = out?;
-            let codec = Arc::clone(&state.codec);
-            let ids = out.ids.clone();
-            let (text, _, _) = blocking(move || codec.detokenize(&ids, 0, 0, true)).await?;
-            let reason = if out.stopped { "stop" } else { "length" };
+            let reason = out.finish.reason();
             record(&state, reason);
             prompt_tokens += out.prompt_tokens;
             cached += out.cached_tokens;
             completion += out.ids.len();
-            let mut choice = json!({"index": i, "text": text, "logprobs": null, "finish_reason": reason});
+            let mut choice = json!({"index": i, "text": out.text, "logprobs": null, "finish_reason": reason,
+                                    "stop_reason": out.finish.stop_reason(&state, &p)});
             if return_token_ids {
                 choice["prompt_token_ids"] = json!(prompt_ids.get(i));
                 choice["token_ids"] = json!(out.ids);
@@ -656,20 +787,23 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
     }
     let (tx, frames) = mpsc::unbounded_channel::<Bytes>();
     tokio::spawn(async move {
-        let chunk = |i: usize, text: &str, reason: Value| {
+        // vLLM's completion chunks all carry `stop_reason`, null but in a choice's last.
+        let chunk = |i: usize, text: &str, reason: Value, stop_reason: Value| {
             json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                   "choices": [{"index": i, "text": text, "logprobs": null, "finish_reason": reason}]})
+                   "choices": [{"index": i, "text": text, "logprobs": null, "finish_reason": reason,
+                                "stop_reason": stop_reason}]})
         };
-        let tasks = receivers.into_iter().enumerate().map(|(i, rx)| {
+        let p = &p;
+        let tasks = receivers.into_iter().zip(prompt_lens).enumerate().map(|(i, (rx, len))| {
             let sink = tx.clone();
             let state = Arc::clone(&state);
             let chunk = &chunk;
             async move {
-                let on_text = |text: String| sink.send(sse(&chunk(i, &text, Value::Null))).is_ok();
-                let out = drive(Arc::clone(&state), rx, on_text, true).await.ok()?;
-                let reason = if out.stopped { "stop" } else { "length" };
+                let on_text = |text: String| sink.send(sse(&chunk(i, &text, Value::Null, Value::Null))).is_ok();
+                let out = drive(Arc::clone(&state), rx, p, len, on_text, true, None).await.ok()?;
+                let reason = out.finish.reason();
                 record(&state, reason);
-                sink.send(sse(&chunk(i, "", json!(reason)))).ok()?;
+                sink.send(sse(&chunk(i, "", json!(reason), out.finish.stop_reason(&state, p)))).ok()?;
                 Some(out)
             }
         });
