@@ -328,7 +328,8 @@ def main() -> None:
     out = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "scope": "the embedded engine (Rust scheduler and block manager, PyTorch runner with the Triton "
-        "kernels of kernels/) over its OpenAI-compatible API, agents driven at the token level",
+        "kernels of batchagent_rs.kernels) over its OpenAI-compatible API, agents driven at the token "
+        "level",
         "date": time.strftime("%Y-%m-%d"),
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
         "torch": torch.__version__,

@@ -10,9 +10,9 @@ The simulator (src/sim/profile.rs) prices one engine iteration ("step") as
             + kv_read_ns       * kv_tokens_read / 1000
 
 With `--runner engine` (the default) it times the embedded engine's own model runner
-(`batchagent_rs.engine.ModelRunner`: paged KV cache, the Triton kernels of `kernels/`, decode steps
-replayed as CUDA graphs) on a random-weight model of the architecture, one `runner.greedy(layout)`
-per step as the engine's loop calls it. With `--runner sdpa` it builds the model from
+(`batchagent_rs.engine.ModelRunner`: paged KV cache, the Triton kernels of `batchagent_rs.kernels`,
+decode steps replayed as CUDA graphs) on a random-weight model of the architecture, one
+`runner.greedy(layout)` per step as the engine's loop calls it. With `--runner sdpa` it builds the model from
 `transformers.Qwen2Config` (bf16), runs engine-shaped forward passes written here (SDPA attention
 over a contiguous KV cache) and times each one as a replayed CUDA graph. Either way it fits the
 five constants by non-negative least squares on relative error over the same grid of prefill
@@ -1138,8 +1138,8 @@ def time_engine_step(torch, runner, layout, samples: int, target_ms: float) -> d
 
 def calibrate_engine(model_key: str, quick: bool, out_dir: str, non_torch_base: int) -> str:
     """The same grid and fit as `calibrate`, timed on the embedded engine's own model runner
-    (`batchagent_rs.engine.ModelRunner`: paged KV cache, the Triton kernels of `kernels/`, decode
-    steps replayed as CUDA graphs)."""
+    (`batchagent_rs.engine.ModelRunner`: paged KV cache, the Triton kernels of
+    `batchagent_rs.kernels`, decode steps replayed as CUDA graphs)."""
     import tempfile
 
     torch, _ = load_torch()
@@ -1267,9 +1267,9 @@ def calibrate_engine(model_key: str, quick: bool, out_dir: str, non_torch_base: 
             "method": (
                 "The embedded engine's own model runner (batchagent_rs.engine.ModelRunner) on a "
                 "random-weight model of the architecture (bf16): a paged KV cache (16-token pages in "
-                "random order, filled with random values), the Triton kernels of kernels/ (paged prefill "
-                "attention, paged decode attention, fused add+RMSNorm, RoPE with the cache write, "
-                "SiLU x up), "
+                "random order, filled with random values), the Triton kernels of batchagent_rs.kernels "
+                "(paged prefill attention, paged decode attention, fused add+RMSNorm, RoPE with the cache "
+                "write, SiLU x up), "
                 "decode steps replayed as CUDA graphs padded to the captured batch sizes. Each step is "
                 "runner.greedy(layout), what the engine's loop calls per step: the layout's copy to the "
                 "device, the forward pass, argmax and the tokens back on the host, timed by the host "

@@ -1,7 +1,7 @@
 """Decode-attention kernels of the embedded engine on a GPU, side by side with plain PyTorch.
 
 (Not named `kernels.py`: scripts in benches/ run with benches/ first on sys.path, and a module
-named `kernels` there would shadow the `kernels` package, which transformers also probes for.)
+named `kernels` there would shadow Hugging Face's `kernels` package, which transformers probes for.)
 
     python benches/decode_attention.py --out benches/results/kernels-h200.json
 
@@ -12,9 +12,9 @@ a decode step of workload W (256 sequences, a 1,024-token shared prefix, then ea
 - `torch_sdpa`: the PyTorch way without a paged kernel: gather each sequence's pages into a padded
   ``[seqs, heads, len, dim]`` tensor and call `scaled_dot_product_attention` (the gather included,
   since a paged cache has to be gathered every step);
-- `paged`: `kernels.paged_decode_attention`, each block table listing the shared prefix's pages
+- `paged`: `batchagent_rs.kernels.paged_decode_attention`, each block table listing the shared prefix's pages
   then the sequence's own (the prefix is read once per sequence, from L2 when it fits);
-- `cascade`: `kernels.cascade_decode_attention`, the prefix read once per 64 stacked query rows.
+- `cascade`: `batchagent_rs.kernels.cascade_decode_attention`, the prefix read once per 64 stacked query rows.
 It reports each time, the ratio to `torch_sdpa`, and the effective bandwidth: the KV bytes a
 per-sequence read moves (seqs x context x KV heads x dim x 2 tensors x 2 bytes) over the time,
 against the copy bandwidth measured in the same run. Outputs are checked against each other first.
@@ -28,13 +28,18 @@ import math
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 import triton
 from triton.testing import do_bench
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from kernels import cascade_decode_attention, paged_decode_attention
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import import_subpackage  # benches/engine.py: loads the kernels without the API's deps
+
+kernels = import_subpackage("kernels")
+cascade_decode_attention = kernels.cascade_decode_attention
+paged_decode_attention = kernels.paged_decode_attention
 
 SHAPES = {"qwen2.5-7b": (28, 4, 128), "qwen2.5-0.5b": (14, 2, 64)}
 

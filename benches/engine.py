@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
+import importlib.util
 import json
 import platform
 import statistics
@@ -61,25 +63,26 @@ ARCHS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def import_engine() -> Any:
-    """`batchagent_rs.engine`; where the package cannot be imported whole (a GPU machine with
-    PyTorch but without the API's dependencies) the engine's subpackage (and the native core, where
-    an installed build has one) is loaded on its own, which needs nothing else."""
-    sys.path.insert(0, str(ROOT))
+def import_subpackage(name: str) -> Any:
+    """`batchagent_rs.<name>`; where the package cannot be imported whole (a GPU machine with
+    PyTorch but without the API's dependencies or the native core) the subpackage is loaded on its
+    own, from the installed package or from this checkout, which needs nothing else."""
     try:
-        import batchagent_rs.engine as engine
+        return importlib.import_module(f"batchagent_rs.{name}")
     except ImportError:
-        import importlib.util
-
-        for name in [m for m in sys.modules if m == "batchagent_rs" or m.startswith("batchagent_rs.")]:
-            del sys.modules[name]
+        for loaded in [m for m in sys.modules if m == "batchagent_rs" or m.startswith("batchagent_rs.")]:
+            del sys.modules[loaded]
         spec = importlib.util.find_spec("batchagent_rs")
         paths = list(spec.submodule_search_locations or []) if spec else []
         pkg = types.ModuleType("batchagent_rs")
         pkg.__path__ = [*paths, str(ROOT / "python" / "batchagent_rs")]
         sys.modules["batchagent_rs"] = pkg
-        import batchagent_rs.engine as engine
-    return engine
+        return importlib.import_module(f"batchagent_rs.{name}")
+
+
+def import_engine() -> Any:
+    """`batchagent_rs.engine` (its CUDA kernels, `batchagent_rs.kernels`, come from the same place)."""
+    return import_subpackage("engine")
 
 
 def import_core() -> Any:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Prefill attention of the embedded engine on a GPU: the paged Triton kernel
-(`kernels.paged_prefill_attention`) over a sweep of launch settings, against PyTorch's
+(`batchagent_rs.kernels.paged_prefill_attention`) over a sweep of launch settings, against PyTorch's
 FlashAttention-2 varlen kernel (`torch.ops.aten._flash_attention_forward`, K and V gathered from the
 pages) where no chunk has cached context, on the step shapes of workload W (JSON out).
 
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import import_subpackage  # benches/engine.py: loads the kernels without the API's deps
 
 PAGE = 16
 HEADS = {"qwen2.5-7b": (28, 4, 128), "qwen2.5-0.5b": (14, 2, 64)}
@@ -145,8 +145,8 @@ def measure(lay: Layout, configs: list[tuple[int, int, int, int]]) -> dict[str, 
     layout: checked against the float32 reference, then timed."""
     import triton.testing
 
-    import kernels
-    from kernels import prefill_attention as pa
+    kernels = import_subpackage("kernels")
+    pa = kernels.prefill_attention
 
     want = lay.reference()
     variants: dict[str, Any] = {}

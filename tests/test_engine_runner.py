@@ -11,8 +11,11 @@ function as `transformers` for any valid layout.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,3 +232,49 @@ def test_random_weights_and_config_errors(tmp_path: Path) -> None:
         )  # fmt: skip
     with pytest.raises(ConfigError, match=r"x/config\.json: architecture 'GPT2LMHeadModel' is not supported"):
         ModelConfig.from_dict({"architectures": ["GPT2LMHeadModel"]}, source="x/config.json")
+
+
+# Run in a fresh interpreter where any import of Triton fails, as on a machine without it.
+WITHOUT_TRITON = """
+import sys
+
+sys.modules["triton"] = None
+import torch
+
+from batchagent_rs.engine import ModelRunner, StepLayout
+
+path = sys.argv[1]
+runner = ModelRunner(path, num_pages=8, page_size=4, random_weights=True)
+layout = StepLayout(
+    input_ids=torch.tensor([1, 2, 3]), positions=torch.tensor([0, 1, 2]),
+    query_starts=torch.tensor([0, 3]), context_lens=torch.tensor([3]),
+    block_tables=torch.tensor([[5]], dtype=torch.int32), slot_mapping=torch.tensor([20, 21, 22]),
+)
+print("torch attention:", bool(torch.isfinite(runner.forward(layout)).all()))
+try:
+    ModelRunner(path, num_pages=8, page_size=4, random_weights=True, attention="triton")
+except ImportError as e:
+    print("triton attention:", e)
+"""
+
+
+def test_the_engine_needs_triton_only_for_its_kernels_and_says_what_to_install(tmp_path: Path) -> None:
+    config = {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 384, "hidden_size": 64,
+        "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TRITON, str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "torch attention: True", done.stdout
+    assert lines[1].startswith("triton attention: the embedded engine's CUDA kernels need Triton")
+    assert "`pip install triton`" in lines[1], done.stdout

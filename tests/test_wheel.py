@@ -3,19 +3,25 @@ virtual environment (no system packages, no cargo on PATH) and `batchagent demo`
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
+
+import batchagent_rs
 
 ROOT = Path(__file__).resolve().parent.parent
 # Set by .ci/run to the wheel it built and installed; otherwise one is built here, once per session
 # (the `ci` profile, reusing what an earlier build of it left in target/).
 WHEEL_ENV = "BATCHAGENT_TEST_WHEEL"
+# The embedded engine's CUDA kernels: `local://` on a GPU imports them from the installed package.
+KERNEL_MODULES = ("__init__", "paged_attention", "prefill_attention", "cascade", "fused", "reference")
 
 
 @pytest.fixture(scope="session")
@@ -121,3 +127,20 @@ def test_the_release_build_script_is_valid_and_refuses_what_it_does_not_build() 
         )
         assert refused.returncode == 2, (wrong, refused.stderr)
         assert refused.stderr.startswith("build-wheels:"), refused.stderr
+
+
+def test_the_wheel_ships_the_engines_cuda_kernels(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as whl:
+        names = set(whl.namelist())
+    missing = [m for m in KERNEL_MODULES if f"batchagent_rs/kernels/{m}.py" not in names]
+    assert not missing, (missing, sorted(n for n in names if n.startswith("batchagent_rs/")))
+
+
+def test_the_installed_package_holds_the_engines_cuda_kernels() -> None:
+    # Found without importing them (that needs torch and Triton): the files beside the package's own.
+    spec = importlib.util.find_spec("batchagent_rs.kernels")
+    assert spec is not None and spec.submodule_search_locations, "batchagent_rs.kernels is not installed"
+    (folder,) = (Path(p) for p in spec.submodule_search_locations)
+    assert folder == Path(batchagent_rs.__file__).parent / "kernels", folder
+    missing = [m for m in KERNEL_MODULES if not (folder / f"{m}.py").is_file()]
+    assert not missing, (missing, folder)

@@ -12,14 +12,12 @@ match `generate` token for token in float32.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -165,17 +163,19 @@ class _Graph:
     copied: torch.cuda.Event
 
 
-def _import_kernels() -> Any:
-    """The repository's `kernels/` package (Triton), from the path or from the source checkout
-    this package sits in (imported by name: it is not part of the typed package)."""
+def _import_kernels() -> ModuleType:
+    """`batchagent_rs.kernels`, imported when a runner first needs it, so that the engine imports
+    (and runs on PyTorch's attention) where Triton is not installed."""
     try:
-        return importlib.import_module("kernels")
-    except ImportError:
-        root = Path(__file__).resolve().parents[3]
-        if not (root / "kernels" / "prefill_attention.py").exists():
+        from .. import kernels
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.partition(".")[0] != "triton":
             raise
-        sys.path.insert(0, str(root))
-        return importlib.import_module("kernels")
+        raise ImportError(
+            "the embedded engine's CUDA kernels need Triton, which is not installed: `pip install triton` "
+            "(PyTorch's CUDA wheels for Linux x86-64 install the version they were built with)"
+        ) from e
+    return kernels
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:
@@ -207,8 +207,8 @@ class ModelRunner:
 
     On the CPU the attention is plain PyTorch, one sequence at a time, and float32 greedy outputs
     equal `transformers` token for token. On a CUDA device it goes through the Triton kernels of
-    `kernels/`: the paged decode kernel for one-token sequences, the paged prefill kernel for
-    chunks, the cascade kernel for decode steps whose sequences share a long prefix (`cascade`);
+    `batchagent_rs.kernels`: the paged decode kernel for one-token sequences, the paged prefill
+    kernel for chunks, the cascade kernel for decode steps whose sequences share a long prefix (`cascade`);
     a step's layout reaches the device in two host-to-device copies from pinned memory and the
     forward pass waits on nothing from the device. `capture_decode_graphs` captures decode steps as
     CUDA graphs, one per padded batch size; decode steps up to the largest size replay them (with
@@ -245,7 +245,7 @@ class ModelRunner:
         self.fused = fused
         self.max_model_len = min(max_model_len or config.max_position_embeddings, num_pages * page_size)
         # None: cascade decode attention where a shared prefix's KV no longer fits in half the L2
-        # (below that the paged kernel reads it from L2 anyway and is faster: kernels/README.md).
+        # (below that the paged kernel reads it from L2 anyway and is faster: ../kernels/README.md).
         self.cascade = cascade
         tensors = (
             _random_tensors(config, seed, 0.02, self.device, dtype) if random_weights else _load_tensors(path)

@@ -1,9 +1,11 @@
-"""The kernels against their PyTorch references, on random paged layouts.
+"""The embedded engine's Triton kernels (`batchagent_rs.kernels`) against their PyTorch references,
+on random paged layouts.
 
-Run on a CUDA machine with `python -m pytest kernels/tests` (or on the CPU, slowly, with
-`TRITON_INTERPRET=1`). Every check draws fresh random inputs, scatters each sequence's pages over
-the cache in random order, poisons the output buffer with NaN first, and compares with the
-reference computed in float64 on the same (upcast) inputs by relative norm error.
+They need a CUDA device: `python -m pytest tests/test_engine_kernels.py` on a GPU machine (or on the
+CPU, slowly, with `TRITON_INTERPRET=1`); elsewhere the module is skipped before Triton is imported.
+Every check draws fresh random inputs, scatters each sequence's pages over the cache in random
+order, poisons the output buffer with NaN first, and compares with the reference computed in
+float64 on the same (upcast) inputs by relative norm error.
 """
 
 from __future__ import annotations
@@ -14,20 +16,23 @@ import os
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not torch.cuda.is_available() and not INTERPRET:
+    pytest.skip(
+        "the Triton kernels need a CUDA device (or TRITON_INTERPRET=1 to run them on the CPU, slowly)",
+        allow_module_level=True,
+    )
+pytest.importorskip("triton", reason="the kernels are written in Triton, which is not installed")
 
-from kernels import (  # noqa: E402
+from batchagent_rs.kernels import (  # noqa: E402
     cascade_decode_attention,
     fused,
     paged_decode_attention,
     paged_prefill_attention,
     prefill_tiles,
 )
-from kernels import reference as ref  # noqa: E402
+from batchagent_rs.kernels import reference as ref  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not torch.cuda.is_available() and not INTERPRET:
-    pytest.skip("the kernels need a CUDA device (or TRITON_INTERPRET=1)", allow_module_level=True)
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 
 # Relative norm error allowed per input dtype: float32 runs IEEE dots (far under 1e-4); bf16 and

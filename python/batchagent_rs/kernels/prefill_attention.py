@@ -14,7 +14,7 @@ listed up front by `prefill_tiles` (host side, from the layout the scheduler alr
 launch needs no device-to-host copy and the grid has no idle programs whatever the mix of chunk
 lengths. Each program walks the context in ``BLOCK_N`` tokens through the block table, up to its
 last query's position, with an online softmax in float32; only the last blocks need the causal
-mask. Layouts: see `kernels.reference`.
+mask. Layouts: see `batchagent_rs.kernels.reference`.
 """
 
 from __future__ import annotations

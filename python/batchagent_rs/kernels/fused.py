@@ -12,7 +12,7 @@ the results equal `transformers`' Qwen2 / Llama arithmetic up to the order of on
 - `rope_and_cache`: the rotary embedding of q and k out of the fused q/k/v projection, q written
   contiguous, the rotated k and v written straight into their paged-cache slots.
 
-References in `kernels.reference`.
+References in `batchagent_rs.kernels.reference`.
 """
 
 from __future__ import annotations

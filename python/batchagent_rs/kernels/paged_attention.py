@@ -4,7 +4,7 @@ One program per (sequence, KV head) handles every query head of that KV head's g
 token is read from memory once per step for the whole group (grouped-query attention: Qwen2.5-7B
 has 7 query heads per KV head). The loop gathers `BLOCK_N` tokens at a time through the block
 table (pages need not be contiguous or ordered) and keeps an online softmax in float32.
-Layouts: see `kernels.reference`.
+Layouts: see `batchagent_rs.kernels.reference`.
 """
 
 from __future__ import annotations

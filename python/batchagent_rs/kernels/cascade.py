@@ -13,7 +13,7 @@ at the prefix boundary, as in cascade inference (FlashInfer) and Hydragen:
 
 Sequences are grouped by prefix: the rows ``group_starts[p]`` up to ``group_starts[p+1]`` of `q`
 share the prefix in ``prefix_block_tables[p]`` (``prefix_lens[p]`` tokens; a group with a prefix
-of length 0 is allowed). Layouts: see `kernels.reference`.
+of length 0 is allowed). Layouts: see `batchagent_rs.kernels.reference`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .paged_attention import LN2, LOG2E, check_layout, paged_decode_attention
 def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 @triton.jit
