@@ -244,9 +244,9 @@ def stop_at(tok: Any, ids: list[int]) -> tuple[str, int, str]:
     raise AssertionError(f"no printable ASCII token in {tok.decode(ids)!r}")
 
 
-def generation_tokens(url: str) -> float:
+def counter(url: str, name: str) -> float:
     metrics = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
-    lines = [line for line in metrics.splitlines() if line.startswith("vllm:generation_tokens_total{")]
+    lines = [line for line in metrics.splitlines() if line.startswith(name + "{")]
     assert lines, metrics
     return float(lines[0].split()[-1])
 
@@ -265,7 +265,7 @@ def test_a_stop_string_cuts_the_completion_and_ends_its_sequence(
     assert free.choices[0].finish_reason == "length" and free.choices[0].model_extra["stop_reason"] is None
     stop, k, cut = stop_at(tok, ids)
     assert 2 <= k < 32 and len(cut) > 0, (stop, k, cut)
-    generated = generation_tokens(cli_server)
+    generated = counter(cli_server, "vllm:generation_tokens_total")
     stopped = client.completions.create(
         **common, max_tokens=300, stop=["not in the text", stop],
         extra_body={"ignore_eos": True, "return_token_ids": True},
@@ -279,7 +279,7 @@ def test_a_stop_string_cuts_the_completion_and_ends_its_sequence(
     # The engine dropped the sequence when the string came out, far short of its 300 tokens. The
     # steps before the drop are counted once a request sent after it is answered.
     client.completions.create(**common, max_tokens=1)
-    assert k <= generation_tokens(cli_server) - generated < 100
+    assert k <= counter(cli_server, "vllm:generation_tokens_total") - generated < 100
     included = client.completions.create(
         **common, max_tokens=300, stop=stop,
         extra_body={"ignore_eos": True, "include_stop_str_in_output": True},
@@ -334,6 +334,86 @@ def test_a_stop_string_cuts_a_chat_answer_streamed_or_not(
     assert len(ends) == 1 and ends[0].finish_reason == "stop"
     assert ends[0].model_extra is not None and ends[0].model_extra["stop_reason"] == stop
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == k
+
+
+def test_n_choices_per_prompt_share_its_cached_blocks(cli_server: str) -> None:
+    client = openai.OpenAI(base_url=cli_server + "/v1", api_key="unused")
+    rng = random.Random(5)
+    # Prompts no other test sends: 40 tokens, two full blocks each.
+    first, second = ([rng.randrange(3, VOCAB) for _ in range(40)] for _ in range(2))
+    common: dict[str, Any] = {
+        "model": "tiny",
+        "max_tokens": 4,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
+    alone = client.completions.create(**common, prompt=second).choices[0].text
+    hits = counter(cli_server, "vllm:prefix_cache_hits_total")
+    answer = client.completions.create(**common, prompt=[first, second], n=3)
+    # vLLM's order: the first prompt's three choices, then the second's; greedy choices agree.
+    assert [c.index for c in answer.choices] == list(range(6))
+    texts = [c.text for c in answer.choices]
+    assert texts[3:] == [alone] * 3 and texts[:3] == [texts[0]] * 3
+    # Each prompt counts once; every choice's tokens count.
+    assert answer.usage is not None and answer.usage.prompt_tokens == 80
+    assert answer.usage.completion_tokens == 24
+    # The second prompt was cached by its run alone: all three of its choices hit its 32 tokens of
+    # full blocks. The first prompt was new: its later two choices waited for its first one's
+    # prompt and took its two blocks from the cache.
+    assert counter(cli_server, "vllm:prefix_cache_hits_total") - hits == 3 * 32 + 2 * 32
+    chunks = list(
+        client.completions.create(
+            **common, prompt=[first, second], n=3, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    streamed = [
+        "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(6)
+    ]
+    assert streamed == texts
+    assert sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason) == list(
+        range(6)
+    )
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 24
+    assert chunks[-1].usage.prompt_tokens == 80
+    # Sampled, each choice has a seed of its own (vLLM's seed + i): they differ, and repeat.
+    sampled = {"model": "tiny", "prompt": second, "max_tokens": 8, "temperature": 1.0, "seed": 7, "n": 2}
+    once = [c.text for c in client.completions.create(**sampled, extra_body={"ignore_eos": True}).choices]
+    again = [c.text for c in client.completions.create(**sampled, extra_body={"ignore_eos": True}).choices]
+    assert once == again and once[0] != once[1]
+    for n in (0, 129, "2"):
+        with pytest.raises(openai.BadRequestError, match="`n`"):
+            client.completions.create(model="tiny", prompt="the engine", max_tokens=2, extra_body={"n": n})
+    hint = {"batchagent": {"agent": "a", "tool_wait_s": 1}}
+    with pytest.raises(openai.BadRequestError, match="n = 1"):
+        client.completions.create(model="tiny", prompt="the engine", max_tokens=2, n=2, extra_body=hint)
+
+
+def test_n_chat_choices_streamed_and_not(model_dir: tuple[Any, Any, Path], cli_server: str) -> None:
+    model, tok, _ = model_dir
+    client = openai.OpenAI(base_url=cli_server + "/v1", api_key="unused")
+    messages: list[Any] = [{"role": "user", "content": "every agent and tool call"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tok.encode(prompt, add_special_tokens=False)
+    want = tok.decode(reference(model, prompt_ids, 6), skip_special_tokens=True)
+    common: dict[str, Any] = {
+        "model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0, "n": 2,
+        "extra_body": {"ignore_eos": True},
+    }  # fmt: skip
+    answer = client.chat.completions.create(**common)
+    assert [(c.index, c.message.content, c.finish_reason) for c in answer.choices] == [
+        (0, want, "length"), (1, want, "length")
+    ]  # fmt: skip
+    assert answer.usage is not None and answer.usage.prompt_tokens == len(prompt_ids)
+    assert answer.usage.completion_tokens == 12
+    chunks = list(
+        client.chat.completions.create(**common, stream=True, stream_options={"include_usage": True})
+    )
+    for i in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(c.delta.content or "" for c in mine) == want
+        assert [c.finish_reason for c in mine if c.finish_reason] == ["length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
 
 
 def test_a_local_backend_starts_the_engine_for_a_batch(model_dir: tuple[Any, Any, Path]) -> None:

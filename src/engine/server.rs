@@ -22,6 +22,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
+use futures_util::future::{join_all, FutureExt, Shared};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -217,9 +218,14 @@ struct Params {
     /// `stop` strings, and vLLM's `include_stop_str_in_output`.
     stop: Vec<String>,
     include_stop: bool,
+    /// Sequences per prompt (`n`).
+    n: usize,
     stream: bool,
     include_usage: bool,
 }
+
+/// The most sequences one prompt may ask for (`n`).
+const MAX_N: u64 = 128;
 
 fn uint(body: &Value, key: &str) -> Result<Option<u64>, Response> {
     match body.get(key) {
@@ -240,9 +246,13 @@ fn parse_params(state: &AppState, body: &Value, max_key: &str) -> Result<Params,
     if model != state.options.model {
         return Err(error(StatusCode::NOT_FOUND, &format!("The model `{model}` does not exist."), Some("model")));
     }
-    if !matches!(body.get("n"), None | Some(Value::Null)) && body.get("n").and_then(Value::as_u64) != Some(1) {
-        return Err(bad("only n = 1 is supported"));
-    }
+    let n = match body.get("n") {
+        None | Some(Value::Null) => 1,
+        Some(v) => match v.as_u64().and_then(|n| usize::try_from(n).ok()) {
+            Some(n) if (1..=MAX_N as usize).contains(&n) => n,
+            _ => return Err(bad_param(format!("`n` must be an integer from 1 to {MAX_N}, not {v}"), "n")),
+        },
+    };
     let max_tokens =
         uint(body, max_key)?.or(uint(body, "max_tokens")?).map(|n| usize::try_from(n).unwrap_or(usize::MAX));
     let temperature = float(body, "temperature", 1.0)?;
@@ -305,6 +315,7 @@ fn parse_params(state: &AppState, body: &Value, max_key: &str) -> Result<Params,
         ignore_eos,
         stop,
         include_stop,
+        n,
         min_tokens: usize::try_from(uint(body, "min_tokens")?.unwrap_or(0)).unwrap_or(usize::MAX),
         stream: body.get("stream").and_then(Value::as_bool) == Some(true),
         include_usage: body.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true),
@@ -343,6 +354,88 @@ fn request(state: &AppState, prompt: Vec<u32>, p: &Params) -> Result<EngineReque
         sampling: p.sampling,
         ..EngineRequest::default()
     })
+}
+
+/// One sequence of a request, to run through [`drive`].
+struct Sequence {
+    submission: Submission,
+    /// Set on a prompt's first sequence when others wait for its first token.
+    first_token: Option<oneshot::Sender<()>>,
+    prompt_tokens: usize,
+}
+
+enum Submission {
+    Now(mpsc::UnboundedReceiver<EngineEvent>),
+    /// Submitted once the gate opens (or its sender is dropped).
+    After(Shared<oneshot::Receiver<()>>, EngineRequest),
+}
+
+/// Submits the `n` sequences of one prompt, each an engine request of its own (vLLM's parallel
+/// sampling: a seed becomes `seed + i` for the `i`-th). With prefix caching the first goes at once
+/// and the others at its first token: its prompt's full blocks are computed and cached by hash by
+/// then, so they take them instead of computing them again (a sequence admitted in the same step
+/// as the first would find them still being computed).
+fn submit(state: &AppState, request: &EngineRequest, n: usize) -> Vec<Sequence> {
+    let prompt_tokens = request.prompt.len();
+    let nth = |i: usize| {
+        let mut r = request.clone();
+        r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i as u64));
+        r
+    };
+    if n == 1 || !state.engine.config().enable_prefix_caching {
+        return (0..n)
+            .map(|i| Sequence {
+                submission: Submission::Now(state.engine.submit(nth(i))),
+                first_token: None,
+                prompt_tokens,
+            })
+            .collect();
+    }
+    let (tx, gate) = oneshot::channel();
+    let gate = gate.shared();
+    let first =
+        Sequence { submission: Submission::Now(state.engine.submit(nth(0))), first_token: Some(tx), prompt_tokens };
+    std::iter::once(first)
+        .chain((1..n).map(|i| Sequence {
+            submission: Submission::After(gate.clone(), nth(i)),
+            first_token: None,
+            prompt_tokens,
+        }))
+        .collect()
+}
+
+impl Sequence {
+    async fn run(
+        self,
+        state: Arc<AppState>,
+        p: &Params,
+        on_text: impl FnMut(String) -> bool,
+        stream: bool,
+    ) -> Result<Outcome, Response> {
+        let rx = match self.submission {
+            Submission::Now(rx) => rx,
+            Submission::After(gate, request) => {
+                let _ = gate.await;
+                state.engine.submit(request)
+            }
+        };
+        drive(state, rx, p, self.prompt_tokens, on_text, stream, self.first_token).await
+    }
+}
+
+/// Usage over a request's outcomes, `per_prompt` sequences of each prompt in order: a prompt's
+/// tokens (and its cached ones, its first sequence's) count once, the output tokens of every
+/// sequence.
+fn total_usage<'a>(outs: impl IntoIterator<Item = &'a Outcome>, per_prompt: usize) -> Value {
+    let (mut prompt, mut cached, mut completion) = (0, 0, 0);
+    for (i, out) in outs.into_iter().enumerate() {
+        if i % per_prompt.max(1) == 0 {
+            prompt += out.prompt_tokens;
+            cached += out.cached_tokens;
+        }
+        completion += out.ids.len();
+    }
+    usage(prompt, cached, completion)
 }
 
 /// Why a sequence ended.
@@ -581,7 +674,7 @@ async fn agent_done(State(state): State<Arc<AppState>>, body: Bytes) -> Response
 
 /// Tool calls in the Hermes / Qwen2.5 form the chat templates ask for (the shared parser), as
 /// the chat response's `tool_calls`; the text outside them is the content.
-fn parse_tool_calls(text: &str, id: u64) -> (String, Vec<Value>) {
+fn parse_tool_calls(text: &str, id: &str) -> (String, Vec<Value>) {
     let (content, parsed) = ToolCallFormat::Hermes.parse(text);
     let calls = parsed
         .into_iter()
@@ -608,64 +701,86 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
     }
     let tools = body.get("tools").is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()));
     let has_tools = tools && body.get("tool_choice").and_then(Value::as_str) != Some("none");
+    let pin = tool_wait_pin(&state, &body)?;
+    if pin.is_some() && p.n > 1 {
+        return Err(bad_param("batchagent: a hint names one agent's next turn; send it with n = 1", "n"));
+    }
     let codec = Arc::clone(&state.codec);
     let text = String::from_utf8_lossy(raw).into_owned();
     let prompt = blocking(move || codec.encode_chat(&text, has_tools)).await?;
-    let pin = tool_wait_pin(&state, &body)?;
     let agent = pin.as_ref().map(|p| p.key.clone());
-    let prompt_tokens = prompt.len();
-    let request = EngineRequest { pin, ..request(&state, prompt, &p)? };
+    let sequences = submit(&state, &EngineRequest { pin, ..request(&state, prompt, &p)? }, p.n);
     let n = state.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let id = format!("chatcmpl-{n}");
     let created = unix_now();
     let model = state.options.model.clone();
-    let rx = state.engine.submit(request);
     if !p.stream {
-        let out = drive(Arc::clone(&state), rx, &p, prompt_tokens, |_| true, false, None).await?;
-        let text = out.text.clone();
-        let (content, calls) = if has_tools { parse_tool_calls(&text, n) } else { (text, Vec::new()) };
-        if let Some(agent) = agent.filter(|_| calls.is_empty()) {
+        let outs = join_all(sequences.into_iter().map(|s| s.run(Arc::clone(&state), &p, |_| true, false))).await;
+        let outs = outs.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let mut choices = Vec::with_capacity(outs.len());
+        let mut any_calls = false;
+        for (i, out) in outs.iter().enumerate() {
+            let text = out.text.clone();
+            let (content, calls) =
+                if has_tools { parse_tool_calls(&text, &format!("{n}-{i}")) } else { (text, Vec::new()) };
+            any_calls |= !calls.is_empty();
+            let reason = if calls.is_empty() { out.finish.reason() } else { "tool_calls" };
+            record(&state, out.finish.reason());
+            let mut message = json!({"role": "assistant", "content": content});
+            if !calls.is_empty() {
+                message["tool_calls"] = Value::Array(calls);
+            }
+            choices.push(json!({"index": i, "message": message, "logprobs": null, "finish_reason": reason,
+                                "stop_reason": out.finish.stop_reason(&state, &p)}));
+        }
+        if let Some(agent) = agent.filter(|_| !any_calls) {
             // No tool to wait for: the agent is done, its blocks need not be held.
             state.engine.agent_done(agent);
-        }
-        let reason = if calls.is_empty() { out.finish.reason() } else { "tool_calls" };
-        record(&state, out.finish.reason());
-        let mut message = json!({"role": "assistant", "content": content});
-        if !calls.is_empty() {
-            message["tool_calls"] = Value::Array(calls);
         }
         return Ok(json_response(
             StatusCode::OK,
             &json!({"id": id, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": reason,
-                                 "stop_reason": out.finish.stop_reason(&state, &p)}],
-                    "usage": usage(out.prompt_tokens, out.cached_tokens, out.ids.len())}),
+                    "choices": choices, "usage": total_usage(&outs, p.n)}),
         ));
     }
     let (tx, frames) = mpsc::unbounded_channel::<Bytes>();
     tokio::spawn(async move {
-        let chunk = |delta: Value, reason: Value| {
+        let chunk = |i: usize, delta: Value, reason: Value| {
             json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason}]})
+                   "choices": [{"index": i, "delta": delta, "logprobs": null, "finish_reason": reason}]})
         };
-        if tx.send(sse(&chunk(json!({"role": "assistant", "content": ""}), Value::Null))).is_err() {
-            return;
+        // As vLLM: every choice's role first.
+        for i in 0..p.n {
+            if tx.send(sse(&chunk(i, json!({"role": "assistant", "content": ""}), Value::Null))).is_err() {
+                return;
+            }
         }
-        let sink = tx.clone();
-        let on_text = |text: String| sink.send(sse(&chunk(json!({"content": text}), Value::Null))).is_ok();
-        let Ok(out) = drive(Arc::clone(&state), rx, &p, prompt_tokens, on_text, true, None).await else { return };
+        let p = &p;
+        let tasks = sequences.into_iter().enumerate().map(|(i, sequence)| {
+            let sink = tx.clone();
+            let state = Arc::clone(&state);
+            let chunk = &chunk;
+            async move {
+                let on_text = |text: String| sink.send(sse(&chunk(i, json!({"content": text}), Value::Null))).is_ok();
+                let out = sequence.run(Arc::clone(&state), p, on_text, true).await.ok()?;
+                let reason = out.finish.reason();
+                record(&state, reason);
+                let mut last = chunk(i, json!({}), json!(reason));
+                last["choices"][0]["stop_reason"] = out.finish.stop_reason(&state, p);
+                sink.send(sse(&last)).ok()?;
+                Some(out)
+            }
+        });
+        let Some(outs) = join_all(tasks).await.into_iter().collect::<Option<Vec<_>>>() else { return };
         // Streams carry no parsed tool calls; the pin is decided on the whole text all the same.
-        if let Some(agent) = agent.filter(|_| !has_tools || parse_tool_calls(&out.text, n).1.is_empty()) {
+        if let Some(agent) =
+            agent.filter(|_| !has_tools || outs.iter().all(|o| parse_tool_calls(&o.text, "").1.is_empty()))
+        {
             state.engine.agent_done(agent);
         }
-        let reason = out.finish.reason();
-        record(&state, reason);
-        let mut last = chunk(json!({}), json!(reason));
-        last["choices"][0]["stop_reason"] = out.finish.stop_reason(&state, &p);
-        let _ = tx.send(sse(&last));
         if p.include_usage {
             let u = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "choices": [], "usage": usage(out.prompt_tokens, out.cached_tokens, out.ids.len())});
+                           "choices": [], "usage": total_usage(&outs, p.n)});
             let _ = tx.send(sse(&u));
         }
         let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n"));
@@ -732,9 +847,11 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
     if pin.is_some() && prompts.len() > 1 {
         return Err(bad("batchagent: a hint names one agent; send a hinted prompt in a request of its own"));
     }
-    let mut receivers = Vec::new();
+    if pin.is_some() && p.n > 1 {
+        return Err(bad_param("batchagent: a hint names one agent's next turn; send it with n = 1", "n"));
+    }
+    let mut requests = Vec::with_capacity(prompts.len());
     let mut prompt_ids = Vec::new();
-    let mut prompt_lens = Vec::new();
     for input in prompts {
         let prompt = match input {
             PromptInput::Ids(ids) => ids,
@@ -746,35 +863,25 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
         if return_token_ids {
             prompt_ids.push(prompt.clone());
         }
-        prompt_lens.push(prompt.len());
-        receivers.push(EngineRequest { pin: pin.clone(), ..request(&state, prompt, &p)? });
+        requests.push(EngineRequest { pin: pin.clone(), ..request(&state, prompt, &p)? });
     }
-    let receivers: Vec<_> = receivers.into_iter().map(|r| state.engine.submit(r)).collect();
+    // vLLM's order: a prompt's `n` choices together, prompt after prompt.
+    let sequences: Vec<Sequence> = requests.iter().flat_map(|r| submit(&state, r, p.n)).collect();
     let n = state.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let id = format!("cmpl-{n}");
     let created = unix_now();
     let model = state.options.model.clone();
     if !p.stream {
-        let outs = futures_util::future::join_all(
-            receivers
-                .into_iter()
-                .zip(&prompt_lens)
-                .map(|(rx, &len)| drive(Arc::clone(&state), rx, &p, len, |_| true, false, None)),
-        )
-        .await;
-        let mut choices = Vec::new();
-        let (mut prompt_tokens, mut cached, mut completion) = (0, 0, 0);
-        for (i, out) in outs.into_iter().enumerate() {
-            let out = out?;
+        let outs = join_all(sequences.into_iter().map(|s| s.run(Arc::clone(&state), &p, |_| true, false))).await;
+        let outs = outs.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let mut choices = Vec::with_capacity(outs.len());
+        for (i, out) in outs.iter().enumerate() {
             let reason = out.finish.reason();
             record(&state, reason);
-            prompt_tokens += out.prompt_tokens;
-            cached += out.cached_tokens;
-            completion += out.ids.len();
             let mut choice = json!({"index": i, "text": out.text, "logprobs": null, "finish_reason": reason,
                                     "stop_reason": out.finish.stop_reason(&state, &p)});
             if return_token_ids {
-                choice["prompt_token_ids"] = json!(prompt_ids.get(i));
+                choice["prompt_token_ids"] = json!(prompt_ids.get(i / p.n));
                 choice["token_ids"] = json!(out.ids);
             }
             choices.push(choice);
@@ -782,7 +889,7 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
         return Ok(json_response(
             StatusCode::OK,
             &json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                    "choices": choices, "usage": usage(prompt_tokens, cached, completion)}),
+                    "choices": choices, "usage": total_usage(&outs, p.n)}),
         ));
     }
     let (tx, frames) = mpsc::unbounded_channel::<Bytes>();
@@ -794,26 +901,23 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
                                 "stop_reason": stop_reason}]})
         };
         let p = &p;
-        let tasks = receivers.into_iter().zip(prompt_lens).enumerate().map(|(i, (rx, len))| {
+        let tasks = sequences.into_iter().enumerate().map(|(i, sequence)| {
             let sink = tx.clone();
             let state = Arc::clone(&state);
             let chunk = &chunk;
             async move {
                 let on_text = |text: String| sink.send(sse(&chunk(i, &text, Value::Null, Value::Null))).is_ok();
-                let out = drive(Arc::clone(&state), rx, p, len, on_text, true, None).await.ok()?;
+                let out = sequence.run(Arc::clone(&state), p, on_text, true).await.ok()?;
                 let reason = out.finish.reason();
                 record(&state, reason);
                 sink.send(sse(&chunk(i, "", json!(reason), out.finish.stop_reason(&state, p)))).ok()?;
                 Some(out)
             }
         });
-        let outs = futures_util::future::join_all(tasks).await;
-        let Some(outs) = outs.into_iter().collect::<Option<Vec<_>>>() else { return };
+        let Some(outs) = join_all(tasks).await.into_iter().collect::<Option<Vec<_>>>() else { return };
         if p.include_usage {
-            let (pt, ct, gen) =
-                outs.iter().fold((0, 0, 0), |(a, b, c), o| (a + o.prompt_tokens, b + o.cached_tokens, c + o.ids.len()));
             let u = json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                           "choices": [], "usage": usage(pt, ct, gen)});
+                           "choices": [], "usage": total_usage(&outs, p.n)});
             let _ = tx.send(sse(&u));
         }
         let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n"));
@@ -829,13 +933,13 @@ mod tests {
     fn hermes_tool_calls_are_parsed_out_of_the_text() {
         let (content, calls) = parse_tool_calls(
             "Let me look.\n<tool_call>\n{\"name\": \"search\", \"arguments\": {\"q\": \"rust\"}}\n</tool_call>",
-            3,
+            "3",
         );
         assert_eq!(content, "Let me look.");
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0]["function"]["name"], "search");
         assert_eq!(calls[0]["function"]["arguments"], "{\"q\": \"rust\"}");
-        let (content, calls) = parse_tool_calls("<tool_call>not json</tool_call>", 0);
+        let (content, calls) = parse_tool_calls("<tool_call>not json</tool_call>", "0");
         assert_eq!((content.as_str(), calls.len()), ("<tool_call>not json</tool_call>", 0));
     }
 }
