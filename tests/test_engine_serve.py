@@ -224,6 +224,12 @@ def test_openai_sdk_chat_with_tools_streaming_and_usage(
         client.chat.completions.create(model="tiny", messages=messages, max_tokens=10_000)
 
 
+@pytest.fixture
+def client(cli_server: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=cli_server + "/v1", api_key="unused") as sdk:
+        yield sdk
+
+
 def stop_at(tok: Any, ids: list[int]) -> tuple[str, int, str]:
     """A stop string for the output `ids`, the first found where a token ends: the text of a whole
     printable ASCII token with the last character before it, also printable ASCII (a string across
@@ -252,10 +258,9 @@ def counter(url: str, name: str) -> float:
 
 
 def test_a_stop_string_cuts_the_completion_and_ends_its_sequence(
-    model_dir: tuple[Any, Any, Path], cli_server: str
+    model_dir: tuple[Any, Any, Path], cli_server: str, client: openai.OpenAI
 ) -> None:
     _, tok, _ = model_dir
-    client = openai.OpenAI(base_url=cli_server + "/v1", api_key="unused")
     common: dict[str, Any] = {"model": "tiny", "prompt": "the engine serves", "temperature": 0}
     free = client.completions.create(
         **common, max_tokens=32, extra_body={"ignore_eos": True, "return_token_ids": True}
@@ -312,10 +317,9 @@ def test_a_stop_string_cuts_the_completion_and_ends_its_sequence(
 
 
 def test_a_stop_string_cuts_a_chat_answer_streamed_or_not(
-    model_dir: tuple[Any, Any, Path], cli_server: str
+    model_dir: tuple[Any, Any, Path], client: openai.OpenAI
 ) -> None:
     model, tok, _ = model_dir
-    client = openai.OpenAI(base_url=cli_server + "/v1", api_key="unused")
     messages: list[Any] = [{"role": "user", "content": "the engine serves every agent"}]
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = reference(model, tok.encode(prompt, add_special_tokens=False), 32)
@@ -336,8 +340,7 @@ def test_a_stop_string_cuts_a_chat_answer_streamed_or_not(
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == k
 
 
-def test_n_choices_per_prompt_share_its_cached_blocks(cli_server: str) -> None:
-    client = openai.OpenAI(base_url=cli_server + "/v1", api_key="unused")
+def test_n_choices_per_prompt_share_its_cached_blocks(cli_server: str, client: openai.OpenAI) -> None:
     rng = random.Random(5)
     # Prompts no other test sends: 40 tokens, two full blocks each.
     first, second = ([rng.randrange(3, VOCAB) for _ in range(40)] for _ in range(2))
@@ -388,9 +391,8 @@ def test_n_choices_per_prompt_share_its_cached_blocks(cli_server: str) -> None:
         client.completions.create(model="tiny", prompt="the engine", max_tokens=2, n=2, extra_body=hint)
 
 
-def test_n_chat_choices_streamed_and_not(model_dir: tuple[Any, Any, Path], cli_server: str) -> None:
+def test_n_chat_choices_streamed_and_not(model_dir: tuple[Any, Any, Path], client: openai.OpenAI) -> None:
     model, tok, _ = model_dir
-    client = openai.OpenAI(base_url=cli_server + "/v1", api_key="unused")
     messages: list[Any] = [{"role": "user", "content": "every agent and tool call"}]
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prompt_ids = tok.encode(prompt, add_special_tokens=False)
@@ -414,6 +416,38 @@ def test_n_chat_choices_streamed_and_not(model_dir: tuple[Any, Any, Path], cli_s
         assert "".join(c.delta.content or "" for c in mine) == want
         assert [c.finish_reason for c in mine if c.finish_reason] == ["length"]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+
+
+def test_echo_starts_each_choice_with_its_prompt(
+    model_dir: tuple[Any, Any, Path], client: openai.OpenAI
+) -> None:
+    _, tok, _ = model_dir
+    common: dict[str, Any] = {
+        "model": "tiny",
+        "max_tokens": 5,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
+    texts = ["the engine serves", "every agent"]
+    plain = [c.text for c in client.completions.create(**common, prompt=texts).choices]
+    want = [texts[0] + plain[0]] * 2 + [texts[1] + plain[1]] * 2
+    echoed = client.completions.create(**common, prompt=texts, echo=True, n=2)
+    assert [c.text for c in echoed.choices] == want
+    assert echoed.usage is not None and echoed.usage.completion_tokens == 20
+    chunks = list(client.completions.create(**common, prompt=texts, echo=True, n=2, stream=True))
+    assert ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(4)] == want
+    # Token ids are decoded.
+    ids = tok.encode("a batch at a time", add_special_tokens=False)
+    plain_ids = client.completions.create(**common, prompt=ids).choices[0].text
+    echoed_ids = client.completions.create(**common, prompt=ids, echo=True).choices[0].text
+    assert echoed_ids == tok.decode(ids, skip_special_tokens=True) + plain_ids
+    # No logprobs are computed: asking for them, with `echo` or not, is refused.
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(**common, prompt=texts, echo=True, logprobs=1)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "the engine"}], max_tokens=2, top_logprobs=2
+        )
 
 
 def test_a_local_backend_starts_the_engine_for_a_batch(model_dir: tuple[Any, Any, Path]) -> None:

@@ -289,6 +289,12 @@ fn parse_params(state: &AppState, body: &Value, max_key: &str) -> Result<Params,
             stop_token_ids.push(id);
         }
     }
+    // Refused rather than answered with `"logprobs": null`, which a client would read as none.
+    for key in ["logprobs", "top_logprobs", "prompt_logprobs"] {
+        if !matches!(body.get(key), None | Some(Value::Null | Value::Bool(false))) {
+            return Err(bad_param(format!("`{key}`: this server computes no logprobs"), key));
+        }
+    }
     // A string or a list of them; vLLM takes lists longer than OpenAI's 4 (the request body's size
     // bounds them).
     let stop = match body.get("stop") {
@@ -830,10 +836,8 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
     let mut p = parse_params(&state, &body, "max_tokens")?;
     // The completions API's default is 16 tokens.
     p.max_tokens = p.max_tokens.or(Some(16));
+    // vLLM's `echo`: each choice's text starts with its prompt (token ids decoded).
     let echo = body.get("echo").and_then(Value::as_bool) == Some(true);
-    if echo {
-        return Err(bad("`echo` is not supported by this server"));
-    }
     // vLLM's `return_token_ids`: each choice also carries its prompt's and its output's token ids,
     // so a client can extend a conversation token for token (text round trips need not).
     let return_token_ids = body.get("return_token_ids").and_then(Value::as_bool) == Some(true);
@@ -852,10 +856,21 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
     }
     let mut requests = Vec::with_capacity(prompts.len());
     let mut prompt_ids = Vec::new();
+    let mut echoes = Vec::new();
     for input in prompts {
         let prompt = match input {
-            PromptInput::Ids(ids) => ids,
+            PromptInput::Ids(ids) => {
+                if echo {
+                    let codec = Arc::clone(&state.codec);
+                    let ids = ids.clone();
+                    echoes.push(blocking(move || codec.detokenize(&ids, 0, 0, true)).await?.0);
+                }
+                ids
+            }
             PromptInput::Text(text) => {
+                if echo {
+                    echoes.push(text.clone());
+                }
                 let codec = Arc::clone(&state.codec);
                 blocking(move || codec.encode(&text)).await?
             }
@@ -878,7 +893,11 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
         for (i, out) in outs.iter().enumerate() {
             let reason = out.finish.reason();
             record(&state, reason);
-            let mut choice = json!({"index": i, "text": out.text, "logprobs": null, "finish_reason": reason,
+            let text = match echoes.get(i / p.n) {
+                Some(prompt) => format!("{prompt}{}", out.text),
+                None => out.text.clone(),
+            };
+            let mut choice = json!({"index": i, "text": text, "logprobs": null, "finish_reason": reason,
                                     "stop_reason": out.finish.stop_reason(&state, &p)});
             if return_token_ids {
                 choice["prompt_token_ids"] = json!(prompt_ids.get(i / p.n));
@@ -901,11 +920,15 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
                                 "stop_reason": stop_reason}]})
         };
         let p = &p;
+        let echoes = &echoes;
         let tasks = sequences.into_iter().enumerate().map(|(i, sequence)| {
             let sink = tx.clone();
             let state = Arc::clone(&state);
             let chunk = &chunk;
             async move {
+                if let Some(prompt) = echoes.get(i / p.n).filter(|t| !t.is_empty()) {
+                    sink.send(sse(&chunk(i, prompt, Value::Null, Value::Null))).ok()?;
+                }
                 let on_text = |text: String| sink.send(sse(&chunk(i, &text, Value::Null, Value::Null))).is_ok();
                 let out = sequence.run(Arc::clone(&state), p, on_text, true).await.ok()?;
                 let reason = out.finish.reason();
