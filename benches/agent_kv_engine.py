@@ -211,7 +211,7 @@ def run_config(
     queries = metric(m, "vllm:prefix_cache_queries")
     # What the steps computed, recomputation after a preemption included (a preempted request is
     # looked up again, so prompt tokens less hits would undercount it).
-    computed = metric(m, "sim:engine_step_prefill_tokens")
+    computed = metric(m, "batchagent:engine_step_prefill_tokens")
     pins = {
         e: sum(v for k, v in m.items() if k.startswith("batchagent:kv_pins_total") and f'event="{e}"' in k)
         for e in ("made", "returned", "dropped", "expired")

@@ -146,6 +146,14 @@ def test_greedy_completions_over_a_ragged_batch_equal_generate(model_dir: tuple[
 
     assert counter("vllm:num_preemptions_total") > 0
     assert counter("vllm:prefix_cache_hits_total") >= 32
+    # The engine's own series are `batchagent:`; the simulator's `sim:` names are not the engine's.
+    assert "sim:" not in metrics
+    assert counter("batchagent:engine_steps_total") > 0
+    # Every prompt token the cache did not hold was computed.
+    prompts = sum(map(len, batch)) + len(early)
+    assert counter("batchagent:engine_step_prefill_tokens_total") >= prompts - counter(
+        "vllm:prefix_cache_hits_total"
+    )
 
 
 @pytest.fixture(scope="module")

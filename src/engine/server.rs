@@ -1,8 +1,10 @@
 //! The embedded engine served over HTTP as vLLM serves a model: `/v1/chat/completions` (the model's
-//! chat template, tools), `/v1/completions` (a prompt or a list of prompts, as text or token ids),
-//! streaming (SSE, `stream_options.include_usage`), usage with `prompt_tokens_details.cached_tokens`,
-//! `/v1/models` (with `max_model_len`), `/health`, `/metrics` (vLLM's names, the simulator's
-//! renderer), and vLLM's sampling extensions `ignore_eos`, `min_tokens`, `top_k`, `stop_token_ids`.
+//! chat template, tools), `/v1/completions` (a prompt or a list of prompts, as text or token ids,
+//! `echo`), `n` choices per prompt, streaming (SSE, `stream_options.include_usage`), usage with
+//! `prompt_tokens_details.cached_tokens`, `/v1/models` (with `max_model_len`), `/health`,
+//! `/metrics` (vLLM's names, the simulator's renderer with the engine's own series under
+//! `batchagent:`), `stop` strings with `stop_reason`, and vLLM's sampling extensions `ignore_eos`,
+//! `min_tokens`, `top_k`, `stop_token_ids`, `include_stop_str_in_output`.
 //!
 //! Text goes through a [`TextCodec`] (the model directory's tokenizer, in Python), on blocking
 //! threads: at arrival to tokenize, and as tokens come out to detokenize incrementally.
@@ -31,7 +33,7 @@ use super::local::LocalEngine;
 use super::scheduler::{EngineEvent, EngineRequest, Pin, Sampling};
 use super::stop::StopStrings;
 use crate::chat_template::ToolCallFormat;
-use crate::sim::server::metrics::{render as render_metrics, CacheConfig};
+use crate::sim::server::metrics::{render as render_metrics, CacheConfig, Renderer};
 
 /// The model's tokenizer. Calls may block (they take the GIL); the server makes them from blocking
 /// threads.
@@ -197,7 +199,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         prefix_caching: config.enable_prefix_caching,
     };
     let reasons = state.finish_reasons.lock().unwrap_or_else(PoisonError::into_inner).clone();
-    let text = render_metrics(&state.options.model, &state.engine.metrics(), cache, &reasons);
+    let text = render_metrics(&state.options.model, &state.engine.metrics(), cache, &reasons, Renderer::Engine);
     let mut r = Response::new(Body::from(text));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     r

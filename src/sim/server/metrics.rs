@@ -20,7 +20,8 @@ pub(crate) async fn handler(State(state): State<Arc<AppState>>) -> Response {
         num_gpu_blocks: profile.kv_capacity_tokens / profile.block_size.max(1),
         prefix_caching: profile.enable_prefix_caching,
     };
-    let text = render(&state.config.model, &state.engine.metrics(), cache, &state.stats.finish_reasons());
+    let text =
+        render(&state.config.model, &state.engine.metrics(), cache, &state.stats.finish_reasons(), Renderer::Simulator);
     bytes_response(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(text))
 }
 
@@ -46,11 +47,21 @@ pub(crate) struct CacheConfig {
     pub prefix_caching: bool,
 }
 
+/// Whose metrics are rendered: the step series (busy time, steps and what they computed) are the
+/// simulator's own (`sim:`, with its busy time split by the terms of its step-time formula) or
+/// the embedded engine's (`batchagent:`, real seconds, no formula).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Renderer {
+    Simulator,
+    Engine,
+}
+
 pub(crate) fn render(
     model: &str,
     m: &EngineMetrics,
     cache: CacheConfig,
     reasons: &std::collections::BTreeMap<&'static str, u64>,
+    renderer: Renderer,
 ) -> String {
     let label = format!("model_name=\"{}\"", model.replace('\\', "\\\\").replace('"', "\\\""));
     let mut out = String::with_capacity(4096);
@@ -110,22 +121,29 @@ pub(crate) fn render(
     let _ = writeln!(out, "{name}{{{label}}} {}", m.kv_evictions);
     // Not vLLM's: the engine's busy time and what its steps cost, so a benchmark can compute the
     // makespan no scheduler could beat at these step costs.
-    let name = "sim:engine_busy_seconds_total";
-    family(&mut out, name, "counter", "Simulated seconds the engine spent in steps.");
+    let (prefix, busy_help) = match renderer {
+        Renderer::Simulator => ("sim", "Simulated seconds the engine spent in steps."),
+        Renderer::Engine => ("batchagent", "Seconds the engine spent in steps."),
+    };
+    let name = format!("{prefix}:engine_busy_seconds_total");
+    family(&mut out, &name, "counter", busy_help);
     let _ = writeln!(out, "{name}{{{label}}} {}", float(m.busy.as_secs_f64()));
-    let name = "sim:engine_step_seconds_total";
-    family(&mut out, name, "counter", "Busy seconds by term of the step-time formula.");
-    for (part, seconds) in STEP_PARTS.iter().zip(m.busy_parts) {
-        let _ = writeln!(out, "{name}{{part=\"{part}\",{label}}} {}", float(seconds));
+    if renderer == Renderer::Simulator {
+        let name = "sim:engine_step_seconds_total";
+        family(&mut out, name, "counter", "Busy seconds by term of the step-time formula.");
+        for (part, seconds) in STEP_PARTS.iter().zip(m.busy_parts) {
+            let _ = writeln!(out, "{name}{{part=\"{part}\",{label}}} {}", float(seconds));
+        }
     }
     let step_counters: [(&str, &str, u64); 4] = [
-        ("sim:engine_steps_total", "Engine steps run.", m.steps),
-        ("sim:engine_step_prefill_tokens_total", "Prompt tokens computed in steps.", m.step_prefill_tokens),
-        ("sim:engine_step_decode_seqs_total", "Decode sequence-steps.", m.step_decode_seqs),
-        ("sim:engine_step_kv_tokens_read_total", "KV tokens read by decode steps.", m.step_kv_tokens_read),
+        ("engine_steps_total", "Engine steps run.", m.steps),
+        ("engine_step_prefill_tokens_total", "Prompt tokens computed in steps.", m.step_prefill_tokens),
+        ("engine_step_decode_seqs_total", "Decode sequence-steps.", m.step_decode_seqs),
+        ("engine_step_kv_tokens_read_total", "KV tokens read by decode steps.", m.step_kv_tokens_read),
     ];
     for (name, help, value) in step_counters {
-        family(&mut out, name, "counter", help);
+        let name = format!("{prefix}:{name}");
+        family(&mut out, &name, "counter", help);
         let _ = writeln!(out, "{name}{{{label}}} {value}");
     }
     let name = "vllm:request_success_total";
@@ -153,7 +171,7 @@ mod tests {
     fn a_client_reads_the_kv_capacity_and_preemptions_it_exports() {
         let m = EngineMetrics { preemptions: 7, kv_usage: 0.5, ..EngineMetrics::default() };
         let cache = CacheConfig { block_size: 16, num_gpu_blocks: 6250, prefix_caching: true };
-        let text = render("m", &m, cache, &std::collections::BTreeMap::new());
+        let text = render("m", &m, cache, &std::collections::BTreeMap::new(), Renderer::Engine);
         let read = crate::backends::metrics::parse(&text);
         assert_eq!(read.kv_capacity_tokens, Some(100_000.0));
         assert_eq!(read.preemptions, Some(7.0));
@@ -170,10 +188,30 @@ mod tests {
             ..EngineMetrics::default()
         };
         let cache = CacheConfig { block_size: 16, num_gpu_blocks: 1, prefix_caching: true };
-        let text = render("m", &m, cache, &std::collections::BTreeMap::new());
+        let text = render("m", &m, cache, &std::collections::BTreeMap::new(), Renderer::Simulator);
         assert!(text.contains("sim:engine_busy_seconds_total{model_name=\"m\"} 1.5\n"), "{text}");
         assert!(text.contains("sim:engine_step_seconds_total{part=\"prefill\",model_name=\"m\"} 0.75\n"));
         assert!(text.contains("sim:engine_steps_total{model_name=\"m\"} 42\n"));
         assert!(text.contains("sim:engine_step_decode_seqs_total{model_name=\"m\"} 9\n"));
+    }
+
+    #[test]
+    fn the_embedded_engine_exports_no_simulator_series() {
+        let m = EngineMetrics {
+            busy: std::time::Duration::from_millis(1500),
+            steps: 42,
+            step_prefill_tokens: 7,
+            ..EngineMetrics::default()
+        };
+        let cache = CacheConfig { block_size: 16, num_gpu_blocks: 1, prefix_caching: true };
+        let text = render("m", &m, cache, &std::collections::BTreeMap::new(), Renderer::Engine);
+        assert!(!text.contains("sim:"), "{text}");
+        assert!(text.contains("batchagent:engine_busy_seconds_total{model_name=\"m\"} 1.5\n"), "{text}");
+        assert!(text.contains("batchagent:engine_steps_total{model_name=\"m\"} 42\n"));
+        assert!(text.contains("batchagent:engine_step_prefill_tokens_total{model_name=\"m\"} 7\n"));
+        // The names clients scrape stay vLLM's and the engine's own.
+        for name in ["vllm:num_requests_waiting{", "vllm:prefix_cache_hits_total{", "batchagent:kv_pins_total{"] {
+            assert!(text.contains(name), "{name}");
+        }
     }
 }
