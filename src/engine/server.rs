@@ -42,8 +42,9 @@ pub trait TextCodec: Send + Sync + 'static {
     /// `messages`, and `tools` when `with_tools`, through the model's chat template.
     fn encode_chat(&self, body_json: &str, with_tools: bool) -> Result<Vec<u32>, String>;
     fn encode(&self, text: &str) -> Result<Vec<u32>, String>;
-    /// Incremental detokenization: the text `ids[read..]` adds, and the next `(prefix, read)`. Text
-    /// that ends in an incomplete character waits for the next token, unless `last`.
+    /// Incremental detokenization: the text `ids[read..]` adds, and the next `(prefix, read)`; no
+    /// token before `prefix` is read. Text that ends in an incomplete character waits for the next
+    /// token, unless `last`.
     fn detokenize(&self, ids: &[u32], prefix: usize, read: usize, last: bool)
         -> Result<(String, usize, usize), String>;
 }
@@ -492,23 +493,27 @@ struct Outcome {
 /// Pieces of an output's text, each with the number of output tokens it brings the text to.
 type Pieces = Vec<(usize, String)>;
 
-/// The text `ids[seen..]` add, a piece per token when `per_token` (else one piece), each with the
-/// number of tokens it brings the output to; the detokenizer's next `(prefix, read)`. `last`: no
-/// more tokens come (text ending in an incomplete character is flushed).
+/// The text the output's tokens after the first `seen` add, a piece per token when `per_token`
+/// (else one piece), each with the number of tokens it brings the output to; the detokenizer's
+/// next `(prefix, read)`. `window` holds the output's tokens from the detokenizer's `prefix` on:
+/// only those cross to the tokenizer, so a call costs the window, not the output so far. `last`:
+/// no more tokens come (text ending in an incomplete character is flushed).
 fn decode_pieces(
     codec: &dyn TextCodec,
-    ids: &[u32],
+    window: &[u32],
     seen: usize,
     (mut prefix, mut read): (usize, usize),
     last: bool,
     per_token: bool,
 ) -> Result<(Pieces, (usize, usize)), String> {
-    let ends: Vec<usize> =
-        if per_token && seen < ids.len() { (seen + 1..=ids.len()).collect() } else { vec![ids.len()] };
+    let base = prefix;
+    let len = base + window.len();
+    let ends: Vec<usize> = if per_token && seen < len { (seen + 1..=len).collect() } else { vec![len] };
     let mut pieces = Vec::with_capacity(ends.len());
     for end in ends {
-        let (text, p, r) = codec.detokenize(&ids[..end], prefix, read, last && end == ids.len())?;
-        (prefix, read) = (p, r);
+        let ids = &window[prefix - base..end - base];
+        let (text, p, r) = codec.detokenize(ids, 0, read - prefix, last && end == len)?;
+        (prefix, read) = (prefix + p, prefix + r);
         pieces.push((end, text));
     }
     Ok((pieces, (prefix, read)))
@@ -581,9 +586,10 @@ async fn drive(
         let decodable = out.ids.len() - usize::from(stop_token.is_some() && !p.include_stop);
         if incremental && (seen < decodable || (done && offsets.1 < decodable)) {
             let codec = Arc::clone(&state.codec);
-            let ids = out.ids[..decodable].to_vec();
+            let window = out.ids[offsets.0..decodable].to_vec();
             let pieces;
-            (pieces, offsets) = blocking(move || decode_pieces(&*codec, &ids, seen, offsets, done, per_token)).await?;
+            (pieces, offsets) =
+                blocking(move || decode_pieces(&*codec, &window, seen, offsets, done, per_token)).await?;
             seen = decodable;
             for (count, piece) in pieces {
                 if text.push(&piece, count > p.min_tokens) {
@@ -953,6 +959,73 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A byte-level tokenizer (token `i` is byte `i`) detokenizing as the Python worker does: the
+    /// text `ids[prefix..]` adds beyond `ids[prefix..read]`, held while it ends in an incomplete
+    /// character. It records the longest `ids` it was handed.
+    #[derive(Default)]
+    struct ByteCodec {
+        longest: Mutex<usize>,
+    }
+
+    impl TextCodec for ByteCodec {
+        fn encode_chat(&self, _: &str, _: bool) -> Result<Vec<u32>, String> {
+            Err("unused".into())
+        }
+        fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+            Ok(text.bytes().map(u32::from).collect())
+        }
+        fn detokenize(
+            &self,
+            ids: &[u32],
+            prefix: usize,
+            read: usize,
+            last: bool,
+        ) -> Result<(String, usize, usize), String> {
+            let mut longest = self.longest.lock().unwrap_or_else(PoisonError::into_inner);
+            *longest = (*longest).max(ids.len());
+            let text = |ids: &[u32]| {
+                String::from_utf8_lossy(&ids.iter().map(|&i| u8::try_from(i).unwrap_or(b'?')).collect::<Vec<_>>())
+                    .into_owned()
+            };
+            let (before, after) = (text(&ids[prefix..read]), text(&ids[prefix..]));
+            if after.len() > before.len() && (last || !after.ends_with('\u{fffd}')) {
+                return Ok((after[before.len()..].to_owned(), read, ids.len()));
+            }
+            Ok((String::new(), prefix, read))
+        }
+    }
+
+    #[test]
+    fn pieces_add_up_to_the_text_and_only_a_window_crosses_to_the_tokenizer() {
+        let text = "agents é tools \u{1F600} and more ".repeat(40);
+        let codec = ByteCodec::default();
+        let ids = codec.encode(&text).unwrap_or_default();
+        for per_token in [true, false] {
+            // Tokens arrive three at a time.
+            let (mut offsets, mut seen, mut out, mut counts) = ((0, 0), 0, String::new(), Vec::new());
+            for upto in (3..ids.len()).step_by(3).chain([ids.len()]) {
+                let last = upto == ids.len();
+                let pieces;
+                (pieces, offsets) =
+                    decode_pieces(&codec, &ids[offsets.0..upto], seen, offsets, last, per_token).unwrap_or_default();
+                seen = upto;
+                for (count, piece) in pieces {
+                    counts.push(count);
+                    out.push_str(&piece);
+                }
+            }
+            assert_eq!(out, text);
+            assert!(counts.windows(2).all(|w| w[0] < w[1]) && counts.last() == Some(&ids.len()));
+            if per_token {
+                assert_eq!(counts, (1..=ids.len()).collect::<Vec<_>>());
+            }
+        }
+        // A call sees the tokens since the detokenizer's prefix (the batch before, a held partial
+        // character, the new batch), not the whole output of over 1,000 tokens.
+        let longest = *codec.longest.lock().unwrap_or_else(PoisonError::into_inner);
+        assert!(longest <= 12 && ids.len() > 1000, "{longest}");
+    }
 
     #[test]
     fn hermes_tool_calls_are_parsed_out_of_the_text() {
