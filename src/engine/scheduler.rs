@@ -442,9 +442,12 @@ impl Scheduler {
     pub fn schedule(&mut self) -> Option<StepLoad> {
         let cache = &mut self.cache;
         let m = &mut self.m;
+        let block_size = self.config.block_size;
         self.running.retain(|s| {
             if s.tx.is_closed() {
-                cache.release(s.id);
+                // As a sequence that finished (and vLLM, for any request it frees): its computed
+                // blocks stay cached, the output's too, for a next turn that repeats them.
+                cache.release_caching(s.id, &s.known_later_hashes(block_size));
                 m.requests_aborted += 1;
                 return false;
             }
@@ -923,6 +926,34 @@ mod tests {
         // Both turns pinned; the second took the first's pin over.
         assert_eq!((m.pins, m.pins_returned, m.pins_dropped, m.pins_expired), (2, 1, 0, 0));
         assert_eq!(m.preemptions, 0);
+    }
+
+    #[test]
+    fn a_dropped_request_leaves_its_output_blocks_cached() {
+        let mut s = Scheduler::new(config(32, 64));
+        let (prompt, output) = (toks(7, 10), toks(8, 20));
+        let (tx, mut rx) = unbounded_channel();
+        let request = EngineRequest {
+            prompt: prompt.clone(),
+            max_new_tokens: output.len(),
+            output_tokens: output.clone(),
+            ..EngineRequest::default()
+        };
+        s.enqueue(request, tx, s.now);
+        let mut tokens = Vec::new();
+        while tokens.len() < 12 {
+            s.now += Duration::from_millis(10);
+            assert!(s.schedule().is_some());
+            s.complete_step(None);
+            drain(&mut rx, &mut tokens);
+        }
+        // The client went away, or a stop string came out: the next step drops the request.
+        drop(rx);
+        let history = [prompt, output[..12].to_vec(), toks(9, 4)].concat();
+        // 21 tokens computed (the prompt and 11 outputs fed back): 5 full blocks, 3 of them past
+        // the prompt's.
+        assert_eq!(serve(&mut s, &history, &toks(10, 2), None), 20);
+        assert_eq!(s.snapshot().requests_aborted, 1);
     }
 
     #[test]
