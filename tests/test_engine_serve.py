@@ -280,7 +280,7 @@ def test_a_stop_string_cuts_the_completion_and_ends_its_sequence(
     assert 2 <= k < 32 and len(cut) > 0, (stop, k, cut)
     generated = counter(cli_server, "vllm:generation_tokens_total")
     stopped = client.completions.create(
-        **common, max_tokens=300, stop=["not in the text", stop],
+        **common, max_tokens=500, stop=["not in the text", stop],
         extra_body={"ignore_eos": True, "return_token_ids": True},
     )  # fmt: skip
     choice = stopped.choices[0]
@@ -289,10 +289,11 @@ def test_a_stop_string_cuts_the_completion_and_ends_its_sequence(
     # The tokens up to the one that completed the string, and usage counts those.
     assert choice.model_extra["token_ids"] == ids[:k]
     assert stopped.usage is not None and stopped.usage.completion_tokens == k
-    # The engine dropped the sequence when the string came out, far short of its 300 tokens. The
-    # steps before the drop are counted once a request sent after it is answered.
+    # The engine dropped the sequence when the string came out, far short of its 500 tokens (it
+    # runs on while the server detokenizes, a few steps). The steps before the drop are counted
+    # once a request sent after it is answered.
     client.completions.create(**common, max_tokens=1)
-    assert k <= counter(cli_server, "vllm:generation_tokens_total") - generated < 100
+    assert k <= counter(cli_server, "vllm:generation_tokens_total") - generated < 250
     included = client.completions.create(
         **common, max_tokens=300, stop=stop,
         extra_body={"ignore_eos": True, "include_stop_str_in_output": True},
