@@ -360,6 +360,13 @@ def test_n_choices_per_prompt_share_its_cached_blocks(cli_server: str, client: o
         "extra_body": {"ignore_eos": True},
     }
     alone = client.completions.create(**common, prompt=second).choices[0].text
+    # A long stream keeps the engine stepping, so the choices' requests reach it together, while
+    # it is in a step: only waiting for the first one's prompt lets the others find it cached.
+    busy, started = [rng.randrange(3, VOCAB) for _ in range(8)], threading.Event()
+    body = {"model": "tiny", "prompt": busy, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    stream = threading.Thread(target=lambda: list(sse_texts(cli_server + "/v1/completions", body, started)))
+    stream.start()
+    assert started.wait(120)
     hits = counter(cli_server, "vllm:prefix_cache_hits_total")
     answer = client.completions.create(**common, prompt=[first, second], n=3)
     # vLLM's order: the first prompt's three choices, then the second's; greedy choices agree.
@@ -373,6 +380,7 @@ def test_n_choices_per_prompt_share_its_cached_blocks(cli_server: str, client: o
     # full blocks. The first prompt was new: its later two choices waited for its first one's
     # prompt and took its two blocks from the cache.
     assert counter(cli_server, "vllm:prefix_cache_hits_total") - hits == 3 * 32 + 2 * 32
+    stream.join(120)
     chunks = list(
         client.completions.create(
             **common, prompt=[first, second], n=3, stream=True, stream_options={"include_usage": True}
