@@ -320,6 +320,14 @@ def test_a_stop_string_cuts_the_completion_and_ends_its_sequence(
     assert by_token.choices[0].model_extra is not None
     assert by_token.choices[0].model_extra["stop_reason"] == ids[k - 1]
     assert by_token.usage is not None and by_token.usage.completion_tokens == first + 1
+    # As vLLM: when it is the last token max_tokens allow, the output ends by length, text and all.
+    capped = client.completions.create(
+        **common, max_tokens=first + 1, extra_body={"ignore_eos": True, "stop_token_ids": [ids[k - 1]]}
+    )  # fmt: skip
+    assert (capped.choices[0].text, capped.choices[0].finish_reason) == (
+        tok.decode(ids[: first + 1], skip_special_tokens=True), "length"
+    )  # fmt: skip
+    assert capped.choices[0].model_extra is not None and capped.choices[0].model_extra["stop_reason"] is None
     for bad, field in (({"stop": ["a", ""]}, "stop"), ({"stop": 3}, "stop")):
         with pytest.raises(openai.BadRequestError, match=field):
             client.completions.create(**common, max_tokens=4, extra_body=bad)

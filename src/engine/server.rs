@@ -370,7 +370,14 @@ struct Sequence {
     submission: Submission,
     /// Set on a prompt's first sequence when others wait for its first token.
     first_token: Option<oneshot::Sender<()>>,
-    prompt_tokens: usize,
+    lengths: Lengths,
+}
+
+/// A sequence's prompt tokens and the most output tokens it may have.
+#[derive(Debug, Clone, Copy)]
+struct Lengths {
+    prompt: usize,
+    max_new: usize,
 }
 
 enum Submission {
@@ -385,7 +392,7 @@ enum Submission {
 /// then, so they take them instead of computing them again (a sequence admitted in the same step
 /// as the first would find them still being computed).
 fn submit(state: &AppState, request: &EngineRequest, n: usize) -> Vec<Sequence> {
-    let prompt_tokens = request.prompt.len();
+    let lengths = Lengths { prompt: request.prompt.len(), max_new: request.max_new_tokens };
     let nth = |i: usize| {
         let mut r = request.clone();
         r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i as u64));
@@ -393,22 +400,17 @@ fn submit(state: &AppState, request: &EngineRequest, n: usize) -> Vec<Sequence> 
     };
     if n == 1 || !state.engine.config().enable_prefix_caching {
         return (0..n)
-            .map(|i| Sequence {
-                submission: Submission::Now(state.engine.submit(nth(i))),
-                first_token: None,
-                prompt_tokens,
-            })
+            .map(|i| Sequence { submission: Submission::Now(state.engine.submit(nth(i))), first_token: None, lengths })
             .collect();
     }
     let (tx, gate) = oneshot::channel();
     let gate = gate.shared();
-    let first =
-        Sequence { submission: Submission::Now(state.engine.submit(nth(0))), first_token: Some(tx), prompt_tokens };
+    let first = Sequence { submission: Submission::Now(state.engine.submit(nth(0))), first_token: Some(tx), lengths };
     std::iter::once(first)
         .chain((1..n).map(|i| Sequence {
             submission: Submission::After(gate.clone(), nth(i)),
             first_token: None,
-            prompt_tokens,
+            lengths,
         }))
         .collect()
 }
@@ -428,7 +430,7 @@ impl Sequence {
                 state.engine.submit(request)
             }
         };
-        drive(state, rx, p, self.prompt_tokens, on_text, stream, self.first_token).await
+        drive(state, rx, p, self.lengths, on_text, stream, self.first_token).await
     }
 }
 
@@ -528,12 +530,12 @@ async fn drive(
     state: Arc<AppState>,
     mut rx: mpsc::UnboundedReceiver<EngineEvent>,
     p: &Params,
-    prompt_tokens: usize,
+    lengths: Lengths,
     mut on_text: impl FnMut(String) -> bool,
     stream: bool,
     mut first_token: Option<oneshot::Sender<()>>,
 ) -> Result<Outcome, Response> {
-    let mut out = Outcome { prompt_tokens, ..Outcome::default() };
+    let mut out = Outcome { prompt_tokens: lengths.prompt, ..Outcome::default() };
     let mut text = StopStrings::new(p.stop.clone(), p.include_stop);
     let per_token = text.has_stops();
     // Without stop strings an unstreamed output is detokenized once, at its end.
@@ -556,8 +558,11 @@ async fn drive(
             match e {
                 EngineEvent::Token { id, .. } if stop_token.is_none() => {
                     out.ids.push(id);
-                    // The scheduler's rule: a stop token counts once `min_tokens` are out.
-                    if out.ids.len() > p.min_tokens && p.stop_token_ids.contains(&id) {
+                    // The scheduler's rule: a stop token counts once `min_tokens` are out. As in
+                    // vLLM, the last token `max_tokens` allow ends the output by length even when
+                    // it is a stop token (its text is then output).
+                    let n = out.ids.len();
+                    if n > p.min_tokens && n < lengths.max_new && p.stop_token_ids.contains(&id) {
                         stop_token = Some(id);
                     }
                 }
