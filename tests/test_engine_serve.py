@@ -469,6 +469,11 @@ def test_echo_starts_each_choice_with_its_prompt(
     # No logprobs are computed: asking for them, with `echo` or not, is refused.
     with pytest.raises(openai.BadRequestError, match="logprobs"):
         client.completions.create(**common, prompt=texts, echo=True, logprobs=1)
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "the engine"}], max_tokens=2,
+            extra_body={"echo": True},
+        )  # fmt: skip
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "the engine"}], max_tokens=2, top_logprobs=2

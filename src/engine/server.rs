@@ -718,6 +718,9 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
     if !body.get("messages").is_some_and(Value::is_array) {
         return Err(bad("`messages` must be an array"));
     }
+    if body.get("echo").and_then(Value::as_bool) == Some(true) {
+        return Err(bad_param("`echo` on chat (vLLM's: the last message prepended) is not supported", "echo"));
+    }
     let tools = body.get("tools").is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()));
     let has_tools = tools && body.get("tool_choice").and_then(Value::as_str) != Some("none");
     let pin = tool_wait_pin(&state, &body)?;
