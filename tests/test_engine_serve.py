@@ -669,6 +669,33 @@ def test_a_hinted_completion_is_pinned_and_a_hinted_prompt_list_is_refused(
         serve.start(str(path), device="cpu", port=0, kv_cache_tokens=512, kv_eviction="mru")
 
 
+def test_streamed_chat_carries_the_tool_calls_of_the_unstreamed_answer(tool_model_dir: Path) -> None:
+    server = serve.start(str(tool_model_dir), device="cpu", port=0, kv_cache_tokens=512)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        common: dict[str, Any] = dict(
+            model=str(tool_model_dir), messages=[{"role": "user", "content": "Research it."}], tools=LOOKUP,
+            max_tokens=3, temperature=0, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        whole = client.chat.completions.create(**common).choices[0]
+        chunks = list(client.chat.completions.create(**common, stream=True))
+    finally:
+        server.stop()
+    # Three tokens, each a whole call of `lookup`.
+    assert whole.finish_reason == "tool_calls" and whole.message.tool_calls is not None
+    want = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    assert want == [("lookup", "{}")] * 3
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    got = [(t.function.name, t.function.arguments) for d in deltas for t in d.tool_calls or [] if t.function]
+    assert got == want
+    assert [t.index for d in deltas for t in d.tool_calls or []] == [0, 1, 2]
+    # Each call goes out once its block closes: three chunks of calls, and no markup as content.
+    assert sum(1 for d in deltas if d.tool_calls) == 3
+    assert "".join(d.content or "" for d in deltas) == (whole.message.content or "")
+    assert "<tool_call>" not in "".join(d.content or "" for d in deltas)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
 def test_a_local_backend_sends_the_tool_wait_hint(tool_model_dir: Path) -> None:
     from batchagent_rs import Batch, tool
 
@@ -680,8 +707,7 @@ def test_a_local_backend_sends_the_tool_wait_hint(tool_model_dir: Path) -> None:
     batch = Batch(
         "Research {topic}.", tools=[lookup], backend=f"local://{tool_model_dir}?device=cpu&kv_cache_tokens=2048",
         engine_hints=True, max_turns=4, max_tokens=1, temperature=0,
-        # The engine's streamed chat carries no tool calls; unstreamed replies do.
-        stream=False,
+        # Agents with tools stream by default: the streamed chat carries the calls.
     )  # fmt: skip
     try:
         results = batch.run([{"topic": f"topic {i}"} for i in range(2)])

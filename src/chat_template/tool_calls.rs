@@ -77,6 +77,120 @@ fn hermes(text: &str) -> (String, Vec<ParsedCall>) {
     (content.trim().to_owned(), calls)
 }
 
+/// What a streamed Hermes answer adds, as [`HermesStream`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamPiece {
+    /// Text of the content.
+    Content(String),
+    /// A whole tool call, once its block has closed.
+    Call(ParsedCall),
+}
+
+const OPEN: &str = "<tool_call>";
+const CLOSE: &str = "</tool_call>";
+
+/// Reads Hermes tool calls out of an answer as it streams: content goes out as soon as it cannot be
+/// the start of a `<tool_call>` block, and each call once its block has closed. The pieces add up to
+/// [`ToolCallFormat::parse`] of the whole text: the same content, byte for byte (leading and
+/// trailing whitespace dropped, whitespace between pieces held until more content follows), and the
+/// same calls; a block that does not parse, or is never closed, is content from its tag on, and so
+/// is everything after it, as in the unstreamed parser.
+#[derive(Debug, Default)]
+pub struct HermesStream {
+    /// Text not yet given out: after the last block outside one, the block's body inside one.
+    buf: String,
+    inside: bool,
+    /// A block failed to parse: the rest is content.
+    failed: bool,
+    /// Content given out so far is not empty (leading whitespace is dropped until then).
+    started: bool,
+    /// Trailing whitespace of the content, given out only if more content follows.
+    pending_ws: String,
+}
+
+impl HermesStream {
+    /// The pieces `text` completes.
+    pub fn push(&mut self, text: &str) -> Vec<StreamPiece> {
+        self.buf.push_str(text);
+        let mut out = Vec::new();
+        loop {
+            if self.failed {
+                let all = std::mem::take(&mut self.buf);
+                self.content(&all, &mut out);
+                return out;
+            }
+            if self.inside {
+                let Some(end) = self.buf.find(CLOSE) else { return out };
+                let body = self.buf[..end].to_owned();
+                let rest = self.buf[end + CLOSE.len()..].to_owned();
+                self.inside = false;
+                if let Ok(call) = serde_json::from_str::<Call<'_>>(body.trim()) {
+                    out.push(StreamPiece::Call(call.into_parsed()));
+                    self.buf = rest;
+                } else {
+                    self.failed = true;
+                    self.buf = format!("{OPEN}{body}{CLOSE}{rest}");
+                }
+                continue;
+            }
+            if let Some(start) = self.buf.find(OPEN) {
+                let before = self.buf[..start].to_owned();
+                self.content(&before, &mut out);
+                self.buf.drain(..start + OPEN.len());
+                self.inside = true;
+                continue;
+            }
+            // Hold back what could be the start of a tag.
+            let keep = (1..OPEN.len())
+                .rev()
+                .find(|&k| {
+                    self.buf.len() >= k
+                        && self.buf.is_char_boundary(self.buf.len() - k)
+                        && OPEN.starts_with(&self.buf[self.buf.len() - k..])
+                })
+                .unwrap_or(0);
+            let ready = self.buf[..self.buf.len() - keep].to_owned();
+            self.buf.drain(..self.buf.len() - keep);
+            self.content(&ready, &mut out);
+            return out;
+        }
+    }
+
+    /// The pieces left at the end of the answer: an unclosed block and held text are content.
+    pub fn finish(&mut self) -> Vec<StreamPiece> {
+        if self.inside {
+            self.inside = false;
+            self.buf.insert_str(0, OPEN);
+        }
+        self.failed = true;
+        let mut out = self.push("");
+        // Trailing whitespace is dropped, as the unstreamed parser trims it.
+        self.pending_ws.clear();
+        out.retain(|p| !matches!(p, StreamPiece::Content(c) if c.is_empty()));
+        out
+    }
+
+    fn content(&mut self, text: &str, out: &mut Vec<StreamPiece>) {
+        let text = if self.started { text } else { text.trim_start() };
+        if text.is_empty() {
+            return;
+        }
+        let body = text.trim_end();
+        if body.is_empty() {
+            self.pending_ws.push_str(text);
+            return;
+        }
+        let mut piece = std::mem::take(&mut self.pending_ws);
+        piece.push_str(body);
+        self.pending_ws.push_str(&text[body.len()..]);
+        self.started = true;
+        match out.last_mut() {
+            Some(StreamPiece::Content(last)) => last.push_str(&piece),
+            _ => out.push(StreamPiece::Content(piece)),
+        }
+    }
+}
+
 fn llama_json(text: &str) -> Option<Vec<ParsedCall>> {
     let mut rest = text.trim();
     rest = rest.strip_prefix("<|python_tag|>").unwrap_or(rest).trim_start();
@@ -112,6 +226,71 @@ mod tests {
         assert_eq!(calls[1].arguments, "{}");
         let (content, calls) = ToolCallFormat::Hermes.parse("<tool_call>not json</tool_call>");
         assert_eq!((content.as_str(), calls.len()), ("<tool_call>not json</tool_call>", 0));
+    }
+
+    /// `text`'s pieces when streamed in the given chunk lengths (in chars), merged: the content
+    /// joined and the calls in order.
+    fn streamed(text: &str, cuts: &[usize]) -> (String, Vec<ParsedCall>) {
+        let chars: Vec<char> = text.chars().collect();
+        let mut s = HermesStream::default();
+        let mut pieces = Vec::new();
+        let mut at = 0usize;
+        for &n in cuts.iter().chain(std::iter::once(&usize::MAX)) {
+            let end = at.saturating_add(n).min(chars.len());
+            pieces.extend(s.push(&chars[at..end].iter().collect::<String>()));
+            at = end;
+            if at == chars.len() {
+                break;
+            }
+        }
+        pieces.extend(s.finish());
+        let mut content = String::new();
+        let mut calls = Vec::new();
+        for p in pieces {
+            match p {
+                StreamPiece::Content(c) => content.push_str(&c),
+                StreamPiece::Call(c) => calls.push(c),
+            }
+        }
+        (content, calls)
+    }
+
+    #[test]
+    fn a_streamed_hermes_answer_gives_the_unstreamed_content_and_calls() {
+        let text = "  Let me look. \n<tool_call>\n{\"name\": \"search\", \"arguments\": {\"q\": \"é\"}}\n</tool_call> and <tool_call>{\"name\": \"f\"}</tool_call>\n";
+        for cut in 1..12 {
+            assert_eq!(streamed(text, &[cut; 200]), ToolCallFormat::Hermes.parse(text), "cut {cut}");
+        }
+        // Content before a block goes out before the block closes; the call once it does.
+        let mut s = HermesStream::default();
+        assert_eq!(s.push("Hi <tool"), vec![StreamPiece::Content("Hi".into())]);
+        assert_eq!(s.push("_call>{\"name\": \"f\", "), vec![]);
+        assert_eq!(
+            s.push("\"arguments\": {}}</tool_call>"),
+            vec![StreamPiece::Call(ParsedCall { name: "f".into(), arguments: "{}".into() })]
+        );
+        assert_eq!(s.finish(), vec![]);
+        // An unclosed or broken block is content from its tag on.
+        for bad in [
+            "x <tool_call>{\"name\": \"f\"}",
+            "x <tool_call>nope</tool_call> y <tool_call>{\"name\": \"f\"}</tool_call>",
+        ] {
+            assert_eq!(streamed(bad, &[3; 100]), ToolCallFormat::Hermes.parse(bad));
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn streamed_hermes_equals_unstreamed(
+            parts in proptest::collection::vec(proptest::sample::select(vec![
+                "<tool_call>", "</tool_call>", "{\"name\": \"f\", \"arguments\": {\"a\": 1}}", "{\"name\": \"g\"}",
+                "not json", " ", "\n", "word", "<tool", "é", "<", "call>",
+            ]), 0..24),
+            cuts in proptest::collection::vec(1..6usize, 0..40),
+        ) {
+            let text: String = parts.concat();
+            proptest::prop_assert_eq!(streamed(&text, &cuts), ToolCallFormat::Hermes.parse(&text));
+        }
     }
 
     #[test]

@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 use super::local::LocalEngine;
 use super::scheduler::{EngineEvent, EngineRequest, Pin, Sampling};
 use super::stop::StopStrings;
-use crate::chat_template::ToolCallFormat;
+use crate::chat_template::{HermesStream, StreamPiece, ToolCallFormat};
 use crate::sim::server::metrics::{render as render_metrics, CacheConfig, Renderer};
 
 /// The model's tokenizer. Calls may block (they take the GIL); the server makes them from blocking
@@ -783,10 +783,46 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
             let state = Arc::clone(&state);
             let chunk = &chunk;
             async move {
-                let on_text = |text: String| sink.send(sse(&chunk(i, json!({"content": text}), Value::Null))).is_ok();
+                // With tools, content goes out as it comes and each call once its block closes
+                // (the pieces add up to the unstreamed answer's content and calls).
+                // (The reader and the count of calls sent; uncontended, a Mutex only to be `Send`.)
+                let calls = Mutex::new((HermesStream::default(), 0usize));
+                let calls = &calls;
+                let lock = || calls.lock().unwrap_or_else(PoisonError::into_inner);
+                let send = |pieces: Vec<StreamPiece>| {
+                    pieces.into_iter().all(|piece| {
+                        let delta = match piece {
+                            StreamPiece::Content(text) => json!({"content": text}),
+                            StreamPiece::Call(call) => {
+                                let k = {
+                                    let mut state = lock();
+                                    state.1 += 1;
+                                    state.1 - 1
+                                };
+                                json!({"tool_calls": [{"index": k, "id": format!("chatcmpl-tool-{n}-{i}-{k}"),
+                                       "type": "function",
+                                       "function": {"name": call.name, "arguments": call.arguments}}]})
+                            }
+                        };
+                        sink.send(sse(&chunk(i, delta, Value::Null))).is_ok()
+                    })
+                };
+                let on_text = |text: String| {
+                    if has_tools {
+                        let pieces = lock().0.push(&text);
+                        send(pieces)
+                    } else {
+                        sink.send(sse(&chunk(i, json!({"content": text}), Value::Null))).is_ok()
+                    }
+                };
                 let out = sequence.run(Arc::clone(&state), p, on_text, true).await.ok()?;
-                let reason = out.finish.reason();
-                record(&state, reason);
+                if has_tools {
+                    let pieces = lock().0.finish();
+                    send(pieces).then_some(())?;
+                }
+                let called = lock().1 > 0;
+                let reason = if called { "tool_calls" } else { out.finish.reason() };
+                record(&state, out.finish.reason());
                 let mut last = chunk(i, json!({}), json!(reason));
                 last["choices"][0]["stop_reason"] = out.finish.stop_reason(&state, p);
                 sink.send(sse(&last)).ok()?;
@@ -794,7 +830,7 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
             }
         });
         let Some(outs) = join_all(tasks).await.into_iter().collect::<Option<Vec<_>>>() else { return };
-        // Streams carry no parsed tool calls; the pin is decided on the whole text all the same.
+        // The pin is decided on the whole text, as for an unstreamed answer.
         if let Some(agent) =
             agent.filter(|_| !has_tools || outs.iter().all(|o| parse_tool_calls(&o.text, "").1.is_empty()))
         {
