@@ -228,6 +228,9 @@ def run_config(
         "prefill_tokens_computed": computed,
         "prefix_cache_hit_rate": hits / queries if queries else 0.0,
         "generation_tokens": metric(m, "vllm:generation_tokens"),
+        "engine_steps": metric(m, "batchagent:engine_steps"),
+        "engine_busy_s": metric(m, "batchagent:engine_busy_seconds"),
+        "engine_scheduler_s": metric(m, "batchagent:engine_scheduler_seconds"),
         "preemptions": metric(m, "vllm:num_preemptions"),
         "evictions": metric(m, "batchagent:kv_evictions"),
         "kv_pins": pins,
@@ -243,6 +246,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument(
         "--warmup-agents", type=int, default=16, help="agents run first, unmeasured, to compile the kernels"
+    )
+    ap.add_argument(
+        "--configs",
+        default="",
+        help="comma-separated RETENTION/EVICTION[/untold] to run, repeats allowed (default: all six)",
     )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -301,19 +309,30 @@ def main() -> None:
             serve_with(full_pages), worker, "agents", agents, n, "off", "lru", full_pages
         )
         pressure = args.kv_tokens // page
-        for retention, eviction, tell_done in CONFIGS:
+        configs = CONFIGS
+        if args.configs:
+            configs = []
+            for c in args.configs.split(","):
+                retention, eviction, *untold = c.split("/")
+                configs.append((retention, eviction, untold != ["untold"]))
+        for retention, eviction, tell_done in configs:
             key = f"retention_{retention}_{eviction}" + ("" if tell_done else "_untold")
+            repeat = 1
+            while (key if repeat == 1 else f"{key}_run{repeat}") in runs:
+                repeat += 1
+            key = key if repeat == 1 else f"{key}_run{repeat}"
             runs[key] = run_config(
                 serve_with(pressure), worker, "agents", agents, n, retention, eviction, pressure, tell_done
             )
-            print(key, {k: runs[key][k] for k in ("makespan_s", "prefill_tokens_computed", "preemptions")},
+            print(key, {k: runs[key][k] for k in ("makespan_s", "prefill_tokens_computed", "engine_busy_s",
+                                                  "engine_scheduler_s", "engine_steps")},
                   flush=True)  # fmt: skip
             # What is done so far, should the run be cut short.
             Path(args.out + ".partial").write_text(json.dumps(runs, indent=1))
         worker.num_pages = full_pages
 
     floor = runs["no_eviction"]["prefill_tokens_computed"]
-    base = runs["retention_off_lru"]
+    base = runs.get("retention_off_lru") or runs["no_eviction"]
     for key, r in runs.items():
         r["prefill_tokens_recomputed"] = r["prefill_tokens_computed"] - floor
         if key != "no_eviction":

@@ -149,6 +149,8 @@ def test_greedy_completions_over_a_ragged_batch_equal_generate(model_dir: tuple[
     # The engine's own series are `batchagent:`; the simulator's `sim:` names are not the engine's.
     assert "sim:" not in metrics
     assert counter("batchagent:engine_steps_total") > 0
+    busy = counter("batchagent:engine_busy_seconds_total")
+    assert 0 < counter("batchagent:engine_scheduler_seconds_total") < busy
     # Every prompt token the cache did not hold was computed.
     prompts = sum(map(len, batch)) + len(early)
     assert counter("batchagent:engine_step_prefill_tokens_total") >= prompts - counter(

@@ -204,6 +204,7 @@ fn run(shared: &Shared, mut sched: Scheduler, mut executor: Box<dyn StepExecutor
             continue;
         };
         let layout = sched.layout();
+        let laid_out = step_start.elapsed();
         let result = executor.execute(&layout).and_then(|tokens| {
             if tokens.len() == layout.num_seqs() {
                 Ok(tokens)
@@ -213,9 +214,11 @@ fn run(shared: &Shared, mut sched: Scheduler, mut executor: Box<dyn StepExecutor
         });
         match result {
             Ok(tokens) => {
+                let executed = Instant::now();
                 sched.now = start.elapsed();
                 sched.complete_step(Some(&tokens));
                 let m = sched.metrics_mut();
+                m.scheduling += laid_out + executed.elapsed();
                 m.busy += step_start.elapsed();
                 m.step_prefill_tokens += load.prefill_tokens;
                 m.step_decode_seqs += load.decode_seqs;

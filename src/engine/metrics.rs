@@ -71,6 +71,9 @@ pub struct EngineMetrics {
     pub steps: u64,
     /// Simulated time spent in steps (the engine's busy time; `sim_time` less the idle gaps).
     pub busy: Duration,
+    /// Of `busy`, the embedded engine's host time in its scheduler: choosing each step and laying it
+    /// out, then applying its tokens (the rest is the model runner's).
+    pub scheduling: Duration,
     /// Busy time split by the terms of the step-time formula (`profile::STEP_PARTS`), in seconds.
     pub busy_parts: [f64; 5],
     /// What the steps did, summed over steps: prompt tokens computed, decode sequence-steps, KV

@@ -128,6 +128,11 @@ pub(crate) fn render(
     let name = format!("{prefix}:engine_busy_seconds_total");
     family(&mut out, &name, "counter", busy_help);
     let _ = writeln!(out, "{name}{{{label}}} {}", float(m.busy.as_secs_f64()));
+    if renderer == Renderer::Engine {
+        let name = "batchagent:engine_scheduler_seconds_total";
+        family(&mut out, name, "counter", "Of the busy seconds, those in the scheduler (choosing and applying steps).");
+        let _ = writeln!(out, "{name}{{{label}}} {}", float(m.scheduling.as_secs_f64()));
+    }
     if renderer == Renderer::Simulator {
         let name = "sim:engine_step_seconds_total";
         family(&mut out, name, "counter", "Busy seconds by term of the step-time formula.");
@@ -199,6 +204,7 @@ mod tests {
     fn the_embedded_engine_exports_no_simulator_series() {
         let m = EngineMetrics {
             busy: std::time::Duration::from_millis(1500),
+            scheduling: std::time::Duration::from_millis(250),
             steps: 42,
             step_prefill_tokens: 7,
             ..EngineMetrics::default()
@@ -208,6 +214,7 @@ mod tests {
         assert!(!text.contains("sim:"), "{text}");
         assert!(text.contains("batchagent:engine_busy_seconds_total{model_name=\"m\"} 1.5\n"), "{text}");
         assert!(text.contains("batchagent:engine_steps_total{model_name=\"m\"} 42\n"));
+        assert!(text.contains("batchagent:engine_scheduler_seconds_total{model_name=\"m\"} 0.25\n"));
         assert!(text.contains("batchagent:engine_step_prefill_tokens_total{model_name=\"m\"} 7\n"));
         // The names clients scrape stay vLLM's and the engine's own.
         for name in ["vllm:num_requests_waiting{", "vllm:prefix_cache_hits_total{", "batchagent:kv_pins_total{"] {
