@@ -505,17 +505,16 @@ LOOKUP: list[Any] = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def tool_model_dir(model_dir: tuple[Any, Any, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Qwen2 rewired to answer every turn with one token whose text is a call of `lookup`:
+def rewired_to_call(src: Path, path: Path, call: str, chat_template: str | None = None) -> Path:
+    """The tiny Qwen2 at `src` rewired to answer every turn with one token whose text is `call`:
     its layers add nothing to the residual stream (zero output projections), every embedding is
     the same vector, and only that token's row of the LM head is not zero."""
-    _, _, src = model_dir
-    path = tmp_path_factory.mktemp("engine") / "tool-caller"
     tok = transformers.AutoTokenizer.from_pretrained(src)
-    tok.add_tokens([CALL])
-    call_id = tok.convert_tokens_to_ids(CALL)
+    tok.add_tokens([call])
+    call_id = tok.convert_tokens_to_ids(call)
     assert call_id < VOCAB
+    if chat_template is not None:
+        tok.chat_template = chat_template
     tok.save_pretrained(path)
     model = transformers.Qwen2ForCausalLM.from_pretrained(src)
     with torch.no_grad():
@@ -528,6 +527,60 @@ def tool_model_dir(model_dir: tuple[Any, Any, Path], tmp_path_factory: pytest.Te
         model.lm_head.weight[call_id, 0] = 10.0
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tool_model_dir(model_dir: tuple[Any, Any, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen2 answering every turn with a Hermes call of `lookup`."""
+    return rewired_to_call(model_dir[2], tmp_path_factory.mktemp("engine") / "tool-caller", CALL)
+
+
+# A Llama 3.1-style template (tool results as `ipython` messages, calls as bare JSON).
+LLAMA_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ 'ipython' if m.role == 'tool' else m.role }}\n"
+    "{{ m.content or '' }}{% for c in m.tool_calls or [] %}"
+    '{{ {"name": c.function.name, "parameters": c.function.arguments} | tojson }}{% endfor %}'
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_llama_template_s_json_calls_are_read_streamed_or_not(
+    model_dir: tuple[Any, Any, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    call = '{"name": "lookup", "parameters": {"q": 1}}'
+    path = rewired_to_call(
+        model_dir[2], tmp_path_factory.mktemp("engine") / "llama-caller", call, LLAMA_TEMPLATE
+    )
+    common: dict[str, Any] = dict(
+        model=str(path), messages=[{"role": "user", "content": "Research it."}], tools=LOOKUP, max_tokens=2,
+        temperature=0, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    # The parser follows the template: two calls, the same streamed.
+    server = serve.start(str(path), device="cpu", port=0, kv_cache_tokens=512)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        whole = client.chat.completions.create(**common).choices[0]
+        chunks = list(client.chat.completions.create(**common, stream=True))
+    finally:
+        server.stop()
+    assert whole.finish_reason == "tool_calls" and whole.message.tool_calls is not None
+    want = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    assert want == [("lookup", '{"q": 1}')] * 2
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert [
+        (t.function.name, t.function.arguments) for d in deltas for t in d.tool_calls or [] if t.function
+    ] == want
+    assert not "".join(d.content or "" for d in deltas)
+    # Told to read Hermes blocks, the same answer is content; an unknown parser is refused.
+    server = serve.start(str(path), device="cpu", port=0, kv_cache_tokens=512, tool_call_parser="hermes")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        plain = client.chat.completions.create(**common).choices[0]
+    finally:
+        server.stop()
+    assert plain.finish_reason == "length" and plain.message.content == call * 2
+    with pytest.raises(ValueError, match="hermes or llama3_json"):
+        serve.start(str(path), device="cpu", port=0, kv_cache_tokens=512, tool_call_parser="pythonic")
 
 
 def pin_counts(url: str) -> dict[str, int]:

@@ -259,11 +259,14 @@ def serve_engine(
     enable_prefix_caching: bool = True,
     kv_pin_ttl: float = 30.0,
     kv_eviction: str = "next_use",
+    tool_call_parser: str | None = None,
+    chat_template: str | None = None,
 ) -> EngineServer:
     """Serves `worker`'s model (an `EngineWorker`) as `model`; returns once it listens.
     `kv_pin_ttl`: the longest a tool-wait hint keeps an agent's KV blocks, in seconds.
     `kv_eviction`: `next_use` (cached blocks of agents due back furthest away, or done, go first)
-    or `lru`."""
+    or `lru`. `tool_call_parser`: `hermes` or `llama3_json` (vLLM's names); without it, the form
+    `chat_template` (the model's Jinja source) asks for, Hermes when neither is given."""
 
 @final
 class TokenCounter:

@@ -141,7 +141,7 @@ def _cmd_engine_serve(args: argparse.Namespace) -> int:
         kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_enable_prefix_caching, seed=args.seed,
-        kv_pin_ttl=args.kv_pin_ttl, kv_eviction=args.kv_eviction,
+        kv_pin_ttl=args.kv_pin_ttl, kv_eviction=args.kv_eviction, tool_call_parser=args.tool_call_parser,
     )  # fmt: skip
     print(f"engine listening on {server.url} (model {args.served_model_name or args.model})", flush=True)
     return _serve_until_stopped(server)
@@ -1194,6 +1194,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-eviction", choices=["next_use", "lru"], default="next_use",
         help="which cached KV blocks go first when memory is short: those of agents due back furthest"
         " away or done, by the client's hints (next_use, the default), or least recently used (lru)",
+    )  # fmt: skip
+    eserve.add_argument(
+        "--tool-call-parser", choices=["hermes", "llama3_json"], default=None,
+        help="how chat answers' tool calls are read, as vLLM's option: hermes (<tool_call> blocks, "
+        "Qwen2.5) or llama3_json (Llama 3.1 / 3.2); default: the form the model's chat template asks for",
     )  # fmt: skip
     eserve.set_defaults(func=_cmd_engine_serve)
     _add_fleet_commands(sub)

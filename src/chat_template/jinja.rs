@@ -163,13 +163,7 @@ impl JinjaTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned(TEMPLATE, source.to_owned())
             .map_err(|e| RenderError(format!("chat_template ({name}) does not compile: {e}")))?;
-        let format = if source.contains("<tool_call>") {
-            ToolCallFormat::Hermes
-        } else if source.contains("ipython") || source.contains("\"parameters\"") {
-            ToolCallFormat::LlamaJson
-        } else {
-            ToolCallFormat::Hermes
-        };
+        let format = ToolCallFormat::of_template(source);
         Ok(Self { name: name.to_owned(), env, bos_token, eos_token, format })
     }
 

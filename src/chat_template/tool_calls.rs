@@ -39,7 +39,49 @@ impl Call<'_> {
     }
 }
 
+impl std::str::FromStr for ToolCallFormat {
+    type Err = String;
+
+    /// vLLM's `--tool-call-parser` names.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "hermes" => Ok(Self::Hermes),
+            "llama3_json" => Ok(Self::LlamaJson),
+            _ => Err(format!("unknown tool call parser {s:?}: expected hermes or llama3_json")),
+        }
+    }
+}
+
 impl ToolCallFormat {
+    /// The form a chat template (its Jinja source) asks the model to call tools in: Hermes blocks
+    /// where it writes `<tool_call>`, Llama 3.1 JSON where it speaks of `ipython` results or
+    /// `"parameters"`, Hermes otherwise.
+    pub fn of_template(source: &str) -> Self {
+        if source.contains("<tool_call>") {
+            Self::Hermes
+        } else if source.contains("ipython") || source.contains("\"parameters\"") {
+            Self::LlamaJson
+        } else {
+            Self::Hermes
+        }
+    }
+
+    /// vLLM's name for this form's parser.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hermes => "hermes",
+            Self::LlamaJson => "llama3_json",
+        }
+    }
+
+    /// A reader of this form's calls as an answer streams.
+    pub fn stream(self) -> ToolCallStream {
+        match self {
+            Self::Hermes => ToolCallStream::Hermes(HermesStream::default()),
+            Self::LlamaJson => ToolCallStream::LlamaJson(LlamaJsonStream::default()),
+        }
+    }
+
     /// The content and the calls of an answer. Markup that does not parse stays in the content, as
     /// the servers' parsers leave it.
     pub fn parse(self, text: &str) -> (String, Vec<ParsedCall>) {
@@ -191,6 +233,83 @@ impl HermesStream {
     }
 }
 
+/// Reads Llama 3.1 JSON calls out of an answer as it streams. The whole answer is the calls or is
+/// content, so an answer that could still be calls (its first characters, past whitespace, are
+/// `{` or a prefix of `<|python_tag|>`) is held to its end and parsed whole; any other answer goes
+/// out as content as it comes. The pieces add up to [`ToolCallFormat::parse`] of the whole text.
+#[derive(Debug, Default)]
+pub struct LlamaJsonStream {
+    held: String,
+    /// `Some(true)`: held to the end; `Some(false)`: content as it comes; `None`: undecided.
+    calls: Option<bool>,
+}
+
+const PYTHON_TAG: &str = "<|python_tag|>";
+
+impl LlamaJsonStream {
+    pub fn push(&mut self, text: &str) -> Vec<StreamPiece> {
+        if self.calls == Some(false) {
+            return if text.is_empty() { Vec::new() } else { vec![StreamPiece::Content(text.to_owned())] };
+        }
+        self.held.push_str(text);
+        if self.calls.is_none() {
+            let start = self.held.trim_start();
+            if start.is_empty() {
+                return Vec::new();
+            }
+            let could_be_calls = start.starts_with('{')
+                || start.starts_with(PYTHON_TAG)
+                || (start.len() < PYTHON_TAG.len() && PYTHON_TAG.starts_with(start));
+            if !could_be_calls {
+                self.calls = Some(false);
+                return vec![StreamPiece::Content(std::mem::take(&mut self.held))];
+            }
+            if start.starts_with('{') || start.starts_with(PYTHON_TAG) {
+                self.calls = Some(true);
+            }
+        }
+        Vec::new()
+    }
+
+    pub fn finish(&mut self) -> Vec<StreamPiece> {
+        let held = std::mem::take(&mut self.held);
+        if held.is_empty() {
+            return Vec::new();
+        }
+        let (content, calls) = ToolCallFormat::LlamaJson.parse(&held);
+        let mut out: Vec<StreamPiece> = calls.into_iter().map(StreamPiece::Call).collect();
+        if !content.is_empty() {
+            out.insert(0, StreamPiece::Content(content));
+        }
+        out
+    }
+}
+
+/// A streamed answer's tool-call reader, in the form the served model's template asks for.
+#[derive(Debug)]
+pub enum ToolCallStream {
+    Hermes(HermesStream),
+    LlamaJson(LlamaJsonStream),
+}
+
+impl ToolCallStream {
+    /// The pieces `text` completes.
+    pub fn push(&mut self, text: &str) -> Vec<StreamPiece> {
+        match self {
+            Self::Hermes(s) => s.push(text),
+            Self::LlamaJson(s) => s.push(text),
+        }
+    }
+
+    /// The pieces left at the end of the answer.
+    pub fn finish(&mut self) -> Vec<StreamPiece> {
+        match self {
+            Self::Hermes(s) => s.finish(),
+            Self::LlamaJson(s) => s.finish(),
+        }
+    }
+}
+
 fn llama_json(text: &str) -> Option<Vec<ParsedCall>> {
     let mut rest = text.trim();
     rest = rest.strip_prefix("<|python_tag|>").unwrap_or(rest).trim_start();
@@ -231,8 +350,12 @@ mod tests {
     /// `text`'s pieces when streamed in the given chunk lengths (in chars), merged: the content
     /// joined and the calls in order.
     fn streamed(text: &str, cuts: &[usize]) -> (String, Vec<ParsedCall>) {
+        streamed_as(ToolCallFormat::Hermes, text, cuts)
+    }
+
+    fn streamed_as(format: ToolCallFormat, text: &str, cuts: &[usize]) -> (String, Vec<ParsedCall>) {
         let chars: Vec<char> = text.chars().collect();
-        let mut s = HermesStream::default();
+        let mut s = format.stream();
         let mut pieces = Vec::new();
         let mut at = 0usize;
         for &n in cuts.iter().chain(std::iter::once(&usize::MAX)) {
@@ -281,6 +404,19 @@ mod tests {
 
     proptest::proptest! {
         #[test]
+        fn streamed_llama_json_equals_unstreamed(
+            parts in proptest::collection::vec(proptest::sample::select(vec![
+                "<|python_tag|>", "<|python", "{\"name\": \"a\", \"parameters\": {\"x\": 1}}", "{\"name\": \"b\"}",
+                "; ", " ", "\n", "word", "{", "}", "é", "<",
+            ]), 0..16),
+            cuts in proptest::collection::vec(1..6usize, 0..40),
+        ) {
+            let text: String = parts.concat();
+            let format = ToolCallFormat::LlamaJson;
+            proptest::prop_assert_eq!(streamed_as(format, &text, &cuts), format.parse(&text));
+        }
+
+        #[test]
         fn streamed_hermes_equals_unstreamed(
             parts in proptest::collection::vec(proptest::sample::select(vec![
                 "<tool_call>", "</tool_call>", "{\"name\": \"f\", \"arguments\": {\"a\": 1}}", "{\"name\": \"g\"}",
@@ -291,6 +427,24 @@ mod tests {
             let text: String = parts.concat();
             proptest::prop_assert_eq!(streamed(&text, &cuts), ToolCallFormat::Hermes.parse(&text));
         }
+    }
+
+    #[test]
+    fn a_template_names_its_parser() {
+        assert_eq!(ToolCallFormat::of_template("{{ '<tool_call>' }}"), ToolCallFormat::Hermes);
+        assert_eq!(ToolCallFormat::of_template("{% if m.role == 'ipython' %}"), ToolCallFormat::LlamaJson);
+        assert_eq!(ToolCallFormat::of_template("{{ m.content }}"), ToolCallFormat::Hermes);
+        for f in [ToolCallFormat::Hermes, ToolCallFormat::LlamaJson] {
+            assert_eq!(f.as_str().parse::<ToolCallFormat>(), Ok(f));
+        }
+        assert!("pythonic".parse::<ToolCallFormat>().unwrap_err().contains("hermes or llama3_json"));
+        // Plain text streams as it comes; a call is held to the end.
+        let mut s = ToolCallFormat::LlamaJson.stream();
+        assert_eq!(s.push(" Hel"), vec![StreamPiece::Content(" Hel".into())]);
+        let mut s = ToolCallFormat::LlamaJson.stream();
+        assert_eq!(s.push(" <|pyth"), vec![]);
+        assert_eq!(s.push("on_tag|>{\"name\": \"a\"}"), vec![]);
+        assert_eq!(s.finish(), vec![StreamPiece::Call(ParsedCall { name: "a".into(), arguments: "{}".into() })]);
     }
 
     #[test]

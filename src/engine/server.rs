@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 use super::local::LocalEngine;
 use super::scheduler::{EngineEvent, EngineRequest, Pin, Sampling};
 use super::stop::StopStrings;
-use crate::chat_template::{HermesStream, StreamPiece, ToolCallFormat};
+use crate::chat_template::{StreamPiece, ToolCallFormat};
 use crate::sim::server::metrics::{render as render_metrics, CacheConfig, Renderer};
 
 /// The model's tokenizer. Calls may block (they take the GIL); the server makes them from blocking
@@ -61,6 +61,9 @@ pub struct ServeOptions {
     pub eos_token_ids: Vec<u32>,
     /// The longest a tool-wait hint keeps an agent's KV blocks pinned (`--kv-pin-ttl`).
     pub kv_pin_ttl: Duration,
+    /// The form chat answers' tool calls are read in (`--tool-call-parser`, by default the one the
+    /// model's chat template asks for).
+    pub tool_call_parser: ToolCallFormat,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -691,10 +694,11 @@ async fn agent_done(State(state): State<Arc<AppState>>, body: Bytes) -> Response
     json_response(StatusCode::OK, &json!({"object": "batchagent.agent_done", "agent": agent}))
 }
 
-/// Tool calls in the Hermes / Qwen2.5 form the chat templates ask for (the shared parser), as
-/// the chat response's `tool_calls`; the text outside them is the content.
-fn parse_tool_calls(text: &str, id: &str) -> (String, Vec<Value>) {
-    let (content, parsed) = ToolCallFormat::Hermes.parse(text);
+/// Tool calls in the form the served model's chat template asks for (Hermes / Qwen2.5 blocks or
+/// Llama 3.1 JSON; the shared parsers), as the chat response's `tool_calls`; the rest of the text
+/// is the content.
+fn parse_tool_calls(format: ToolCallFormat, text: &str, id: &str) -> (String, Vec<Value>) {
+    let (content, parsed) = format.parse(text);
     let calls = parsed
         .into_iter()
         .enumerate()
@@ -722,6 +726,7 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
         return Err(bad_param("`echo` on chat (vLLM's: the last message prepended) is not supported", "echo"));
     }
     let tools = body.get("tools").is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()));
+    let parser = state.options.tool_call_parser;
     let has_tools = tools && body.get("tool_choice").and_then(Value::as_str) != Some("none");
     let pin = tool_wait_pin(&state, &body)?;
     if pin.is_some() && p.n > 1 {
@@ -744,7 +749,7 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
         for (i, out) in outs.iter().enumerate() {
             let text = out.text.clone();
             let (content, calls) =
-                if has_tools { parse_tool_calls(&text, &format!("{n}-{i}")) } else { (text, Vec::new()) };
+                if has_tools { parse_tool_calls(parser, &text, &format!("{n}-{i}")) } else { (text, Vec::new()) };
             any_calls |= !calls.is_empty();
             let reason = if calls.is_empty() { out.finish.reason() } else { "tool_calls" };
             record(&state, out.finish.reason());
@@ -786,7 +791,7 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
                 // With tools, content goes out as it comes and each call once its block closes
                 // (the pieces add up to the unstreamed answer's content and calls).
                 // (The reader and the count of calls sent; uncontended, a Mutex only to be `Send`.)
-                let calls = Mutex::new((HermesStream::default(), 0usize));
+                let calls = Mutex::new((parser.stream(), 0usize));
                 let calls = &calls;
                 let lock = || calls.lock().unwrap_or_else(PoisonError::into_inner);
                 let send = |pieces: Vec<StreamPiece>| {
@@ -832,7 +837,7 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
         let Some(outs) = join_all(tasks).await.into_iter().collect::<Option<Vec<_>>>() else { return };
         // The pin is decided on the whole text, as for an unstreamed answer.
         if let Some(agent) =
-            agent.filter(|_| !has_tools || outs.iter().all(|o| parse_tool_calls(&o.text, "").1.is_empty()))
+            agent.filter(|_| !has_tools || outs.iter().all(|o| parse_tool_calls(parser, &o.text, "").1.is_empty()))
         {
             state.engine.agent_done(agent);
         }
@@ -1074,6 +1079,7 @@ mod tests {
     #[test]
     fn hermes_tool_calls_are_parsed_out_of_the_text() {
         let (content, calls) = parse_tool_calls(
+            ToolCallFormat::Hermes,
             "Let me look.\n<tool_call>\n{\"name\": \"search\", \"arguments\": {\"q\": \"rust\"}}\n</tool_call>",
             "3",
         );
@@ -1081,7 +1087,7 @@ mod tests {
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0]["function"]["name"], "search");
         assert_eq!(calls[0]["function"]["arguments"], "{\"q\": \"rust\"}");
-        let (content, calls) = parse_tool_calls("<tool_call>not json</tool_call>", "0");
+        let (content, calls) = parse_tool_calls(ToolCallFormat::Hermes, "<tool_call>not json</tool_call>", "0");
         assert_eq!((content.as_str(), calls.len()), ("<tool_call>not json</tool_call>", 0));
     }
 }

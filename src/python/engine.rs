@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyDict, PyList, PyTuple};
 
 use super::errors::{RunError, SchemaError};
+use crate::chat_template::ToolCallFormat;
 use crate::engine::server::{EngineServer, ServeOptions, TextCodec};
 use crate::engine::{
     EngineEvent, EngineRequest, Eviction, LocalEngine, Sampling, SchedulerConfig, StepExecutor, StepLayout,
@@ -281,7 +282,7 @@ impl PyEngineServer {
 
 /// Serves `worker`'s model over the OpenAI-compatible API; returns once it listens.
 #[pyfunction]
-#[pyo3(signature = (worker, *, model, max_model_len, eos_token_ids, host="127.0.0.1".to_owned(), port=8000, max_num_seqs=256, max_num_batched_tokens=8192, enable_prefix_caching=true, kv_pin_ttl=30.0, kv_eviction="next_use"))]
+#[pyo3(signature = (worker, *, model, max_model_len, eos_token_ids, host="127.0.0.1".to_owned(), port=8000, max_num_seqs=256, max_num_batched_tokens=8192, enable_prefix_caching=true, kv_pin_ttl=30.0, kv_eviction="next_use", tool_call_parser=None, chat_template=None))]
 #[allow(clippy::too_many_arguments)] // Python keyword arguments.
 fn serve_engine(
     py: Python<'_>,
@@ -296,14 +297,21 @@ fn serve_engine(
     enable_prefix_caching: bool,
     kv_pin_ttl: f64,
     kv_eviction: &str,
+    tool_call_parser: Option<&str>,
+    chat_template: Option<&str>,
 ) -> PyResult<PyEngineServer> {
+    // vLLM's `--tool-call-parser`; by default the form the model's chat template asks for.
+    let tool_call_parser = match tool_call_parser {
+        Some(name) => name.parse().map_err(|e: String| PyValueError::new_err(format!("tool_call_parser: {e}")))?,
+        None => chat_template.map_or(ToolCallFormat::Hermes, ToolCallFormat::of_template),
+    };
     let kv_pin_ttl = Duration::try_from_secs_f64(kv_pin_ttl)
         .map_err(|_| PyValueError::new_err(format!("kv_pin_ttl {kv_pin_ttl} is not a number of seconds >= 0")))?;
     let eviction: Eviction =
         kv_eviction.parse().map_err(|e: String| PyValueError::new_err(format!("kv_eviction: {e}")))?;
     let engine = Arc::new(start_engine(worker, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, eviction)?);
     let codec = Arc::new(PyCodec { worker: worker.clone().unbind() });
-    let options = ServeOptions { host, port, model, max_model_len, eos_token_ids, kv_pin_ttl };
+    let options = ServeOptions { host, port, model, max_model_len, eos_token_ids, kv_pin_ttl, tool_call_parser };
     let rt = super::runtime()?;
     let started = py.allow_threads(|| rt.block_on(EngineServer::start(Arc::clone(&engine), codec, options)));
     match started {

@@ -30,12 +30,15 @@ def start(
     seed: int = 0,
     kv_pin_ttl: float = 30.0,
     kv_eviction: str = "next_use",
+    tool_call_parser: str | None = None,
 ) -> EngineServer:
     """Loads the model in `model` (a Hugging Face checkpoint directory) and serves it; returns once
     it listens. The served name defaults to `model` as given, as vLLM's does. `device` defaults to
     CUDA where there is one, `dtype` to bf16 there and fp32 on the CPU. `kv_pin_ttl`: the longest a
     tool-wait hint keeps an agent's KV blocks, in seconds. `kv_eviction`: `next_use` (the cached
-    blocks of agents due back furthest away, or done, go first) or `lru`."""
+    blocks of agents due back furthest away, or done, go first) or `lru`. `tool_call_parser`:
+    vLLM's `hermes` (`<tool_call>` blocks, Qwen2.5) or `llama3_json` (Llama 3.1 / 3.2); by default
+    the form the model's chat template asks for."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("fp32" if device == "cpu" else "bf16")
     worker = EngineWorker(
@@ -47,13 +50,15 @@ def start(
         worker, model=served_model_name or model, max_model_len=worker.runner.max_model_len,
         eos_token_ids=worker.eos_token_ids(), host=host, port=port, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-        kv_pin_ttl=kv_pin_ttl, kv_eviction=kv_eviction,
+        kv_pin_ttl=kv_pin_ttl, kv_eviction=kv_eviction, tool_call_parser=tool_call_parser,
+        chat_template=worker.chat_template_source() if tool_call_parser is None else None,
     )  # fmt: skip
 
 
 _LOCAL_OPTIONS = {
     "device": str, "devices": str, "dtype": str, "random_weights": bool, "kv_cache_tokens": int,
     "max_num_seqs": int, "max_num_batched_tokens": int, "prefix_caching": bool, "seed": int,
+    "tool_call_parser": str,
 }  # fmt: skip
 
 

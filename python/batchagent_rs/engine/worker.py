@@ -154,6 +154,14 @@ class EngineWorker:
                 ) from None
         return self._tokenizer
 
+    def chat_template_source(self) -> str | None:
+        """The tokenizer's chat template (the `tool_use` one of a named set, else its `default`), or
+        None without one; the engine's server reads the form of tool calls it asks for from it."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if isinstance(template, dict):
+            template = template.get("tool_use") or template.get("default")
+        return template if isinstance(template, str) else None
+
     def eos_token_ids(self) -> list[int]:
         """The tokens that end an output: the tokenizer's EOS and generation_config.json's."""
         ids: set[int] = set()
