@@ -535,6 +535,27 @@ def tool_model_dir(model_dir: tuple[Any, Any, Path], tmp_path_factory: pytest.Te
     return rewired_to_call(model_dir[2], tmp_path_factory.mktemp("engine") / "tool-caller", CALL)
 
 
+def calls_whole_and_streamed(
+    path: Path, common: dict[str, Any], **serve_kw: Any
+) -> tuple[Any, list[Any], list[Any]]:
+    """One chat answer unstreamed and streamed: the whole choice, its calls as (name, arguments),
+    and the stream's deltas."""
+    server = serve.start(str(path), device="cpu", port=0, kv_cache_tokens=512, **serve_kw)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        whole = client.chat.completions.create(**common).choices[0]
+        chunks = list(client.chat.completions.create(**common, stream=True))
+    finally:
+        server.stop()
+    calls = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.finish_reason
+    return whole, calls, [c.choices[0].delta for c in chunks if c.choices]
+
+
+def streamed_calls(deltas: list[Any]) -> list[tuple[str, str]]:
+    return [(t.function.name, t.function.arguments) for d in deltas for t in d.tool_calls or [] if t.function]
+
+
 # A Llama 3.1-style template (tool results as `ipython` messages, calls as bare JSON).
 LLAMA_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ 'ipython' if m.role == 'tool' else m.role }}\n"
@@ -556,29 +577,15 @@ def test_a_llama_template_s_json_calls_are_read_streamed_or_not(
         temperature=0, extra_body={"ignore_eos": True},
     )  # fmt: skip
     # The parser follows the template: two calls, the same streamed.
-    server = serve.start(str(path), device="cpu", port=0, kv_cache_tokens=512)
-    try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
-        whole = client.chat.completions.create(**common).choices[0]
-        chunks = list(client.chat.completions.create(**common, stream=True))
-    finally:
-        server.stop()
-    assert whole.finish_reason == "tool_calls" and whole.message.tool_calls is not None
-    want = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    whole, want, deltas = calls_whole_and_streamed(path, common)
+    assert whole.finish_reason == "tool_calls"
     assert want == [("lookup", '{"q": 1}')] * 2
-    deltas = [c.choices[0].delta for c in chunks if c.choices]
-    assert [
-        (t.function.name, t.function.arguments) for d in deltas for t in d.tool_calls or [] if t.function
-    ] == want
+    assert streamed_calls(deltas) == want
     assert not "".join(d.content or "" for d in deltas)
     # Told to read Hermes blocks, the same answer is content; an unknown parser is refused.
-    server = serve.start(str(path), device="cpu", port=0, kv_cache_tokens=512, tool_call_parser="hermes")
-    try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
-        plain = client.chat.completions.create(**common).choices[0]
-    finally:
-        server.stop()
-    assert plain.finish_reason == "length" and plain.message.content == call * 2
+    plain, calls, deltas = calls_whole_and_streamed(path, common, tool_call_parser="hermes")
+    assert plain.finish_reason == "length" and plain.message.content == call * 2 and not calls
+    assert "".join(d.content or "" for d in deltas) == call * 2
     with pytest.raises(ValueError, match="hermes or llama3_json"):
         serve.start(str(path), device="cpu", port=0, kv_cache_tokens=512, tool_call_parser="pythonic")
 
@@ -725,30 +732,20 @@ def test_a_hinted_completion_is_pinned_and_a_hinted_prompt_list_is_refused(
 
 
 def test_streamed_chat_carries_the_tool_calls_of_the_unstreamed_answer(tool_model_dir: Path) -> None:
-    server = serve.start(str(tool_model_dir), device="cpu", port=0, kv_cache_tokens=512)
-    try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
-        common: dict[str, Any] = dict(
-            model=str(tool_model_dir), messages=[{"role": "user", "content": "Research it."}], tools=LOOKUP,
-            max_tokens=3, temperature=0, extra_body={"ignore_eos": True},
-        )  # fmt: skip
-        whole = client.chat.completions.create(**common).choices[0]
-        chunks = list(client.chat.completions.create(**common, stream=True))
-    finally:
-        server.stop()
+    common: dict[str, Any] = dict(
+        model=str(tool_model_dir), messages=[{"role": "user", "content": "Research it."}], tools=LOOKUP,
+        max_tokens=3, temperature=0, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    whole, want, deltas = calls_whole_and_streamed(tool_model_dir, common)
     # Three tokens, each a whole call of `lookup`.
-    assert whole.finish_reason == "tool_calls" and whole.message.tool_calls is not None
-    want = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    assert whole.finish_reason == "tool_calls"
     assert want == [("lookup", "{}")] * 3
-    deltas = [c.choices[0].delta for c in chunks if c.choices]
-    got = [(t.function.name, t.function.arguments) for d in deltas for t in d.tool_calls or [] if t.function]
-    assert got == want
+    assert streamed_calls(deltas) == want
     assert [t.index for d in deltas for t in d.tool_calls or []] == [0, 1, 2]
     # Each call goes out once its block closes: three chunks of calls, and no markup as content.
     assert sum(1 for d in deltas if d.tool_calls) == 3
     assert "".join(d.content or "" for d in deltas) == (whole.message.content or "")
     assert "<tool_call>" not in "".join(d.content or "" for d in deltas)
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 
 def test_a_local_backend_sends_the_tool_wait_hint(tool_model_dir: Path) -> None:
