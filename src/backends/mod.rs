@@ -46,9 +46,11 @@ pub struct AgentHints {
     /// (the run's 75th percentile of tool waits so far); `None` for an agent without tools or
     /// before any tool wait was seen.
     pub tool_wait_s: Option<f64>,
-    /// Seconds from the end of this call to the agent's next call should it end in tool calls
-    /// (the run's 75th percentile of that gap so far: the tools and the wait for a free slot);
-    /// `None` as for `tool_wait_s`.
+    /// Seconds from the end of this call to the agent's next call should it end in tool calls:
+    /// the 75th percentile of that gap so far (the tools and the wait for a free slot) among the
+    /// calls that took their slot with one turn fewer left than this one, as the agent's next call
+    /// will (slots go to the fewest turns left first), or among all calls while those number
+    /// fewer than 8 (`scheduler::stats::NextCallGap`); `None` as for `tool_wait_s`.
     pub next_call_s: Option<f64>,
 }
 

@@ -669,7 +669,7 @@ impl Agent<'_> {
                         None
                     },
                     next_call_s: if ctx.spec.engine_hints && !ctx.spec.tools.is_empty() {
-                        ctx.stats.next_call_gap.quantile(0.75)
+                        ctx.stats.next_call_gap.predict(remaining)
                     } else {
                         None
                     },
@@ -685,7 +685,7 @@ impl Agent<'_> {
             }
             let permit = ctx.slots.acquire(remaining).await;
             if let Some(asked) = self.tools_asked_at.take() {
-                ctx.stats.next_call_gap.record(asked.elapsed());
+                ctx.stats.next_call_gap.record(remaining, asked.elapsed());
             }
             self.called = true;
             ctx.stats.model_calls.fetch_add(1, Relaxed);

@@ -106,6 +106,49 @@ impl Histogram {
     }
 }
 
+/// The gap from the end of a model call that asked for tools to the agent's next call going out,
+/// kept run-wide and per slot priority of that next call (its turns left, as `max_inflight` slots
+/// are handed out: fewest first). The wait for a slot, most of the gap with many agents, follows
+/// that priority, so one run-wide figure would predict the same return for an agent a slot is
+/// about to go to as for one that will wait behind it.
+#[derive(Debug, Default)]
+pub struct NextCallGap {
+    all: Histogram,
+    /// Indexed by `min(turns left, GAP_PRIORITIES - 1)` of the next call.
+    by_priority: [Histogram; GAP_PRIORITIES],
+}
+
+/// Slot priorities the gap is kept for apart; higher ones share the last histogram (1,200
+/// counters each, so 16 of them is about 150 KiB a run).
+pub const GAP_PRIORITIES: usize = 16;
+/// Samples a priority needs before its own 75th percentile is used rather than the run's.
+pub const GAP_MIN_SAMPLES: u64 = 8;
+
+impl NextCallGap {
+    fn bucket(&self, priority: u32) -> &Histogram {
+        &self.by_priority[(priority as usize).min(GAP_PRIORITIES - 1)]
+    }
+
+    /// One gap, ending in a call that took its slot with `priority` (its turns left).
+    pub fn record(&self, priority: u32, gap: Duration) {
+        self.all.record(gap);
+        self.bucket(priority).record(gap);
+    }
+
+    /// The predicted gap after a call made with `priority` turns left, should it ask for tools:
+    /// the 75th percentile of the gaps whose next call had one turn fewer left (the priority the
+    /// agent's next call will wait with), or of all gaps while that priority has fewer than
+    /// `GAP_MIN_SAMPLES`; `None` before any gap was seen.
+    pub fn predict(&self, priority: u32) -> Option<f64> {
+        let own = self.bucket(priority.saturating_sub(1));
+        if own.count() >= GAP_MIN_SAMPLES {
+            own.quantile(0.75)
+        } else {
+            self.all.quantile(0.75)
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct LatencySummary {
     pub count: u64,
@@ -170,8 +213,8 @@ pub struct RunStats {
     /// How long an agent waited for its tool calls of one turn (all of them, run concurrently).
     pub tool_wait: Histogram,
     /// From the end of a model call that asked for tools to the agent's next call going out (its
-    /// tools, then the wait for a free slot).
-    pub next_call_gap: Histogram,
+    /// tools, then the wait for a free slot), run-wide and per slot priority of the next call.
+    pub next_call_gap: NextCallGap,
     errors: Mutex<Vec<(String, u64)>>,
 }
 
@@ -297,5 +340,40 @@ mod tests {
         }
         assert_eq!(h.cumulative(&[0.0005, 0.01, 0.1, 1.0, 10.0]), vec![0, 2, 4, 5, 6]);
         assert!((h.sum() - 4.346).abs() < 1e-6);
+    }
+
+    #[test]
+    fn next_call_gap_predicts_from_the_next_calls_priority_once_it_has_samples() {
+        let gaps = NextCallGap::default();
+        assert_eq!(gaps.predict(4), None);
+        // Calls that waited with 3 turns left came back after 1 s, those with 6 left after 9 s.
+        for _ in 0..GAP_MIN_SAMPLES {
+            gaps.record(3, Duration::from_secs(1));
+            gaps.record(6, Duration::from_secs(9));
+        }
+        let near = |got: Option<f64>, want: f64| (got.unwrap() - want).abs() / want < 0.02;
+        // A call with 4 turns left makes its next call with 3 left.
+        assert!(near(gaps.predict(4), 1.0), "{:?}", gaps.predict(4));
+        assert!(near(gaps.predict(7), 9.0), "{:?}", gaps.predict(7));
+        // Priority 5 has no samples of its own: the run-wide 75th percentile (of 1 s and 9 s alike).
+        assert!(near(gaps.predict(6), 9.0));
+        // Under GAP_MIN_SAMPLES, a priority's own samples are not used yet.
+        for _ in 1..GAP_MIN_SAMPLES {
+            gaps.record(5, Duration::from_millis(500));
+        }
+        // The run-wide 75th percentile of 7 x 0.5 s, 8 x 1 s and 8 x 9 s.
+        assert!(near(gaps.predict(6), 9.0), "{:?}", gaps.predict(6));
+        gaps.record(5, Duration::from_millis(500));
+        assert!(near(gaps.predict(6), 0.5), "{:?}", gaps.predict(6));
+        // Priorities at or past the last histogram share it; the first call after priority 0 or 1
+        // reads priority 0's.
+        for _ in 0..GAP_MIN_SAMPLES {
+            gaps.record(40, Duration::from_secs(2));
+            gaps.record(0, Duration::from_secs(4));
+        }
+        assert!(near(gaps.predict(GAP_PRIORITIES as u32), 2.0));
+        assert!(near(gaps.predict(100), 2.0));
+        assert!(near(gaps.predict(0), 4.0));
+        assert!(near(gaps.predict(1), 4.0));
     }
 }
