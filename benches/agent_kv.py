@@ -6,9 +6,10 @@ tool-wait retention and eviction by next use, each on and off, under KV memory p
 The definitive workload's agents (a ~2,048-token shared system prompt, 0.8 s tools) with 2 to 6
 turns each (1 to 5 tool rounds, scripted per agent through `extra_body={"sim": {"tool_rounds": k}}`,
 uncached tools so every round waits), max_inflight=32, through `Batch(engine_hints=True)` against
-sim:// (the client sends each agent's id and the run's P75 tool wait). The simulator runs the
-h100-qwen2.5-7b step costs with a KV cache of `--kv-tokens` (default 32,768 tokens), far below what
-the agents alive at once hold, so blocks are evicted all the time. Four configurations, each on a
+sim:// (the client sends each agent's id, the run's P75 tool wait and the predicted gap to its next
+call, by slot priority). The simulator runs the h100-qwen2.5-7b step costs with a KV cache of
+`--kv-tokens` (default 32,768 tokens), far below what the agents alive at once hold, so blocks are
+evicted all the time. Four configurations, each on a
 fresh simulator with the same seed:
 
     retention off, eviction lru        (the baseline: what vLLM does with the same requests)
@@ -274,7 +275,7 @@ def main() -> None:
             "kv_bytes_per_token": KV_BYTES_PER_TOKEN,
             "client": (
                 "Batch(engine_hints=True) on sim://: each call carries its agent id"
-                " and the run's P75 tool wait"
+                ", the run's P75 tool wait and the P75 gap to the next call at its slot priority"
             ),
             "retention_off": "kv_pin_ttl=0",
             "retention_on": "kv_pin_ttl=30 (simulated s)",
