@@ -17,7 +17,7 @@
 //! its agent's key, until the pin's deadline; the agent's next request with the same key takes
 //! them over (its whole history is then a prefix-cache hit). Pins are a hint, never a reason to
 //! stall: a pin is dropped whenever a block is missing, before any preemption and before a waiting
-//! request is turned away (the one that ends first, or under [`Eviction::NextUse`] the one whose
+//! request is turned away (the oldest, or under [`Eviction::NextUse`] the one whose
 //! agent is due back last), and expired pins are dropped at each step.
 //!
 //! Eviction by next use: a request carrying a [`Pin`] also says when its agent is expected back
@@ -150,6 +150,8 @@ struct Predicted {
 /// The blocks of a finished sequence, held for its agent (see [`Pin`]).
 struct Pinned {
     seq: u64,
+    /// When the pin was made (its sequence finished) and when it ends.
+    made: Duration,
     until: Duration,
     later: Vec<u64>,
     /// Their predicted next use once released.
@@ -389,10 +391,14 @@ impl Scheduler {
         true
     }
 
-    /// Releases a pin to make room; `false` if there is none. Under [`Eviction::Lru`], the pin that
-    /// ends first; under [`Eviction::NextUse`], the one whose agent is due back last (Belady, as for
-    /// the blocks themselves), the one ending first among equals.
+    /// Releases a pin to make room; `false` if there is none. Under [`Eviction::Lru`], the oldest
+    /// pin (least recently released, as LRU takes blocks; pins' holds differ with their agents'
+    /// predicted waits, so the one ending first may be the newest); under [`Eviction::NextUse`], the
+    /// one whose agent is due back last (Belady, as for the blocks themselves), the one ending first
+    /// among equals.
     fn drop_a_pin(&mut self) -> bool {
+        let by_age =
+            |a: &(&String, &Pinned), b: &(&String, &Pinned)| a.1.made.cmp(&b.1.made).then_with(|| a.0.cmp(b.0));
         let by_deadline =
             |a: &(&String, &Pinned), b: &(&String, &Pinned)| a.1.until.cmp(&b.1.until).then_with(|| a.0.cmp(b.0));
         // Larger is further: not coming back, unknown, then the predicted return.
@@ -402,7 +408,7 @@ impl Scheduler {
             NextUse::At { at, .. } => (0, at),
         };
         let chosen = match self.config.eviction {
-            Eviction::Lru => self.pins.iter().min_by(by_deadline),
+            Eviction::Lru => self.pins.iter().min_by(by_age),
             Eviction::NextUse => {
                 self.pins.iter().min_by(|a, b| rank(b.1).cmp(&rank(a.1)).then_with(|| by_deadline(a, b)))
             }
@@ -648,7 +654,7 @@ impl Scheduler {
                     Some(pin) if !pin.hold.is_zero() => {
                         let until = now.saturating_add(pin.hold);
                         let next_use = pin.next_use(now);
-                        pinned.push((pin.key, Pinned { seq: s.id, until, later, next_use }));
+                        pinned.push((pin.key, Pinned { seq: s.id, made: now, until, later, next_use }));
                     }
                     Some(pin) => {
                         let next_use = pin.next_use(now);
@@ -983,17 +989,13 @@ mod tests {
         assert!(m.kv_usage.abs() < f64::EPSILON, "{}", m.kv_usage);
     }
 
-    /// Three agents pinned (24 of 32 blocks; agent k held 10 + k s, back in half that), then a
-    /// 64-token request needing 16 blocks: returns the agents still pinned and the counters.
-    fn one_pin_gives_way(eviction: Eviction) -> (Vec<String>, EngineMetrics) {
+    /// Three agents pinned in turn (24 of 32 blocks; agent k held `holds[k]` s, back in half
+    /// that), then a 64-token request needing 16 blocks: returns the agents still pinned and the
+    /// counters.
+    fn one_pin_gives_way(eviction: Eviction, holds: [u64; 3]) -> (Vec<String>, EngineMetrics) {
         let mut s = Scheduler::new(SchedulerConfig { eviction, ..config(32, 64) });
-        for agent in 0..3u32 {
-            serve(
-                &mut s,
-                &toks(40 + agent, 28),
-                &toks(50 + agent, 4),
-                Some(pin(&format!("agent-{agent}"), 10 + u64::from(agent))),
-            );
+        for (agent, hold) in (0..3u32).zip(holds) {
+            serve(&mut s, &toks(40 + agent, 28), &toks(50 + agent, 4), Some(pin(&format!("agent-{agent}"), hold)));
         }
         serve(&mut s, &toks(60, 60), &toks(61, 4), None);
         (s.pinned().into_iter().map(|p| p.0).collect(), s.snapshot())
@@ -1001,13 +1003,16 @@ mod tests {
 
     #[test]
     fn pins_are_dropped_before_any_preemption() {
-        // LRU: the pin that ends first gives way; next use: the agent due back last.
-        let (pinned, m) = one_pin_gives_way(Eviction::Lru);
+        // LRU: the oldest pin gives way; next use: the agent due back last.
+        let (pinned, m) = one_pin_gives_way(Eviction::Lru, [10, 11, 12]);
         assert_eq!(pinned, vec!["agent-1", "agent-2"]);
         assert_eq!((m.pins, m.pins_dropped, m.preemptions), (3, 1, 0));
-        let (pinned, m) = one_pin_gives_way(Eviction::NextUse);
+        let (pinned, m) = one_pin_gives_way(Eviction::NextUse, [10, 11, 12]);
         assert_eq!(pinned, vec!["agent-0", "agent-1"]);
         assert_eq!((m.pins, m.pins_dropped, m.preemptions), (3, 1, 0));
+        // The oldest pin ends last: LRU still drops it, not the newest one that ends first.
+        assert_eq!(one_pin_gives_way(Eviction::Lru, [30, 12, 10]).0, vec!["agent-1", "agent-2"]);
+        assert_eq!(one_pin_gives_way(Eviction::NextUse, [30, 12, 10]).0, vec!["agent-1", "agent-2"]);
 
         // Two running sequences outgrowing the cache: the last pin goes before either is preempted.
         let mut s = Scheduler::new(config(16, 64));
