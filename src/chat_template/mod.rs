@@ -29,7 +29,9 @@ use serde::Serialize;
 use crate::conversation::{Message, Role, ToolCall, ToolDef};
 use crate::limits::headers::civil_from_days;
 pub use jinja::JinjaTemplate;
-pub use tool_calls::{HermesStream, LlamaJsonStream, ParsedCall, StreamPiece, ToolCallFormat, ToolCallStream};
+pub use tool_calls::{
+    partial_match_len, HermesStream, LlamaJsonStream, ParsedCall, StreamPiece, ToolCallFormat, ToolCallStream,
+};
 
 /// Qwen2.5's system prompt when the conversation has none.
 const QWEN_DEFAULT_SYSTEM: &str = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";

@@ -129,6 +129,24 @@ pub enum StreamPiece {
 }
 
 const OPEN: &str = "<tool_call>";
+
+/// The length in bytes of the longest suffix of `text` that is a proper prefix of one of `needles`:
+/// what a stream holds back, since more text could complete a needle there (a tool-call tag, a
+/// stop string).
+pub fn partial_match_len<S: AsRef<str>>(text: &str, needles: &[S]) -> usize {
+    let longest = needles.iter().map(|n| n.as_ref().len()).max().unwrap_or(0);
+    let mut from = text.len().saturating_sub(longest.saturating_sub(1));
+    while !text.is_char_boundary(from) {
+        from += 1;
+    }
+    (from..text.len())
+        .filter(|&p| text.is_char_boundary(p))
+        .find(|&p| {
+            let tail = &text[p..];
+            needles.iter().any(|n| n.as_ref().len() > tail.len() && n.as_ref().starts_with(tail))
+        })
+        .map_or(0, |p| text.len() - p)
+}
 const CLOSE: &str = "</tool_call>";
 
 /// Reads Hermes tool calls out of an answer as it streams: content goes out as soon as it cannot be
@@ -183,14 +201,7 @@ impl HermesStream {
                 continue;
             }
             // Hold back what could be the start of a tag.
-            let keep = (1..OPEN.len())
-                .rev()
-                .find(|&k| {
-                    self.buf.len() >= k
-                        && self.buf.is_char_boundary(self.buf.len() - k)
-                        && OPEN.starts_with(&self.buf[self.buf.len() - k..])
-                })
-                .unwrap_or(0);
+            let keep = partial_match_len(&self.buf, &[OPEN]);
             let ready = self.buf[..self.buf.len() - keep].to_owned();
             self.buf.drain(..self.buf.len() - keep);
             self.content(&ready, &mut out);

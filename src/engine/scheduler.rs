@@ -163,8 +163,10 @@ pub enum EngineEvent {
     /// The request was admitted to the running batch; its prefix-cache hit is known.
     Started { cached_tokens: usize },
     /// Output token `index` (0-based) was produced; `id` is the sampled token (in the simulator, the
-    /// request's `output_tokens[index]`, 0 when not given).
-    Token { index: usize, id: u32 },
+    /// request's `output_tokens[index]`, 0 when not given). `stop`: it is a stop token that ends the
+    /// output (once `min_tokens` are out, and not the last token `max_new_tokens` allow, which ends
+    /// it by length, as vLLM's `check_stop` has it).
+    Token { index: usize, id: u32, stop: bool },
     /// The last event of a served request. Durations are the scheduler's time from arrival.
     Finished {
         prompt_tokens: usize,
@@ -619,13 +621,16 @@ impl Scheduler {
                     s.first_token = Some(now);
                     self.m.ttft.observe(now.saturating_sub(s.arrival).as_secs_f64());
                 }
-                if s.tx.send(EngineEvent::Token { index, id }).is_err() {
+                stopped = token.is_some()
+                    && s.generated > s.min_tokens
+                    && s.generated < s.max_new
+                    && s.stop_ids.contains(&id);
+                if s.tx.send(EngineEvent::Token { index, id, stop: stopped }).is_err() {
                     s.done = true;
                     s.pin = None;
                     self.m.requests_aborted += 1;
                     continue;
                 }
-                stopped = token.is_some() && s.generated > s.min_tokens && s.stop_ids.contains(&id);
             }
             if stopped || s.generated >= s.max_new {
                 s.done = true;
@@ -785,7 +790,7 @@ mod tests {
     fn drain(rx: &mut UnboundedReceiver<EngineEvent>, tokens: &mut Vec<u32>) -> Option<EngineEvent> {
         while let Ok(e) = rx.try_recv() {
             match e {
-                EngineEvent::Token { index, id } => {
+                EngineEvent::Token { index, id, .. } => {
                     assert_eq!(index, tokens.len());
                     tokens.push(id);
                 }
@@ -870,7 +875,8 @@ mod tests {
                 panic!("no Finished event");
             };
             assert_eq!((completion_tokens, prompt_tokens), (r.tokens.len(), r.prompt.len()));
-            assert_eq!(stopped, r.tokens.last() == Some(&STOP) && r.tokens.len() > r.min_tokens);
+            let n = r.tokens.len();
+            assert_eq!(stopped, r.tokens.last() == Some(&STOP) && n > r.min_tokens && n < r.max_new);
         }
     }
 

@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 use super::local::LocalEngine;
 use super::scheduler::{EngineEvent, EngineRequest, Pin, Sampling};
 use super::stop::StopStrings;
-use crate::chat_template::{StreamPiece, ToolCallFormat};
+use crate::chat_template::{StreamPiece, ToolCallFormat, ToolCallStream};
 use crate::sim::server::metrics::{render as render_metrics, CacheConfig, Renderer};
 
 /// The model's tokenizer. Calls may block (they take the GIL); the server makes them from blocking
@@ -373,14 +373,8 @@ struct Sequence {
     submission: Submission,
     /// Set on a prompt's first sequence when others wait for its first token.
     first_token: Option<oneshot::Sender<()>>,
-    lengths: Lengths,
-}
-
-/// A sequence's prompt tokens and the most output tokens it may have.
-#[derive(Debug, Clone, Copy)]
-struct Lengths {
-    prompt: usize,
-    max_new: usize,
+    /// Its prompt's tokens (the outcome's until the engine reports them).
+    prompt_tokens: usize,
 }
 
 enum Submission {
@@ -395,7 +389,7 @@ enum Submission {
 /// then, so they take them instead of computing them again (a sequence admitted in the same step
 /// as the first would find them still being computed).
 fn submit(state: &AppState, request: &EngineRequest, n: usize) -> Vec<Sequence> {
-    let lengths = Lengths { prompt: request.prompt.len(), max_new: request.max_new_tokens };
+    let prompt_tokens = request.prompt.len();
     let nth = |i: usize| {
         let mut r = request.clone();
         r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i as u64));
@@ -403,17 +397,22 @@ fn submit(state: &AppState, request: &EngineRequest, n: usize) -> Vec<Sequence> 
     };
     if n == 1 || !state.engine.config().enable_prefix_caching {
         return (0..n)
-            .map(|i| Sequence { submission: Submission::Now(state.engine.submit(nth(i))), first_token: None, lengths })
+            .map(|i| Sequence {
+                submission: Submission::Now(state.engine.submit(nth(i))),
+                first_token: None,
+                prompt_tokens,
+            })
             .collect();
     }
     let (tx, gate) = oneshot::channel();
     let gate = gate.shared();
-    let first = Sequence { submission: Submission::Now(state.engine.submit(nth(0))), first_token: Some(tx), lengths };
+    let first =
+        Sequence { submission: Submission::Now(state.engine.submit(nth(0))), first_token: Some(tx), prompt_tokens };
     std::iter::once(first)
         .chain((1..n).map(|i| Sequence {
             submission: Submission::After(gate.clone(), nth(i)),
             first_token: None,
-            lengths,
+            prompt_tokens,
         }))
         .collect()
 }
@@ -433,7 +432,7 @@ impl Sequence {
                 state.engine.submit(request)
             }
         };
-        drive(state, rx, p, self.lengths, on_text, stream, self.first_token).await
+        drive(state, rx, p, self.prompt_tokens, on_text, stream, self.first_token).await
     }
 }
 
@@ -533,12 +532,12 @@ async fn drive(
     state: Arc<AppState>,
     mut rx: mpsc::UnboundedReceiver<EngineEvent>,
     p: &Params,
-    lengths: Lengths,
+    prompt_tokens: usize,
     mut on_text: impl FnMut(String) -> bool,
     stream: bool,
     mut first_token: Option<oneshot::Sender<()>>,
 ) -> Result<Outcome, Response> {
-    let mut out = Outcome { prompt_tokens: lengths.prompt, ..Outcome::default() };
+    let mut out = Outcome { prompt_tokens, ..Outcome::default() };
     let mut text = StopStrings::new(p.stop.clone(), p.include_stop);
     let per_token = text.has_stops();
     // Without stop strings an unstreamed output is detokenized once, at its end.
@@ -559,13 +558,11 @@ async fn drive(
         let mut finished = false;
         for e in events {
             match e {
-                EngineEvent::Token { id, .. } if stop_token.is_none() => {
+                EngineEvent::Token { id, stop, .. } if stop_token.is_none() => {
                     out.ids.push(id);
-                    // The scheduler's rule: a stop token counts once `min_tokens` are out. As in
-                    // vLLM, the last token `max_tokens` allow ends the output by length even when
-                    // it is a stop token (its text is then output).
-                    let n = out.ids.len();
-                    if n > p.min_tokens && n < lengths.max_new && p.stop_token_ids.contains(&id) {
+                    // The scheduler says which token stops the output (a stop token that is the
+                    // last one `max_tokens` allow ends it by length, and its text is output).
+                    if stop {
                         stop_token = Some(id);
                     }
                 }
@@ -694,6 +691,44 @@ async fn agent_done(State(state): State<Arc<AppState>>, body: Bytes) -> Response
     json_response(StatusCode::OK, &json!({"object": "batchagent.agent_done", "agent": agent}))
 }
 
+/// A streamed chat answer's tool calls as `delta`s: content as soon as it cannot be part of a
+/// call, each call whole in one `tool_calls` delta once read (see [`ToolCallStream`]).
+struct ToolDeltas {
+    reader: ToolCallStream,
+    /// Calls sent so far (the next one's `index`).
+    sent: usize,
+    /// The choice's part of the calls' ids.
+    id: String,
+}
+
+impl ToolDeltas {
+    fn push(&mut self, text: &str) -> Vec<Value> {
+        let pieces = self.reader.push(text);
+        self.deltas(pieces)
+    }
+
+    fn finish(&mut self) -> Vec<Value> {
+        let pieces = self.reader.finish();
+        self.deltas(pieces)
+    }
+
+    fn deltas(&mut self, pieces: Vec<StreamPiece>) -> Vec<Value> {
+        let mut out = Vec::with_capacity(pieces.len());
+        for piece in pieces {
+            out.push(match piece {
+                StreamPiece::Content(text) => json!({"content": text}),
+                StreamPiece::Call(call) => {
+                    let k = self.sent;
+                    self.sent += 1;
+                    json!({"tool_calls": [{"index": k, "id": format!("chatcmpl-tool-{}-{k}", self.id),
+                           "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]})
+                }
+            });
+        }
+        out
+    }
+}
+
 /// Tool calls in the form the served model's chat template asks for (Hermes / Qwen2.5 blocks or
 /// Llama 3.1 JSON; the shared parsers), as the chat response's `tool_calls`; the rest of the text
 /// is the content.
@@ -790,55 +825,33 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
             async move {
                 // With tools, content goes out as it comes and each call once its block closes
                 // (the pieces add up to the unstreamed answer's content and calls).
-                // (The reader and the count of calls sent; uncontended, a Mutex only to be `Send`.)
-                let calls = Mutex::new((parser.stream(), 0usize));
-                let calls = &calls;
-                let lock = || calls.lock().unwrap_or_else(PoisonError::into_inner);
-                let send = |pieces: Vec<StreamPiece>| {
-                    pieces.into_iter().all(|piece| {
-                        let delta = match piece {
-                            StreamPiece::Content(text) => json!({"content": text}),
-                            StreamPiece::Call(call) => {
-                                let k = {
-                                    let mut state = lock();
-                                    state.1 += 1;
-                                    state.1 - 1
-                                };
-                                json!({"tool_calls": [{"index": k, "id": format!("chatcmpl-tool-{n}-{i}-{k}"),
-                                       "type": "function",
-                                       "function": {"name": call.name, "arguments": call.arguments}}]})
-                            }
-                        };
-                        sink.send(sse(&chunk(i, delta, Value::Null))).is_ok()
-                    })
-                };
-                let on_text = |text: String| {
-                    if has_tools {
-                        let pieces = lock().0.push(&text);
-                        send(pieces)
-                    } else {
-                        sink.send(sse(&chunk(i, json!({"content": text}), Value::Null))).is_ok()
-                    }
+                let mut tools =
+                    has_tools.then(|| ToolDeltas { reader: parser.stream(), sent: 0, id: format!("{n}-{i}") });
+                let send = |delta: Value| sink.send(sse(&chunk(i, delta, Value::Null))).is_ok();
+                let on_text = |text: String| match tools.as_mut() {
+                    Some(t) => t.push(&text).into_iter().all(send),
+                    None => send(json!({"content": text})),
                 };
                 let out = sequence.run(Arc::clone(&state), p, on_text, true).await.ok()?;
-                if has_tools {
-                    let pieces = lock().0.finish();
-                    send(pieces).then_some(())?;
-                }
-                let called = lock().1 > 0;
+                let called = match tools.as_mut() {
+                    Some(t) => {
+                        t.finish().into_iter().all(send).then_some(())?;
+                        t.sent > 0
+                    }
+                    None => false,
+                };
                 let reason = if called { "tool_calls" } else { out.finish.reason() };
                 record(&state, out.finish.reason());
                 let mut last = chunk(i, json!({}), json!(reason));
                 last["choices"][0]["stop_reason"] = out.finish.stop_reason(&state, p);
                 sink.send(sse(&last)).ok()?;
-                Some(out)
+                Some((out, called))
             }
         });
-        let Some(outs) = join_all(tasks).await.into_iter().collect::<Option<Vec<_>>>() else { return };
-        // The pin is decided on the whole text, as for an unstreamed answer.
-        if let Some(agent) =
-            agent.filter(|_| !has_tools || outs.iter().all(|o| parse_tool_calls(parser, &o.text, "").1.is_empty()))
-        {
+        let Some(ended) = join_all(tasks).await.into_iter().collect::<Option<Vec<_>>>() else { return };
+        let (outs, called): (Vec<_>, Vec<_>) = ended.into_iter().unzip();
+        if let Some(agent) = agent.filter(|_| !called.contains(&true)) {
+            // No tool to wait for: the agent is done, its blocks need not be held.
             state.engine.agent_done(agent);
         }
         if p.include_usage {

@@ -10,6 +10,8 @@
 //! holds back a fixed `longest stop - 1` characters; the shorter hold-back is as safe and lets more
 //! text out sooner).
 
+use crate::chat_template::partial_match_len;
+
 /// One output's text and its stop strings.
 #[derive(Debug, Clone, Default)]
 pub struct StopStrings {
@@ -87,18 +89,10 @@ impl StopStrings {
         &self.text[start..end]
     }
 
-    /// Where the longest suffix of the text that could still grow into a stop string starts.
+    /// Where the longest suffix of the text not yet handed out that could still grow into a stop
+    /// string starts.
     fn safe_end(&self) -> usize {
-        let len = self.text.len();
-        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
-        let first = ceil_char_boundary(&self.text, len.saturating_sub(longest.saturating_sub(1)).max(self.emitted));
-        (first..len)
-            .filter(|&p| self.text.is_char_boundary(p))
-            .find(|&p| {
-                let tail = &self.text[p..];
-                self.stops.iter().any(|s| s.len() > tail.len() && s.starts_with(tail))
-            })
-            .unwrap_or(len)
+        self.text.len() - partial_match_len(&self.text[self.emitted..], &self.stops)
     }
 }
 
