@@ -181,6 +181,15 @@ def test_crash_inside_a_python_tool_then_resume(tmp_path: Path) -> None:
         assert first.returncode == 1 and marker.exists(), (first.returncode, first.stderr)
         done_before = complete_lines(out)
         assert done_before < n
+        # What the journal held at the crash: results, and the tool turns of jobs without one.
+        with sqlite3.connect(tmp_path / "run.sqlite") as journal:
+            finished = {row[0] for row in journal.execute("SELECT job_id FROM results")}
+            midway = {
+                row[0]
+                for row in journal.execute("SELECT job_id FROM checkpoints WHERE turn >= 1")
+                if row[0] not in finished
+            }
+        assert done_before <= len(finished) < n
         sent_before = model_requests(server)
 
         second = subprocess.run(
@@ -198,10 +207,10 @@ def test_crash_inside_a_python_tool_then_resume(tmp_path: Path) -> None:
     check_output(out, ids)
     results = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(r["tool_calls"] == 1 for r in results)
-    # Two model calls per job; jobs finished before the crash cost nothing the second time.
-    assert sent_after <= 2 * (n - done_before) + 2 * 32, (sent_after, done_before)
-    # Jobs whose tool turn was journaled before the crash resume from it: fewer than two calls each.
-    assert sent_after < 2 * (n - done_before), (sent_after, done_before)
+    # Two model calls per job; jobs finished before the crash cost nothing the second time, and
+    # jobs whose tool turn was journaled resume from it: one call each. How many of those there
+    # are depends on where the crash fell (on a loaded machine, possibly none), the count does not.
+    assert sent_after == 2 * (n - len(finished)) - len(midway), (sent_after, len(finished), len(midway))
 
 
 def test_journal_on_an_unwritable_path_fails_before_any_request(tmp_path: Path) -> None:
