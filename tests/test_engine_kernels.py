@@ -72,13 +72,19 @@ def pages_needed(lengths: list[int], page: int) -> int:
     return sum(math.ceil(n / page) for n in lengths)
 
 
+# Seeds and page sizes: the engine's default 16-token page, and the smaller pages a block stored as a
+# diff of another is made of (`--kv-page-size`).
+PAGES = [(0, 16), (1, 16), (0, 4), (1, 1)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads", HEADS, ids=str)
-@pytest.mark.parametrize("seed", [0, 1])
-def test_paged_decode_matches_reference(dtype: torch.dtype, heads: tuple[int, int, int], seed: int) -> None:
+@pytest.mark.parametrize(("seed", "page"), PAGES)
+def test_paged_decode_matches_reference(
+    dtype: torch.dtype, heads: tuple[int, int, int], seed: int, page: int
+) -> None:
     q_heads, kv_heads, dim = heads
     gen = torch.Generator().manual_seed(1000 * seed + q_heads + dim)
-    page = 16
     # Lengths cover 0, 1, a page boundary, one past it, several tiles, and random values.
     lengths = [0, 1, 15, 16, 17, 64, 65, 300, *torch.randint(1, 700, (9,), generator=gen).tolist()]
     pages = Pages(pages_needed(lengths, page) + 5, page, kv_heads, dim, dtype, gen)
@@ -98,11 +104,12 @@ def test_paged_decode_matches_reference(dtype: torch.dtype, heads: tuple[int, in
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads", HEADS, ids=str)
-@pytest.mark.parametrize("seed", [0, 1])
-def test_cascade_matches_full_attention(dtype: torch.dtype, heads: tuple[int, int, int], seed: int) -> None:
+@pytest.mark.parametrize(("seed", "page"), PAGES)
+def test_cascade_matches_full_attention(
+    dtype: torch.dtype, heads: tuple[int, int, int], seed: int, page: int
+) -> None:
     q_heads, kv_heads, dim = heads
     gen = torch.Generator().manual_seed(7 + 1000 * seed + q_heads + dim)
-    page = 16
     # Groups: a big one (several tiles of stacked queries), singles, an empty prefix, a prefix that
     # ends inside a page, and a group whose suffixes include empty ones.
     sizes = [37, 1, 4, 1, 9]
@@ -163,11 +170,12 @@ def test_bad_layouts_are_refused() -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads", HEADS, ids=str)
-@pytest.mark.parametrize("seed", [0, 1])
-def test_paged_prefill_matches_reference(dtype: torch.dtype, heads: tuple[int, int, int], seed: int) -> None:
+@pytest.mark.parametrize(("seed", "page"), PAGES)
+def test_paged_prefill_matches_reference(
+    dtype: torch.dtype, heads: tuple[int, int, int], seed: int, page: int
+) -> None:
     q_heads, kv_heads, dim = heads
     gen = torch.Generator().manual_seed(31 + 1000 * seed + q_heads + dim)
-    page = 16
     # (new tokens, context): a whole prompt, chunks after a cached prefix (inside a page, on a page
     # boundary), one decode token, a chunk longer than a tile, a one-token prompt, random ones.
     shapes = [(40, 40), (17, 33), (16, 48), (1, 300), (130, 200), (1, 1), (64, 64), (65, 129)]

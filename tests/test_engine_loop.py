@@ -58,7 +58,7 @@ def test_greedy_batch_equals_generate_with_shared_prefixes_and_preemption(tiny: 
     prompts = [tokens(3), stem, stem[:16] + tokens(7), tokens(1), tokens(30), stem + tokens(2), tokens(9)]
     # 24 pages of 4 tokens: less than the batch needs at once, so some sequences are preempted
     # and recomputed; a 10-token budget chunks the longer prompts.
-    worker = EngineWorker(path, page_size=4, kv_cache_tokens=96)
+    worker = EngineWorker(path, block_size=4, kv_cache_tokens=96)
     engine = Engine(worker, max_num_seqs=8, max_num_batched_tokens=10)
     try:
         outputs = engine.generate(prompts, 14)
@@ -77,7 +77,7 @@ def test_greedy_batch_equals_generate_with_shared_prefixes_and_preemption(tiny: 
 def test_sampling_is_reproducible_under_a_seed_and_top_k_1_is_greedy(tiny: tuple[Any, Path]) -> None:
     model, path = tiny
     prompt = list(range(10, 30))
-    engine = Engine(EngineWorker(path, page_size=4, kv_cache_tokens=512))
+    engine = Engine(EngineWorker(path, block_size=4, kv_cache_tokens=512))
     try:
         alone = engine.generate([prompt], 12, temperature=1.0, seed=7)[0]
         # Beside other sequences the seeded draws are the same.
@@ -98,7 +98,7 @@ def test_stop_tokens_end_the_output_and_min_tokens_holds_them_back(tiny: tuple[A
     model, path = tiny
     prompt = [7, 8, 9, 10, 11]
     greedy = reference(model, prompt, 6)
-    engine = Engine(EngineWorker(path, page_size=4, kv_cache_tokens=512))
+    engine = Engine(EngineWorker(path, block_size=4, kv_cache_tokens=512))
     try:
         stopped = engine.generate([prompt], 6, stop_token_ids=[greedy[1]])[0]
         held = engine.generate([prompt], 6, stop_token_ids=[greedy[0]], min_tokens=3)[0]
@@ -106,3 +106,28 @@ def test_stop_tokens_end_the_output_and_min_tokens_holds_them_back(tiny: tuple[A
         engine.shutdown()
     assert stopped == greedy[: greedy.index(greedy[1]) + 1]
     assert len(held) >= 4 and greedy[0] not in held[:3]
+
+
+@pytest.mark.parametrize(("page_size", "hit"), [(16, 32), (4, 36), (1, 38)])
+def test_siblings_departing_mid_block_share_pages_up_to_there_and_equal_generate(
+    tiny: tuple[Any, Path], page_size: int, hit: int
+) -> None:
+    model, path = tiny
+    rng = random.Random(11)
+    stem = [rng.randrange(VOCAB) for _ in range(38)]
+    first = stem + [rng.randrange(VOCAB) for _ in range(20)]
+    siblings = [stem + [rng.randrange(VOCAB) for _ in range(5 + i)] for i in range(3)]
+    engine = Engine(EngineWorker(path, page_size=page_size, kv_cache_tokens=1024))
+    try:
+        outputs = engine.generate([first], 10)
+        before = engine.metrics()["prefix_cache_hits"]
+        outputs += engine.generate(siblings, 10)
+        hits = engine.metrics()["prefix_cache_hits"] - before
+    finally:
+        engine.shutdown()
+    # Each sibling finds the 2 whole blocks of the stem, then the whole pages of block 2 that it
+    # shares with the first prompt's (a diff of it): 4 of its 6 stem tokens with pages of 4.
+    # Siblings admitted together reuse the first prompt's block, not each other's, still computing.
+    assert hits == hit * len(siblings)
+    for prompt, out in zip([first, *siblings], outputs, strict=True):
+        assert out == reference(model, prompt, 10), prompt

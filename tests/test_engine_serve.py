@@ -291,11 +291,19 @@ def test_a_stop_string_cuts_the_completion_and_ends_its_sequence(
     # The tokens up to the one that completed the string, and usage counts those.
     assert choice.model_extra["token_ids"] == ids[:k]
     assert stopped.usage is not None and stopped.usage.completion_tokens == k
-    # The engine dropped the sequence when the string came out, far short of its 500 tokens (it
-    # runs on while the server detokenizes, a few steps). The steps before the drop are counted
+    # The engine ended the sequence when the string came out, far short of its 500 tokens (it
+    # runs on while the server detokenizes, a few steps). The steps before the end are counted
     # once a request sent after it is answered.
     client.completions.create(**common, max_tokens=1)
     assert k <= counter(cli_server, "vllm:generation_tokens_total") - generated < 250
+    # Ended by a stop string, as by a stop token: a tool-wait hint pins its blocks for the agent.
+    made = pin_counts(cli_server).get("made", 0)
+    client.completions.create(
+        **common, max_tokens=300, stop=[stop],
+        extra_body={"ignore_eos": True, "batchagent": {"agent": "stopped", "tool_wait_s": 5}},
+    )  # fmt: skip
+    client.completions.create(**common, max_tokens=1)
+    assert pin_counts(cli_server).get("made", 0) == made + 1
     included = client.completions.create(
         **common, max_tokens=300, stop=stop,
         extra_body={"ignore_eos": True, "include_stop_str_in_output": True},
@@ -304,11 +312,17 @@ def test_a_stop_string_cuts_the_completion_and_ends_its_sequence(
     chunks = list(
         client.completions.create(
             **common, max_tokens=300, stop=[stop], stream=True, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True},
+            extra_body={"ignore_eos": True, "return_token_ids": True},
         )
     )  # fmt: skip
     # Streamed, the text is the same: what could have begun the stop string was held back.
     assert "".join(c.choices[0].text for c in chunks if c.choices) == cut
+    # vLLM's return_token_ids streamed: the prompt's ids on the first chunk, and each chunk's new
+    # output ids, which add up to the unstreamed answer's.
+    extras = [c.choices[0].model_extra or {} for c in chunks if c.choices]
+    assert extras[0]["prompt_token_ids"] == free.choices[0].model_extra["prompt_token_ids"]
+    assert all("prompt_token_ids" not in e for e in extras[1:])
+    assert [t for e in extras for t in e["token_ids"]] == ids[:k]
     ends = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(ends) == 1 and ends[0].finish_reason == "stop"
     assert ends[0].model_extra is not None and ends[0].model_extra["stop_reason"] == stop
@@ -387,9 +401,11 @@ def test_n_choices_per_prompt_share_its_cached_blocks(cli_server: str, client: o
     assert answer.usage is not None and answer.usage.prompt_tokens == 80
     assert answer.usage.completion_tokens == 24
     # The second prompt was cached by its run alone: all three of its choices hit its 32 tokens of
-    # full blocks. The first prompt was new: its later two choices waited for its first one's
-    # prompt and took its two blocks from the cache.
-    assert counter(cli_server, "vllm:prefix_cache_hits_total") - hits == 3 * 32 + 2 * 32
+    # full blocks, and the first page of its partial third block (pages of 4, the default: the
+    # partial block stays cached; its 8 tokens but the last one computed, whole pages: 4). The
+    # first prompt was new: its later two choices waited for its first one's prompt and took its
+    # two blocks from the cache (its partial block is not kept before that request ends).
+    assert counter(cli_server, "vllm:prefix_cache_hits_total") - hits == 3 * 36 + 2 * 32
     stream.join(120)
     chunks = list(
         client.completions.create(
@@ -486,9 +502,9 @@ def test_a_local_backend_starts_the_engine_for_a_batch(model_dir: tuple[Any, Any
     from batchagent_rs import Batch
 
     _, _, path = model_dir
-    batch = Batch(
-        "Say {word}.", backend=f"local://{path}?device=cpu&kv_cache_tokens=2048", max_tokens=6, temperature=0
-    )
+    # Pages of 4 tokens: blocks that depart partway from a cached one are stored as diffs of it.
+    backend = f"local://{path}?device=cpu&kv_cache_tokens=2048&kv_page_size=4"
+    batch = Batch("Say {word}.", backend=backend, max_tokens=6, temperature=0)
     try:
         results = batch.run([{"word": w} for w in ("engine", "agent", "batch")])
     finally:
@@ -496,6 +512,8 @@ def test_a_local_backend_starts_the_engine_for_a_batch(model_dir: tuple[Any, Any
             server.stop()
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     assert all(0 < r.usage.completion_tokens <= 6 for r in results), [r.usage for r in results]
+    with pytest.raises(ValueError, match=r"KV page size \(3\) must divide the block size \(16\)"):
+        serve.start(str(path), device="cpu", port=0, kv_cache_tokens=512, kv_page_size=3)
 
 
 CALL = '<tool_call>{"name": "lookup", "arguments": {}}</tool_call>'
@@ -717,16 +735,12 @@ def test_a_hinted_completion_is_pinned_and_a_hinted_prompt_list_is_refused(
                 post(url, bad)
             assert refused.value.code == 400
             assert "batchagent" in refused.value.read().decode()
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            post(url, {**body, "stream": True, "return_token_ids": True})
-        assert refused.value.code == 400
-        assert "return_token_ids" in refused.value.read().decode()
     finally:
         server.stop()
     # A completion shows no tool calls: the hint is taken at its word and the blocks stay pinned.
     assert counts == {"made": 1, "returned": 0, "dropped": 0, "expired": 0}, counts
     assert released == {"made": 1, "returned": 0, "dropped": 0, "expired": 1}, released
-    assert 'batchagent:kv_blocks{kind="held"' in metrics and "batchagent:kv_evictions_total{" in metrics
+    assert 'batchagent:kv_tokens{kind="held"' in metrics and "batchagent:kv_evictions_total{" in metrics
     with pytest.raises(ValueError, match="kv_eviction"):
         serve.start(str(path), device="cpu", port=0, kv_cache_tokens=512, kv_eviction="mru")
 

@@ -159,15 +159,17 @@ def test_without_pins_eviction_by_next_use_keeps_the_hinted_agents_history(
         assert cached < prompt // 4, (prompt, cached)
 
 
-def test_the_simulator_reports_its_kv_blocks_and_refuses_an_unknown_eviction_policy() -> None:
+def test_the_simulator_reports_its_kv_cache_and_refuses_bad_kv_settings() -> None:
     from batchagent_rs import SchemaError
 
     with pytest.raises(SchemaError, match="kv_eviction"):
         sim.start(time_scale=0, kv_eviction="mru")
-    with sim.start(time_scale=0, seed=3, kv_eviction="lru") as server:
+    with pytest.raises(SchemaError, match="kv_page_size"):
+        sim.start(time_scale=0, kv_page_size=3)
+    with sim.start(time_scale=0, seed=3, kv_eviction="lru", kv_page_size=4) as server:
         kv = server.stats()["kv"]
-        assert kv["eviction"] == "lru" and kv["block_size"] == 16, kv
-        assert kv["used_blocks"] == kv["table_blocks"] == kv["sequences"] == 0, kv
+        assert kv["eviction"] == "lru" and (kv["block_size"], kv["page_size"]) == (16, 4), kv
+        assert kv["used_tokens"] == kv["table_tokens"] == kv["sequences"] == 0, kv
 
 
 @pytest.mark.parametrize(

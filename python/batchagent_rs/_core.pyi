@@ -207,7 +207,7 @@ class Engine:
     """The embedded engine over a model worker (`batchagent_rs.engine.EngineWorker`): the Rust
     continuous-batching scheduler and paged block manager on a thread of their own, calling the
     worker once per step with the whole batch's layout. KV pages: the worker's `num_pages` of
-    `page_size` tokens."""
+    `page_size` tokens; prefix caching hits whole blocks of the worker's `block_size` tokens."""
 
     def __new__(
         cls,

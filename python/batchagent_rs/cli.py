@@ -59,6 +59,11 @@ _SIM_FLAGS = [
         "simulated seconds a tool-wait hint may keep an agent's KV blocks (default 30)",
     ),
     (
+        "--kv-page-size",
+        "kv_page_size",
+        "tokens per KV page, a divisor of the 16-token block (default: one page per block)",
+    ),
+    (
         "--kv-eviction",
         "kv_eviction",
         "cached KV blocks evicted first: next_use (agents due back furthest away or done; default) or lru",
@@ -138,7 +143,7 @@ def _cmd_engine_serve(args: argparse.Namespace) -> int:
     server = serve.start(
         args.model, device=args.device, dtype=args.dtype, host=args.host, port=args.port,
         served_model_name=args.served_model_name, random_weights=args.random_weights,
-        kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
+        kv_cache_tokens=args.kv_cache_tokens, kv_page_size=args.kv_page_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_enable_prefix_caching, seed=args.seed,
         kv_pin_ttl=args.kv_pin_ttl, kv_eviction=args.kv_eviction, tool_call_parser=args.tool_call_parser,
@@ -1182,6 +1187,12 @@ def build_parser() -> argparse.ArgumentParser:
     eserve.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
     eserve.add_argument("--random-weights", action="store_true", help="random weights of the config's shapes")
     eserve.add_argument("--kv-cache-tokens", type=_positive, help="KV cache size (default: GPU memory left)")
+    eserve.add_argument(
+        "--kv-page-size", type=_positive, choices=[1, 2, 4, 8, 16], default=4,
+        help="tokens per KV page, a divisor of the 16-token block (default 4): a block that departs"
+        " partway from a cached one shares its pages up to there, and an agent's last partial block"
+        " stays cached for its next turn; 16: neither",
+    )  # fmt: skip
     eserve.add_argument("--max-num-seqs", type=_positive, default=256)
     eserve.add_argument("--max-num-batched-tokens", type=_positive, default=8192)
     eserve.add_argument("--no-enable-prefix-caching", action="store_true")

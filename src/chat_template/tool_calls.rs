@@ -129,6 +129,7 @@ pub enum StreamPiece {
 }
 
 const OPEN: &str = "<tool_call>";
+const CLOSE: &str = "</tool_call>";
 
 /// The length in bytes of the longest suffix of `text` that is a proper prefix of one of `needles`:
 /// what a stream holds back, since more text could complete a needle there (a tool-call tag, a
@@ -147,7 +148,6 @@ pub fn partial_match_len<S: AsRef<str>>(text: &str, needles: &[S]) -> usize {
         })
         .map_or(0, |p| text.len() - p)
 }
-const CLOSE: &str = "</tool_call>";
 
 /// Reads Hermes tool calls out of an answer as it streams: content goes out as soon as it cannot be
 /// the start of a `<tool_call>` block, and each call once its block has closed. The pieces add up to

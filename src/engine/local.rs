@@ -69,11 +69,8 @@ impl std::fmt::Debug for LocalEngine {
 impl LocalEngine {
     /// Starts the loop on a new thread.
     pub fn start(config: SchedulerConfig, executor: Box<dyn StepExecutor>) -> Result<Self, LocalEngineError> {
-        if config.block_size == 0 || config.kv_capacity_blocks == 0 {
-            return Err(LocalEngineError::Config("block_size and the KV cache's blocks must be positive".into()));
-        }
-        if config.max_num_seqs == 0 || config.max_num_batched_tokens == 0 {
-            return Err(LocalEngineError::Config("max_num_seqs and max_num_batched_tokens must be positive".into()));
+        if let Some(why) = config.invalid() {
+            return Err(LocalEngineError::Config(why));
         }
         let shared = Arc::new(Shared {
             incoming: Mutex::new(Vec::new()),

@@ -83,11 +83,11 @@ pub struct EngineMetrics {
     pub step_kv_tokens_read: u64,
     /// Time since the engine started (simulated time in the simulator).
     pub sim_time: Duration,
-    /// KV blocks held by sequences (physical, each shared block once).
-    pub kv_used_blocks: usize,
-    /// KV blocks in the sequences' block tables, a shared block counted once per sequence: what
-    /// they would hold without sharing blocks by hash.
-    pub kv_table_blocks: usize,
+    /// KV cache tokens (rows) held by sequences: physical, each shared page once.
+    pub kv_used_tokens: usize,
+    /// KV cache tokens in the sequences' page tables, a shared page counted once per sequence:
+    /// what they would hold without sharing blocks by hash or as diffs.
+    pub kv_table_tokens: usize,
     /// Sequences holding KV blocks (running, and finished ones pinned for their agent).
     pub kv_sequences: usize,
     /// Cached blocks evicted to make room.

@@ -26,6 +26,8 @@
 //! stands until twice that wait has passed, as the pin does.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -36,8 +38,11 @@ use super::metrics::EngineMetrics;
 /// The limits a scheduler works within (vLLM's engine arguments of the same names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
-    /// Tokens per KV block (page).
+    /// Tokens per KV block: the unit of prefix caching (a block hits only whole).
     pub block_size: usize,
+    /// Tokens per page of the paged KV cache; divides `block_size`. Smaller pages let a block that
+    /// departs from a cached one partway share the pages before (a diff, see `blocks`).
+    pub page_size: usize,
     /// Blocks in the KV cache.
     pub kv_capacity_blocks: usize,
     pub max_num_seqs: usize,
@@ -51,6 +56,23 @@ pub struct SchedulerConfig {
 impl SchedulerConfig {
     pub fn kv_capacity_tokens(&self) -> usize {
         self.kv_capacity_blocks * self.block_size
+    }
+
+    /// Why these limits cannot run, if they cannot.
+    pub fn invalid(&self) -> Option<String> {
+        if self.block_size == 0 || self.kv_capacity_blocks == 0 {
+            return Some("block_size and the KV cache's blocks must be positive".into());
+        }
+        if self.page_size == 0 || self.block_size % self.page_size != 0 {
+            return Some(format!(
+                "the KV page size ({}) must divide the block size ({})",
+                self.page_size, self.block_size
+            ));
+        }
+        if self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 {
+            return Some("max_num_seqs and max_num_batched_tokens must be positive".into());
+        }
+        None
     }
 
     /// The event that refuses `request` at once, when it can never run: an empty prompt, or more
@@ -105,6 +127,31 @@ pub struct EngineRequest {
     /// Keep the request's KV blocks after it finishes, for its agent's return (the client's
     /// tool-wait hint).
     pub pin: Option<Pin>,
+    /// Set by the caller to end the output where it is, as a stop token would (a stop string in its
+    /// text): the request finishes at the scheduler's next step, or as its next token goes out, and
+    /// its pin holds. Dropping the receiver without it aborts the request instead.
+    pub end: Option<EndSignal>,
+}
+
+/// A caller's signal that a request's output ends now (see [`EngineRequest::end`]). Clones share
+/// the signal; requests compare equal when they share it.
+#[derive(Debug, Clone, Default)]
+pub struct EndSignal(Arc<AtomicBool>);
+
+impl EndSignal {
+    pub fn end(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl PartialEq for EndSignal {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 /// A finished request's blocks held for its agent: they cannot be evicted until the agent's next
@@ -147,13 +194,21 @@ struct Predicted {
     next_use: NextUse,
 }
 
+/// The computed blocks after a sequence's full prompt blocks whose tokens are known: the chained
+/// hashes of the full ones (`later`), and the tokens of the partial one after them (`tail`).
+#[derive(Debug, Default)]
+struct Known {
+    later: Vec<u64>,
+    tail: Vec<u32>,
+}
+
 /// The blocks of a finished sequence, held for its agent (see [`Pin`]).
 struct Pinned {
     seq: u64,
     /// When the pin was made (its sequence finished) and when it ends.
     made: Duration,
     until: Duration,
-    later: Vec<u64>,
+    known: Known,
     /// Their predicted next use once released.
     next_use: NextUse,
 }
@@ -203,10 +258,11 @@ pub struct StepLayout {
     pub query_starts: Vec<i64>,
     /// Tokens in the cache for each sequence once this step's are written.
     pub context_lens: Vec<i64>,
-    /// `seqs x table_width` page ids, row-major, each row padded with 0.
+    /// `seqs x table_width` page ids (pages of `page_size` tokens), row-major, each row padded
+    /// with 0.
     pub block_tables: Vec<i32>,
     pub table_width: usize,
-    /// Cache slot of each new token: `page * block_size + offset`.
+    /// Cache slot of each new token: `page * page_size + offset`.
     pub slot_mapping: Vec<i64>,
     /// Per sequence: how to sample its next token, which output token that is (for seeded
     /// sampling), and the tokens banned from it (stop tokens before `min_tokens`).
@@ -243,9 +299,14 @@ struct Seq {
     cached_tokens: usize,
     done: bool,
     pin: Option<Pin>,
+    end: Option<EndSignal>,
 }
 
 impl Seq {
+    fn ended(&self) -> bool {
+        self.end.as_ref().is_some_and(EndSignal::is_ended)
+    }
+
     /// Tokens whose KV the sequence needs: the prompt and every output token but the newest.
     fn total(&self) -> usize {
         self.prompt.len() + self.generated
@@ -258,20 +319,20 @@ impl Seq {
         }
     }
 
-    /// Chained hashes of the computed full blocks after the prompt's full blocks whose tokens are
-    /// known (the prompt's tail and the produced part of `output`).
-    fn known_later_hashes(&self, block_size: usize) -> Vec<u64> {
+    /// What is known of the computed blocks after the prompt's full blocks (the prompt's tail and
+    /// the produced part of `output`), for the block manager to keep on release.
+    fn known_after_prompt(&self, block_size: usize) -> Known {
         let from = self.hashes.len() * block_size;
         let known = (self.prompt.len() + self.output.len().min(self.generated)).min(self.computed);
-        let upto = known / block_size * block_size;
-        if self.output.is_empty() || upto <= from || from > self.prompt.len() {
-            return Vec::new();
+        if known <= from {
+            return Known::default();
         }
-        let mut tokens = Vec::with_capacity(upto - from);
-        tokens.extend_from_slice(&self.prompt[from..]);
-        tokens.extend_from_slice(&self.output[..upto - self.prompt.len().min(upto)]);
-        tokens.truncate(upto - from);
-        chain_hashes(self.hashes.last().copied(), &tokens, block_size)
+        let tokens: Vec<u32> = (from..known).map(|p| self.token(p)).collect();
+        let upto = (known - from) / block_size * block_size;
+        Known {
+            later: chain_hashes(self.hashes.last().copied(), &tokens[..upto], block_size),
+            tail: tokens[upto..].to_vec(),
+        }
     }
 }
 
@@ -310,7 +371,8 @@ impl Scheduler {
         } else {
             PrefixCache::without_caching(blocks, config.block_size)
         }
-        .with_eviction(config.eviction);
+        .with_eviction(config.eviction)
+        .with_page_size(config.page_size);
         Self {
             config,
             cache,
@@ -352,22 +414,23 @@ impl Scheduler {
             cached_tokens: 0,
             done: false,
             pin: request.pin,
+            end: request.end,
         });
     }
 
     /// Releases `key`'s pin (its blocks stay cached, evictable); `false` if it has none.
     fn unpin(&mut self, key: &str) -> bool {
         let Some(pinned) = self.pins.remove(key) else { return false };
-        self.release_predicted(key.to_owned(), pinned.seq, &pinned.later, pinned.next_use);
+        self.release_predicted(key.to_owned(), pinned.seq, &pinned.known, pinned.next_use);
         true
     }
 
     /// Releases sequence `seq` of agent `key` with its prediction, remembered for
     /// [`Scheduler::agent_done`].
-    fn release_predicted(&mut self, key: String, seq: u64, later: &[u64], next_use: NextUse) {
+    fn release_predicted(&mut self, key: String, seq: u64, known: &Known, next_use: NextUse) {
         if matches!(next_use, NextUse::At { .. }) && self.config.eviction == Eviction::NextUse {
             let mut hashes = self.cache.prompt_hashes(seq).to_vec();
-            hashes.extend_from_slice(later);
+            hashes.extend_from_slice(&known.later);
             self.predicted.insert(key, Predicted { hashes, next_use });
             if self.predicted.len() > self.prune_predicted_at {
                 let now = self.now;
@@ -375,7 +438,7 @@ impl Scheduler {
                 self.prune_predicted_at = 2 * self.predicted.len() + 64;
             }
         }
-        self.cache.release_hinted(seq, later, next_use);
+        self.cache.release_hinted(seq, &known.later, &known.tail, next_use);
     }
 
     /// Agent `key` is done (the engine's server, once a hinted reply turns out to call no tool, or
@@ -388,7 +451,7 @@ impl Scheduler {
             self.cache.withdraw_prediction(&p.hashes, p.next_use);
         }
         let Some(pinned) = self.pins.remove(key) else { return predicted.is_some() };
-        self.cache.release_hinted(pinned.seq, &pinned.later, NextUse::Never);
+        self.cache.release_hinted(pinned.seq, &pinned.known.later, &pinned.known.tail, NextUse::Never);
         self.m.pins_expired += 1;
         true
     }
@@ -448,6 +511,16 @@ impl Scheduler {
 
     /// Chooses this step's work; returns what the step computes, or `None` if nothing can run.
     pub fn schedule(&mut self) -> Option<StepLoad> {
+        // Outputs their callers ended (a stop string): finished as by a stop token, pins kept.
+        let now = self.now;
+        let mut ended = false;
+        for s in self.running.iter_mut().filter(|s| !s.done && s.ended()) {
+            finish(s, now, true, &mut self.m);
+            ended = true;
+        }
+        if ended {
+            self.retire_done();
+        }
         let cache = &mut self.cache;
         let m = &mut self.m;
         let block_size = self.config.block_size;
@@ -455,7 +528,8 @@ impl Scheduler {
             if s.tx.is_closed() {
                 // As a sequence that finished (and vLLM, for any request it frees): its computed
                 // blocks stay cached, the output's too, for a next turn that repeats them.
-                cache.release_caching(s.id, &s.known_later_hashes(block_size));
+                let known = s.known_after_prompt(block_size);
+                cache.release_caching(s.id, &known.later, &known.tail);
                 m.requests_aborted += 1;
                 return false;
             }
@@ -525,13 +599,12 @@ impl Scheduler {
             }
             let Some(front) = self.waiting.front_mut() else { break };
             let total = front.total();
-            let max_hit = total.saturating_sub(1) / block_size;
-            let hit_tokens = self.cache.lookup(&front.hashes[..max_hit.min(front.hashes.len())]) * block_size;
+            let hit_tokens = self.cache.find(&front.prompt, total, &front.hashes).tokens;
             let n = (total - hit_tokens).min(budget);
             let blocks = self.cache.blocks_for(hit_tokens + n);
             let Some(mut s) = self.waiting.pop_front() else { break };
             let alloc = loop {
-                match self.cache.allocate(s.id, total, &s.hashes, blocks) {
+                match self.cache.allocate(s.id, &s.prompt, total, &s.hashes, blocks) {
                     Ok(alloc) => break Some(alloc),
                     Err(_) if self.drop_a_pin() => {}
                     Err(_) => break None,
@@ -541,7 +614,7 @@ impl Scheduler {
                 self.waiting.push_front(s);
                 break;
             };
-            s.computed = alloc.hit_blocks * block_size;
+            s.computed = alloc.hit_tokens;
             let n = (total - s.computed).min(budget);
             if s.admitted.is_none() {
                 s.admitted = Some(self.now);
@@ -565,18 +638,18 @@ impl Scheduler {
     /// The scheduled step as the model runner takes it: sequences in the order `complete_step`
     /// expects their tokens back.
     pub fn layout(&self) -> StepLayout {
-        let bs = self.config.block_size;
+        let page_size = self.cache.page_size();
         let scheduled = || self.running.iter().filter(|s| s.step_tokens > 0);
-        let width = scheduled().map(|s| self.cache.block_table(s.id).len()).max().unwrap_or(0);
+        let width = scheduled().map(|s| self.cache.page_table(s.id).len()).max().unwrap_or(0);
         let mut l = StepLayout { table_width: width, query_starts: vec![0], ..StepLayout::default() };
         for s in scheduled() {
-            let table = self.cache.block_table(s.id);
+            let table = self.cache.page_table(s.id);
             let end = s.computed + s.step_tokens;
             for p in s.computed..end {
                 l.input_ids.push(i64::from(s.token(p)));
                 l.positions.push(p as i64);
-                let page = table.get(p / bs).copied().unwrap_or(0);
-                l.slot_mapping.push(i64::from(page) * bs as i64 + (p % bs) as i64);
+                let page = table.get(p / page_size).copied().unwrap_or(0);
+                l.slot_mapping.push(i64::from(page) * page_size as i64 + (p % page_size) as i64);
             }
             l.query_starts.push(l.input_ids.len() as i64);
             l.context_lens.push(end as i64);
@@ -626,6 +699,11 @@ impl Scheduler {
                     && s.generated < s.max_new
                     && s.stop_ids.contains(&id);
                 if s.tx.send(EngineEvent::Token { index, id, stop: stopped }).is_err() {
+                    if s.ended() {
+                        // Its caller ended it (and went): a finish, not an abort.
+                        finish(s, now, true, &mut self.m);
+                        continue;
+                    }
                     s.done = true;
                     s.pin = None;
                     self.m.requests_aborted += 1;
@@ -633,55 +711,49 @@ impl Scheduler {
                 }
             }
             if stopped || s.generated >= s.max_new {
-                s.done = true;
-                let ttft = s.first_token.unwrap_or(now).saturating_sub(s.arrival);
-                self.m.requests_finished += 1;
-                // A receiver dropped now has already seen every token; nothing is left to abort.
-                let _ = s.tx.send(EngineEvent::Finished {
-                    prompt_tokens: s.prompt.len(),
-                    cached_tokens: s.cached_tokens,
-                    completion_tokens: s.generated,
-                    queue_time: s.admitted.unwrap_or(now).saturating_sub(s.arrival),
-                    ttft,
-                    total: now.saturating_sub(s.arrival),
-                    stopped,
-                });
+                finish(s, now, stopped, &mut self.m);
             }
         }
+        self.retire_done();
+        self.m.steps += 1;
+    }
+
+    /// Releases the finished sequences' blocks, or pins them for their agents.
+    fn retire_done(&mut self) {
+        let now = self.now;
         let cache = &mut self.cache;
         let block_size = self.config.block_size;
         let mut pinned = Vec::new();
         let mut hinted = Vec::new();
         self.running.retain_mut(|s| {
             if s.done {
-                let later = s.known_later_hashes(block_size);
+                let known = s.known_after_prompt(block_size);
                 match s.pin.take() {
                     Some(pin) if !pin.hold.is_zero() => {
                         let until = now.saturating_add(pin.hold);
                         let next_use = pin.next_use(now);
-                        pinned.push((pin.key, Pinned { seq: s.id, made: now, until, later, next_use }));
+                        pinned.push((pin.key, Pinned { seq: s.id, made: now, until, known, next_use }));
                     }
                     Some(pin) => {
                         let next_use = pin.next_use(now);
-                        hinted.push((pin.key, s.id, later, next_use));
+                        hinted.push((pin.key, s.id, known, next_use));
                     }
                     None => {
-                        cache.release_caching(s.id, &later);
+                        cache.release_caching(s.id, &known.later, &known.tail);
                     }
                 }
             }
             !s.done
         });
-        for (key, seq, later, next_use) in hinted {
-            self.release_predicted(key, seq, &later, next_use);
+        for (key, seq, known, next_use) in hinted {
+            self.release_predicted(key, seq, &known, next_use);
         }
         for (key, held) in pinned {
             self.m.pins += 1;
             if let Some(old) = self.pins.insert(key.clone(), held) {
-                self.release_predicted(key, old.seq, &old.later, old.next_use);
+                self.release_predicted(key, old.seq, &old.known, old.next_use);
             }
         }
-        self.m.steps += 1;
     }
 
     /// The counters and the state now.
@@ -694,13 +766,29 @@ impl Scheduler {
             prefix_queries: c.query_tokens,
             prefix_hits: c.hit_tokens,
             sim_time: self.now,
-            kv_used_blocks: c.used_blocks,
-            kv_table_blocks: c.table_blocks,
+            kv_used_tokens: c.used_pages * self.config.page_size,
+            kv_table_tokens: c.table_pages * self.config.page_size,
             kv_sequences: c.sequences,
             kv_evictions: c.evictions,
             ..self.m
         }
     }
+}
+
+/// Marks `s` done and tells its receiver (if still there) how it finished.
+fn finish(s: &mut Seq, now: Duration, stopped: bool, m: &mut EngineMetrics) {
+    s.done = true;
+    m.requests_finished += 1;
+    // A receiver dropped now has already seen every token; nothing is left to abort.
+    let _ = s.tx.send(EngineEvent::Finished {
+        prompt_tokens: s.prompt.len(),
+        cached_tokens: s.cached_tokens,
+        completion_tokens: s.generated,
+        queue_time: s.admitted.unwrap_or(now).saturating_sub(s.arrival),
+        ttft: s.first_token.unwrap_or(now).saturating_sub(s.arrival),
+        total: now.saturating_sub(s.arrival),
+        stopped,
+    });
 }
 
 fn account(load: &mut StepLoad, s: &Seq, n: usize) {
@@ -727,6 +815,7 @@ mod tests {
     fn config(blocks: usize, budget: usize) -> SchedulerConfig {
         SchedulerConfig {
             block_size: 4,
+            page_size: 4,
             kv_capacity_blocks: blocks,
             max_num_seqs: 6,
             max_num_batched_tokens: budget,
@@ -765,7 +854,7 @@ mod tests {
     /// Executes a step on a paged "KV cache" that stores token ids: writes the new tokens to their
     /// slots, then reads every sequence's context back through its block table, so a wrong page, slot
     /// or shared block changes the context and with it the output.
-    fn execute(kv: &mut [Option<u32>], l: &StepLayout, bs: usize) -> Vec<u32> {
+    fn execute(kv: &mut [Option<u32>], l: &StepLayout, page: usize) -> Vec<u32> {
         for (&slot, &id) in l.slot_mapping.iter().zip(&l.input_ids) {
             kv[slot as usize] = Some(id as u32);
         }
@@ -777,7 +866,7 @@ mod tests {
             assert_eq!(l.positions[a..b], ((ctx - (b - a)) as i64..ctx as i64).collect::<Vec<_>>()[..]);
             let table = &l.block_tables[i * l.table_width..(i + 1) * l.table_width];
             let context: Vec<u32> =
-                (0..ctx).map(|p| kv[table[p / bs] as usize * bs + p % bs].expect("an unwritten slot")).collect();
+                (0..ctx).map(|p| kv[table[p / page] as usize * page + p % page].expect("an unwritten slot")).collect();
             let mut t = next_token(&context);
             if l.banned[i].contains(&t) {
                 t = 1;
@@ -851,7 +940,7 @@ mod tests {
             sched.now += Duration::from_millis(10);
             if sched.schedule().is_some() {
                 let l = sched.layout();
-                let sampled = execute(&mut kv, &l, cfg.block_size);
+                let sampled = execute(&mut kv, &l, cfg.page_size);
                 sched.complete_step(Some(&sampled));
             }
             for r in &mut runs {
@@ -908,6 +997,25 @@ mod tests {
         }
     }
 
+    /// Queues `request` and steps, 10 ms of the scheduler's time each, until `n` of its tokens are
+    /// out; returns its receiver and the tokens.
+    fn run_until_tokens(
+        s: &mut Scheduler,
+        request: EngineRequest,
+        n: usize,
+    ) -> (UnboundedReceiver<EngineEvent>, Vec<u32>) {
+        let (tx, mut rx) = unbounded_channel();
+        s.enqueue(request, tx, s.now);
+        let mut tokens = Vec::new();
+        while tokens.len() < n {
+            s.now += Duration::from_millis(10);
+            assert!(s.schedule().is_some());
+            s.complete_step(None);
+            drain(&mut rx, &mut tokens);
+        }
+        (rx, tokens)
+    }
+
     fn pin(key: &str, secs: u64) -> Pin {
         Pin { key: key.to_owned(), hold: Duration::from_secs(secs), return_after: Some(Duration::from_secs(secs / 2)) }
     }
@@ -944,28 +1052,59 @@ mod tests {
     fn a_dropped_request_leaves_its_output_blocks_cached() {
         let mut s = Scheduler::new(config(32, 64));
         let (prompt, output) = (toks(7, 10), toks(8, 20));
-        let (tx, mut rx) = unbounded_channel();
         let request = EngineRequest {
             prompt: prompt.clone(),
             max_new_tokens: output.len(),
             output_tokens: output.clone(),
             ..EngineRequest::default()
         };
-        s.enqueue(request, tx, s.now);
-        let mut tokens = Vec::new();
-        while tokens.len() < 12 {
-            s.now += Duration::from_millis(10);
-            assert!(s.schedule().is_some());
-            s.complete_step(None);
-            drain(&mut rx, &mut tokens);
-        }
-        // The client went away, or a stop string came out: the next step drops the request.
+        let (rx, _) = run_until_tokens(&mut s, request, 12);
+        // The client went away: the next step drops the request.
         drop(rx);
         let history = [prompt, output[..12].to_vec(), toks(9, 4)].concat();
         // 21 tokens computed (the prompt and 11 outputs fed back): 5 full blocks, 3 of them past
         // the prompt's.
         assert_eq!(serve(&mut s, &history, &toks(10, 2), None), 20);
         assert_eq!(s.snapshot().requests_aborted, 1);
+    }
+
+    #[test]
+    fn an_output_its_caller_ends_finishes_as_stopped_and_keeps_its_pin() {
+        // Ended while the receiver waits (seen at the next step), or in the middle of a step by a
+        // caller that went at once (seen as the step's token goes out).
+        for caller_stays in [true, false] {
+            let mut s = Scheduler::new(config(32, 64));
+            let (prompt, output) = (toks(7, 10), toks(8, 20));
+            let end = EndSignal::default();
+            let request = EngineRequest {
+                prompt: prompt.clone(),
+                max_new_tokens: output.len(),
+                output_tokens: output.clone(),
+                pin: Some(pin("a", 60)),
+                end: Some(end.clone()),
+                ..EngineRequest::default()
+            };
+            let (mut rx, mut tokens) = run_until_tokens(&mut s, request, 12);
+            s.now += Duration::from_millis(10);
+            if caller_stays {
+                end.end();
+                assert!(s.schedule().is_none(), "nothing is left to run");
+                let finished = drain(&mut rx, &mut tokens);
+                assert!(matches!(finished, Some(EngineEvent::Finished { stopped: true, completion_tokens: 12, .. })));
+            } else {
+                assert!(s.schedule().is_some());
+                end.end();
+                drop(rx);
+                s.complete_step(None);
+            }
+            let m = s.snapshot();
+            assert_eq!((m.requests_finished, m.requests_aborted, m.pins), (1, 0, 1), "caller stays: {caller_stays}");
+            assert_eq!(s.pinned().len(), 1);
+            // The agent's next turn takes the pin over: its history's full blocks are all cached.
+            let history = [prompt.clone(), output[..12].to_vec(), toks(9, 4)].concat();
+            assert_eq!(serve(&mut s, &history, &toks(10, 2), Some(pin("a", 60))), 20);
+            assert_eq!(s.snapshot().pins_returned, 1);
+        }
     }
 
     #[test]
@@ -1206,6 +1345,45 @@ mod tests {
         assert_eq!(second.positions, vec![10, 8, 9]);
     }
 
+    #[test]
+    fn a_sibling_departing_mid_block_shares_its_pages_up_to_there() {
+        let shared = toks(1, 10);
+        let sibling = |seed| {
+            let mut p = shared.clone();
+            p.extend(toks(seed, 5));
+            p
+        };
+        // The first sibling's 4 pinned blocks hold 16 rows. The second departs at token 10: with
+        // one page per block it finds the 8 tokens of 2 whole blocks and holds 2 blocks of its own;
+        // with pages of 1 token it finds all 10 (the first 2 rows of block 2 are the first
+        // sibling's) and holds 2 + 4 rows.
+        for (page_size, cached, held) in [(4, 8, 16 + 8), (1, 10, 16 + 6)] {
+            let mut s = Scheduler::new(SchedulerConfig { page_size, ..config(32, 64) });
+            serve(&mut s, &sibling(2), &[5], Some(pin("a", 60)));
+            let (tx, mut rx) = unbounded_channel();
+            let request = EngineRequest { prompt: sibling(3), max_new_tokens: 1, ..EngineRequest::default() };
+            s.enqueue(request, tx, Duration::ZERO);
+            s.schedule();
+            assert_eq!(rx.try_recv().unwrap(), EngineEvent::Started { cached_tokens: cached });
+            let m = s.snapshot();
+            assert_eq!(m.kv_used_tokens, held, "page size {page_size}");
+            assert_eq!(m.kv_table_tokens, 2 * 16);
+        }
+    }
+
+    #[test]
+    fn an_agent_s_next_turn_shares_the_pages_of_its_last_partial_block() {
+        // 9 prompt + 3 output tokens: 11 computed (the last token's KV never is), 2 full blocks of 4
+        // and 3 tokens in the third. The next turn goes on from there.
+        for (page_size, cached) in [(4, 8), (2, 10), (1, 11)] {
+            let mut s = Scheduler::new(SchedulerConfig { page_size, ..config(32, 64) });
+            let (prompt, answer) = (toks(3, 9), toks(4, 3));
+            serve(&mut s, &prompt, &answer, Some(pin("a", 60)));
+            let history: Vec<u32> = [prompt, answer, toks(5, 5)].concat();
+            assert_eq!(serve(&mut s, &history, &toks(6, 2), Some(pin("a", 60))), cached, "page size {page_size}");
+        }
+    }
+
     fn request_strategy() -> impl Strategy<Value = (usize, Vec<u32>, usize, usize)> {
         // Prompts drawn from three stems so they share prefixes of various lengths.
         (0..12usize, 0..3u32, 1..30usize, prop::collection::vec(1..VOCAB, 0..6), 1..10usize, 0..3usize).prop_map(
@@ -1236,10 +1414,24 @@ mod tests {
             blocks in 12..40usize,
             budget in 1..24usize,
             next_use in any::<bool>(),
+            page_size in prop::sample::select(vec![4usize, 2, 1]),
+            next_turns in prop::collection::vec((0..10usize, prop::collection::vec(1..VOCAB, 1..6), 10..30usize), 0..4),
         ) {
             let eviction = if next_use { Eviction::NextUse } else { Eviction::Lru };
-            let (requests, pins): (Vec<_>, Vec<_>) = requests.into_iter().unzip();
-            let (runs, m) = run_hinted(SchedulerConfig { eviction, ..config(blocks, budget) }, &requests, &pins);
+            let (mut requests, mut pins): (Vec<_>, Vec<_>) = requests.into_iter().unzip();
+            // Next turns: an earlier request's prompt and output, then new tokens (a tool result),
+            // under the same agent's pin: the prompt's blocks, its output's and its last partial
+            // block's pages are found again.
+            for (of, result, at) in next_turns {
+                let Some((_, prompt, max_new, min_tokens)) = requests.get(of).cloned() else { continue };
+                let next = [prompt.clone(), reference(&prompt, max_new, min_tokens), result].concat();
+                if next.len() + 3 <= blocks * 4 {
+                    requests.push((at, next, 3, 0));
+                    pins.push(pins[of].clone());
+                }
+            }
+            let cfg = SchedulerConfig { page_size, eviction, ..config(blocks, budget) };
+            let (runs, m) = run_hinted(cfg, &requests, &pins);
             check(&runs);
             prop_assert!(m.kv_usage.abs() < f64::EPSILON);
         }

@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::local::LocalEngine;
-use super::scheduler::{EngineEvent, EngineRequest, Pin, Sampling};
+use super::scheduler::{EndSignal, EngineEvent, EngineRequest, Pin, Sampling};
 use super::stop::StopStrings;
 use crate::chat_template::{StreamPiece, ToolCallFormat, ToolCallStream};
 use crate::sim::server::metrics::{render as render_metrics, CacheConfig, Renderer};
@@ -375,6 +375,8 @@ struct Sequence {
     first_token: Option<oneshot::Sender<()>>,
     /// Its prompt's tokens (the outcome's until the engine reports them).
     prompt_tokens: usize,
+    /// Ends it in the engine when a stop string comes out.
+    end: Option<EndSignal>,
 }
 
 enum Submission {
@@ -390,31 +392,28 @@ enum Submission {
 /// as the first would find them still being computed).
 fn submit(state: &AppState, request: &EngineRequest, n: usize) -> Vec<Sequence> {
     let prompt_tokens = request.prompt.len();
+    // Each sequence its own end signal: a stop string ends one choice, not its siblings.
     let nth = |i: usize| {
         let mut r = request.clone();
         r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i as u64));
+        r.end = Some(EndSignal::default());
         r
     };
+    let sequence = |request: EngineRequest, submission: Option<Shared<oneshot::Receiver<()>>>| {
+        let end = request.end.clone();
+        let submission = match submission {
+            None => Submission::Now(state.engine.submit(request)),
+            Some(gate) => Submission::After(gate, request),
+        };
+        Sequence { submission, first_token: None, prompt_tokens, end }
+    };
     if n == 1 || !state.engine.config().enable_prefix_caching {
-        return (0..n)
-            .map(|i| Sequence {
-                submission: Submission::Now(state.engine.submit(nth(i))),
-                first_token: None,
-                prompt_tokens,
-            })
-            .collect();
+        return (0..n).map(|i| sequence(nth(i), None)).collect();
     }
     let (tx, gate) = oneshot::channel();
     let gate = gate.shared();
-    let first =
-        Sequence { submission: Submission::Now(state.engine.submit(nth(0))), first_token: Some(tx), prompt_tokens };
-    std::iter::once(first)
-        .chain((1..n).map(|i| Sequence {
-            submission: Submission::After(gate.clone(), nth(i)),
-            first_token: None,
-            prompt_tokens,
-        }))
-        .collect()
+    let first = Sequence { first_token: Some(tx), ..sequence(nth(0), None) };
+    std::iter::once(first).chain((1..n).map(|i| sequence(nth(i), Some(gate.clone())))).collect()
 }
 
 impl Sequence {
@@ -422,7 +421,7 @@ impl Sequence {
         self,
         state: Arc<AppState>,
         p: &Params,
-        on_text: impl FnMut(String) -> bool,
+        on_text: impl FnMut(String, &[u32]) -> bool,
         stream: bool,
     ) -> Result<Outcome, Response> {
         let rx = match self.submission {
@@ -432,7 +431,7 @@ impl Sequence {
                 state.engine.submit(request)
             }
         };
-        drive(state, rx, p, self.prompt_tokens, on_text, stream, self.first_token).await
+        drive(state, rx, p, self.prompt_tokens, on_text, stream, self.first_token, self.end).await
     }
 }
 
@@ -459,7 +458,7 @@ enum Finish {
     Length,
     /// A stop token (EOS or one of `stop_token_ids`): the last output token.
     Token(u32),
-    /// A stop string: the engine dropped the sequence as the string came out.
+    /// A stop string: the engine ended the sequence as the string came out.
     Text(String),
 }
 
@@ -523,19 +522,22 @@ fn decode_pieces(
     Ok((pieces, (prefix, read)))
 }
 
-/// Runs one sequence to its end: its text as it comes out when `stream` (`on_text` returns false
-/// once the client is gone), then its outcome. With stop strings each token's text is searched as
-/// it comes, as vLLM does; a match ends the sequence at once (dropping the receiver aborts it in the
-/// engine, which frees its slot and KV blocks at its next step). `first_token` fires at the first
-/// output token (or is dropped when the sequence fails before one).
+/// Runs one sequence to its end: its text as it comes out when `stream` (`on_text` gets each piece
+/// with the output's token ids so far, and returns false once the client is gone), then its
+/// outcome. With stop strings each token's text is searched as it comes, as vLLM does; a match
+/// ends the sequence at once (`end`: the engine finishes it at its next step, as a stop token
+/// would, freeing its slot and keeping its blocks for a tool-wait pin). `first_token` fires at the
+/// first output token (or is dropped when the sequence fails before one).
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     state: Arc<AppState>,
     mut rx: mpsc::UnboundedReceiver<EngineEvent>,
     p: &Params,
     prompt_tokens: usize,
-    mut on_text: impl FnMut(String) -> bool,
+    mut on_text: impl FnMut(String, &[u32]) -> bool,
     stream: bool,
     mut first_token: Option<oneshot::Sender<()>>,
+    end: Option<EndSignal>,
 ) -> Result<Outcome, Response> {
     let mut out = Outcome { prompt_tokens, ..Outcome::default() };
     let mut text = StopStrings::new(p.stop.clone(), p.include_stop);
@@ -607,12 +609,15 @@ async fn drive(
         let matched = text.matched().map(str::to_owned);
         if stream {
             let ready = text.ready(done || matched.is_some());
-            if !ready.is_empty() && !on_text(ready.to_owned()) {
+            if !ready.is_empty() && !on_text(ready.to_owned(), &out.ids) {
                 // The client went away: dropping the receiver aborts the request.
                 return Err(error(StatusCode::INTERNAL_SERVER_ERROR, "the client went away", None));
             }
         }
         if let Some(stop) = matched {
+            if let Some(end) = &end {
+                end.end();
+            }
             out.finish = Finish::Text(stop);
             out.text = text.into_text();
             return Ok(out);
@@ -777,7 +782,7 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
     let created = unix_now();
     let model = state.options.model.clone();
     if !p.stream {
-        let outs = join_all(sequences.into_iter().map(|s| s.run(Arc::clone(&state), &p, |_| true, false))).await;
+        let outs = join_all(sequences.into_iter().map(|s| s.run(Arc::clone(&state), &p, |_, _| true, false))).await;
         let outs = outs.into_iter().collect::<Result<Vec<_>, _>>()?;
         let mut choices = Vec::with_capacity(outs.len());
         let mut any_calls = false;
@@ -828,7 +833,7 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
                 let mut tools =
                     has_tools.then(|| ToolDeltas { reader: parser.stream(), sent: 0, id: format!("{n}-{i}") });
                 let send = |delta: Value| sink.send(sse(&chunk(i, delta, Value::Null))).is_ok();
-                let on_text = |text: String| match tools.as_mut() {
+                let on_text = |text: String, _: &[u32]| match tools.as_mut() {
                     Some(t) => t.push(&text).into_iter().all(send),
                     None => send(json!({"content": text})),
                 };
@@ -911,9 +916,6 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
     // vLLM's `return_token_ids`: each choice also carries its prompt's and its output's token ids,
     // so a client can extend a conversation token for token (text round trips need not).
     let return_token_ids = body.get("return_token_ids").and_then(Value::as_bool) == Some(true);
-    if return_token_ids && p.stream {
-        return Err(bad("`return_token_ids` is supported without streaming only by this server"));
-    }
     let prompts = parse_prompts(&body)?;
     // A hint names one agent: one prompt. The server does not parse tool calls from a raw
     // completion, so the hint is taken at its word (the blocks pinned for the wait).
@@ -957,7 +959,7 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
     let created = unix_now();
     let model = state.options.model.clone();
     if !p.stream {
-        let outs = join_all(sequences.into_iter().map(|s| s.run(Arc::clone(&state), &p, |_| true, false))).await;
+        let outs = join_all(sequences.into_iter().map(|s| s.run(Arc::clone(&state), &p, |_, _| true, false))).await;
         let outs = outs.into_iter().collect::<Result<Vec<_>, _>>()?;
         let mut choices = Vec::with_capacity(outs.len());
         for (i, out) in outs.iter().enumerate() {
@@ -991,19 +993,30 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
         };
         let p = &p;
         let echoes = &echoes;
+        let prompt_ids = &prompt_ids;
         let tasks = sequences.into_iter().enumerate().map(|(i, sequence)| {
             let sink = tx.clone();
             let state = Arc::clone(&state);
             let chunk = &chunk;
             async move {
+                // With `return_token_ids`, as vLLM: a choice's first chunk carries its prompt's ids,
+                // each chunk the output ids since the one before (its last, the rest).
+                let mut ids = TokenIdDeltas {
+                    on: return_token_ids,
+                    prompt: prompt_ids.get(i / p.n).map(Vec::as_slice),
+                    sent: None,
+                };
                 if let Some(prompt) = echoes.get(i / p.n).filter(|t| !t.is_empty()) {
-                    sink.send(sse(&chunk(i, prompt, Value::Null, Value::Null))).ok()?;
+                    sink.send(sse(&ids.add(chunk(i, prompt, Value::Null, Value::Null), &[]))).ok()?;
                 }
-                let on_text = |text: String| sink.send(sse(&chunk(i, &text, Value::Null, Value::Null))).is_ok();
+                let on_text = |text: String, out: &[u32]| {
+                    sink.send(sse(&ids.add(chunk(i, &text, Value::Null, Value::Null), out))).is_ok()
+                };
                 let out = sequence.run(Arc::clone(&state), p, on_text, true).await.ok()?;
                 let reason = out.finish.reason();
                 record(&state, reason);
-                sink.send(sse(&chunk(i, "", json!(reason), out.finish.stop_reason(&state, p)))).ok()?;
+                let last = chunk(i, "", json!(reason), out.finish.stop_reason(&state, p));
+                sink.send(sse(&ids.add(last, &out.ids))).ok()?;
                 Some(out)
             }
         });
@@ -1016,6 +1029,33 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
         let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n"));
     });
     Ok(stream_response(frames))
+}
+
+/// A streamed completion choice's token ids, as vLLM's `return_token_ids` sends them: the prompt's
+/// on the choice's first chunk, on each chunk the output's ids since the chunk before.
+struct TokenIdDeltas<'a> {
+    on: bool,
+    prompt: Option<&'a [u32]>,
+    /// Output ids sent so far (`None`: no chunk yet).
+    sent: Option<usize>,
+}
+
+impl TokenIdDeltas<'_> {
+    /// `chunk` with the ids: `out` is the output's ids so far.
+    fn add(&mut self, mut chunk: Value, out: &[u32]) -> Value {
+        if !self.on {
+            return chunk;
+        }
+        let from = self.sent;
+        let choice = &mut chunk["choices"][0];
+        if from.is_none() {
+            choice["prompt_token_ids"] = json!(self.prompt);
+        }
+        let from = from.unwrap_or(0).min(out.len());
+        choice["token_ids"] = json!(out[from..]);
+        self.sent = Some(out.len());
+        chunk
+    }
 }
 
 #[cfg(test)]

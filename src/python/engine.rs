@@ -84,9 +84,14 @@ pub(crate) fn start_engine(
     enable_prefix_caching: bool,
     eviction: Eviction,
 ) -> PyResult<LocalEngine> {
+    let block_size: usize = worker.getattr("block_size")?.extract()?;
+    let page_size: usize = worker.getattr("page_size")?.extract()?;
+    let num_pages: usize = worker.getattr("num_pages")?.extract()?;
     let config = SchedulerConfig {
-        block_size: worker.getattr("page_size")?.extract()?,
-        kv_capacity_blocks: worker.getattr("num_pages")?.extract()?,
+        block_size,
+        page_size,
+        // Whole blocks: a page left over could never be used.
+        kv_capacity_blocks: num_pages / (block_size / page_size.max(1)).max(1),
         max_num_seqs,
         max_num_batched_tokens,
         enable_prefix_caching,

@@ -27,6 +27,7 @@
 //! | `rate_limit_rpm`, `rate_limit_tpm` | none | requests / tokens per minute, enforced in real time (not scaled by `time_scale`) as hosted APIs do: a token bucket holding `rate_limit_burst` seconds of allowance (default `60`: one minute's; `1` enforces 3,000 RPM as 50 requests a second, as `OpenAI` says it may), refilled continuously; a request's tokens are its messages' characters / 4 plus its `max_tokens`; every answer of `/v1/chat/completions` and `/v1/completions` carries `OpenAI`'s `x-ratelimit-*` headers, of `/v1/messages` Anthropic's `anthropic-ratelimit-*`; beyond the limit, 429 with `retry-after` |
 //! | `kv_pin_ttl` | `30` | simulated seconds a tool-wait hint may keep an agent's KV blocks at most: a chat request with `"batchagent": {"agent": ID, "tool_wait_s": W}` keeps its blocks after it ends, unevictable, for min(`kv_pin_ttl`, 2 x W scaled to simulated time) (W: the hint's `next_call_s` when it carries one), until that agent's next request takes them over, or until another request needs the room |
 //! | `kv_eviction` | profile's, `next_use` | which cached KV blocks are evicted first when blocks are short: `next_use` (blocks of agents whose reply called no tool, then blocks released without a hint least recently released first, then the furthest predicted next use: the end of the request plus the hint's `tool_wait_s`, or its `next_call_s`, scaled to simulated time) or `lru` (least recently released first, as vLLM) |
+//! | `kv_page_size` | profile's, one page per block | tokens per page of the KV cache; must divide the block size (16). A prompt block that departs from a cached block partway (a sibling agent's task after the shared text) shares that block's pages up to the last whole page before the first differing token and stores only the rest, a diff against it |
 //! | `fault_grammar` | `0` | rate of grammar-constrained requests (`response_format` with a schema) answered, every time they are sent, with llama.cpp's HTTP 500 "does not match the expected format" |
 
 use std::fmt;
@@ -295,6 +296,8 @@ pub struct SimConfig {
     pub kv_pin_ttl: f64,
     /// The KV eviction order; `None`: the profile's.
     pub kv_eviction: Option<Eviction>,
+    /// Tokens per KV page; `None`: the profile's.
+    pub kv_page_size: Option<usize>,
 }
 
 impl Default for SimConfig {
@@ -321,6 +324,7 @@ impl Default for SimConfig {
             rate_limit_burst: 60.0,
             kv_pin_ttl: 30.0,
             kv_eviction: None,
+            kv_page_size: None,
         }
     }
 }
@@ -400,6 +404,13 @@ impl SimConfig {
             "kv_eviction" => {
                 let eviction = value.parse().map_err(|e: String| invalid(key, value, &e))?;
                 self.kv_eviction = Some(eviction);
+            }
+            "kv_page_size" => {
+                let page: usize = parse_num(key, value)?;
+                if page == 0 {
+                    return Err(invalid(key, value, "a page holds at least 1 token"));
+                }
+                self.kv_page_size = Some(page);
             }
             "max_model_len" => {
                 let limit: u32 = parse_num(key, value)?;

@@ -80,6 +80,10 @@ pub struct Profile {
     /// Which cached KV blocks go first when blocks are short (`lru` or `next_use`, the default).
     #[serde(default)]
     pub kv_eviction: Eviction,
+    /// Tokens per page of the KV cache (divides `block_size`; `None`: one page per block). Smaller
+    /// pages let a block that departs from a cached block partway share its pages up to there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_page_size: Option<usize>,
     pub step: StepModel,
     /// How the step model was obtained: method, measurements, fit quality.
     #[serde(default)]
@@ -158,6 +162,7 @@ impl Profile {
             kv_capacity_tokens: 4096,
             enable_prefix_caching: true,
             kv_eviction: Eviction::default(),
+            kv_page_size: None,
             step: StepModel {
                 base_us: 1000.0,
                 prefill_token_us: 1.0,
@@ -174,6 +179,7 @@ impl Profile {
     pub fn scheduler_config(&self) -> SchedulerConfig {
         SchedulerConfig {
             block_size: self.block_size,
+            page_size: self.kv_page_size.unwrap_or(self.block_size),
             kv_capacity_blocks: self.kv_capacity_blocks(),
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
@@ -196,6 +202,14 @@ impl Profile {
         ] {
             if value == 0 {
                 return Err(invalid(field, "must be at least 1".to_owned()));
+            }
+        }
+        if let Some(page) = self.kv_page_size {
+            if page == 0 || self.block_size % page != 0 {
+                return Err(invalid(
+                    "kv_page_size",
+                    format!("is {page}; it must divide the block size ({})", self.block_size),
+                ));
             }
         }
         if self.kv_capacity_tokens < self.block_size {

@@ -23,6 +23,7 @@ def start(
     served_model_name: str | None = None,
     random_weights: bool = False,
     kv_cache_tokens: int | None = None,
+    kv_page_size: int = 4,
     max_num_seqs: int = 256,
     max_num_batched_tokens: int = 8192,
     enable_prefix_caching: bool = True,
@@ -38,12 +39,16 @@ def start(
     tool-wait hint keeps an agent's KV blocks, in seconds. `kv_eviction`: `next_use` (the cached
     blocks of agents due back furthest away, or done, go first) or `lru`. `tool_call_parser`:
     vLLM's `hermes` (`<tool_call>` blocks, Qwen2.5) or `llama3_json` (Llama 3.1 / 3.2); by default
-    the form the model's chat template asks for."""
+    the form the model's chat template asks for. `kv_page_size`: tokens per KV page, a divisor of
+    the 16-token block (default 4): a block that departs partway from a cached one (a sibling
+    agent's task after the shared text) shares that block's pages up to the last whole page before
+    they differ, and an agent's last partial block stays cached for its next turn (16: neither)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("fp32" if device == "cpu" else "bf16")
     worker = EngineWorker(
         Path(model), device=device, dtype=dtype, random_weights=random_weights,
-        kv_cache_tokens=kv_cache_tokens, gpu_memory_utilization=gpu_memory_utilization,
+        kv_cache_tokens=kv_cache_tokens, page_size=kv_page_size,
+        gpu_memory_utilization=gpu_memory_utilization,
         cuda_graphs=max_num_seqs if device.startswith("cuda") else 0, seed=seed,
     )  # fmt: skip
     return serve_engine(
@@ -57,6 +62,7 @@ def start(
 
 _LOCAL_OPTIONS = {
     "device": str, "devices": str, "dtype": str, "random_weights": bool, "kv_cache_tokens": int,
+    "kv_page_size": int,
     "max_num_seqs": int, "max_num_batched_tokens": int, "prefix_caching": bool, "seed": int,
     "tool_call_parser": str,
 }  # fmt: skip

@@ -71,8 +71,10 @@ def _weight_bytes(config: ModelConfig, elem: int) -> int:
 class EngineWorker:
     """One model on one device, with its paged KV cache of `num_pages` pages of `page_size` tokens
     (`kv_cache_tokens` tokens; by default on a GPU `gpu_memory_utilization` of its free memory less
-    the weights, 8,192 tokens on the CPU). `cuda_graphs`: on a GPU, capture decode steps of up to
-    that many sequences as CUDA graphs."""
+    the weights, 8,192 tokens on the CPU). Prefix caching hits whole blocks of `block_size` tokens;
+    `page_size` (a divisor of it, by default the block size) is the granularity below that at which a
+    block departing partway from a cached one shares its pages (a diff). `cuda_graphs`: on a GPU,
+    capture decode steps of up to that many sequences as CUDA graphs."""
 
     def __init__(
         self,
@@ -81,7 +83,8 @@ class EngineWorker:
         device: str = "cpu",
         dtype: str = "fp32",
         random_weights: bool = False,
-        page_size: int = 16,
+        block_size: int = 16,
+        page_size: int | None = None,
         kv_cache_tokens: int | None = None,
         gpu_memory_utilization: float = 0.9,
         cuda_graphs: int = 0,
@@ -89,6 +92,9 @@ class EngineWorker:
     ):
         if dtype not in DTYPES:
             raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        page_size = block_size if page_size is None else page_size
+        if block_size < 1 or page_size < 1 or block_size % page_size:
+            raise ConfigError(f"the KV page size ({page_size}) must divide the block size ({block_size})")
         self.model_dir = Path(model_dir)
         config = ModelConfig.from_dir(self.model_dir)
         torch_dtype = DTYPES[dtype]
@@ -111,6 +117,7 @@ class EngineWorker:
             self.runner.capture_decode_graphs(cuda_graphs)
         self.config = config
         self.num_pages = num_pages
+        self.block_size = block_size
         self.page_size = page_size
         self._tokenizer: Any = None
 

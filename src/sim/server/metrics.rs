@@ -108,12 +108,17 @@ pub(crate) fn render(
     {
         let _ = writeln!(out, "{name}{{event=\"{event}\",{label}}} {value}");
     }
-    // Not vLLM's: the KV blocks held by sequences (each block shared by hash once) against the
-    // blocks in their block tables (a shared block once per sequence: without sharing), and the
-    // cached blocks evicted.
-    let name = "batchagent:kv_blocks";
-    family(&mut out, name, "gauge", "KV blocks held by sequences (held) and listed in their block tables (tables).");
-    for (kind, value) in [("held", m.kv_used_blocks), ("tables", m.kv_table_blocks)] {
+    // Not vLLM's: the KV cache tokens held by sequences (each shared page once) against the tokens
+    // in their page tables (a shared page once per sequence: without sharing), and the cached
+    // blocks evicted.
+    let name = "batchagent:kv_tokens";
+    family(
+        &mut out,
+        name,
+        "gauge",
+        "KV cache tokens held by sequences (held) and listed in their page tables (tables).",
+    );
+    for (kind, value) in [("held", m.kv_used_tokens), ("tables", m.kv_table_tokens)] {
         let _ = writeln!(out, "{name}{{kind=\"{kind}\",{label}}} {value}");
     }
     let name = "batchagent:kv_evictions_total";

@@ -99,6 +99,8 @@ impl SimServer {
         let mut profile = Profile::resolve(&config.profile)?;
         profile.enable_prefix_caching = profile.enable_prefix_caching && config.prefix_caching;
         profile.kv_eviction = config.kv_eviction.unwrap_or(profile.kv_eviction);
+        profile.kv_page_size = config.kv_page_size.or(profile.kv_page_size);
+        profile.validate()?;
         let addr = format!("{}:{}", config.host, config.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
@@ -244,9 +246,10 @@ fn stats_json(state: &AppState) -> Value {
             serde_json::json!({
                 "eviction": profile.kv_eviction.as_str(),
                 "block_size": profile.block_size,
+                "page_size": profile.kv_page_size.unwrap_or(profile.block_size),
                 "capacity_blocks": profile.kv_capacity_blocks(),
-                "used_blocks": engine.kv_used_blocks,
-                "table_blocks": engine.kv_table_blocks,
+                "used_tokens": engine.kv_used_tokens,
+                "table_tokens": engine.kv_table_tokens,
                 "sequences": engine.kv_sequences,
                 "evictions": engine.kv_evictions,
             }),
