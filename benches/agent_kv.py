@@ -22,8 +22,13 @@ profile's own KV cache (1.03 M tokens: nothing is ever evicted) gives the prefil
 avoid (each turn's new tokens); what a configuration computes beyond it is recomputation. For each:
 makespan, prompt tokens and the prefill tokens the engine computed, recomputed, the prefix-cache hit
 rate, preemptions, evictions, pins, and ratios against the baseline. The KV bytes per live sequence
-with and without sharing blocks by hash come from the simulator's /sim/stats (`kv`: blocks held,
-and blocks in the holders' block tables), sampled every 100 ms over each run.
+with and without sharing come from the simulator's /sim/stats (`kv`: the KV tokens held, and the
+tokens in the holders' page tables), sampled every 100 ms over each run.
+
+Then the default configuration again with smaller KV pages (`--page-sizes`, default 4 and 1: the
+simulator's `kv_page_size`; blocks stay 16 tokens), where a block that departs partway from a cached
+one is stored as a diff of it (its pages up to there are the cached block's) and an agent's last
+partial block stays cached for its next turn: the KV bytes per sequence and the prefill each saves.
 
 `--time-scale` scales the simulated engine and the tool sleeps alike (1, the workload benches'
 default: real time).
@@ -128,7 +133,13 @@ class KvSampler:
 
 
 def run_config(
-    agents: int, retention: str, eviction: str, profile: str, scale: float, seed: int
+    agents: int,
+    retention: str,
+    eviction: str,
+    profile: str,
+    scale: float,
+    seed: int,
+    page_size: int | None = None,
 ) -> dict[str, Any]:
     options: dict[str, str | int | float | bool] = {
         "tool_rounds": 1,
@@ -137,6 +148,8 @@ def run_config(
         "kv_pin_ttl": 30 if retention == "on" else 0,
         "kv_eviction": eviction,
     }
+    if page_size is not None:
+        options["kv_page_size"] = page_size
     with sim.start(profile=profile, time_scale=scale, seed=seed, **options) as server:
         batch = Batch(
             "Case {n}: find out what is wrong with {topic}. Probe as you need, then answer.",
@@ -160,14 +173,14 @@ def run_config(
     queries = cache["prefix_queries_tokens"]
     samples = sampler.samples
     seqs = sum(s["sequences"] for s in samples)
-    held = sum(s["used_blocks"] for s in samples)
-    tables = sum(s["table_blocks"] for s in samples)
-    block_bytes = stats["kv"]["block_size"] * KV_BYTES_PER_TOKEN
+    held = sum(s["used_tokens"] for s in samples)
+    tables = sum(s["table_tokens"] for s in samples)
     # Little's law: agents alive on average = the sum of their lifetimes over the makespan.
     alive = sum(r.total for r in results) / wall
     return {
         "retention": retention,
         "eviction": eviction,
+        "kv_page_size": stats["kv"]["page_size"],
         "ok": sum(r.ok for r in results),
         "failed": sum(not r.ok for r in results),
         "turns": sum(r.turns for r in results),
@@ -188,8 +201,8 @@ def run_config(
         "kv_samples": len(samples),
         "kv_sequences_mean": seqs / len(samples) if samples else 0.0,
         "kv_bytes_per_sequence": {
-            "shared_by_hash": held / seqs * block_bytes if seqs else None,
-            "without_sharing": tables / seqs * block_bytes if seqs else None,
+            "shared": held / seqs * KV_BYTES_PER_TOKEN if seqs else None,
+            "without_sharing": tables / seqs * KV_BYTES_PER_TOKEN if seqs else None,
             "ratio": held / tables if tables else None,
         },
     }
@@ -208,7 +221,9 @@ def ratios(side: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None
     }
 
 
-def bench(agents: int, kv_tokens: int, profile: str, scale: float, seed: int) -> dict[str, Any]:
+def bench(
+    agents: int, kv_tokens: int, profile: str, scale: float, seed: int, page_sizes: list[int]
+) -> dict[str, Any]:
     unbounded = run_config(agents, "off", "lru", PROFILE, scale, seed)
     floor = unbounded["prefill_tokens_computed"]
     print(f"{agents} agents, unbounded KV: prefill {floor:,}", file=sys.stderr, flush=True)
@@ -222,6 +237,24 @@ def bench(agents: int, kv_tokens: int, profile: str, scale: float, seed: int) ->
             f"{agents} agents {name}: {s['makespan_s']:.1f} s, prefill {s['prefill_tokens_computed']:,} of "
             f"{s['prompt_tokens']:,} prompt tokens, hit rate {s['prefix_cache_hit_rate']:.3f}, "
             f"preemptions {s['preemptions']}, pins {s['kv_pins']}",
+            file=sys.stderr,
+            flush=True,
+        )
+    default = sides["retention_on+next_use"]
+    for page in page_sizes:
+        name = f"retention_on+next_use+kv_page_{page}"
+        s = sides[name] = run_config(agents, "on", "next_use", profile, scale, seed, page)
+        s["prefill_tokens_recomputed"] = s["prefill_tokens_computed"] - floor
+        bytes_16, bytes_p = default["kv_bytes_per_sequence"]["shared"], s["kv_bytes_per_sequence"]["shared"]
+        s["vs_kv_page_16"] = {
+            "kv_bytes_per_sequence": bytes_p / bytes_16 if bytes_16 else None,
+            "prefill_tokens_computed": s["prefill_tokens_computed"] / default["prefill_tokens_computed"],
+            "prefix_cache_hit_tokens": s["prefix_cache_hit_tokens"] / default["prefix_cache_hit_tokens"],
+            "makespan": s["makespan_s"] / default["makespan_s"],
+        }
+        print(
+            f"{agents} agents {name}: {s['makespan_s']:.1f} s, prefill {s['prefill_tokens_computed']:,}, "
+            f"KV per sequence {bytes_p / 1e6:.2f} MB against {bytes_16 / 1e6:.2f} MB with pages of 16",
             file=sys.stderr,
             flush=True,
         )
@@ -255,11 +288,17 @@ def main() -> None:
         "--time-scale", type=float, default=1.0, help="engine and tool sleeps alike (1 = real time)"
     )
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--page-sizes", type=int, nargs="*", default=[4, 1], help="KV page sizes to run the default with"
+    )
     p.add_argument("--out", type=Path, default=Path("bench-results") / "agent-kv.json")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         profile = small_kv_profile(args.kv_tokens, tmp)
-        runs = [bench(n, args.kv_tokens, profile, args.time_scale, args.seed) for n in args.agents]
+        runs = [
+            bench(n, args.kv_tokens, profile, args.time_scale, args.seed, args.page_sizes)
+            for n in args.agents
+        ]
     result = {
         "name": "agent-kv",
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),

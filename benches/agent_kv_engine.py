@@ -191,7 +191,7 @@ def run_config(
     n: int,
     retention: str,
     eviction: str,
-    kv_blocks: int,
+    kv_pages: int,
     tell_done: bool = True,
 ) -> dict[str, Any]:
     server = serve(
@@ -220,7 +220,7 @@ def run_config(
         "retention": retention,
         "eviction": eviction,
         "done_told": tell_done,
-        "kv_cache_blocks": kv_blocks,
+        "kv_cache_pages": kv_pages,
         "calls": calls,
         "makespan_s": wall,
         "prompt_tokens": prompt,
@@ -252,6 +252,11 @@ def main() -> None:
         default="",
         help="comma-separated RETENTION/EVICTION[/untold] to run, repeats allowed (default: all six)",
     )
+    ap.add_argument(
+        "--kv-page-size", type=int, default=16,
+        help="tokens per KV page (blocks stay 16): smaller pages keep each agent's last partial block"
+        " for its next turn",
+    )  # fmt: skip
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -283,6 +288,7 @@ def main() -> None:
         t0 = time.perf_counter()
         worker = engine.EngineWorker(
             path, device=args.device, dtype=dtype, random_weights=True, kv_cache_tokens=big,
+            page_size=args.kv_page_size,
             cuda_graphs=256 if args.device.startswith("cuda") else 0,
         )  # fmt: skip
         setup = time.perf_counter() - t0
@@ -359,6 +365,7 @@ def main() -> None:
         "workload": f"{PREFIX_TOKENS}-token shared system prompt, {TASK_TOKENS}-token task, 1 + i % 5 tool "
         f"rounds, {TOOL_SECONDS} s tools, 30-90 output tokens, {TOOL_RESULT_TOKENS}-token tool results, "
         f"max {MAX_INFLIGHT} calls in flight",
+        "kv_page_size": page,
         "kv_cache_tokens_under_pressure": (args.kv_tokens // page) * page,
         "kv_tokens_all_agents_final": final_tokens,
         "setup_seconds": setup,

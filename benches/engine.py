@@ -341,15 +341,18 @@ def engine_workload(
     prefix: int = 1024,
     unique: int = 128,
     prefix_caching: bool = True,
+    page_size: int = PAGE,
 ) -> dict[str, Any]:
     """W end to end through the engine: the Rust scheduler and block manager (`_core.Engine`)
     calling the Python worker once per step. The first request goes alone (the client's prefix
     warm-up), then all of them; the clock covers both. `prefix_caching=False` turns the engine's
-    prefix cache off (every prompt token computed)."""
+    prefix cache off (every prompt token computed). `page_size`: tokens per KV page (the engine's
+    `--kv-page-size`; blocks stay 16 tokens), which W's block-aligned prompts never use for diffs:
+    what smaller pages cost."""
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     t0 = time.perf_counter()
     worker = engine.EngineWorker(
-        path, device=device, dtype=dtype, random_weights=True,
+        path, device=device, dtype=dtype, random_weights=True, page_size=page_size,
         kv_cache_tokens=n * (prefix + unique + out_len) + 4096, cuda_graphs=256 if device == "cuda" else 0,
     )  # fmt: skip
     eng = core.Engine(
@@ -382,6 +385,7 @@ def engine_workload(
         "setup_seconds": setup,
         "token_budget": budget,
         "prefix_caching": prefix_caching,
+        "kv_page_size": page_size,
         "output_len": out_len,
         "engine_metrics": metrics,
     }
@@ -674,6 +678,13 @@ def main() -> None:
                 "W_engine_512_output", lambda: engine_workload(core, engine, path7, 256, 512, args.budget)
             )
             section("W_engine_0.5b", lambda: engine_workload(core, engine, path05, 256, 128, args.budget))
+            for page in (4, 1):
+                section(
+                    f"W_engine_kv_page_{page}",
+                    lambda page=page: engine_workload(
+                        core, engine, path7, 256, 128, args.budget, page_size=page
+                    ),
+                )
         section("W", w)
         section("W_cascade_step", lambda: cascade_comparison(engine, holder["runner"], 256, 1216))
         section(

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What sibling agents' KV caches have in common beyond a shared prefix: the measurement behind the
-block-hash sharing the engine does, and behind the diff encoding it does not do.
+block-hash sharing the engine does, and behind how far its diffs go.
 
     python benches/sibling_kv.py --out benches/results/sibling-kv.json
 
@@ -11,9 +11,11 @@ agent's block plus the rows that differ. This script computes every agent's KV c
 `transformers` (per agent, one sequence at a time, float32 on the CPU, a random-weight model of the
 Qwen2.5-0.5B architecture: whether two rows are equal depends on the architecture, not the
 weights), compares each sibling's K and V rows with the base agent's, layer by layer, and reports
-KV bytes per agent three ways: every block its own, blocks shared by hash (what the engine does),
-and blocks shared by hash plus every other (layer, token) row that is bitwise equal to the base's
-(the most an exact diff against the base could save).
+KV bytes per agent: every block its own, blocks shared by hash (the engine with one page per block,
+its default), blocks shared by hash plus every other (layer, token) row that is bitwise equal to the
+base's (the most an exact diff against the base could save), and what the engine stores with
+smaller pages (`--kv-page-size`), where the block holding the divergence is a diff of the base's:
+its pages up to the last whole page before the first differing token are the base's.
 
 A token's K and V in layer l > 0 depend on every token before it, so after the first differing
 token no row of those layers can equal the base's; only layer 0 (the token's embedding and its
@@ -142,6 +144,13 @@ def main() -> None:
                 equal_rows += torch.equal(ka[pos], kb[pos]) and torch.equal(va[pos], vb[pos])
     diff_saved = equal_rows / (args.agents - 1) * row_bytes
     with_diff = hash_shared - diff_saved
+    # The engine's diff block shares whole pages, in every layer: the leading rows of the divergent
+    # block, which the run found equal in every layer (`rows_before_divergence_equal_in_every_layer`).
+    lead = diverge - full_blocks_shared * BLOCK
+    engine_pages = {
+        f"engine_kv_page_{page}": hash_shared - (lead // page * page) * row_bytes * n_layers
+        for page in (16, 4, 1)
+    }
     out = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "date": time.strftime("%Y-%m-%d"),
@@ -161,6 +170,8 @@ def main() -> None:
             "blocks_shared_by_hash": hash_shared,
             "plus_exact_row_diff_against_the_base": with_diff,
             "row_diff_saves_share_of_hash_shared": diff_saved / hash_shared,
+            **engine_pages,
+            "engine_kv_page_1_saves_share_of_hash_shared": 1 - engine_pages["engine_kv_page_1"] / hash_shared,
         },
     }
     Path(args.out).write_text(json.dumps(out, indent=1))
