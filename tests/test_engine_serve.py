@@ -2,7 +2,8 @@
 template of its own, in float32 on the CPU. Greedy completions over a ragged batch (different
 prompt lengths, requests arriving while another decodes, shared prefixes, a KV cache small enough
 to force preemption) equal per-prompt `transformers` `generate`, token for token; the chat API with
-tools through the official openai SDK; usage with cached tokens; streaming; /v1/models; /metrics."""
+tools through the official openai SDK; usage with cached tokens; streaming; logprobs equal to the
+model's own; /v1/models; /metrics."""
 
 from __future__ import annotations
 
@@ -484,7 +485,7 @@ def test_echo_starts_each_choice_with_its_prompt(
     plain_ids = client.completions.create(**common, prompt=ids).choices[0].text
     echoed_ids = client.completions.create(**common, prompt=ids, echo=True).choices[0].text
     assert echoed_ids == tok.decode(ids, skip_special_tokens=True) + plain_ids
-    # No logprobs are computed: asking for them, with `echo` or not, is refused.
+    # No prompt logprobs are computed: `logprobs` with `echo` (which would cover the prompt) is refused.
     with pytest.raises(openai.BadRequestError, match="logprobs"):
         client.completions.create(**common, prompt=texts, echo=True, logprobs=1)
     with pytest.raises(openai.BadRequestError, match="echo"):
@@ -496,6 +497,92 @@ def test_echo_starts_each_choice_with_its_prompt(
         client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "the engine"}], max_tokens=2, top_logprobs=2
         )
+
+
+def reference_logprobs(model: Any, prompt: list[int], out: list[int]) -> torch.Tensor:
+    """The log-softmax of `model`'s logits at each of `out`'s positions after `prompt`."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + out])).logits[0, len(prompt) - 1 : len(prompt) + len(out) - 1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_logprobs_are_the_model_s_own_in_chat_and_completions_streamed_or_not(
+    model_dir: tuple[Any, Any, Path], client: openai.OpenAI
+) -> None:
+    model, tok, _ = model_dir
+    messages: list[Any] = [{"role": "user", "content": "every agent and tool call"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tok.encode(prompt, add_special_tokens=False)
+    want = reference(model, prompt_ids, 8)
+    ref = reference_logprobs(model, prompt_ids, want)
+    ask: dict[str, Any] = {
+        "model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 0, "logprobs": True,
+        "top_logprobs": 3, "extra_body": {"ignore_eos": True},
+    }  # fmt: skip
+    chat = client.chat.completions.create(**ask)
+    content = chat.choices[0].logprobs.content if chat.choices[0].logprobs else None
+    assert content is not None and len(content) == 8
+    for j, entry in enumerate(content):
+        assert entry.token == tok.decode([want[j]]) and entry.bytes == list(entry.token.encode())
+        assert entry.logprob == pytest.approx(ref[j, want[j]].item(), abs=1e-4)
+        values, ids = ref[j].topk(3)
+        assert [t.token for t in entry.top_logprobs] == [tok.decode([i]) for i in ids.tolist()]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
+        # Greedy: the sampled token is the most likely.
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    streamed = [
+        e
+        for c in chunks
+        for ch in c.choices
+        if ch.logprobs and ch.logprobs.content
+        for e in ch.logprobs.content
+    ]
+    # The same tokens; the values up to rounding (the second request computes from the cached prefix).
+    assert [(e.token, [t.token for t in e.top_logprobs]) for e in streamed] == [
+        (e.token, [t.token for t in e.top_logprobs]) for e in content
+    ]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+    # Completions: sampled at temperature 0.7, the logprobs are still the model's raw distribution's.
+    common: dict[str, Any] = {
+        "model": "tiny", "prompt": prompt_ids, "max_tokens": 6, "temperature": 0.7, "seed": 5, "logprobs": 2,
+        "extra_body": {"ignore_eos": True, "return_token_ids": True},
+    }  # fmt: skip
+    whole = client.completions.create(**common).choices[0]
+    out = (whole.model_extra or {})["token_ids"]
+    ref = reference_logprobs(model, prompt_ids, out)
+    lp = whole.logprobs
+    assert lp is not None and lp.tokens == [tok.decode([i]) for i in out]
+    assert lp.token_logprobs == pytest.approx([ref[j, i].item() for j, i in enumerate(out)], abs=1e-4)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:j]) for j in range(len(out))]
+    assert lp.top_logprobs is not None
+    for j, top in enumerate(lp.top_logprobs):
+        values, best = ref[j].topk(2)
+        expected = {tok.decode([out[j]]): ref[j, out[j]].item()}
+        for i, v in zip(best.tolist(), values.tolist(), strict=True):
+            expected.setdefault(tok.decode([i]), v)
+        assert top == pytest.approx(expected, abs=1e-4)
+    parts = [c.choices[0].logprobs for c in client.completions.create(**common, stream=True)]
+    assert [t for p in parts if p for t in p.tokens or []] == lp.tokens
+    assert [v for p in parts if p for v in p.token_logprobs or []] == pytest.approx(
+        lp.token_logprobs, abs=1e-4
+    )
+    assert [o for p in parts if p for o in p.text_offset or []] == lp.text_offset
+    # A stop string cuts the logprobs with the tokens.
+    stops = [t for t in lp.tokens[:-1] if t.strip() and t.isascii() and t.isprintable()]
+    assert stops, lp.tokens
+    cut = client.completions.create(**common, stop=[stops[0]]).choices[0]
+    kept = len((cut.model_extra or {})["token_ids"])
+    assert cut.finish_reason == "stop" and kept < len(out)
+    assert cut.logprobs is not None and cut.logprobs.tokens == lp.tokens[:kept]
+    for bad in ({"logprobs": 21}, {"logprobs": -1}):
+        with pytest.raises(openai.BadRequestError, match="logprobs"):
+            client.completions.create(**{**common, **bad})
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+        client.completions.create(**{**common, "extra_body": {"prompt_logprobs": 1}})
 
 
 def test_a_local_backend_starts_the_engine_for_a_batch(model_dir: tuple[Any, Any, Path]) -> None:

@@ -2,7 +2,8 @@
 //! [`StepExecutor`] (the Python model runner, behind feature `python`) on the step's layout.
 //!
 //! One step is one call: the executor gets the whole layout and returns one sampled token per
-//! scheduled sequence, so the model runner is entered once per step however many sequences run.
+//! scheduled sequence (with its logprobs where the sequence's sampling asks), so the model runner is
+//! entered once per step however many sequences run.
 //! Time is real time since the engine started.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,12 +14,20 @@ use std::time::Instant;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 
 use super::metrics::EngineMetrics;
-use super::scheduler::{EngineEvent, EngineRequest, Scheduler, SchedulerConfig, StepLayout};
+use super::scheduler::{EngineEvent, EngineRequest, Scheduler, SchedulerConfig, StepLayout, TokenLogprobs};
+
+/// What a step samples: a token per sequence of the layout, and either no logprobs or an entry per
+/// sequence (`Some` where its sampling asked for them).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sampled {
+    pub tokens: Vec<u32>,
+    pub logprobs: Vec<Option<TokenLogprobs>>,
+}
 
 /// Runs one step of the model: writes the new tokens' KV at their slots and samples each
 /// sequence's next token. Errors are messages (a device out of memory, a bug in the runner).
 pub trait StepExecutor: Send + 'static {
-    fn execute(&mut self, layout: &StepLayout) -> Result<Vec<u32>, String>;
+    fn execute(&mut self, layout: &StepLayout) -> Result<Sampled, String>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,18 +211,21 @@ fn run(shared: &Shared, mut sched: Scheduler, mut executor: Box<dyn StepExecutor
         };
         let layout = sched.layout();
         let laid_out = step_start.elapsed();
-        let result = executor.execute(&layout).and_then(|tokens| {
-            if tokens.len() == layout.num_seqs() {
-                Ok(tokens)
+        let result = executor.execute(&layout).and_then(|sampled| {
+            let seqs = layout.num_seqs();
+            if sampled.tokens.len() != seqs {
+                Err(format!("the model runner returned {} tokens for {seqs} sequences", sampled.tokens.len()))
+            } else if !sampled.logprobs.is_empty() && sampled.logprobs.len() != seqs {
+                Err(format!("the model runner returned {} logprobs for {seqs} sequences", sampled.logprobs.len()))
             } else {
-                Err(format!("the model runner returned {} tokens for {} sequences", tokens.len(), layout.num_seqs()))
+                Ok(sampled)
             }
         });
         match result {
-            Ok(tokens) => {
+            Ok(Sampled { tokens, logprobs }) => {
                 let executed = Instant::now();
                 sched.now = start.elapsed();
-                sched.complete_step(Some(&tokens));
+                sched.complete_step_with_logprobs(Some(&tokens), logprobs);
                 let m = sched.metrics_mut();
                 m.scheduling += laid_out + executed.elapsed();
                 m.busy += step_start.elapsed();

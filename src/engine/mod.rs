@@ -10,6 +10,8 @@ pub mod server;
 pub mod stop;
 
 pub use blocks::Eviction;
-pub use local::{LocalEngine, LocalEngineError, StepExecutor};
+pub use local::{LocalEngine, LocalEngineError, Sampled, StepExecutor};
 pub use metrics::{EngineMetrics, Histogram, TTFT_BUCKETS};
-pub use scheduler::{EngineEvent, EngineRequest, Pin, Sampling, Scheduler, SchedulerConfig, StepLayout, StepLoad};
+pub use scheduler::{
+    EngineEvent, EngineRequest, Pin, Sampling, Scheduler, SchedulerConfig, StepLayout, StepLoad, TokenLogprobs,
+};

@@ -100,12 +100,25 @@ pub struct Sampling {
     /// Makes sampling reproducible: the draw for output token `i` depends only on the seed, `i` and
     /// the logits.
     pub seed: Option<u64>,
+    /// Report each output token's log-probability and those of this many most likely tokens
+    /// ([`TokenLogprobs`], vLLM's `logprobs`); `None`: none.
+    pub logprobs: Option<u32>,
 }
 
 impl Default for Sampling {
     fn default() -> Self {
-        Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: None }
+        Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: None, logprobs: None }
     }
+}
+
+/// An output token's log-probability and the most likely tokens' at its position, from the model's
+/// raw distribution (the log-softmax of its logits before temperature, top-k/top-p and banned
+/// tokens, as vLLM's default `raw_logprobs`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    /// `(token id, log-probability)`, the most likely first.
+    pub top: Vec<(u32, f32)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -213,7 +226,7 @@ struct Pinned {
     next_use: NextUse,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
     /// The request was admitted to the running batch; its prefix-cache hit is known.
     Started { cached_tokens: usize },
@@ -221,7 +234,8 @@ pub enum EngineEvent {
     /// request's `output_tokens[index]`, 0 when not given). `stop`: it is a stop token that ends the
     /// output (once `min_tokens` are out, and not the last token `max_new_tokens` allow, which ends
     /// it by length, as vLLM's `check_stop` has it).
-    Token { index: usize, id: u32, stop: bool },
+    /// `logprobs`: when the request's sampling asks for them (and the executor computes them).
+    Token { index: usize, id: u32, stop: bool, logprobs: Option<TokenLogprobs> },
     /// The last event of a served request. Durations are the scheduler's time from arrival.
     Finished {
         prompt_tokens: usize,
@@ -667,6 +681,12 @@ impl Scheduler {
     /// sequence still in the middle of its prompt ignores its token); `None` when the caller
     /// samples nothing (the simulator: tokens come from `output_tokens`).
     pub fn complete_step(&mut self, sampled: Option<&[u32]>) {
+        self.complete_step_with_logprobs(sampled, Vec::new());
+    }
+
+    /// [`Self::complete_step`] with each row's logprobs (empty, or one entry per row of the layout:
+    /// `Some` for the rows whose sampling asked for them).
+    pub fn complete_step_with_logprobs(&mut self, sampled: Option<&[u32]>, mut logprobs: Vec<Option<TokenLogprobs>>) {
         let now = self.now;
         let mut row = 0;
         for s in &mut self.running {
@@ -674,6 +694,7 @@ impl Scheduler {
                 continue;
             }
             let token = sampled.and_then(|t| t.get(row).copied());
+            let token_logprobs = logprobs.get_mut(row).and_then(Option::take);
             row += 1;
             s.computed += s.step_tokens;
             s.step_tokens = 0;
@@ -698,7 +719,7 @@ impl Scheduler {
                     && s.generated > s.min_tokens
                     && s.generated < s.max_new
                     && s.stop_ids.contains(&id);
-                if s.tx.send(EngineEvent::Token { index, id, stop: stopped }).is_err() {
+                if s.tx.send(EngineEvent::Token { index, id, stop: stopped, logprobs: token_logprobs }).is_err() {
                     if s.ended() {
                         // Its caller ended it (and went): a finish, not an abort.
                         finish(s, now, true, &mut self.m);
@@ -1313,6 +1334,38 @@ mod tests {
         check(&runs);
         assert_eq!(runs[0].tokens, vec![STOP]);
         assert!(runs[1].tokens.len() > 3);
+    }
+
+    #[test]
+    fn logprobs_go_out_with_the_token_of_their_row() {
+        let mut sched = Scheduler::new(config(32, 64));
+        let asking = Sampling { logprobs: Some(1), ..Sampling::default() };
+        let mut receivers = Vec::new();
+        for (seed, sampling) in [(3, Sampling::default()), (4, asking)] {
+            let (tx, rx) = unbounded_channel();
+            let request =
+                EngineRequest { prompt: toks(seed, 5), max_new_tokens: 1, sampling, ..EngineRequest::default() };
+            sched.enqueue(request, tx, Duration::ZERO);
+            receivers.push(rx);
+        }
+        sched.schedule().unwrap();
+        let layout = sched.layout();
+        assert_eq!(layout.sampling.iter().map(|s| s.logprobs).collect::<Vec<_>>(), [None, Some(1)]);
+        let asked = TokenLogprobs { logprob: -0.5, top: vec![(9, -0.25)] };
+        sched.complete_step_with_logprobs(Some(&[7, 9]), vec![None, Some(asked.clone())]);
+        let tokens: Vec<_> = receivers
+            .iter_mut()
+            .map(|rx| {
+                std::iter::from_fn(|| rx.try_recv().ok()).find_map(|e| {
+                    if let EngineEvent::Token { id, logprobs, .. } = e {
+                        Some((id, logprobs))
+                    } else {
+                        None
+                    }
+                })
+            })
+            .collect();
+        assert_eq!(tokens, [Some((7, None)), Some((9, Some(asked)))]);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! `echo`), `n` choices per prompt, streaming (SSE, `stream_options.include_usage`), usage with
 //! `prompt_tokens_details.cached_tokens`, `/v1/models` (with `max_model_len`), `/health`,
 //! `/metrics` (vLLM's names, the simulator's renderer with the engine's own series under
-//! `batchagent:`), `stop` strings with `stop_reason`, and vLLM's sampling extensions `ignore_eos`,
+//! `batchagent:`), `stop` strings with `stop_reason`, output logprobs (chat's `logprobs` and
+//! `top_logprobs`, completions' `logprobs`), and vLLM's sampling extensions `ignore_eos`,
 //! `min_tokens`, `top_k`, `stop_token_ids`, `include_stop_str_in_output`.
 //!
 //! Text goes through a [`TextCodec`] (the model directory's tokenizer, in Python), on blocking
@@ -13,7 +14,7 @@
 // the path of a served one, so its size does not matter.
 #![allow(clippy::result_large_err)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -30,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::local::LocalEngine;
-use super::scheduler::{EndSignal, EngineEvent, EngineRequest, Pin, Sampling};
+use super::scheduler::{EndSignal, EngineEvent, EngineRequest, Pin, Sampling, TokenLogprobs};
 use super::stop::StopStrings;
 use crate::chat_template::{StreamPiece, ToolCallFormat, ToolCallStream};
 use crate::sim::server::metrics::{render as render_metrics, CacheConfig, Renderer};
@@ -47,6 +48,8 @@ pub trait TextCodec: Send + Sync + 'static {
     /// token, unless `last`.
     fn detokenize(&self, ids: &[u32], prefix: usize, read: usize, last: bool)
         -> Result<(String, usize, usize), String>;
+    /// Each token's own text, as logprobs show it (special tokens as written).
+    fn token_texts(&self, ids: &[u32]) -> Result<Vec<String>, String>;
 }
 
 #[derive(Debug, Clone)]
@@ -233,6 +236,32 @@ struct Params {
 /// The most sequences one prompt may ask for (`n`).
 const MAX_N: u64 = 128;
 
+/// The most top tokens a request's logprobs may list (vLLM's default `--max-logprobs`).
+const MAX_LOGPROBS: u64 = 20;
+
+/// How many top tokens each output token's logprobs list, `None` when the request asks for no
+/// logprobs: chat's `logprobs` (a boolean) and `top_logprobs`, completions' `logprobs` (a count).
+fn parse_logprobs(body: &Value, chat: bool) -> Result<Option<u32>, Response> {
+    let count = |key: &str| match body.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(k) if k <= MAX_LOGPROBS => Ok(Some(k as u32)),
+            _ => Err(bad_param(format!("`{key}` must be an integer from 0 to {MAX_LOGPROBS}, not {v}"), key)),
+        },
+    };
+    if !chat {
+        return count("logprobs");
+    }
+    let on = match body.get("logprobs") {
+        None | Some(Value::Null) => false,
+        Some(v) => v.as_bool().ok_or_else(|| bad_param("`logprobs` must be a boolean", "logprobs"))?,
+    };
+    match count("top_logprobs")? {
+        Some(_) if !on => Err(bad_param("when using `top_logprobs`, `logprobs` must be set to true", "top_logprobs")),
+        top => Ok(on.then(|| top.unwrap_or(0))),
+    }
+}
+
 fn uint(body: &Value, key: &str) -> Result<Option<u64>, Response> {
     match body.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -295,11 +324,9 @@ fn parse_params(state: &AppState, body: &Value, max_key: &str) -> Result<Params,
             stop_token_ids.push(id);
         }
     }
-    // Refused rather than answered with `"logprobs": null`, which a client would read as none.
-    for key in ["logprobs", "top_logprobs", "prompt_logprobs"] {
-        if !matches!(body.get(key), None | Some(Value::Null | Value::Bool(false))) {
-            return Err(bad_param(format!("`{key}`: this server computes no logprobs"), key));
-        }
+    // Refused rather than answered with `"prompt_logprobs": null`, which a client would read as none.
+    if !matches!(body.get("prompt_logprobs"), None | Some(Value::Null)) {
+        return Err(bad_param("`prompt_logprobs`: this server computes no prompt logprobs", "prompt_logprobs"));
     }
     // A string or a list of them; vLLM takes lists longer than OpenAI's 4 (the request body's size
     // bounds them).
@@ -322,7 +349,7 @@ fn parse_params(state: &AppState, body: &Value, max_key: &str) -> Result<Params,
     };
     Ok(Params {
         max_tokens,
-        sampling: Sampling { temperature, top_p, top_k, seed },
+        sampling: Sampling { temperature, top_p, top_k, seed, logprobs: None },
         stop_token_ids,
         ignore_eos,
         stop,
@@ -382,7 +409,7 @@ struct Sequence {
 enum Submission {
     Now(mpsc::UnboundedReceiver<EngineEvent>),
     /// Submitted once the gate opens (or its sender is dropped).
-    After(Shared<oneshot::Receiver<()>>, EngineRequest),
+    After(Shared<oneshot::Receiver<()>>, Box<EngineRequest>),
 }
 
 /// Submits the `n` sequences of one prompt, each an engine request of its own (vLLM's parallel
@@ -403,7 +430,7 @@ fn submit(state: &AppState, request: &EngineRequest, n: usize) -> Vec<Sequence> 
         let end = request.end.clone();
         let submission = match submission {
             None => Submission::Now(state.engine.submit(request)),
-            Some(gate) => Submission::After(gate, request),
+            Some(gate) => Submission::After(gate, Box::new(request)),
         };
         Sequence { submission, first_token: None, prompt_tokens, end }
     };
@@ -421,14 +448,14 @@ impl Sequence {
         self,
         state: Arc<AppState>,
         p: &Params,
-        on_text: impl FnMut(String, &[u32]) -> bool,
+        on_text: impl FnMut(String, &Outcome) -> bool,
         stream: bool,
     ) -> Result<Outcome, Response> {
         let rx = match self.submission {
             Submission::Now(rx) => rx,
             Submission::After(gate, request) => {
                 let _ = gate.await;
-                state.engine.submit(request)
+                state.engine.submit(*request)
             }
         };
         drive(state, rx, p, self.prompt_tokens, on_text, stream, self.first_token, self.end).await
@@ -487,6 +514,10 @@ impl Finish {
 struct Outcome {
     /// Its output tokens (after a stop string, those up to the one that completed it).
     ids: Vec<u32>,
+    /// Each output token's logprobs, when the request asks for them (as many as `ids`).
+    logprobs: Vec<TokenLogprobs>,
+    /// The texts of the tokens `logprobs` name.
+    token_texts: HashMap<u32, String>,
     text: String,
     prompt_tokens: usize,
     cached_tokens: usize,
@@ -523,8 +554,8 @@ fn decode_pieces(
 }
 
 /// Runs one sequence to its end: its text as it comes out when `stream` (`on_text` gets each piece
-/// with the output's token ids so far, and returns false once the client is gone), then its
-/// outcome. With stop strings each token's text is searched as it comes, as vLLM does; a match
+/// with the outcome so far, its token ids and logprobs, and returns false once the client is gone),
+/// then its outcome. With stop strings each token's text is searched as it comes, as vLLM does; a match
 /// ends the sequence at once (`end`: the engine finishes it at its next step, as a stop token
 /// would, freeing its slot and keeping its blocks for a tool-wait pin). `first_token` fires at the
 /// first output token (or is dropped when the sequence fails before one).
@@ -534,7 +565,7 @@ async fn drive(
     mut rx: mpsc::UnboundedReceiver<EngineEvent>,
     p: &Params,
     prompt_tokens: usize,
-    mut on_text: impl FnMut(String, &[u32]) -> bool,
+    mut on_text: impl FnMut(String, &Outcome) -> bool,
     stream: bool,
     mut first_token: Option<oneshot::Sender<()>>,
     end: Option<EndSignal>,
@@ -560,8 +591,18 @@ async fn drive(
         let mut finished = false;
         for e in events {
             match e {
-                EngineEvent::Token { id, stop, .. } if stop_token.is_none() => {
+                EngineEvent::Token { id, stop, logprobs, .. } if stop_token.is_none() => {
                     out.ids.push(id);
+                    if p.sampling.logprobs.is_some() {
+                        let Some(logprobs) = logprobs else {
+                            return Err(error(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "the model runner returned no logprobs",
+                                None,
+                            ));
+                        };
+                        out.logprobs.push(logprobs);
+                    }
                     // The scheduler says which token stops the output (a stop token that is the
                     // last one `max_tokens` allow ends it by length, and its text is output).
                     if stop {
@@ -602,14 +643,18 @@ async fn drive(
                 if text.push(&piece, count > p.min_tokens) {
                     // Tokens after the one that completed the stop string are not output.
                     out.ids.truncate(count);
+                    out.logprobs.truncate(count);
                     break;
                 }
             }
         }
         let matched = text.matched().map(str::to_owned);
+        if stream || done || matched.is_some() {
+            name_tokens(&state, &mut out).await?;
+        }
         if stream {
             let ready = text.ready(done || matched.is_some());
-            if !ready.is_empty() && !on_text(ready.to_owned(), &out.ids) {
+            if !ready.is_empty() && !on_text(ready.to_owned(), &out) {
                 // The client went away: dropping the receiver aborts the request.
                 return Err(error(StatusCode::INTERNAL_SERVER_ERROR, "the client went away", None));
             }
@@ -633,6 +678,104 @@ async fn drive(
             };
             return Ok(out);
         }
+    }
+}
+
+/// Fetches the texts of the tokens in `out.logprobs` not yet named (one call to the tokenizer).
+async fn name_tokens(state: &AppState, out: &mut Outcome) -> Result<(), Response> {
+    let mut ids: Vec<u32> = out.ids[..out.logprobs.len()]
+        .iter()
+        .copied()
+        .chain(out.logprobs.iter().flat_map(|l| l.top.iter().map(|&(id, _)| id)))
+        .filter(|id| !out.token_texts.contains_key(id))
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    let codec = Arc::clone(&state.codec);
+    let asked = ids.clone();
+    let texts = blocking(move || codec.token_texts(&asked)).await?;
+    out.token_texts.extend(ids.into_iter().zip(texts));
+    Ok(())
+}
+
+/// An output token's text and log-probability, with the top tokens' texts and theirs.
+type TokenEntry<'a> = (&'a str, f32, Vec<(&'a str, f32)>);
+
+/// A choice's logprobs as they go out, each output token's once: all at once, or a chunk's tokens
+/// with each chunk of a stream.
+struct LogprobDeltas {
+    on: bool,
+    /// Tokens sent so far.
+    sent: usize,
+    /// Characters of their texts (completions' `text_offset`).
+    offset: usize,
+}
+
+impl LogprobDeltas {
+    fn new(p: &Params) -> Self {
+        Self { on: p.sampling.logprobs.is_some(), sent: 0, offset: 0 }
+    }
+
+    /// The output tokens after those sent, as `(text, logprobs, top tokens' texts and logprobs)`.
+    fn take<'a>(&mut self, out: &'a Outcome) -> Vec<TokenEntry<'a>> {
+        if !self.on {
+            return Vec::new();
+        }
+        let text = |id: &u32| out.token_texts.get(id).map_or("", String::as_str);
+        let from = self.sent.min(out.logprobs.len());
+        self.sent = out.logprobs.len();
+        out.ids[from..out.logprobs.len()]
+            .iter()
+            .zip(&out.logprobs[from..])
+            .map(|(id, l)| (text(id), l.logprob, l.top.iter().map(|(id, lp)| (text(id), *lp)).collect()))
+            .collect()
+    }
+
+    /// Chat's `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}]}`, null when off (or,
+    /// streamed, when no token is new).
+    fn chat(&mut self, out: &Outcome) -> Value {
+        let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
+        let content: Vec<Value> = self
+            .take(out)
+            .into_iter()
+            .map(|(token, logprob, top)| {
+                let mut e = entry(token, logprob);
+                e["top_logprobs"] = top.into_iter().map(|(t, lp)| entry(t, lp)).collect();
+                e
+            })
+            .collect();
+        if content.is_empty() {
+            Value::Null
+        } else {
+            json!({ "content": content })
+        }
+    }
+
+    /// Completions' `logprobs`: `tokens`, `token_logprobs`, `top_logprobs` (the sampled token's
+    /// text and each top token's, with their log-probabilities) and `text_offset` (characters into
+    /// the choice's text), null when off (or, streamed, when no token is new).
+    fn completion(&mut self, out: &Outcome) -> Value {
+        let tokens = self.take(out);
+        if tokens.is_empty() {
+            return Value::Null;
+        }
+        let (mut texts, mut logprobs, mut tops, mut offsets) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (token, logprob, top) in tokens {
+            offsets.push(self.offset);
+            self.offset += token.chars().count();
+            let mut entry = serde_json::Map::new();
+            entry.insert(token.to_owned(), json!(logprob));
+            for (t, lp) in top {
+                entry.entry(t.to_owned()).or_insert(json!(lp));
+            }
+            texts.push(token);
+            logprobs.push(logprob);
+            tops.push(entry);
+        }
+        json!({"tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets})
     }
 }
 
@@ -758,7 +901,8 @@ async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
 
 async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Response> {
     let body: Value = serde_json::from_slice(raw).map_err(|e| bad(format!("request body is not valid JSON: {e}")))?;
-    let p = parse_params(&state, &body, "max_completion_tokens")?;
+    let mut p = parse_params(&state, &body, "max_completion_tokens")?;
+    p.sampling.logprobs = parse_logprobs(&body, true)?;
     if !body.get("messages").is_some_and(Value::is_array) {
         return Err(bad("`messages` must be an array"));
     }
@@ -797,8 +941,8 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
             if !calls.is_empty() {
                 message["tool_calls"] = Value::Array(calls);
             }
-            choices.push(json!({"index": i, "message": message, "logprobs": null, "finish_reason": reason,
-                                "stop_reason": out.finish.stop_reason(&state, &p)}));
+            choices.push(json!({"index": i, "message": message, "logprobs": LogprobDeltas::new(&p).chat(out),
+                                "finish_reason": reason, "stop_reason": out.finish.stop_reason(&state, &p)}));
         }
         if let Some(agent) = agent.filter(|_| !any_calls) {
             // No tool to wait for: the agent is done, its blocks need not be held.
@@ -832,15 +976,24 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
                 // (the pieces add up to the unstreamed answer's content and calls).
                 let mut tools =
                     has_tools.then(|| ToolDeltas { reader: parser.stream(), sent: 0, id: format!("{n}-{i}") });
-                let send = |delta: Value| sink.send(sse(&chunk(i, delta, Value::Null))).is_ok();
-                let on_text = |text: String, _: &[u32]| match tools.as_mut() {
-                    Some(t) => t.push(&text).into_iter().all(send),
-                    None => send(json!({"content": text})),
+                // The logprobs of the tokens since the last chunk go with the next chunk sent.
+                let mut logprobs = LogprobDeltas::new(p);
+                let mut send = |deltas: Vec<Value>, out: &Outcome| {
+                    let mut pending = if deltas.is_empty() { Value::Null } else { logprobs.chat(out) };
+                    deltas.into_iter().all(|delta| {
+                        let mut c = chunk(i, delta, Value::Null);
+                        c["choices"][0]["logprobs"] = pending.take();
+                        sink.send(sse(&c)).is_ok()
+                    })
+                };
+                let on_text = |text: String, out: &Outcome| match tools.as_mut() {
+                    Some(t) => send(t.push(&text), out),
+                    None => send(vec![json!({"content": text})], out),
                 };
                 let out = sequence.run(Arc::clone(&state), p, on_text, true).await.ok()?;
                 let called = match tools.as_mut() {
                     Some(t) => {
-                        t.finish().into_iter().all(send).then_some(())?;
+                        send(t.finish(), &out).then_some(())?;
                         t.sent > 0
                     }
                     None => false,
@@ -848,6 +1001,7 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
                 let reason = if called { "tool_calls" } else { out.finish.reason() };
                 record(&state, out.finish.reason());
                 let mut last = chunk(i, json!({}), json!(reason));
+                last["choices"][0]["logprobs"] = logprobs.chat(&out);
                 last["choices"][0]["stop_reason"] = out.finish.stop_reason(&state, p);
                 sink.send(sse(&last)).ok()?;
                 Some((out, called))
@@ -909,10 +1063,15 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
 async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response, Response> {
     let body: Value = serde_json::from_slice(body).map_err(|e| bad(format!("request body is not valid JSON: {e}")))?;
     let mut p = parse_params(&state, &body, "max_tokens")?;
+    p.sampling.logprobs = parse_logprobs(&body, false)?;
     // The completions API's default is 16 tokens.
     p.max_tokens = p.max_tokens.or(Some(16));
     // vLLM's `echo`: each choice's text starts with its prompt (token ids decoded).
     let echo = body.get("echo").and_then(Value::as_bool) == Some(true);
+    if echo && p.sampling.logprobs.is_some() {
+        // With `echo`, logprobs cover the prompt's tokens too, which this server does not compute.
+        return Err(bad_param("`logprobs` with `echo`: this server computes no prompt logprobs", "logprobs"));
+    }
     // vLLM's `return_token_ids`: each choice also carries its prompt's and its output's token ids,
     // so a client can extend a conversation token for token (text round trips need not).
     let return_token_ids = body.get("return_token_ids").and_then(Value::as_bool) == Some(true);
@@ -969,8 +1128,8 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
                 Some(prompt) => format!("{prompt}{}", out.text),
                 None => out.text.clone(),
             };
-            let mut choice = json!({"index": i, "text": text, "logprobs": null, "finish_reason": reason,
-                                    "stop_reason": out.finish.stop_reason(&state, &p)});
+            let mut choice = json!({"index": i, "text": text, "logprobs": LogprobDeltas::new(&p).completion(out),
+                                    "finish_reason": reason, "stop_reason": out.finish.stop_reason(&state, &p)});
             if return_token_ids {
                 choice["prompt_token_ids"] = json!(prompt_ids.get(i / p.n));
                 choice["token_ids"] = json!(out.ids);
@@ -1009,13 +1168,17 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
                 if let Some(prompt) = echoes.get(i / p.n).filter(|t| !t.is_empty()) {
                     sink.send(sse(&ids.add(chunk(i, prompt, Value::Null, Value::Null), &[]))).ok()?;
                 }
-                let on_text = |text: String, out: &[u32]| {
-                    sink.send(sse(&ids.add(chunk(i, &text, Value::Null, Value::Null), out))).is_ok()
+                let mut logprobs = LogprobDeltas::new(p);
+                let on_text = |text: String, out: &Outcome| {
+                    let mut c = chunk(i, &text, Value::Null, Value::Null);
+                    c["choices"][0]["logprobs"] = logprobs.completion(out);
+                    sink.send(sse(&ids.add(c, &out.ids))).is_ok()
                 };
                 let out = sequence.run(Arc::clone(&state), p, on_text, true).await.ok()?;
                 let reason = out.finish.reason();
                 record(&state, reason);
-                let last = chunk(i, "", json!(reason), out.finish.stop_reason(&state, p));
+                let mut last = chunk(i, "", json!(reason), out.finish.stop_reason(&state, p));
+                last["choices"][0]["logprobs"] = logprobs.completion(&out);
                 sink.send(sse(&ids.add(last, &out.ids))).ok()?;
                 Some(out)
             }
@@ -1096,6 +1259,9 @@ mod tests {
             }
             Ok((String::new(), prefix, read))
         }
+        fn token_texts(&self, ids: &[u32]) -> Result<Vec<String>, String> {
+            Ok(ids.iter().map(|&i| String::from_utf8_lossy(&[u8::try_from(i).unwrap_or(b'?')]).into_owned()).collect())
+        }
     }
 
     #[test]
@@ -1127,6 +1293,24 @@ mod tests {
         // character, the new batch), not the whole output of over 1,000 tokens.
         let longest = *codec.longest.lock().unwrap_or_else(PoisonError::into_inner);
         assert!(longest <= 12 && ids.len() > 1000, "{longest}");
+    }
+
+    #[test]
+    fn logprobs_are_asked_for_as_each_api_asks() {
+        let ask = |body: Value, chat: bool| parse_logprobs(&body, chat).map_err(|r| r.status());
+        let refused = Err(StatusCode::BAD_REQUEST);
+        assert_eq!(ask(json!({}), true), Ok(None));
+        assert_eq!(ask(json!({"logprobs": false}), true), Ok(None));
+        assert_eq!(ask(json!({"logprobs": true}), true), Ok(Some(0)));
+        assert_eq!(ask(json!({"logprobs": true, "top_logprobs": 20}), true), Ok(Some(20)));
+        assert_eq!(ask(json!({"top_logprobs": 2}), true), refused);
+        assert_eq!(ask(json!({"logprobs": true, "top_logprobs": 21}), true), refused);
+        assert_eq!(ask(json!({"logprobs": 2}), true), refused);
+        assert_eq!(ask(json!({"logprobs": 0}), false), Ok(Some(0)));
+        assert_eq!(ask(json!({"logprobs": 5}), false), Ok(Some(5)));
+        assert_eq!(ask(json!({"logprobs": null}), false), Ok(None));
+        assert_eq!(ask(json!({"logprobs": -1}), false), refused);
+        assert_eq!(ask(json!({"logprobs": true}), false), refused);
     }
 
     #[test]

@@ -12,7 +12,8 @@ use super::errors::{RunError, SchemaError};
 use crate::chat_template::ToolCallFormat;
 use crate::engine::server::{EngineServer, ServeOptions, TextCodec};
 use crate::engine::{
-    EngineEvent, EngineRequest, Eviction, LocalEngine, Sampling, SchedulerConfig, StepExecutor, StepLayout,
+    EngineEvent, EngineRequest, Eviction, LocalEngine, Sampled, Sampling, SchedulerConfig, StepExecutor, StepLayout,
+    TokenLogprobs,
 };
 
 /// Little-endian bytes of `values`, which the worker reads with `torch.frombuffer` (a bytearray:
@@ -30,13 +31,17 @@ fn le_bytes<'py, const N: usize, T: Copy>(
     })
 }
 
-/// The step crossing: the layout's arrays as bytes, the sampling rows only when some row samples.
+/// The step crossing: the layout's arrays as bytes, the sampling rows only when some row samples,
+/// the rows that ask for logprobs (with how many top tokens) only when some do.
 pub(crate) struct PyStepExecutor {
     worker: Py<PyAny>,
 }
 
+/// A row's logprobs as the worker returns them: the sampled token's, the top tokens' ids and theirs.
+type LogprobsRow = (f32, Vec<u32>, Vec<f32>);
+
 impl PyStepExecutor {
-    fn call(&self, py: Python<'_>, l: &StepLayout) -> PyResult<Vec<u32>> {
+    fn call(&self, py: Python<'_>, l: &StepLayout) -> PyResult<Sampled> {
         let sampling = if l.sampling.iter().any(|s| s.temperature > 0.0) {
             let rows = l.sampling.iter().zip(&l.output_index).map(|(s, &index)| {
                 (s.temperature, s.top_p, s.top_k, s.seed, index).into_pyobject(py).map(Bound::into_any)
@@ -46,6 +51,8 @@ impl PyStepExecutor {
             py.None().into_bound(py)
         };
         let banned: Vec<(usize, &Vec<u32>)> = l.banned.iter().enumerate().filter(|(_, b)| !b.is_empty()).collect();
+        let asked: Vec<(usize, u32)> =
+            l.sampling.iter().enumerate().filter_map(|(row, s)| s.logprobs.map(|k| (row, k))).collect();
         let args = PyTuple::new(
             py,
             [
@@ -58,14 +65,34 @@ impl PyStepExecutor {
                 le_bytes(py, &l.slot_mapping, i64::to_le_bytes)?.into_any(),
                 sampling,
                 banned.into_pyobject(py)?.into_any(),
+                asked.clone().into_pyobject(py)?.into_any(),
             ],
         )?;
-        self.worker.bind(py).call_method1("step", args)?.extract()
+        let out = self.worker.bind(py).call_method1("step", args)?;
+        if asked.is_empty() {
+            return Ok(Sampled { tokens: out.extract()?, logprobs: Vec::new() });
+        }
+        let (tokens, rows): (Vec<u32>, Vec<LogprobsRow>) = out.extract()?;
+        if rows.len() != asked.len() {
+            return Err(PyValueError::new_err(format!(
+                "the worker returned logprobs for {} rows, not the {} asked",
+                rows.len(),
+                asked.len()
+            )));
+        }
+        let mut logprobs = vec![None; l.num_seqs()];
+        for ((row, _), (logprob, ids, values)) in asked.into_iter().zip(rows) {
+            let top = ids.into_iter().zip(values).collect();
+            if let Some(slot) = logprobs.get_mut(row) {
+                *slot = Some(TokenLogprobs { logprob, top });
+            }
+        }
+        Ok(Sampled { tokens, logprobs })
     }
 }
 
 impl StepExecutor for PyStepExecutor {
-    fn execute(&mut self, layout: &StepLayout) -> Result<Vec<u32>, String> {
+    fn execute(&mut self, layout: &StepLayout) -> Result<Sampled, String> {
         Python::with_gil(|py| {
             self.call(py, layout).map_err(|e| {
                 // The traceback goes to stderr, where a server's operator looks; the message travels on.
@@ -216,7 +243,7 @@ pub(crate) fn check_sampling(temperature: f64, top_p: f64, top_k: u32, seed: Opt
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(SchemaError::new_err(format!("top_p {top_p} is not in (0, 1]")));
     }
-    Ok(Sampling { temperature, top_p, top_k, seed })
+    Ok(Sampling { temperature, top_p, top_k, seed, logprobs: None })
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -256,6 +283,11 @@ impl TextCodec for PyCodec {
         last: bool,
     ) -> Result<(String, usize, usize), String> {
         Python::with_gil(|py| self.worker.bind(py).call_method1("detokenize", (ids, prefix, read, last))?.extract())
+            .map_err(|e| py_message(&e))
+    }
+
+    fn token_texts(&self, ids: &[u32]) -> Result<Vec<String>, String> {
+        Python::with_gil(|py| self.worker.bind(py).call_method1("token_texts", (ids,))?.extract())
             .map_err(|e| py_message(&e))
     }
 }

@@ -61,6 +61,24 @@ def sample(
     return [int(t) for t in out.tolist()]
 
 
+# A row's logprobs: the sampled token's, then the top tokens' ids and theirs (the most likely first).
+LogprobsRow = tuple[float, list[int], list[float]]
+
+# vLLM's floor for a log-probability in JSON (which has no -inf).
+LOGPROB_FLOOR = -9999.0
+
+
+def token_logprobs(raw: torch.Tensor, chosen: list[int], top: list[int]) -> list[LogprobsRow]:
+    """Per row of ``raw [rows, vocab]`` (log-probabilities): the log-probability of the row's
+    ``chosen`` token and the ``top`` most likely tokens with theirs, floored at ``LOGPROB_FLOOR``."""
+    raw = raw.clamp(min=LOGPROB_FLOOR)
+    picked = raw.gather(1, torch.tensor(chosen, device=raw.device).unsqueeze(1)).squeeze(1).tolist()
+    k = max(top, default=0)
+    values, ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())
+    values, ids = values.tolist(), ids.tolist()
+    return [(picked[i], ids[i][: top[i]], values[i][: top[i]]) for i in range(len(chosen))]
+
+
 def _weight_bytes(config: ModelConfig, elem: int) -> int:
     h, d, i = config.hidden_size, config.head_dim, config.intermediate_size
     q, kv = config.num_heads * d, config.num_kv_heads * d
@@ -132,8 +150,10 @@ class EngineWorker:
         slot_mapping: bytearray,
         sampling: list[SamplingRow] | None,
         banned: list[tuple[int, list[int]]],
-    ) -> list[int]:
-        """Runs one step (see `StepLayout`) and returns each sequence's next token."""
+        logprobs: list[tuple[int, int]],
+    ) -> list[int] | tuple[list[int], list[LogprobsRow]]:
+        """Runs one step (see `StepLayout`) and returns each sequence's next token; with `logprobs`
+        (rows, each with how many top tokens), also those rows' logprobs (see `token_logprobs`)."""
         tables = _array(block_tables, torch.int32)
         layout = StepLayout(
             input_ids=_array(input_ids, torch.int64),
@@ -144,7 +164,13 @@ class EngineWorker:
             slot_mapping=_array(slot_mapping, torch.int64),
         )
         with torch.inference_mode():  # the logits are an inference tensor; sampling edits them
-            return sample(self.runner.forward(layout), sampling, banned)
+            logits = self.runner.forward(layout)
+            if not logprobs:
+                return sample(logits, sampling, banned)
+            # Raw logprobs, as vLLM's default: before sampling bans tokens in `logits`.
+            raw = torch.log_softmax(logits[[row for row, _ in logprobs]].float(), dim=-1)
+            tokens = sample(logits, sampling, banned)
+            return tokens, token_logprobs(raw, [tokens[row] for row, _ in logprobs], [k for _, k in logprobs])
 
     # Tokenizer
 
@@ -202,6 +228,11 @@ class EngineWorker:
             messages, tools=tools, add_generation_prompt=True, tokenize=False
         )
         return self.encode(text)
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text, as vLLM shows a token in logprobs (special tokens as written)."""
+        tok = self.tokenizer
+        return [tok.decode([i]) for i in ids]
 
     def detokenize(
         self, ids: list[int], prefix_offset: int, read_offset: int, last: bool = False
