@@ -350,13 +350,19 @@ def test_a_stop_string_cuts_the_completion_and_ends_its_sequence(
             client.completions.create(**common, max_tokens=4, extra_body=bad)
 
 
+def user_prompt(tok: Any, content: str) -> tuple[list[Any], list[int]]:
+    """One user message and its prompt's token ids through the chat template."""
+    messages: list[Any] = [{"role": "user", "content": content}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return messages, tok.encode(prompt, add_special_tokens=False)
+
+
 def test_a_stop_string_cuts_a_chat_answer_streamed_or_not(
     model_dir: tuple[Any, Any, Path], client: openai.OpenAI
 ) -> None:
     model, tok, _ = model_dir
-    messages: list[Any] = [{"role": "user", "content": "the engine serves every agent"}]
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = reference(model, tok.encode(prompt, add_special_tokens=False), 32)
+    messages, prompt_ids = user_prompt(tok, "the engine serves every agent")
+    ids = reference(model, prompt_ids, 32)
     stop, k, cut = stop_at(tok, ids)
     common: dict[str, Any] = {"model": "tiny", "messages": messages, "temperature": 0, "max_tokens": 300,
                               "stop": stop, "extra_body": {"ignore_eos": True}}  # fmt: skip
@@ -437,9 +443,7 @@ def test_n_choices_per_prompt_share_its_cached_blocks(cli_server: str, client: o
 
 def test_n_chat_choices_streamed_and_not(model_dir: tuple[Any, Any, Path], client: openai.OpenAI) -> None:
     model, tok, _ = model_dir
-    messages: list[Any] = [{"role": "user", "content": "every agent and tool call"}]
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prompt_ids = tok.encode(prompt, add_special_tokens=False)
+    messages, prompt_ids = user_prompt(tok, "every agent and tool call")
     want = tok.decode(reference(model, prompt_ids, 6), skip_special_tokens=True)
     common: dict[str, Any] = {
         "model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0, "n": 2,
@@ -510,9 +514,7 @@ def test_logprobs_are_the_model_s_own_in_chat_and_completions_streamed_or_not(
     model_dir: tuple[Any, Any, Path], client: openai.OpenAI
 ) -> None:
     model, tok, _ = model_dir
-    messages: list[Any] = [{"role": "user", "content": "every agent and tool call"}]
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prompt_ids = tok.encode(prompt, add_special_tokens=False)
+    messages, prompt_ids = user_prompt(tok, "every agent and tool call")
     want = reference(model, prompt_ids, 8)
     ref = reference_logprobs(model, prompt_ids, want)
     ask: dict[str, Any] = {
