@@ -21,9 +21,9 @@ import json
 import platform
 import random
 import statistics
+import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,9 @@ from typing import Any
 import tokenizers
 import torch
 import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from agent_kv_engine import post
 
 from batchagent_rs.engine import serve
 
@@ -71,13 +74,6 @@ def checkpoint(path: Path, seed: int) -> Any:
     torch.manual_seed(seed)
     transformers.Qwen2ForCausalLM(config).save_pretrained(path)
     return tok
-
-
-def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=600) as r:
-        out: dict[str, Any] = json.load(r)
-        return out
 
 
 def requests(n: int, seed: int) -> list[dict[str, Any]]:
