@@ -705,9 +705,9 @@ async fn name_tokens(state: &AppState, out: &mut Outcome) -> Result<(), Response
 type TokenEntry<'a> = (&'a str, f32, Vec<(&'a str, f32)>);
 
 /// A choice's logprobs as they go out, each output token's once: all at once, or a chunk's tokens
-/// with each chunk of a stream.
+/// with each chunk of a stream. An outcome holds logprobs only when its request asked for them.
+#[derive(Default)]
 struct LogprobDeltas {
-    on: bool,
     /// Tokens sent so far.
     sent: usize,
     /// Characters of their texts (completions' `text_offset`).
@@ -715,15 +715,8 @@ struct LogprobDeltas {
 }
 
 impl LogprobDeltas {
-    fn new(p: &Params) -> Self {
-        Self { on: p.sampling.logprobs.is_some(), sent: 0, offset: 0 }
-    }
-
     /// The output tokens after those sent, as `(text, logprobs, top tokens' texts and logprobs)`.
     fn take<'a>(&mut self, out: &'a Outcome) -> Vec<TokenEntry<'a>> {
-        if !self.on {
-            return Vec::new();
-        }
         let text = |id: &u32| out.token_texts.get(id).map_or("", String::as_str);
         let from = self.sent.min(out.logprobs.len());
         self.sent = out.logprobs.len();
@@ -941,7 +934,7 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
             if !calls.is_empty() {
                 message["tool_calls"] = Value::Array(calls);
             }
-            choices.push(json!({"index": i, "message": message, "logprobs": LogprobDeltas::new(&p).chat(out),
+            choices.push(json!({"index": i, "message": message, "logprobs": LogprobDeltas::default().chat(out),
                                 "finish_reason": reason, "stop_reason": out.finish.stop_reason(&state, &p)}));
         }
         if let Some(agent) = agent.filter(|_| !any_calls) {
@@ -977,7 +970,7 @@ async fn chat_inner(state: Arc<AppState>, raw: &[u8]) -> Result<Response, Respon
                 let mut tools =
                     has_tools.then(|| ToolDeltas { reader: parser.stream(), sent: 0, id: format!("{n}-{i}") });
                 // The logprobs of the tokens since the last chunk go with the next chunk sent.
-                let mut logprobs = LogprobDeltas::new(p);
+                let mut logprobs = LogprobDeltas::default();
                 let mut send = |deltas: Vec<Value>, out: &Outcome| {
                     let mut pending = if deltas.is_empty() { Value::Null } else { logprobs.chat(out) };
                     deltas.into_iter().all(|delta| {
@@ -1128,7 +1121,7 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
                 Some(prompt) => format!("{prompt}{}", out.text),
                 None => out.text.clone(),
             };
-            let mut choice = json!({"index": i, "text": text, "logprobs": LogprobDeltas::new(&p).completion(out),
+            let mut choice = json!({"index": i, "text": text, "logprobs": LogprobDeltas::default().completion(out),
                                     "finish_reason": reason, "stop_reason": out.finish.stop_reason(&state, &p)});
             if return_token_ids {
                 choice["prompt_token_ids"] = json!(prompt_ids.get(i / p.n));
@@ -1168,7 +1161,7 @@ async fn completions_inner(state: Arc<AppState>, body: &[u8]) -> Result<Response
                 if let Some(prompt) = echoes.get(i / p.n).filter(|t| !t.is_empty()) {
                     sink.send(sse(&ids.add(chunk(i, prompt, Value::Null, Value::Null), &[]))).ok()?;
                 }
-                let mut logprobs = LogprobDeltas::new(p);
+                let mut logprobs = LogprobDeltas::default();
                 let on_text = |text: String, out: &Outcome| {
                     let mut c = chunk(i, &text, Value::Null, Value::Null);
                     c["choices"][0]["logprobs"] = logprobs.completion(out);

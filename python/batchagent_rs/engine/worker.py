@@ -71,11 +71,12 @@ LOGPROB_FLOOR = -9999.0
 def token_logprobs(raw: torch.Tensor, chosen: list[int], top: list[int]) -> list[LogprobsRow]:
     """Per row of ``raw [rows, vocab]`` (log-probabilities): the log-probability of the row's
     ``chosen`` token and the ``top`` most likely tokens with theirs, floored at ``LOGPROB_FLOOR``."""
-    raw = raw.clamp(min=LOGPROB_FLOOR)
-    picked = raw.gather(1, torch.tensor(chosen, device=raw.device).unsqueeze(1)).squeeze(1).tolist()
+    picked = raw.gather(1, torch.tensor(chosen, device=raw.device).unsqueeze(1)).squeeze(1)
     k = max(top, default=0)
     values, ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())
-    values, ids = values.tolist(), ids.tolist()
+    # Floored once selected: a few values, not the whole vocabulary.
+    picked, values = picked.clamp(min=LOGPROB_FLOOR).tolist(), values.clamp(min=LOGPROB_FLOOR).tolist()
+    ids = ids.tolist()
     return [(picked[i], ids[i][: top[i]], values[i][: top[i]]) for i in range(len(chosen))]
 
 
